@@ -1,0 +1,1 @@
+//! tandem CPU attention engine (in progress).
