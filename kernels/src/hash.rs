@@ -1,0 +1,476 @@
+//! SimHash kernels: projections of many vectors onto many hyperplanes (a blocked
+//! matrix product), packed into sign bits, K-bit table codes cut from those bits,
+//! and a scan that collects the positions of collision counters reaching a
+//! threshold.
+//!
+//! Every projection is computed as one fused multiply-add chain over the
+//! dimensions in order `0..d`, on every ISA, so the sign bits are bit-for-bit
+//! identical whichever ISA computed them (tests check this). A projection of
+//! exactly 0 gives a 0 bit.
+
+use crate::Isa;
+
+/// Why a [`Projector`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProjectorError {
+    /// `planes.len()` is not `n_planes * dim`, or a size is zero.
+    BadShape,
+}
+
+impl std::fmt::Display for ProjectorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProjectorError::BadShape => write!(f, "hyperplane matrix has the wrong shape"),
+        }
+    }
+}
+
+impl std::error::Error for ProjectorError {}
+
+/// Plane-block width of the micro-kernels; `n_planes` is padded to a multiple.
+const NB: usize = 32;
+/// Keys per cache tile.
+const KEY_TILE: usize = 64;
+
+/// A set of hyperplanes, stored transposed and padded for the blocked product.
+#[derive(Debug, Clone)]
+pub struct Projector {
+    dim: usize,
+    n_planes: usize,
+    padded: usize,
+    /// `dim x padded`, row `k` holds component `k` of every plane.
+    planes_t: Vec<f32>,
+}
+
+impl Projector {
+    /// Builds a projector from `n_planes` hyperplanes of dimension `dim`, given
+    /// row-major (`planes[j * dim + k]` is component `k` of plane `j`).
+    pub fn new(dim: usize, n_planes: usize, planes: &[f32]) -> Result<Self, ProjectorError> {
+        if dim == 0 || n_planes == 0 || planes.len() != dim * n_planes {
+            return Err(ProjectorError::BadShape);
+        }
+        let padded = n_planes.div_ceil(NB) * NB;
+        let mut planes_t = vec![0.0f32; dim * padded];
+        for j in 0..n_planes {
+            for k in 0..dim {
+                planes_t[k * padded + j] = planes[j * dim + k];
+            }
+        }
+        Ok(Projector {
+            dim,
+            n_planes,
+            padded,
+            planes_t,
+        })
+    }
+
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Number of hyperplanes (sign bits per vector).
+    pub fn n_planes(&self) -> usize {
+        self.n_planes
+    }
+
+    /// Number of u64 words of sign bits per vector.
+    pub fn words_per_vector(&self) -> usize {
+        self.padded.div_ceil(64)
+    }
+
+    /// Sign bits of every row of `xs` (row-major, `dim` columns) (auto-dispatch).
+    /// See [`Projector::sign_bits_with`].
+    pub fn sign_bits(&self, xs: &[f32], out: &mut [u64]) {
+        self.sign_bits_with(Isa::detect(), xs, out)
+    }
+
+    /// Writes the sign bits of the projections of the `xs.len() / dim` rows of
+    /// `xs` onto the hyperplanes: bit `j` of row `i` is
+    /// `out[i * words_per_vector() + j / 64] >> (j % 64) & 1`, set iff the
+    /// projection on plane `j` is > 0. Bits past `n_planes` are 0. Rows beyond
+    /// what `out` can hold are ignored.
+    pub fn sign_bits_with(&self, isa: Isa, xs: &[f32], out: &mut [u64]) {
+        let w = self.words_per_vector();
+        let n = (xs.len() / self.dim).min(out.len() / w);
+        let xs = &xs[..n * self.dim];
+        let out = &mut out[..n * w];
+        out.iter_mut().for_each(|x| *x = 0);
+        let best = crate::vector::best_supported();
+        match isa.min(best) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX-512F; shapes were checked above.
+            Isa::Avx512 => unsafe { x86::sign_bits_avx512(self, xs, out, n) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX2 and FMA; shapes were checked above.
+            Isa::Avx2 => unsafe { x86::sign_bits_avx2(self, xs, out, n) },
+            _ => self.sign_bits_scalar(xs, out, n),
+        }
+    }
+
+    fn sign_bits_scalar(&self, xs: &[f32], out: &mut [u64], n: usize) {
+        let w = self.words_per_vector();
+        for i in 0..n {
+            let x = &xs[i * self.dim..(i + 1) * self.dim];
+            for j in 0..self.n_planes {
+                let mut acc = 0.0f32;
+                for (k, xk) in x.iter().enumerate() {
+                    acc = xk.mul_add(self.planes_t[k * self.padded + j], acc);
+                }
+                if acc > 0.0 {
+                    out[i * w + j / 64] |= 1u64 << (j % 64);
+                }
+            }
+        }
+    }
+}
+
+/// The `k`-bit code of table `table` cut from one vector's sign bits: bits
+/// `table * k .. table * k + k`, lowest bit first. `k` must be in `1..=16`
+/// (larger values are clamped to 16); bits past the end of `bits` read as 0.
+#[inline]
+pub fn table_code(bits: &[u64], table: usize, k: usize) -> u16 {
+    let k = k.clamp(1, 16);
+    let start = table * k;
+    let (word, shift) = (start / 64, start % 64);
+    let lo = bits.get(word).copied().unwrap_or(0) >> shift;
+    let hi = if shift + k > 64 {
+        bits.get(word + 1).copied().unwrap_or(0) << (64 - shift)
+    } else {
+        0
+    };
+    ((lo | hi) & ((1u64 << k) - 1)) as u16
+}
+
+/// Writes into `out` (in increasing order) the indices `i` with
+/// `counts[i] >= t`, offset by `base`, and returns how many were written.
+/// Stops early if `out` is full. Auto-dispatch.
+pub fn collect_at_least(counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usize {
+    collect_at_least_with(Isa::detect(), counts, t, base, out)
+}
+
+/// [`collect_at_least`] with an explicit ISA (capped at what the CPU supports).
+pub fn collect_at_least_with(isa: Isa, counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usize {
+    let best = crate::vector::best_supported();
+    match isa.min(best) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512BW.
+        Isa::Avx512 => unsafe { x86::collect_avx512(counts, t, base, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2.
+        Isa::Avx2 => unsafe { x86::collect_avx2(counts, t, base, out) },
+        _ => collect_scalar(counts, t, base, out, 0, 0),
+    }
+}
+
+fn collect_scalar(
+    counts: &[u8],
+    t: u8,
+    base: u32,
+    out: &mut [u32],
+    from: usize,
+    mut n: usize,
+) -> usize {
+    for (i, &c) in counts.iter().enumerate().skip(from) {
+        if c >= t {
+            if n == out.len() {
+                return n;
+            }
+            out[n] = base + i as u32;
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block512<const MR: usize>(
+        p: &Projector,
+        xs: *const f32,
+        out: *mut u64,
+        w: usize,
+        jb: usize,
+    ) {
+        let d = p.dim;
+        let pt = p.planes_t.as_ptr().add(jb);
+        let mut acc0 = [_mm512_setzero_ps(); MR];
+        let mut acc1 = [_mm512_setzero_ps(); MR];
+        for k in 0..d {
+            let p0 = _mm512_loadu_ps(pt.add(k * p.padded));
+            let p1 = _mm512_loadu_ps(pt.add(k * p.padded + 16));
+            for r in 0..MR {
+                let x = _mm512_set1_ps(*xs.add(r * d + k));
+                acc0[r] = _mm512_fmadd_ps(x, p0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(x, p1, acc1[r]);
+            }
+        }
+        let z = _mm512_setzero_ps();
+        for r in 0..MR {
+            let m0 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(acc0[r], z) as u64;
+            let m1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(acc1[r], z) as u64;
+            *out.add(r * w + jb / 64) |= (m0 | (m1 << 16)) << (jb % 64);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sign_bits_avx512(p: &Projector, xs: &[f32], out: &mut [u64], n: usize) {
+        let w = p.words_per_vector();
+        let d = p.dim;
+        let mut t0 = 0;
+        while t0 < n {
+            let t1 = (t0 + KEY_TILE).min(n);
+            let mut jb = 0;
+            while jb < p.padded {
+                let mut i = t0;
+                while i + 8 <= t1 {
+                    block512::<8>(
+                        p,
+                        xs.as_ptr().add(i * d),
+                        out.as_mut_ptr().add(i * w),
+                        w,
+                        jb,
+                    );
+                    i += 8;
+                }
+                while i < t1 {
+                    block512::<1>(
+                        p,
+                        xs.as_ptr().add(i * d),
+                        out.as_mut_ptr().add(i * w),
+                        w,
+                        jb,
+                    );
+                    i += 1;
+                }
+                jb += NB;
+            }
+            t0 = t1;
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block256<const MR: usize>(
+        p: &Projector,
+        xs: *const f32,
+        out: *mut u64,
+        w: usize,
+        jb: usize,
+    ) {
+        let d = p.dim;
+        let pt = p.planes_t.as_ptr().add(jb);
+        let mut acc = [[_mm256_setzero_ps(); 4]; MR];
+        for k in 0..d {
+            let row = pt.add(k * p.padded);
+            let pv = [
+                _mm256_loadu_ps(row),
+                _mm256_loadu_ps(row.add(8)),
+                _mm256_loadu_ps(row.add(16)),
+                _mm256_loadu_ps(row.add(24)),
+            ];
+            for r in 0..MR {
+                let x = _mm256_set1_ps(*xs.add(r * d + k));
+                for c in 0..4 {
+                    acc[r][c] = _mm256_fmadd_ps(x, pv[c], acc[r][c]);
+                }
+            }
+        }
+        let z = _mm256_setzero_ps();
+        for r in 0..MR {
+            let mut m = 0u64;
+            for c in 0..4 {
+                let bits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(acc[r][c], z)) as u64;
+                m |= bits << (8 * c);
+            }
+            *out.add(r * w + jb / 64) |= m << (jb % 64);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sign_bits_avx2(p: &Projector, xs: &[f32], out: &mut [u64], n: usize) {
+        let w = p.words_per_vector();
+        let d = p.dim;
+        let mut t0 = 0;
+        while t0 < n {
+            let t1 = (t0 + KEY_TILE).min(n);
+            let mut jb = 0;
+            while jb < p.padded {
+                let mut i = t0;
+                while i + 3 <= t1 {
+                    block256::<3>(
+                        p,
+                        xs.as_ptr().add(i * d),
+                        out.as_mut_ptr().add(i * w),
+                        w,
+                        jb,
+                    );
+                    i += 3;
+                }
+                while i < t1 {
+                    block256::<1>(
+                        p,
+                        xs.as_ptr().add(i * d),
+                        out.as_mut_ptr().add(i * w),
+                        w,
+                        jb,
+                    );
+                    i += 1;
+                }
+                jb += NB;
+            }
+            t0 = t1;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn collect_avx512(counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usize {
+        let tv = _mm512_set1_epi8(t as i8);
+        let mut n = 0;
+        let mut i = 0;
+        let cap = out.len();
+        while i + 64 <= counts.len() {
+            let v = _mm512_loadu_si512(counts.as_ptr().add(i) as *const __m512i);
+            let mut m = _mm512_cmpge_epu8_mask(v, tv);
+            while m != 0 {
+                if n == cap {
+                    return n;
+                }
+                *out.get_unchecked_mut(n) = base + (i as u32) + m.trailing_zeros();
+                n += 1;
+                m &= m - 1;
+            }
+            i += 64;
+        }
+        collect_scalar(counts, t, base, out, i, n)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn collect_avx2(counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usize {
+        // c >= t  <=>  max(c, t) == c (unsigned).
+        let tv = _mm256_set1_epi8(t as i8);
+        let mut n = 0;
+        let mut i = 0;
+        let cap = out.len();
+        while i + 32 <= counts.len() {
+            let v = _mm256_loadu_si256(counts.as_ptr().add(i) as *const __m256i);
+            let ge = _mm256_cmpeq_epi8(_mm256_max_epu8(v, tv), v);
+            let mut m = _mm256_movemask_epi8(ge) as u32;
+            while m != 0 {
+                if n == cap {
+                    return n;
+                }
+                *out.get_unchecked_mut(n) = base + (i as u32) + m.trailing_zeros();
+                n += 1;
+                m &= m - 1;
+            }
+            i += 32;
+        }
+        collect_scalar(counts, t, base, out, i, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn f32(&mut self) -> f32 {
+            ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    #[test]
+    fn sign_bits_match_f64_reference_and_agree_across_isas() {
+        let mut rng = Rng(7);
+        for &(dim, planes, n) in &[
+            (1usize, 1usize, 1usize),
+            (7, 33, 13),
+            (64, 150, 70),
+            (128, 97, 9),
+        ] {
+            let pl: Vec<f32> = (0..dim * planes).map(|_| rng.f32()).collect();
+            let xs: Vec<f32> = (0..dim * n).map(|_| rng.f32()).collect();
+            let p = Projector::new(dim, planes, &pl).expect("shape");
+            let w = p.words_per_vector();
+            let mut first: Option<Vec<u64>> = None;
+            for isa in Isa::all_supported() {
+                let mut out = vec![!0u64; n * w];
+                p.sign_bits_with(isa, &xs, &mut out);
+                for i in 0..n {
+                    for j in 0..w * 64 {
+                        let bit = out[i * w + j / 64] >> (j % 64) & 1;
+                        if j >= planes {
+                            assert_eq!(bit, 0);
+                            continue;
+                        }
+                        let r: f64 = (0..dim)
+                            .map(|k| xs[i * dim + k] as f64 * pl[j * dim + k] as f64)
+                            .sum();
+                        if r.abs() > 1e-4 {
+                            assert_eq!(bit == 1, r > 0.0, "{isa:?} dim={dim} i={i} j={j}");
+                        }
+                    }
+                }
+                match &first {
+                    None => first = Some(out),
+                    Some(f) => assert_eq!(f, &out, "{isa:?} differs from scalar"),
+                }
+            }
+        }
+        assert!(Projector::new(3, 2, &[0.0; 5]).is_err());
+        assert!(Projector::new(0, 2, &[]).is_err());
+    }
+
+    #[test]
+    fn table_codes_cut_the_right_bits() {
+        let mut rng = Rng(9);
+        let bits: Vec<u64> = (0..5).map(|_| rng.next()).collect();
+        for k in 1..=16usize {
+            for table in 0..(5 * 64 / k) {
+                let mut want = 0u16;
+                for b in 0..k {
+                    let j = table * k + b;
+                    want |= ((bits[j / 64] >> (j % 64) & 1) as u16) << b;
+                }
+                assert_eq!(table_code(&bits, table, k), want, "k={k} table={table}");
+            }
+        }
+        assert_eq!(table_code(&bits, 1000, 10), 0);
+    }
+
+    #[test]
+    fn collect_matches_scalar_for_every_isa() {
+        let mut rng = Rng(11);
+        for &n in &[0usize, 1, 31, 63, 64, 65, 200, 1001] {
+            let counts: Vec<u8> = (0..n).map(|_| (rng.next() % 5) as u8).collect();
+            for t in [0u8, 1, 2, 4, 5] {
+                let want: Vec<u32> = (0..n as u32)
+                    .filter(|&i| counts[i as usize] >= t)
+                    .map(|i| i + 3)
+                    .collect();
+                for isa in Isa::all_supported() {
+                    let mut out = vec![0u32; n];
+                    let m = collect_at_least_with(isa, &counts, t, 3, &mut out);
+                    assert_eq!(&out[..m], &want[..], "{isa:?} n={n} t={t}");
+                    let cap = want.len() / 2;
+                    let mut small = vec![0u32; cap];
+                    let m = collect_at_least_with(isa, &counts, t, 3, &mut small);
+                    assert_eq!(&small[..m], &want[..cap]);
+                }
+            }
+        }
+    }
+}

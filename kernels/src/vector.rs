@@ -1,0 +1,671 @@
+//! Vector kernels for attention: dot products, weighted sums (axpy) and a fast
+//! `exp`, for f32 and bf16 rows, with AVX-512, AVX2+FMA and scalar paths.
+//!
+//! Every kernel has an explicit-ISA form (`*_with`) that tests use to check each
+//! SIMD path against the scalar reference, and an auto-dispatch form that uses
+//! [`Isa::detect`]. Asking for an ISA the CPU lacks is safe: the request is capped
+//! at the best supported level, so no illegal instruction can run.
+//!
+//! bf16 values are widened to f32 exactly (a 16-bit shift), so bf16 kernels
+//! differ from the f32 kernels on the widened data only by summation order.
+
+use crate::Isa;
+use half::bf16;
+
+/// The best ISA this CPU supports (ignoring `TANDEM_ISA`), detected once.
+pub(crate) fn best_supported() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| *Isa::all_supported().last().unwrap_or(&Isa::Scalar))
+}
+
+/// Caps a requested ISA at what this CPU supports.
+#[inline]
+fn effective(isa: Isa) -> Isa {
+    isa.min(best_supported())
+}
+
+/// The ISA the auto-dispatch kernels use (detected once).
+#[inline]
+fn auto() -> Isa {
+    Isa::detect()
+}
+
+// ---------------------------------------------------------------------------
+// Fast exp
+// ---------------------------------------------------------------------------
+
+/// Largest input [`exp_f32`] evaluates; larger inputs saturate to `exp(88)`.
+pub const EXP_MAX_INPUT: f32 = 88.0;
+/// Inputs below this give exactly 0 (the true value is below 1.2e-38).
+pub const EXP_MIN_INPUT: f32 = -87.33;
+/// Stated accuracy of [`exp_f32`] and [`exp_inplace`]: relative error at most
+/// this for inputs in `[EXP_MIN_INPUT, EXP_MAX_INPUT]` (checked by tests against
+/// f64 `exp`).
+pub const EXP_MAX_REL_ERROR: f32 = 1e-6;
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const P0: f32 = 1.987_569_1e-4;
+const P1: f32 = 1.398_199_9e-3;
+const P2: f32 = 8.333_452e-3;
+const P3: f32 = 4.166_579_6e-2;
+const P4: f32 = 1.666_666_5e-1;
+const P5: f32 = 0.5;
+
+/// Fast scalar `exp` (Cephes-style range reduction and a degree-6 polynomial).
+///
+/// Always finite: `-inf` and anything below [`EXP_MIN_INPUT`] give 0, anything
+/// above [`EXP_MAX_INPUT`] (including `+inf`) gives `exp(88)`. NaN gives 0.
+/// Relative error is at most [`EXP_MAX_REL_ERROR`] in range.
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    if x.is_nan() || x < EXP_MIN_INPUT {
+        return 0.0;
+    }
+    let x = x.min(EXP_MAX_INPUT);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = P0;
+    p = p * r + P1;
+    p = p * r + P2;
+    p = p * r + P3;
+    p = p * r + P4;
+    p = p * r + P5;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    y * scale
+}
+
+/// Replaces every element `x` of `xs` with `exp_f32(x)` (auto-dispatch).
+pub fn exp_inplace(xs: &mut [f32]) {
+    exp_inplace_with(auto(), xs)
+}
+
+/// [`exp_inplace`] with an explicit ISA (capped at what the CPU supports).
+pub fn exp_inplace_with(isa: Isa, xs: &mut [f32]) {
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` guarantees the CPU supports AVX-512F.
+        Isa::Avx512 => unsafe { x86::exp_inplace_avx512(xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` guarantees the CPU supports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::exp_inplace_avx2(xs) },
+        _ => xs.iter_mut().for_each(|x| *x = exp_f32(*x)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dot products
+// ---------------------------------------------------------------------------
+
+/// `sum a[i] * b[i]` over `min(a.len(), b.len())` elements (auto-dispatch).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_with(auto(), a, b)
+}
+
+/// [`dot_f32`] with an explicit ISA (capped at what the CPU supports).
+pub fn dot_f32_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F; slices have equal length.
+        Isa::Avx512 => unsafe { x86::dot_f32_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; slices have equal length.
+        Isa::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
+        _ => dot_f32_scalar(a, b),
+    }
+}
+
+fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+/// `sum row[i] * q[i]` for a bf16 row and an f32 vector, over
+/// `min(row.len(), q.len())` elements (auto-dispatch).
+pub fn dot_bf16_f32(row: &[bf16], q: &[f32]) -> f32 {
+    dot_bf16_f32_with(auto(), row, q)
+}
+
+/// [`dot_bf16_f32`] with an explicit ISA (capped at what the CPU supports).
+pub fn dot_bf16_f32_with(isa: Isa, row: &[bf16], q: &[f32]) -> f32 {
+    let n = row.len().min(q.len());
+    let (row, q) = (&row[..n], &q[..n]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW; slices have equal length.
+        Isa::Avx512 => unsafe { x86::dot_bf16_avx512(row, q) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; slices have equal length.
+        Isa::Avx2 => unsafe { x86::dot_bf16_avx2(row, q) },
+        _ => dot_bf16_scalar(row, q),
+    }
+}
+
+fn dot_bf16_scalar(row: &[bf16], q: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut cr = row.chunks_exact(8);
+    let mut cq = q.chunks_exact(8);
+    for (x, y) in (&mut cr).zip(&mut cq) {
+        for i in 0..8 {
+            acc[i] = x[i].to_f32().mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in cr.remainder().iter().zip(cq.remainder()) {
+        s = x.to_f32().mul_add(*y, s);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Weighted sums
+// ---------------------------------------------------------------------------
+
+/// `out[i] += w * row[i]` over `min(out.len(), row.len())` elements (auto-dispatch).
+pub fn axpy_f32(out: &mut [f32], w: f32, row: &[f32]) {
+    axpy_f32_with(auto(), out, w, row)
+}
+
+/// [`axpy_f32`] with an explicit ISA (capped at what the CPU supports).
+pub fn axpy_f32_with(isa: Isa, out: &mut [f32], w: f32, row: &[f32]) {
+    let n = out.len().min(row.len());
+    let (out, row) = (&mut out[..n], &row[..n]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F; slices have equal length.
+        Isa::Avx512 => unsafe { x86::axpy_f32_avx512(out, w, row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; slices have equal length.
+        Isa::Avx2 => unsafe { x86::axpy_f32_avx2(out, w, row) },
+        _ => out
+            .iter_mut()
+            .zip(row)
+            .for_each(|(o, r)| *o = w.mul_add(*r, *o)),
+    }
+}
+
+/// `out[i] += w * row[i]` for a bf16 row, over `min(out.len(), row.len())`
+/// elements (auto-dispatch).
+pub fn axpy_bf16(out: &mut [f32], w: f32, row: &[bf16]) {
+    axpy_bf16_with(auto(), out, w, row)
+}
+
+/// [`axpy_bf16`] with an explicit ISA (capped at what the CPU supports).
+pub fn axpy_bf16_with(isa: Isa, out: &mut [f32], w: f32, row: &[bf16]) {
+    let n = out.len().min(row.len());
+    let (out, row) = (&mut out[..n], &row[..n]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW; slices have equal length.
+        Isa::Avx512 => unsafe { x86::axpy_bf16_avx512(out, w, row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; slices have equal length.
+        Isa::Avx2 => unsafe { x86::axpy_bf16_avx2(out, w, row) },
+        _ => out
+            .iter_mut()
+            .zip(row)
+            .for_each(|(o, r)| *o = w.mul_add(r.to_f32(), *o)),
+    }
+}
+
+/// Hints the CPU to fetch a bf16 row into cache (a no-op where unsupported).
+/// Used to hide memory latency when visiting rows in a data-dependent order.
+#[inline]
+pub fn prefetch_bf16(row: &[bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(row);
+        let p = row.as_ptr() as *const i8;
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetch never faults and `p + off` stays inside `row`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    // ----- AVX-512 -----
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let valid = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN_INPUT));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX_INPUT));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN_INPUT));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(0.5)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(P0);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
+        let y = _mm512_fmadd_ps(
+            _mm512_mul_ps(p, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_maskz_mul_ps(valid, y, _mm512_castsi512_ps(e))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_inplace_avx512(xs: &mut [f32]) {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(p.add(i), exp16(_mm512_loadu_ps(p.add(i))));
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let v = _mm512_maskz_loadu_ps(m, p.add(i));
+            _mm512_mask_storeu_ps(p.add(i), m, exp16(v));
+        }
+    }
+
+    #[inline]
+    fn tail_mask16(rem: usize) -> __mmask16 {
+        ((1u32 << rem) - 1) as u16
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= n {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 16)),
+                _mm512_loadu_ps(pb.add(i + 16)),
+                acc1,
+            );
+            i += 32;
+        }
+        while i < n {
+            let m = tail_mask16((n - i).min(16));
+            acc0 = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, pa.add(i)),
+                _mm512_maskz_loadu_ps(m, pb.add(i)),
+                acc0,
+            );
+            i += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// Widens 16 bf16 values (as u16 lanes) to f32 by a 16-bit shift.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn widen16(v: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dot_bf16_avx512(row: &[bf16], q: &[f32]) -> f32 {
+        let n = row.len();
+        let pr = row.as_ptr() as *const u16;
+        let pq = q.as_ptr();
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= n {
+            let k0 = widen16(_mm256_loadu_si256(pr.add(i) as *const __m256i));
+            let k1 = widen16(_mm256_loadu_si256(pr.add(i + 16) as *const __m256i));
+            acc0 = _mm512_fmadd_ps(k0, _mm512_loadu_ps(pq.add(i)), acc0);
+            acc1 = _mm512_fmadd_ps(k1, _mm512_loadu_ps(pq.add(i + 16)), acc1);
+            i += 32;
+        }
+        while i < n {
+            let m = tail_mask16((n - i).min(16));
+            let k = widen16(_mm256_maskz_loadu_epi16(m, pr.add(i) as *const i16));
+            acc0 = _mm512_fmadd_ps(k, _mm512_maskz_loadu_ps(m, pq.add(i)), acc0);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn axpy_f32_avx512(out: &mut [f32], w: f32, row: &[f32]) {
+        let n = out.len();
+        let (po, pr) = (out.as_mut_ptr(), row.as_ptr());
+        let wv = _mm512_set1_ps(w);
+        let mut i = 0;
+        while i + 16 <= n {
+            let o = _mm512_fmadd_ps(wv, _mm512_loadu_ps(pr.add(i)), _mm512_loadu_ps(po.add(i)));
+            _mm512_storeu_ps(po.add(i), o);
+            i += 16;
+        }
+        if i < n {
+            let m = tail_mask16(n - i);
+            let o = _mm512_fmadd_ps(
+                wv,
+                _mm512_maskz_loadu_ps(m, pr.add(i)),
+                _mm512_maskz_loadu_ps(m, po.add(i)),
+            );
+            _mm512_mask_storeu_ps(po.add(i), m, o);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn axpy_bf16_avx512(out: &mut [f32], w: f32, row: &[bf16]) {
+        let n = out.len();
+        let po = out.as_mut_ptr();
+        let pr = row.as_ptr() as *const u16;
+        let wv = _mm512_set1_ps(w);
+        let mut i = 0;
+        while i + 16 <= n {
+            let r = widen16(_mm256_loadu_si256(pr.add(i) as *const __m256i));
+            _mm512_storeu_ps(
+                po.add(i),
+                _mm512_fmadd_ps(wv, r, _mm512_loadu_ps(po.add(i))),
+            );
+            i += 16;
+        }
+        if i < n {
+            let m = tail_mask16(n - i);
+            let r = widen16(_mm256_maskz_loadu_epi16(m, pr.add(i) as *const i16));
+            let o = _mm512_fmadd_ps(wv, r, _mm512_maskz_loadu_ps(m, po.add(i)));
+            _mm512_mask_storeu_ps(po.add(i), m, o);
+        }
+    }
+
+    // ----- AVX2 + FMA -----
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let valid = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_MIN_INPUT));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX_INPUT));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN_INPUT));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(LOG2E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(P0);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
+        let y = _mm256_fmadd_ps(
+            _mm256_mul_ps(p, r),
+            r,
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(valid, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_inplace_avx2(xs: &mut [f32]) {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(p.add(i), exp8(_mm256_loadu_ps(p.add(i))));
+            i += 8;
+        }
+        for x in &mut xs[i..] {
+            *x = exp_f32(*x);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        let mut s = hsum8(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s = (*pa.add(i)).mul_add(*pb.add(i), s);
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn widen8(p: *const u16) -> __m256 {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_bf16_avx2(row: &[bf16], q: &[f32]) -> f32 {
+        let n = row.len();
+        let pr = row.as_ptr() as *const u16;
+        let pq = q.as_ptr();
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(widen8(pr.add(i)), _mm256_loadu_ps(pq.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(widen8(pr.add(i + 8)), _mm256_loadu_ps(pq.add(i + 8)), acc1);
+            i += 16;
+        }
+        let mut s = hsum8(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s = row[i].to_f32().mul_add(*pq.add(i), s);
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_f32_avx2(out: &mut [f32], w: f32, row: &[f32]) {
+        let n = out.len();
+        let (po, pr) = (out.as_mut_ptr(), row.as_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            let o = _mm256_fmadd_ps(wv, _mm256_loadu_ps(pr.add(i)), _mm256_loadu_ps(po.add(i)));
+            _mm256_storeu_ps(po.add(i), o);
+            i += 8;
+        }
+        while i < n {
+            *po.add(i) = w.mul_add(*pr.add(i), *po.add(i));
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_bf16_avx2(out: &mut [f32], w: f32, row: &[bf16]) {
+        let n = out.len();
+        let po = out.as_mut_ptr();
+        let pr = row.as_ptr() as *const u16;
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            let o = _mm256_fmadd_ps(wv, widen8(pr.add(i)), _mm256_loadu_ps(po.add(i)));
+            _mm256_storeu_ps(po.add(i), o);
+            i += 8;
+        }
+        while i < n {
+            *po.add(i) = w.mul_add(row[i].to_f32(), *po.add(i));
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn f32(&mut self) -> f32 {
+            ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f32()).collect()
+        }
+    }
+
+    const LENS: [usize; 9] = [0, 1, 3, 7, 15, 17, 33, 127, 301];
+
+    #[test]
+    fn dots_match_f64_reference_for_every_isa() {
+        let mut rng = Rng(1);
+        for isa in Isa::all_supported() {
+            for &n in &LENS {
+                let a = rng.vec(n);
+                let b = rng.vec(n);
+                let kb: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+                let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let exact_b: f64 = kb.iter().zip(&b).map(|(x, y)| x.to_f64() * *y as f64).sum();
+                let tol = 1e-5 * (n as f64 + 1.0);
+                let got = dot_f32_with(isa, &a, &b) as f64;
+                assert!((got - exact).abs() <= tol, "{isa:?} n={n} {got} vs {exact}");
+                let got = dot_bf16_f32_with(isa, &kb, &b) as f64;
+                assert!(
+                    (got - exact_b).abs() <= tol,
+                    "{isa:?} n={n} {got} vs {exact_b}"
+                );
+                let s = dot_f32_with(Isa::Scalar, &a, &b) as f64;
+                assert!((s - exact).abs() <= tol);
+            }
+        }
+    }
+
+    #[test]
+    fn axpy_matches_scalar_for_every_isa() {
+        let mut rng = Rng(2);
+        for isa in Isa::all_supported() {
+            for &n in &LENS {
+                let row = rng.vec(n);
+                let rowb: Vec<bf16> = row.iter().map(|&x| bf16::from_f32(x)).collect();
+                let base = rng.vec(n);
+                let w = rng.f32() * 3.0;
+                let mut o1 = base.clone();
+                axpy_f32_with(isa, &mut o1, w, &row);
+                let mut o2 = base.clone();
+                axpy_bf16_with(isa, &mut o2, w, &rowb);
+                for i in 0..n {
+                    let e1 = base[i] as f64 + w as f64 * row[i] as f64;
+                    let e2 = base[i] as f64 + w as f64 * rowb[i].to_f64();
+                    assert!((o1[i] as f64 - e1).abs() <= 1e-6, "{isa:?} n={n} i={i}");
+                    assert!((o2[i] as f64 - e2).abs() <= 1e-6, "{isa:?} n={n} i={i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_within_stated_bound_and_finite_everywhere() {
+        let mut rng = Rng(3);
+        for isa in Isa::all_supported() {
+            for &n in &[1usize, 5, 17, 33, 1001] {
+                let mut xs: Vec<f32> = (0..n).map(|_| rng.f32() * 90.0).collect();
+                let orig = xs.clone();
+                exp_inplace_with(isa, &mut xs);
+                for (x, y) in orig.iter().zip(&xs) {
+                    let e = (*x as f64).exp();
+                    if *x >= EXP_MIN_INPUT && *x <= EXP_MAX_INPUT {
+                        let rel = ((*y as f64) - e).abs() / e;
+                        assert!(rel <= EXP_MAX_REL_ERROR as f64, "{isa:?} x={x} rel={rel}");
+                    } else if *x < EXP_MIN_INPUT {
+                        assert_eq!(*y, 0.0);
+                    }
+                    assert!(y.is_finite());
+                }
+            }
+            let mut special = vec![
+                f32::NEG_INFINITY,
+                f32::INFINITY,
+                -1e30,
+                1e30,
+                f32::NAN,
+                0.0,
+                -0.0,
+                EXP_MIN_INPUT,
+                EXP_MAX_INPUT,
+                -87.0,
+                -1e4,
+                1e4,
+                -88.0,
+                88.5,
+                -100.0,
+                -126.0,
+                -0.5,
+            ];
+            let scalar: Vec<f32> = special.iter().map(|&x| exp_f32(x)).collect();
+            exp_inplace_with(isa, &mut special);
+            for (i, y) in special.iter().enumerate() {
+                assert!(y.is_finite(), "{isa:?} i={i} {y}");
+                assert!(
+                    (y - scalar[i]).abs() <= scalar[i].abs() * 1e-6,
+                    "{isa:?} i={i}"
+                );
+            }
+            assert_eq!(special[0], 0.0);
+            assert_eq!(special[5], 1.0);
+        }
+    }
+}

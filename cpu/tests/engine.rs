@@ -1,0 +1,574 @@
+//! Engine tests: retrieval vs brute force, estimator and merge vs f64
+//! formulas, dense vs naive f64 attention, convergence, edge cases.
+
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
+use half::bf16;
+use std::sync::{Arc, RwLock};
+use tandem_cpu::{
+    ln_u_exact, merge_partials, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool,
+};
+use tandem_kernels::hash::{table_code, Projector};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn f32(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn bf(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+struct Setup {
+    store: Arc<RwLock<LayerStore>>,
+    keys: Vec<f32>,   // [n][nkv][d], bf16-rounded
+    values: Vec<f32>, // same
+    q: Vec<f32>,
+    n: usize,
+}
+
+fn setup(
+    n: usize,
+    nkv: usize,
+    g: usize,
+    d: usize,
+    lsh: Option<(usize, usize)>,
+    t: u8,
+    appended: usize,
+    seed: u64,
+) -> Setup {
+    let mut rng = Rng(seed);
+    let total = n + appended;
+    let keys: Vec<f32> = (0..total * nkv * d)
+        .map(|_| bf16::from_f32(rng.f32() + 0.3).to_f32())
+        .collect();
+    let values: Vec<f32> = (0..total * nkv * d)
+        .map(|_| bf16::from_f32(rng.f32()).to_f32())
+        .collect();
+    let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.f32() * 3.0).collect();
+    let cfg = LayerConfig {
+        n_kv_heads: nkv,
+        group: g,
+        head_dim: d,
+        lsh,
+        lsh_t: t,
+        seed,
+        layer: 3,
+    };
+    let mut st = LayerStore::new(cfg).expect("cfg");
+    let w = nkv * d;
+    st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2)
+        .expect("load");
+    for i in n..total {
+        st.append(
+            &bf(&keys[i * w..(i + 1) * w]),
+            &bf(&values[i * w..(i + 1) * w]),
+        )
+        .expect("append");
+    }
+    Setup {
+        store: Arc::new(RwLock::new(st)),
+        keys,
+        values,
+        q,
+        n: total,
+    }
+}
+
+/// Naive f64 softmax attention over a given subset with given logit corrections.
+fn reference(
+    s: &Setup,
+    nkv: usize,
+    g: usize,
+    d: usize,
+    qh: usize,
+    subset: &[(usize, f64)],
+) -> (Vec<f64>, f64) {
+    let kvh = qh / g;
+    let q = &s.q[qh * d..(qh + 1) * d];
+    let logits: Vec<f64> = subset
+        .iter()
+        .map(|&(i, corr)| {
+            let k = &s.keys[(i * nkv + kvh) * d..(i * nkv + kvh + 1) * d];
+            k.iter()
+                .zip(q)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                / (d as f64).sqrt()
+                - corr
+        })
+        .collect();
+    if logits.is_empty() {
+        return (vec![0.0; d], f64::NEG_INFINITY);
+    }
+    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+    let mut o = vec![0.0; d];
+    for (&(i, _), l) in subset.iter().zip(&logits) {
+        let w = (l - m).exp() / z;
+        for j in 0..d {
+            o[j] += w * s.values[(i * nkv + kvh) * d + j] as f64;
+        }
+    }
+    (o, m + z.ln())
+}
+
+fn run(s: &Setup, policy: Policy) -> LayerOutput {
+    let mut pool = WorkerPool::new(2).expect("pool");
+    let mut out = LayerOutput::default();
+    pool.run_layer(&s.store, &s.q, policy, &mut out)
+        .expect("run");
+    out
+}
+
+#[test]
+fn dense_equals_naive_f64_attention() {
+    for &(nkv, g, d, n) in &[
+        (2usize, 4usize, 64usize, 301usize),
+        (3, 3, 17, 50),
+        (1, 1, 5, 1),
+    ] {
+        let s = setup(n, nkv, g, d, None, 2, 7, 1);
+        let out = run(&s, Policy::Dense);
+        for qh in 0..nkv * g {
+            let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
+            let (o, lse) = reference(&s, nkv, g, d, qh, &all);
+            assert!(
+                (out.lse[qh] as f64 - lse).abs() < 1e-4,
+                "lse {} vs {}",
+                out.lse[qh],
+                lse
+            );
+            for j in 0..d {
+                assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4);
+            }
+            assert_eq!(out.keys_touched[qh] as usize, s.n);
+        }
+    }
+}
+
+/// Brute force: recreates each kv head's hyperplanes with the store's seeding
+/// recipe (splitmix64 normals seeded by `seed ^ layer << 32 ^ head * 0x1000_0001`,
+/// layer 3 here), hashes every centred key and the queries through the public
+/// projector, and counts table collisions one key at a time.
+fn brute_force_retrieved(
+    s: &Setup,
+    nkv: usize,
+    g: usize,
+    d: usize,
+    k: usize,
+    l: usize,
+    t: usize,
+    seed: u64,
+    n_prefill: usize,
+) -> Vec<Vec<usize>> {
+    let mut result = Vec::new();
+    for kvh in 0..nkv {
+        let mut st = SplitMix(seed ^ (3u64 << 32) ^ (kvh as u64).wrapping_mul(0x1000_0001));
+        let planes: Vec<f32> = (0..k * l * d).map(|_| st.normal() as f32).collect();
+        let p = Projector::new(d, k * l, &planes).expect("p");
+        let w = p.words_per_vector();
+        // mean of prefill keys
+        let mut mean = vec![0.0f64; d];
+        for i in 0..n_prefill {
+            for j in 0..d {
+                mean[j] += s.keys[(i * nkv + kvh) * d + j] as f64;
+            }
+        }
+        let mean: Vec<f32> = mean.iter().map(|m| (m / n_prefill as f64) as f32).collect();
+        let mut kc = vec![0.0f32; s.n * d];
+        for i in 0..s.n {
+            for j in 0..d {
+                kc[i * d + j] = s.keys[(i * nkv + kvh) * d + j] - mean[j];
+            }
+        }
+        let mut kbits = vec![0u64; s.n * w];
+        p.sign_bits(&kc, &mut kbits);
+        for h in 0..g {
+            let qh = kvh * g + h;
+            let mut qbits = vec![0u64; w];
+            p.sign_bits(&s.q[qh * d..(qh + 1) * d], &mut qbits);
+            let mut ids = Vec::new();
+            for i in 0..s.n {
+                let c = (0..l)
+                    .filter(|&tb| {
+                        table_code(&kbits[i * w..(i + 1) * w], tb, k) == table_code(&qbits, tb, k)
+                    })
+                    .count();
+                if c >= t {
+                    ids.push(i);
+                }
+            }
+            result.push(ids);
+        }
+    }
+    result
+}
+
+struct SplitMix(u64);
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(1e-300);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+#[test]
+fn lsh_retrieval_and_estimate_equal_brute_force_and_f64_formula() {
+    for &(nkv, g, d, n, app, k, l, t) in &[
+        (
+            2usize, 4usize, 32usize, 500usize, 13usize, 3usize, 20usize, 2u8,
+        ),
+        (1, 1, 16, 300, 0, 1, 5, 1),
+        (3, 3, 24, 257, 5, 4, 30, 3),
+        (2, 2, 8, 100, 40, 16, 8, 1),
+        (1, 8, 33, 400, 1, 6, 64, 2),
+        // Sparse buckets: many gaps >= 4095 take the escape path.
+        (1, 2, 8, 10000, 3, 12, 4, 1),
+    ] {
+        let seed = 11 + k as u64;
+        let s = setup(n, nkv, g, d, Some((k, l)), t, app, seed);
+        let out = run(&s, Policy::Lsh(LshParams { t, max_keys: None }));
+        let bf = brute_force_retrieved(&s, nkv, g, d, k, l, t as usize, seed, n);
+        for qh in 0..nkv * g {
+            assert_eq!(
+                out.keys_touched[qh] as usize,
+                bf[qh].len(),
+                "K={k} L={l} t={t} qh={qh}"
+            );
+            // reference estimator in f64 over the brute-force set
+            let kvh = qh / g;
+            let q = &s.q[qh * d..(qh + 1) * d];
+            let mut mean = vec![0.0f64; d];
+            for i in 0..n {
+                for j in 0..d {
+                    mean[j] += s.keys[(i * nkv + kvh) * d + j] as f64 / n as f64;
+                }
+            }
+            let qn = q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let subset: Vec<(usize, f64)> = bf[qh]
+                .iter()
+                .map(|&i| {
+                    let kc: Vec<f64> = (0..d)
+                        .map(|j| s.keys[(i * nkv + kvh) * d + j] as f64 - mean[j])
+                        .collect();
+                    // The store keeps |k - mean| as f16 (documented); round the same way.
+                    let kn =
+                        half::f16::from_f64(kc.iter().map(|x| x * x).sum::<f64>().sqrt()).to_f64();
+                    let dot: f64 = kc.iter().zip(q).map(|(a, b)| a * *b as f64).sum();
+                    let cos = if kn * qn > 0.0 { dot / (kn * qn) } else { 0.0 };
+                    (i, ln_u_exact(cos, k, l, t as usize))
+                })
+                .collect();
+            let (o, lse) = reference(&s, nkv, g, d, qh, &subset);
+            if subset.is_empty() {
+                assert_eq!(out.lse[qh], f32::NEG_INFINITY);
+                assert!(out.out[qh * d..(qh + 1) * d].iter().all(|x| *x == 0.0));
+                continue;
+            }
+            assert!(
+                (out.lse[qh] as f64 - lse).abs() < 2e-3,
+                "lse {} vs {lse} K={k} L={l}",
+                out.lse[qh]
+            );
+            for j in 0..d {
+                assert!(
+                    (out.out[qh * d + j] as f64 - o[j]).abs() < 2e-3,
+                    "K={k} L={l} j={j}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn max_keys_caps_by_collision_count() {
+    let s = setup(400, 1, 2, 16, Some((2, 16)), 2, 0, 5);
+    let full = run(
+        &s,
+        Policy::Lsh(LshParams {
+            t: 2,
+            max_keys: None,
+        }),
+    );
+    let capped = run(
+        &s,
+        Policy::Lsh(LshParams {
+            t: 2,
+            max_keys: Some(10),
+        }),
+    );
+    for h in 0..2 {
+        assert!(full.keys_touched[h] > 10);
+        assert_eq!(capped.keys_touched[h], 10);
+    }
+}
+
+#[test]
+fn ln_u_matches_closed_form_for_t2() {
+    for &(k, l) in &[(10usize, 150usize), (1, 1), (16, 512), (4, 10)] {
+        for i in 0..=200 {
+            let c = -1.0 + i as f64 / 100.0;
+            let p = 1.0 - c.clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
+            let pk = p.powi(k as i32);
+            let u = 1.0 - (1.0 - pk).powi(l as i32) - l as f64 * pk * (1.0 - pk).powi(l as i32 - 1);
+            let got = ln_u_exact(c, k, l, 2);
+            if l >= 2 && u > 1e-6 {
+                assert!(
+                    (got - u.ln()).abs() < 1e-6 * (1.0 + u.ln().abs()),
+                    "k={k} l={l} c={c} {got} vs {}",
+                    u.ln()
+                );
+            }
+            assert!(got.is_finite() && got <= 0.0);
+        }
+    }
+    assert!(ln_u_exact(1.5, 10, 150, 2).is_finite());
+    assert!(ln_u_exact(-1.0, 10, 150, 2).is_finite());
+}
+
+#[test]
+fn merge_equals_softmax_over_union() {
+    let mut rng = Rng(3);
+    let d = 7;
+    let logits: Vec<f64> = (0..40)
+        .map(|i| rng.f32() as f64 * 5.0 + if i == 3 { 1e4 } else { 0.0 })
+        .collect();
+    let vals: Vec<Vec<f64>> = (0..40)
+        .map(|_| (0..d).map(|_| rng.f32() as f64).collect())
+        .collect();
+    let part = |r: std::ops::Range<usize>| -> (Vec<f32>, f32) {
+        if r.is_empty() {
+            return (vec![0.0; d], f32::NEG_INFINITY);
+        }
+        let m = logits[r.clone()]
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = logits[r.clone()].iter().map(|l| (l - m).exp()).sum();
+        let mut o = vec![0.0f32; d];
+        for i in r {
+            for j in 0..d {
+                o[j] += ((logits[i] - m).exp() / z * vals[i][j]) as f32;
+            }
+        }
+        (o, (m + z.ln()) as f32)
+    };
+    let parts = [part(0..10), part(10..10), part(10..25), part(25..40)];
+    let refs: Vec<(&[f32], f32)> = parts.iter().map(|(o, l)| (o.as_slice(), *l)).collect();
+    let mut out = vec![0.0f32; d];
+    let lse = merge_partials(&refs, &mut out);
+    let (full, flse) = part(0..40);
+    assert!(((lse - flse) / flse).abs() < 1e-6);
+    for j in 0..d {
+        assert!((out[j] - full[j]).abs() < 1e-5);
+        assert!(out[j].is_finite());
+    }
+    let empty = [(&[0.0f32; 7][..], f32::NEG_INFINITY)];
+    assert_eq!(merge_partials(&empty, &mut out), f32::NEG_INFINITY);
+    assert!(out.iter().all(|x| *x == 0.0));
+}
+
+#[test]
+fn edge_cases_empty_single_zero_and_huge_gaps() {
+    // empty store
+    let cfg = LayerConfig {
+        n_kv_heads: 1,
+        group: 2,
+        head_dim: 4,
+        lsh: Some((4, 8)),
+        lsh_t: 2,
+        seed: 1,
+        layer: 0,
+    };
+    let st = Arc::new(RwLock::new(LayerStore::new(cfg.clone()).expect("cfg")));
+    let mut pool = WorkerPool::new(1).expect("pool");
+    let mut out = LayerOutput::default();
+    let q = vec![1.0f32; 8];
+    pool.run_layer(
+        &st,
+        &q,
+        Policy::Lsh(LshParams {
+            t: 2,
+            max_keys: None,
+        }),
+        &mut out,
+    )
+    .expect("run");
+    assert!(out.lse.iter().all(|x| *x == f32::NEG_INFINITY));
+    assert!(out.out.iter().all(|x| *x == 0.0));
+    // single key, and zero query vector (dense)
+    let mut one = LayerStore::new(LayerConfig {
+        lsh: None,
+        ..cfg.clone()
+    })
+    .expect("cfg");
+    one.load_prefill(&bf(&[1.0, 2.0, 3.0, 4.0]), &bf(&[5.0, 6.0, 7.0, 8.0]), 1)
+        .expect("load");
+    let one = Arc::new(RwLock::new(one));
+    pool.run_layer(
+        &one,
+        &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0],
+        Policy::Dense,
+        &mut out,
+    )
+    .expect("run");
+    assert_eq!(&out.out[..4], &[5.0, 6.0, 7.0, 8.0]);
+    assert_eq!(out.lse[0], 0.0);
+    assert!((out.lse[1] - 5.0).abs() < 1e-6);
+    // huge logit gap (1e4) with LSH over zero keys and a planted key
+    let mut big = LayerStore::new(cfg.clone()).expect("cfg");
+    let mut keys = vec![0.0f32; 50 * 4];
+    keys[7 * 4..8 * 4].copy_from_slice(&[5000.0, 5000.0, 5000.0, 5000.0]);
+    let vals: Vec<f32> = (0..200).map(|i| (i % 7) as f32).collect();
+    big.load_prefill(&bf(&keys), &bf(&vals), 1).expect("load");
+    let big = Arc::new(RwLock::new(big));
+    for policy in [
+        Policy::Dense,
+        Policy::TopK(3),
+        Policy::Lsh(LshParams {
+            t: 1,
+            max_keys: None,
+        }),
+        Policy::Oracle { budget: 4, seed: 1 },
+    ] {
+        pool.run_layer(&big, &q, policy, &mut out).expect("run");
+        assert!(out.out.iter().all(|x| x.is_finite()), "{policy:?}");
+        assert!(out.lse.iter().all(|x| !x.is_nan()), "{policy:?}");
+        if matches!(policy, Policy::Dense | Policy::TopK(_)) {
+            assert!((out.out[0] - vals[28]).abs() < 1e-3, "{policy:?}");
+        }
+    }
+    // lsh on a store without index -> error, not panic
+    assert!(pool
+        .run_layer(
+            &one,
+            &q,
+            Policy::Lsh(LshParams {
+                t: 2,
+                max_keys: None
+            }),
+            &mut out
+        )
+        .is_err());
+    // bad config
+    assert!(LayerStore::new(LayerConfig {
+        lsh: Some((17, 10)),
+        ..cfg.clone()
+    })
+    .is_err());
+    assert!(LayerStore::new(LayerConfig { group: 9, ..cfg }).is_err());
+}
+
+#[test]
+fn topk_equals_exact_top_k() {
+    let (nkv, g, d) = (2, 2, 16);
+    let s = setup(200, nkv, g, d, None, 2, 0, 9);
+    let out = run(&s, Policy::TopK(17));
+    for qh in 0..nkv * g {
+        let kvh = qh / g;
+        let q = &s.q[qh * d..(qh + 1) * d];
+        let mut sc: Vec<(f64, usize)> = (0..s.n)
+            .map(|i| {
+                (
+                    s.keys[(i * nkv + kvh) * d..(i * nkv + kvh + 1) * d]
+                        .iter()
+                        .zip(q)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum(),
+                    i,
+                )
+            })
+            .collect();
+        sc.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let subset: Vec<(usize, f64)> = sc[..17].iter().map(|&(_, i)| (i, 0.0)).collect();
+        let (o, lse) = reference(&s, nkv, g, d, qh, &subset);
+        assert!((out.lse[qh] as f64 - lse).abs() < 1e-3);
+        for j in 0..d {
+            assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-3);
+        }
+    }
+}
+
+#[test]
+fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
+    let (nkv, g, d, n) = (1usize, 2usize, 32usize, 4000usize);
+    let mut rng = Rng(21);
+    let dir: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
+    let norm = dir.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let mut keys: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
+    for &t in &[5usize, 900, 1700, 3333] {
+        for j in 0..d {
+            keys[t * d + j] = dir[j] / norm * 4.0 + 0.2 * rng.f32();
+        }
+    }
+    let vals: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
+    let q: Vec<f32> = (0..g * d)
+        .map(|i| dir[i % d] / norm * 12.0 + 0.3 * rng.f32())
+        .collect();
+    let mut errs = Vec::new();
+    let mut dense_out = None;
+    for &l in &[4usize, 32, 256] {
+        let cfg = LayerConfig {
+            n_kv_heads: nkv,
+            group: g,
+            head_dim: d,
+            lsh: Some((8, l)),
+            lsh_t: 2,
+            seed: 4,
+            layer: 0,
+        };
+        let mut st = LayerStore::new(cfg).expect("cfg");
+        st.load_prefill(&bf(&keys), &bf(&vals), 2).expect("load");
+        let st = Arc::new(RwLock::new(st));
+        let mut pool = WorkerPool::new(2).expect("pool");
+        let mut out = LayerOutput::default();
+        if dense_out.is_none() {
+            pool.run_layer(&st, &q, Policy::Dense, &mut out)
+                .expect("dense");
+            dense_out = Some(out.out.clone());
+        }
+        pool.run_layer(
+            &st,
+            &q,
+            Policy::Lsh(LshParams {
+                t: 2,
+                max_keys: None,
+            }),
+            &mut out,
+        )
+        .expect("lsh");
+        let dn = dense_out.as_ref().expect("dense");
+        let err: f32 = out
+            .out
+            .iter()
+            .zip(dn)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt()
+            / dn.iter().map(|b| b * b).sum::<f32>().sqrt();
+        errs.push(err);
+    }
+    assert!(errs[2] < errs[0], "{errs:?}");
+    assert!(errs[2] < 0.1, "{errs:?}");
+}

@@ -1,0 +1,380 @@
+//! The dense device on the CPU: runtime-dispatched SIMD kernels on a small pool.
+
+use std::sync::Mutex;
+
+use half::bf16;
+use tandem_kernels::parallel::ThreadPool;
+use tandem_kernels::quant::QuantizedVector;
+use tandem_kernels::vector::{axpy_bf16, dot_bf16_f32, dot_f32, exp_inplace};
+use tandem_kernels::Isa;
+
+use crate::{DenseDevice, DeviceError, HostMatrix, KvCache};
+
+/// The CPU as dense device.
+pub struct CpuDevice {
+    pool: ThreadPool,
+}
+
+impl std::fmt::Debug for CpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl CpuDevice {
+    /// A device running on `threads` threads (the caller's included).
+    pub fn new(threads: usize) -> CpuDevice {
+        CpuDevice {
+            pool: ThreadPool::new(threads),
+        }
+    }
+
+    /// Threads the device runs on.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+}
+
+fn job_failed(e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Job(e.to_string())
+}
+
+/// Splits each token's output row into one piece per thread, the pieces of thread
+/// `i` covering rows `bounds[i]..bounds[i+1]` of every token.
+fn split_rows<'a>(ys: &'a mut [f32], rows: usize, bounds: &[usize]) -> Vec<Mutex<Vec<&'a mut [f32]>>> {
+    let parts = bounds.len() - 1;
+    let mut per_thread: Vec<Vec<&mut [f32]>> = (0..parts).map(|_| Vec::new()).collect();
+    for mut token_row in ys.chunks_exact_mut(rows) {
+        for i in 0..parts {
+            let (head, tail) = token_row.split_at_mut(bounds[i + 1] - bounds[i]);
+            per_thread[i].push(head);
+            token_row = tail;
+        }
+    }
+    per_thread.into_iter().map(Mutex::new).collect()
+}
+
+fn even_bounds(n: usize, parts: usize, align: usize) -> Vec<usize> {
+    let units = n.div_ceil(align);
+    (0..=parts).map(|i| (units * i / parts * align).min(n)).collect()
+}
+
+impl DenseDevice for CpuDevice {
+    type Matrix = HostMatrix;
+
+    fn name(&self) -> String {
+        format!("cpu ({}, {} threads)", Isa::detect().name(), self.threads())
+    }
+
+    fn upload(&self, matrix: HostMatrix) -> Result<HostMatrix, DeviceError> {
+        Ok(matrix)
+    }
+
+    fn matmul(&self, w: &HostMatrix, xs: &[f32], ys: &mut [f32]) -> Result<(), DeviceError> {
+        let (rows, cols) = w.shape();
+        if xs.len() % cols != 0 || ys.len() != xs.len() / cols * rows {
+            return Err(DeviceError::Shape(format!(
+                "matmul of a {rows}x{cols} matrix with {} inputs into {} outputs",
+                xs.len(),
+                ys.len()
+            )));
+        }
+        let bounds = even_bounds(rows, self.threads(), 16);
+        let parts = split_rows(ys, rows, &bounds);
+        match w {
+            HostMatrix::Affine(m) => {
+                let quantized: Vec<QuantizedVector> = xs.chunks_exact(cols).map(QuantizedVector::from_f32).collect();
+                self.pool
+                    .run(&|i| {
+                        let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+                        if bounds[i] < bounds[i + 1] {
+                            m.matmul(&quantized, bounds[i]..bounds[i + 1], &mut outs);
+                        }
+                    })
+                    .map_err(job_failed)
+            }
+            HostMatrix::F32 { data, .. } => self
+                .pool
+                .run(&|i| {
+                    let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+                    for (x, out) in xs.chunks_exact(cols).zip(outs.iter_mut()) {
+                        for (o, r) in out.iter_mut().zip(bounds[i]..bounds[i + 1]) {
+                            *o = dot_f32(&data[r * cols..(r + 1) * cols], x);
+                        }
+                    }
+                })
+                .map_err(job_failed),
+            HostMatrix::Bf16 { data, .. } => self
+                .pool
+                .run(&|i| {
+                    let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+                    for (x, out) in xs.chunks_exact(cols).zip(outs.iter_mut()) {
+                        for (o, r) in out.iter_mut().zip(bounds[i]..bounds[i + 1]) {
+                            *o = dot_bf16_f32(&data[r * cols..(r + 1) * cols], x);
+                        }
+                    }
+                })
+                .map_err(job_failed),
+        }
+    }
+
+    fn attention(
+        &self,
+        cache: &KvCache,
+        layer: usize,
+        q: &[f32],
+        first_pos: usize,
+        out: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        let shape = cache.shape();
+        let width = shape.n_heads * shape.head_dim;
+        let tokens = q.len() / width;
+        if q.len() % width != 0 || out.len() != q.len() || first_pos + tokens > cache.len(layer) {
+            return Err(DeviceError::Shape(format!(
+                "attention of {} query values from position {first_pos} over {} cached positions",
+                q.len(),
+                cache.len(layer)
+            )));
+        }
+        let threads = self.threads();
+        if tokens == 1 {
+            // One query: split the positions, merge the partials by log-sum-exp.
+            let n = first_pos + 1;
+            let bounds = even_bounds(n, threads, 64);
+            let partials: Vec<Mutex<Partial>> = (0..threads).map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim))).collect();
+            self.pool
+                .run(&|i| {
+                    let mut p = partials[i].lock().unwrap_or_else(|e| e.into_inner());
+                    attend(cache, layer, q, bounds[i]..bounds[i + 1], &mut p);
+                })
+                .map_err(job_failed)?;
+            let mut merged = Partial::new(shape.n_heads, shape.head_dim);
+            for p in &partials {
+                merged.merge(&p.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+            merged.normalise_into(out);
+            return Ok(());
+        }
+        // Several queries (prefill): split the tokens so that each thread gets about
+        // the same number of (query, position) pairs.
+        let total: usize = (0..tokens).map(|t| first_pos + t + 1).sum();
+        let mut bounds = vec![0usize];
+        let mut acc = 0;
+        for t in 0..tokens {
+            acc += first_pos + t + 1;
+            if bounds.len() < threads && acc * threads >= total * bounds.len() {
+                bounds.push(t + 1);
+            }
+        }
+        while bounds.len() <= threads {
+            bounds.push(tokens);
+        }
+        let mut chunks = Vec::with_capacity(threads);
+        let mut rest = out;
+        for i in 0..threads {
+            let (head, tail) = rest.split_at_mut((bounds[i + 1] - bounds[i]) * width);
+            chunks.push(Mutex::new(head));
+            rest = tail;
+        }
+        self.pool
+            .run(&|i| {
+                let mut chunk = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = Partial::new(shape.n_heads, shape.head_dim);
+                for (j, t) in (bounds[i]..bounds[i + 1]).enumerate() {
+                    p.reset();
+                    attend(cache, layer, &q[t * width..(t + 1) * width], 0..first_pos + t + 1, &mut p);
+                    p.normalise_into(&mut chunk[j * width..(j + 1) * width]);
+                }
+            })
+            .map_err(job_failed)
+    }
+}
+
+/// Un-normalised attention over part of the positions, per query head:
+/// `out = Σ exp(s - max)·v`, `sum = Σ exp(s - max)`.
+struct Partial {
+    head_dim: usize,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Partial {
+    fn new(n_heads: usize, head_dim: usize) -> Partial {
+        Partial {
+            head_dim,
+            max: vec![f32::NEG_INFINITY; n_heads],
+            sum: vec![0.0; n_heads],
+            out: vec![0.0; n_heads * head_dim],
+            scores: Vec::new(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.max.fill(f32::NEG_INFINITY);
+        self.sum.fill(0.0);
+        self.out.fill(0.0);
+    }
+
+    fn merge(&mut self, other: &Partial) {
+        let d = self.head_dim;
+        for h in 0..self.max.len() {
+            if other.sum[h] == 0.0 {
+                continue;
+            }
+            let m = self.max[h].max(other.max[h]);
+            let a = if self.sum[h] == 0.0 { 0.0 } else { (self.max[h] - m).exp() };
+            let b = (other.max[h] - m).exp();
+            self.sum[h] = self.sum[h] * a + other.sum[h] * b;
+            for (o, x) in self.out[h * d..(h + 1) * d].iter_mut().zip(&other.out[h * d..(h + 1) * d]) {
+                *o = *o * a + x * b;
+            }
+            self.max[h] = m;
+        }
+    }
+
+    fn normalise_into(&self, out: &mut [f32]) {
+        let d = self.head_dim;
+        for h in 0..self.max.len() {
+            let inv = if self.sum[h] > 0.0 { 1.0 / self.sum[h] } else { 0.0 };
+            for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(&self.out[h * d..(h + 1) * d]) {
+                *o = x * inv;
+            }
+        }
+    }
+}
+
+/// Attention of one token's query heads over `positions`, accumulated into `p`
+/// (which must be fresh: this does not merge with earlier contents).
+fn attend(cache: &KvCache, layer: usize, q: &[f32], positions: std::ops::Range<usize>, p: &mut Partial) {
+    let shape = cache.shape();
+    let d = shape.head_dim;
+    let n = positions.len();
+    if n == 0 {
+        return;
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    p.scores.resize(n, 0.0);
+    for h in 0..shape.n_heads {
+        let kv = h / shape.group();
+        let keys: &[bf16] = &cache.keys(layer, kv)[positions.start * d..positions.end * d];
+        let values: &[bf16] = &cache.values(layer, kv)[positions.start * d..positions.end * d];
+        let qh = &q[h * d..(h + 1) * d];
+        let mut max = f32::NEG_INFINITY;
+        for (s, k) in p.scores.iter_mut().zip(keys.chunks_exact(d)) {
+            *s = dot_bf16_f32(k, qh) * scale;
+            max = max.max(*s);
+        }
+        for s in p.scores.iter_mut() {
+            *s -= max;
+        }
+        exp_inplace(&mut p.scores);
+        let out = &mut p.out[h * d..(h + 1) * d];
+        let mut sum = 0.0;
+        for (&w, v) in p.scores.iter().zip(values.chunks_exact(d)) {
+            sum += w;
+            axpy_bf16(out, w, v);
+        }
+        p.max[h] = max;
+        p.sum[h] = sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AttentionShape;
+
+    fn pseudo(i: usize) -> f32 {
+        ((i as f32 * 0.618_034).fract() - 0.5) * 2.0
+    }
+
+    /// Naive f64 causal attention over the bf16-rounded cache.
+    fn reference(cache: &KvCache, layer: usize, q: &[f32], pos: usize) -> Vec<f32> {
+        let s = cache.shape();
+        let d = s.head_dim;
+        let mut out = vec![0f32; s.n_heads * d];
+        for h in 0..s.n_heads {
+            let kv = h / s.group();
+            let keys = cache.keys(layer, kv);
+            let values = cache.values(layer, kv);
+            let scores: Vec<f64> = (0..=pos)
+                .map(|t| (0..d).map(|i| keys[t * d + i].to_f64() * q[h * d + i] as f64).sum::<f64>() / (d as f64).sqrt())
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for i in 0..d {
+                out[h * d + i] = ((0..=pos).map(|t| w[t] * values[t * d + i].to_f64()).sum::<f64>() / z) as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_naive_softmax_for_decode_and_prefill() {
+        let shape = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 24 };
+        let mut cache = KvCache::new(1, shape);
+        let n = 301;
+        let kv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i) * 3.0).collect();
+        let vv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i + 7777)).collect();
+        cache.append(0, &kv, &vv).expect("append");
+        let device = CpuDevice::new(2);
+        let width = 6 * 24;
+        // Prefill-style: the last 37 positions at once.
+        let tokens = 37;
+        let first = n - tokens;
+        let q: Vec<f32> = (0..tokens * width).map(|i| pseudo(i + 99)).collect();
+        let mut out = vec![0f32; q.len()];
+        device.attention(&cache, 0, &q, first, &mut out).expect("attention");
+        for t in 0..tokens {
+            let want = reference(&cache, 0, &q[t * width..(t + 1) * width], first + t);
+            for (a, b) in out[t * width..(t + 1) * width].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "prefill token {t}: {a} vs {b}");
+            }
+        }
+        // Decode-style: one query at several depths.
+        for pos in [0, 1, 63, 64, 200, n - 1] {
+            let q1 = &q[..width];
+            let mut out1 = vec![0f32; width];
+            device.attention(&cache, 0, q1, pos, &mut out1).expect("attention");
+            let want = reference(&cache, 0, q1, pos);
+            for (a, b) in out1.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "decode at {pos}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let shape = AttentionShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let mut cache = KvCache::new(1, shape);
+        assert!(cache.append(0, &[0.0; 3], &[0.0; 3]).is_err());
+        assert!(cache.append(1, &[0.0; 4], &[0.0; 4]).is_err());
+        let device = CpuDevice::new(1);
+        let mut out = [0f32; 8];
+        assert!(device.attention(&cache, 0, &[0.0; 8], 0, &mut out).is_err());
+        let w = HostMatrix::F32 { rows: 2, cols: 3, data: vec![1.0; 6] };
+        let mut ys = [0f32; 3];
+        assert!(device.matmul(&w, &[1.0; 3], &mut ys).is_err());
+    }
+
+    #[test]
+    fn f32_matmul_is_exact_on_small_integers() {
+        let device = CpuDevice::new(2);
+        let rows = 37;
+        let cols = 5;
+        let data: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
+        let w = HostMatrix::F32 { rows, cols, data: data.clone() };
+        let xs: Vec<f32> = (0..2 * cols).map(|i| i as f32).collect();
+        let mut ys = vec![0f32; 2 * rows];
+        device.matmul(&w, &xs, &mut ys).expect("matmul");
+        for t in 0..2 {
+            for r in 0..rows {
+                let want: f32 = (0..cols).map(|c| data[r * cols + c] * xs[t * cols + c]).sum();
+                assert_eq!(ys[t * rows + r], want);
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The device-side KV cache.
+
+use half::bf16;
+
+use crate::{AttentionShape, DeviceError};
+
+/// Keys and values of one sequence, per layer and key/value head, in bf16.
+///
+/// Each (layer, kv head) holds its positions contiguously, `len × head_dim`, so an
+/// attention pass streams memory in order and a later stage can move a range of old
+/// positions to the CPU attention workers by slicing.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    shape: AttentionShape,
+    n_layers: usize,
+    /// `[layer][kv_head]` → `len × head_dim` keys.
+    keys: Vec<Vec<Vec<bf16>>>,
+    values: Vec<Vec<Vec<bf16>>>,
+    lens: Vec<usize>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new(n_layers: usize, shape: AttentionShape) -> KvCache {
+        let per_layer = || (0..shape.n_kv_heads).map(|_| Vec::new()).collect::<Vec<_>>();
+        KvCache {
+            shape,
+            n_layers,
+            keys: (0..n_layers).map(|_| per_layer()).collect(),
+            values: (0..n_layers).map(|_| per_layer()).collect(),
+            lens: vec![0; n_layers],
+        }
+    }
+
+    /// The attention geometry.
+    pub fn shape(&self) -> AttentionShape {
+        self.shape
+    }
+
+    /// Positions held in `layer`.
+    pub fn len(&self, layer: usize) -> usize {
+        self.lens[layer]
+    }
+
+    /// Whether layer 0 holds no position.
+    pub fn is_empty(&self) -> bool {
+        self.lens.first().is_none_or(|&l| l == 0)
+    }
+
+    /// Appends `T` positions to `layer`: `k` and `v` are `T × n_kv_heads × head_dim`.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), DeviceError> {
+        let row = self.shape.n_kv_heads * self.shape.head_dim;
+        if layer >= self.n_layers || k.len() != v.len() || k.len() % row != 0 {
+            return Err(DeviceError::Shape(format!(
+                "append to layer {layer} of {}: {} keys and {} values, rows of {row}",
+                self.n_layers,
+                k.len(),
+                v.len()
+            )));
+        }
+        let d = self.shape.head_dim;
+        for (k_tok, v_tok) in k.chunks_exact(row).zip(v.chunks_exact(row)) {
+            for h in 0..self.shape.n_kv_heads {
+                self.keys[layer][h].extend(k_tok[h * d..(h + 1) * d].iter().map(|&x| bf16::from_f32(x)));
+                self.values[layer][h].extend(v_tok[h * d..(h + 1) * d].iter().map(|&x| bf16::from_f32(x)));
+            }
+        }
+        self.lens[layer] += k.len() / row;
+        Ok(())
+    }
+
+    /// Drops every position from `len` on, in every layer.
+    pub fn truncate(&mut self, len: usize) {
+        let d = self.shape.head_dim;
+        for layer in 0..self.n_layers {
+            for h in 0..self.shape.n_kv_heads {
+                self.keys[layer][h].truncate(len * d);
+                self.values[layer][h].truncate(len * d);
+            }
+            self.lens[layer] = self.lens[layer].min(len);
+        }
+    }
+
+    /// Keys of (`layer`, `kv_head`): `len × head_dim`.
+    pub fn keys(&self, layer: usize, kv_head: usize) -> &[bf16] {
+        &self.keys[layer][kv_head]
+    }
+
+    /// Values of (`layer`, `kv_head`): `len × head_dim`.
+    pub fn values(&self, layer: usize, kv_head: usize) -> &[bf16] {
+        &self.values[layer][kv_head]
+    }
+
+    /// Bytes held by keys and values.
+    pub fn size_bytes(&self) -> usize {
+        self.lens.iter().sum::<usize>() * self.shape.n_kv_heads * self.shape.head_dim * 2 * 2
+    }
+}

@@ -1,0 +1,393 @@
+//! Chat templates: turning a conversation into the prompt text a model expects.
+//!
+//! Templates are the Jinja sources Hugging Face models ship (`tokenizer.chat_template`
+//! in GGUF, `chat_template` in `tokenizer_config.json`), rendered with `minijinja`.
+//! Besides the Jinja builtins, templates get `raise_exception(msg)`,
+//! `strftime_now(format)` (UTC; `%Y %m %d %H %M %S %B %b %A %a %%`) and the common
+//! Python string methods `strip`, `lstrip`, `rstrip`, `startswith`, `endswith`,
+//! `upper`, `lower`, `title`, `replace`, `split`, and `get` on maps.
+
+use minijinja::value::Value;
+use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// The template used when a model has none: ChatML, as used by SmolLM2, Qwen and
+/// others: `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
+/// `<|im_start|>assistant\n` when a generation prompt is asked for.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions for the assistant.
+    System,
+    /// The person chatting.
+    User,
+    /// The model.
+    Assistant,
+}
+
+impl Role {
+    /// The role's name as templates see it (`"system"`, `"user"`, `"assistant"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// What it says.
+    pub content: String,
+}
+
+impl Message {
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Message {
+        Message {
+            role: Role::System,
+            content: content.into(),
+        }
+    }
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Message {
+        Message {
+            role: Role::User,
+            content: content.into(),
+        }
+    }
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Message {
+        Message {
+            role: Role::Assistant,
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+const NAME: &str = "chat";
+
+fn template_err(e: minijinja::Error) -> Error {
+    // Show the whole chain: minijinja puts the location and cause in sources.
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    Error::ChatTemplate(msg)
+}
+
+fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// Formats the current UTC time with a small strftime subset.
+fn strftime_now(format: String) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let month = MONTHS[((m - 1) as usize) % 12];
+    let weekday = DAYS[(days.rem_euclid(7)) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('B') => out.push_str(month),
+            Some('b') => out.push_str(&month[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+fn str_arg(args: &[Value], i: usize) -> Option<String> {
+    args.get(i).and_then(|v| v.as_str()).map(str::to_string)
+}
+
+/// Python-style methods that HF templates call on strings and maps.
+fn unknown_method(
+    _state: &minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, minijinja::Error> {
+    let unknown = || minijinja::Error::from(ErrorKind::UnknownMethod);
+    if let Some(s) = value.as_str() {
+        let chars = str_arg(args, 0);
+        let set = |c: char| match &chars {
+            Some(cs) => cs.contains(c),
+            None => c.is_whitespace(),
+        };
+        return Ok(match method {
+            "strip" => Value::from(s.trim_matches(set)),
+            "lstrip" => Value::from(s.trim_start_matches(set)),
+            "rstrip" => Value::from(s.trim_end_matches(set)),
+            "startswith" => Value::from(chars.is_some_and(|p| s.starts_with(p.as_str()))),
+            "endswith" => Value::from(chars.is_some_and(|p| s.ends_with(p.as_str()))),
+            "upper" => Value::from(s.to_uppercase()),
+            "lower" => Value::from(s.to_lowercase()),
+            "title" => {
+                let mut out = String::with_capacity(s.len());
+                let mut start = true;
+                for c in s.chars() {
+                    if start {
+                        out.extend(c.to_uppercase());
+                    } else {
+                        out.extend(c.to_lowercase());
+                    }
+                    start = !c.is_alphanumeric();
+                }
+                Value::from(out)
+            }
+            "replace" => match (chars, str_arg(args, 1)) {
+                (Some(from), Some(to)) if !from.is_empty() => Value::from(s.replace(&from, &to)),
+                _ => return Err(unknown()),
+            },
+            "split" => match chars {
+                Some(sep) if !sep.is_empty() => {
+                    Value::from(s.split(sep.as_str()).map(Value::from).collect::<Vec<_>>())
+                }
+                _ => Value::from(s.split_whitespace().map(Value::from).collect::<Vec<_>>()),
+            },
+            _ => return Err(unknown()),
+        });
+    }
+    if method == "get" {
+        if let Some(key) = args.first() {
+            let v = value.get_item(key).unwrap_or(Value::UNDEFINED);
+            return Ok(if v.is_undefined() {
+                args.get(1).cloned().unwrap_or(Value::from(()))
+            } else {
+                v
+            });
+        }
+    }
+    Err(unknown())
+}
+
+impl ChatTemplate {
+    /// Compiles a chat template. `None` uses the built-in ChatML template
+    /// ([`CHATML_TEMPLATE`]). `bos_token`/`eos_token` are the texts templates see
+    /// as `bos_token`/`eos_token`. A syntax error is an [`Error::ChatTemplate`].
+    pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        // Hugging Face renders with trim_blocks and lstrip_blocks on.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.set_unknown_method_callback(unknown_method);
+        let source = source.unwrap_or(CHATML_TEMPLATE).to_string();
+        env.add_template_owned(NAME, source).map_err(template_err)?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// Renders a conversation; with `add_generation_prompt`, ends with the text
+    /// that starts the assistant's reply. Template errors (including
+    /// `raise_exception`) are [`Error::ChatTemplate`].
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.env.get_template(NAME).map_err(template_err)?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.as_str(),
+                eos_token => self.eos_token.as_str(),
+            })
+            .map_err(template_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::GgufFile;
+
+    const MODEL: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+
+    fn smollm_template() -> ChatTemplate {
+        assert!(
+            std::path::Path::new(MODEL).exists(),
+            "model file {MODEL} is missing: run scripts/setup.sh first"
+        );
+        let file = GgufFile::open(MODEL).expect("open model");
+        let source = file
+            .get_str("tokenizer.chat_template")
+            .expect("chat template");
+        ChatTemplate::new(Some(source), "<|im_start|>", "<|im_end|>").expect("compile")
+    }
+
+    #[test]
+    fn smollm2_template_system_user() {
+        let t = smollm_template();
+        let out = t
+            .render(
+                &[
+                    Message::system("You are terse."),
+                    Message::user("What is 2+2?"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn smollm2_template_default_system() {
+        let t = smollm_template();
+        let out = t.render(&[Message::user("Hi")], false).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn chatml_fallback() {
+        let t = ChatTemplate::new(None, "", "").unwrap();
+        let out = t
+            .render(
+                &[
+                    Message::system("S"),
+                    Message::user("U"),
+                    Message::assistant("A"),
+                    Message::user("V"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nV<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let out = t.render(&[Message::user("U")], false).unwrap();
+        assert_eq!(out, "<|im_start|>user\nU<|im_end|>\n");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = ChatTemplate::new(
+            Some("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"),
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t.render(&[Message::system("x")], true).unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)));
+        assert!(err.to_string().contains("first must be user"), "{err}");
+        assert_eq!(t.render(&[Message::user("x")], true).unwrap(), "ok");
+    }
+
+    #[test]
+    fn malformed_template_is_an_error() {
+        let err =
+            ChatTemplate::new(Some("{% for m in messages %}{{ m.content }"), "", "").unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)), "{err}");
+        // Unknown function at render time is also a clean error.
+        let t = ChatTemplate::new(Some("{{ no_such_fn() }}"), "", "").unwrap();
+        assert!(matches!(t.render(&[], false), Err(Error::ChatTemplate(_))));
+    }
+
+    #[test]
+    fn llama3_style_template() {
+        // Llama 3's template shape: bos_token, `| trim`, python methods.
+        let src = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}{{ '  x '.strip() + 'ab'.upper() + ('ab'.startswith('a') | string) + {'k': 1}.get('z', 'd') }}";
+        let t = ChatTemplate::new(Some(src), "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        let out = t.render(&[Message::user("  hi  ")], true).unwrap();
+        assert_eq!(
+            out,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nxABTrued"
+        );
+        assert!(strftime_now("%d %B %Y".into()).len() >= 10);
+    }
+}

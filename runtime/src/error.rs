@@ -1,0 +1,54 @@
+//! The runtime's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a model or running it.
+///
+/// Errors about a file always name the file, so the user knows which one to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a model tandem can read, or is damaged.
+    #[error("{path}: {problem}")]
+    BadModel { path: PathBuf, problem: String },
+    /// The model is well formed but uses something tandem does not support.
+    #[error("{path}: unsupported: {problem}")]
+    Unsupported { path: PathBuf, problem: String },
+    /// The tokenizer could not be built or could not encode/decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template could not be parsed or rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// A request that cannot be served as asked (bad token id, context full, ...).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The attention engine failed during a step.
+    #[error("attention engine: {0}")]
+    Engine(String),
+}
+
+impl Error {
+    pub(crate) fn bad_model(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::BadModel {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The runtime's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

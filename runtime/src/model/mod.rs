@@ -1,0 +1,3 @@
+//! Models: file formats, configuration, weights and the forward pass.
+
+pub mod gguf;
