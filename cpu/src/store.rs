@@ -81,7 +81,7 @@ struct UnitWriter<'a> {
 
 impl UnitWriter<'_> {
     fn push(&mut self, u: u32) {
-        if self.units % 2 == 0 {
+        if self.units.is_multiple_of(2) {
             self.bytes.push((u & 0xFF) as u8);
             self.bytes.push(((u >> 8) & 0xF) as u8);
         } else if let Some(last) = self.bytes.last_mut() {
@@ -132,7 +132,7 @@ impl LshIndex {
     fn unit(&self, u: usize) -> u32 {
         let b = 3 * u / 2;
         let v = u32::from(self.packed[b]) | u32::from(self.packed[b + 1]) << 8;
-        if u % 2 == 0 {
+        if u.is_multiple_of(2) {
             v & 0xFFF
         } else {
             v >> 4

@@ -41,7 +41,11 @@ fn job_failed(e: impl std::fmt::Display) -> DeviceError {
 
 /// Splits each token's output row into one piece per thread, the pieces of thread
 /// `i` covering rows `bounds[i]..bounds[i+1]` of every token.
-fn split_rows<'a>(ys: &'a mut [f32], rows: usize, bounds: &[usize]) -> Vec<Mutex<Vec<&'a mut [f32]>>> {
+fn split_rows<'a>(
+    ys: &'a mut [f32],
+    rows: usize,
+    bounds: &[usize],
+) -> Vec<Mutex<Vec<&'a mut [f32]>>> {
     let parts = bounds.len() - 1;
     let mut per_thread: Vec<Vec<&mut [f32]>> = (0..parts).map(|_| Vec::new()).collect();
     for mut token_row in ys.chunks_exact_mut(rows) {
@@ -56,7 +60,9 @@ fn split_rows<'a>(ys: &'a mut [f32], rows: usize, bounds: &[usize]) -> Vec<Mutex
 
 fn even_bounds(n: usize, parts: usize, align: usize) -> Vec<usize> {
     let units = n.div_ceil(align);
-    (0..=parts).map(|i| (units * i / parts * align).min(n)).collect()
+    (0..=parts)
+        .map(|i| (units * i / parts * align).min(n))
+        .collect()
 }
 
 impl DenseDevice for CpuDevice {
@@ -72,7 +78,7 @@ impl DenseDevice for CpuDevice {
 
     fn matmul(&self, w: &HostMatrix, xs: &[f32], ys: &mut [f32]) -> Result<(), DeviceError> {
         let (rows, cols) = w.shape();
-        if xs.len() % cols != 0 || ys.len() != xs.len() / cols * rows {
+        if !xs.len().is_multiple_of(cols) || ys.len() != xs.len() / cols * rows {
             return Err(DeviceError::Shape(format!(
                 "matmul of a {rows}x{cols} matrix with {} inputs into {} outputs",
                 xs.len(),
@@ -83,7 +89,10 @@ impl DenseDevice for CpuDevice {
         let parts = split_rows(ys, rows, &bounds);
         match w {
             HostMatrix::Affine(m) => {
-                let quantized: Vec<QuantizedVector> = xs.chunks_exact(cols).map(QuantizedVector::from_f32).collect();
+                let quantized: Vec<QuantizedVector> = xs
+                    .chunks_exact(cols)
+                    .map(QuantizedVector::from_f32)
+                    .collect();
                 self.pool
                     .run(&|i| {
                         let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
@@ -129,7 +138,10 @@ impl DenseDevice for CpuDevice {
         let shape = cache.shape();
         let width = shape.n_heads * shape.head_dim;
         let tokens = q.len() / width;
-        if q.len() % width != 0 || out.len() != q.len() || first_pos + tokens > cache.len(layer) {
+        if !q.len().is_multiple_of(width)
+            || out.len() != q.len()
+            || first_pos + tokens > cache.len(layer)
+        {
             return Err(DeviceError::Shape(format!(
                 "attention of {} query values from position {first_pos} over {} cached positions",
                 q.len(),
@@ -141,7 +153,9 @@ impl DenseDevice for CpuDevice {
             // One query: split the positions, merge the partials by log-sum-exp.
             let n = first_pos + 1;
             let bounds = even_bounds(n, threads, 64);
-            let partials: Vec<Mutex<Partial>> = (0..threads).map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim))).collect();
+            let partials: Vec<Mutex<Partial>> = (0..threads)
+                .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
+                .collect();
             self.pool
                 .run(&|i| {
                     let mut p = partials[i].lock().unwrap_or_else(|e| e.into_inner());
@@ -182,7 +196,13 @@ impl DenseDevice for CpuDevice {
                 let mut p = Partial::new(shape.n_heads, shape.head_dim);
                 for (j, t) in (bounds[i]..bounds[i + 1]).enumerate() {
                     p.reset();
-                    attend(cache, layer, &q[t * width..(t + 1) * width], 0..first_pos + t + 1, &mut p);
+                    attend(
+                        cache,
+                        layer,
+                        &q[t * width..(t + 1) * width],
+                        0..first_pos + t + 1,
+                        &mut p,
+                    );
                     p.normalise_into(&mut chunk[j * width..(j + 1) * width]);
                 }
             })
@@ -224,10 +244,17 @@ impl Partial {
                 continue;
             }
             let m = self.max[h].max(other.max[h]);
-            let a = if self.sum[h] == 0.0 { 0.0 } else { (self.max[h] - m).exp() };
+            let a = if self.sum[h] == 0.0 {
+                0.0
+            } else {
+                (self.max[h] - m).exp()
+            };
             let b = (other.max[h] - m).exp();
             self.sum[h] = self.sum[h] * a + other.sum[h] * b;
-            for (o, x) in self.out[h * d..(h + 1) * d].iter_mut().zip(&other.out[h * d..(h + 1) * d]) {
+            for (o, x) in self.out[h * d..(h + 1) * d]
+                .iter_mut()
+                .zip(&other.out[h * d..(h + 1) * d])
+            {
                 *o = *o * a + x * b;
             }
             self.max[h] = m;
@@ -237,8 +264,15 @@ impl Partial {
     fn normalise_into(&self, out: &mut [f32]) {
         let d = self.head_dim;
         for h in 0..self.max.len() {
-            let inv = if self.sum[h] > 0.0 { 1.0 / self.sum[h] } else { 0.0 };
-            for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(&self.out[h * d..(h + 1) * d]) {
+            let inv = if self.sum[h] > 0.0 {
+                1.0 / self.sum[h]
+            } else {
+                0.0
+            };
+            for (o, x) in out[h * d..(h + 1) * d]
+                .iter_mut()
+                .zip(&self.out[h * d..(h + 1) * d])
+            {
                 *o = x * inv;
             }
         }
@@ -247,7 +281,13 @@ impl Partial {
 
 /// Attention of one token's query heads over `positions`, accumulated into `p`
 /// (which must be fresh: this does not merge with earlier contents).
-fn attend(cache: &KvCache, layer: usize, q: &[f32], positions: std::ops::Range<usize>, p: &mut Partial) {
+fn attend(
+    cache: &KvCache,
+    layer: usize,
+    q: &[f32],
+    positions: std::ops::Range<usize>,
+    p: &mut Partial,
+) {
     let shape = cache.shape();
     let d = shape.head_dim;
     let n = positions.len();
@@ -300,13 +340,21 @@ mod tests {
             let keys = cache.keys(layer, kv);
             let values = cache.values(layer, kv);
             let scores: Vec<f64> = (0..=pos)
-                .map(|t| (0..d).map(|i| keys[t * d + i].to_f64() * q[h * d + i] as f64).sum::<f64>() / (d as f64).sqrt())
+                .map(|t| {
+                    (0..d)
+                        .map(|i| keys[t * d + i].to_f64() * q[h * d + i] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = w.iter().sum();
             for i in 0..d {
-                out[h * d + i] = ((0..=pos).map(|t| w[t] * values[t * d + i].to_f64()).sum::<f64>() / z) as f32;
+                out[h * d + i] = ((0..=pos)
+                    .map(|t| w[t] * values[t * d + i].to_f64())
+                    .sum::<f64>()
+                    / z) as f32;
             }
         }
         out
@@ -314,7 +362,11 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_softmax_for_decode_and_prefill() {
-        let shape = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 24 };
+        let shape = AttentionShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 24,
+        };
         let mut cache = KvCache::new(1, shape);
         let n = 301;
         let kv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i) * 3.0).collect();
@@ -327,7 +379,9 @@ mod tests {
         let first = n - tokens;
         let q: Vec<f32> = (0..tokens * width).map(|i| pseudo(i + 99)).collect();
         let mut out = vec![0f32; q.len()];
-        device.attention(&cache, 0, &q, first, &mut out).expect("attention");
+        device
+            .attention(&cache, 0, &q, first, &mut out)
+            .expect("attention");
         for t in 0..tokens {
             let want = reference(&cache, 0, &q[t * width..(t + 1) * width], first + t);
             for (a, b) in out[t * width..(t + 1) * width].iter().zip(&want) {
@@ -338,7 +392,9 @@ mod tests {
         for pos in [0, 1, 63, 64, 200, n - 1] {
             let q1 = &q[..width];
             let mut out1 = vec![0f32; width];
-            device.attention(&cache, 0, q1, pos, &mut out1).expect("attention");
+            device
+                .attention(&cache, 0, q1, pos, &mut out1)
+                .expect("attention");
             let want = reference(&cache, 0, q1, pos);
             for (a, b) in out1.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "decode at {pos}: {a} vs {b}");
@@ -348,14 +404,22 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let shape = AttentionShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let shape = AttentionShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let mut cache = KvCache::new(1, shape);
         assert!(cache.append(0, &[0.0; 3], &[0.0; 3]).is_err());
         assert!(cache.append(1, &[0.0; 4], &[0.0; 4]).is_err());
         let device = CpuDevice::new(1);
         let mut out = [0f32; 8];
         assert!(device.attention(&cache, 0, &[0.0; 8], 0, &mut out).is_err());
-        let w = HostMatrix::F32 { rows: 2, cols: 3, data: vec![1.0; 6] };
+        let w = HostMatrix::F32 {
+            rows: 2,
+            cols: 3,
+            data: vec![1.0; 6],
+        };
         let mut ys = [0f32; 3];
         assert!(device.matmul(&w, &[1.0; 3], &mut ys).is_err());
     }
@@ -366,13 +430,19 @@ mod tests {
         let rows = 37;
         let cols = 5;
         let data: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
-        let w = HostMatrix::F32 { rows, cols, data: data.clone() };
+        let w = HostMatrix::F32 {
+            rows,
+            cols,
+            data: data.clone(),
+        };
         let xs: Vec<f32> = (0..2 * cols).map(|i| i as f32).collect();
         let mut ys = vec![0f32; 2 * rows];
         device.matmul(&w, &xs, &mut ys).expect("matmul");
         for t in 0..2 {
             for r in 0..rows {
-                let want: f32 = (0..cols).map(|c| data[r * cols + c] * xs[t * cols + c]).sum();
+                let want: f32 = (0..cols)
+                    .map(|c| data[r * cols + c] * xs[t * cols + c])
+                    .sum();
                 assert_eq!(ys[t * rows + r], want);
             }
         }

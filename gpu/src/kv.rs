@@ -22,7 +22,11 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache.
     pub fn new(n_layers: usize, shape: AttentionShape) -> KvCache {
-        let per_layer = || (0..shape.n_kv_heads).map(|_| Vec::new()).collect::<Vec<_>>();
+        let per_layer = || {
+            (0..shape.n_kv_heads)
+                .map(|_| Vec::new())
+                .collect::<Vec<_>>()
+        };
         KvCache {
             shape,
             n_layers,
@@ -50,7 +54,7 @@ impl KvCache {
     /// Appends `T` positions to `layer`: `k` and `v` are `T × n_kv_heads × head_dim`.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), DeviceError> {
         let row = self.shape.n_kv_heads * self.shape.head_dim;
-        if layer >= self.n_layers || k.len() != v.len() || k.len() % row != 0 {
+        if layer >= self.n_layers || k.len() != v.len() || !k.len().is_multiple_of(row) {
             return Err(DeviceError::Shape(format!(
                 "append to layer {layer} of {}: {} keys and {} values, rows of {row}",
                 self.n_layers,
@@ -61,8 +65,10 @@ impl KvCache {
         let d = self.shape.head_dim;
         for (k_tok, v_tok) in k.chunks_exact(row).zip(v.chunks_exact(row)) {
             for h in 0..self.shape.n_kv_heads {
-                self.keys[layer][h].extend(k_tok[h * d..(h + 1) * d].iter().map(|&x| bf16::from_f32(x)));
-                self.values[layer][h].extend(v_tok[h * d..(h + 1) * d].iter().map(|&x| bf16::from_f32(x)));
+                self.keys[layer][h]
+                    .extend(k_tok[h * d..(h + 1) * d].iter().map(|&x| bf16::from_f32(x)));
+                self.values[layer][h]
+                    .extend(v_tok[h * d..(h + 1) * d].iter().map(|&x| bf16::from_f32(x)));
             }
         }
         self.lens[layer] += k.len() / row;

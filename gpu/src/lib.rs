@@ -34,9 +34,17 @@ pub enum HostMatrix {
     /// Block-quantized weights (from Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
     Affine(AffineMatrix),
     /// Full-precision weights, row-major.
-    F32 { rows: usize, cols: usize, data: Vec<f32> },
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
     /// bf16 weights, row-major.
-    Bf16 { rows: usize, cols: usize, data: Vec<bf16> },
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<bf16>,
+    },
 }
 
 impl HostMatrix {
@@ -44,7 +52,9 @@ impl HostMatrix {
     pub fn shape(&self) -> (usize, usize) {
         match self {
             HostMatrix::Affine(m) => (m.rows(), m.cols()),
-            HostMatrix::F32 { rows, cols, .. } | HostMatrix::Bf16 { rows, cols, .. } => (*rows, *cols),
+            HostMatrix::F32 { rows, cols, .. } | HostMatrix::Bf16 { rows, cols, .. } => {
+                (*rows, *cols)
+            }
         }
     }
 
@@ -61,7 +71,9 @@ impl HostMatrix {
     pub fn row(&self, r: usize, out: &mut [f32]) {
         match self {
             HostMatrix::Affine(m) => m.dequantize_row(r, out),
-            HostMatrix::F32 { cols, data, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
+            HostMatrix::F32 { cols, data, .. } => {
+                out.copy_from_slice(&data[r * cols..(r + 1) * cols])
+            }
             HostMatrix::Bf16 { cols, data, .. } => {
                 for (o, v) in out.iter_mut().zip(&data[r * cols..(r + 1) * cols]) {
                     *o = v.to_f32();

@@ -5,7 +5,10 @@
 
 /// `out = x / rms(x) * weight`, with `rms(x) = sqrt(mean(x²) + eps)`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    assert!(x.len() == weight.len() && x.len() == out.len(), "rms_norm: length mismatch");
+    assert!(
+        x.len() == weight.len() && x.len() == out.len(),
+        "rms_norm: length mismatch"
+    );
     let mean_sq = x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64;
     let inv = (1.0 / (mean_sq + eps as f64).sqrt()) as f32;
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {

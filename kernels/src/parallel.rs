@@ -108,7 +108,9 @@ impl ThreadPool {
         let ptr: *const Task<'static> = unsafe { std::mem::transmute(task as *const Task<'_>) };
         *self.shared.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(TaskPtr(ptr));
         self.shared.panicked.store(false, Ordering::SeqCst);
-        self.shared.pending.store(self.workers.len(), Ordering::SeqCst);
+        self.shared
+            .pending
+            .store(self.workers.len(), Ordering::SeqCst);
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
         for (i, (_, t)) in self.workers.iter().enumerate() {
             if self.shared.sleeping[i].load(Ordering::SeqCst) {
@@ -157,7 +159,9 @@ fn worker_loop(shared: &Shared, index: usize) {
                 std::hint::spin_loop();
             } else {
                 shared.sleeping[index].store(true, Ordering::SeqCst);
-                if shared.generation.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst) {
+                if shared.generation.load(Ordering::SeqCst) == seen
+                    && !shared.shutdown.load(Ordering::SeqCst)
+                {
                     thread::park_timeout(Duration::from_millis(50));
                 }
                 shared.sleeping[index].store(false, Ordering::SeqCst);
@@ -218,7 +222,10 @@ mod tests {
                 }
             })
             .expect("no panic");
-            assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1), "n = {n}");
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::SeqCst) == 1),
+                "n = {n}"
+            );
         }
     }
 

@@ -1,8 +1,27 @@
 //! tandem's runtime: models, tokenizer, chat templates, sessions and the decode step.
+//!
+//! ```no_run
+//! use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
+//! use tandem_runtime::chat::Message;
+//!
+//! let engine = Engine::load(&tandem_runtime::default_model_path(), &EngineOptions::default())?;
+//! let prompt = engine.render_chat(&[Message::user("What is the capital of France?")])?;
+//! let ids = engine.tokenizer().encode(&prompt, false)?;
+//! let mut session = engine.session();
+//! session.generate(&ids, 32, &SamplingConfig::default(), None, &mut |_, _| {}, &mut |text| {
+//!     print!("{text}");
+//!     Flow::Continue
+//! })?;
+//! # Ok::<(), tandem_runtime::Error>(())
+//! ```
 
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod model;
+pub mod sampling;
 pub mod tokenizer;
 
+pub use engine::{default_model_path, Engine, EngineOptions, Flow, GenerationStats, Session};
 pub use error::{Error, Result};
+pub use sampling::SamplingConfig;

@@ -1,1 +1,502 @@
-fn main() {}
+//! The `tandem` command line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tandem_runtime::chat::Message;
+use tandem_runtime::model::Logits;
+use tandem_runtime::{
+    default_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
+};
+
+/// tandem: a long-context LLM decoder.
+///
+/// The default model (SmolLM2-135M-Instruct, Q4_1) is installed by `scripts/setup.sh`.
+#[derive(Parser)]
+#[command(name = "tandem", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt; the text goes to stdout, statistics to stderr.
+    Generate(GenerateArgs),
+    /// Chat with the model interactively (/reset clears the conversation, /exit quits,
+    /// Ctrl-C stops the current reply).
+    Chat(ChatArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model file (GGUF). Default: $TANDEM_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf.
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Threads for the dense device (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Engine> {
+        let path = self.model.clone().unwrap_or_else(default_model_path);
+        if let Err(why) = tandem_gpu::cuda_status() {
+            eprintln!("tandem: {why}");
+        }
+        let mut options = EngineOptions::default();
+        if let Some(t) = self.threads {
+            if t == 0 {
+                bail!("--threads must be at least 1");
+            }
+            options.threads = t;
+        }
+        let start = Instant::now();
+        let engine = Engine::load(&path, &options)?;
+        eprintln!(
+            "tandem: loaded {} ({} layers, {:.0} MB of weights) on {} in {:.2} s",
+            path.display(),
+            engine.model().config().n_layers,
+            engine.model().weight_bytes() as f64 / 1e6,
+            tandem_gpu::DenseDevice::name(engine.model().device()),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(engine)
+    }
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: keep tokens up to this cumulative probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens seen in the last 64 (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> Result<SamplingConfig> {
+        let c = SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..Default::default()
+        };
+        c.validate().map_err(anyhow::Error::msg)?;
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Maximum tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// A text file to put into the conversation as a document.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Maximum tokens per reply.
+    #[arg(long, short = 'n', default_value_t = 512)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text.
+    text: String,
+    /// Print a JSON array of ids and nothing else.
+    #[arg(long)]
+    json: bool,
+    /// Prepend the beginning-of-sequence token.
+    #[arg(long)]
+    bos: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Dense decode speed after a context of N tokens on a real model.
+    Decode(BenchDecodeArgs),
+    /// The CPU attention engine on generated keys of a model's shape.
+    Attention(BenchAttentionArgs),
+}
+
+#[derive(Args)]
+struct BenchDecodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context depths (prefilled from real text) before decoding, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    context: Vec<usize>,
+    /// Tokens to decode at each depth.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Print one JSON object per depth.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchAttentionArgs {
+    /// Offloaded tokens per layer.
+    #[arg(long, default_value_t = 98304)]
+    context: usize,
+    /// Model shape: llama3.1-8b or smollm2-135m.
+    #[arg(long, default_value = "llama3.1-8b")]
+    shape: String,
+    /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable).
+    #[arg(long, num_args = 1.., default_values_t = ["lsh:k=10,l=150".to_string()])]
+    policy: Vec<String>,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed iterations (median reported).
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
+        Command::Tokenize(args) => tokenize(args),
+        Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
+        Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
+    };
+    if let Err(e) = result {
+        eprintln!("tandem: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn progress_reporter(total_hint: usize) -> (ProgressBar, impl FnMut(usize, usize)) {
+    let bar = if total_hint >= 2048 && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(total_hint as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "prefill {bar:40} {pos}/{len} tokens, {per_sec}, eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let b = bar.clone();
+    (bar, move |done: usize, _total: usize| {
+        b.set_position(done as u64)
+    })
+}
+
+fn print_stats(stats: &GenerationStats) {
+    eprintln!(
+        "\ntandem: prompt {} tokens in {:.2} s ({:.1} tokens/s); generated {} tokens ({:.1} tokens/s)",
+        stats.prompt_tokens,
+        stats.prompt_time.as_secs_f64(),
+        stats.prompt_tokens_per_s(),
+        stats.generated_tokens,
+        stats.decode_tokens_per_s()
+    );
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let sampling = args.sampling.config()?;
+    let engine = args.model.load()?;
+    let text = if args.chat {
+        engine.render_chat(&[Message::user(args.prompt.clone())])?
+    } else {
+        args.prompt.clone()
+    };
+    let tok = engine.tokenizer();
+    let ids = tok.encode(&text, !args.chat && tok.add_bos_by_default())?;
+    let (bar, mut progress) = progress_reporter(ids.len());
+    let mut session = engine.session();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let stats = session.generate(
+        &ids,
+        args.max_tokens,
+        &sampling,
+        None,
+        &mut progress,
+        &mut |piece| {
+            bar.finish_and_clear();
+            match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    write_error = Some(e);
+                    Flow::Stop
+                }
+            }
+        },
+    )?;
+    if let Some(e) = write_error {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing to stdout");
+        }
+    }
+    let _ = writeln!(stdout);
+    print_stats(&stats);
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    let sampling = args.sampling.config()?;
+    let engine = args.model.load()?;
+    let mut history: Vec<Message> = Vec::new();
+    if let Some(system) = &args.system {
+        history.push(Message::system(system.clone()));
+    }
+    if let Some(path) = &args.file {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let doc = String::from_utf8_lossy(&bytes).into_owned();
+        history.push(Message::user(format!("Here is a document:\n\n{doc}")));
+        history.push(Message::assistant(
+            "I have read the document. What would you like to know?",
+        ));
+        eprintln!(
+            "tandem: loaded {} ({} bytes) into the conversation",
+            path.display(),
+            bytes.len()
+        );
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let in_reply = Arc::new(AtomicBool::new(false));
+    {
+        let (cancel, in_reply) = (cancel.clone(), in_reply.clone());
+        ctrlc::set_handler(move || {
+            if in_reply.load(Ordering::SeqCst) {
+                cancel.store(true, Ordering::SeqCst);
+            } else {
+                eprintln!();
+                std::process::exit(0);
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    eprintln!("tandem chat: type a message; /reset clears the conversation, /exit quits, Ctrl-C stops a reply.");
+    let stdin = std::io::stdin();
+    let mut session = engine.session();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == tandem_runtime::chat::Role::System);
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::user(line.to_string()));
+        // Re-render the whole conversation and feed only what the session lacks.
+        let rendered = engine.render_chat(&history)?;
+        let ids = engine.tokenizer().encode(&rendered, false)?;
+        let common = session
+            .tokens()
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        session.truncate(common);
+        let (bar, mut progress) = progress_reporter(ids.len() - common);
+        cancel.store(false, Ordering::SeqCst);
+        in_reply.store(true, Ordering::SeqCst);
+        let mut reply = String::new();
+        let result = session.generate(
+            &ids[common..],
+            args.max_tokens,
+            &sampling,
+            Some(&cancel),
+            &mut progress,
+            &mut |piece| {
+                bar.finish_and_clear();
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+                reply.push_str(piece);
+                Flow::Continue
+            },
+        );
+        in_reply.store(false, Ordering::SeqCst);
+        println!();
+        match result {
+            Ok(stats) => {
+                if cancel.load(Ordering::SeqCst) {
+                    eprintln!("(reply stopped)");
+                }
+                eprintln!(
+                    "({} tokens, {:.1} tokens/s)",
+                    stats.generated_tokens,
+                    stats.decode_tokens_per_s()
+                );
+                history.push(Message::assistant(reply));
+            }
+            Err(e) => {
+                eprintln!("tandem: error: {e}");
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let path = args.model.model.clone().unwrap_or_else(default_model_path);
+    let file = tandem_runtime::model::gguf::GgufFile::open(&path)?;
+    let tokenizer = tandem_runtime::tokenizer::Tokenizer::from_gguf(&file)?;
+    let ids = tokenizer.encode(&args.text, args.bos)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        for id in ids {
+            println!("{id}\t{}", tokenizer.token_text(id).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// Real English text to fill a context, shipped with the repository.
+const FILL_TEXT: &str = include_str!("../../tests/data/fill.txt");
+
+fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
+    let engine = args.model.load()?;
+    let fill = engine.tokenizer().encode(FILL_TEXT, false)?;
+    if fill.is_empty() {
+        bail!("the fill text is empty");
+    }
+    let model = engine.model();
+    for &depth in &args.context {
+        if depth + args.tokens + 1 > model.config().context_length {
+            bail!(
+                "depth {depth} + {} tokens exceeds the model's context of {}",
+                args.tokens,
+                model.config().context_length
+            );
+        }
+        let mut cache = model.new_cache();
+        let prompt: Vec<u32> = fill.iter().cycle().take(depth.max(1)).copied().collect();
+        let start = Instant::now();
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(tandem_runtime::engine::PREFILL_CHUNK) {
+            logits = model.forward(chunk, &mut cache, Logits::Last)?;
+        }
+        let prefill_s = start.elapsed().as_secs_f64();
+        let mut next = tandem_kernels::ops::argmax(&logits).unwrap_or(0) as u32;
+        // One untimed step warms caches and the pool.
+        logits = model.forward(&[next], &mut cache, Logits::Last)?;
+        let start = Instant::now();
+        for _ in 0..args.tokens {
+            next = tandem_kernels::ops::argmax(&logits).unwrap_or(0) as u32;
+            logits = model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        let decode_s = start.elapsed().as_secs_f64();
+        let ms = decode_s * 1e3 / args.tokens as f64;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "policy": "dense", "context": depth, "batch": 1,
+                    "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+                    "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
+                    "synthetic_kv": false, "synthetic_weights": false,
+                    "threads": model.device().threads(),
+                })
+            );
+        } else {
+            println!(
+                "dense depth {depth:>6}: decode {:.2} ms/token ({:.1} tokens/s); prefill {} tokens at {:.1} tokens/s",
+                ms,
+                1e3 / ms,
+                prompt.len(),
+                prompt.len() as f64 / prefill_s
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
+    let opts = tandem_bench::AttentionBenchOptions {
+        context: args.context,
+        shape: args.shape,
+        policies: args.policy,
+        threads: args.threads,
+        seed: args.seed,
+        iterations: args.iterations,
+    };
+    let results = tandem_bench::run_attention_bench(&opts)?;
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", tandem_bench::format_table(&results));
+    }
+    Ok(())
+}

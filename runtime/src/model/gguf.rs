@@ -199,7 +199,8 @@ impl GgufFile {
             path: path.clone(),
             source,
         })?;
-        let (metadata, tensors) = parse(&mmap).map_err(|problem| Error::bad_model(&path, problem))?;
+        let (metadata, tensors) =
+            parse(&mmap).map_err(|problem| Error::bad_model(&path, problem))?;
         Ok(GgufFile {
             path,
             mmap,
@@ -225,9 +226,12 @@ impl GgufFile {
 
     /// A required unsigned integer, with a clear error when absent or mistyped.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.get(key)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Error::bad_model(&self.path, format!("metadata `{key}` is missing or not an unsigned integer")))
+        self.get(key).and_then(Value::as_u64).ok_or_else(|| {
+            Error::bad_model(
+                &self.path,
+                format!("metadata `{key}` is missing or not an unsigned integer"),
+            )
+        })
     }
 
     /// An optional float.
@@ -343,13 +347,17 @@ type Parsed = (BTreeMap<String, Value>, Vec<TensorInfo>);
 
 fn parse(bytes: &[u8]) -> Result<Parsed, String> {
     let mut r = Reader { bytes, pos: 0 };
-    let magic = r.take(4, "the file magic").map_err(|_| "not a GGUF file: too short".to_string())?;
+    let magic = r
+        .take(4, "the file magic")
+        .map_err(|_| "not a GGUF file: too short".to_string())?;
     if magic != MAGIC {
         return Err("not a GGUF file: it does not start with the bytes `GGUF`".into());
     }
     let version = r.u32("the version")?;
     if !(2..=3).contains(&version) {
-        return Err(format!("GGUF version {version} is not supported (2 and 3 are)"));
+        return Err(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        ));
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
@@ -379,7 +387,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
         let name = r.string("a tensor name")?;
         let n_dims = r.u32(&name)?;
         if n_dims == 0 || n_dims > 4 {
-            return Err(format!("tensor `{name}` has {n_dims} dimensions (1 to 4 expected)"));
+            return Err(format!(
+                "tensor `{name}` has {n_dims} dimensions (1 to 4 expected)"
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -476,7 +486,10 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         let full = tiny_gguf();
         for len in 0..full.len() {
-            assert!(parse(&full[..len]).is_err(), "prefix of {len} bytes was accepted");
+            assert!(
+                parse(&full[..len]).is_err(),
+                "prefix of {len} bytes was accepted"
+            );
         }
     }
 

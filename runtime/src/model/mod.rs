@@ -1,3 +1,7 @@
 //! Models: file formats, configuration, weights and the forward pass.
 
 pub mod gguf;
+pub mod llama;
+pub mod weights;
+
+pub use llama::{load_gguf, Config, Llama, Logits};

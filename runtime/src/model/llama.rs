@@ -1,0 +1,326 @@
+//! The Llama architecture: configuration, weights and the forward pass.
+
+use std::path::Path;
+
+use tandem_gpu::{AttentionShape, DenseDevice, HostMatrix, KvCache};
+use tandem_kernels::ops::{add_in_place, rms_norm, silu_mul_in_place, Rope};
+
+use super::gguf::GgufFile;
+use super::weights::{dequantize, host_matrix};
+use crate::error::{Error, Result};
+
+/// The shape and constants of a Llama-architecture model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub n_layers: usize,
+    pub dim: usize,
+    pub ffn_dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+    /// The context length the model was trained for.
+    pub context_length: usize,
+}
+
+impl Config {
+    /// The attention geometry.
+    pub fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    fn from_gguf(file: &GgufFile) -> Result<Config> {
+        let path = file.path();
+        let arch = file
+            .get_str("general.architecture")
+            .ok_or_else(|| Error::bad_model(path, "metadata `general.architecture` is missing"))?;
+        if arch != "llama" {
+            return Err(Error::unsupported(
+                path,
+                format!("architecture `{arch}` (only `llama` is supported)"),
+            ));
+        }
+        let get = |k: &str| file.require_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let dim = get("embedding_length")?;
+        let n_heads = get("attention.head_count")?;
+        let n_kv_heads = file
+            .get("llama.attention.head_count_kv")
+            .and_then(|v| v.as_u64())
+            .map_or(n_heads, |v| v as usize);
+        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(Error::bad_model(
+                path,
+                format!(
+                    "inconsistent head counts: dim {dim}, {n_heads} heads, {n_kv_heads} kv heads"
+                ),
+            ));
+        }
+        let embed = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| Error::bad_model(path, "tensor `token_embd.weight` is missing"))?;
+        let config = Config {
+            n_layers: get("block_count")?,
+            dim,
+            ffn_dim: get("feed_forward_length")?,
+            n_heads,
+            n_kv_heads,
+            head_dim: dim / n_heads,
+            vocab_size: embed.dims.get(1).copied().unwrap_or(0) as usize,
+            rope_base: file.get_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
+            rms_eps: file
+                .get_f64("llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5) as f32,
+            context_length: get("context_length").unwrap_or(4096),
+        };
+        if let Some(rot) = file
+            .get("llama.rope.dimension_count")
+            .and_then(|v| v.as_u64())
+        {
+            if rot as usize != config.head_dim {
+                return Err(Error::unsupported(
+                    path,
+                    format!("partial rotary ({rot} of {} dims)", config.head_dim),
+                ));
+            }
+        }
+        if file.tensor("rope_freqs.weight").is_some() {
+            return Err(Error::unsupported(
+                path,
+                "rope frequency factors (`rope_freqs.weight`, Llama 3.1 scaling)",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+struct Layer<M> {
+    attn_norm: Vec<f32>,
+    wq: M,
+    wk: M,
+    wv: M,
+    wo: M,
+    ffn_norm: Vec<f32>,
+    w_gate: M,
+    w_up: M,
+    w_down: M,
+}
+
+/// A Llama model with its weights resident on a dense device.
+pub struct Llama<D: DenseDevice> {
+    config: Config,
+    device: D,
+    embedding: HostMatrix,
+    layers: Vec<Layer<D::Matrix>>,
+    output_norm: Vec<f32>,
+    lm_head: D::Matrix,
+    rope: Rope,
+    weight_bytes: usize,
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (teacher-forced evaluation).
+    All,
+}
+
+impl<D: DenseDevice> Llama<D> {
+    /// Loads a Llama GGUF file onto `device`.
+    pub fn from_gguf(file: &GgufFile, device: D) -> Result<Llama<D>> {
+        let config = Config::from_gguf(file)?;
+        let path = file.path().to_path_buf();
+        let mut weight_bytes = 0;
+        let mut matrix = |name: &str, rows: usize, cols: usize| -> Result<HostMatrix> {
+            let info = file
+                .tensor(name)
+                .ok_or_else(|| Error::bad_model(&path, format!("tensor `{name}` is missing")))?;
+            if info.dims != [cols as u64, rows as u64] {
+                return Err(Error::bad_model(
+                    &path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected [{cols}, {rows}]",
+                        info.dims
+                    ),
+                ));
+            }
+            let m = host_matrix(info, file.tensor_data(info))
+                .map_err(|p| Error::bad_model(&path, format!("tensor `{name}`: {p}")))?;
+            weight_bytes += m.size_bytes();
+            Ok(m)
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+            let info = file
+                .tensor(name)
+                .ok_or_else(|| Error::bad_model(&path, format!("tensor `{name}` is missing")))?;
+            if info.dims != [len as u64] {
+                return Err(Error::bad_model(
+                    &path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected [{len}]",
+                        info.dims
+                    ),
+                ));
+            }
+            dequantize(info.dtype, file.tensor_data(info))
+                .map_err(|p| Error::bad_model(&path, format!("tensor `{name}`: {p}")))
+        };
+        let c = &config;
+        let kv_dim = c.n_kv_heads * c.head_dim;
+        let upload = |m: HostMatrix| device.upload(m).map_err(|e| Error::Engine(e.to_string()));
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: vector(&p("attn_norm"), c.dim)?,
+                wq: upload(matrix(&p("attn_q"), c.dim, c.dim)?)?,
+                wk: upload(matrix(&p("attn_k"), kv_dim, c.dim)?)?,
+                wv: upload(matrix(&p("attn_v"), kv_dim, c.dim)?)?,
+                wo: upload(matrix(&p("attn_output"), c.dim, c.dim)?)?,
+                ffn_norm: vector(&p("ffn_norm"), c.dim)?,
+                w_gate: upload(matrix(&p("ffn_gate"), c.ffn_dim, c.dim)?)?,
+                w_up: upload(matrix(&p("ffn_up"), c.ffn_dim, c.dim)?)?,
+                w_down: upload(matrix(&p("ffn_down"), c.dim, c.ffn_dim)?)?,
+            });
+        }
+        let embedding = matrix("token_embd.weight", c.vocab_size, c.dim)?;
+        let lm_head = if file.tensor("output.weight").is_some() {
+            upload(matrix("output.weight", c.vocab_size, c.dim)?)?
+        } else {
+            // Tied embeddings: the LM head is the embedding matrix.
+            upload(embedding.clone())?
+        };
+        let output_norm = vector("output_norm.weight", c.dim)?;
+        Ok(Llama {
+            rope: Rope::new(c.head_dim, c.rope_base),
+            config,
+            device,
+            embedding,
+            layers,
+            output_norm,
+            lm_head,
+            weight_bytes,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Bytes of weights read per decoded token.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// A new, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.attention_shape())
+    }
+
+    /// Runs `tokens` through the model at positions `cache.len(0)..`, appending their
+    /// keys and values to `cache`; returns logits (`vocab` per requested position).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::InvalidRequest("no tokens to run".into()));
+        }
+        let first_pos = cache.len(0);
+        let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.n_kv_heads * c.head_dim);
+        let engine = |e: tandem_gpu::DeviceError| Error::Engine(e.to_string());
+
+        let mut x = vec![0f32; n * dim];
+        for (row, &t) in x.chunks_exact_mut(dim).zip(tokens) {
+            if t as usize >= c.vocab_size {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            self.embedding.row(t as usize, row);
+        }
+        let mut h = vec![0f32; n * dim];
+        let mut q = vec![0f32; n * dim];
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        let mut attn = vec![0f32; n * dim];
+        let mut gate = vec![0f32; n * c.ffn_dim];
+        let mut up = vec![0f32; n * c.ffn_dim];
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            for (hr, xr) in h.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                rms_norm(xr, &layer.attn_norm, c.rms_eps, hr);
+            }
+            self.device.matmul(&layer.wq, &h, &mut q).map_err(engine)?;
+            self.device.matmul(&layer.wk, &h, &mut k).map_err(engine)?;
+            self.device.matmul(&layer.wv, &h, &mut v).map_err(engine)?;
+            for t in 0..n {
+                for head in q[t * dim..(t + 1) * dim].chunks_exact_mut(hd) {
+                    self.rope.rotate_interleaved(head, first_pos + t);
+                }
+                for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                    self.rope.rotate_interleaved(head, first_pos + t);
+                }
+            }
+            cache.append(li, &k, &v).map_err(engine)?;
+            self.device
+                .attention(cache, li, &q, first_pos, &mut attn)
+                .map_err(engine)?;
+            self.device
+                .matmul(&layer.wo, &attn, &mut h)
+                .map_err(engine)?;
+            add_in_place(&mut x, &h);
+
+            // Feed-forward block.
+            for (hr, xr) in h.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                rms_norm(xr, &layer.ffn_norm, c.rms_eps, hr);
+            }
+            self.device
+                .matmul(&layer.w_gate, &h, &mut gate)
+                .map_err(engine)?;
+            self.device
+                .matmul(&layer.w_up, &h, &mut up)
+                .map_err(engine)?;
+            silu_mul_in_place(&mut gate, &up);
+            self.device
+                .matmul(&layer.w_down, &gate, &mut h)
+                .map_err(engine)?;
+            add_in_place(&mut x, &h);
+        }
+
+        let rows = match want {
+            Logits::Last => &x[(n - 1) * dim..],
+            Logits::All => &x[..],
+        };
+        let mut normed = vec![0f32; rows.len()];
+        for (o, r) in normed.chunks_exact_mut(dim).zip(rows.chunks_exact(dim)) {
+            rms_norm(r, &self.output_norm, c.rms_eps, o);
+        }
+        let mut logits = vec![0f32; rows.len() / dim * c.vocab_size];
+        self.device
+            .matmul(&self.lm_head, &normed, &mut logits)
+            .map_err(engine)?;
+        Ok(logits)
+    }
+}
+
+/// Opens a model file for a Llama model on `device`.
+pub fn load_gguf<D: DenseDevice>(path: &Path, device: D) -> Result<(GgufFile, Llama<D>)> {
+    let file = GgufFile::open(path)?;
+    let model = Llama::from_gguf(&file, device)?;
+    Ok((file, model))
+}
