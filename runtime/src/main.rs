@@ -384,7 +384,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             },
         );
         in_reply.store(false, Ordering::SeqCst);
-        println!();
+        let _ = writeln!(std::io::stdout());
         match result {
             Ok(stats) => {
                 if cancel.load(Ordering::SeqCst) {

@@ -119,9 +119,19 @@ impl Sampler {
         if self.candidates.is_empty() {
             return 0;
         }
-        self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if c.top_k > 0 {
+        if c.top_k > 0 && c.top_k < self.candidates.len() {
+            // Partition first: only the k kept candidates need sorting.
+            self.candidates.select_nth_unstable_by(c.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             self.candidates.truncate(c.top_k);
+        }
+        if c.top_p < 1.0 {
+            self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        } else {
+            // Only the maximum must come first (for min-p and the softmax shift).
+            let best = (0..self.candidates.len())
+                .max_by(|&a, &b| self.candidates[a].1.total_cmp(&self.candidates[b].1))
+                .unwrap_or(0);
+            self.candidates.swap(0, best);
         }
         let max = self.candidates[0].1;
         let mut total = 0.0;
