@@ -84,35 +84,23 @@ impl GenerationStats {
 }
 
 impl Engine {
-    /// Loads a GGUF model.
+    /// Loads a GGUF model file or a Hugging Face Llama model directory.
     pub fn load(path: &Path, options: &EngineOptions) -> Result<Engine> {
         if !path.exists() {
             return Err(Error::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no such file (the default model is installed by scripts/setup.sh)",
                 ),
             });
         }
         if path.is_dir() {
-            return Err(Error::unsupported(
-                path,
-                "Hugging Face model directories are not supported yet; give a .gguf file",
-            ));
+            return Engine::load_hf_dir(path, options);
         }
         let (file, model) = load_gguf(path, CpuDevice::new(options.threads.max(1)))?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        if tokenizer.vocab_size() > model.config().vocab_size {
-            return Err(Error::bad_model(
-                path,
-                format!(
-                    "the tokenizer has {} tokens but the embedding only {}",
-                    tokenizer.vocab_size(),
-                    model.config().vocab_size
-                ),
-            ));
-        }
+        check_vocab(path, &tokenizer, &model)?;
         let token = |key: &str| {
             file.get(key)
                 .and_then(|v| v.as_u64())
@@ -129,6 +117,49 @@ impl Engine {
             tokenizer,
             template,
             path: path.to_path_buf(),
+        })
+    }
+
+    /// Loads a Hugging Face Llama directory: `config.json`, `*.safetensors`,
+    /// `tokenizer.json` and (optionally) `tokenizer_config.json` with the chat template.
+    fn load_hf_dir(dir: &Path, options: &EngineOptions) -> Result<Engine> {
+        let model = Llama::from_hf_dir(dir, CpuDevice::new(options.threads.max(1)))?;
+        let tokenizer = Tokenizer::from_json_file(&dir.join("tokenizer.json"))?;
+        check_vocab(dir, &tokenizer, &model)?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| Error::bad_model(&config_path, format!("not valid JSON: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(source) => {
+                return Err(Error::Io {
+                    path: config_path,
+                    cause: source,
+                })
+            }
+        };
+        // Special tokens are plain strings or `{"content": ...}` objects.
+        let token = |key: &str| -> String {
+            match config.get(key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Object(o)) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                _ => String::new(),
+            }
+        };
+        let template = ChatTemplate::new(
+            config.get("chat_template").and_then(|t| t.as_str()),
+            &token("bos_token"),
+            &token("eos_token"),
+        )?;
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            path: dir.to_path_buf(),
         })
     }
 
@@ -289,4 +320,19 @@ impl<'e> Session<'e> {
         stats.decode_time = decode_start.elapsed();
         Ok(stats)
     }
+}
+
+/// The tokenizer's ids must all have an embedding row.
+fn check_vocab(path: &Path, tokenizer: &Tokenizer, model: &Llama<CpuDevice>) -> Result<()> {
+    if tokenizer.vocab_size() > model.config().vocab_size {
+        return Err(Error::bad_model(
+            path,
+            format!(
+                "the tokenizer has {} tokens but the embedding only {}",
+                tokenizer.vocab_size(),
+                model.config().vocab_size
+            ),
+        ));
+    }
+    Ok(())
 }

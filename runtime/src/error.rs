@@ -7,12 +7,12 @@ use std::path::PathBuf;
 /// Errors about a file always name the file, so the user knows which one to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file could not be opened or read.
-    #[error("{path}: {source}")]
+    /// The file could not be opened or read. (The I/O error is part of the message,
+    /// not a separate `source`, so error chains do not print it twice.)
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a model tandem can read, or is damaged.
     #[error("{path}: {problem}")]

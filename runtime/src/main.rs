@@ -41,7 +41,7 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model file (GGUF). Default: $TANDEM_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf.
+    /// Model: a GGUF file or a Hugging Face Llama directory. Default: $TANDEM_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// Threads for the dense device (default: all cores).

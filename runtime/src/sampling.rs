@@ -121,7 +121,8 @@ impl Sampler {
         }
         if c.top_k > 0 && c.top_k < self.candidates.len() {
             // Partition first: only the k kept candidates need sorting.
-            self.candidates.select_nth_unstable_by(c.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.candidates
+                .select_nth_unstable_by(c.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             self.candidates.truncate(c.top_k);
         }
         if c.top_p < 1.0 {

@@ -191,13 +191,13 @@ impl GgufFile {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|source| Error::Io {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         // SAFETY: the map is read-only; a model file changed underneath a running
         // process is outside what any mmap-based loader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         let (metadata, tensors) =
             parse(&mmap).map_err(|problem| Error::bad_model(&path, problem))?;

@@ -6,6 +6,7 @@ use tandem_gpu::{AttentionShape, DenseDevice, HostMatrix, KvCache};
 use tandem_kernels::ops::{add_in_place, rms_norm, silu_mul_in_place, Rope};
 
 use super::gguf::GgufFile;
+use super::safetensors as hf;
 use super::weights::{dequantize, host_matrix};
 use crate::error::{Error, Result};
 
@@ -137,8 +138,7 @@ impl<D: DenseDevice> Llama<D> {
     pub fn from_gguf(file: &GgufFile, device: D) -> Result<Llama<D>> {
         let config = Config::from_gguf(file)?;
         let path = file.path().to_path_buf();
-        let mut weight_bytes = 0;
-        let mut matrix = |name: &str, rows: usize, cols: usize| -> Result<HostMatrix> {
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<HostMatrix> {
             let info = file
                 .tensor(name)
                 .ok_or_else(|| Error::bad_model(&path, format!("tensor `{name}` is missing")))?;
@@ -151,10 +151,8 @@ impl<D: DenseDevice> Llama<D> {
                     ),
                 ));
             }
-            let m = host_matrix(info, file.tensor_data(info))
-                .map_err(|p| Error::bad_model(&path, format!("tensor `{name}`: {p}")))?;
-            weight_bytes += m.size_bytes();
-            Ok(m)
+            host_matrix(info, file.tensor_data(info))
+                .map_err(|p| Error::bad_model(&path, format!("tensor `{name}`: {p}")))
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let info = file
@@ -171,6 +169,48 @@ impl<D: DenseDevice> Llama<D> {
             }
             dequantize(info.dtype, file.tensor_data(info))
                 .map_err(|p| Error::bad_model(&path, format!("tensor `{name}`: {p}")))
+        };
+        let has_output = file.tensor("output.weight").is_some();
+        Self::assemble(config, device, has_output, matrix, vector)
+    }
+
+    /// Loads a Hugging Face Llama checkpoint directory (`config.json` and
+    /// `*.safetensors`) onto `device`. The q/k projections' rows are permuted from
+    /// Hugging Face's half-split RoPE layout into the interleaved layout the forward
+    /// pass uses (as llama.cpp's converter does).
+    pub fn from_hf_dir(dir: &Path, device: D) -> Result<Llama<D>> {
+        let config = hf::read_hf_config(dir)?;
+        let weights = hf::SafetensorsDir::open(dir)?;
+        let (n_heads, n_kv_heads) = (config.n_heads, config.n_kv_heads);
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<HostMatrix> {
+            let m = weights.matrix(&hf::hf_tensor_name(name), rows, cols)?;
+            Ok(if name.ends_with(".attn_q.weight") {
+                hf::permute_qk(m, n_heads)
+            } else if name.ends_with(".attn_k.weight") {
+                hf::permute_qk(m, n_kv_heads)
+            } else {
+                m
+            })
+        };
+        let vector = |name: &str, len: usize| weights.vector(&hf::hf_tensor_name(name), len);
+        // Without `lm_head.weight` (`tie_word_embeddings`), the LM head is the embedding.
+        let has_output = weights.tensor("lm_head.weight").is_some();
+        Self::assemble(config, device, has_output, matrix, vector)
+    }
+
+    /// Builds the model from weight getters addressed by GGUF tensor names.
+    fn assemble(
+        config: Config,
+        device: D,
+        has_output: bool,
+        mut matrix: impl FnMut(&str, usize, usize) -> Result<HostMatrix>,
+        vector: impl Fn(&str, usize) -> Result<Vec<f32>>,
+    ) -> Result<Llama<D>> {
+        let mut weight_bytes = 0;
+        let mut matrix = |name: &str, rows: usize, cols: usize| -> Result<HostMatrix> {
+            let m = matrix(name, rows, cols)?;
+            weight_bytes += m.size_bytes();
+            Ok(m)
         };
         let c = &config;
         let kv_dim = c.n_kv_heads * c.head_dim;
@@ -191,7 +231,7 @@ impl<D: DenseDevice> Llama<D> {
             });
         }
         let embedding = matrix("token_embd.weight", c.vocab_size, c.dim)?;
-        let lm_head = if file.tensor("output.weight").is_some() {
+        let lm_head = if has_output {
             upload(matrix("output.weight", c.vocab_size, c.dim)?)?
         } else {
             // Tied embeddings: the LM head is the embedding matrix.

@@ -2,6 +2,7 @@
 
 pub mod gguf;
 pub mod llama;
+pub mod safetensors;
 pub mod weights;
 
 pub use llama::{load_gguf, Config, Llama, Logits};
