@@ -477,7 +477,9 @@ mod x86 {
     ) {
         let n_blocks_even = (cols / BLOCK) & !1;
         let nt = xs.len();
+        // Two accumulator chains per input: one fma chain would be latency-bound.
         let mut acc = [_mm512_setzero_ps(); 4];
+        let mut acc_odd = [_mm512_setzero_ps(); 4];
         let mut acc_offset = [_mm512_setzero_ps(); 4];
         let codes = row.codes.as_ptr();
         let mut lane_scales = [[0f32; 16]; 4];
@@ -522,17 +524,18 @@ mod x86 {
                         _mm512_set1_ps(lane_scales[t][2 * k]),
                         acc[t],
                     );
-                    acc[t] = _mm512_fmadd_ps(
+                    acc_odd[t] = _mm512_fmadd_ps(
                         _mm512_cvtepi32_ps(i1),
                         _mm512_set1_ps(lane_scales[t][2 * k + 1]),
-                        acc[t],
+                        acc_odd[t],
                     );
                 }
             }
             b0 += 16;
         }
         for t in 0..nt {
-            let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc_offset[t]));
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[t], acc_odd[t]), acc_offset[t]);
+            let mut total = _mm512_reduce_add_ps(sum);
             if !cols.is_multiple_of(2 * BLOCK) {
                 total += lone_block(bits, cols, row, &xs[t]);
             }
