@@ -168,6 +168,19 @@ impl AffineMatrix {
         }
     }
 
+    /// Asks the CPU to start loading a row that will be needed soon: each row's
+    /// scales and offsets live apart from its codes, and the hardware prefetcher
+    /// alone leaves the first loads of every row waiting on memory.
+    fn prefetch_row(&self, r: usize) {
+        let nb = self.cols / BLOCK;
+        prefetch(self.scales[r * nb..].as_ptr() as *const u8);
+        prefetch(self.offsets[r * nb..].as_ptr() as *const u8);
+        let codes = self.row_packed(r);
+        for line in (0..codes.len()).step_by(64) {
+            prefetch(codes[line..].as_ptr());
+        }
+    }
+
     fn row_bytes(&self) -> usize {
         self.cols * self.bits as usize / 8
     }
@@ -245,6 +258,9 @@ impl AffineMatrix {
             let t1 = (t0 + 4).min(xs.len());
             let tile = &xs[t0..t1];
             for (i, r) in rows.clone().enumerate() {
+                if r + PREFETCH_ROWS < self.rows {
+                    self.prefetch_row(r + PREFETCH_ROWS);
+                }
                 let row = self.row_view(r);
                 let mut dots = [0f32; 4];
                 dot_tile(
@@ -262,6 +278,21 @@ impl AffineMatrix {
             t0 = t1;
         }
     }
+}
+
+/// How many rows ahead of the one being computed to prefetch.
+const PREFETCH_ROWS: usize = 4;
+
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is
+    // part of the x86-64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// A vector quantized to signed 16-bit codes per block of 32: `x ≈ scale·a`.
