@@ -47,6 +47,25 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// The `(cos, sin)` of every frequency at `position`, computed once per token and
+    /// shared by all heads and layers through [`Rope::rotate_interleaved_with`].
+    pub fn angles(&self, position: usize, out: &mut Vec<(f32, f32)>) {
+        out.clear();
+        out.extend(self.inv_freq.iter().map(|&f| {
+            let (sin, cos) = (position as f64 * f as f64).sin_cos();
+            (cos as f32, sin as f32)
+        }));
+    }
+
+    /// [`Rope::rotate_interleaved`] with precomputed [`Rope::angles`].
+    pub fn rotate_interleaved_with(&self, head: &mut [f32], angles: &[(f32, f32)]) {
+        for (i, &(cos, sin)) in angles.iter().enumerate() {
+            let (a, b) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = a * cos - b * sin;
+            head[2 * i + 1] = a * sin + b * cos;
+        }
+    }
+
     /// Rotates one head in place at `position`, pairing adjacent elements
     /// `(x[2i], x[2i+1])` — the layout of GGUF llama weights, whose q/k rows
     /// llama.cpp's converter permutes from Hugging Face's half-split layout.
@@ -108,6 +127,12 @@ mod tests {
         let mut y = x.clone();
         rope.rotate_interleaved(&mut y, 0);
         assert_eq!(x, y);
+        let mut z = x.clone();
+        rope.rotate_interleaved(&mut y, 77);
+        let mut angles = Vec::new();
+        rope.angles(77, &mut angles);
+        rope.rotate_interleaved_with(&mut z, &angles);
+        assert_eq!(y, z);
         rope.rotate_half_split(&mut y, 123);
         let n0: f32 = x.iter().map(|v| v * v).sum();
         let n1: f32 = y.iter().map(|v| v * v).sum();

@@ -299,6 +299,14 @@ impl<D: DenseDevice> Llama<D> {
         let mut attn = vec![0f32; n * dim];
         let mut gate = vec![0f32; n * c.ffn_dim];
         let mut up = vec![0f32; n * c.ffn_dim];
+        // Rotary angles depend only on the position: once per token, not per head and layer.
+        let angles: Vec<Vec<(f32, f32)>> = (0..n)
+            .map(|t| {
+                let mut a = Vec::new();
+                self.rope.angles(first_pos + t, &mut a);
+                a
+            })
+            .collect();
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
@@ -310,10 +318,10 @@ impl<D: DenseDevice> Llama<D> {
             self.device.matmul(&layer.wv, &h, &mut v).map_err(engine)?;
             for t in 0..n {
                 for head in q[t * dim..(t + 1) * dim].chunks_exact_mut(hd) {
-                    self.rope.rotate_interleaved(head, first_pos + t);
+                    self.rope.rotate_interleaved_with(head, &angles[t]);
                 }
                 for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
-                    self.rope.rotate_interleaved(head, first_pos + t);
+                    self.rope.rotate_interleaved_with(head, &angles[t]);
                 }
             }
             cache.append(li, &k, &v).map_err(engine)?;
