@@ -28,7 +28,9 @@ REPS=${REPS:-3}
 echo "# $(date -u +%FT%TZ) $(uname -n) load:$(cut -d' ' -f1-3 /proc/loadavg) model=$MODEL threads=$THREADS"
 "$LLAMA_BENCH" --version 2>&1 | head -n 2 || true
 # -d (depth) appeared in llama-bench mid-2025; older builds reject it: fall back to depth 0.
-if "$LLAMA_BENCH" --help 2>&1 | grep -q -- '-d, --n-depth'; then
+# Capture the help first: `grep -q` closing the pipe early would fail the pipeline.
+help_text="$("$LLAMA_BENCH" --help 2>&1 || true)"
+if grep -q -- '-d, --n-depth' <<<"$help_text"; then
   exec "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -d "$DEPTHS" -r "$REPS"
 else
   echo "# this llama-bench has no -d; depth 0 only" >&2
