@@ -8,7 +8,7 @@ Matrices (attn_q/k/v/output, ffn_gate/up/down, token_embd, output) are in
 
 Usage:
   python3 tests/reference/make_gguf.py OUT.gguf [--type F32|F16|BF16|Q8_0|Q4_0|Q4_1]
-        [--seed N] [--tied] [--truncate] [--arch NAME]
+        [--seed N] [--tied] [--truncate] [--arch NAME] [--wrong-shape]
   --tied      omit output.weight (LM head = token_embd.weight)
   --truncate  cut the finished file to 60% of its size (a "truncated file" case)
   --arch      write general.architecture NAME instead of llama (unsupported-arch case)
@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--truncate", action="store_true")
     ap.add_argument("--arch", default="llama")
+    ap.add_argument("--wrong-shape", action="store_true",
+                    help="declare feed_forward_length 96 while the ffn tensors have 128 (a wrong-shape case)")
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
     qt = Q[a.type]
@@ -57,7 +59,7 @@ def main():
     w.add_uint32(p + "block_count", N_LAYER)
     w.add_uint32(p + "context_length", 512)
     w.add_uint32(p + "embedding_length", D)
-    w.add_uint32(p + "feed_forward_length", FFN)
+    w.add_uint32(p + "feed_forward_length", 96 if a.wrong_shape else FFN)
     w.add_uint32(p + "attention.head_count", N_HEAD)
     w.add_uint32(p + "attention.head_count_kv", N_KV)
     w.add_float32(p + "rope.freq_base", 10000.0)

@@ -215,6 +215,13 @@ fn bad_model_files_give_one_clear_error() {
         "{msg}"
     );
 
+    let wrong_shape = make_gguf("wrong-shape.gguf", &["--type", "F32", "--wrong-shape"]);
+    let msg = load_error(&wrong_shape);
+    assert!(
+        msg.contains("wrong-shape.gguf") && msg.contains("has shape"),
+        "{msg}"
+    );
+
     let text = scratch("notes.txt");
     std::fs::write(&text, "this is not a model").expect("write");
     let msg = load_error(&text);
