@@ -14,6 +14,7 @@ use serde::Serialize;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use tandem_cpu::{LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool};
+use tandem_kernels::rng::SplitMix64;
 
 /// Benchmark errors.
 #[derive(Debug, thiserror::Error)]
@@ -156,21 +157,11 @@ pub struct AttentionBenchResult {
 
 const KV_SOURCE: &str = "generated: gaussian keys + rotary-like channel pairs + 4 outlier channels + 32 heavy hitters aligned with the group query; gaussian values";
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Approximately N(0,1): sum of 4 uniforms, rescaled.
-    fn gauss(&mut self) -> f32 {
-        let r = self.next();
-        let s: u32 = (0..4).map(|i| ((r >> (16 * i)) & 0xFFFF) as u32).sum();
-        (s as f32 / 65535.0 - 2.0) * 1.732
-    }
+/// Approximately N(0,1): the sum of 4 uniform 16-bit pieces of one draw, rescaled.
+fn gauss(rng: &mut SplitMix64) -> f32 {
+    let r = rng.next_u64();
+    let s: u32 = (0..4).map(|i| ((r >> (16 * i)) & 0xFFFF) as u32).sum();
+    (s as f32 / 65535.0 - 2.0) * 1.732
 }
 
 fn shape(name: &str) -> Result<(usize, usize, usize), BenchError> {
@@ -190,10 +181,10 @@ fn generate(
     d: usize,
     seed: u64,
 ) -> (Vec<bf16>, Vec<bf16>, Vec<f32>) {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut dirs = vec![0.0f32; nkv * d];
     for h in 0..nkv {
-        let v: Vec<f32> = (0..d).map(|_| rng.gauss()).collect();
+        let v: Vec<f32> = (0..d).map(|_| gauss(&mut rng)).collect();
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         for j in 0..d {
             dirs[h * d + j] = v[j] / norm;
@@ -206,7 +197,7 @@ fn generate(
     let mut keys = vec![bf16::ZERO; n * nkv * d];
     let mut values = vec![bf16::ZERO; n * nkv * d];
     let heavy: Vec<usize> = (0..32)
-        .map(|_| (rng.next() % n.max(1) as u64) as usize)
+        .map(|_| (rng.next_u64() % n.max(1) as u64) as usize)
         .collect();
     for t in 0..n {
         for h in 0..nkv {
@@ -214,15 +205,15 @@ fn generate(
             for j in 0..half {
                 let (s, c) = (t as f32 * freqs[j]).sin_cos();
                 let a = 1.5 * ((h + j) % 3) as f32 / 2.0;
-                keys[o + j] = bf16::from_f32(rng.gauss() + a * c);
-                keys[o + j + half] = bf16::from_f32(rng.gauss() + a * s);
+                keys[o + j] = bf16::from_f32(gauss(&mut rng) + a * c);
+                keys[o + j + half] = bf16::from_f32(gauss(&mut rng) + a * s);
             }
             for j in 0..4.min(d) {
                 let c = (j * 7 + h) % d;
                 keys[o + c] = bf16::from_f32(keys[o + c].to_f32() + 6.0);
             }
             for j in 0..d {
-                values[o + j] = bf16::from_f32(rng.gauss());
+                values[o + j] = bf16::from_f32(gauss(&mut rng));
             }
         }
     }
@@ -239,7 +230,7 @@ fn generate(
         for i in 0..g {
             for j in 0..d {
                 queries[(h * g + i) * d + j] =
-                    dirs[h * d + j] * 2.0 * (d as f32).sqrt() + 0.7 * rng.gauss();
+                    dirs[h * d + j] * 2.0 * (d as f32).sqrt() + 0.7 * gauss(&mut rng);
             }
         }
     }

@@ -5,9 +5,9 @@
 // Index loops over heads and keys read several parallel arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-use crate::rng::SplitMix64;
 use crate::store::HeadStore;
 use tandem_kernels::hash::{collect_at_least, table_code};
+use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{axpy_bf16, dot_bf16_f32, dot_f32, exp_inplace, prefetch_bf16};
 
 /// LSH retrieval parameters (the tables' K and L are fixed by the store).

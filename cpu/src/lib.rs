@@ -12,7 +12,6 @@
 
 mod attention;
 mod pool;
-mod rng;
 mod store;
 
 pub use attention::{ln_u_exact, merge_partials, HeadOutput, LshParams, Policy};

@@ -17,10 +17,10 @@
 //! limited to 2^24 keys per store when an index is used.
 
 use crate::attention::LnUTable;
-use crate::rng::SplitMix64;
 use crate::CpuError;
 use half::{bf16, f16};
 use tandem_kernels::hash::{table_code, Projector};
+use tandem_kernels::rng::SplitMix64;
 
 /// Shape and index parameters of one layer's offloaded store.
 #[derive(Debug, Clone, PartialEq)]

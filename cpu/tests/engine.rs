@@ -9,20 +9,7 @@ use tandem_cpu::{
     ln_u_exact, merge_partials, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool,
 };
 use tandem_kernels::hash::{table_code, Projector};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn f32(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
+use tandem_kernels::rng::SplitMix64;
 
 fn bf(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
@@ -46,15 +33,15 @@ fn setup(
     appended: usize,
     seed: u64,
 ) -> Setup {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let total = n + appended;
     let keys: Vec<f32> = (0..total * nkv * d)
-        .map(|_| bf16::from_f32(rng.f32() + 0.3).to_f32())
+        .map(|_| bf16::from_f32(rng.signed_f32() + 0.3).to_f32())
         .collect();
     let values: Vec<f32> = (0..total * nkv * d)
-        .map(|_| bf16::from_f32(rng.f32()).to_f32())
+        .map(|_| bf16::from_f32(rng.signed_f32()).to_f32())
         .collect();
-    let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.f32() * 3.0).collect();
+    let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
     let cfg = LayerConfig {
         n_kv_heads: nkv,
         group: g,
@@ -173,7 +160,7 @@ fn brute_force_retrieved(
 ) -> Vec<Vec<usize>> {
     let mut result = Vec::new();
     for kvh in 0..nkv {
-        let mut st = SplitMix(seed ^ (3u64 << 32) ^ (kvh as u64).wrapping_mul(0x1000_0001));
+        let mut st = SplitMix64(seed ^ (3u64 << 32) ^ (kvh as u64).wrapping_mul(0x1000_0001));
         let planes: Vec<f32> = (0..k * l * d).map(|_| st.normal() as f32).collect();
         let p = Projector::new(d, k * l, &planes).expect("p");
         let w = p.words_per_vector();
@@ -212,25 +199,6 @@ fn brute_force_retrieved(
         }
     }
     result
-}
-
-struct SplitMix(u64);
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let u1 = self.next_f64().max(1e-300);
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
 }
 
 #[test]
@@ -349,13 +317,13 @@ fn ln_u_matches_closed_form_for_t2() {
 
 #[test]
 fn merge_equals_softmax_over_union() {
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64(3);
     let d = 7;
     let logits: Vec<f64> = (0..40)
-        .map(|i| rng.f32() as f64 * 5.0 + if i == 3 { 1e4 } else { 0.0 })
+        .map(|i| rng.signed_f32() as f64 * 5.0 + if i == 3 { 1e4 } else { 0.0 })
         .collect();
     let vals: Vec<Vec<f64>> = (0..40)
-        .map(|_| (0..d).map(|_| rng.f32() as f64).collect())
+        .map(|_| (0..d).map(|_| rng.signed_f32() as f64).collect())
         .collect();
     let part = |r: std::ops::Range<usize>| -> (Vec<f32>, f32) {
         if r.is_empty() {
@@ -513,18 +481,18 @@ fn topk_equals_exact_top_k() {
 #[test]
 fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
     let (nkv, g, d, n) = (1usize, 2usize, 32usize, 4000usize);
-    let mut rng = Rng(21);
-    let dir: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
+    let mut rng = SplitMix64(21);
+    let dir: Vec<f32> = (0..d).map(|_| rng.signed_f32()).collect();
     let norm = dir.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let mut keys: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
+    let mut keys: Vec<f32> = (0..n * d).map(|_| rng.signed_f32()).collect();
     for &t in &[5usize, 900, 1700, 3333] {
         for j in 0..d {
-            keys[t * d + j] = dir[j] / norm * 4.0 + 0.2 * rng.f32();
+            keys[t * d + j] = dir[j] / norm * 4.0 + 0.2 * rng.signed_f32();
         }
     }
-    let vals: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
+    let vals: Vec<f32> = (0..n * d).map(|_| rng.signed_f32()).collect();
     let q: Vec<f32> = (0..g * d)
-        .map(|i| dir[i % d] / norm * 12.0 + 0.3 * rng.f32())
+        .map(|i| dir[i % d] / norm * 12.0 + 0.3 * rng.signed_f32())
         .collect();
     let mut errs = Vec::new();
     let mut dense_out = None;

@@ -65,6 +65,33 @@ fn even_bounds(n: usize, parts: usize, align: usize) -> Vec<usize> {
         .collect()
 }
 
+/// One thread's pieces of the output rows (see [`split_rows`]).
+type RowParts<'a> = [Mutex<Vec<&'a mut [f32]>>];
+
+impl CpuDevice {
+    /// Unquantized matmul: thread `i` computes rows `bounds[i]..bounds[i+1]` of every
+    /// token with `row_dot(row, x)`.
+    fn dense_rows(
+        &self,
+        parts: &RowParts<'_>,
+        bounds: &[usize],
+        xs: &[f32],
+        cols: usize,
+        row_dot: &(dyn Fn(usize, &[f32]) -> f32 + Sync),
+    ) -> Result<(), DeviceError> {
+        self.pool
+            .run(&|i| {
+                let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+                for (x, out) in xs.chunks_exact(cols).zip(outs.iter_mut()) {
+                    for (o, r) in out.iter_mut().zip(bounds[i]..bounds[i + 1]) {
+                        *o = row_dot(r, x);
+                    }
+                }
+            })
+            .map_err(job_failed)
+    }
+}
+
 impl DenseDevice for CpuDevice {
     type Matrix = HostMatrix;
 
@@ -102,28 +129,12 @@ impl DenseDevice for CpuDevice {
                     })
                     .map_err(job_failed)
             }
-            HostMatrix::F32 { data, .. } => self
-                .pool
-                .run(&|i| {
-                    let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-                    for (x, out) in xs.chunks_exact(cols).zip(outs.iter_mut()) {
-                        for (o, r) in out.iter_mut().zip(bounds[i]..bounds[i + 1]) {
-                            *o = dot_f32(&data[r * cols..(r + 1) * cols], x);
-                        }
-                    }
-                })
-                .map_err(job_failed),
-            HostMatrix::Bf16 { data, .. } => self
-                .pool
-                .run(&|i| {
-                    let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-                    for (x, out) in xs.chunks_exact(cols).zip(outs.iter_mut()) {
-                        for (o, r) in out.iter_mut().zip(bounds[i]..bounds[i + 1]) {
-                            *o = dot_bf16_f32(&data[r * cols..(r + 1) * cols], x);
-                        }
-                    }
-                })
-                .map_err(job_failed),
+            HostMatrix::F32 { data, .. } => self.dense_rows(&parts, &bounds, xs, cols, &|r, x| {
+                dot_f32(&data[r * cols..(r + 1) * cols], x)
+            }),
+            HostMatrix::Bf16 { data, .. } => self.dense_rows(&parts, &bounds, xs, cols, &|r, x| {
+                dot_bf16_f32(&data[r * cols..(r + 1) * cols], x)
+            }),
         }
     }
 

@@ -378,19 +378,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn f32(&mut self) -> f32 {
-            ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::rng::SplitMix64 as Rng;
 
     #[test]
     fn sign_bits_match_f64_reference_and_agree_across_isas() {
@@ -401,8 +389,8 @@ mod tests {
             (64, 150, 70),
             (128, 97, 9),
         ] {
-            let pl: Vec<f32> = (0..dim * planes).map(|_| rng.f32()).collect();
-            let xs: Vec<f32> = (0..dim * n).map(|_| rng.f32()).collect();
+            let pl: Vec<f32> = (0..dim * planes).map(|_| rng.signed_f32()).collect();
+            let xs: Vec<f32> = (0..dim * n).map(|_| rng.signed_f32()).collect();
             let p = Projector::new(dim, planes, &pl).expect("shape");
             let w = p.words_per_vector();
             let mut first: Option<Vec<u64>> = None;
@@ -437,7 +425,7 @@ mod tests {
     #[test]
     fn table_codes_cut_the_right_bits() {
         let mut rng = Rng(9);
-        let bits: Vec<u64> = (0..5).map(|_| rng.next()).collect();
+        let bits: Vec<u64> = (0..5).map(|_| rng.next_u64()).collect();
         for k in 1..=16usize {
             for table in 0..(5 * 64 / k) {
                 let mut want = 0u16;
@@ -455,7 +443,7 @@ mod tests {
     fn collect_matches_scalar_for_every_isa() {
         let mut rng = Rng(11);
         for &n in &[0usize, 1, 31, 63, 64, 65, 200, 1001] {
-            let counts: Vec<u8> = (0..n).map(|_| (rng.next() % 5) as u8).collect();
+            let counts: Vec<u8> = (0..n).map(|_| (rng.next_u64() % 5) as u8).collect();
             for t in [0u8, 1, 2, 4, 5] {
                 let want: Vec<u32> = (0..n as u32)
                     .filter(|&i| counts[i as usize] >= t)

@@ -13,6 +13,7 @@ pub mod isa;
 pub mod ops;
 pub mod parallel;
 pub mod quant;
+pub mod rng;
 pub mod vector;
 
 pub use isa::Isa;

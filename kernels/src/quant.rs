@@ -641,28 +641,20 @@ mod x86 {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-            z ^ (z >> 31)
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
+    use crate::rng::SplitMix64 as Rng;
 
     fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, bits: u32) -> AffineMatrix {
         let max = (1u64 << bits) - 1;
         let codes: Vec<u8> = (0..rows * cols)
-            .map(|_| (rng.next() % (max + 1)) as u8)
+            .map(|_| (rng.next_u64() % (max + 1)) as u8)
             .collect();
         let nb = rows * cols / BLOCK;
-        let scales: Vec<f16> = (0..nb).map(|_| f16::from_f32(rng.unit() * 0.1)).collect();
-        let offsets: Vec<f16> = (0..nb).map(|_| f16::from_f32(rng.unit() * 0.5)).collect();
+        let scales: Vec<f16> = (0..nb)
+            .map(|_| f16::from_f32(rng.signed_f32() * 0.1))
+            .collect();
+        let offsets: Vec<f16> = (0..nb)
+            .map(|_| f16::from_f32(rng.signed_f32() * 0.5))
+            .collect();
         AffineMatrix::from_codes(rows, cols, bits, &codes, &scales, &offsets).expect("valid")
     }
 
@@ -670,7 +662,7 @@ mod tests {
     fn packing_round_trips() {
         let mut rng = Rng(1);
         for cols in [32, 64, 96, 576] {
-            let codes: Vec<u8> = (0..3 * cols).map(|_| (rng.next() % 16) as u8).collect();
+            let codes: Vec<u8> = (0..3 * cols).map(|_| (rng.next_u64() % 16) as u8).collect();
             let nb = 3 * cols / BLOCK;
             let ones = vec![f16::ONE; nb];
             let m = AffineMatrix::from_codes(3, cols, 4, &codes, &ones, &ones).expect("valid");
@@ -690,7 +682,7 @@ mod tests {
                 let m = random_matrix(&mut rng, rows, cols, bits);
                 for n_inputs in [1, 3, 4, 5] {
                     let xs_f: Vec<Vec<f32>> = (0..n_inputs)
-                        .map(|_| (0..cols).map(|_| rng.unit() * 3.0).collect())
+                        .map(|_| (0..cols).map(|_| rng.signed_f32() * 3.0).collect())
                         .collect();
                     let xs: Vec<QuantizedVector> =
                         xs_f.iter().map(|x| QuantizedVector::from_f32(x)).collect();

@@ -551,21 +551,10 @@ mod x86 {
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn f32(&mut self) -> f32 {
-            ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.f32()).collect()
-        }
+    use crate::rng::SplitMix64 as Rng;
+
+    fn random_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.signed_f32()).collect()
     }
 
     const LENS: [usize; 9] = [0, 1, 3, 7, 15, 17, 33, 127, 301];
@@ -575,8 +564,8 @@ mod tests {
         let mut rng = Rng(1);
         for isa in Isa::all_supported() {
             for &n in &LENS {
-                let a = rng.vec(n);
-                let b = rng.vec(n);
+                let a = random_vec(&mut rng, n);
+                let b = random_vec(&mut rng, n);
                 let kb: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
                 let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
                 let exact_b: f64 = kb.iter().zip(&b).map(|(x, y)| x.to_f64() * *y as f64).sum();
@@ -599,10 +588,10 @@ mod tests {
         let mut rng = Rng(2);
         for isa in Isa::all_supported() {
             for &n in &LENS {
-                let row = rng.vec(n);
+                let row = random_vec(&mut rng, n);
                 let rowb: Vec<bf16> = row.iter().map(|&x| bf16::from_f32(x)).collect();
-                let base = rng.vec(n);
-                let w = rng.f32() * 3.0;
+                let base = random_vec(&mut rng, n);
+                let w = rng.signed_f32() * 3.0;
                 let mut o1 = base.clone();
                 axpy_f32_with(isa, &mut o1, w, &row);
                 let mut o2 = base.clone();
@@ -622,7 +611,7 @@ mod tests {
         let mut rng = Rng(3);
         for isa in Isa::all_supported() {
             for &n in &[1usize, 5, 17, 33, 1001] {
-                let mut xs: Vec<f32> = (0..n).map(|_| rng.f32() * 90.0).collect();
+                let mut xs: Vec<f32> = (0..n).map(|_| rng.signed_f32() * 90.0).collect();
                 let orig = xs.clone();
                 exp_inplace_with(isa, &mut xs);
                 for (x, y) in orig.iter().zip(&xs) {

@@ -1,5 +1,7 @@
 //! Choosing the next token from logits.
 
+use tandem_kernels::rng::SplitMix64;
+
 /// How to pick the next token. The default is greedy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingConfig {
@@ -62,29 +64,19 @@ impl SamplingConfig {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     config: SamplingConfig,
-    state: u64,
+    rng: SplitMix64,
     candidates: Vec<(u32, f32)>,
 }
 
 impl Sampler {
     /// A sampler for `config`.
     pub fn new(config: SamplingConfig) -> Sampler {
-        let state = config.seed ^ 0x853c_49e6_748f_ea9b;
+        let rng = SplitMix64(config.seed ^ 0x853c_49e6_748f_ea9b);
         Sampler {
             config,
-            state,
+            rng,
             candidates: Vec::new(),
         }
-    }
-
-    fn next_unit(&mut self) -> f32 {
-        // splitmix64
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// Picks a token from `logits`, given the tokens seen so far (for the penalty).
@@ -160,7 +152,7 @@ impl Sampler {
         }
         self.candidates.truncate(keep);
         let kept: f32 = self.candidates.iter().map(|c| c.1).sum();
-        let mut r = self.next_unit() * kept;
+        let mut r = self.rng.next_f32() * kept;
         for &(id, p) in &self.candidates {
             if r < p {
                 return id;

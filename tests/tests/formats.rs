@@ -108,24 +108,16 @@ fn every_tensor_type_matches_the_reference() {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+use tandem_kernels::rng::SplitMix64 as Rng;
 
 /// Random K-quant blocks whose f16 scales are finite and moderate.
 fn random_blocks(dtype: GgmlType, n_blocks: usize, rng: &mut Rng) -> Vec<u8> {
     let (_, size) = dtype.block_layout().expect("supported");
-    let mut bytes: Vec<u8> = (0..n_blocks * size).map(|_| rng.next() as u8).collect();
+    let mut bytes: Vec<u8> = (0..n_blocks * size).map(|_| rng.next_u64() as u8).collect();
     for b in bytes.chunks_exact_mut(size) {
-        let scale =
-            |rng: &mut Rng| half::f16::from_f32((rng.next() % 1000) as f32 * 1e-5).to_le_bytes();
+        let scale = |rng: &mut Rng| {
+            half::f16::from_f32((rng.next_u64() % 1000) as f32 * 1e-5).to_le_bytes()
+        };
         match dtype {
             GgmlType::Q4K => {
                 let (d, dmin) = (scale(rng), scale(rng));

@@ -4,7 +4,6 @@
 //! tensors into weights is the job of [`crate::model::weights`].
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -189,16 +188,7 @@ impl GgufFile {
     /// that every tensor's data lies inside the file.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            cause: source,
-        })?;
-        // SAFETY: the map is read-only; a model file changed underneath a running
-        // process is outside what any mmap-based loader can defend against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-            path: path.clone(),
-            cause: source,
-        })?;
+        let mmap = super::map_file(&path)?;
         let (metadata, tensors) =
             parse(&mmap).map_err(|problem| Error::bad_model(&path, problem))?;
         Ok(GgufFile {

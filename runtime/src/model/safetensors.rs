@@ -9,7 +9,6 @@
 //! the directory; a tensor name appearing in two files is an error.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -102,16 +101,7 @@ impl SafetensorsFile {
     /// Opens and validates a safetensors file.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            cause: source,
-        })?;
-        // SAFETY: the map is read-only; a model file changed underneath a running
-        // process is outside what any mmap-based loader can defend against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
-            path: path.clone(),
-            cause: source,
-        })?;
+        let mmap = super::map_file(&path)?;
         let tensors = parse_header(&mmap).map_err(|p| Error::bad_model(&path, p))?;
         Ok(SafetensorsFile {
             path,
@@ -294,10 +284,7 @@ impl SafetensorsDir {
             Dtype::BF16 => Ok(HostMatrix::Bf16 {
                 rows,
                 cols,
-                data: bytes
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
+                data: super::weights::bf16_from_le(bytes),
             }),
             _ => Ok(HostMatrix::F32 {
                 rows,

@@ -17,6 +17,14 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
 
+/// Little-endian bf16 bytes as values.
+pub(crate) fn bf16_from_le(bytes: &[u8]) -> Vec<bf16> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
 /// Dequantizes raw tensor bytes of `dtype` into floats (the reference semantics).
 pub fn dequantize(dtype: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
     let (block, block_bytes) = dtype
@@ -179,20 +187,12 @@ pub fn host_matrix(info: &TensorInfo, bytes: &[u8]) -> Result<HostMatrix, String
         GgmlType::BF16 => Ok(HostMatrix::Bf16 {
             rows,
             cols,
-            data: bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                .collect(),
+            data: bf16_from_le(bytes),
         }),
         GgmlType::Other(_) => Err(format!(
             "tensor type {} is not supported",
             info.dtype.name()
         )),
-        dtype if std::env::var_os("TANDEM_EXACT_WEIGHTS").is_some() => Ok(HostMatrix::F32 {
-            rows,
-            cols,
-            data: dequantize(dtype, bytes)?,
-        }),
         dtype => {
             let (block, block_bytes) = dtype.block_layout().ok_or("unsupported type")?;
             let n = rows * cols;
