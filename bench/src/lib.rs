@@ -11,7 +11,7 @@
 
 use half::bf16;
 use serde::Serialize;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 use tandem_cpu::{LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool};
 use tandem_kernels::rng::SplitMix64;
@@ -261,7 +261,7 @@ pub fn run_attention_bench(
         .map(|p| parse_policy(p))
         .collect::<Result<_, _>>()?;
     let (keys, values, queries) = generate(opts.context, nkv, g, d, opts.seed);
-    let mut pool = WorkerPool::new(opts.threads)?;
+    let pool = WorkerPool::new(opts.threads)?;
     let mut out = LayerOutput::default();
     let n = opts.context as f64;
     let base_cfg = LayerConfig {
@@ -275,8 +275,8 @@ pub fn run_attention_bench(
     };
     let mut dense_store = LayerStore::new(base_cfg.clone())?;
     dense_store.load_prefill(&keys, &values, opts.threads)?;
-    let dense_store = Arc::new(RwLock::new(dense_store));
-    let time_dense = |pool: &mut WorkerPool, out: &mut LayerOutput| -> Result<f64, BenchError> {
+    let dense_store = Arc::new(dense_store);
+    let time_dense = |pool: &WorkerPool, out: &mut LayerOutput| -> Result<f64, BenchError> {
         pool.run_layer(&dense_store, &queries, Policy::Dense, out)?;
         let mut t = Vec::new();
         for _ in 0..opts.iterations {
@@ -288,7 +288,7 @@ pub fn run_attention_bench(
     };
     let mut results = Vec::new();
     for spec in specs {
-        let dense_ms = time_dense(&mut pool, &mut out)?;
+        let dense_ms = time_dense(&pool, &mut out)?;
         let t_lsh = match spec.policy {
             Policy::Lsh(p) => p.t,
             _ => 2,
@@ -304,7 +304,7 @@ pub fn run_attention_bench(
         let build_s = s.elapsed().as_secs_f64();
         let index_bytes = store.index_bytes() as f64 / n;
         let kv_bytes = store.kv_bytes() as f64 / n;
-        let store = Arc::new(RwLock::new(store));
+        let store = Arc::new(store);
         pool.run_layer(&store, &queries, spec.policy, &mut out)?;
         let (mut wall, mut ret, mut touched) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..opts.iterations {

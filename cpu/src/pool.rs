@@ -1,70 +1,110 @@
 //! The pinned worker pool: one task per (layer store, kv head), fed through a
-//! crossbeam channel; results come back on another. Each worker owns its
-//! scratch, so steady-state steps do not allocate in the workers.
+//! crossbeam channel; each caller's [`LayerOutput`] owns the channel its results
+//! come back on, so several sequences can have steps in flight at once. Each
+//! worker owns its scratch, and buffers travel with the tasks, so steady-state
+//! steps do not allocate.
 
-use crate::attention::{attend_group, HeadOutput, Policy, Scratch};
+use crate::attention::{attend_group, Policy, Scratch};
 use crate::store::LayerStore;
 use crate::CpuError;
 use crossbeam::channel::{unbounded, Receiver, Sender};
+use half::bf16;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Buffers of one GQA group, moved to a worker and back (no copies, no allocation).
 #[derive(Default)]
 struct GroupBuf {
+    /// `[tokens][group][head_dim]`.
     q: Vec<f32>,
     out: Vec<f32>,
     lse: Vec<f32>,
     touched: Vec<u32>,
+    /// Rows of this kv head leaving the device window: `[n][head_dim]`.
+    evict_keys: Vec<bf16>,
+    evict_values: Vec<bf16>,
     retrieval_ns: u64,
     total_ns: u64,
 }
 
 struct Task {
     slot: usize,
-    store: Arc<RwLock<LayerStore>>,
+    store: Arc<LayerStore>,
     kv_head: usize,
     policy: Policy,
     buf: GroupBuf,
+    reply: Sender<Reply>,
     panic_for_test: bool,
 }
 
 type Reply = (usize, GroupBuf, Result<(), String>);
 
-/// Results of one layer for all query heads (reused across steps).
-#[derive(Default)]
+/// One layer's offloaded-attention results for every query head, and the
+/// channel they arrive on. Reuse one per (sequence, layer) or per sequence:
+/// its buffers are kept across steps.
 pub struct LayerOutput {
-    /// `[n_q_heads][head_dim]`, each head normalised within the offloaded part.
+    /// `[tokens][n_q_heads][head_dim]`, each head normalised within the offloaded part.
     pub out: Vec<f32>,
-    /// Per query head log-sum-exp (`-inf` when no key was used).
+    /// `[tokens][n_q_heads]` log-sum-exp (`-inf` when no key was used).
     pub lse: Vec<f32>,
-    /// Per query head number of keys touched.
+    /// `[tokens][n_q_heads]` keys touched.
     pub keys_touched: Vec<u32>,
     /// Worker time spent in LSH retrieval (hashing + collision counting), summed
     /// over kv heads, nanoseconds.
     pub retrieval_cpu_ns: u64,
-    /// Worker time spent in whole tasks, summed over kv heads, nanoseconds.
+    /// Worker time spent in whole tasks (eviction included), summed over kv
+    /// heads, nanoseconds.
     pub total_cpu_ns: u64,
     bufs: Vec<GroupBuf>,
+    reply_tx: Sender<Reply>,
+    reply_rx: Receiver<Reply>,
+    /// Tasks sent and not yet received.
+    pending: usize,
+    /// (tokens, n_kv_heads, group, head_dim) of the step in flight.
+    shape: (usize, usize, usize, usize),
+}
+
+impl Default for LayerOutput {
+    fn default() -> Self {
+        let (reply_tx, reply_rx) = unbounded();
+        LayerOutput {
+            out: Vec::new(),
+            lse: Vec::new(),
+            keys_touched: Vec::new(),
+            retrieval_cpu_ns: 0,
+            total_cpu_ns: 0,
+            bufs: Vec::new(),
+            reply_tx,
+            reply_rx,
+            pending: 0,
+            shape: (0, 0, 0, 0),
+        }
+    }
 }
 
 impl LayerOutput {
-    /// The partial of query head `h`, as an owned [`HeadOutput`].
-    pub fn head(&self, h: usize) -> Option<HeadOutput> {
-        let d = self.out.len() / self.lse.len().max(1);
-        Some(HeadOutput {
+    /// The partial of query head `h` of the first token, as an owned [`HeadOutput`].
+    ///
+    /// [`HeadOutput`]: crate::HeadOutput
+    pub fn head(&self, h: usize) -> Option<crate::HeadOutput> {
+        let d = self.shape.3;
+        Some(crate::HeadOutput {
             out: self.out.get(h * d..(h + 1) * d)?.to_vec(),
             lse: *self.lse.get(h)?,
             keys_touched: *self.keys_touched.get(h)?,
         })
+    }
+
+    /// Whether a step was submitted and not yet waited for.
+    pub fn is_pending(&self) -> bool {
+        self.pending > 0
     }
 }
 
 /// A pool of worker threads pinned to cores. Dropping it stops the workers.
 pub struct WorkerPool {
     tx: Option<Sender<Task>>,
-    rx: Receiver<Reply>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -73,12 +113,10 @@ impl WorkerPool {
     /// `core_affinity` reports (unpinned if it reports none).
     pub fn new(threads: usize) -> Result<Self, CpuError> {
         let (tx, task_rx) = unbounded::<Task>();
-        let (reply_tx, rx) = unbounded::<Reply>();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
             let task_rx = task_rx.clone();
-            let reply_tx = reply_tx.clone();
             let core = if cores.is_empty() {
                 None
             } else {
@@ -90,14 +128,13 @@ impl WorkerPool {
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    worker(task_rx, reply_tx)
+                    worker(task_rx)
                 })
                 .map_err(|e| CpuError::Worker(format!("spawn: {e}")))?;
             handles.push(h);
         }
         Ok(WorkerPool {
             tx: Some(tx),
-            rx,
             handles,
         })
     }
@@ -107,39 +144,68 @@ impl WorkerPool {
         self.handles.len()
     }
 
-    /// Attends the offloaded part of one (sequence, layer): `queries` is
-    /// `[n_kv_heads * group][head_dim]` (query head `h` belongs to kv head
-    /// `h / group`). Blocks until every kv head is done; any worker failure
-    /// (error or panic) becomes the returned error.
+    /// Attends the offloaded part of one (sequence, layer) and waits: `queries`
+    /// is `[tokens][n_kv_heads * group][head_dim]` (query head `h` belongs to kv
+    /// head `h / group`). Any worker failure (error or panic) becomes the
+    /// returned error.
     pub fn run_layer(
-        &mut self,
-        store: &Arc<RwLock<LayerStore>>,
+        &self,
+        store: &Arc<LayerStore>,
         queries: &[f32],
         policy: Policy,
         output: &mut LayerOutput,
     ) -> Result<(), CpuError> {
-        self.run_layer_inner(store, queries, policy, output, false)
+        self.submit(store, queries, None, policy, output)?;
+        self.wait(output)
     }
 
-    fn run_layer_inner(
-        &mut self,
-        store: &Arc<RwLock<LayerStore>>,
+    /// Starts a step on the workers and returns at once; [`WorkerPool::wait`]
+    /// collects it. First, on the worker of each kv head, `evicted` rows
+    /// (`keys`, `values`: `[n][n_kv_heads][head_dim]`) are appended to the
+    /// store and hashed; then every token of `queries` (as in
+    /// [`WorkerPool::run_layer`]; may be empty) attends the whole store.
+    pub fn submit(
+        &self,
+        store: &Arc<LayerStore>,
         queries: &[f32],
+        evicted: Option<(&[bf16], &[bf16])>,
+        policy: Policy,
+        output: &mut LayerOutput,
+    ) -> Result<(), CpuError> {
+        self.submit_inner(store, queries, evicted, policy, output, false)
+    }
+
+    fn submit_inner(
+        &self,
+        store: &Arc<LayerStore>,
+        queries: &[f32],
+        evicted: Option<(&[bf16], &[bf16])>,
         policy: Policy,
         output: &mut LayerOutput,
         panic_for_test: bool,
     ) -> Result<(), CpuError> {
-        let cfg = store
-            .read()
-            .map_err(|_| CpuError::Worker("store lock poisoned".into()))?
-            .config()
-            .clone();
+        if output.pending > 0 {
+            return Err(CpuError::Config(
+                "a step is already in flight on this output; wait for it first".into(),
+            ));
+        }
+        let cfg = store.config();
         let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
-        if queries.len() != nkv * g * d {
+        let row = nkv * g * d;
+        if !queries.len().is_multiple_of(row) {
             return Err(CpuError::Shape(format!(
-                "queries has {} values, expected {}",
-                queries.len(),
-                nkv * g * d
+                "queries has {} values, not a multiple of {row}",
+                queries.len()
+            )));
+        }
+        let tokens = queries.len() / row;
+        let (ek, ev) = evicted.unwrap_or((&[], &[]));
+        if ek.len() != ev.len() || !ek.len().is_multiple_of(nkv * d) {
+            return Err(CpuError::Shape(format!(
+                "evicted rows: {} keys and {} values, rows of {}",
+                ek.len(),
+                ev.len(),
+                nkv * d
             )));
         }
         if let Policy::Lsh(p) = policy {
@@ -152,48 +218,76 @@ impl WorkerPool {
                 return Err(CpuError::Config("lsh t must be >= 1".into()));
             }
         }
-        output.out.resize(nkv * g * d, 0.0);
-        output.lse.resize(nkv * g, 0.0);
-        output.keys_touched.resize(nkv * g, 0);
-        output.bufs.resize_with(nkv, GroupBuf::default);
         let tx = self
             .tx
             .as_ref()
             .ok_or_else(|| CpuError::Worker("pool stopped".into()))?;
+        output.shape = (tokens, nkv, g, d);
+        output.bufs.resize_with(nkv, GroupBuf::default);
         for h in 0..nkv {
             let mut buf = std::mem::take(&mut output.bufs[h]);
             buf.q.clear();
-            buf.q
-                .extend_from_slice(&queries[h * g * d..(h + 1) * g * d]);
-            buf.out.resize(g * d, 0.0);
-            buf.lse.resize(g, 0.0);
-            buf.touched.resize(g, 0);
+            for q in queries.chunks_exact(row) {
+                buf.q.extend_from_slice(&q[h * g * d..(h + 1) * g * d]);
+            }
+            buf.evict_keys.clear();
+            buf.evict_values.clear();
+            for (k, v) in ek.chunks_exact(nkv * d).zip(ev.chunks_exact(nkv * d)) {
+                buf.evict_keys.extend_from_slice(&k[h * d..(h + 1) * d]);
+                buf.evict_values.extend_from_slice(&v[h * d..(h + 1) * d]);
+            }
+            buf.out.resize(tokens * g * d, 0.0);
+            buf.lse.resize(tokens * g, 0.0);
+            buf.touched.resize(tokens * g, 0);
             let task = Task {
                 slot: h,
                 store: Arc::clone(store),
                 kv_head: h,
                 policy,
                 buf,
+                reply: output.reply_tx.clone(),
                 panic_for_test: panic_for_test && h == 0,
             };
-            tx.send(task)
-                .map_err(|_| CpuError::Worker("workers gone".into()))?;
+            if let Err(e) = tx.send(task) {
+                output.bufs[h] = e.into_inner().buf;
+                // Collect what was already sent so the output stays usable.
+                let _ = self.wait(output);
+                return Err(CpuError::Worker("workers gone".into()));
+            }
+            output.pending += 1;
         }
+        Ok(())
+    }
+
+    /// Waits for the step submitted on `output` and gathers its results into
+    /// `output.out`, `output.lse` and `output.keys_touched`. Returns the first
+    /// worker failure, after every task of the step has come back.
+    pub fn wait(&self, output: &mut LayerOutput) -> Result<(), CpuError> {
+        let (tokens, nkv, g, d) = output.shape;
+        let nq = nkv * g;
+        output.out.resize(tokens * nq * d, 0.0);
+        output.lse.resize(tokens * nq, 0.0);
+        output.keys_touched.resize(tokens * nq, 0);
         output.retrieval_cpu_ns = 0;
         output.total_cpu_ns = 0;
         let mut first_err = None;
-        for _ in 0..nkv {
-            let (slot, buf, res) = self
-                .rx
+        while output.pending > 0 {
+            // The output holds a sender itself, so this never disconnects; a
+            // worker that dies mid-task still replies (it catches panics).
+            let (slot, buf, res) = output
+                .reply_rx
                 .recv()
                 .map_err(|_| CpuError::Worker("workers gone".into()))?;
+            output.pending -= 1;
             if let Err(e) = res {
                 first_err.get_or_insert(e);
             }
-            let o = slot * g;
-            output.out[o * d..(o + g) * d].copy_from_slice(&buf.out);
-            output.lse[o..o + g].copy_from_slice(&buf.lse);
-            output.keys_touched[o..o + g].copy_from_slice(&buf.touched);
+            for t in 0..tokens {
+                let (o, b) = (t * nq + slot * g, t * g);
+                output.out[o * d..(o + g) * d].copy_from_slice(&buf.out[b * d..(b + g) * d]);
+                output.lse[o..o + g].copy_from_slice(&buf.lse[b..b + g]);
+                output.keys_touched[o..o + g].copy_from_slice(&buf.touched[b..b + g]);
+            }
             output.retrieval_cpu_ns += buf.retrieval_ns;
             output.total_cpu_ns += buf.total_ns;
             output.bufs[slot] = buf;
@@ -205,44 +299,46 @@ impl WorkerPool {
     }
 }
 
-fn worker(rx: Receiver<Task>, tx: Sender<Reply>) {
+fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
+    if task.panic_for_test {
+        panic!("injected worker panic");
+    }
+    let (g, d) = (task.store.config().group, task.store.config().head_dim);
+    let mut head = task.store.head(task.kv_head).map_err(|e| e.to_string())?;
+    let buf = &mut task.buf;
+    if !buf.evict_keys.is_empty() {
+        head.append(&buf.evict_keys, &buf.evict_values);
+    }
+    buf.retrieval_ns = 0;
+    for (((q, out), lse), touched) in buf
+        .q
+        .chunks_exact(g * d)
+        .zip(buf.out.chunks_exact_mut(g * d))
+        .zip(buf.lse.chunks_exact_mut(g))
+        .zip(buf.touched.chunks_exact_mut(g))
+    {
+        let mut ns = 0;
+        attend_group(
+            &head,
+            d,
+            q,
+            &task.policy,
+            scratch,
+            out,
+            lse,
+            touched,
+            &mut ns,
+        )?;
+        buf.retrieval_ns += ns;
+    }
+    Ok(())
+}
+
+fn worker(rx: Receiver<Task>) {
     let mut scratch = Scratch::default();
     while let Ok(mut task) = rx.recv() {
         let t0 = std::time::Instant::now();
-        let res = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
-            if task.panic_for_test {
-                panic!("injected worker panic");
-            }
-            let store = task
-                .store
-                .read()
-                .map_err(|_| "store lock poisoned".to_string())?;
-            let d = store.config().head_dim;
-            let head = store
-                .heads
-                .get(task.kv_head)
-                .ok_or("kv head out of range")?;
-            let GroupBuf {
-                q,
-                out,
-                lse,
-                touched,
-                retrieval_ns,
-                ..
-            } = &mut task.buf;
-            attend_group(
-                head,
-                d,
-                q,
-                &task.policy,
-                &mut scratch,
-                out,
-                lse,
-                touched,
-                retrieval_ns,
-            )
-        }));
-        let res = match res {
+        let res = match catch_unwind(AssertUnwindSafe(|| run_task(&mut task, &mut scratch))) {
             Ok(r) => r,
             Err(p) => {
                 scratch = Scratch::default();
@@ -253,9 +349,8 @@ fn worker(rx: Receiver<Task>, tx: Sender<Reply>) {
             }
         };
         task.buf.total_ns = t0.elapsed().as_nanos() as u64;
-        if tx.send((task.slot, task.buf, res)).is_err() {
-            return;
-        }
+        // The caller may have dropped its output; nothing to do then.
+        let _ = task.reply.send((task.slot, task.buf, res));
     }
 }
 
@@ -290,11 +385,13 @@ mod tests {
             .map(|i| bf16::from_f32(i as f32 * 0.1))
             .collect();
         st.load_prefill(&kv, &kv, 1).expect("load");
-        let st = Arc::new(RwLock::new(st));
-        let mut pool = WorkerPool::new(2).expect("pool");
+        let st = Arc::new(st);
+        let pool = WorkerPool::new(2).expect("pool");
         let q = vec![0.5f32; 16];
         let mut out = LayerOutput::default();
-        let r = pool.run_layer_inner(&st, &q, Policy::Dense, &mut out, true);
+        let r = pool
+            .submit_inner(&st, &q, None, Policy::Dense, &mut out, true)
+            .and_then(|()| pool.wait(&mut out));
         assert!(
             matches!(r, Err(CpuError::Worker(ref m)) if m.contains("panicked")),
             "{r:?}"

@@ -19,6 +19,7 @@
 use crate::attention::LnUTable;
 use crate::CpuError;
 use half::{bf16, f16};
+use std::sync::{Mutex, MutexGuard};
 use tandem_kernels::hash::{table_code, Projector};
 use tandem_kernels::rng::SplitMix64;
 
@@ -174,13 +175,49 @@ pub(crate) struct HeadStore {
     /// for the angle in the estimator.
     pub(crate) knorm: Vec<f16>,
     pub(crate) index: Option<LshIndex>,
+    /// Reused buffers of [`HeadStore::append`]: a centred key and its sign bits.
+    centred: Vec<f32>,
+    bits: Vec<u64>,
+}
+
+impl HeadStore {
+    /// Appends key/value rows (`[n][head_dim]` each), centred with the fixed
+    /// mean and hashed into every table.
+    pub(crate) fn append(&mut self, keys: &[bf16], values: &[bf16]) {
+        let d = self.mean.len();
+        self.keys.extend_from_slice(keys);
+        self.values.extend_from_slice(values);
+        self.centred.resize(d, 0.0);
+        for k in keys.chunks_exact(d) {
+            for ((c, x), m) in self.centred.iter_mut().zip(k).zip(&self.mean) {
+                *c = x.to_f32() - m;
+            }
+            let norm = self.centred.iter().map(|x| x * x).sum::<f32>().sqrt();
+            self.knorm.push(f16::from_f32(norm));
+            if let Some(ix) = self.index.as_mut() {
+                self.bits.resize(ix.projector.words_per_vector(), 0);
+                ix.projector.sign_bits(&self.centred, &mut self.bits);
+                for t in 0..ix.l {
+                    ix.tail_codes.push(table_code(&self.bits, t, ix.k));
+                }
+            }
+        }
+    }
+
+    /// Tokens stored.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len() / self.mean.len()
+    }
 }
 
 /// The offloaded KV cache of one (sequence, layer): all kv heads, bf16 rows.
+///
+/// Each kv head sits behind its own lock, so the worker attending one head can
+/// append that head's evicted rows while other workers read other heads; share
+/// the store between the pool and its owner as an `Arc<LayerStore>`.
 pub struct LayerStore {
     cfg: LayerConfig,
-    pub(crate) heads: Vec<HeadStore>,
-    len: usize,
+    heads: Vec<Mutex<HeadStore>>,
 }
 
 impl LayerStore {
@@ -193,15 +230,39 @@ impl LayerStore {
                 Some((k, l)) => Some(LshIndex::new(&cfg, h, k, l)?),
                 None => None,
             };
-            heads.push(HeadStore {
+            heads.push(Mutex::new(HeadStore {
                 keys: Vec::new(),
                 values: Vec::new(),
                 mean: vec![0.0; cfg.head_dim],
                 knorm: Vec::new(),
                 index,
-            });
+                centred: Vec::new(),
+                bits: Vec::new(),
+            }));
         }
-        Ok(LayerStore { cfg, heads, len: 0 })
+        Ok(LayerStore { cfg, heads })
+    }
+
+    /// Locks kv head `h`. A poisoned lock (a panic while appending) is an error:
+    /// the head's rows may be half-written.
+    pub(crate) fn head(&self, h: usize) -> Result<MutexGuard<'_, HeadStore>, CpuError> {
+        self.heads
+            .get(h)
+            .ok_or_else(|| CpuError::Shape(format!("kv head {h} out of range")))?
+            .lock()
+            .map_err(|_| CpuError::Worker(format!("kv head {h} was poisoned by a failed step")))
+    }
+
+    fn heads_mut(&mut self) -> impl Iterator<Item = &mut HeadStore> {
+        self.heads
+            .iter_mut()
+            .map(|m| m.get_mut().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn sum_over_heads(&self, f: impl Fn(&HeadStore) -> usize) -> usize {
+        (0..self.heads.len())
+            .map(|h| self.head(h).map_or(0, |g| f(&g)))
+            .sum()
     }
 
     /// The configuration.
@@ -209,32 +270,26 @@ impl LayerStore {
         &self.cfg
     }
 
-    /// Number of tokens stored.
+    /// Number of tokens stored (of kv head 0; every head receives the same rows).
     pub fn len(&self) -> usize {
-        self.len
+        self.head(0).map_or(0, |h| h.len())
     }
 
     /// True when no token is stored.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Bytes of K and V rows.
     pub fn kv_bytes(&self) -> usize {
-        self.heads
-            .iter()
-            .map(|h| (h.keys.len() + h.values.len()) * 2)
-            .sum()
+        self.sum_over_heads(|h| (h.keys.len() + h.values.len()) * 2)
     }
 
     /// Bytes of the index: tables, decode-time codes, key norms and means.
     pub fn index_bytes(&self) -> usize {
-        self.heads
-            .iter()
-            .map(|h| {
-                h.index.as_ref().map_or(0, LshIndex::bytes) + h.knorm.len() * 2 + h.mean.len() * 4
-            })
-            .sum()
+        self.sum_over_heads(|h| {
+            h.index.as_ref().map_or(0, LshIndex::bytes) + h.knorm.len() * 2 + h.mean.len() * 4
+        })
     }
 
     /// Bulk-loads the prompt keys and values after prefill: `keys` and `values`
@@ -256,7 +311,7 @@ impl LayerStore {
                 nh * d
             )));
         }
-        if self.len != 0 {
+        if !self.is_empty() {
             return Err(CpuError::Config("load_prefill on a non-empty store".into()));
         }
         if let Some((_, l)) = self.cfg.lsh {
@@ -273,7 +328,7 @@ impl LayerStore {
                 "at most {MAX_PREFILL_KEYS} prefill tokens per store"
             )));
         }
-        for (h, head) in self.heads.iter_mut().enumerate() {
+        for (h, head) in self.heads_mut().enumerate() {
             head.keys.reserve(n * d);
             head.values.reserve(n * d);
             for t in 0..n {
@@ -284,45 +339,33 @@ impl LayerStore {
         }
         let threads = threads.max(1);
         let per = self.heads.len().div_ceil(threads);
+        let mut heads: Vec<&mut HeadStore> = self.heads_mut().collect();
         std::thread::scope(|s| {
-            for chunk in self.heads.chunks_mut(per) {
+            for chunk in heads.chunks_mut(per) {
                 s.spawn(move || chunk.iter_mut().for_each(|h| build_head(h, n, d)));
             }
         });
-        self.len = n;
         Ok(())
     }
 
-    /// Appends one token (`key`, `value`: `[n_kv_heads][head_dim]`), centred with
-    /// the fixed prefill mean and inserted into every table.
-    pub fn append(&mut self, key: &[bf16], value: &[bf16]) -> Result<(), CpuError> {
+    /// Appends tokens (`keys`, `values`: `[n][n_kv_heads][head_dim]`), centred
+    /// with the fixed prefill mean and inserted into every table.
+    pub fn append(&self, keys: &[bf16], values: &[bf16]) -> Result<(), CpuError> {
         let (nh, d) = (self.cfg.n_kv_heads, self.cfg.head_dim);
-        if key.len() != nh * d || value.len() != nh * d {
+        if keys.len() != values.len() || !keys.len().is_multiple_of(nh * d) {
             return Err(CpuError::Shape(format!(
-                "append expects {} values per row",
-                nh * d
+                "append expects rows of {} values, got {} keys and {} values",
+                nh * d,
+                keys.len(),
+                values.len()
             )));
         }
-        let mut centred = vec![0.0f32; d];
-        for (h, head) in self.heads.iter_mut().enumerate() {
-            let k = &key[h * d..(h + 1) * d];
-            head.keys.extend_from_slice(k);
-            head.values.extend_from_slice(&value[h * d..(h + 1) * d]);
-            for j in 0..d {
-                centred[j] = k[j].to_f32() - head.mean[j];
-            }
-            head.knorm.push(f16::from_f32(
-                centred.iter().map(|x| x * x).sum::<f32>().sqrt(),
-            ));
-            if let Some(ix) = head.index.as_mut() {
-                let mut bits = vec![0u64; ix.projector.words_per_vector()];
-                ix.projector.sign_bits(&centred, &mut bits);
-                for t in 0..ix.l {
-                    ix.tail_codes.push(table_code(&bits, t, ix.k));
-                }
+        for h in 0..nh {
+            let mut head = self.head(h)?;
+            for (k, v) in keys.chunks_exact(nh * d).zip(values.chunks_exact(nh * d)) {
+                head.append(&k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
             }
         }
-        self.len += 1;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use half::bf16;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tandem_cpu::{
     ln_u_exact, merge_partials, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool,
 };
@@ -16,7 +16,7 @@ fn bf(v: &[f32]) -> Vec<bf16> {
 }
 
 struct Setup {
-    store: Arc<RwLock<LayerStore>>,
+    store: Arc<LayerStore>,
     keys: Vec<f32>,   // [n][nkv][d], bf16-rounded
     values: Vec<f32>, // same
     q: Vec<f32>,
@@ -63,7 +63,7 @@ fn setup(
         .expect("append");
     }
     Setup {
-        store: Arc::new(RwLock::new(st)),
+        store: Arc::new(st),
         keys,
         values,
         q,
@@ -110,7 +110,7 @@ fn reference(
 }
 
 fn run(s: &Setup, policy: Policy) -> LayerOutput {
-    let mut pool = WorkerPool::new(2).expect("pool");
+    let pool = WorkerPool::new(2).expect("pool");
     let mut out = LayerOutput::default();
     pool.run_layer(&s.store, &s.q, policy, &mut out)
         .expect("run");
@@ -369,8 +369,8 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         seed: 1,
         layer: 0,
     };
-    let st = Arc::new(RwLock::new(LayerStore::new(cfg.clone()).expect("cfg")));
-    let mut pool = WorkerPool::new(1).expect("pool");
+    let st = Arc::new(LayerStore::new(cfg.clone()).expect("cfg"));
+    let pool = WorkerPool::new(1).expect("pool");
     let mut out = LayerOutput::default();
     let q = vec![1.0f32; 8];
     pool.run_layer(
@@ -393,7 +393,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
     .expect("cfg");
     one.load_prefill(&bf(&[1.0, 2.0, 3.0, 4.0]), &bf(&[5.0, 6.0, 7.0, 8.0]), 1)
         .expect("load");
-    let one = Arc::new(RwLock::new(one));
+    let one = Arc::new(one);
     pool.run_layer(
         &one,
         &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0],
@@ -410,7 +410,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
     keys[7 * 4..8 * 4].copy_from_slice(&[5000.0, 5000.0, 5000.0, 5000.0]);
     let vals: Vec<f32> = (0..200).map(|i| (i % 7) as f32).collect();
     big.load_prefill(&bf(&keys), &bf(&vals), 1).expect("load");
-    let big = Arc::new(RwLock::new(big));
+    let big = Arc::new(big);
     for policy in [
         Policy::Dense,
         Policy::TopK(3),
@@ -508,8 +508,8 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
         st.load_prefill(&bf(&keys), &bf(&vals), 2).expect("load");
-        let st = Arc::new(RwLock::new(st));
-        let mut pool = WorkerPool::new(2).expect("pool");
+        let st = Arc::new(st);
+        let pool = WorkerPool::new(2).expect("pool");
         let mut out = LayerOutput::default();
         if dense_out.is_none() {
             pool.run_layer(&st, &q, Policy::Dense, &mut out)
@@ -539,4 +539,72 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
     }
     assert!(errs[2] < errs[0], "{errs:?}");
     assert!(errs[2] < 0.1, "{errs:?}");
+}
+
+/// Rows evicted through `submit` (appended and hashed on the workers) give the
+/// same store, and the same results for every token of a multi-token step, as
+/// rows appended directly.
+#[test]
+fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
+    let (nkv, g, d, n, extra) = (2usize, 3usize, 16usize, 200usize, 9usize);
+    let lsh = Some((6, 20));
+    let direct = setup(n, nkv, g, d, lsh, 2, extra, 11);
+    let mut rng = SplitMix64(99);
+    let cfg = direct.store.config().clone();
+    let w = nkv * d;
+    let mut st = LayerStore::new(cfg).expect("cfg");
+    st.load_prefill(&bf(&direct.keys[..n * w]), &bf(&direct.values[..n * w]), 1)
+        .expect("load");
+    let evicting = Arc::new(st);
+    let pool = WorkerPool::new(2).expect("pool");
+    // Three tokens' queries at once, evicting the extra rows first.
+    let tokens = 3;
+    let queries: Vec<f32> = (0..tokens * nkv * g * d)
+        .map(|_| rng.signed_f32() * 3.0)
+        .collect();
+    let mut out = LayerOutput::default();
+    let evicted = (
+        &bf(&direct.keys[n * w..])[..],
+        &bf(&direct.values[n * w..])[..],
+    );
+    let policy = Policy::Lsh(LshParams {
+        t: 2,
+        max_keys: None,
+    });
+    pool.submit(&evicting, &queries, Some(evicted), policy, &mut out)
+        .expect("submit");
+    assert!(out.is_pending());
+    pool.wait(&mut out).expect("wait");
+    assert_eq!(evicting.len(), n + extra);
+    assert_eq!(evicting.index_bytes(), direct.store.index_bytes());
+    let row = nkv * g * d;
+    for t in 0..tokens {
+        let mut one = LayerOutput::default();
+        pool.run_layer(
+            &direct.store,
+            &queries[t * row..(t + 1) * row],
+            policy,
+            &mut one,
+        )
+        .expect("run");
+        assert_eq!(&out.out[t * row..(t + 1) * row], &one.out[..]);
+        assert_eq!(&out.lse[t * nkv * g..(t + 1) * nkv * g], &one.lse[..]);
+    }
+    // A second submit before waiting is refused, not queued behind the first.
+    pool.submit(&evicting, &queries, None, Policy::Dense, &mut out)
+        .expect("submit");
+    assert!(pool
+        .submit(&evicting, &queries, None, Policy::Dense, &mut out)
+        .is_err());
+    pool.wait(&mut out).expect("wait");
+    // Bad eviction shapes are errors.
+    assert!(pool
+        .submit(
+            &evicting,
+            &queries,
+            Some((&evicted.0[..d], &evicted.1[..d])),
+            Policy::Dense,
+            &mut out
+        )
+        .is_err());
 }
