@@ -42,6 +42,22 @@ pub struct LayerConfig {
     pub layer: u32,
 }
 
+impl Default for LayerConfig {
+    /// One kv head of dimension 128, no GQA, no index; fill in the rest with
+    /// struct update syntax.
+    fn default() -> Self {
+        LayerConfig {
+            n_kv_heads: 1,
+            group: 1,
+            head_dim: 128,
+            lsh: None,
+            lsh_t: 2,
+            seed: 0,
+            layer: 0,
+        }
+    }
+}
+
 impl LayerConfig {
     fn validate(&self) -> Result<(), CpuError> {
         if self.n_kv_heads == 0 || self.head_dim == 0 {

@@ -18,6 +18,7 @@
 pub mod chat;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
