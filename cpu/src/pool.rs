@@ -106,6 +106,8 @@ impl LayerOutput {
 pub struct WorkerPool {
     tx: Option<Sender<Task>>,
     handles: Vec<JoinHandle<()>>,
+    /// Fault injection: the next task panics (see [`WorkerPool::inject_panic`]).
+    panic_next: std::sync::atomic::AtomicBool,
 }
 
 impl WorkerPool {
@@ -136,7 +138,16 @@ impl WorkerPool {
         Ok(WorkerPool {
             tx: Some(tx),
             handles,
+            panic_next: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Fault injection for tests of the layers above: the next task submitted
+    /// panics in its worker (which survives), so its step fails with
+    /// [`CpuError::Worker`].
+    pub fn inject_panic(&self) {
+        self.panic_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Number of workers.
@@ -172,7 +183,10 @@ impl WorkerPool {
         policy: Policy,
         output: &mut LayerOutput,
     ) -> Result<(), CpuError> {
-        self.submit_inner(store, queries, evicted, policy, output, false)
+        let inject = self
+            .panic_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        self.submit_inner(store, queries, evicted, policy, output, inject)
     }
 
     fn submit_inner(

@@ -143,26 +143,30 @@ impl DenseDevice for CpuDevice {
         cache: &KvCache,
         layer: usize,
         q: &[f32],
-        first_pos: usize,
+        first_row: usize,
         out: &mut [f32],
+        lse: &mut [f32],
     ) -> Result<(), DeviceError> {
         let shape = cache.shape();
         let width = shape.n_heads * shape.head_dim;
         let tokens = q.len() / width;
         if !q.len().is_multiple_of(width)
             || out.len() != q.len()
-            || first_pos + tokens > cache.len(layer)
+            || lse.len() != tokens * shape.n_heads
+            || first_row + tokens > cache.len(layer)
         {
             return Err(DeviceError::Shape(format!(
-                "attention of {} query values from position {first_pos} over {} cached positions",
+                "attention of {} query values into {} outputs and {} lse from row {first_row} over {} cached rows",
                 q.len(),
+                out.len(),
+                lse.len(),
                 cache.len(layer)
             )));
         }
         let threads = self.threads();
         if tokens == 1 {
             // One query: split the positions, merge the partials by log-sum-exp.
-            let n = first_pos + 1;
+            let n = first_row + 1;
             let bounds = even_bounds(n, threads, 64);
             let partials: Vec<Mutex<Partial>> = (0..threads)
                 .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
@@ -177,16 +181,16 @@ impl DenseDevice for CpuDevice {
             for p in &partials {
                 merged.merge(&p.lock().unwrap_or_else(|e| e.into_inner()));
             }
-            merged.normalise_into(out);
+            merged.normalise_into(out, lse);
             return Ok(());
         }
         // Several queries (prefill): split the tokens so that each thread gets about
         // the same number of (query, position) pairs.
-        let total: usize = (0..tokens).map(|t| first_pos + t + 1).sum();
+        let total: usize = (0..tokens).map(|t| first_row + t + 1).sum();
         let mut bounds = vec![0usize];
         let mut acc = 0;
         for t in 0..tokens {
-            acc += first_pos + t + 1;
+            acc += first_row + t + 1;
             if bounds.len() < threads && acc * threads >= total * bounds.len() {
                 bounds.push(t + 1);
             }
@@ -195,15 +199,18 @@ impl DenseDevice for CpuDevice {
             bounds.push(tokens);
         }
         let mut chunks = Vec::with_capacity(threads);
-        let mut rest = out;
+        let (mut rest, mut rest_lse) = (out, lse);
         for i in 0..threads {
-            let (head, tail) = rest.split_at_mut((bounds[i + 1] - bounds[i]) * width);
-            chunks.push(Mutex::new(head));
-            rest = tail;
+            let n = bounds[i + 1] - bounds[i];
+            let (head, tail) = rest.split_at_mut(n * width);
+            let (head_lse, tail_lse) = rest_lse.split_at_mut(n * shape.n_heads);
+            chunks.push(Mutex::new((head, head_lse)));
+            (rest, rest_lse) = (tail, tail_lse);
         }
         self.pool
             .run(&|i| {
-                let mut chunk = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                let mut guard = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+                let (chunk, chunk_lse) = &mut *guard;
                 let mut p = Partial::new(shape.n_heads, shape.head_dim);
                 for (j, t) in (bounds[i]..bounds[i + 1]).enumerate() {
                     p.reset();
@@ -211,10 +218,14 @@ impl DenseDevice for CpuDevice {
                         cache,
                         layer,
                         &q[t * width..(t + 1) * width],
-                        0..first_pos + t + 1,
+                        0..first_row + t + 1,
                         &mut p,
                     );
-                    p.normalise_into(&mut chunk[j * width..(j + 1) * width]);
+                    let nh = shape.n_heads;
+                    p.normalise_into(
+                        &mut chunk[j * width..(j + 1) * width],
+                        &mut chunk_lse[j * nh..(j + 1) * nh],
+                    );
                 }
             })
             .map_err(job_failed)
@@ -272,9 +283,15 @@ impl Partial {
         }
     }
 
-    fn normalise_into(&self, out: &mut [f32]) {
+    /// Writes the normalised outputs and each head's log-sum-exp (`-inf` if empty).
+    fn normalise_into(&self, out: &mut [f32], lse: &mut [f32]) {
         let d = self.head_dim;
         for h in 0..self.max.len() {
+            lse[h] = if self.sum[h] > 0.0 {
+                self.max[h] + self.sum[h].ln()
+            } else {
+                f32::NEG_INFINITY
+            };
             let inv = if self.sum[h] > 0.0 {
                 1.0 / self.sum[h]
             } else {
@@ -371,6 +388,22 @@ mod tests {
         out
     }
 
+    /// ln Σ exp(q·k/√d) over rows `0..=pos` of one kv head, in f64.
+    fn reference_lse(cache: &KvCache, layer: usize, q: &[f32], kv: usize, pos: usize) -> f64 {
+        let d = cache.shape().head_dim;
+        let keys = cache.keys(layer, kv);
+        let s: Vec<f64> = (0..=pos)
+            .map(|t| {
+                (0..d)
+                    .map(|i| keys[t * d + i].to_f64() * q[i] as f64)
+                    .sum::<f64>()
+                    / (d as f64).sqrt()
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    }
+
     #[test]
     fn attention_matches_naive_softmax_for_decode_and_prefill() {
         let shape = AttentionShape {
@@ -390,8 +423,9 @@ mod tests {
         let first = n - tokens;
         let q: Vec<f32> = (0..tokens * width).map(|i| pseudo(i + 99)).collect();
         let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; tokens * 6];
         device
-            .attention(&cache, 0, &q, first, &mut out)
+            .attention(&cache, 0, &q, first, &mut out, &mut lse)
             .expect("attention");
         for t in 0..tokens {
             let want = reference(&cache, 0, &q[t * width..(t + 1) * width], first + t);
@@ -403,12 +437,19 @@ mod tests {
         for pos in [0, 1, 63, 64, 200, n - 1] {
             let q1 = &q[..width];
             let mut out1 = vec![0f32; width];
+            let mut lse1 = vec![0f32; 6];
+            let mut one_row = cache.clone();
+            one_row.truncate(pos + 1);
             device
-                .attention(&cache, 0, q1, pos, &mut out1)
+                .attention(&one_row, 0, q1, pos, &mut out1, &mut lse1)
                 .expect("attention");
             let want = reference(&cache, 0, q1, pos);
             for (a, b) in out1.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "decode at {pos}: {a} vs {b}");
+            }
+            for h in 0..6 {
+                let want = reference_lse(&cache, 0, &q1[h * 24..(h + 1) * 24], h / 3, pos);
+                assert!((lse1[h] as f64 - want).abs() < 1e-4, "lse at {pos}");
             }
         }
     }
@@ -424,8 +465,10 @@ mod tests {
         assert!(cache.append(0, &[0.0; 3], &[0.0; 3]).is_err());
         assert!(cache.append(1, &[0.0; 4], &[0.0; 4]).is_err());
         let device = CpuDevice::new(1);
-        let mut out = [0f32; 8];
-        assert!(device.attention(&cache, 0, &[0.0; 8], 0, &mut out).is_err());
+        let (mut out, mut lse) = ([0f32; 8], [0f32; 2]);
+        assert!(device
+            .attention(&cache, 0, &[0.0; 8], 0, &mut out, &mut lse)
+            .is_err());
         let w = HostMatrix::F32 {
             rows: 2,
             cols: 3,

@@ -41,7 +41,7 @@ impl KvCache {
         self.shape
     }
 
-    /// Positions held in `layer`.
+    /// Rows held in `layer` (its positions, unless rows were taken out).
     pub fn len(&self, layer: usize) -> usize {
         self.lens[layer]
     }
@@ -75,7 +75,45 @@ impl KvCache {
         Ok(())
     }
 
-    /// Drops every position from `len` on, in every layer.
+    /// Moves `count` rows of `layer`, starting at row `start`, out of the cache,
+    /// appending them to `keys` and `values` as `count × n_kv_heads × head_dim`
+    /// (the layout [`KvCache::append`] takes, in bf16). Later rows move down.
+    pub fn take_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        count: usize,
+        keys: &mut Vec<bf16>,
+        values: &mut Vec<bf16>,
+    ) -> Result<(), DeviceError> {
+        if layer >= self.n_layers || start + count > self.lens[layer] {
+            return Err(DeviceError::Shape(format!(
+                "take rows {start}..{} of layer {layer}, which holds {}",
+                start + count,
+                self.lens.get(layer).copied().unwrap_or(0)
+            )));
+        }
+        let d = self.shape.head_dim;
+        for r in start..start + count {
+            for h in 0..self.shape.n_kv_heads {
+                keys.extend_from_slice(&self.keys[layer][h][r * d..(r + 1) * d]);
+                values.extend_from_slice(&self.values[layer][h][r * d..(r + 1) * d]);
+            }
+        }
+        for h in 0..self.shape.n_kv_heads {
+            for rows in [&mut self.keys[layer][h], &mut self.values[layer][h]] {
+                rows.drain(start * d..(start + count) * d);
+                // Give back the memory of a bulk move (not of one evicted row).
+                if rows.capacity() > 2 * rows.len() + 4096 {
+                    rows.shrink_to_fit();
+                }
+            }
+        }
+        self.lens[layer] -= count;
+        Ok(())
+    }
+
+    /// Drops every row from `len` on, in every layer.
     pub fn truncate(&mut self, len: usize) {
         let d = self.shape.head_dim;
         for layer in 0..self.n_layers {

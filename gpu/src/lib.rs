@@ -120,17 +120,22 @@ pub trait DenseDevice: Send + Sync {
     /// `tokens × rows`.
     fn matmul(&self, w: &Self::Matrix, xs: &[f32], ys: &mut [f32]) -> Result<(), DeviceError>;
 
-    /// Causal attention of `T = q.len() / (n_heads·head_dim)` new queries, the
-    /// first at position `first_pos`, over layer `layer` of `cache` (whose keys and
-    /// values for these positions must already be appended): query `t` sees positions
-    /// `0..=first_pos + t`. Writes `T × n_heads × head_dim` outputs.
+    /// Causal attention of `T = q.len() / (n_heads·head_dim)` new queries over
+    /// the rows of layer `layer` of `cache`, whose last `T` rows are these
+    /// queries' own keys and values: query `t` sees rows `0..=first_row + t`
+    /// (`first_row = cache.len(layer) - T`). Rows are in position order, but
+    /// need not be contiguous positions: a cache that moved older rows elsewhere
+    /// holds the rest. Writes `T × n_heads × head_dim` outputs, normalised over
+    /// these rows, and the `T × n_heads` log-sum-exps of their logits, so the
+    /// caller can merge them with attention computed elsewhere.
     fn attention(
         &self,
         cache: &KvCache,
         layer: usize,
         q: &[f32],
-        first_pos: usize,
+        first_row: usize,
         out: &mut [f32],
+        lse: &mut [f32],
     ) -> Result<(), DeviceError>;
 }
 

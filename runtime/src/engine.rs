@@ -5,12 +5,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tandem_gpu::{CpuDevice, KvCache};
+use std::sync::Arc;
+
+use tandem_cpu::WorkerPool;
+use tandem_gpu::CpuDevice;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::model::{load_gguf, Llama, Logits};
+use crate::model::{load_gguf, Llama, Logits, Step};
+use crate::policy::{PolicyConfig, PolicyTable};
 use crate::sampling::{Sampler, SamplingConfig};
+use crate::split::{SequenceKv, StepCounters};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Where the set-up script puts the default model, relative to the repository.
@@ -44,22 +49,33 @@ pub const PREFILL_CHUNK: usize = 256;
 pub struct EngineOptions {
     /// Threads of the dense device.
     pub threads: usize,
+    /// CPU attention workers (pinned threads serving the offloaded keys).
+    pub cpu_workers: usize,
+    /// Per-layer attention policies.
+    pub policy: PolicyConfig,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         EngineOptions {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: cores,
+            cpu_workers: cores,
+            policy: PolicyConfig::default(),
         }
     }
 }
 
-/// A loaded model with its tokenizer and chat template.
+/// A loaded model with its tokenizer, chat template, policy table and CPU
+/// attention workers.
 pub struct Engine {
     model: Llama<CpuDevice>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     path: PathBuf,
+    table: Arc<PolicyTable>,
+    workers: Option<Arc<WorkerPool>>,
+    build_threads: usize,
 }
 
 /// Timings of one generation.
@@ -69,6 +85,8 @@ pub struct GenerationStats {
     pub prompt_time: Duration,
     pub generated_tokens: usize,
     pub decode_time: Duration,
+    /// Where the decode steps' time went (device vs CPU workers).
+    pub split: StepCounters,
 }
 
 impl GenerationStats {
@@ -112,11 +130,32 @@ impl Engine {
             &token("tokenizer.ggml.bos_token_id"),
             &token("tokenizer.ggml.eos_token_id"),
         )?;
+        Engine::assemble(model, tokenizer, template, path, options)
+    }
+
+    fn assemble(
+        model: Llama<CpuDevice>,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        path: &Path,
+        options: &EngineOptions,
+    ) -> Result<Engine> {
+        let table = options.policy.resolve(model.config().n_layers)?;
+        let workers = if table.is_sparse() {
+            let pool = WorkerPool::new(options.cpu_workers.max(1))
+                .map_err(|e| Error::Engine(format!("starting the CPU attention workers: {e}")))?;
+            Some(Arc::new(pool))
+        } else {
+            None
+        };
         Ok(Engine {
             model,
             tokenizer,
             template,
             path: path.to_path_buf(),
+            table: Arc::new(table),
+            workers,
+            build_threads: options.threads.max(1),
         })
     }
 
@@ -155,12 +194,7 @@ impl Engine {
             &token("bos_token"),
             &token("eos_token"),
         )?;
-        Ok(Engine {
-            model,
-            tokenizer,
-            template,
-            path: dir.to_path_buf(),
-        })
+        Engine::assemble(model, tokenizer, template, dir, options)
     }
 
     /// The model.
@@ -183,13 +217,136 @@ impl Engine {
         &self.path
     }
 
+    /// The CPU attention workers (`None` when every layer is dense).
+    pub fn workers(&self) -> Option<&Arc<WorkerPool>> {
+        self.workers.as_ref()
+    }
+
+    /// The per-layer policy table.
+    pub fn policy_table(&self) -> &PolicyTable {
+        &self.table
+    }
+
     /// A new conversation.
     pub fn session(&self) -> Session<'_> {
+        let c = self.model.config();
+        let kv = SequenceKv::new(
+            c.n_layers,
+            c.attention_shape(),
+            Arc::clone(&self.table),
+            self.workers.clone(),
+        )
+        // The table was resolved for this model and the pool exists when it is sparse.
+        .unwrap_or_else(|_| SequenceKv::dense(c.n_layers, c.attention_shape()));
         Session {
             engine: self,
-            cache: self.model.new_cache(),
+            kv,
             tokens: Vec::new(),
         }
+    }
+
+    /// Generates for several sessions together, each from its own prompt: their
+    /// decode steps run as one batch (the weights are read once per step for
+    /// all, and the CPU workers attend one session while the device attends
+    /// another). `on_text(i, text)` receives session `i`'s text; returning
+    /// [`Flow::Stop`] ends that session only. Returns per-session statistics.
+    pub fn generate_batch(
+        &self,
+        sessions: &mut [&mut Session<'_>],
+        prompts: &[&[u32]],
+        max_tokens: usize,
+        sampling: &SamplingConfig,
+        cancel: Option<&AtomicBool>,
+        on_text: &mut dyn FnMut(usize, &str) -> Flow,
+    ) -> Result<Vec<GenerationStats>> {
+        sampling.validate().map_err(Error::InvalidRequest)?;
+        if sessions.len() != prompts.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} sessions but {} prompts",
+                sessions.len(),
+                prompts.len()
+            )));
+        }
+        if sessions.iter().any(|s| !std::ptr::eq(s.engine, self)) {
+            return Err(Error::InvalidRequest(
+                "every session must belong to this engine".into(),
+            ));
+        }
+        let mut stats = Vec::with_capacity(sessions.len());
+        let mut logits = Vec::with_capacity(sessions.len());
+        for (s, p) in sessions.iter_mut().zip(prompts) {
+            let start = Instant::now();
+            logits.push(s.prefill(p, &mut |_, _| {})?);
+            stats.push(GenerationStats {
+                prompt_tokens: p.len(),
+                prompt_time: start.elapsed(),
+                ..Default::default()
+            });
+        }
+        let decode_start = Instant::now();
+        let mut samplers: Vec<Sampler> = (0..sessions.len())
+            .map(|_| Sampler::new(sampling.clone()))
+            .collect();
+        let mut streams: Vec<TextStream> = (0..sessions.len())
+            .map(|_| TextStream::new(&self.tokenizer))
+            .collect();
+        let mut live: Vec<bool> = vec![max_tokens > 0; sessions.len()];
+        let limit = self.model.config().context_length;
+        let mut next = vec![0u32; sessions.len()];
+        for _ in 0..max_tokens {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                break;
+            }
+            for i in 0..sessions.len() {
+                if !live[i] {
+                    continue;
+                }
+                next[i] = samplers[i].sample(&mut logits[i], &sessions[i].tokens);
+                stats[i].generated_tokens += 1;
+                let end = self.tokenizer.is_end_of_turn(next[i]);
+                let text = if end {
+                    String::new()
+                } else {
+                    streams[i].push(next[i])?
+                };
+                if end
+                    || (!text.is_empty() && on_text(i, &text) == Flow::Stop)
+                    || sessions[i].tokens.len() + 1 >= limit
+                {
+                    live[i] = false;
+                }
+            }
+            let running: Vec<usize> = (0..sessions.len()).filter(|&i| live[i]).collect();
+            if running.is_empty() {
+                break;
+            }
+            let mut steps = Vec::with_capacity(running.len());
+            for (i, s) in sessions.iter_mut().enumerate() {
+                if live[i] {
+                    s.kv.offload_if_due(self.build_threads)?;
+                    steps.push(Step {
+                        tokens: std::slice::from_ref(&next[i]),
+                        kv: &mut s.kv,
+                        want: Logits::Last,
+                    });
+                }
+            }
+            let out = self.model.forward_batch(&mut steps)?;
+            drop(steps);
+            for (&i, l) in running.iter().zip(out) {
+                sessions[i].tokens.push(next[i]);
+                logits[i] = l;
+            }
+        }
+        for (i, s) in sessions.iter_mut().enumerate() {
+            let rest = streams[i].finish()?;
+            if !rest.is_empty() {
+                on_text(i, &rest);
+            }
+            stats[i].decode_time = decode_start.elapsed();
+            stats[i].split = s.kv.take_counters();
+        }
+        Ok(stats)
     }
 
     /// Renders a conversation with the model's chat template, ready for the reply.
@@ -205,10 +362,11 @@ pub enum Flow {
     Stop,
 }
 
-/// One sequence: its tokens so far and their KV cache.
+/// One conversation: its tokens so far and their keys and values (on the
+/// device and, for long contexts, offloaded to the CPU workers).
 pub struct Session<'e> {
     engine: &'e Engine,
-    cache: KvCache,
+    kv: SequenceKv,
     tokens: Vec<u32>,
 }
 
@@ -218,16 +376,53 @@ impl<'e> Session<'e> {
         &self.tokens
     }
 
+    /// The keys and values (for sizes, counters and probes).
+    pub fn kv(&self) -> &SequenceKv {
+        &self.kv
+    }
+
+    /// The keys and values, mutably (to turn probes on).
+    pub fn kv_mut(&mut self) -> &mut SequenceKv {
+        &mut self.kv
+    }
+
     /// Forgets the conversation.
     pub fn reset(&mut self) {
-        self.cache.truncate(0);
+        self.kv.reset();
         self.tokens.clear();
     }
 
-    /// Drops tokens from `len` on (e.g. to undo an interrupted reply).
-    pub fn truncate(&mut self, len: usize) {
-        self.cache.truncate(len);
+    /// Drops tokens from `len` on (e.g. to undo an interrupted reply). Fails,
+    /// changing nothing, if some of them were already offloaded.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.kv.truncate(len)?;
         self.tokens.truncate(len);
+        Ok(())
+    }
+
+    /// Runs one token and returns the logits after it (a decode step; the
+    /// sparse layers move their older tokens to the CPU workers first if the
+    /// context has grown long enough).
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.check_room(1)?;
+        self.kv.offload_if_due(self.engine.build_threads)?;
+        let logits = self
+            .engine
+            .model
+            .forward(&[token], &mut self.kv, Logits::Last)?;
+        self.tokens.push(token);
+        Ok(logits)
+    }
+
+    fn check_room(&self, more: usize) -> Result<()> {
+        let limit = self.engine.model.config().context_length;
+        if self.tokens.len() + more > limit {
+            return Err(Error::InvalidRequest(format!(
+                "the context would hold {} tokens, more than the model's {limit}",
+                self.tokens.len() + more
+            )));
+        }
+        Ok(())
     }
 
     /// Runs `tokens` into the context in chunks, reporting `(done, total)` after each;
@@ -240,25 +435,21 @@ impl<'e> Session<'e> {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        let limit = self.engine.model.config().context_length;
-        if self.tokens.len() + tokens.len() > limit {
-            return Err(Error::InvalidRequest(format!(
-                "the context would hold {} tokens, more than the model's {limit}",
-                self.tokens.len() + tokens.len()
-            )));
-        }
+        self.check_room(tokens.len())?;
         let mut logits = Vec::new();
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             logits = self
                 .engine
                 .model
-                .forward(chunk, &mut self.cache, Logits::Last)?;
+                .forward(chunk, &mut self.kv, Logits::Last)?;
             self.tokens.extend_from_slice(chunk);
             progress(
                 (i * PREFILL_CHUNK + chunk.len()).min(tokens.len()),
                 tokens.len(),
             );
         }
+        // A prompt runs dense on the device; then the long context moves out.
+        self.kv.offload_if_due(self.engine.build_threads)?;
         Ok(logits)
     }
 
@@ -294,10 +485,9 @@ impl<'e> Session<'e> {
             stats.generated_tokens += 1;
             if self.engine.tokenizer.is_end_of_turn(next) {
                 // Keep the end of turn in the context so a chat continues correctly.
-                self.engine
-                    .model
-                    .forward(&[next], &mut self.cache, Logits::Last)?;
-                self.tokens.push(next);
+                if self.tokens.len() < limit {
+                    self.step(next)?;
+                }
                 break;
             }
             let text = stream.push(next)?;
@@ -307,17 +497,14 @@ impl<'e> Session<'e> {
             if self.tokens.len() + 1 >= limit {
                 break;
             }
-            logits = self
-                .engine
-                .model
-                .forward(&[next], &mut self.cache, Logits::Last)?;
-            self.tokens.push(next);
+            logits = self.step(next)?;
         }
         let rest = stream.finish()?;
         if !rest.is_empty() {
             on_text(&rest);
         }
         stats.decode_time = decode_start.elapsed();
+        stats.split = self.kv.take_counters();
         Ok(stats)
     }
 }

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tandem_runtime::chat::Message;
-use tandem_runtime::model::Logits;
+use tandem_runtime::decode_bench::{run_decode_bench, DecodeBenchOptions, ModelSource};
+use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
     default_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
 };
@@ -47,14 +48,65 @@ struct ModelArgs {
     /// Threads for the dense device (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// How each layer attends (see `PolicyConfig` in the library docs).
+#[derive(Args, Clone)]
+struct PolicyArgs {
+    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M],
+    /// topk:k=N, oracle:budget=N, window (sinks + recent window only), exact
+    /// (offloaded, every key attended: the split step's reference) or dense.
+    #[arg(long, default_value = "lsh:k=10,l=150,t=2")]
+    policy: String,
+    /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
+    #[arg(long, value_delimiter = ',')]
+    dense_layers: Option<Vec<usize>>,
+    /// Most recent tokens kept on the dense device by sparse layers.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// First tokens (attention sinks) kept on the dense device by sparse layers.
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Contexts shorter than this many tokens stay dense on the device.
+    #[arg(long, default_value_t = 2048)]
+    dense_below: usize,
+    /// A TOML policy file (policy, dense_layers, sinks, window, dense_below,
+    /// seed, [layers] overrides); replaces the flags above.
+    #[arg(long)]
+    policy_file: Option<PathBuf>,
+    /// CPU attention worker threads (default: all cores).
+    #[arg(long)]
+    cpu_workers: Option<usize>,
+}
+
+impl PolicyArgs {
+    fn config(&self) -> Result<PolicyConfig> {
+        if let Some(path) = &self.policy_file {
+            return Ok(PolicyConfig::from_toml_file(path)?);
+        }
+        Ok(PolicyConfig {
+            policy: self.policy.clone(),
+            dense_layers: self.dense_layers.clone(),
+            sinks: self.sinks,
+            window: self.window,
+            dense_below: self.dense_below,
+            ..PolicyConfig::default()
+        })
+    }
+
+    fn cpu_workers(&self) -> Result<usize> {
+        match self.cpu_workers {
+            Some(0) => bail!("--cpu-workers must be at least 1"),
+            Some(n) => Ok(n),
+            None => Ok(EngineOptions::default().cpu_workers),
+        }
+    }
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Engine> {
-        let path = self.model.clone().unwrap_or_else(default_model_path);
-        if let Err(why) = tandem_gpu::cuda_status() {
-            eprintln!("tandem: {why}");
-        }
+    fn options(&self) -> Result<EngineOptions> {
         let mut options = EngineOptions::default();
         if let Some(t) = self.threads {
             if t == 0 {
@@ -62,6 +114,17 @@ impl ModelArgs {
             }
             options.threads = t;
         }
+        options.policy = self.policy.config()?;
+        options.cpu_workers = self.policy.cpu_workers()?;
+        Ok(options)
+    }
+
+    fn load(&self) -> Result<Engine> {
+        let path = self.model.clone().unwrap_or_else(default_model_path);
+        if let Err(why) = tandem_gpu::cuda_status() {
+            eprintln!("tandem: {why}");
+        }
+        let options = self.options()?;
         let start = Instant::now();
         let engine = Engine::load(&path, &options)?;
         eprintln!(
@@ -72,6 +135,7 @@ impl ModelArgs {
             tandem_gpu::DenseDevice::name(engine.model().device()),
             start.elapsed().as_secs_f64()
         );
+        eprintln!("tandem: attention policy\n{}", engine.policy_table());
         Ok(engine)
     }
 }
@@ -164,7 +228,8 @@ struct TokenizeArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Dense decode speed after a context of N tokens on a real model.
+    /// Decode speed after a context of N tokens, for a policy and for dense in
+    /// the same run, split into device time, CPU-worker time and waiting.
     Decode(BenchDecodeArgs),
     /// The CPU attention engine on generated keys of a model's shape.
     Attention(BenchAttentionArgs),
@@ -174,13 +239,24 @@ enum BenchCommand {
 struct BenchDecodeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Context depths (prefilled from real text) before decoding, comma-separated.
+    /// Instead of a model file: a model shape with generated weights and a
+    /// generated KV cache (llama3.1-8b).
+    #[arg(long, conflicts_with = "model")]
+    shape: Option<String>,
+    /// Context lengths before decoding, comma-separated (a real prefill of real
+    /// text with a model; generated keys and values with --shape).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     context: Vec<usize>,
-    /// Tokens to decode at each depth.
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed decode steps at each context.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
-    /// Print one JSON object per depth.
+    /// Seed of generated weights and keys.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object per (policy, context) on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -364,7 +440,13 @@ fn chat(args: ChatArgs) -> Result<()> {
             .zip(&ids)
             .take_while(|(a, b)| a == b)
             .count();
-        session.truncate(common);
+        // Offloaded tokens cannot be dropped; then the conversation is run anew.
+        let common = if session.truncate(common).is_ok() {
+            common
+        } else {
+            session.reset();
+            0
+        };
         let (bar, mut progress) = progress_reporter(ids.len() - common);
         cancel.store(false, Ordering::SeqCst);
         in_reply.store(true, Ordering::SeqCst);
@@ -425,56 +507,39 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
 const FILL_TEXT: &str = include_str!("../../tests/data/fill.txt");
 
 fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
-    let engine = args.model.load()?;
-    let fill = engine.tokenizer().encode(FILL_TEXT, false)?;
-    if fill.is_empty() {
-        bail!("the fill text is empty");
-    }
-    let model = engine.model();
-    for &depth in &args.context {
-        if depth + args.tokens + 1 > model.config().context_length {
-            bail!(
-                "depth {depth} + {} tokens exceeds the model's context of {}",
-                args.tokens,
-                model.config().context_length
-            );
-        }
-        let mut cache = model.new_cache();
-        let prompt: Vec<u32> = fill.iter().cycle().take(depth.max(1)).copied().collect();
-        let start = Instant::now();
-        let mut logits = Vec::new();
-        for chunk in prompt.chunks(tandem_runtime::engine::PREFILL_CHUNK) {
-            logits = model.forward(chunk, &mut cache, Logits::Last)?;
-        }
-        let prefill_s = start.elapsed().as_secs_f64();
-        let mut next = tandem_kernels::ops::argmax(&logits).unwrap_or(0) as u32;
-        // One untimed step warms caches and the pool.
-        logits = model.forward(&[next], &mut cache, Logits::Last)?;
-        let start = Instant::now();
-        for _ in 0..args.tokens {
-            next = tandem_kernels::ops::argmax(&logits).unwrap_or(0) as u32;
-            logits = model.forward(&[next], &mut cache, Logits::Last)?;
-        }
-        let decode_s = start.elapsed().as_secs_f64();
-        let ms = decode_s * 1e3 / args.tokens as f64;
+    let options = args.model.options()?;
+    let source = match &args.shape {
+        Some(shape) => ModelSource::Shape(shape.clone()),
+        None => ModelSource::Model(args.model.model.clone().unwrap_or_else(default_model_path)),
+    };
+    let opts = DecodeBenchOptions {
+        source,
+        contexts: args.context.clone(),
+        policy: options.policy.clone(),
+        batch: args.batch,
+        tokens: args.tokens,
+        threads: options.threads,
+        cpu_workers: options.cpu_workers,
+        fill_text: FILL_TEXT.to_string(),
+        seed: args.seed,
+    };
+    let results = run_decode_bench(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    for r in &results {
         if args.json {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "policy": "dense", "context": depth, "batch": 1,
-                    "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
-                    "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
-                    "synthetic_kv": false, "synthetic_weights": false,
-                    "threads": model.device().threads(),
-                })
-            );
+            println!("{}", serde_json::to_string(r)?);
         } else {
             println!(
-                "dense depth {depth:>6}: decode {:.2} ms/token ({:.1} tokens/s); prefill {} tokens at {:.1} tokens/s",
-                ms,
-                1e3 / ms,
-                prompt.len(),
-                prompt.len() as f64 / prefill_s
+                "{:<24} context {:>6} batch {}: {:8.2} ms/token {:8.1} tokens/s | device {:7.2} ms, CPU workers {:7.2} ms, wait {:7.2} ms | touched {:.2}%{}",
+                r.policy,
+                r.context,
+                r.batch,
+                r.ms_per_token,
+                r.tokens_per_s,
+                r.device_ms_per_token,
+                r.cpu_attention_ms_per_token,
+                r.wait_ms_per_token,
+                100.0 * r.keys_touched_fraction,
+                if r.synthetic_kv { " [synthetic weights and KV]" } else { "" }
             );
         }
     }

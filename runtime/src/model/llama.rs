@@ -1,14 +1,19 @@
 //! The Llama architecture: configuration, weights and the forward pass.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use tandem_gpu::{AttentionShape, DenseDevice, HostMatrix, KvCache};
+use half::f16;
+use tandem_gpu::{AttentionShape, DenseDevice, HostMatrix};
 use tandem_kernels::ops::{add_in_place, rms_norm, silu_mul_in_place, Rope};
+use tandem_kernels::quant::AffineMatrix;
+use tandem_kernels::rng::SplitMix64;
 
 use super::gguf::GgufFile;
 use super::safetensors as hf;
 use super::weights::{dequantize, host_matrix};
 use crate::error::{Error, Result};
+use crate::split::SequenceKv;
 
 /// The shape and constants of a Llama-architecture model.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +122,8 @@ pub struct Llama<D: DenseDevice> {
     config: Config,
     device: D,
     embedding: HostMatrix,
-    layers: Vec<Layer<D::Matrix>>,
+    /// Shared so that generated weights can repeat one layer (see [`Llama::synthetic`]).
+    layers: Vec<Arc<Layer<D::Matrix>>>,
     output_norm: Vec<f32>,
     lm_head: D::Matrix,
     rope: Rope,
@@ -218,7 +224,7 @@ impl<D: DenseDevice> Llama<D> {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            layers.push(Layer {
+            layers.push(Arc::new(Layer {
                 attn_norm: vector(&p("attn_norm"), c.dim)?,
                 wq: upload(matrix(&p("attn_q"), c.dim, c.dim)?)?,
                 wk: upload(matrix(&p("attn_k"), kv_dim, c.dim)?)?,
@@ -228,7 +234,7 @@ impl<D: DenseDevice> Llama<D> {
                 w_gate: upload(matrix(&p("ffn_gate"), c.ffn_dim, c.dim)?)?,
                 w_up: upload(matrix(&p("ffn_up"), c.ffn_dim, c.dim)?)?,
                 w_down: upload(matrix(&p("ffn_down"), c.dim, c.ffn_dim)?)?,
-            });
+            }));
         }
         let embedding = matrix("token_embd.weight", c.vocab_size, c.dim)?;
         let lm_head = if has_output {
@@ -250,6 +256,60 @@ impl<D: DenseDevice> Llama<D> {
         })
     }
 
+    /// A model of `config`'s shape with generated 4-bit weights, for speed
+    /// measurements where no weights can be had. To fit in memory, one
+    /// generated layer is shared by every layer (each layer still streams its
+    /// weights from memory, as the shared layer is far larger than any cache);
+    /// the LM head is the embedding. Its outputs are meaningless.
+    pub fn synthetic(config: Config, device: D, seed: u64) -> Result<Llama<D>> {
+        let c = &config;
+        let mut rng = SplitMix64(seed);
+        let engine = |e: String| Error::Engine(e);
+        let mut random = |rows: usize, cols: usize| -> Result<HostMatrix> {
+            // Uniform weights of standard deviation ~1/sqrt(cols).
+            let d = f16::from_f32(0.75 / (cols as f32).sqrt());
+            let m = f16::from_f32(-7.5 * d.to_f32());
+            let mut codes = Vec::with_capacity(rows * cols);
+            while codes.len() < rows * cols {
+                let bits = rng.next_u64();
+                codes.extend((0..16).map(|i| ((bits >> (4 * i)) & 15) as u8));
+            }
+            codes.truncate(rows * cols);
+            let blocks = rows * cols / 32;
+            AffineMatrix::from_codes(rows, cols, 4, &codes, &vec![d; blocks], &vec![m; blocks])
+                .map(HostMatrix::Affine)
+                .map_err(|e| engine(e.to_string()))
+        };
+        let kv_dim = c.n_kv_heads * c.head_dim;
+        let upload = |m: HostMatrix| device.upload(m).map_err(|e| Error::Engine(e.to_string()));
+        let layer = Arc::new(Layer {
+            attn_norm: vec![1.0; c.dim],
+            wq: upload(random(c.dim, c.dim)?)?,
+            wk: upload(random(kv_dim, c.dim)?)?,
+            wv: upload(random(kv_dim, c.dim)?)?,
+            wo: upload(random(c.dim, c.dim)?)?,
+            ffn_norm: vec![1.0; c.dim],
+            w_gate: upload(random(c.ffn_dim, c.dim)?)?,
+            w_up: upload(random(c.ffn_dim, c.dim)?)?,
+            w_down: upload(random(c.dim, c.ffn_dim)?)?,
+        });
+        let layer_bytes =
+            2 * c.dim * c.dim / 2 + 2 * kv_dim * c.dim / 2 + 3 * c.ffn_dim * c.dim / 2;
+        let embedding = random(c.vocab_size, c.dim)?;
+        let weight_bytes = c.n_layers * layer_bytes * 9 / 8 + embedding.size_bytes();
+        let lm_head = upload(embedding.clone())?;
+        Ok(Llama {
+            rope: Rope::new(c.head_dim, c.rope_base),
+            layers: vec![layer; c.n_layers],
+            output_norm: vec![1.0; c.dim],
+            config,
+            device,
+            embedding,
+            lm_head,
+            weight_bytes,
+        })
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &Config {
         &self.config
@@ -265,31 +325,52 @@ impl<D: DenseDevice> Llama<D> {
         self.weight_bytes
     }
 
-    /// A new, empty KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.attention_shape())
+    /// A new, empty sequence with every layer dense on the device.
+    pub fn new_cache(&self) -> SequenceKv {
+        SequenceKv::dense(self.config.n_layers, self.config.attention_shape())
     }
 
-    /// Runs `tokens` through the model at positions `cache.len(0)..`, appending their
-    /// keys and values to `cache`; returns logits (`vocab` per requested position).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+    /// Runs `tokens` of one sequence through the model (see [`Llama::forward_batch`]).
+    pub fn forward(&self, tokens: &[u32], kv: &mut SequenceKv, want: Logits) -> Result<Vec<f32>> {
+        let mut steps = [Step { tokens, kv, want }];
+        let mut logits = self.forward_batch(&mut steps)?;
+        Ok(logits.pop().unwrap_or_default())
+    }
+
+    /// Runs each step's tokens through the model at its sequence's next
+    /// positions, appending their keys and values; returns each step's logits
+    /// (`vocab` per requested position). The sequences share every matrix
+    /// product (the weights are read once per batch); each attends its own keys,
+    /// the CPU workers serving one sequence while the device attends another.
+    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
-        let n = tokens.len();
-        if n == 0 {
-            return Err(Error::InvalidRequest("no tokens to run".into()));
-        }
-        let first_pos = cache.len(0);
         let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.n_kv_heads * c.head_dim);
         let engine = |e: tandem_gpu::DeviceError| Error::Engine(e.to_string());
-
-        let mut x = vec![0f32; n * dim];
-        for (row, &t) in x.chunks_exact_mut(dim).zip(tokens) {
-            if t as usize >= c.vocab_size {
+        for step in steps.iter() {
+            step.kv.check_usable()?;
+            if step.tokens.is_empty() {
+                return Err(Error::InvalidRequest("no tokens to run".into()));
+            }
+            if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 return Err(Error::InvalidRequest(format!(
                     "token id {t} is outside the vocabulary of {}",
                     c.vocab_size
                 )));
             }
+        }
+        // Row ranges of each step in the stacked activations.
+        let mut spans = Vec::with_capacity(steps.len());
+        let mut n = 0;
+        for step in steps.iter() {
+            spans.push(n..n + step.tokens.len());
+            n += step.tokens.len();
+        }
+
+        let mut x = vec![0f32; n * dim];
+        for (row, &t) in x
+            .chunks_exact_mut(dim)
+            .zip(steps.iter().flat_map(|s| s.tokens))
+        {
             self.embedding.row(t as usize, row);
         }
         let mut h = vec![0f32; n * dim];
@@ -297,73 +378,130 @@ impl<D: DenseDevice> Llama<D> {
         let mut k = vec![0f32; n * kv_dim];
         let mut v = vec![0f32; n * kv_dim];
         let mut attn = vec![0f32; n * dim];
+        let mut lse = vec![0f32; n * c.n_heads];
         let mut gate = vec![0f32; n * c.ffn_dim];
         let mut up = vec![0f32; n * c.ffn_dim];
         // Rotary angles depend only on the position: once per token, not per head and layer.
-        let angles: Vec<Vec<(f32, f32)>> = (0..n)
-            .map(|t| {
+        let mut angles = Vec::with_capacity(n);
+        for step in steps.iter() {
+            for t in 0..step.tokens.len() {
                 let mut a = Vec::new();
-                self.rope.angles(first_pos + t, &mut a);
-                a
-            })
-            .collect();
-
-        for (li, layer) in self.layers.iter().enumerate() {
-            // Attention block.
-            for (hr, xr) in h.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                rms_norm(xr, &layer.attn_norm, c.rms_eps, hr);
+                self.rope.angles(step.kv.positions() + t, &mut a);
+                angles.push(a);
             }
-            self.device.matmul(&layer.wq, &h, &mut q).map_err(engine)?;
-            self.device.matmul(&layer.wk, &h, &mut k).map_err(engine)?;
-            self.device.matmul(&layer.wv, &h, &mut v).map_err(engine)?;
-            for t in 0..n {
-                for head in q[t * dim..(t + 1) * dim].chunks_exact_mut(hd) {
-                    self.rope.rotate_interleaved_with(head, &angles[t]);
-                }
-                for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
-                    self.rope.rotate_interleaved_with(head, &angles[t]);
-                }
-            }
-            cache.append(li, &k, &v).map_err(engine)?;
-            self.device
-                .attention(cache, li, &q, first_pos, &mut attn)
-                .map_err(engine)?;
-            self.device
-                .matmul(&layer.wo, &attn, &mut h)
-                .map_err(engine)?;
-            add_in_place(&mut x, &h);
-
-            // Feed-forward block.
-            for (hr, xr) in h.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                rms_norm(xr, &layer.ffn_norm, c.rms_eps, hr);
-            }
-            self.device
-                .matmul(&layer.w_gate, &h, &mut gate)
-                .map_err(engine)?;
-            self.device
-                .matmul(&layer.w_up, &h, &mut up)
-                .map_err(engine)?;
-            silu_mul_in_place(&mut gate, &up);
-            self.device
-                .matmul(&layer.w_down, &gate, &mut h)
-                .map_err(engine)?;
-            add_in_place(&mut x, &h);
         }
 
-        let rows = match want {
-            Logits::Last => &x[(n - 1) * dim..],
-            Logits::All => &x[..],
-        };
-        let mut normed = vec![0f32; rows.len()];
-        for (o, r) in normed.chunks_exact_mut(dim).zip(rows.chunks_exact(dim)) {
-            rms_norm(r, &self.output_norm, c.rms_eps, o);
+        let result = (|| -> Result<()> {
+            for (li, layer) in self.layers.iter().enumerate() {
+                // Attention block.
+                for (hr, xr) in h.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                    rms_norm(xr, &layer.attn_norm, c.rms_eps, hr);
+                }
+                self.device.matmul(&layer.wq, &h, &mut q).map_err(engine)?;
+                self.device.matmul(&layer.wk, &h, &mut k).map_err(engine)?;
+                self.device.matmul(&layer.wv, &h, &mut v).map_err(engine)?;
+                for t in 0..n {
+                    for head in q[t * dim..(t + 1) * dim].chunks_exact_mut(hd) {
+                        self.rope.rotate_interleaved_with(head, &angles[t]);
+                    }
+                    for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                        self.rope.rotate_interleaved_with(head, &angles[t]);
+                    }
+                }
+                // Queries go to the CPU workers first, so they work while the device attends.
+                for (step, r) in steps.iter_mut().zip(&spans) {
+                    step.kv.begin_layer(
+                        li,
+                        &k[r.start * kv_dim..r.end * kv_dim],
+                        &v[r.start * kv_dim..r.end * kv_dim],
+                        &q[r.start * dim..r.end * dim],
+                    )?;
+                }
+                for (step, r) in steps.iter().zip(&spans) {
+                    let cache = step.kv.device_cache();
+                    self.device
+                        .attention(
+                            cache,
+                            li,
+                            &q[r.start * dim..r.end * dim],
+                            cache.len(li) - r.len(),
+                            &mut attn[r.start * dim..r.end * dim],
+                            &mut lse[r.start * c.n_heads..r.end * c.n_heads],
+                        )
+                        .map_err(engine)?;
+                }
+                for (step, r) in steps.iter_mut().zip(&spans) {
+                    step.kv.finish_layer(
+                        li,
+                        &q[r.start * dim..r.end * dim],
+                        &mut attn[r.start * dim..r.end * dim],
+                        &lse[r.start * c.n_heads..r.end * c.n_heads],
+                    )?;
+                }
+                self.device
+                    .matmul(&layer.wo, &attn, &mut h)
+                    .map_err(engine)?;
+                add_in_place(&mut x, &h);
+
+                // Feed-forward block.
+                for (hr, xr) in h.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                    rms_norm(xr, &layer.ffn_norm, c.rms_eps, hr);
+                }
+                self.device
+                    .matmul(&layer.w_gate, &h, &mut gate)
+                    .map_err(engine)?;
+                self.device
+                    .matmul(&layer.w_up, &h, &mut up)
+                    .map_err(engine)?;
+                silu_mul_in_place(&mut gate, &up);
+                self.device
+                    .matmul(&layer.w_down, &gate, &mut h)
+                    .map_err(engine)?;
+                add_in_place(&mut x, &h);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // A half-run step leaves rows in some layers only: no sequence of
+            // this batch is usable until reset.
+            for step in steps.iter_mut() {
+                step.kv.settle();
+                step.kv.mark_broken();
+            }
+            return Err(e);
         }
-        let mut logits = vec![0f32; rows.len() / dim * c.vocab_size];
-        self.device
-            .matmul(&self.lm_head, &normed, &mut logits)
-            .map_err(engine)?;
-        Ok(logits)
+        for (step, r) in steps.iter_mut().zip(&spans) {
+            step.kv.advance(r.len());
+        }
+
+        let mut all_logits = Vec::with_capacity(steps.len());
+        for (step, r) in steps.iter().zip(&spans) {
+            let rows = match step.want {
+                Logits::Last => r.end - 1..r.end,
+                Logits::All => r.clone(),
+            };
+            let mut normed = vec![0f32; rows.len() * dim];
+            for (o, t) in normed.chunks_exact_mut(dim).zip(rows) {
+                rms_norm(&x[t * dim..(t + 1) * dim], &self.output_norm, c.rms_eps, o);
+            }
+            let mut logits = vec![0f32; normed.len() / dim * c.vocab_size];
+            self.device
+                .matmul(&self.lm_head, &normed, &mut logits)
+                .map_err(engine)?;
+            all_logits.push(logits);
+        }
+        Ok(all_logits)
     }
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct Step<'a> {
+    /// Tokens to run, at the sequence's next positions.
+    pub tokens: &'a [u32],
+    /// The sequence's keys and values.
+    pub kv: &'a mut SequenceKv,
+    /// Which positions' logits to return.
+    pub want: Logits,
 }
 
 /// Opens a model file for a Llama model on `device`.

@@ -5,7 +5,7 @@ pub mod llama;
 pub mod safetensors;
 pub mod weights;
 
-pub use llama::{load_gguf, Config, Llama, Logits};
+pub use llama::{load_gguf, Config, Llama, Logits, Step};
 
 /// Memory-maps a model file read-only, with errors that name it.
 pub(crate) fn map_file(path: &std::path::Path) -> crate::Result<memmap2::Mmap> {

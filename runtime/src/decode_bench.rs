@@ -1,0 +1,371 @@
+//! The decode benchmark behind `tandem bench decode`: per-token latency after a
+//! context of N tokens, for a policy and for `dense` in the same run, split
+//! into the dense device's time, the CPU workers' time and the time the
+//! device waited for them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tandem_cpu::WorkerPool;
+use tandem_gpu::CpuDevice;
+use tandem_kernels::ops::argmax;
+use tandem_kernels::rng::SplitMix64;
+
+use crate::engine::{Engine, EngineOptions, PREFILL_CHUNK};
+use crate::error::{Error, Result};
+use crate::model::{Config, Llama, Logits, Step};
+use crate::policy::{PolicyConfig, PolicyTable};
+use crate::split::{SequenceKv, StepCounters};
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A model file or directory; contexts come from a real prefill of real text.
+    Model(PathBuf),
+    /// A named shape (`llama3.1-8b`) with generated weights and a generated KV
+    /// cache (no model runs over the context).
+    Shape(String),
+}
+
+/// Options of [`run_decode_bench`].
+#[derive(Debug, Clone)]
+pub struct DecodeBenchOptions {
+    /// The model.
+    pub source: ModelSource,
+    /// Context lengths (tokens before the timed decode).
+    pub contexts: Vec<usize>,
+    /// The policy configuration measured (beside `dense`).
+    pub policy: PolicyConfig,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Timed decode steps (after one untimed step).
+    pub tokens: usize,
+    /// Dense-device threads.
+    pub threads: usize,
+    /// CPU attention workers.
+    pub cpu_workers: usize,
+    /// Text that fills real contexts (tokenized, repeated as needed).
+    pub fill_text: String,
+    /// Seed of generated weights and keys.
+    pub seed: u64,
+}
+
+/// One (policy, context) measurement. Times are per decode step; every
+/// sequence of the batch gets one token per step.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeBenchResult {
+    pub policy: String,
+    pub context: usize,
+    pub batch: usize,
+    /// Wall time of one step.
+    pub ms_per_token: f64,
+    /// Tokens per second over the batch.
+    pub tokens_per_s: f64,
+    /// Step time not spent waiting for the CPU workers.
+    pub device_ms_per_token: f64,
+    /// CPU workers' busy time per step, divided by the number of workers.
+    pub cpu_attention_ms_per_token: f64,
+    /// Time the device waited for the workers per step.
+    pub wait_ms_per_token: f64,
+    /// Offloaded keys touched / offloaded keys, over sparse layers and query heads.
+    pub keys_touched_fraction: f64,
+    /// Bytes held on the device / by the CPU workers per sequence, per token of context.
+    pub device_bytes_per_token: f64,
+    pub cpu_bytes_per_token: f64,
+    /// Seconds to build the context (prefill or generation, plus offload and indexing).
+    pub context_build_s: f64,
+    pub synthetic_kv: bool,
+    pub synthetic_weights: bool,
+    pub threads: usize,
+    pub cpu_workers: usize,
+}
+
+/// The known generated shapes.
+pub fn shape_config(name: &str) -> Result<Config> {
+    match name {
+        "llama3.1-8b" => Ok(Config {
+            n_layers: 32,
+            dim: 4096,
+            ffn_dim: 14336,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            vocab_size: 128_256,
+            rope_base: 500_000.0,
+            rms_eps: 1e-5,
+            context_length: 131_072,
+        }),
+        _ => Err(Error::InvalidRequest(format!(
+            "unknown shape {name:?} (known: llama3.1-8b)"
+        ))),
+    }
+}
+
+/// Runs the benchmark; `note` receives progress lines.
+pub fn run_decode_bench(
+    opts: &DecodeBenchOptions,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<DecodeBenchResult>> {
+    if opts.batch == 0 || opts.tokens == 0 || opts.threads == 0 || opts.cpu_workers == 0 {
+        return Err(Error::InvalidRequest(
+            "batch, tokens, threads and cpu workers must be at least 1".into(),
+        ));
+    }
+    if opts.contexts.is_empty() {
+        return Err(Error::InvalidRequest("no context length given".into()));
+    }
+    let mut policies = vec![opts.policy.policy.clone()];
+    if opts.policy.policy != "dense" {
+        policies.push("dense".into());
+    }
+    let mut results = Vec::new();
+    match &opts.source {
+        ModelSource::Model(path) => {
+            let engine = Engine::load(
+                path,
+                &EngineOptions {
+                    threads: opts.threads,
+                    cpu_workers: opts.cpu_workers,
+                    policy: PolicyConfig {
+                        policy: "dense".into(),
+                        ..opts.policy.clone()
+                    },
+                },
+            )?;
+            let model = engine.model();
+            let pool = Arc::new(worker_pool(opts.cpu_workers)?);
+            let fill = engine.tokenizer().encode(&opts.fill_text, false)?;
+            if fill.is_empty() {
+                return Err(Error::InvalidRequest("the fill text is empty".into()));
+            }
+            for &n in &opts.contexts {
+                if n + opts.tokens + 1 > model.config().context_length {
+                    note(&format!(
+                        "context {n} + {} tokens is beyond the model's trained {}: speed only, the text it writes is meaningless",
+                        opts.tokens,
+                        model.config().context_length
+                    ));
+                }
+                let start = Instant::now();
+                let mut base = model.new_cache();
+                let prompt: Vec<u32> = fill.iter().cycle().take(n.max(1)).copied().collect();
+                let mut logits = Vec::new();
+                for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+                    logits = model.forward(chunk, &mut base, Logits::Last)?;
+                    if i % 16 == 15 {
+                        note(&format!(
+                            "prefill {}/{} tokens",
+                            (i + 1) * PREFILL_CHUNK,
+                            prompt.len()
+                        ));
+                    }
+                }
+                let prefill_s = start.elapsed().as_secs_f64();
+                note(&format!("prefill of {n} tokens: {prefill_s:.1} s"));
+                let first = argmax(&logits).unwrap_or(0) as u32;
+                for p in &policies {
+                    let table = Arc::new(table_for(&opts.policy, p, model.config().n_layers)?);
+                    let start = Instant::now();
+                    let mut seqs = Vec::with_capacity(opts.batch);
+                    for _ in 0..opts.batch {
+                        let mut kv = base.fork(Arc::clone(&table), Some(Arc::clone(&pool)))?;
+                        kv.offload_if_due(opts.threads)?;
+                        seqs.push(kv);
+                    }
+                    let build_s = prefill_s + start.elapsed().as_secs_f64();
+                    let r = time_decode(model, &mut seqs, first, p, n, opts, build_s, false)?;
+                    note(&summary(&r));
+                    results.push(r);
+                }
+            }
+        }
+        ModelSource::Shape(name) => {
+            let config = shape_config(name)?;
+            note(&format!(
+                "{name}: generating weights (synthetic: one 4-bit layer shared by all {} layers)",
+                config.n_layers
+            ));
+            let model = Llama::synthetic(config, CpuDevice::new(opts.threads), opts.seed)?;
+            let pool = Arc::new(worker_pool(opts.cpu_workers)?);
+            let c = model.config().clone();
+            for &n in &opts.contexts {
+                for p in &policies {
+                    let table = Arc::new(table_for(&opts.policy, p, c.n_layers)?);
+                    let start = Instant::now();
+                    let mut seqs = Vec::with_capacity(opts.batch);
+                    for b in 0..opts.batch {
+                        let mut kv = SequenceKv::new(
+                            c.n_layers,
+                            c.attention_shape(),
+                            Arc::clone(&table),
+                            Some(Arc::clone(&pool)),
+                        )?;
+                        let seed = opts.seed ^ (b as u64) << 40;
+                        kv.fill(n, opts.threads, |layer, k, v| {
+                            synthetic_kv(&c, n, seed ^ layer as u64, k, v)
+                        })?;
+                        seqs.push(kv);
+                    }
+                    let build_s = start.elapsed().as_secs_f64();
+                    note(&format!(
+                        "{p}: generated and offloaded a {n}-token KV cache for {} sequence(s) in {build_s:.1} s",
+                        opts.batch
+                    ));
+                    let r = time_decode(&model, &mut seqs, 1, p, n, opts, build_s, true)?;
+                    note(&summary(&r));
+                    results.push(r);
+                }
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn worker_pool(threads: usize) -> Result<WorkerPool> {
+    WorkerPool::new(threads)
+        .map_err(|e| Error::Engine(format!("starting the CPU attention workers: {e}")))
+}
+
+fn table_for(base: &PolicyConfig, policy: &str, n_layers: usize) -> Result<PolicyTable> {
+    if policy == "dense" {
+        return Ok(PolicyTable::dense(n_layers));
+    }
+    PolicyConfig {
+        policy: policy.to_string(),
+        ..base.clone()
+    }
+    .resolve(n_layers)
+}
+
+fn summary(r: &DecodeBenchResult) -> String {
+    format!(
+        "{} at {}: {:.2} ms/step ({:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms, waiting {:.2} ms",
+        r.policy,
+        r.context,
+        r.ms_per_token,
+        r.tokens_per_s,
+        r.device_ms_per_token,
+        r.cpu_attention_ms_per_token,
+        r.wait_ms_per_token
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn time_decode(
+    model: &Llama<CpuDevice>,
+    seqs: &mut [SequenceKv],
+    first: u32,
+    policy: &str,
+    context: usize,
+    opts: &DecodeBenchOptions,
+    context_build_s: f64,
+    synthetic: bool,
+) -> Result<DecodeBenchResult> {
+    let mut next = vec![first; seqs.len()];
+    let run_step = |seqs: &mut [SequenceKv], next: &mut [u32]| -> Result<()> {
+        let mut steps: Vec<Step> = seqs
+            .iter_mut()
+            .zip(next.iter())
+            .map(|(kv, t)| Step {
+                tokens: std::slice::from_ref(t),
+                kv,
+                want: Logits::Last,
+            })
+            .collect();
+        let logits = model.forward_batch(&mut steps)?;
+        for (n, l) in next.iter_mut().zip(&logits) {
+            *n = argmax(l).unwrap_or(0) as u32;
+        }
+        Ok(())
+    };
+    // One untimed step warms caches and both pools.
+    run_step(seqs, &mut next)?;
+    for kv in seqs.iter_mut() {
+        kv.take_counters();
+    }
+    let start = Instant::now();
+    for _ in 0..opts.tokens {
+        run_step(seqs, &mut next)?;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let mut c = StepCounters::default();
+    for kv in seqs.iter_mut() {
+        let s = kv.take_counters();
+        c.wait_ns += s.wait_ns;
+        c.worker_ns += s.worker_ns;
+        c.keys_touched += s.keys_touched;
+        c.keys_offloaded += s.keys_offloaded;
+    }
+    let steps = opts.tokens as f64;
+    let ms = wall * 1e3 / steps;
+    let wait_ms = c.wait_ns as f64 / 1e6 / steps;
+    let (device_bytes, cpu_bytes) = seqs[0].bytes();
+    let tokens_held = seqs[0].positions() as f64;
+    Ok(DecodeBenchResult {
+        policy: policy.to_string(),
+        context,
+        batch: seqs.len(),
+        ms_per_token: ms,
+        tokens_per_s: seqs.len() as f64 * steps / wall,
+        device_ms_per_token: ms - wait_ms,
+        cpu_attention_ms_per_token: c.worker_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
+        wait_ms_per_token: wait_ms,
+        keys_touched_fraction: if c.keys_offloaded > 0 {
+            c.keys_touched as f64 / c.keys_offloaded as f64
+        } else {
+            0.0
+        },
+        device_bytes_per_token: device_bytes as f64 / tokens_held,
+        cpu_bytes_per_token: cpu_bytes as f64 / tokens_held,
+        context_build_s,
+        synthetic_kv: synthetic,
+        synthetic_weights: synthetic,
+        threads: model.device().threads(),
+        cpu_workers: opts.cpu_workers,
+    })
+}
+
+/// Generated keys and values of one layer, `n × n_kv_heads × head_dim` each:
+/// keys are noise plus a rotary-like component (channel pairs rotating with
+/// position at RoPE frequencies), a few outlier channels and 32 heavy-hitter
+/// positions per head sharing one direction; values are noise.
+fn synthetic_kv(c: &Config, n: usize, seed: u64, k: &mut Vec<f32>, v: &mut Vec<f32>) {
+    let (nkv, d) = (c.n_kv_heads, c.head_dim);
+    let half = d / 2;
+    let mut rng = SplitMix64(seed);
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| c.rope_base.powf(-2.0 * j as f32 / d as f32))
+        .collect();
+    k.resize(n * nkv * d, 0.0);
+    v.resize(n * nkv * d, 0.0);
+    for t in 0..n {
+        for h in 0..nkv {
+            let o = (t * nkv + h) * d;
+            for j in 0..half {
+                let (s, co) = (t as f32 * freqs[j]).sin_cos();
+                let a = 1.5 * ((h + j) % 3) as f32 / 2.0;
+                k[o + j] = 1.7 * rng.signed_f32() + a * co;
+                k[o + j + half] = 1.7 * rng.signed_f32() + a * s;
+            }
+            for j in 0..4.min(d) {
+                k[o + (j * 7 + h) % d] += 6.0;
+            }
+            for x in &mut v[o..o + d] {
+                *x = 1.7 * rng.signed_f32();
+            }
+        }
+    }
+    for h in 0..nkv {
+        let dir: Vec<f32> = (0..d).map(|_| rng.signed_f32()).collect();
+        let norm = dir.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+        for _ in 0..32 {
+            let t = (rng.next_u64() % n.max(1) as u64) as usize;
+            let o = (t * nkv + h) * d;
+            for j in 0..d {
+                k[o + j] = dir[j] / norm * 3.0 * (d as f32).sqrt();
+            }
+        }
+    }
+}

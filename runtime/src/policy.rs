@@ -1,0 +1,323 @@
+//! The per-layer attention policy table: for every layer, how its attention is
+//! computed and which of its keys stay on the dense device.
+//!
+//! A sparse layer keeps its first `sinks` tokens and its most recent `window`
+//! tokens on the device; the tokens in between live in the CPU attention
+//! workers' offloaded store (or, for `window`, are dropped). Contexts shorter
+//! than `dense_below` tokens stay wholly on the device, exactly as `dense`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use tandem_bench::parse_policy;
+use tandem_cpu::Policy;
+
+use crate::error::{Error, Result};
+
+/// How one layer attends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerAttention {
+    /// Exact attention over every token, all on the device.
+    Dense,
+    /// Sinks and recent window only; tokens leaving the window are dropped.
+    Window,
+    /// Sinks and window on the device, the rest offloaded to the CPU workers
+    /// and attended with `policy`.
+    Offloaded {
+        /// The CPU workers' policy.
+        policy: Policy,
+        /// (K, L) of the LSH index the policy needs, if any.
+        lsh: Option<(usize, usize)>,
+    },
+}
+
+/// One layer's row of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPolicy {
+    /// How the layer attends.
+    pub attention: LayerAttention,
+    /// The policy as written (`dense`, `lsh:k=10,l=150`, ...).
+    pub name: String,
+}
+
+impl LayerPolicy {
+    /// Parses `dense`, `window`, `exact`, `lsh:k=K,l=L[,t=T][,max_keys=M]`,
+    /// `topk:k=N` or `oracle:budget=N`. `exact` offloads like the sparse
+    /// policies but attends every offloaded key exactly (the split step's
+    /// reference: it must give dense's results).
+    pub fn parse(spec: &str) -> Result<LayerPolicy> {
+        let spec = spec.trim();
+        let attention = match spec {
+            "dense" => LayerAttention::Dense,
+            "window" => LayerAttention::Window,
+            "exact" => LayerAttention::Offloaded {
+                policy: Policy::Dense,
+                lsh: None,
+            },
+            _ => {
+                let parsed =
+                    parse_policy(spec).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+                if parsed.policy == Policy::Dense {
+                    LayerAttention::Dense
+                } else {
+                    LayerAttention::Offloaded {
+                        policy: parsed.policy,
+                        lsh: parsed.lsh,
+                    }
+                }
+            }
+        };
+        Ok(LayerPolicy {
+            attention,
+            name: spec.to_string(),
+        })
+    }
+
+    /// Whether the layer moves tokens off the device once the context is long.
+    pub fn is_sparse(&self) -> bool {
+        !matches!(self.attention, LayerAttention::Dense)
+    }
+}
+
+/// What a user sets; [`PolicyConfig::resolve`] turns it into a [`PolicyTable`]
+/// for a model's layer count. Also the format of a TOML policy file:
+///
+/// ```toml
+/// policy = "lsh:k=10,l=150,t=2"   # every layer not named below
+/// dense_layers = [0, 15]          # default: 0 and n_layers / 2
+/// sinks = 4
+/// window = 64
+/// dense_below = 2048              # shorter contexts stay dense
+/// [layers]
+/// 7 = "topk:k=64"                 # per-layer overrides
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Policy of every layer not otherwise named.
+    pub policy: String,
+    /// Layers kept dense; `None` means MagicPIG's choice, layers 0 and n/2.
+    pub dense_layers: Option<Vec<usize>>,
+    /// Tokens at the start of the context kept on the device.
+    pub sinks: usize,
+    /// Most recent tokens kept on the device.
+    pub window: usize,
+    /// Contexts shorter than this stay wholly on the device.
+    pub dense_below: usize,
+    /// Seed of the LSH hyperplanes.
+    pub seed: u64,
+    /// Per-layer policies, overriding everything above.
+    pub layers: BTreeMap<usize, String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            policy: "lsh:k=10,l=150,t=2".into(),
+            dense_layers: None,
+            sinks: 4,
+            window: 64,
+            dense_below: 2048,
+            seed: 0x7a6d,
+            layers: BTreeMap::new(),
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Reads a TOML policy file (see the type's documentation).
+    pub fn from_toml_file(path: &Path) -> Result<PolicyConfig> {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::Io {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            Error::InvalidRequest(format!("policy file {}: {}", path.display(), e.message()))
+        })
+    }
+
+    /// The table for a model with `n_layers` layers.
+    pub fn resolve(&self, n_layers: usize) -> Result<PolicyTable> {
+        let bad = |m: String| Error::InvalidRequest(m);
+        let default = LayerPolicy::parse(&self.policy)?;
+        let mut layers = vec![default; n_layers];
+        let dense = self
+            .dense_layers
+            .clone()
+            .unwrap_or_else(|| vec![0, n_layers / 2]);
+        for &l in &dense {
+            let slot = layers.get_mut(l).ok_or_else(|| {
+                bad(format!(
+                    "dense layer {l} does not exist (the model has {n_layers})"
+                ))
+            })?;
+            *slot = LayerPolicy::parse("dense")?;
+        }
+        for (&l, spec) in &self.layers {
+            let slot = layers.get_mut(l).ok_or_else(|| {
+                bad(format!(
+                    "layer {l} does not exist (the model has {n_layers})"
+                ))
+            })?;
+            *slot = LayerPolicy::parse(spec)?;
+        }
+        let any_sparse = layers.iter().any(LayerPolicy::is_sparse);
+        if any_sparse && self.dense_below < self.sinks + self.window {
+            return Err(bad(format!(
+                "dense_below ({}) must be at least sinks + window ({})",
+                self.dense_below,
+                self.sinks + self.window
+            )));
+        }
+        if any_sparse && self.window == 0 {
+            return Err(bad("the window must hold at least one token".into()));
+        }
+        Ok(PolicyTable {
+            layers,
+            sinks: self.sinks,
+            window: self.window,
+            dense_below: self.dense_below,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Every layer's policy, with the device window shared by the sparse layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyTable {
+    /// One entry per layer.
+    pub layers: Vec<LayerPolicy>,
+    /// Tokens at the start of the context kept on the device.
+    pub sinks: usize,
+    /// Most recent tokens kept on the device.
+    pub window: usize,
+    /// Contexts shorter than this stay wholly on the device.
+    pub dense_below: usize,
+    /// Seed of the LSH hyperplanes.
+    pub seed: u64,
+}
+
+impl PolicyTable {
+    /// Every layer dense: the plain decode.
+    pub fn dense(n_layers: usize) -> PolicyTable {
+        PolicyTable {
+            layers: vec![
+                LayerPolicy {
+                    attention: LayerAttention::Dense,
+                    name: "dense".into(),
+                };
+                n_layers
+            ],
+            sinks: 0,
+            window: 0,
+            dense_below: usize::MAX,
+            seed: 0,
+        }
+    }
+
+    /// Whether any layer moves tokens off the device.
+    pub fn is_sparse(&self) -> bool {
+        self.layers.iter().any(LayerPolicy::is_sparse)
+    }
+}
+
+/// One line per run of equal layers, e.g. `layers 0,15: dense`.
+impl fmt::Display for PolicyTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| *n == l.name) {
+                Some((_, v)) => v.push(i),
+                None => groups.push((&l.name, vec![i])),
+            }
+        }
+        for (name, ids) in &groups {
+            writeln!(f, "  layers {}: {name}", ranges(ids))?;
+        }
+        if self.is_sparse() {
+            write!(
+                f,
+                "  device window: {} sink + {} recent tokens; contexts below {} tokens stay dense",
+                self.sinks, self.window, self.dense_below
+            )?;
+        } else {
+            write!(f, "  every layer on the device")?;
+        }
+        Ok(())
+    }
+}
+
+/// `0,2-5,9` from sorted indices.
+fn ranges(ids: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", ids[i], ids[j])
+        } else {
+            ids[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_magicpig() {
+        let t = PolicyConfig::default().resolve(30).expect("table");
+        assert_eq!(t.layers[0].attention, LayerAttention::Dense);
+        assert_eq!(t.layers[15].attention, LayerAttention::Dense);
+        assert!(matches!(
+            t.layers[1].attention,
+            LayerAttention::Offloaded {
+                lsh: Some((10, 150)),
+                ..
+            }
+        ));
+        assert_eq!((t.sinks, t.window), (4, 64));
+        let shown = t.to_string();
+        assert!(
+            shown.contains("layers 1-14,16-29: lsh:k=10,l=150,t=2"),
+            "{shown}"
+        );
+        assert!(shown.contains("layers 0,15: dense"), "{shown}");
+    }
+
+    #[test]
+    fn toml_overrides_and_errors() {
+        let c: PolicyConfig = toml::from_str(
+            "policy = \"topk:k=32\"\ndense_layers = [1]\nwindow = 16\n[layers]\n3 = \"window\"\n",
+        )
+        .expect("toml");
+        let t = c.resolve(4).expect("table");
+        assert_eq!(t.layers[1].attention, LayerAttention::Dense);
+        assert_eq!(t.layers[3].attention, LayerAttention::Window);
+        assert!(matches!(
+            t.layers[0].attention,
+            LayerAttention::Offloaded { lsh: None, .. }
+        ));
+        assert!(toml::from_str::<PolicyConfig>("polcy = \"dense\"").is_err());
+        let bad_layer = PolicyConfig {
+            dense_layers: Some(vec![9]),
+            ..PolicyConfig::default()
+        };
+        assert!(bad_layer.resolve(4).is_err());
+        let tiny = PolicyConfig {
+            dense_below: 10,
+            ..PolicyConfig::default()
+        };
+        assert!(tiny.resolve(4).is_err());
+        assert!(LayerPolicy::parse("lsh:k=99,l=2").is_err());
+        assert!(LayerPolicy::parse("fast").is_err());
+    }
+}
