@@ -1,0 +1,333 @@
+//! Needle in a haystack (RULER's single-needle task): a key-value fact hidden at a
+//! depth in real filler text, then a question asking for the value.
+//!
+//! Cases are deterministic given the seed, the context length and the case
+//! count. The depths of one context's cases are spread evenly over 0-100%; each
+//! case draws its own key (a common word), value (a 5-7 digit number) and place
+//! in the corpus where its filler starts.
+
+use tandem_kernels::rng::SplitMix64;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Tokens each case leaves free for the reply: a prompt for context `n` holds at
+/// most `n - ANSWER_TOKENS` tokens, so `n` may be the model's whole context.
+pub const ANSWER_TOKENS: usize = 16;
+
+/// How a case is worded. In every field `{key}` and `{value}` are replaced by the
+/// case's key and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wording {
+    /// The fact inserted into the filler.
+    pub needle: String,
+    /// The user's message before the filler.
+    pub before: String,
+    /// The user's message after the filler.
+    pub after: String,
+    /// The start of the assistant's reply, appended to the rendered chat.
+    pub answer_prefix: String,
+}
+
+impl Default for Wording {
+    /// RULER's niah wording (with its answer prefix), which SmolLM2-135M-Instruct
+    /// answers with dense attention (20 of 20 cases at 1k tokens).
+    fn default() -> Self {
+        Wording {
+            needle: "One of the special magic numbers for {key} is: {value}.".into(),
+            before: "Some special magic numbers are hidden within the following text. \
+                     Make sure to memorize it. I will quiz you about the numbers afterwards."
+                .into(),
+            after: "What is the special magic number for {key} mentioned in the provided text?"
+                .into(),
+            answer_prefix: "The special magic number for {key} mentioned in the provided text is"
+                .into(),
+        }
+    }
+}
+
+/// One question: the prompt tokens and the expected answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeedleCase {
+    /// The word the fact is about.
+    pub key: String,
+    /// The number to retrieve.
+    pub value: String,
+    /// Where the fact sits in the filler: 0 at its start, 1 at its end.
+    pub depth: f64,
+    /// The rendered chat, ready to generate the answer from.
+    pub prompt: Vec<u32>,
+}
+
+impl NeedleCase {
+    /// Whether a reply gives the value: the digits appear as a whole number (not
+    /// inside a longer one); thousands separators are ignored.
+    pub fn is_answered_by(&self, reply: &str) -> bool {
+        let reply: String = reply.chars().filter(|&c| c != ',').collect();
+        let bytes = reply.as_bytes();
+        reply.match_indices(self.value.as_str()).any(|(at, m)| {
+            let before = at.checked_sub(1).map(|i| bytes[i]);
+            let after = bytes.get(at + m.len()).copied();
+            !before.is_some_and(|b| b.is_ascii_digit())
+                && !after.is_some_and(|b| b.is_ascii_digit())
+        })
+    }
+}
+
+/// Builds needle cases from a corpus for one model's tokenizer and chat template.
+#[derive(Debug)]
+pub struct NeedleBuilder<'a> {
+    tokenizer: &'a Tokenizer,
+    template: &'a ChatTemplate,
+    wording: Wording,
+    seed: u64,
+    /// The corpus cut into sentences, each with its leading whitespace, and the
+    /// token count of each on its own.
+    sentences: Vec<(&'a str, usize)>,
+}
+
+/// Common words used as keys.
+const KEYS: &[&str] = &[
+    "apple", "river", "garden", "lantern", "mountain", "pencil", "violin", "castle", "harbor",
+    "meadow", "rocket", "candle", "falcon", "island", "forest", "teacup", "compass", "dragon",
+    "ladder", "mirror", "orchard", "pepper", "planet", "saddle", "tiger", "wagon", "anchor",
+    "basket", "blanket", "bridge", "button", "carpet", "cherry", "cloud", "coffee", "desert",
+    "dolphin", "feather", "flower", "glacier", "hammer", "helmet", "jacket", "kettle", "kitchen",
+    "lemon", "magnet", "marble", "monkey", "ocean", "onion", "parrot", "piano", "pillow",
+    "pumpkin", "rabbit", "ribbon", "shadow", "spoon", "squirrel", "sunset", "tomato", "tunnel",
+    "turtle", "umbrella", "valley", "village", "whistle", "zebra",
+];
+
+impl<'a> NeedleBuilder<'a> {
+    /// A builder over `corpus` (see [`crate::eval::corpus`]) with the default wording.
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        template: &'a ChatTemplate,
+        corpus: &'a str,
+        seed: u64,
+    ) -> Result<Self> {
+        let sentences = split_sentences(corpus)
+            .into_iter()
+            .map(|s| Ok((s, tokenizer.encode(s, false)?.len())))
+            .collect::<Result<Vec<_>>>()?;
+        if sentences.is_empty() {
+            return Err(Error::InvalidRequest(
+                "the needle corpus has no text".into(),
+            ));
+        }
+        Ok(NeedleBuilder {
+            tokenizer,
+            template,
+            wording: Wording::default(),
+            seed,
+            sentences,
+        })
+    }
+
+    /// The same builder with another wording.
+    pub fn with_wording(mut self, wording: Wording) -> Self {
+        self.wording = wording;
+        self
+    }
+
+    /// `count` cases whose prompts fill `context` tokens less [`ANSWER_TOKENS`]
+    /// (as nearly as whole sentences allow), at depths `i / (count - 1)`.
+    pub fn cases(&self, context: usize, count: usize) -> Result<Vec<NeedleCase>> {
+        let mut rng = SplitMix64(self.seed ^ (context as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        (0..count)
+            .map(|i| {
+                let depth = if count > 1 {
+                    i as f64 / (count - 1) as f64
+                } else {
+                    0.5
+                };
+                self.case(context, depth, &mut rng)
+            })
+            .collect()
+    }
+
+    fn case(&self, context: usize, depth: f64, rng: &mut SplitMix64) -> Result<NeedleCase> {
+        let budget = context.saturating_sub(ANSWER_TOKENS);
+        let key = KEYS[(rng.next_u64() % KEYS.len() as u64) as usize];
+        let start = (rng.next_u64() % self.sentences.len() as u64) as usize;
+        let digits = 5 + (rng.next_u64() % 3) as u32;
+        let low = 10u64.pow(digits - 1);
+        let mut value = (low + rng.next_u64() % (9 * low)).to_string();
+
+        let fill = |s: &str, value: &str| s.replace("{key}", key).replace("{value}", value);
+        let render = |filler: &[&str], value: &str| -> Result<Vec<u32>> {
+            let at = (depth * filler.len() as f64).round() as usize;
+            let mut haystack = filler[..at].concat();
+            haystack.push(' ');
+            haystack.push_str(&fill(&self.wording.needle, value));
+            haystack.push_str(&filler[at..].concat());
+            let w = &self.wording;
+            let content = format!(
+                "{}\n\n{}\n\n{}",
+                fill(&w.before, value),
+                haystack.trim(),
+                fill(&w.after, value)
+            );
+            let mut text = self.template.render(&[Message::user(content)], true)?;
+            text.push_str(&fill(&w.answer_prefix, value));
+            self.tokenizer.encode(&text, false)
+        };
+
+        let overhead = render(&[], &value)?.len();
+        if overhead >= budget {
+            return Err(Error::InvalidRequest(format!(
+                "a needle case needs more than {overhead} + {ANSWER_TOKENS} tokens; context {context} is too small"
+            )));
+        }
+        // Whole sentences from `start` on (wrapping round the corpus) by their own
+        // token counts; then drop sentences until the rendered prompt fits.
+        let mut filler = Vec::new();
+        let mut used = overhead;
+        for &(s, n) in self.sentences.iter().cycle().skip(start) {
+            if used + n > budget || filler.len() == self.sentences.len() {
+                break;
+            }
+            used += n;
+            filler.push(s);
+        }
+        // A value that already occurs in the filler would make the answer ambiguous.
+        while filler.iter().any(|s| s.contains(value.as_str())) {
+            value = (low + rng.next_u64() % (9 * low)).to_string();
+        }
+        loop {
+            let prompt = render(&filler, &value)?;
+            if prompt.len() <= budget {
+                return Ok(NeedleCase {
+                    key: key.to_string(),
+                    value,
+                    depth,
+                    prompt,
+                });
+            }
+            filler.pop();
+        }
+    }
+}
+
+/// Cuts text after `.`, `?` or `!` followed by whitespace, and before blank
+/// lines. Whitespace starts the following piece (where a byte-level BPE puts it),
+/// so a piece's token count on its own is close to its count within the text.
+/// The pieces concatenate to the text without its trailing whitespace.
+fn split_sentences(text: &str) -> Vec<&str> {
+    let b = text.as_bytes();
+    let cuts = (1..b.len()).filter(|&i| {
+        let after_mark = matches!(b[i - 1], b'.' | b'?' | b'!') && b[i].is_ascii_whitespace();
+        let blank_line = b[i] == b'\n' && b.get(i + 1) == Some(&b'\n');
+        after_mark || blank_line
+    });
+    let mut out = Vec::new();
+    let mut start = 0;
+    for cut in cuts.chain([b.len()]) {
+        // A piece of whitespace only joins the next one.
+        if !text[start..cut].trim().is_empty() {
+            out.push(&text[start..cut]);
+            start = cut;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::GgufFile;
+
+    const MODEL: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+
+    fn smollm() -> Tokenizer {
+        assert!(
+            std::path::Path::new(MODEL).exists(),
+            "model file {MODEL} is missing: run scripts/setup.sh first"
+        );
+        let file = GgufFile::open(MODEL).expect("open model");
+        Tokenizer::from_gguf(&file).expect("build tokenizer")
+    }
+
+    #[test]
+    fn sentences_concatenate_back() {
+        let text = "One. Two?  Three!\nFour\n\n\nFive 1.5 six. ";
+        let s = split_sentences(text);
+        assert_eq!(
+            s,
+            ["One.", " Two?", "  Three!", "\nFour", "\n\n\nFive 1.5 six."]
+        );
+        assert_eq!(s.concat(), text.trim_end());
+        assert!(split_sentences("  \n\n ").is_empty());
+    }
+
+    #[test]
+    fn answers_need_the_whole_number() {
+        let case = NeedleCase {
+            key: "apple".into(),
+            value: "123456".into(),
+            depth: 0.0,
+            prompt: vec![],
+        };
+        assert!(case.is_answered_by(" 123456."));
+        assert!(case.is_answered_by("The code is 123,456"));
+        assert!(case.is_answered_by("123456"));
+        assert!(!case.is_answered_by(" 1234567"));
+        assert!(!case.is_answered_by(" 0123456"));
+        assert!(!case.is_answered_by(" 12345"));
+        assert!(!case.is_answered_by(""));
+    }
+
+    #[test]
+    fn cases_fit_the_context_and_hold_the_needle_at_their_depth() {
+        let tok = smollm();
+        let template = ChatTemplate::new(None, "", "").unwrap();
+        let corpus = crate::eval::corpus::load().unwrap();
+        let builder = NeedleBuilder::new(&tok, &template, &corpus, 1).unwrap();
+        for context in [1024, 4096] {
+            let cases = builder.cases(context, 5).unwrap();
+            assert_eq!(cases, builder.cases(context, 5).unwrap(), "deterministic");
+            let depths: Vec<f64> = cases.iter().map(|c| c.depth).collect();
+            assert_eq!(depths, [0.0, 0.25, 0.5, 0.75, 1.0]);
+            for case in &cases {
+                let n = case.prompt.len();
+                assert!(n <= context - ANSWER_TOKENS, "{n} tokens for {context}");
+                assert!(
+                    n + ANSWER_TOKENS > context - 100,
+                    "only {n} tokens for {context}"
+                );
+                assert!((5..=7).contains(&case.value.len()));
+                let text = tok.decode(&case.prompt).unwrap();
+                let needle = format!(
+                    "One of the special magic numbers for {} is: {}.",
+                    case.key, case.value
+                );
+                assert_eq!(text.matches(&needle).count(), 1, "{text}");
+                assert_eq!(text.matches(&case.value).count(), 1);
+                assert!(text.starts_with("<|im_start|>user\nSome special magic numbers"));
+                assert!(text.ends_with(&format!(
+                    "provided text?<|im_end|>\n<|im_start|>assistant\n\
+                     The special magic number for {} mentioned in the provided text is",
+                    case.key
+                )));
+                // The needle's place in the filler follows the depth.
+                let body = &text[text.find("\n\n").unwrap()..text.rfind("\n\nWhat is").unwrap()];
+                let at = body.find(&needle).unwrap() as f64 / body.len() as f64;
+                assert!(
+                    (at - case.depth).abs() < 0.1,
+                    "depth {} at {at}",
+                    case.depth
+                );
+            }
+        }
+        let other = NeedleBuilder::new(&tok, &template, &corpus, 2).unwrap();
+        assert_ne!(
+            builder.cases(1024, 3).unwrap(),
+            other.cases(1024, 3).unwrap()
+        );
+        assert!(builder.cases(40, 1).is_err());
+    }
+}

@@ -1,0 +1,558 @@
+//! The results of `tandem eval`: one [`Row`] per (policy, context), shown as a
+//! markdown table, written as JSON, and plotted as an SVG of quality against
+//! keys touched with one line per policy family.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::eval::metrics::Agreement;
+
+/// Attention quality of one layer against dense.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerRow {
+    /// Layer index.
+    pub layer: usize,
+    /// ‖o − o_dense‖ / ‖o_dense‖ of the attention output, averaged over queries.
+    pub rel_l2_error: f64,
+    /// Cosine of the attention output with dense, averaged over queries.
+    pub cosine: f64,
+    /// Fraction of the context's keys a query of this layer touched.
+    pub keys_touched_fraction: f64,
+}
+
+/// Everything measured for one policy at one context length.
+///
+/// In JSON a non-finite number (e.g. an infinite KL) is written as `null`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// The policy as given on the command line, e.g. `lsh:K=8,L=75`.
+    pub policy: String,
+    /// Context length in tokens.
+    pub context: usize,
+    /// Teacher-forced positions scored.
+    pub positions: usize,
+    /// Fraction of positions where the policy's top-1 token is dense's.
+    pub top1_agreement: f64,
+    /// Mean KL(dense || policy) per position, nats.
+    pub mean_kl: f64,
+    /// Largest KL(dense || policy) at any position, nats.
+    pub max_kl: f64,
+    /// Perplexity of the text under the policy.
+    pub ppl: f64,
+    /// Perplexity of the text under dense.
+    pub dense_ppl: f64,
+    /// Needle cases asked (0: the needle task was not run).
+    pub needle_cases: usize,
+    /// Fraction of needle cases the policy answered; `None` if not run.
+    pub needle_accuracy: Option<f64>,
+    /// Fraction of the same cases dense answered; `None` if not run.
+    pub dense_needle_accuracy: Option<f64>,
+    /// Fraction of the context's keys a query touched, over all layers.
+    pub keys_touched_fraction: f64,
+    /// KV bytes per context token held on the dense device.
+    pub device_bytes_per_token: f64,
+    /// KV bytes per context token held by the CPU workers.
+    pub cpu_bytes_per_token: f64,
+    /// Per-layer attention error.
+    pub per_layer: Vec<LayerRow>,
+}
+
+impl Row {
+    /// A row with the teacher-forced measures of `agreement`; the rest default.
+    pub fn new(policy: impl Into<String>, context: usize, agreement: &Agreement) -> Row {
+        Row {
+            policy: policy.into(),
+            context,
+            positions: agreement.positions,
+            top1_agreement: agreement.top1_agreement,
+            mean_kl: agreement.mean_kl,
+            max_kl: agreement.max_kl,
+            ppl: agreement.ppl,
+            dense_ppl: agreement.dense_ppl,
+            ..Row::default()
+        }
+    }
+
+    /// The policy family: the name up to the first `:`, `{`, `(`, `[`, `=`, `,` or
+    /// space, e.g. `lsh` for `lsh:K=8,L=75` and `topk` for `topk{64}`.
+    pub fn family(&self) -> &str {
+        let end = self
+            .policy
+            .find([':', '{', '(', '[', '=', ',', ' '])
+            .unwrap_or(self.policy.len());
+        &self.policy[..end]
+    }
+}
+
+/// A markdown table with a header and one line per row.
+pub fn markdown_table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| policy | context | top-1 | mean KL | max KL | ppl | dense ppl | needle | dense needle | keys touched | device B/tok | CPU B/tok |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let pct = |x: f64| format!("{:.2}%", 100.0 * x);
+    let needle = |x: Option<f64>| x.map_or_else(|| "–".into(), |x| format!("{:.0}%", 100.0 * x));
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.4} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.0} | {:.0} |",
+            r.policy.replace('|', "\\|"),
+            r.context,
+            pct(r.top1_agreement),
+            r.mean_kl,
+            r.max_kl,
+            r.ppl,
+            r.dense_ppl,
+            needle(r.needle_accuracy),
+            needle(r.dense_needle_accuracy),
+            pct(r.keys_touched_fraction),
+            r.device_bytes_per_token,
+            r.cpu_bytes_per_token,
+        );
+    }
+    out
+}
+
+/// The rows as a pretty-printed JSON array of objects.
+pub fn to_json(rows: &[Row]) -> String {
+    // A Vec of plain structs with string keys always serializes.
+    serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".into())
+}
+
+/// Plot geometry.
+const WIDTH: f64 = 960.0;
+const HEIGHT: f64 = 420.0;
+const PANEL_W: f64 = 360.0;
+const PANEL_H: f64 = 260.0;
+const PANEL_TOP: f64 = 50.0;
+const PANEL_LEFT: [f64; 2] = [80.0, 560.0];
+const COLORS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+/// Keys-touched fractions below this are drawn at it (a log axis has no zero).
+const MIN_FRACTION: f64 = 1e-4;
+
+/// A standalone SVG with two panels, top-1 agreement and mean KL against the
+/// fraction of keys touched (log scale), one line per policy family (per family
+/// and context when the rows hold several contexts), with a legend.
+pub fn svg_plot(rows: &[Row]) -> String {
+    let contexts: std::collections::BTreeSet<usize> = rows.iter().map(|r| r.context).collect();
+    let mut series: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        let name = if contexts.len() > 1 {
+            format!("{} @{}", r.family(), r.context)
+        } else {
+            r.family().to_string()
+        };
+        series.entry(name).or_default().push(r);
+    }
+    for points in series.values_mut() {
+        points.sort_by(|a, b| a.keys_touched_fraction.total_cmp(&b.keys_touched_fraction));
+    }
+
+    let xs = rows
+        .iter()
+        .map(|r| r.keys_touched_fraction.max(MIN_FRACTION));
+    let x_hi = xs.clone().fold(1.0f64, f64::max).log10().ceil();
+    let x_lo = xs.fold(1.0f64, f64::min).log10().floor().min(x_hi - 1.0);
+    let top1_lo = rows
+        .iter()
+        .map(|r| r.top1_agreement)
+        .filter(|y| y.is_finite())
+        .fold(1.0f64, f64::min);
+    let top1_lo = ((top1_lo * 10.0).floor() / 10.0).clamp(0.0, 0.9);
+    let kl_hi = rows
+        .iter()
+        .map(|r| r.mean_kl)
+        .filter(|y| y.is_finite())
+        .fold(0.0f64, f64::max);
+    let kl_hi = nice_ceiling(kl_hi);
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
+    );
+    let panels = [
+        Panel {
+            title: "Top-1 agreement with dense",
+            y_label: "top-1 agreement",
+            y_lo: top1_lo,
+            y_hi: 1.0,
+            value: |r| r.top1_agreement,
+        },
+        Panel {
+            title: "Mean KL(dense || policy)",
+            y_label: "mean KL (nats)",
+            y_lo: 0.0,
+            y_hi: kl_hi,
+            value: |r| r.mean_kl,
+        },
+    ];
+    for (&left, panel) in PANEL_LEFT.iter().zip(panels) {
+        let Panel {
+            title,
+            y_label,
+            y_lo,
+            y_hi,
+            value,
+        } = panel;
+        let px = |x: f64| left + (x.max(MIN_FRACTION).log10() - x_lo) / (x_hi - x_lo) * PANEL_W;
+        let py = |y: f64| PANEL_TOP + (1.0 - (y - y_lo) / (y_hi - y_lo)) * PANEL_H;
+        let bottom = PANEL_TOP + PANEL_H;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="14">{}</text>"#,
+            left + PANEL_W / 2.0,
+            PANEL_TOP - 15.0,
+            escape(title)
+        );
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{left}" y="{PANEL_TOP}" width="{PANEL_W}" height="{PANEL_H}" fill="none" stroke="#333"/>"##
+        );
+        // x ticks at decades, labelled in percent.
+        for e in (x_lo as i32)..=(x_hi as i32) {
+            let x = px(10f64.powi(e));
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x:.1}" y1="{PANEL_TOP}" x2="{x:.1}" y2="{bottom}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}%</text>"##,
+                bottom + 16.0,
+                trim_float(100.0 * 10f64.powi(e))
+            );
+        }
+        for i in 0..=4 {
+            let y = y_lo + (y_hi - y_lo) * f64::from(i) / 4.0;
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{left}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                left + PANEL_W,
+                left - 6.0,
+                py(y) + 4.0,
+                trim_float(y),
+                py = py(y)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">keys touched per query (log scale)</text>"#,
+            left + PANEL_W / 2.0,
+            bottom + 36.0
+        );
+        let (lx, ly) = (left - 55.0, PANEL_TOP + PANEL_H / 2.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{lx}" y="{ly}" text-anchor="middle" transform="rotate(-90 {lx} {ly})">{}</text>"#,
+            escape(y_label)
+        );
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let finite: Vec<(f64, f64)> = points
+                .iter()
+                .map(|r| (px(r.keys_touched_fraction), py(value(r))))
+                .filter(|(_, y)| y.is_finite())
+                .collect();
+            let coords: Vec<String> = finite
+                .iter()
+                .map(|(x, y)| format!("{x:.1},{y:.1}"))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline data-series="{}" points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                escape(name),
+                coords.join(" ")
+            );
+            for (x, y) in finite {
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{color}"/>"#
+                );
+            }
+        }
+    }
+    // Legend: one entry per series along the bottom, wrapping after 6.
+    for (i, name) in series.keys().enumerate() {
+        let (x, y) = (
+            PANEL_LEFT[0] + (i % 6) as f64 * 140.0,
+            HEIGHT - 40.0 + (i / 6) as f64 * 18.0,
+        );
+        let color = COLORS[i % COLORS.len()];
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
+            x + 24.0,
+            x + 30.0,
+            y + 4.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// One panel of the plot: a quality measure on the y axis.
+struct Panel {
+    title: &'static str,
+    y_label: &'static str,
+    y_lo: f64,
+    y_hi: f64,
+    value: fn(&Row) -> f64,
+}
+
+/// The smallest of 1, 2 or 5 × 10^k at or above `x` (1e-3 for 0).
+fn nice_ceiling(x: f64) -> f64 {
+    if x.is_nan() || x <= 0.0 {
+        return 1e-3;
+    }
+    let base = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * base)
+        .find(|&v| v >= x * (1.0 - 1e-12))
+        .unwrap_or(10.0 * base)
+}
+
+/// A tick label: at most 4 significant digits, without trailing zeros.
+fn trim_float(x: f64) -> String {
+    let s = format!("{:.4}", x);
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Escapes text for SVG content and attributes.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows() -> Vec<Row> {
+        let row = |policy: &str, top1: f64, kl: f64, touched: f64| Row {
+            policy: policy.into(),
+            context: 8192,
+            positions: 100,
+            top1_agreement: top1,
+            mean_kl: kl,
+            max_kl: 4.0 * kl,
+            ppl: 12.0 + kl,
+            dense_ppl: 12.0,
+            needle_cases: 20,
+            needle_accuracy: Some(0.9),
+            dense_needle_accuracy: Some(0.95),
+            keys_touched_fraction: touched,
+            device_bytes_per_token: 4096.0,
+            cpu_bytes_per_token: 8192.0,
+            per_layer: vec![LayerRow {
+                layer: 0,
+                rel_l2_error: 0.1,
+                cosine: 0.99,
+                keys_touched_fraction: touched,
+            }],
+        };
+        vec![
+            row("dense", 1.0, 0.0, 1.0),
+            row("topk:64", 0.91, 0.08, 0.008),
+            row("topk:256", 0.96, 0.02, 0.031),
+            row("lsh:K=8,L=75", 0.97, 0.015, 0.02),
+            row("lsh:K=10,L=150", 0.98, 0.01, 0.03),
+            row("window<64>&\"x\"", 0.6, f64::INFINITY, 0.0),
+        ]
+    }
+
+    #[test]
+    fn families() {
+        let r = rows();
+        let f: Vec<&str> = r.iter().map(Row::family).collect();
+        assert_eq!(
+            f,
+            ["dense", "topk", "topk", "lsh", "lsh", "window<64>&\"x\""]
+        );
+    }
+
+    #[test]
+    fn markdown_has_a_header_and_a_line_per_row() {
+        let rows = rows();
+        let md = markdown_table(&rows);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 2 + rows.len());
+        assert!(lines[0].starts_with("| policy | context | top-1 | mean KL"));
+        assert!(lines[1].starts_with("|---|"));
+        let cols = lines[0].matches('|').count();
+        for (line, row) in lines[2..].iter().zip(&rows) {
+            assert_eq!(line.matches('|').count(), cols, "{line}");
+            assert!(line.starts_with(&format!("| {} | 8192 |", row.policy)));
+        }
+        assert!(lines[3].contains("| 91.00% |") && lines[3].contains("| 0.80% |"));
+        assert!(lines[3].contains("| 90% | 95% |"));
+        let empty = Row::new(
+            "dense",
+            1024,
+            &Agreement {
+                positions: 1,
+                top1_agreement: 1.0,
+                mean_kl: 0.0,
+                max_kl: 0.0,
+                ppl: 3.0,
+                dense_ppl: 3.0,
+            },
+        );
+        assert!(markdown_table(&[empty]).contains("| – | – |"));
+    }
+
+    #[test]
+    fn json_parses_back_with_every_field() {
+        let rows = rows();
+        let json = to_json(&rows);
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let array = value.as_array().unwrap();
+        assert_eq!(array.len(), rows.len());
+        for key in [
+            "policy",
+            "context",
+            "top1_agreement",
+            "mean_kl",
+            "max_kl",
+            "ppl",
+            "dense_ppl",
+            "positions",
+            "needle_cases",
+            "needle_accuracy",
+            "dense_needle_accuracy",
+            "keys_touched_fraction",
+            "device_bytes_per_token",
+            "cpu_bytes_per_token",
+            "per_layer",
+        ] {
+            assert!(array.iter().all(|o| o.get(key).is_some()), "missing {key}");
+        }
+        assert_eq!(array[1]["policy"], "topk:64");
+        assert_eq!(array[1]["top1_agreement"], 0.91);
+        assert_eq!(array[1]["per_layer"][0]["cosine"], 0.99);
+        assert!(array[5]["mean_kl"].is_null(), "infinite KL is null");
+        let back: Vec<Row> = serde_json::from_str(&to_json(&rows[..5])).unwrap();
+        assert_eq!(back, rows[..5]);
+    }
+
+    /// Checks every tag is closed in order, and returns the names of the opening tags.
+    fn balanced_tags(xml: &str) -> Vec<String> {
+        let mut stack: Vec<String> = Vec::new();
+        let mut opened = Vec::new();
+        let mut rest = xml;
+        while let Some(start) = rest.find('<') {
+            let end = rest[start..].find('>').expect("unterminated tag") + start;
+            let tag = &rest[start + 1..end];
+            assert!(!tag.contains('<'), "'<' inside a tag: {tag}");
+            let text = &rest[..start];
+            assert!(!text.contains('>'), "stray '>' in text: {text}");
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(
+                    stack.pop().as_deref(),
+                    Some(name.trim()),
+                    "mismatched </{name}>"
+                );
+            } else {
+                let name = tag
+                    .split_whitespace()
+                    .next()
+                    .expect("tag name")
+                    .trim_end_matches('/');
+                // Attribute values are quoted: an even number of quotes.
+                assert_eq!(tag.matches('"').count() % 2, 0, "unbalanced quotes: {tag}");
+                opened.push(name.to_string());
+                if !tag.ends_with('/') {
+                    stack.push(name.to_string());
+                }
+            }
+            rest = &rest[end + 1..];
+        }
+        assert!(stack.is_empty(), "unclosed: {stack:?}");
+        assert!(rest.trim().is_empty());
+        opened
+    }
+
+    #[test]
+    fn svg_is_well_formed_with_a_line_per_family_per_panel() {
+        let svg = svg_plot(&rows());
+        let tags = balanced_tags(&svg);
+        assert_eq!(tags[0], "svg");
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        let families = ["dense", "lsh", "topk", "window&lt;64&gt;&amp;&quot;x&quot;"];
+        assert_eq!(
+            tags.iter().filter(|t| *t == "polyline").count(),
+            2 * families.len()
+        );
+        for f in families {
+            assert_eq!(
+                svg.matches(&format!("data-series=\"{f}\"")).count(),
+                2,
+                "{f}"
+            );
+            assert!(svg.contains(&format!(">{f}</text>")), "legend for {f}");
+        }
+        // Axis labels and decade ticks down to the smallest fraction (clamped 1e-4).
+        assert!(svg.contains("keys touched per query (log scale)"));
+        assert!(svg.contains(">top-1 agreement<") && svg.contains(">mean KL (nats)<"));
+        for tick in [">0.01%<", ">0.1%<", ">1%<", ">10%<", ">100%<"] {
+            assert!(svg.contains(tick), "tick {tick}");
+        }
+        // lsh is drawn in order of keys touched.
+        let lsh = svg
+            .lines()
+            .find(|l| l.contains("data-series=\"lsh\""))
+            .unwrap();
+        let points: Vec<f64> = lsh
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .split(' ')
+            .map(|p| p.split(',').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(points.len(), 2);
+        assert!(points[0] < points[1]);
+
+        // Several contexts: a line per family and context.
+        let mut more = rows();
+        more.extend(rows().into_iter().map(|r| Row { context: 2048, ..r }));
+        let svg = svg_plot(&more);
+        balanced_tags(&svg);
+        assert_eq!(svg.matches("<polyline").count(), 2 * 2 * families.len());
+        assert!(svg.contains("data-series=\"lsh @2048\""));
+        // An empty report is still a valid picture.
+        balanced_tags(&svg_plot(&[]));
+    }
+
+    #[test]
+    fn tick_helpers() {
+        assert_eq!(nice_ceiling(0.0), 1e-3);
+        assert_eq!(nice_ceiling(0.013), 0.02);
+        assert_eq!(nice_ceiling(0.05), 0.05);
+        assert_eq!(nice_ceiling(3.2), 5.0);
+        assert_eq!(nice_ceiling(7.0), 10.0);
+        assert_eq!(trim_float(0.0125), "0.0125");
+        assert_eq!(trim_float(100.0), "100");
+        assert_eq!(trim_float(0.01), "0.01");
+    }
+}
