@@ -140,3 +140,32 @@ impl KvCache {
         self.lens.iter().sum::<usize>() * self.shape.n_kv_heads * self.shape.head_dim * 2 * 2
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_rows_moves_rows_out_in_append_layout() {
+        let shape = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 3,
+        };
+        let mut cache = KvCache::new(2, shape);
+        let rows: Vec<f32> = (0..5 * 6).map(|i| i as f32).collect();
+        let values: Vec<f32> = rows.iter().map(|x| -x).collect();
+        cache.append(1, &rows, &values).expect("append");
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        cache.take_rows(1, 1, 2, &mut k, &mut v).expect("take");
+        let as_f32 = |x: &[bf16]| x.iter().map(|b| b.to_f32()).collect::<Vec<_>>();
+        assert_eq!(as_f32(&k), rows[6..18].to_vec());
+        assert_eq!(as_f32(&v), values[6..18].to_vec());
+        assert_eq!(cache.len(1), 3);
+        assert_eq!(cache.len(0), 0);
+        // Row 3 moved down to row 1; kv head 1 of it is elements 21..24.
+        assert_eq!(as_f32(&cache.keys(1, 1)[3..6]), rows[21..24].to_vec());
+        assert!(cache.take_rows(1, 2, 2, &mut k, &mut v).is_err());
+        assert!(cache.take_rows(5, 0, 0, &mut k, &mut v).is_err());
+    }
+}

@@ -16,11 +16,14 @@
 //! ```
 
 pub mod chat;
+pub mod decode_bench;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod policy;
 pub mod sampling;
+pub mod split;
 pub mod tokenizer;
 
 pub use engine::{default_model_path, Engine, EngineOptions, Flow, GenerationStats, Session};
