@@ -50,6 +50,9 @@ pub struct DecodeBenchOptions {
     pub fill_text: String,
     /// Seed of generated weights and keys.
     pub seed: u64,
+    /// With a model, contexts longer than this are filled with generated keys
+    /// and values instead of a prefill (which grows quadratically).
+    pub prefill_max: usize,
 }
 
 /// One (policy, context) measurement. Times are per decode step; every
@@ -148,23 +151,36 @@ pub fn run_decode_bench(
                         model.config().context_length
                     ));
                 }
+                let synthetic = n > opts.prefill_max;
                 let start = Instant::now();
                 let mut base = model.new_cache();
-                let prompt: Vec<u32> = fill.iter().cycle().take(n.max(1)).copied().collect();
-                let mut logits = Vec::new();
-                for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-                    logits = model.forward(chunk, &mut base, Logits::Last)?;
-                    if i % 16 == 15 {
-                        note(&format!(
-                            "prefill {}/{} tokens",
-                            (i + 1) * PREFILL_CHUNK,
-                            prompt.len()
-                        ));
+                let mut first = 1;
+                if synthetic {
+                    let c = model.config().clone();
+                    note(&format!(
+                        "context {n} is above --prefill-max {}: generated keys and values (synthetic KV), real weights",
+                        opts.prefill_max
+                    ));
+                    base.fill(n, opts.threads, |layer, k, v| {
+                        synthetic_kv(&c, n, opts.seed ^ layer as u64, k, v)
+                    })?;
+                } else {
+                    let prompt: Vec<u32> = fill.iter().cycle().take(n.max(1)).copied().collect();
+                    let mut logits = Vec::new();
+                    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+                        logits = model.forward(chunk, &mut base, Logits::Last)?;
+                        if i % 16 == 15 {
+                            note(&format!(
+                                "prefill {}/{} tokens",
+                                (i + 1) * PREFILL_CHUNK,
+                                prompt.len()
+                            ));
+                        }
                     }
+                    first = argmax(&logits).unwrap_or(0) as u32;
                 }
                 let prefill_s = start.elapsed().as_secs_f64();
-                note(&format!("prefill of {n} tokens: {prefill_s:.1} s"));
-                let first = argmax(&logits).unwrap_or(0) as u32;
+                note(&format!("context of {n} tokens built in {prefill_s:.1} s"));
                 for p in &policies {
                     let table = Arc::new(table_for(&opts.policy, p, model.config().n_layers)?);
                     let start = Instant::now();
@@ -175,7 +191,8 @@ pub fn run_decode_bench(
                         seqs.push(kv);
                     }
                     let build_s = prefill_s + start.elapsed().as_secs_f64();
-                    let r = time_decode(model, &mut seqs, first, p, n, opts, build_s, false)?;
+                    let mut r = time_decode(model, &mut seqs, first, p, n, opts, build_s, synthetic)?;
+                    r.synthetic_weights = false;
                     note(&summary(&r));
                     results.push(r);
                 }

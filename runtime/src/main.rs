@@ -256,6 +256,11 @@ struct BenchDecodeArgs {
     /// Seed of generated weights and keys.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// With a model, contexts above this many tokens get generated keys and
+    /// values (labelled synthetic_kv) instead of a prefill, whose time grows
+    /// quadratically (SmolLM2 at 32k would take over 10 minutes here).
+    #[arg(long, default_value_t = 16384)]
+    prefill_max: usize,
     /// Print one JSON object per (policy, context) on stdout.
     #[arg(long)]
     json: bool,
@@ -522,6 +527,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         cpu_workers: options.cpu_workers,
         fill_text: FILL_TEXT.to_string(),
         seed: args.seed,
+        prefill_max: args.prefill_max,
     };
     let results = run_decode_bench(&opts, &mut |line| eprintln!("tandem: {line}"))?;
     for r in &results {
@@ -539,7 +545,11 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
                 r.cpu_attention_ms_per_token,
                 r.wait_ms_per_token,
                 100.0 * r.keys_touched_fraction,
-                if r.synthetic_kv { " [synthetic weights and KV]" } else { "" }
+                match (r.synthetic_weights, r.synthetic_kv) {
+                    (true, _) => " [synthetic weights and KV]",
+                    (false, true) => " [synthetic KV]",
+                    _ => "",
+                }
             );
         }
     }
