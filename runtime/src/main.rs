@@ -38,6 +38,48 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Quality of attention policies against dense on real text: teacher-forced
+    /// top-1 agreement, KL and perplexity, needle retrieval, per-layer attention
+    /// error and keys touched. Prints a markdown table.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model: a GGUF file or a Hugging Face Llama directory (default: the set-up model).
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Policies to compare with dense, comma- or space-separated, e.g.
+    /// dense window topk:k=64 oracle:budget=64 lsh:k=8,l=75 (';' also separates).
+    #[arg(long, num_args = 1.., required = true)]
+    policy: Vec<String>,
+    /// Context lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    context: Vec<usize>,
+    /// Teacher-forced positions scored at the end of each context.
+    #[arg(long, default_value_t = 128)]
+    scored: usize,
+    /// Needle cases per context (0 skips the needle task).
+    #[arg(long, default_value_t = 20)]
+    needle_cases: usize,
+    /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
+    #[arg(long, value_delimiter = ',')]
+    dense_layers: Option<Vec<usize>>,
+    /// Most recent tokens kept on the device by sparse layers.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// First tokens kept on the device by sparse layers.
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Dense-device threads and CPU workers (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of quality against keys touched to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -299,6 +341,7 @@ fn main() {
         Command::Tokenize(args) => tokenize(args),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
         Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
+        Command::Eval(args) => eval(args),
     };
     if let Err(e) = result {
         eprintln!("tandem: error: {e:#}");
@@ -552,6 +595,49 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
                 }
             );
         }
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    use tandem_runtime::eval::{report, run_eval, EvalOptions};
+    let threads = match args.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => t,
+        None => EngineOptions::default().threads,
+    };
+    // Policies contain commas themselves (lsh:k=8,l=75): separate by spaces or ';'.
+    let policies: Vec<String> = args
+        .policy
+        .iter()
+        .flat_map(|p| p.split(';'))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let opts = EvalOptions {
+        model: args.model.clone().unwrap_or_else(default_model_path),
+        policies,
+        contexts: args.context.clone(),
+        scored: args.scored,
+        needle_cases: args.needle_cases,
+        base: PolicyConfig {
+            dense_layers: args.dense_layers.clone(),
+            window: args.window,
+            sinks: args.sinks,
+            ..PolicyConfig::default()
+        },
+        threads,
+        cpu_workers: threads,
+    };
+    let rows = run_eval(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    print!("{}", report::markdown_table(&rows));
+    if let Some(path) = &args.json {
+        std::fs::write(path, report::to_json(&rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report::svg_plot(&rows))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -185,7 +185,13 @@ fn k_quants_dequantize_like_gguf_py_and_repack_closely() {
 }
 
 fn load_error(path: &Path) -> String {
-    match Engine::load(path, &EngineOptions { threads: 1 }) {
+    match Engine::load(
+        path,
+        &EngineOptions {
+            threads: 1,
+            ..EngineOptions::default()
+        },
+    ) {
         Ok(_) => panic!("{} should not load", path.display()),
         Err(e) => e.to_string(),
     }

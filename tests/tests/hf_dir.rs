@@ -116,7 +116,14 @@ fn sharded_f16_tied_checkpoint_matches_gguf() {
 fn engine_loads_a_directory() {
     let dir = scratch("engine");
     let (_, hf) = make(&dir, &[], &[]);
-    let engine = Engine::load(&hf, &EngineOptions { threads: 1 }).expect("engine loads");
+    let engine = Engine::load(
+        &hf,
+        &EngineOptions {
+            threads: 1,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("engine loads");
     let ids = engine.tokenizer().encode("Hello", false).expect("encode");
     assert_eq!(ids, [72, 101, 108, 108, 111]);
     assert_eq!(engine.tokenizer().decode(&ids).expect("decode"), "Hello");
@@ -175,9 +182,15 @@ fn damaged_directories_fail_naming_the_file() {
     std::fs::remove_file(hf.join("config.json")).unwrap();
     let e = load_err(&hf);
     assert!(e.to_string().contains("config.json"), "{e}");
-    let e = Engine::load(&hf, &EngineOptions { threads: 1 })
-        .err()
-        .expect("engine fails");
+    let e = Engine::load(
+        &hf,
+        &EngineOptions {
+            threads: 1,
+            ..EngineOptions::default()
+        },
+    )
+    .err()
+    .expect("engine fails");
     assert!(e.to_string().contains("config.json"), "{e}");
     std::fs::write(hf.join("config.json"), &config).unwrap();
 

@@ -101,7 +101,14 @@ fn forward_matches_the_numpy_reference() {
 
 #[test]
 fn greedy_chat_answers_paris() {
-    let engine = Engine::load(&model_path(), &EngineOptions { threads: 2 }).expect("model loads");
+    let engine = Engine::load(
+        &model_path(),
+        &EngineOptions {
+            threads: 2,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("model loads");
     let prompt = engine
         .render_chat(&[Message::user("What is the capital of France?")])
         .expect("template");

@@ -62,7 +62,14 @@ fn solved(engine: &Engine, corpus: &str, context: usize, count: usize) -> usize 
 /// cases (measured: 20/20 with seed 6).
 #[test]
 fn dense_finds_the_needle_at_1k() {
-    let engine = Engine::load(&model_path(), &EngineOptions { threads: 2 }).expect("model loads");
+    let engine = Engine::load(
+        &model_path(),
+        &EngineOptions {
+            threads: 2,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("model loads");
     let corpus = corpus::load().expect("corpus");
     let n = solved(&engine, &corpus, 1024, 20);
     assert!(n >= 18, "dense answered {n} of 20 needle cases at 1k");
@@ -73,7 +80,14 @@ fn dense_finds_the_needle_at_1k() {
 #[test]
 #[ignore]
 fn dense_needle_accuracy_by_context() {
-    let engine = Engine::load(&model_path(), &EngineOptions { threads: 2 }).expect("model loads");
+    let engine = Engine::load(
+        &model_path(),
+        &EngineOptions {
+            threads: 2,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("model loads");
     let corpus = corpus::load().expect("corpus");
     for context in [1024, 2048, 4096, 8192] {
         let n = solved(&engine, &corpus, context, 20);

@@ -1,6 +1,7 @@
-//! The model-independent parts of `tandem eval`: how far an attention policy is
-//! from dense.
+//! `tandem eval`: how far an attention policy is from dense.
 //!
+//! - [`run`]: the driver, running every policy and dense through the split
+//!   decode step on the same model, text and needle cases;
 //! - [`metrics`]: teacher-forced top-1 agreement, KL and perplexity from logits;
 //! - [`needle`]: RULER-style needle-in-a-haystack prompts and their answer check;
 //! - [`corpus`]: the real text both run on;
@@ -10,7 +11,9 @@ pub mod corpus;
 pub mod metrics;
 pub mod needle;
 pub mod report;
+pub mod run;
 
 pub use metrics::{Agreement, AgreementAccumulator};
 pub use needle::{NeedleBuilder, NeedleCase};
 pub use report::{LayerRow, Row};
+pub use run::{run_eval, EvalOptions};

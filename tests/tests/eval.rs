@@ -1,0 +1,71 @@
+//! `tandem eval` on the default model: dense against itself is exact, a broken
+//! policy is reported as worse, and the outputs are valid.
+
+use std::path::Path;
+
+use tandem_runtime::eval::{report, run_eval, EvalOptions};
+use tandem_runtime::policy::PolicyConfig;
+
+#[test]
+fn dense_is_exact_a_one_token_window_is_worse_and_outputs_are_valid() {
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.exists(), "run scripts/setup.sh first");
+    let opts = EvalOptions {
+        model,
+        policies: vec!["dense".into(), "window".into(), "lsh:k=6,l=120".into()],
+        contexts: vec![1024],
+        scored: 24,
+        needle_cases: 3,
+        base: PolicyConfig {
+            window: 1,
+            sinks: 1,
+            ..PolicyConfig::default()
+        },
+        threads: 2,
+        cpu_workers: 2,
+    };
+    let rows = run_eval(&opts, &mut |_| {}).expect("eval");
+    assert_eq!(rows.len(), 3);
+    let (dense, window, lsh) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(dense.top1_agreement, 1.0);
+    assert!(dense.mean_kl.abs() < 1e-9, "{}", dense.mean_kl);
+    assert_eq!(dense.ppl, dense.dense_ppl);
+    assert_eq!(dense.needle_accuracy, dense.dense_needle_accuracy);
+    assert!(window.mean_kl > 0.05, "window KL {}", window.mean_kl);
+    assert!(window.top1_agreement < 1.0);
+    assert!(window.keys_touched_fraction < dense.keys_touched_fraction);
+    assert!(
+        lsh.mean_kl < window.mean_kl,
+        "lsh {} vs window {}",
+        lsh.mean_kl,
+        window.mean_kl
+    );
+    let sparse_layer = &lsh.per_layer[1];
+    assert!(sparse_layer.rel_l2_error > 0.0 && sparse_layer.cosine > 0.5);
+    assert!(sparse_layer.keys_touched_fraction < 1.0);
+    // Outputs.
+    let json: serde_json::Value = serde_json::from_str(&report::to_json(&rows)).expect("json");
+    let first = &json.as_array().expect("array")[0];
+    for field in [
+        "policy",
+        "context",
+        "top1_agreement",
+        "mean_kl",
+        "ppl",
+        "dense_ppl",
+        "needle_accuracy",
+        "dense_needle_accuracy",
+        "keys_touched_fraction",
+    ] {
+        assert!(first.get(field).is_some(), "missing {field}");
+    }
+    let svg = report::svg_plot(&rows);
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{}",
+        &svg[..40]
+    );
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert!(report::markdown_table(&rows).lines().count() >= 5);
+}
