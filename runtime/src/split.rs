@@ -354,6 +354,7 @@ impl SequenceKv {
             lsh_t,
             seed: self.table.seed,
             layer: li as u32,
+            ..LayerConfig::default()
         })
         .map_err(|e| engine(e.to_string()))?;
         store
