@@ -346,7 +346,9 @@ impl SequenceKv {
         if policy.attention == LayerAttention::Window {
             return Ok(());
         }
-        let mut store = LayerStore::new(LayerConfig {
+        // The update keeps this literal valid as the engine's config grows.
+        #[allow(clippy::needless_update)]
+        let config = LayerConfig {
             n_kv_heads: shape.n_kv_heads,
             group: shape.group(),
             head_dim: shape.head_dim,
@@ -355,8 +357,8 @@ impl SequenceKv {
             seed: self.table.seed,
             layer: li as u32,
             ..LayerConfig::default()
-        })
-        .map_err(|e| engine(e.to_string()))?;
+        };
+        let mut store = LayerStore::new(config).map_err(|e| engine(e.to_string()))?;
         store
             .load_prefill(&keys, &values, build_threads)
             .map_err(|e| engine(e.to_string()))?;
