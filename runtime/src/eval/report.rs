@@ -2,7 +2,7 @@
 //! markdown table, written as JSON, and plotted as an SVG of quality against
 //! keys touched with one line per policy family.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -132,14 +132,73 @@ const COLORS: &[&str] = &[
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf",
 ];
-/// Keys-touched fractions below this are drawn at it (a log axis has no zero).
-const MIN_FRACTION: f64 = 1e-4;
+/// Values below this are drawn at it on a log axis (which has no zero): keys
+/// touched by a policy that touches none, the KL of dense with itself.
+const LOG_FLOOR: f64 = 1e-4;
 
-/// A standalone SVG with two panels, top-1 agreement and mean KL against the
-/// fraction of keys touched (log scale), one line per policy family (per family
-/// and context when the rows hold several contexts), with a legend.
+/// An axis: maps values to [0, 1] of the panel, linearly or by decades.
+#[derive(Clone, Copy)]
+struct Scale {
+    lo: f64,
+    hi: f64,
+    log: bool,
+}
+
+impl Scale {
+    /// A decade-aligned log scale covering `values` (non-finite ones ignored), at
+    /// least one decade wide and at least up to `at_least`.
+    fn log_covering(values: impl Iterator<Item = f64>, at_least: f64) -> Scale {
+        let (lo, hi) = values
+            .filter(|v| v.is_finite())
+            .map(|v| v.max(LOG_FLOOR).log10())
+            .fold((at_least.log10(), at_least.log10()), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        let hi = hi.ceil();
+        Scale {
+            lo: lo.floor().min(hi - 1.0),
+            hi,
+            log: true,
+        }
+    }
+
+    /// Position of `v` from 0 (bottom, left) to 1 (top, right).
+    fn frac(self, v: f64) -> f64 {
+        let v = if self.log {
+            v.max(LOG_FLOOR).log10()
+        } else {
+            v
+        };
+        (v - self.lo) / (self.hi - self.lo)
+    }
+
+    /// Tick values: every decade on a log scale, five steps on a linear one.
+    fn ticks(self) -> Vec<f64> {
+        if self.log {
+            (self.lo as i32..=self.hi as i32)
+                .map(|e| 10f64.powi(e))
+                .collect()
+        } else {
+            (0..=4)
+                .map(|i| self.lo + (self.hi - self.lo) * f64::from(i) / 4.0)
+                .collect()
+        }
+    }
+}
+
+/// One panel of the plot: a quality measure on the y axis.
+struct Panel {
+    title: &'static str,
+    y_label: &'static str,
+    y: Scale,
+    value: fn(&Row) -> f64,
+}
+
+/// A standalone SVG with two panels, top-1 agreement and mean KL (log scale)
+/// against the fraction of keys touched (log scale), one line per policy family
+/// (per family and context when the rows hold several contexts), with a legend.
 pub fn svg_plot(rows: &[Row]) -> String {
-    let contexts: std::collections::BTreeSet<usize> = rows.iter().map(|r| r.context).collect();
+    let contexts: BTreeSet<usize> = rows.iter().map(|r| r.context).collect();
     let mut series: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
     for r in rows {
         let name = if contexts.len() > 1 {
@@ -153,23 +212,30 @@ pub fn svg_plot(rows: &[Row]) -> String {
         points.sort_by(|a, b| a.keys_touched_fraction.total_cmp(&b.keys_touched_fraction));
     }
 
-    let xs = rows
-        .iter()
-        .map(|r| r.keys_touched_fraction.max(MIN_FRACTION));
-    let x_hi = xs.clone().fold(1.0f64, f64::max).log10().ceil();
-    let x_lo = xs.fold(1.0f64, f64::min).log10().floor().min(x_hi - 1.0);
+    let x = Scale::log_covering(rows.iter().map(|r| r.keys_touched_fraction), 1.0);
     let top1_lo = rows
         .iter()
         .map(|r| r.top1_agreement)
         .filter(|y| y.is_finite())
         .fold(1.0f64, f64::min);
-    let top1_lo = ((top1_lo * 10.0).floor() / 10.0).clamp(0.0, 0.9);
-    let kl_hi = rows
-        .iter()
-        .map(|r| r.mean_kl)
-        .filter(|y| y.is_finite())
-        .fold(0.0f64, f64::max);
-    let kl_hi = nice_ceiling(kl_hi);
+    let panels = [
+        Panel {
+            title: "Top-1 agreement with dense",
+            y_label: "top-1 agreement",
+            y: Scale {
+                lo: ((top1_lo * 10.0).floor() / 10.0).clamp(0.0, 0.9),
+                hi: 1.0,
+                log: false,
+            },
+            value: |r| r.top1_agreement,
+        },
+        Panel {
+            title: "Mean KL(dense || policy)",
+            y_label: "mean KL (nats, log scale)",
+            y: Scale::log_covering(rows.iter().map(|r| r.mean_kl), 0.01),
+            value: |r| r.mean_kl,
+        },
+    ];
 
     let mut svg = String::new();
     let _ = writeln!(
@@ -180,64 +246,39 @@ pub fn svg_plot(rows: &[Row]) -> String {
         svg,
         r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
     );
-    let panels = [
-        Panel {
-            title: "Top-1 agreement with dense",
-            y_label: "top-1 agreement",
-            y_lo: top1_lo,
-            y_hi: 1.0,
-            value: |r| r.top1_agreement,
-        },
-        Panel {
-            title: "Mean KL(dense || policy)",
-            y_label: "mean KL (nats)",
-            y_lo: 0.0,
-            y_hi: kl_hi,
-            value: |r| r.mean_kl,
-        },
-    ];
-    for (&left, panel) in PANEL_LEFT.iter().zip(panels) {
-        let Panel {
-            title,
-            y_label,
-            y_lo,
-            y_hi,
-            value,
-        } = panel;
-        let px = |x: f64| left + (x.max(MIN_FRACTION).log10() - x_lo) / (x_hi - x_lo) * PANEL_W;
-        let py = |y: f64| PANEL_TOP + (1.0 - (y - y_lo) / (y_hi - y_lo)) * PANEL_H;
-        let bottom = PANEL_TOP + PANEL_H;
+    let bottom = PANEL_TOP + PANEL_H;
+    for (&left, panel) in PANEL_LEFT.iter().zip(&panels) {
+        let px = |v: f64| left + x.frac(v) * PANEL_W;
+        let py = |v: f64| bottom - panel.y.frac(v) * PANEL_H;
         let _ = writeln!(
             svg,
             r#"<text x="{}" y="{}" text-anchor="middle" font-size="14">{}</text>"#,
             left + PANEL_W / 2.0,
             PANEL_TOP - 15.0,
-            escape(title)
+            escape(panel.title)
         );
         let _ = writeln!(
             svg,
             r##"<rect x="{left}" y="{PANEL_TOP}" width="{PANEL_W}" height="{PANEL_H}" fill="none" stroke="#333"/>"##
         );
-        // x ticks at decades, labelled in percent.
-        for e in (x_lo as i32)..=(x_hi as i32) {
-            let x = px(10f64.powi(e));
+        for t in x.ticks() {
             let _ = writeln!(
                 svg,
                 r##"<line x1="{x:.1}" y1="{PANEL_TOP}" x2="{x:.1}" y2="{bottom}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}%</text>"##,
                 bottom + 16.0,
-                trim_float(100.0 * 10f64.powi(e))
+                trim_float(100.0 * t),
+                x = px(t),
             );
         }
-        for i in 0..=4 {
-            let y = y_lo + (y_hi - y_lo) * f64::from(i) / 4.0;
+        for t in panel.y.ticks() {
             let _ = writeln!(
                 svg,
-                r##"<line x1="{left}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                r##"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
                 left + PANEL_W,
                 left - 6.0,
-                py(y) + 4.0,
-                trim_float(y),
-                py = py(y)
+                py(t) + 4.0,
+                trim_float(t),
+                y = py(t),
             );
         }
         let _ = writeln!(
@@ -250,14 +291,14 @@ pub fn svg_plot(rows: &[Row]) -> String {
         let _ = writeln!(
             svg,
             r#"<text x="{lx}" y="{ly}" text-anchor="middle" transform="rotate(-90 {lx} {ly})">{}</text>"#,
-            escape(y_label)
+            escape(panel.y_label)
         );
         for (i, (name, points)) in series.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             let finite: Vec<(f64, f64)> = points
                 .iter()
-                .map(|r| (px(r.keys_touched_fraction), py(value(r))))
-                .filter(|(_, y)| y.is_finite())
+                .filter(|r| (panel.value)(r).is_finite())
+                .map(|r| (px(r.keys_touched_fraction), py((panel.value)(r))))
                 .collect();
             let coords: Vec<String> = finite
                 .iter()
@@ -277,7 +318,7 @@ pub fn svg_plot(rows: &[Row]) -> String {
             }
         }
     }
-    // Legend: one entry per series along the bottom, wrapping after 6.
+    // Legend: one entry per series along the bottom, six to a line.
     for (i, name) in series.keys().enumerate() {
         let (x, y) = (
             PANEL_LEFT[0] + (i % 6) as f64 * 140.0,
@@ -295,28 +336,6 @@ pub fn svg_plot(rows: &[Row]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
-}
-
-/// One panel of the plot: a quality measure on the y axis.
-struct Panel {
-    title: &'static str,
-    y_label: &'static str,
-    y_lo: f64,
-    y_hi: f64,
-    value: fn(&Row) -> f64,
-}
-
-/// The smallest of 1, 2 or 5 × 10^k at or above `x` (1e-3 for 0).
-fn nice_ceiling(x: f64) -> f64 {
-    if x.is_nan() || x <= 0.0 {
-        return 1e-3;
-    }
-    let base = 10f64.powf(x.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * base)
-        .find(|&v| v >= x * (1.0 - 1e-12))
-        .unwrap_or(10.0 * base)
 }
 
 /// A tick label: at most 4 significant digits, without trailing zeros.
@@ -511,7 +530,7 @@ mod tests {
         }
         // Axis labels and decade ticks down to the smallest fraction (clamped 1e-4).
         assert!(svg.contains("keys touched per query (log scale)"));
-        assert!(svg.contains(">top-1 agreement<") && svg.contains(">mean KL (nats)<"));
+        assert!(svg.contains(">top-1 agreement<") && svg.contains(">mean KL (nats, log scale)<"));
         for tick in [">0.01%<", ">0.1%<", ">1%<", ">10%<", ">100%<"] {
             assert!(svg.contains(tick), "tick {tick}");
         }
@@ -545,14 +564,25 @@ mod tests {
     }
 
     #[test]
-    fn tick_helpers() {
-        assert_eq!(nice_ceiling(0.0), 1e-3);
-        assert_eq!(nice_ceiling(0.013), 0.02);
-        assert_eq!(nice_ceiling(0.05), 0.05);
-        assert_eq!(nice_ceiling(3.2), 5.0);
-        assert_eq!(nice_ceiling(7.0), 10.0);
+    fn scales_and_ticks() {
+        let x = Scale::log_covering([0.02, 0.3, 0.0].into_iter(), 1.0);
+        assert_eq!((x.lo, x.hi), (-4.0, 0.0), "0 is drawn at the floor 1e-4");
+        assert_eq!(x.ticks(), [1e-4, 1e-3, 1e-2, 1e-1, 1.0]);
+        assert!((x.frac(0.01) - 0.5).abs() < 1e-12);
+        let kl = Scale::log_covering([0.013, f64::INFINITY].into_iter(), 0.01);
+        assert_eq!((kl.lo, kl.hi), (-2.0, -1.0));
+        let kl = Scale::log_covering(std::iter::empty(), 0.01);
+        assert_eq!((kl.lo, kl.hi), (-3.0, -2.0));
+        let lin = Scale {
+            lo: 0.6,
+            hi: 1.0,
+            log: false,
+        };
+        assert!((lin.frac(0.8) - 0.5).abs() < 1e-12);
+        assert_eq!(lin.ticks().len(), 5);
         assert_eq!(trim_float(0.0125), "0.0125");
         assert_eq!(trim_float(100.0), "100");
         assert_eq!(trim_float(0.01), "0.01");
+        assert_eq!(trim_float(0.7000000001), "0.7");
     }
 }
