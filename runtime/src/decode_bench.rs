@@ -191,7 +191,8 @@ pub fn run_decode_bench(
                         seqs.push(kv);
                     }
                     let build_s = prefill_s + start.elapsed().as_secs_f64();
-                    let mut r = time_decode(model, &mut seqs, first, p, n, opts, build_s, synthetic)?;
+                    let mut r =
+                        time_decode(model, &mut seqs, first, p, n, opts, build_s, synthetic)?;
                     r.synthetic_weights = false;
                     note(&summary(&r));
                     results.push(r);
