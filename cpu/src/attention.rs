@@ -5,10 +5,13 @@
 // Index loops over heads and keys read several parallel arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-use crate::store::HeadStore;
-use tandem_kernels::hash::{collect_at_least, table_code};
+use crate::store::{HeadStore, LshIndex, Rows};
+use tandem_kernels::hash::{collect_at_least, collect_lanes, count_equal_u16, table_code, Lanes};
 use tandem_kernels::rng::SplitMix64;
-use tandem_kernels::vector::{axpy_bf16, dot_bf16_f32, dot_f32, exp_inplace, prefetch_bf16};
+use tandem_kernels::vector::{
+    axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, dot_bf16_f32, dot_bf16_f32_multi,
+    dot_f32, dot_f32_multi, exp_inplace, prefetch, prefetch_at,
+};
 
 /// LSH retrieval parameters (the tables' K and L are fixed by the store).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,16 +144,74 @@ pub fn merge_partials(parts: &[(&[f32], f32)], out: &mut [f32]) -> f32 {
     m + total.ln() as f32
 }
 
+impl Rows {
+    /// Dot products of row `i` with the `out.len()` query heads in `qs`.
+    #[inline(always)]
+    fn dots(&self, i: usize, d: usize, qs: &[f32], out: &mut [f32]) {
+        match self {
+            Rows::Bf16(v) => dot_bf16_f32_multi(&v[i * d..(i + 1) * d], qs, out),
+            Rows::F32(v) => dot_f32_multi(&v[i * d..(i + 1) * d], qs, out),
+        }
+    }
+
+    /// `outs[h] += ws[h] * row i` for every head.
+    #[inline(always)]
+    fn axpys(&self, i: usize, d: usize, outs: &mut [f32], ws: &[f32]) {
+        match self {
+            Rows::Bf16(v) => axpy_bf16_multi(outs, ws, &v[i * d..(i + 1) * d]),
+            Rows::F32(v) => axpy_f32_multi(outs, ws, &v[i * d..(i + 1) * d]),
+        }
+    }
+
+    /// Dot product of row `i` with one query.
+    #[inline(always)]
+    fn dot(&self, i: usize, d: usize, q: &[f32]) -> f32 {
+        match self {
+            Rows::Bf16(v) => dot_bf16_f32(&v[i * d..(i + 1) * d], q),
+            Rows::F32(v) => dot_f32(&v[i * d..(i + 1) * d], q),
+        }
+    }
+
+    /// `out += w * row i`.
+    #[inline(always)]
+    fn axpy(&self, i: usize, d: usize, out: &mut [f32], w: f32) {
+        match self {
+            Rows::Bf16(v) => axpy_bf16(out, w, &v[i * d..(i + 1) * d]),
+            Rows::F32(v) => axpy_f32(out, w, &v[i * d..(i + 1) * d]),
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch_row(&self, i: usize, d: usize) {
+        match self {
+            Rows::Bf16(v) => {
+                if let Some(r) = v.get(i * d..(i + 1) * d) {
+                    prefetch(r)
+                }
+            }
+            Rows::F32(v) => {
+                if let Some(r) = v.get(i * d..(i + 1) * d) {
+                    prefetch(r)
+                }
+            }
+        }
+    }
+}
+
 /// Per-worker scratch, grown only when the store grows past its previous size.
+/// `counts` and `mask` are all zero between calls.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    counts: Vec<u8>,
+    counts: Vec<u32>,
     mask: Vec<u8>,
-    lists: Vec<Vec<u32>>,
     union: Vec<u32>,
+    umask: Vec<u8>,
+    tmp_ids: Vec<u32>,
+    tmp_masks: Vec<u8>,
     logits: Vec<Vec<f32>>,
     qbits: Vec<u64>,
     qcodes: Vec<u16>,
+    qflip: Vec<f32>,
     tmp: Vec<f32>,
     cdf: Vec<f64>,
 }
@@ -161,20 +222,37 @@ impl Scratch {
             self.counts.resize(n, 0);
             self.mask.resize(n, 0);
             self.union.resize(n, 0);
+            self.umask.resize(n, 0);
+            self.tmp_ids.resize(n, 0);
+            self.tmp_masks.resize(n, 0);
             self.tmp.resize(n, 0.0);
         }
-        while self.lists.len() < g {
-            self.lists.push(Vec::new());
+        while self.logits.len() < g {
             self.logits.push(Vec::new());
         }
+    }
+
+    fn ensure_lists(&mut self, n: usize, g: usize) {
         for h in 0..g {
-            if self.lists[h].len() < n {
-                self.lists[h].resize(n, 0);
+            if self.logits[h].len() < n {
                 self.logits[h].resize(n, 0.0);
             }
         }
     }
 }
+
+/// How many keys ahead the K rows are prefetched (4 lines each for bf16 d=128;
+/// the L1 has 16 line-fill buffers).
+const K_AHEAD: usize = 4;
+/// How many keys ahead the V rows are prefetched.
+const V_AHEAD: usize = 4;
+/// V rows whose softmax weight relative to the head's largest is below this
+/// (2^-30, a logit more than 20.8 below the max) for every head are not read:
+/// each such key would change the normalised output by less than 2^-30 of the
+/// largest |value| (the sum of weights is at least 1), i.e. by less than f32
+/// rounding, and the log-sum-exp still includes it. On peaked attention this
+/// skips most V rows.
+const NEGLIGIBLE_WEIGHT: f32 = 1.0 / (1u64 << 30) as f32;
 
 /// Computes the partials of the `g = queries.len() / d` query heads of one GQA
 /// group over one kv head. `out` is `g * d`, `lse` and `touched` are `g`.
@@ -192,24 +270,30 @@ pub(crate) fn attend_group(
 ) -> Result<(), String> {
     let g = queries.len() / d;
     *retrieval_ns = 0;
-    let n = head.keys.len() / d;
+    let n = head.len();
     out.iter_mut().for_each(|x| *x = 0.0);
     lse.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
     touched.iter_mut().for_each(|x| *x = 0);
-    if n == 0 {
+    if n == 0 || g == 0 {
         return Ok(());
+    }
+    if g > 8 {
+        return Err(format!("group of {g} query heads (at most 8)"));
     }
     scratch.ensure(n, g);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut lens = [0usize; 8];
-    match policy {
+    let all = ((1u32 << g) - 1) as u8;
+    let nu = match policy {
         Policy::Dense => {
-            for h in 0..g {
-                for (i, x) in scratch.lists[h][..n].iter_mut().enumerate() {
-                    *x = i as u32;
-                }
-                lens[h] = n;
+            for (i, (u, m)) in scratch.union[..n]
+                .iter_mut()
+                .zip(&mut scratch.umask[..n])
+                .enumerate()
+            {
+                *u = i as u32;
+                *m = all;
             }
+            n
         }
         Policy::Lsh(p) => {
             let ix = head
@@ -217,24 +301,28 @@ pub(crate) fn attend_group(
                 .as_ref()
                 .ok_or("policy lsh on a store without an index")?;
             let t0 = std::time::Instant::now();
-            retrieve(head, ix, d, queries, p, scratch, &mut lens);
+            let nu = retrieve(ix, n, d, queries, p, scratch);
             *retrieval_ns = t0.elapsed().as_nanos() as u64;
+            nu
         }
         Policy::TopK(k) | Policy::Oracle { budget: k, .. } => {
             let k = (*k).min(n);
+            scratch.ensure_lists(n, g);
             let Scratch {
-                lists,
                 logits,
                 tmp,
                 cdf,
                 mask,
                 ..
             } = scratch;
-            for h in 0..g {
-                let q = &queries[h * d..(h + 1) * d];
-                for i in 0..n {
-                    logits[h][i] = dot_bf16_f32(&head.keys[i * d..(i + 1) * d], q) * scale;
+            let mut dots = [0.0f32; 8];
+            for i in 0..n {
+                head.keys.dots(i, d, queries, &mut dots[..g]);
+                for h in 0..g {
+                    logits[h][i] = dots[h] * scale;
                 }
+            }
+            for h in 0..g {
                 if let Policy::Oracle { budget, seed } = policy {
                     oracle(
                         head,
@@ -257,37 +345,27 @@ pub(crate) fn attend_group(
                 let (_, kth, _) = tmp[..n].select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
                 let thr = *kth;
                 // Everything above the k-th largest, then ties at it in
-                // position order, up to k keys; then sort positions.
+                // position order, up to k keys.
                 let mut m = 0;
                 for i in 0..n {
                     if logits[h][i] > thr {
-                        lists[h][m] = i as u32;
+                        mask[i] |= 1 << h;
                         m += 1;
                     }
                 }
                 for i in 0..n {
                     if m < k && logits[h][i] == thr {
-                        lists[h][m] = i as u32;
+                        mask[i] |= 1 << h;
                         m += 1;
                     }
                 }
-                lists[h][..m].sort_unstable();
-                lens[h] = m;
             }
             if matches!(policy, Policy::Oracle { .. }) {
                 return Ok(());
             }
+            union_from_mask(scratch, n)
         }
-    }
-    // Union of the heads' sorted lists with a per-key head mask, so each K/V row
-    // is read once for the whole group.
-    let mut nu = 0;
-    for h in 0..g {
-        for &id in &scratch.lists[h][..lens[h]] {
-            scratch.mask[id as usize] |= 1 << h;
-        }
-    }
-    nu += collect_at_least(&scratch.mask[..n], 1, 0, &mut scratch.union[..n]);
+    };
     let lsh = match policy {
         Policy::Lsh(_) => head.index.as_ref(),
         _ => None,
@@ -299,119 +377,271 @@ pub(crate) fn attend_group(
         qmu[h] = dot_f32(q, &head.mean);
         qnorm[h] = dot_f32(q, q).sqrt();
     }
-    let mut pos = [0usize; 8];
-    const AHEAD: usize = 12;
-    for (j, &id) in scratch.union[..nu].iter().enumerate() {
-        if let Some(&next) = scratch.union[..nu].get(j + AHEAD) {
-            let nx = next as usize;
-            prefetch_bf16(&head.keys[nx * d..(nx + 1) * d]);
+    // Pass 1 over the K rows of the union (each row read once for the whole
+    // group; a key retrieved by one head only costs one dot product).
+    scratch.ensure_lists(nu, g);
+    let Scratch {
+        union,
+        umask,
+        logits,
+        tmp_ids,
+        ..
+    } = scratch;
+    let ids = &union[..nu];
+    let masks = &umask[..nu];
+    let mut run_max = [f32::NEG_INFINITY; 8];
+    let mut dots = [0.0f32; 8];
+    for j in 0..K_AHEAD.min(nu) {
+        head.keys.prefetch_row(ids[j] as usize, d);
+    }
+    for (j, (&id, &m)) in ids.iter().zip(masks).enumerate() {
+        if let Some(&next) = ids.get(j + K_AHEAD) {
+            head.keys.prefetch_row(next as usize, d);
+            if lsh.is_some() {
+                prefetch_at(&head.knorm, next as usize);
+            }
         }
         let id = id as usize;
-        let krow = &head.keys[id * d..(id + 1) * d];
-        let m = scratch.mask[id];
+        let single = m.is_power_of_two().then(|| m.trailing_zeros() as usize);
+        match single {
+            Some(h) => dots[h] = head.keys.dot(id, d, &queries[h * d..(h + 1) * d]),
+            None => head.keys.dots(id, d, queries, &mut dots[..g]),
+        }
+        let kn = match lsh {
+            Some(_) => head.knorm[id].to_f32(),
+            None => 0.0,
+        };
         for h in 0..g {
-            if m & (1 << h) == 0 {
-                continue;
-            }
-            let dot = dot_bf16_f32(krow, &queries[h * d..(h + 1) * d]);
-            let mut logit = dot * scale;
-            if let Some(ix) = lsh {
-                let den = qnorm[h] * head.knorm[id].to_f32();
-                let cos = if den > 0.0 { (dot - qmu[h]) / den } else { 0.0 };
-                logit -= ix.ln_u.eval(cos);
-            }
-            scratch.logits[h][pos[h]] = logit;
-            pos[h] += 1;
+            let logit = if m & (1 << h) == 0 {
+                f32::NEG_INFINITY
+            } else {
+                let mut logit = dots[h] * scale;
+                if let Some(ix) = lsh {
+                    let den = qnorm[h] * kn;
+                    let cos = if den > 0.0 {
+                        (dots[h] - qmu[h]) / den
+                    } else {
+                        0.0
+                    };
+                    logit -= ix.ln_u.eval(cos);
+                }
+                touched[h] += 1;
+                logit
+            };
+            logits[h][j] = logit;
+            run_max[h] = run_max[h].max(logit);
         }
     }
+    // Softmax weights relative to each head's max, and the log-normalisers.
+    let mut inv = [0.0f32; 8];
     for h in 0..g {
-        let lg = &mut scratch.logits[h][..pos[h]];
-        touched[h] = pos[h] as u32;
-        if lg.is_empty() {
+        if run_max[h] == f32::NEG_INFINITY {
+            logits[h][..nu].iter_mut().for_each(|x| *x = 0.0);
             continue;
         }
-        let mx = lg.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mx = run_max[h];
+        let lg = &mut logits[h][..nu];
         lg.iter_mut().for_each(|x| *x -= mx);
         exp_inplace(lg);
         let sum: f32 = lg.iter().sum();
         lse[h] = mx + sum.ln();
-        let inv = 1.0 / sum;
-        lg.iter_mut().for_each(|x| *x *= inv);
+        inv[h] = 1.0 / sum;
     }
-    pos = [0; 8];
-    for (j, &id) in scratch.union[..nu].iter().enumerate() {
-        if let Some(&next) = scratch.union[..nu].get(j + AHEAD) {
-            let nx = next as usize;
-            prefetch_bf16(&head.values[nx * d..(nx + 1) * d]);
+    // Pass 2 over the V rows of the keys whose weight is not negligible for
+    // some head.
+    let mut nv = 0;
+    for j in 0..nu {
+        if (0..g).any(|h| logits[h][j] >= NEGLIGIBLE_WEIGHT) {
+            tmp_ids[nv] = j as u32;
+            nv += 1;
         }
-        let id = id as usize;
-        let vrow = &head.values[id * d..(id + 1) * d];
-        let m = scratch.mask[id];
-        scratch.mask[id] = 0;
-        for h in 0..g {
-            if m & (1 << h) == 0 {
-                continue;
+    }
+    let vlist = &tmp_ids[..nv];
+    for &j in vlist.iter().take(V_AHEAD) {
+        head.values.prefetch_row(ids[j as usize] as usize, d);
+    }
+    let mut ws = [0.0f32; 8];
+    for (k, &j) in vlist.iter().enumerate() {
+        if let Some(&next) = vlist.get(k + V_AHEAD) {
+            head.values.prefetch_row(ids[next as usize] as usize, d);
+        }
+        let (j, m) = (j as usize, masks[j as usize]);
+        let id = ids[j] as usize;
+        if m.is_power_of_two() {
+            let h = m.trailing_zeros() as usize;
+            head.values
+                .axpy(id, d, &mut out[h * d..(h + 1) * d], logits[h][j] * inv[h]);
+        } else {
+            for h in 0..g {
+                ws[h] = logits[h][j] * inv[h];
             }
-            axpy_bf16(
-                &mut out[h * d..(h + 1) * d],
-                scratch.logits[h][pos[h]],
-                vrow,
-            );
-            pos[h] += 1;
+            head.values.axpys(id, d, out, &ws[..g]);
         }
     }
     Ok(())
 }
 
-/// LSH retrieval: fills `scratch.lists[h][..lens[h]]` with sorted key positions.
+/// Fills `union`/`umask` from the per-key head bits in `mask` (then cleared).
+fn union_from_mask(scratch: &mut Scratch, n: usize) -> usize {
+    let nu = collect_at_least(&scratch.mask[..n], 1, 0, &mut scratch.union[..n]);
+    for (u, m) in scratch.union[..nu].iter().zip(&mut scratch.umask[..nu]) {
+        *m = std::mem::take(&mut scratch.mask[*u as usize]);
+    }
+    nu
+}
+
+/// LSH retrieval: fills `scratch.union[..nu]` with the sorted positions of keys
+/// retrieved for at least one head and `scratch.umask` with the heads (bits)
+/// that retrieved each; returns `nu`.
+///
+/// Collision counters for the heads of one pass are packed in one u32 per key
+/// (8-bit lanes, or 16-bit when L > 255); per table, heads whose query codes
+/// are equal share one decode of the bucket.
+/// Tables ahead of the decode whose bucket data is prefetched.
+const TABLES_AHEAD: usize = 8;
+
 fn retrieve(
-    head: &HeadStore,
-    ix: &crate::store::LshIndex,
+    ix: &LshIndex,
+    n: usize,
     d: usize,
     queries: &[f32],
     p: &LshParams,
     scratch: &mut Scratch,
-    lens: &mut [usize; 8],
-) {
+) -> usize {
     let g = queries.len() / d;
-    let n = head.keys.len() / d;
+    let l = ix.l;
     let w = ix.projector.words_per_vector();
     scratch.qbits.resize(w * g, 0);
-    scratch.qcodes.resize(ix.l * g, 0);
-    ix.projector.sign_bits(queries, &mut scratch.qbits);
+    scratch.qcodes.resize(l * g, 0);
+    scratch.qflip.clear();
+    scratch.qflip.extend_from_slice(queries);
+    ix.flip(&mut scratch.qflip);
+    ix.projector.sign_bits(&scratch.qflip, &mut scratch.qbits);
     for h in 0..g {
-        for t in 0..ix.l {
-            scratch.qcodes[h * ix.l + t] = table_code(&scratch.qbits[h * w..(h + 1) * w], t, ix.k);
+        for t in 0..l {
+            scratch.qcodes[h * l + t] = table_code(&scratch.qbits[h * w..(h + 1) * w], t, ix.k);
         }
     }
     let t_min = p.t.max(1);
-    for h in 0..g {
+    let lanes = if l <= 255 { Lanes::U8x4 } else { Lanes::U16x2 };
+    let per = lanes.count();
+    let passes = g.div_ceil(per);
+    let n_bucketed = ix.n_bucketed();
+    let levels: Vec<&crate::store::Csr> = ix.levels().collect();
+    let simple = passes == 1 && p.max_keys.is_none();
+    for pass in 0..passes {
+        let (h0, h1) = (pass * per, ((pass + 1) * per).min(g));
         let counts = &mut scratch.counts[..n];
-        counts.iter_mut().for_each(|c| *c = 0);
-        let qc = &scratch.qcodes[h * ix.l..(h + 1) * ix.l];
-        for (t, &code) in qc.iter().enumerate() {
-            ix.for_each_in_bucket(t, code, |id| {
-                let c = &mut counts[id as usize];
-                *c = c.saturating_add(1);
-            });
-        }
-        for (j, codes) in ix.tail_codes.chunks_exact(ix.l).enumerate() {
-            let c = codes.iter().zip(qc).filter(|(a, b)| a == b).count();
-            counts[ix.n_bulk + j] = c.min(255) as u8;
-        }
-        let list = &mut scratch.lists[h];
-        let mut m = collect_at_least(counts, t_min, 0, &mut list[..n]);
-        if let Some(cap) = p.max_keys {
-            if m > cap {
-                list[..m].sort_unstable_by(|a, b| {
-                    counts[*b as usize].cmp(&counts[*a as usize]).then(a.cmp(b))
-                });
-                m = cap;
-                list[..m].sort_unstable();
+        // Prefetch every table's offsets first, then bucket data a few tables
+        // ahead of the decode.
+        for lv in &levels {
+            for t in 0..l {
+                for h in h0..h1 {
+                    lv.prefetch_offsets(t, scratch.qcodes[h * l + t] as usize);
+                }
             }
         }
-        lens[h] = m;
+        let ahead = TABLES_AHEAD;
+        for t in 0..ahead.min(l) {
+            for h in h0..h1 {
+                for lv in &levels {
+                    lv.prefetch_bucket(t, scratch.qcodes[h * l + t] as usize);
+                }
+            }
+        }
+        for t in 0..l {
+            if t + ahead < l {
+                let ta = t + ahead;
+                for h in h0..h1 {
+                    for lv in &levels {
+                        lv.prefetch_bucket(ta, scratch.qcodes[h * l + ta] as usize);
+                    }
+                }
+            }
+            // Distinct codes among the pass's heads, with their lane increments.
+            let mut codes = [(0u16, 0u32); 4];
+            let mut nc = 0;
+            for h in h0..h1 {
+                let c = scratch.qcodes[h * l + t];
+                let inc = 1u32 << (lanes.bits() * (h - h0) as u32);
+                match codes[..nc].iter_mut().find(|x| x.0 == c) {
+                    Some(x) => x.1 += inc,
+                    None => {
+                        codes[nc] = (c, inc);
+                        nc += 1;
+                    }
+                }
+            }
+            for &(c, inc) in &codes[..nc] {
+                for lv in &levels {
+                    let base = lv.base as usize;
+                    let cs = &mut counts[base..base + lv.n];
+                    lv.decode_local(t, c as usize, |id| {
+                        if let Some(x) = cs.get_mut(id as usize) {
+                            *x += inc;
+                        }
+                    });
+                }
+            }
+        }
+        // Raw (newest) keys: compare their codes with the query's.
+        for (j, kc) in ix.raw_codes.chunks_exact(l).enumerate() {
+            let mut v = 0u32;
+            for h in h0..h1 {
+                let c = count_equal_u16(kc, &scratch.qcodes[h * l..(h + 1) * l]) as u32;
+                v += c << (lanes.bits() * (h - h0) as u32);
+            }
+            if let Some(x) = counts.get_mut(n_bucketed + j) {
+                *x = v;
+            }
+        }
+        if simple {
+            return collect_lanes(
+                counts,
+                lanes,
+                u16::from(t_min),
+                0,
+                &mut scratch.union[..n],
+                &mut scratch.umask[..n],
+            );
+        }
+        if let Some(cap) = p.max_keys {
+            // Per head: the `cap` keys with the most collisions (ties by position).
+            let lane_max = (1u32 << lanes.bits()) - 1;
+            for h in h0..h1 {
+                let sh = lanes.bits() * (h - h0) as u32;
+                let mut cand: Vec<(u32, u32)> = counts
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &c)| {
+                        let c = (c >> sh) & lane_max;
+                        (c >= u32::from(t_min)).then_some((c, i as u32))
+                    })
+                    .collect();
+                if cand.len() > cap {
+                    cand.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                    cand.truncate(cap);
+                }
+                for (_, i) in cand {
+                    scratch.mask[i as usize] |= 1 << h;
+                }
+            }
+            counts.iter_mut().for_each(|c| *c = 0);
+        } else {
+            let m = collect_lanes(
+                counts,
+                lanes,
+                u16::from(t_min),
+                0,
+                &mut scratch.tmp_ids[..n],
+                &mut scratch.tmp_masks[..n],
+            );
+            for (&i, &mk) in scratch.tmp_ids[..m].iter().zip(&scratch.tmp_masks[..m]) {
+                scratch.mask[i as usize] |= mk << h0;
+            }
+        }
     }
+    union_from_mask(scratch, n)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -447,7 +677,7 @@ fn oracle(
     for _ in 0..budget {
         let r = rng.next_f64() * acc;
         let i = cdf.partition_point(|&c| c <= r).min(n - 1);
-        axpy_bf16(out, w, &head.values[i * d..(i + 1) * d]);
+        head.values.axpys(i, d, out, &[w]);
         if seen[i] == 0 {
             seen[i] = 1;
             distinct += 1;

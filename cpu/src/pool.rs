@@ -56,6 +56,8 @@ pub struct LayerOutput {
     /// Worker time spent in whole tasks (eviction included), summed over kv
     /// heads, nanoseconds.
     pub total_cpu_ns: u64,
+    /// Per kv head of the last step: (retrieval ns, whole task ns).
+    pub task_ns: Vec<(u64, u64)>,
     bufs: Vec<GroupBuf>,
     reply_tx: Sender<Reply>,
     reply_rx: Receiver<Reply>,
@@ -74,6 +76,7 @@ impl Default for LayerOutput {
             keys_touched: Vec::new(),
             retrieval_cpu_ns: 0,
             total_cpu_ns: 0,
+            task_ns: Vec::new(),
             bufs: Vec::new(),
             reply_tx,
             reply_rx,
@@ -284,6 +287,7 @@ impl WorkerPool {
         output.keys_touched.resize(tokens * nq, 0);
         output.retrieval_cpu_ns = 0;
         output.total_cpu_ns = 0;
+        output.task_ns.resize(nkv, (0, 0));
         let mut first_err = None;
         while output.pending > 0 {
             // The output holds a sender itself, so this never disconnects; a
@@ -304,6 +308,9 @@ impl WorkerPool {
             }
             output.retrieval_cpu_ns += buf.retrieval_ns;
             output.total_cpu_ns += buf.total_ns;
+            if let Some(t) = output.task_ns.get_mut(slot) {
+                *t = (buf.retrieval_ns, buf.total_ns);
+            }
             output.bufs[slot] = buf;
         }
         match first_err {
@@ -321,7 +328,7 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
     let mut head = task.store.head(task.kv_head).map_err(|e| e.to_string())?;
     let buf = &mut task.buf;
     if !buf.evict_keys.is_empty() {
-        head.append(&buf.evict_keys, &buf.evict_values);
+        head.append(&buf.evict_keys, &buf.evict_values)?;
     }
     buf.retrieval_ns = 0;
     for (((q, out), lse), touched) in buf
@@ -393,6 +400,7 @@ mod tests {
             lsh_t: 2,
             seed: 1,
             layer: 0,
+            kv_dtype: crate::KvDtype::Bf16,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
         let kv: Vec<bf16> = (0..3 * 2 * 4)

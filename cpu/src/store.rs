@@ -1,27 +1,60 @@
 //! The offloaded KV store of one (sequence, layer) and its SimHash LSH index.
 //!
+//! K and V rows are held as bf16 or f32 ([`KvDtype`], chosen per layer).
+//!
 //! Keys are centred by the mean of the keys loaded by [`LayerStore::load_prefill`]
 //! (per kv head). The mean is fixed then: keys appended later by
-//! [`LayerStore::append`] are centred with the same fixed mean (it is never
-//! recomputed, so codes already in the tables stay valid). Centring is used for
-//! hashing and for the angle in the estimator; logits use the raw keys so that
-//! partials merge exactly with parts computed elsewhere on uncentred keys
-//! (q·(k-μ) and q·k differ by a per-query constant).
+//! [`LayerStore::append`] (or evicted through the worker pool) are centred with
+//! the same fixed mean (it is never recomputed, so codes already in the tables
+//! stay valid, and a later key's hash and angle are those of `k - mean_prefill`;
+//! if the appended keys drift, their angles are measured from a stale centre,
+//! which only changes which keys are sampled and their probabilities, never
+//! exactness of the estimate's formula). A store that was never prefilled uses
+//! a zero mean. Centring is used for hashing and for the angle in the
+//! estimator; logits use the raw keys so that partials merge exactly with parts
+//! computed elsewhere on uncentred keys (q·(k-μ) and q·k differ by a per-query
+//! constant).
 //!
-//! Index layout per kv head: for each of the L tables, the prefill keys sorted
-//! by bucket, each bucket's ascending key ids stored as 12-bit gaps (a gap of
-//! 4095 or more is an escape unit followed by the 24-bit id in two units), with
-//! one u32 offset (in units) per bucket. That is ~1.5 bytes per key per table
-//! (MagicPIG-like u32 ids would be 4). Keys appended during decode are kept as
-//! their L u16 codes and scanned linearly at query time. Prefill loads are
-//! limited to 2^24 keys per store when an index is used.
+//! Index layout per kv head, three levels, each covering a contiguous range of
+//! key ids:
+//! - **bulk**: for each of the L tables, the keys sorted by bucket, each
+//!   bucket's ascending key ids stored as 12-bit gaps (a gap of 4095 or more is
+//!   an escape unit followed by the 24-bit id in two units), with one u32
+//!   offset (in units) per bucket: ~1.5 bytes per key per table (u32 ids, as in
+//!   MagicPIG, would be 4). Built in bulk from the prefill keys.
+//! - **mid**: the same format for keys appended since the last bulk merge.
+//! - **raw**: the newest appended keys (fewer than [`RAW_MAX`]) as their L u16
+//!   codes, compared with the query's codes by a SIMD scan.
+//!
+//! When the raw level reaches [`RAW_MAX`] keys it is folded into mid; when mid
+//! reaches `max(MID_MIN, bulk / 8)` keys it is folded into bulk (a linear
+//! merge of the bucket lists; appended ids are larger than every id already
+//! stored, so each bucket's list is extended at its end). Retrieval therefore
+//! decodes, per table, one bucket of bulk and one of mid and scans at most
+//! `RAW_MAX` raw keys: its cost follows the collisions, not the number of
+//! tokens appended. Amortised over the appends, the merges cost
+//! `O(L · (RAW_MAX + bulk/8) / ...)`, a few tens of microseconds per appended token
+//! and kv head at 96k (the bulk merge itself takes tens of milliseconds on the
+//! worker that triggers it, once every `bulk / 8` tokens). A store holds at
+//! most 2^24 - 1 tokens when an index is used.
 
 use crate::attention::LnUTable;
 use crate::CpuError;
 use half::{bf16, f16};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use tandem_kernels::hash::{table_code, Projector};
+use tandem_kernels::mem::advise_huge_pages_spare;
 use tandem_kernels::rng::SplitMix64;
+
+/// Element type of the stored K and V rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// bf16 rows (2 bytes per value).
+    #[default]
+    Bf16,
+    /// f32 rows (4 bytes per value).
+    F32,
+}
 
 /// Shape and index parameters of one layer's offloaded store.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,11 +73,13 @@ pub struct LayerConfig {
     pub seed: u64,
     /// Layer index (part of the hyperplane seed).
     pub layer: u32,
+    /// Element type the K and V rows are stored in.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for LayerConfig {
-    /// One kv head of dimension 128, no GQA, no index; fill in the rest with
-    /// struct update syntax.
+    /// One kv head of dimension 128, no GQA, no index, bf16 rows; fill in the
+    /// rest with struct update syntax.
     fn default() -> Self {
         LayerConfig {
             n_kv_heads: 1,
@@ -54,6 +89,7 @@ impl Default for LayerConfig {
             lsh_t: 2,
             seed: 0,
             layer: 0,
+            kv_dtype: KvDtype::Bf16,
         }
     }
 }
@@ -87,16 +123,52 @@ impl LayerConfig {
 }
 
 const ESCAPE: u32 = 0xFFF;
-/// Ids must fit in the 24 bits of an escaped gap.
-const MAX_PREFILL_KEYS: usize = 1 << 24;
+/// Ids (relative to a level's first key) must fit in the 24 bits of an escaped gap.
+const MAX_INDEXED_KEYS: usize = (1 << 24) - 1;
+/// Raw (unbucketed) appended keys kept before they are folded into the mid level.
+pub const RAW_MAX: usize = 512;
+/// The mid level is folded into bulk when it holds `max(MID_MIN, bulk / 8)` keys.
+pub const MID_MIN: usize = 8192;
+
+/// The hyperplanes for `(seed, dim, n_planes)`: `n_planes` rows of `dim`
+/// standard normals drawn from splitmix64 seeded with `seed`, built once per
+/// process and shared (while any store uses them) by every layer and kv head.
+/// One copy keeps them in cache: per-head planes (770 KB each at K=10, L=150,
+/// d=128) would be re-read from memory for every kv head of every layer at
+/// every decode step.
+fn shared_projector(seed: u64, dim: usize, n_planes: usize) -> Result<Arc<Projector>, CpuError> {
+    type Cache = Mutex<Vec<((u64, usize, usize), Weak<Projector>)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key = (seed, dim, n_planes);
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(p) = cache
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(p);
+    }
+    let mut rng = SplitMix64(seed);
+    let planes: Vec<f32> = (0..n_planes * dim).map(|_| rng.normal() as f32).collect();
+    let p = Arc::new(
+        Projector::new(dim, n_planes, &planes)
+            .map_err(|e| CpuError::Config(format!("hyperplanes: {e}")))?,
+    );
+    cache.push((key, Arc::downgrade(&p)));
+    Ok(p)
+}
 
 /// Appends 12-bit units to a byte vector.
-struct UnitWriter<'a> {
-    bytes: &'a mut Vec<u8>,
+struct UnitWriter {
+    bytes: Vec<u8>,
     units: usize,
 }
 
-impl UnitWriter<'_> {
+impl UnitWriter {
     fn push(&mut self, u: u32) {
         if self.units.is_multiple_of(2) {
             self.bytes.push((u & 0xFF) as u8);
@@ -107,45 +179,121 @@ impl UnitWriter<'_> {
         }
         self.units += 1;
     }
-}
 
-pub(crate) struct LshIndex {
-    pub(crate) k: usize,
-    pub(crate) l: usize,
-    pub(crate) projector: Projector,
-    /// Keys covered by the CSR tables (the prefill keys).
-    pub(crate) n_bulk: usize,
-    /// `l * (2^k + 1)` offsets (in 12-bit units) into `packed`.
-    pub(crate) offsets: Vec<u32>,
-    /// 12-bit units, two per three bytes (plus one spare byte at the end).
-    pub(crate) packed: Vec<u8>,
-    /// `l` codes per key appended after prefill.
-    pub(crate) tail_codes: Vec<u16>,
-    pub(crate) ln_u: LnUTable,
-}
-
-impl LshIndex {
-    fn new(cfg: &LayerConfig, kv_head: usize, k: usize, l: usize) -> Result<Self, CpuError> {
-        let d = cfg.head_dim;
-        let mut rng = SplitMix64(
-            cfg.seed ^ (u64::from(cfg.layer) << 32) ^ (kv_head as u64).wrapping_mul(0x1000_0001),
-        );
-        let planes: Vec<f32> = (0..k * l * d).map(|_| rng.normal() as f32).collect();
-        let projector = Projector::new(d, k * l, &planes)
-            .map_err(|e| CpuError::Config(format!("hyperplanes: {e}")))?;
-        Ok(LshIndex {
-            k,
-            l,
-            projector,
-            n_bulk: 0,
-            offsets: vec![0; l * ((1 << k) + 1)],
-            packed: Vec::new(),
-            tail_codes: Vec::new(),
-            ln_u: LnUTable::new(k, l, cfg.lsh_t),
-        })
+    /// Encodes local id `id` after `prev` (ids ascending within a bucket).
+    fn push_id(&mut self, prev: u32, id: u32) {
+        let gap = id - prev;
+        if gap < ESCAPE {
+            self.push(gap);
+        } else {
+            self.push(ESCAPE);
+            self.push(id >> 12);
+            self.push(id & 0xFFF);
+        }
     }
 
-    #[inline]
+    fn finish(mut self) -> Vec<u8> {
+        // Spare bytes so a decoder may always read 4 bytes at a unit.
+        self.bytes.extend_from_slice(&[0; 4]);
+        self.bytes.shrink_to_fit();
+        self.bytes
+    }
+}
+
+/// One level of packed bucket lists: keys `base..base + n`, ids stored relative
+/// to `base`.
+pub(crate) struct Csr {
+    pub(crate) base: u32,
+    pub(crate) n: usize,
+    /// `2^k + 1`: offsets per table.
+    stride: usize,
+    /// `l * (2^k + 1)` offsets (in 12-bit units) into `packed`.
+    offsets: Vec<u32>,
+    /// 12-bit units, two per three bytes (plus spare bytes at the end).
+    packed: Vec<u8>,
+}
+
+impl Csr {
+    /// Builds the level from table-major codes (`codes[t * m + i]` is key
+    /// `base + i`'s code in table `t`).
+    fn build(codes: &[u16], m: usize, base: u32, k: usize, l: usize) -> Csr {
+        let nb = 1usize << k;
+        let mut offsets = vec![0u32; l * (nb + 1)];
+        let mut ids = vec![0u32; m];
+        let mut cursor = vec![0u32; nb];
+        let mut w = UnitWriter {
+            bytes: Vec::with_capacity(m * l * 3 / 2 + 64),
+            units: 0,
+        };
+        for t in 0..l {
+            let off = &mut offsets[t * (nb + 1)..(t + 1) * (nb + 1)];
+            let c = &codes[t * m..(t + 1) * m];
+            for &code in c {
+                off[code as usize + 1] += 1;
+            }
+            for b in 0..nb {
+                off[b + 1] += off[b];
+            }
+            cursor.copy_from_slice(&off[..nb]);
+            for (i, &code) in c.iter().enumerate() {
+                ids[cursor[code as usize] as usize] = i as u32;
+                cursor[code as usize] += 1;
+            }
+            // Re-express the offsets in units while encoding each bucket.
+            for b in 0..nb {
+                let (s0, s1) = (off[b] as usize, off[b + 1] as usize);
+                off[b] = w.units as u32;
+                let mut prev = 0u32;
+                for &id in &ids[s0..s1] {
+                    w.push_id(prev, id);
+                    prev = id;
+                }
+            }
+            off[nb] = w.units as u32;
+        }
+        Csr {
+            base,
+            n: m,
+            stride: nb + 1,
+            offsets,
+            packed: w.finish(),
+        }
+    }
+
+    /// The level holding `a`'s keys followed by `b`'s (`b.base == a.base + a.n`).
+    fn merge(a: &Csr, b: &Csr, k: usize, l: usize) -> Csr {
+        let nb = 1usize << k;
+        let mut offsets = vec![0u32; l * (nb + 1)];
+        let mut w = UnitWriter {
+            bytes: Vec::with_capacity(a.packed.len() + b.packed.len() + 64),
+            units: 0,
+        };
+        let shift = b.base - a.base;
+        for t in 0..l {
+            for c in 0..nb {
+                offsets[t * (nb + 1) + c] = w.units as u32;
+                let mut prev = 0u32;
+                a.decode_local(t, c, |id| {
+                    w.push_id(prev, id);
+                    prev = id;
+                });
+                b.decode_local(t, c, |id| {
+                    w.push_id(prev, id + shift);
+                    prev = id + shift;
+                });
+            }
+            offsets[t * (nb + 1) + nb] = w.units as u32;
+        }
+        Csr {
+            base: a.base,
+            n: a.n + b.n,
+            stride: nb + 1,
+            offsets,
+            packed: w.finish(),
+        }
+    }
+
+    #[inline(always)]
     fn unit(&self, u: usize) -> u32 {
         let b = 3 * u / 2;
         let v = u32::from(self.packed[b]) | u32::from(self.packed[b + 1]) << 8;
@@ -156,15 +304,55 @@ impl LshIndex {
         }
     }
 
-    /// Calls `f` with every prefill key id in bucket `code` of table `table`,
-    /// in increasing order.
-    #[inline]
-    pub(crate) fn for_each_in_bucket(&self, table: usize, code: u16, mut f: impl FnMut(u32)) {
-        let nb = (1usize << self.k) + 1;
-        let i = table * nb + code as usize;
-        let (mut u, end) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+    /// Unit range of bucket `code` of table `table`.
+    #[inline(always)]
+    pub(crate) fn bucket(&self, table: usize, code: usize) -> (usize, usize) {
+        let i = table * self.stride + code;
+        match self.offsets.get(i..i + 2) {
+            Some(o) => (o[0] as usize, o[1] as usize),
+            None => (0, 0),
+        }
+    }
+
+    /// First byte of bucket `code` of table `table`, for prefetching.
+    #[inline(always)]
+    pub(crate) fn prefetch_bucket(&self, table: usize, code: usize) {
+        let (u, e) = self.bucket(table, code);
+        if let Some(b) = self.packed.get(3 * u / 2..(3 * e).div_ceil(2)) {
+            tandem_kernels::vector::prefetch(b);
+        }
+    }
+
+    /// Prefetches the offsets of bucket `code` of table `table`.
+    #[inline(always)]
+    pub(crate) fn prefetch_offsets(&self, table: usize, code: usize) {
+        tandem_kernels::vector::prefetch_at(&self.offsets, table * self.stride + code);
+    }
+
+    /// Calls `f` with every id (relative to `base`) in bucket `code` of table
+    /// `table`, in increasing order.
+    #[inline(always)]
+    pub(crate) fn decode_local(&self, table: usize, code: usize, mut f: impl FnMut(u32)) {
+        let (mut u, end) = self.bucket(table, code);
         let mut prev = 0u32;
         while u < end {
+            // Two units at once when both are plain gaps (the common case).
+            if u.is_multiple_of(2) && u + 2 <= end {
+                let b = 3 * u / 2;
+                let w = match self.packed.get(b..b + 4) {
+                    Some(x) => u32::from_le_bytes([x[0], x[1], x[2], x[3]]),
+                    None => break,
+                };
+                let (x0, x1) = (w & 0xFFF, (w >> 12) & 0xFFF);
+                if x0 != ESCAPE && x1 != ESCAPE {
+                    prev += x0;
+                    f(prev);
+                    prev += x1;
+                    f(prev);
+                    u += 2;
+                    continue;
+                }
+            }
             let x = self.unit(u);
             if x == ESCAPE {
                 prev = self.unit(u + 1) << 12 | self.unit(u + 2);
@@ -178,31 +366,236 @@ impl LshIndex {
     }
 
     fn bytes(&self) -> usize {
-        self.offsets.len() * 4 + self.packed.len() + self.tail_codes.len() * 2
+        self.offsets.len() * 4 + self.packed.len()
+    }
+}
+
+pub(crate) struct LshIndex {
+    pub(crate) k: usize,
+    pub(crate) l: usize,
+    /// Gaussian hyperplanes shared by every store with the same seed and shape.
+    pub(crate) projector: Arc<Projector>,
+    /// ±1 per dimension, seeded by (seed, layer, kv head): this head's planes
+    /// are the shared ones with these sign flips.
+    signs: Vec<f32>,
+    /// Prefill keys (and appended keys merged since).
+    pub(crate) bulk: Option<Csr>,
+    /// Appended keys bucketed since the last bulk merge.
+    pub(crate) mid: Option<Csr>,
+    /// Codes of the newest appended keys, key-major (`l` per key).
+    pub(crate) raw_codes: Vec<u16>,
+    pub(crate) ln_u: LnUTable,
+}
+
+impl LshIndex {
+    fn new(cfg: &LayerConfig, kv_head: usize, k: usize, l: usize) -> Result<Self, CpuError> {
+        let d = cfg.head_dim;
+        let projector = shared_projector(cfg.seed, d, k * l)?;
+        let mut rng = SplitMix64(
+            cfg.seed ^ (u64::from(cfg.layer) << 32) ^ (kv_head as u64).wrapping_mul(0x1000_0001),
+        );
+        let signs = (0..d)
+            .map(|_| if rng.next_u64() & 1 == 1 { -1.0 } else { 1.0 })
+            .collect();
+        Ok(LshIndex {
+            k,
+            l,
+            projector,
+            signs,
+            bulk: None,
+            mid: None,
+            raw_codes: Vec::new(),
+            ln_u: LnUTable::new(k, l, cfg.lsh_t),
+        })
+    }
+
+    /// Flips the signs of `x` (one or more rows of `head_dim`) by this head's
+    /// signs, in place: vectors are hashed as `planes · (signs ⊙ x)`.
+    pub(crate) fn flip(&self, x: &mut [f32]) {
+        for row in x.chunks_exact_mut(self.signs.len()) {
+            for (v, s) in row.iter_mut().zip(&self.signs) {
+                *v *= s;
+            }
+        }
+    }
+
+    /// Keys covered by the bucketed levels (bulk + mid); raw keys follow.
+    pub(crate) fn n_bucketed(&self) -> usize {
+        self.bulk.as_ref().map_or(0, |c| c.n) + self.mid.as_ref().map_or(0, |c| c.n)
+    }
+
+    /// The bucketed levels, oldest first.
+    pub(crate) fn levels(&self) -> impl Iterator<Item = &Csr> {
+        self.bulk.iter().chain(self.mid.iter())
+    }
+
+    /// Adds one appended key's codes; folds levels when they are full.
+    fn push_codes(&mut self, codes: &[u16]) {
+        self.raw_codes.extend_from_slice(codes);
+        let l = self.l;
+        let m = self.raw_codes.len() / l;
+        if m < RAW_MAX {
+            return;
+        }
+        let mut tm = vec![0u16; m * l];
+        for (i, c) in self.raw_codes.chunks_exact(l).enumerate() {
+            for (t, &x) in c.iter().enumerate() {
+                tm[t * m + i] = x;
+            }
+        }
+        let base = self.n_bucketed() as u32;
+        let raw = Csr::build(&tm, m, base, self.k, l);
+        self.raw_codes.clear();
+        self.mid = Some(match self.mid.take() {
+            Some(mid) => Csr::merge(&mid, &raw, self.k, l),
+            None => raw,
+        });
+        let (n_bulk, n_mid) = (
+            self.bulk.as_ref().map_or(0, |c| c.n),
+            self.mid.as_ref().map_or(0, |c| c.n),
+        );
+        if n_mid >= MID_MIN.max(n_bulk / 8) {
+            if let Some(mid) = self.mid.take() {
+                self.bulk = Some(match self.bulk.take() {
+                    Some(bulk) => Csr::merge(&bulk, &mid, self.k, l),
+                    None => mid,
+                });
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.levels().map(Csr::bytes).sum::<usize>() + self.raw_codes.len() * 2
+    }
+}
+
+/// Stored rows of one kv head, `[n][head_dim]`.
+pub(crate) enum Rows {
+    Bf16(Vec<bf16>),
+    F32(Vec<f32>),
+}
+
+impl Rows {
+    fn new(dtype: KvDtype) -> Self {
+        match dtype {
+            KvDtype::Bf16 => Rows::Bf16(Vec::new()),
+            KvDtype::F32 => Rows::F32(Vec::new()),
+        }
+    }
+
+    /// Number of stored values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Rows::Bf16(v) => v.len(),
+            Rows::F32(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Rows::Bf16(v) => v.len() * 2,
+            Rows::F32(v) => v.len() * 4,
+        }
+    }
+
+    /// Reserves room for `n` more values, backed by huge pages where the OS
+    /// allows (rows are read in random order).
+    fn reserve(&mut self, n: usize) {
+        match self {
+            Rows::Bf16(v) => {
+                v.reserve(n);
+                advise_huge_pages_spare(v);
+            }
+            Rows::F32(v) => {
+                v.reserve(n);
+                advise_huge_pages_spare(v);
+            }
+        }
+    }
+
+    fn extend<T: Elem>(&mut self, src: &[T]) {
+        // Grow by 1/16 at a time, not by doubling: a 96k-token store of 30
+        // layers would otherwise claim ~12 GB more on its first decode append.
+        fn room<E>(v: &mut Vec<E>, n: usize) {
+            if v.capacity() - v.len() < n {
+                v.reserve_exact(n.max(v.len() / 16));
+            }
+        }
+        match self {
+            Rows::Bf16(v) => {
+                room(v, src.len());
+                v.extend(src.iter().map(|x| bf16::from_f32(x.to_f32())))
+            }
+            Rows::F32(v) => {
+                room(v, src.len());
+                v.extend(src.iter().map(|x| x.to_f32()))
+            }
+        }
+    }
+
+    /// Row `i` widened to f32 into `dst` (`dst.len()` values).
+    fn row_f32(&self, i: usize, dst: &mut [f32]) {
+        let d = dst.len();
+        match self {
+            Rows::Bf16(v) => {
+                for (o, x) in dst.iter_mut().zip(&v[i * d..(i + 1) * d]) {
+                    *o = x.to_f32();
+                }
+            }
+            Rows::F32(v) => dst.copy_from_slice(&v[i * d..(i + 1) * d]),
+        }
+    }
+}
+
+/// An input element type for loads and appends (bf16 or f32).
+pub(crate) trait Elem: Copy + Send + Sync {
+    /// Exact widening to f32.
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for bf16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Elem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
 /// The offloaded K/V rows and index of one kv head.
 pub(crate) struct HeadStore {
-    pub(crate) keys: Vec<bf16>,
-    pub(crate) values: Vec<bf16>,
+    pub(crate) keys: Rows,
+    pub(crate) values: Rows,
+    pub(crate) d: usize,
     pub(crate) mean: Vec<f32>,
     /// |k - mean| per key, stored as f16 (relative error <= 2^-11), used only
     /// for the angle in the estimator.
     pub(crate) knorm: Vec<f16>,
     pub(crate) index: Option<LshIndex>,
-    /// Reused buffers of [`HeadStore::append`]: a centred key and its sign bits.
+    /// Reused buffers of [`HeadStore::append`]: a centred key, its sign bits
+    /// and its codes.
     centred: Vec<f32>,
     bits: Vec<u64>,
+    codes: Vec<u16>,
 }
 
 impl HeadStore {
     /// Appends key/value rows (`[n][head_dim]` each), centred with the fixed
     /// mean and hashed into every table.
-    pub(crate) fn append(&mut self, keys: &[bf16], values: &[bf16]) {
-        let d = self.mean.len();
-        self.keys.extend_from_slice(keys);
-        self.values.extend_from_slice(values);
+    pub(crate) fn append<T: Elem>(&mut self, keys: &[T], values: &[T]) -> Result<(), String> {
+        let d = self.d;
+        if self.index.is_some() && self.len() + keys.len() / d > MAX_INDEXED_KEYS {
+            return Err(format!(
+                "an indexed store holds at most {MAX_INDEXED_KEYS} tokens"
+            ));
+        }
+        self.keys.extend(keys);
+        self.values.extend(values);
         self.centred.resize(d, 0.0);
         for k in keys.chunks_exact(d) {
             for ((c, x), m) in self.centred.iter_mut().zip(k).zip(&self.mean) {
@@ -212,21 +605,26 @@ impl HeadStore {
             self.knorm.push(f16::from_f32(norm));
             if let Some(ix) = self.index.as_mut() {
                 self.bits.resize(ix.projector.words_per_vector(), 0);
+                ix.flip(&mut self.centred);
                 ix.projector.sign_bits(&self.centred, &mut self.bits);
+                self.codes.clear();
                 for t in 0..ix.l {
-                    ix.tail_codes.push(table_code(&self.bits, t, ix.k));
+                    self.codes.push(table_code(&self.bits, t, ix.k));
                 }
+                ix.push_codes(&self.codes);
             }
         }
+        Ok(())
     }
 
     /// Tokens stored.
     pub(crate) fn len(&self) -> usize {
-        self.keys.len() / self.mean.len()
+        self.keys.len() / self.d
     }
 }
 
-/// The offloaded KV cache of one (sequence, layer): all kv heads, bf16 rows.
+/// The offloaded KV cache of one (sequence, layer): all kv heads, bf16 or f32
+/// rows ([`LayerConfig::kv_dtype`]).
 ///
 /// Each kv head sits behind its own lock, so the worker attending one head can
 /// append that head's evicted rows while other workers read other heads; share
@@ -247,13 +645,15 @@ impl LayerStore {
                 None => None,
             };
             heads.push(Mutex::new(HeadStore {
-                keys: Vec::new(),
-                values: Vec::new(),
+                keys: Rows::new(cfg.kv_dtype),
+                values: Rows::new(cfg.kv_dtype),
+                d: cfg.head_dim,
                 mean: vec![0.0; cfg.head_dim],
                 knorm: Vec::new(),
                 index,
                 centred: Vec::new(),
                 bits: Vec::new(),
+                codes: Vec::new(),
             }));
         }
         Ok(LayerStore { cfg, heads })
@@ -298,7 +698,7 @@ impl LayerStore {
 
     /// Bytes of K and V rows.
     pub fn kv_bytes(&self) -> usize {
-        self.sum_over_heads(|h| (h.keys.len() + h.values.len()) * 2)
+        self.sum_over_heads(|h| h.keys.bytes() + h.values.bytes())
     }
 
     /// Bytes of the index: tables, decode-time codes, key norms and means.
@@ -311,11 +711,32 @@ impl LayerStore {
     /// Bulk-loads the prompt keys and values after prefill: `keys` and `values`
     /// are `[n_tokens][n_kv_heads][head_dim]`. Must be called on an empty store.
     /// Fixes the centring mean and builds the LSH tables with `threads` threads
-    /// (a blocked projection, then a counting sort per table).
+    /// (a blocked projection, then a counting sort per table). Rows are stored
+    /// in the configured [`KvDtype`].
     pub fn load_prefill(
         &mut self,
         keys: &[bf16],
         values: &[bf16],
+        threads: usize,
+    ) -> Result<(), CpuError> {
+        self.load_prefill_rows(keys, values, threads)
+    }
+
+    /// [`LayerStore::load_prefill`] from f32 rows (rounded to bf16 if the store
+    /// holds bf16).
+    pub fn load_prefill_f32(
+        &mut self,
+        keys: &[f32],
+        values: &[f32],
+        threads: usize,
+    ) -> Result<(), CpuError> {
+        self.load_prefill_rows(keys, values, threads)
+    }
+
+    fn load_prefill_rows<T: Elem>(
+        &mut self,
+        keys: &[T],
+        values: &[T],
         threads: usize,
     ) -> Result<(), CpuError> {
         let (nh, d) = (self.cfg.n_kv_heads, self.cfg.head_dim);
@@ -330,27 +751,27 @@ impl LayerStore {
         if !self.is_empty() {
             return Err(CpuError::Config("load_prefill on a non-empty store".into()));
         }
+        let n = keys.len() / (nh * d);
         if let Some((_, l)) = self.cfg.lsh {
             // Offsets are u32 counts of 12-bit units (at most 3 units per entry).
-            if (keys.len() / (nh * d)).saturating_mul(l).saturating_mul(3) >= u32::MAX as usize {
+            if n.saturating_mul(l).saturating_mul(3) >= u32::MAX as usize {
                 return Err(CpuError::Shape(
                     "prefill too large for the index offsets".into(),
                 ));
             }
-        }
-        let n = keys.len() / (nh * d);
-        if n >= MAX_PREFILL_KEYS {
-            return Err(CpuError::Shape(format!(
-                "at most {MAX_PREFILL_KEYS} prefill tokens per store"
-            )));
+            if n > MAX_INDEXED_KEYS {
+                return Err(CpuError::Shape(format!(
+                    "at most {MAX_INDEXED_KEYS} prefill tokens per indexed store"
+                )));
+            }
         }
         for (h, head) in self.heads_mut().enumerate() {
             head.keys.reserve(n * d);
             head.values.reserve(n * d);
             for t in 0..n {
                 let o = (t * nh + h) * d;
-                head.keys.extend_from_slice(&keys[o..o + d]);
-                head.values.extend_from_slice(&values[o..o + d]);
+                head.keys.extend(&keys[o..o + d]);
+                head.values.extend(&values[o..o + d]);
             }
         }
         let threads = threads.max(1);
@@ -367,6 +788,16 @@ impl LayerStore {
     /// Appends tokens (`keys`, `values`: `[n][n_kv_heads][head_dim]`), centred
     /// with the fixed prefill mean and inserted into every table.
     pub fn append(&self, keys: &[bf16], values: &[bf16]) -> Result<(), CpuError> {
+        self.append_rows(keys, values)
+    }
+
+    /// [`LayerStore::append`] from f32 rows (rounded to bf16 if the store
+    /// holds bf16).
+    pub fn append_f32(&self, keys: &[f32], values: &[f32]) -> Result<(), CpuError> {
+        self.append_rows(keys, values)
+    }
+
+    fn append_rows<T: Elem>(&self, keys: &[T], values: &[T]) -> Result<(), CpuError> {
         let (nh, d) = (self.cfg.n_kv_heads, self.cfg.head_dim);
         if keys.len() != values.len() || !keys.len().is_multiple_of(nh * d) {
             return Err(CpuError::Shape(format!(
@@ -379,7 +810,8 @@ impl LayerStore {
         for h in 0..nh {
             let mut head = self.head(h)?;
             for (k, v) in keys.chunks_exact(nh * d).zip(values.chunks_exact(nh * d)) {
-                head.append(&k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
+                head.append(&k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d])
+                    .map_err(CpuError::Shape)?;
             }
         }
         Ok(())
@@ -388,9 +820,11 @@ impl LayerStore {
 
 fn build_head(head: &mut HeadStore, n: usize, d: usize) {
     let mut mean = vec![0.0f64; d];
-    for row in head.keys.chunks_exact(d) {
-        for (m, x) in mean.iter_mut().zip(row) {
-            *m += x.to_f64();
+    let mut row = vec![0.0f32; d];
+    for t in 0..n {
+        head.keys.row_f32(t, &mut row);
+        for (m, x) in mean.iter_mut().zip(&row) {
+            *m += f64::from(*x);
         }
     }
     if n > 0 {
@@ -402,11 +836,12 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize) {
     let mut centred = vec![0.0f32; BLOCK * d];
     head.knorm = Vec::with_capacity(n);
     let Some(ix) = head.index.as_mut() else {
-        for row in head.keys.chunks_exact(d) {
+        for t in 0..n {
+            head.keys.row_f32(t, &mut row);
             let s: f32 = row
                 .iter()
                 .zip(&head.mean)
-                .map(|(x, m)| (x.to_f32() - m).powi(2))
+                .map(|(x, m)| (x - m).powi(2))
                 .sum();
             head.knorm.push(f16::from_f32(s.sqrt()));
         }
@@ -419,16 +854,17 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize) {
     for b0 in (0..n).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(n);
         for (i, t) in (b0..b1).enumerate() {
-            let row = &head.keys[t * d..(t + 1) * d];
             let dst = &mut centred[i * d..(i + 1) * d];
+            head.keys.row_f32(t, dst);
             let mut s = 0.0f32;
-            for j in 0..d {
-                dst[j] = row[j].to_f32() - head.mean[j];
-                s += dst[j] * dst[j];
+            for (x, m) in dst.iter_mut().zip(&head.mean) {
+                *x -= m;
+                s += *x * *x;
             }
             head.knorm.push(f16::from_f32(s.sqrt()));
         }
         let m = b1 - b0;
+        ix.flip(&mut centred[..m * d]);
         ix.projector
             .sign_bits(&centred[..m * d], &mut bits[..m * w]);
         for t in 0..l {
@@ -438,52 +874,5 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize) {
             }
         }
     }
-    // Counting sort per table.
-    let nb = 1usize << k;
-    ix.n_bulk = n;
-    let mut ids = vec![0u32; n];
-    let mut cursor = vec![0u32; nb];
-    let mut packed = Vec::with_capacity(n * l * 3 / 2 + 64);
-    let mut writer = UnitWriter {
-        bytes: &mut packed,
-        units: 0,
-    };
-    for t in 0..l {
-        let off = &mut ix.offsets[t * (nb + 1)..(t + 1) * (nb + 1)];
-        off.iter_mut().for_each(|o| *o = 0);
-        let c = &codes[t * n..(t + 1) * n];
-        for &code in c {
-            off[code as usize + 1] += 1;
-        }
-        for b in 0..nb {
-            off[b + 1] += off[b];
-        }
-        cursor.copy_from_slice(&off[..nb]);
-        for (i, &code) in c.iter().enumerate() {
-            ids[cursor[code as usize] as usize] = i as u32;
-            cursor[code as usize] += 1;
-        }
-        // Re-express the offsets in units while encoding each bucket.
-        for b in 0..nb {
-            let (s0, s1) = (off[b] as usize, off[b + 1] as usize);
-            off[b] = writer.units as u32;
-            let mut prev = 0u32;
-            for &id in &ids[s0..s1] {
-                let gap = id - prev;
-                if gap < ESCAPE {
-                    writer.push(gap);
-                } else {
-                    writer.push(ESCAPE);
-                    writer.push(id >> 12);
-                    writer.push(id & 0xFFF);
-                }
-                prev = id;
-            }
-        }
-        off[nb] = writer.units as u32;
-    }
-    // A spare byte so a unit read may always touch two bytes.
-    packed.push(0);
-    packed.shrink_to_fit();
-    ix.packed = packed;
+    ix.bulk = (n > 0).then(|| Csr::build(&codes, n, 0, k, l));
 }

@@ -6,7 +6,8 @@
 use half::bf16;
 use std::sync::Arc;
 use tandem_cpu::{
-    ln_u_exact, merge_partials, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool,
+    ln_u_exact, merge_partials, KvDtype, LayerConfig, LayerOutput, LayerStore, LshParams, Policy,
+    WorkerPool,
 };
 use tandem_kernels::hash::{table_code, Projector};
 use tandem_kernels::rng::SplitMix64;
@@ -50,6 +51,7 @@ fn setup(
         lsh_t: t,
         seed,
         layer: 3,
+        kv_dtype: KvDtype::Bf16,
     };
     let mut st = LayerStore::new(cfg).expect("cfg");
     let w = nkv * d;
@@ -144,9 +146,11 @@ fn dense_equals_naive_f64_attention() {
 }
 
 /// Brute force: recreates each kv head's hyperplanes with the store's seeding
-/// recipe (splitmix64 normals seeded by `seed ^ layer << 32 ^ head * 0x1000_0001`,
-/// layer 3 here), hashes every centred key and the queries through the public
-/// projector, and counts table collisions one key at a time.
+/// recipe (splitmix64 normals seeded by `seed`, shared by all heads and layers,
+/// with per-dimension sign flips drawn from splitmix64 seeded by
+/// `seed ^ layer << 32 ^ head * 0x1000_0001`, layer 3 here), hashes every
+/// centred key and the queries through the public projector, and counts table
+/// collisions one key at a time.
 fn brute_force_retrieved(
     s: &Setup,
     nkv: usize,
@@ -159,10 +163,14 @@ fn brute_force_retrieved(
     n_prefill: usize,
 ) -> Vec<Vec<usize>> {
     let mut result = Vec::new();
+    let mut st = SplitMix64(seed);
+    let planes: Vec<f32> = (0..k * l * d).map(|_| st.normal() as f32).collect();
+    let p = Projector::new(d, k * l, &planes).expect("p");
     for kvh in 0..nkv {
-        let mut st = SplitMix64(seed ^ (3u64 << 32) ^ (kvh as u64).wrapping_mul(0x1000_0001));
-        let planes: Vec<f32> = (0..k * l * d).map(|_| st.normal() as f32).collect();
-        let p = Projector::new(d, k * l, &planes).expect("p");
+        let mut sr = SplitMix64(seed ^ (3u64 << 32) ^ (kvh as u64).wrapping_mul(0x1000_0001));
+        let signs: Vec<f32> = (0..d)
+            .map(|_| if sr.next_u64() & 1 == 1 { -1.0 } else { 1.0 })
+            .collect();
         let w = p.words_per_vector();
         // mean of prefill keys
         let mut mean = vec![0.0f64; d];
@@ -175,7 +183,7 @@ fn brute_force_retrieved(
         let mut kc = vec![0.0f32; s.n * d];
         for i in 0..s.n {
             for j in 0..d {
-                kc[i * d + j] = s.keys[(i * nkv + kvh) * d + j] - mean[j];
+                kc[i * d + j] = (s.keys[(i * nkv + kvh) * d + j] - mean[j]) * signs[j];
             }
         }
         let mut kbits = vec![0u64; s.n * w];
@@ -183,7 +191,8 @@ fn brute_force_retrieved(
         for h in 0..g {
             let qh = kvh * g + h;
             let mut qbits = vec![0u64; w];
-            p.sign_bits(&s.q[qh * d..(qh + 1) * d], &mut qbits);
+            let qf: Vec<f32> = (0..d).map(|j| s.q[qh * d + j] * signs[j]).collect();
+            p.sign_bits(&qf, &mut qbits);
             let mut ids = Vec::new();
             for i in 0..s.n {
                 let c = (0..l)
@@ -368,6 +377,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         lsh_t: 2,
         seed: 1,
         layer: 0,
+        kv_dtype: KvDtype::Bf16,
     };
     let st = Arc::new(LayerStore::new(cfg.clone()).expect("cfg"));
     let pool = WorkerPool::new(1).expect("pool");
@@ -505,6 +515,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             lsh_t: 2,
             seed: 4,
             layer: 0,
+            kv_dtype: KvDtype::Bf16,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
         st.load_prefill(&bf(&keys), &bf(&vals), 2).expect("load");

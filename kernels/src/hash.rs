@@ -38,7 +38,10 @@ pub struct Projector {
     dim: usize,
     n_planes: usize,
     padded: usize,
-    /// `dim x padded`, row `k` holds component `k` of every plane.
+    /// Blocked and transposed: for each block of `NB` planes, `dim` rows of
+    /// `NB` components (`planes_t[(j / NB) * dim * NB + k * NB + j % NB]` is
+    /// component `k` of plane `j`), so one block's product streams through
+    /// contiguous memory.
     planes_t: Vec<f32>,
 }
 
@@ -53,7 +56,7 @@ impl Projector {
         let mut planes_t = vec![0.0f32; dim * padded];
         for j in 0..n_planes {
             for k in 0..dim {
-                planes_t[k * padded + j] = planes[j * dim + k];
+                planes_t[(j / NB) * dim * NB + k * NB + j % NB] = planes[j * dim + k];
             }
         }
         Ok(Projector {
@@ -115,7 +118,10 @@ impl Projector {
             for j in 0..self.n_planes {
                 let mut acc = 0.0f32;
                 for (k, xk) in x.iter().enumerate() {
-                    acc = xk.mul_add(self.planes_t[k * self.padded + j], acc);
+                    acc = xk.mul_add(
+                        self.planes_t[(j / NB) * self.dim * NB + k * NB + j % NB],
+                        acc,
+                    );
                 }
                 if acc > 0.0 {
                     out[i * w + j / 64] |= 1u64 << (j % 64);
@@ -183,6 +189,122 @@ fn collect_scalar(
     n
 }
 
+/// Counts `i < min(a.len(), b.len())` with `a[i] == b[i]` (auto-dispatch):
+/// how many of a key's table codes equal a query's.
+pub fn count_equal_u16(a: &[u16], b: &[u16]) -> usize {
+    count_equal_u16_with(Isa::detect(), a, b)
+}
+
+/// [`count_equal_u16`] with an explicit ISA (capped at what the CPU supports).
+pub fn count_equal_u16_with(isa: Isa, a: &[u16], b: &[u16]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match isa.min(crate::vector::best_supported()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512BW; slices have equal length.
+        Isa::Avx512 => unsafe { x86::count_equal_avx512(a, b) },
+        _ => a.iter().zip(b).filter(|(x, y)| x == y).count(),
+    }
+}
+
+/// Width of the per-head collision counters packed in one u32 per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lanes {
+    /// Four 8-bit counters (head `h` in bits `8h..8h+8`).
+    U8x4,
+    /// Two 16-bit counters (head `h` in bits `16h..16h+16`).
+    U16x2,
+}
+
+impl Lanes {
+    /// Counters per u32.
+    pub fn count(self) -> usize {
+        match self {
+            Lanes::U8x4 => 4,
+            Lanes::U16x2 => 2,
+        }
+    }
+
+    /// Bits per counter.
+    pub fn bits(self) -> u32 {
+        match self {
+            Lanes::U8x4 => 8,
+            Lanes::U16x2 => 16,
+        }
+    }
+}
+
+/// Scans packed per-head counters: for every key `i` (in increasing order)
+/// with at least one counter `>= t`, writes `base + i` to `ids` and the bit
+/// set of those counters (bit `h` for counter `h`) to `masks`. Sets every
+/// element of `counts` to 0 (all of them, even if `ids` or `masks` fills up
+/// first; keys past the capacity are dropped). Returns how many keys were
+/// written. `t = 0` is treated as 1. Auto-dispatch.
+pub fn collect_lanes(
+    counts: &mut [u32],
+    lanes: Lanes,
+    t: u16,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+) -> usize {
+    collect_lanes_with(Isa::detect(), counts, lanes, t, base, ids, masks)
+}
+
+/// [`collect_lanes`] with an explicit ISA (capped at what the CPU supports).
+pub fn collect_lanes_with(
+    isa: Isa,
+    counts: &mut [u32],
+    lanes: Lanes,
+    t: u16,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+) -> usize {
+    let t = t.max(1);
+    let cap = ids.len().min(masks.len());
+    let (ids, masks) = (&mut ids[..cap], &mut masks[..cap]);
+    match isa.min(crate::vector::best_supported()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW; `ids` and `masks` have equal length.
+        Isa::Avx512 => unsafe { x86::collect_lanes_avx512(counts, lanes, t, base, ids, masks) },
+        _ => collect_lanes_scalar(counts, lanes, t, base, ids, masks, 0, 0),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn collect_lanes_scalar(
+    counts: &mut [u32],
+    lanes: Lanes,
+    t: u16,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+    from: usize,
+    mut n: usize,
+) -> usize {
+    let (nl, bits) = (lanes.count(), lanes.bits());
+    let lane_max = (1u32 << bits) - 1;
+    for (i, c) in counts.iter_mut().enumerate().skip(from) {
+        let v = std::mem::take(c);
+        if v == 0 {
+            continue;
+        }
+        let mut m = 0u8;
+        for h in 0..nl {
+            if (v >> (bits * h as u32)) & lane_max >= u32::from(t) {
+                m |= 1 << h;
+            }
+        }
+        if m != 0 && n < ids.len() {
+            ids[n] = base + i as u32;
+            masks[n] = m;
+            n += 1;
+        }
+    }
+    n
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
@@ -197,12 +319,12 @@ mod x86 {
         jb: usize,
     ) {
         let d = p.dim;
-        let pt = p.planes_t.as_ptr().add(jb);
+        let pt = p.planes_t.as_ptr().add(jb * d);
         let mut acc0 = [_mm512_setzero_ps(); MR];
         let mut acc1 = [_mm512_setzero_ps(); MR];
         for k in 0..d {
-            let p0 = _mm512_loadu_ps(pt.add(k * p.padded));
-            let p1 = _mm512_loadu_ps(pt.add(k * p.padded + 16));
+            let p0 = _mm512_loadu_ps(pt.add(k * NB));
+            let p1 = _mm512_loadu_ps(pt.add(k * NB + 16));
             for r in 0..MR {
                 let x = _mm512_set1_ps(*xs.add(r * d + k));
                 acc0[r] = _mm512_fmadd_ps(x, p0, acc0[r]);
@@ -237,6 +359,26 @@ mod x86 {
                     );
                     i += 8;
                 }
+                if i + 4 <= t1 {
+                    block512::<4>(
+                        p,
+                        xs.as_ptr().add(i * d),
+                        out.as_mut_ptr().add(i * w),
+                        w,
+                        jb,
+                    );
+                    i += 4;
+                }
+                if i + 2 <= t1 {
+                    block512::<2>(
+                        p,
+                        xs.as_ptr().add(i * d),
+                        out.as_mut_ptr().add(i * w),
+                        w,
+                        jb,
+                    );
+                    i += 2;
+                }
                 while i < t1 {
                     block512::<1>(
                         p,
@@ -263,10 +405,10 @@ mod x86 {
         jb: usize,
     ) {
         let d = p.dim;
-        let pt = p.planes_t.as_ptr().add(jb);
+        let pt = p.planes_t.as_ptr().add(jb * d);
         let mut acc = [[_mm256_setzero_ps(); 4]; MR];
         for k in 0..d {
-            let row = pt.add(k * p.padded);
+            let row = pt.add(k * NB);
             let pv = [
                 _mm256_loadu_ps(row),
                 _mm256_loadu_ps(row.add(8)),
@@ -325,6 +467,73 @@ mod x86 {
             }
             t0 = t1;
         }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn count_equal_avx512(a: &[u16], b: &[u16]) -> usize {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr() as *const i16, b.as_ptr() as *const i16);
+        let mut c = 0u32;
+        let mut i = 0;
+        while i < n {
+            let rem = (n - i).min(32);
+            let m: __mmask32 = if rem == 32 { !0 } else { (1u32 << rem) - 1 };
+            let x = _mm512_maskz_loadu_epi16(m, pa.add(i));
+            let y = _mm512_maskz_loadu_epi16(m, pb.add(i));
+            c += (_mm512_cmpeq_epi16_mask(x, y) & m).count_ones();
+            i += 32;
+        }
+        c as usize
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn collect_lanes_avx512(
+        counts: &mut [u32],
+        lanes: Lanes,
+        t: u16,
+        base: u32,
+        ids: &mut [u32],
+        masks: &mut [u8],
+    ) -> usize {
+        let len = counts.len();
+        let p = counts.as_mut_ptr();
+        let z = _mm512_setzero_si512();
+        let cap = ids.len();
+        let mut n = 0;
+        let mut i = 0;
+        // 16 keys per step; `m` has `per` bits per key.
+        let (per, kmask) = match lanes {
+            Lanes::U8x4 => (4u32, 0xFu64),
+            Lanes::U16x2 => (2u32, 0x3u64),
+        };
+        let t8 = _mm512_set1_epi8(t.min(255) as i8);
+        let t16 = _mm512_set1_epi16(t as i16);
+        let big8 = t > 255;
+        while i + 16 <= len {
+            let v = _mm512_loadu_si512(p.add(i) as *const __m512i);
+            let mut m: u64 = match lanes {
+                Lanes::U8x4 if big8 => 0,
+                Lanes::U8x4 => _mm512_cmpge_epu8_mask(v, t8),
+                Lanes::U16x2 => u64::from(_mm512_cmpge_epu16_mask(v, t16)),
+            };
+            if m != 0 {
+                _mm512_storeu_si512(p.add(i) as *mut __m512i, z);
+                while m != 0 {
+                    let key = m.trailing_zeros() / per;
+                    let km = (m >> (key * per)) & kmask;
+                    m &= !(kmask << (key * per));
+                    if n < cap {
+                        *ids.get_unchecked_mut(n) = base + i as u32 + key;
+                        *masks.get_unchecked_mut(n) = km as u8;
+                        n += 1;
+                    }
+                }
+            } else if _mm512_test_epi32_mask(v, v) != 0 {
+                _mm512_storeu_si512(p.add(i) as *mut __m512i, z);
+            }
+            i += 16;
+        }
+        collect_lanes_scalar(counts, lanes, t, base, ids, masks, i, n)
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -437,6 +646,72 @@ mod tests {
             }
         }
         assert_eq!(table_code(&bits, 1000, 10), 0);
+    }
+
+    #[test]
+    fn count_equal_and_collect_lanes_match_scalar_for_every_isa() {
+        let mut rng = Rng(12);
+        for &n in &[0usize, 1, 15, 16, 17, 31, 33, 150, 301, 1000] {
+            let a: Vec<u16> = (0..n).map(|_| (rng.next_u64() % 3) as u16).collect();
+            let b: Vec<u16> = (0..n).map(|_| (rng.next_u64() % 3) as u16).collect();
+            let want = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            for isa in Isa::all_supported() {
+                assert_eq!(count_equal_u16_with(isa, &a, &b), want, "{isa:?} n={n}");
+            }
+            for lanes in [Lanes::U8x4, Lanes::U16x2] {
+                let (nl, bits) = (lanes.count(), lanes.bits());
+                let counts: Vec<u32> = (0..n)
+                    .map(|_| {
+                        let mut v = 0u32;
+                        for h in 0..nl {
+                            let c = if rng.next_u64().is_multiple_of(4) {
+                                rng.next_u64() % 300
+                            } else {
+                                rng.next_u64() % 3
+                            };
+                            let c = c.min((1u64 << bits) - 1) as u32;
+                            v |= c << (bits * h as u32);
+                        }
+                        v
+                    })
+                    .collect();
+                for t in [0u16, 1, 2, 3, 200, 256, 299] {
+                    let mut want = Vec::new();
+                    for (i, &v) in counts.iter().enumerate() {
+                        let mut m = 0u8;
+                        for h in 0..nl {
+                            if (v >> (bits * h as u32)) & ((1 << bits) - 1) >= u32::from(t.max(1)) {
+                                m |= 1 << h;
+                            }
+                        }
+                        if m != 0 {
+                            want.push((i as u32 + 5, m));
+                        }
+                    }
+                    for isa in Isa::all_supported() {
+                        for cap in [n, want.len() / 2] {
+                            let mut c = counts.clone();
+                            let mut ids = vec![0u32; cap];
+                            let mut masks = vec![0u8; cap];
+                            let k =
+                                collect_lanes_with(isa, &mut c, lanes, t, 5, &mut ids, &mut masks);
+                            let got: Vec<(u32, u8)> = ids[..k]
+                                .iter()
+                                .copied()
+                                .zip(masks[..k].iter().copied())
+                                .collect();
+                            assert_eq!(
+                                &got[..],
+                                &want[..k.min(want.len())],
+                                "{isa:?} n={n} t={t} {lanes:?}"
+                            );
+                            assert_eq!(k, want.len().min(cap));
+                            assert!(c.iter().all(|&x| x == 0), "{isa:?} zeroed");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod hash;
 pub mod isa;
+pub mod mem;
 pub mod ops;
 pub mod parallel;
 pub mod quant;

@@ -223,6 +223,205 @@ pub fn axpy_bf16_with(isa: Isa, out: &mut [f32], w: f32, row: &[bf16]) {
     }
 }
 
+/// `sum a[i] * b[i]` for two bf16 vectors, over `min(a.len(), b.len())`
+/// elements (auto-dispatch). On AVX-512 BF16 this is `vdpbf16ps` (products of
+/// two bf16 are exact in f32; the sums are rounded to nearest in f32 with
+/// denormal inputs/outputs flushed to zero); other paths widen to f32 and use
+/// fused multiply-adds.
+pub fn dot_bf16(a: &[bf16], b: &[bf16]) -> f32 {
+    dot_bf16_with(auto(), a, b)
+}
+
+/// [`dot_bf16`] with an explicit ISA (capped at what the CPU supports).
+pub fn dot_bf16_with(isa: Isa, a: &[bf16], b: &[bf16]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only reported with AVX-512 F/BW/VL and
+        // AVX512_BF16 present (checked again here); slices have equal length.
+        Isa::Avx512 if has_avx512bf16() => unsafe { x86::dot_bf16_bf16_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW (and thus AVX2 and FMA).
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::dot_bf16_bf16_avx2(a, b) },
+        _ => dot_bf16_bf16_scalar(a, b),
+    }
+}
+
+/// Whether the CPU has AVX512_BF16 (`vdpbf16ps`), detected once.
+pub fn has_avx512bf16() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+fn dot_bf16_bf16_scalar(a: &[bf16], b: &[bf16]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] = x[i].to_f32().mul_add(y[i].to_f32(), acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s = x.to_f32().mul_add(y.to_f32(), s);
+    }
+    s
+}
+
+/// Dot products of one bf16 row with several f32 vectors at once (the query
+/// heads of a GQA group): `out[h] = sum_i row[i] * queries[h * row.len() + i]`
+/// for `h < out.len()`. The row is read (and widened) once. `out.len()` must
+/// be at most 8 and `queries.len() >= out.len() * row.len()`; otherwise only
+/// the heads that fit are computed and the rest of `out` is set to 0.
+/// Each result equals [`dot_bf16_f32`] of the same inputs up to summation order.
+pub fn dot_bf16_f32_multi(row: &[bf16], queries: &[f32], out: &mut [f32]) {
+    dot_bf16_f32_multi_with(auto(), row, queries, out)
+}
+
+/// [`dot_bf16_f32_multi`] with an explicit ISA (capped at what the CPU supports).
+pub fn dot_bf16_f32_multi_with(isa: Isa, row: &[bf16], queries: &[f32], out: &mut [f32]) {
+    let d = row.len();
+    let g = multi_heads(d, queries.len(), out);
+    let (queries, out) = (&queries[..g * d], &mut out[..g]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW; `queries` holds `g * d` values, g <= 8.
+        Isa::Avx512 => unsafe { x86::dot_multi_bf16_avx512(row, queries, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; `queries` holds `g * d` values, g <= 8.
+        Isa::Avx2 => unsafe { x86::dot_multi_bf16_avx2(row, queries, out) },
+        _ => {
+            for (h, o) in out.iter_mut().enumerate() {
+                *o = dot_bf16_scalar(row, &queries[h * d..(h + 1) * d]);
+            }
+        }
+    }
+}
+
+/// [`dot_bf16_f32_multi`] for an f32 row.
+pub fn dot_f32_multi(row: &[f32], queries: &[f32], out: &mut [f32]) {
+    dot_f32_multi_with(auto(), row, queries, out)
+}
+
+/// [`dot_f32_multi`] with an explicit ISA (capped at what the CPU supports).
+pub fn dot_f32_multi_with(isa: Isa, row: &[f32], queries: &[f32], out: &mut [f32]) {
+    let d = row.len();
+    let g = multi_heads(d, queries.len(), out);
+    let (queries, out) = (&queries[..g * d], &mut out[..g]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F; `queries` holds `g * d` values, g <= 8.
+        Isa::Avx512 => unsafe { x86::dot_multi_f32_avx512(row, queries, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; `queries` holds `g * d` values, g <= 8.
+        Isa::Avx2 => unsafe { x86::dot_multi_f32_avx2(row, queries, out) },
+        _ => {
+            for (h, o) in out.iter_mut().enumerate() {
+                *o = dot_f32_scalar(row, &queries[h * d..(h + 1) * d]);
+            }
+        }
+    }
+}
+
+/// How many heads of a multi kernel fit: at most 8, at most `out.len()`, and
+/// at most `q_len / d`. Zeroes the `out` entries past that.
+fn multi_heads(d: usize, q_len: usize, out: &mut [f32]) -> usize {
+    let fit = q_len.checked_div(d).unwrap_or(out.len());
+    let g = out.len().min(8).min(fit);
+    out[g..].iter_mut().for_each(|x| *x = 0.0);
+    g
+}
+
+/// Weighted sums into several outputs at once: `outs[h * row.len() + i] +=
+/// ws[h] * row[i]` for `h < ws.len()` (at most 8). The row is read (and
+/// widened) once. Heads whose output does not fit in `outs` are skipped.
+pub fn axpy_bf16_multi(outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+    axpy_bf16_multi_with(auto(), outs, ws, row)
+}
+
+/// [`axpy_bf16_multi`] with an explicit ISA (capped at what the CPU supports).
+pub fn axpy_bf16_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+    let d = row.len();
+    let g = ws.len().min(8).min(outs.len().checked_div(d).unwrap_or(0));
+    let (outs, ws) = (&mut outs[..g * d], &ws[..g]);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW; `outs` holds `g * d` values, g <= 8.
+        Isa::Avx512 => unsafe { x86::axpy_multi_bf16_avx512(outs, ws, row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; `outs` holds `g * d` values, g <= 8.
+        Isa::Avx2 => unsafe { x86::axpy_multi_bf16_avx2(outs, ws, row) },
+        _ => {
+            for (o, w) in outs.chunks_exact_mut(d.max(1)).zip(ws) {
+                o.iter_mut()
+                    .zip(row)
+                    .for_each(|(o, r)| *o = w.mul_add(r.to_f32(), *o));
+            }
+        }
+    }
+}
+
+/// [`axpy_bf16_multi`] for an f32 row.
+pub fn axpy_f32_multi(outs: &mut [f32], ws: &[f32], row: &[f32]) {
+    axpy_f32_multi_with(auto(), outs, ws, row)
+}
+
+/// [`axpy_f32_multi`] with an explicit ISA (capped at what the CPU supports).
+pub fn axpy_f32_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[f32]) {
+    let d = row.len();
+    let g = ws.len().min(8).min(outs.len().checked_div(d).unwrap_or(0));
+    let (outs, ws) = (&mut outs[..g * d], &ws[..g]);
+    for (o, w) in outs.chunks_exact_mut(d.max(1)).zip(ws) {
+        axpy_f32_with(isa, o, *w, row);
+    }
+}
+
+/// Hints the CPU to fetch every cache line of `s` (a no-op where unsupported).
+#[inline]
+pub fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(s);
+        let p = s.as_ptr() as *const i8;
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetch never faults and `p + off` stays inside `s`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
+/// Hints the CPU to fetch the cache line holding `s[i]` (nothing if `i` is out
+/// of range).
+#[inline]
+pub fn prefetch_at<T>(s: &[T], i: usize) {
+    if let Some(x) = s.get(i) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetch never faults; the pointer is to a live element.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(x as *const T as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = x;
+    }
+}
+
 /// Hints the CPU to fetch a bf16 row into cache (a no-op where unsupported).
 /// Used to hide memory latency when visiting rows in a data-dependent order.
 #[inline]
@@ -402,6 +601,304 @@ mod x86 {
             let o = _mm512_fmadd_ps(wv, r, _mm512_maskz_loadu_ps(m, po.add(i)));
             _mm512_mask_storeu_ps(po.add(i), m, o);
         }
+    }
+
+    // ----- multi-head and bf16 x bf16 kernels -----
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn dot_bf16_bf16_avx512(a: &[bf16], b: &[bf16]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr() as *const i16, b.as_ptr() as *const i16);
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 64 <= n {
+            let (a0, b0) = (
+                _mm512_loadu_si512(pa.add(i) as *const _),
+                _mm512_loadu_si512(pb.add(i) as *const _),
+            );
+            let (a1, b1) = (
+                _mm512_loadu_si512(pa.add(i + 32) as *const _),
+                _mm512_loadu_si512(pb.add(i + 32) as *const _),
+            );
+            acc0 = _mm512_dpbf16_ps(
+                acc0,
+                std::mem::transmute::<__m512i, __m512bh>(a0),
+                std::mem::transmute::<__m512i, __m512bh>(b0),
+            );
+            acc1 = _mm512_dpbf16_ps(
+                acc1,
+                std::mem::transmute::<__m512i, __m512bh>(a1),
+                std::mem::transmute::<__m512i, __m512bh>(b1),
+            );
+            i += 64;
+        }
+        while i < n {
+            let rem = (n - i).min(32);
+            let m: __mmask32 = if rem == 32 { !0 } else { (1u32 << rem) - 1 };
+            let a0 = _mm512_maskz_loadu_epi16(m, pa.add(i));
+            let b0 = _mm512_maskz_loadu_epi16(m, pb.add(i));
+            acc0 = _mm512_dpbf16_ps(
+                acc0,
+                std::mem::transmute::<__m512i, __m512bh>(a0),
+                std::mem::transmute::<__m512i, __m512bh>(b0),
+            );
+            i += 32;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_bf16_bf16_avx2(a: &[bf16], b: &[bf16]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr() as *const u16);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(widen8(pa.add(i)), widen8(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(widen8(pa.add(i + 8)), widen8(pb.add(i + 8)), acc1);
+            i += 16;
+        }
+        let mut s = hsum8(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s = a[i].to_f32().mul_add(b[i].to_f32(), s);
+            i += 1;
+        }
+        s
+    }
+
+    /// Loads up to 16 bf16 (masked past `n - i`) and widens them to f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load_bf16x16(p: *const u16, i: usize, n: usize) -> __m512 {
+        if i + 16 <= n {
+            widen16(_mm256_loadu_si256(p.add(i) as *const __m256i))
+        } else {
+            let m = tail_mask16(n - i);
+            widen16(_mm256_maskz_loadu_epi16(m, p.add(i) as *const i16))
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load_f32x16(p: *const f32, i: usize, n: usize) -> __m512 {
+        if i + 16 <= n {
+            _mm512_loadu_ps(p.add(i))
+        } else {
+            _mm512_maskz_loadu_ps(tail_mask16(n - i), p.add(i))
+        }
+    }
+
+    macro_rules! dispatch_g {
+        ($g:expr, $f:ident, $($arg:expr),*) => {
+            match $g {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*),
+                5 => $f::<5>($($arg),*),
+                6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*),
+                8 => $f::<8>($($arg),*),
+                _ => {}
+            }
+        };
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn dot_multi_bf16_avx512_g<const G: usize>(row: &[bf16], qs: &[f32], out: &mut [f32]) {
+        let d = row.len();
+        let pr = row.as_ptr() as *const u16;
+        let pq = qs.as_ptr();
+        let mut acc0 = [_mm512_setzero_ps(); G];
+        let mut acc1 = [_mm512_setzero_ps(); G];
+        let mut i = 0;
+        while i + 32 <= d {
+            let k0 = widen16(_mm256_loadu_si256(pr.add(i) as *const __m256i));
+            let k1 = widen16(_mm256_loadu_si256(pr.add(i + 16) as *const __m256i));
+            for h in 0..G {
+                acc0[h] = _mm512_fmadd_ps(k0, _mm512_loadu_ps(pq.add(h * d + i)), acc0[h]);
+                acc1[h] = _mm512_fmadd_ps(k1, _mm512_loadu_ps(pq.add(h * d + i + 16)), acc1[h]);
+            }
+            i += 32;
+        }
+        while i < d {
+            let k = load_bf16x16(pr, i, d);
+            for h in 0..G {
+                acc0[h] = _mm512_fmadd_ps(k, load_f32x16(pq.add(h * d), i, d), acc0[h]);
+            }
+            i += 16;
+        }
+        for h in 0..G {
+            out[h] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[h], acc1[h]));
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dot_multi_bf16_avx512(row: &[bf16], qs: &[f32], out: &mut [f32]) {
+        dispatch_g!(out.len(), dot_multi_bf16_avx512_g, row, qs, out)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_multi_f32_avx512_g<const G: usize>(row: &[f32], qs: &[f32], out: &mut [f32]) {
+        let d = row.len();
+        let pr = row.as_ptr();
+        let pq = qs.as_ptr();
+        let mut acc0 = [_mm512_setzero_ps(); G];
+        let mut acc1 = [_mm512_setzero_ps(); G];
+        let mut i = 0;
+        while i + 32 <= d {
+            let k0 = _mm512_loadu_ps(pr.add(i));
+            let k1 = _mm512_loadu_ps(pr.add(i + 16));
+            for h in 0..G {
+                acc0[h] = _mm512_fmadd_ps(k0, _mm512_loadu_ps(pq.add(h * d + i)), acc0[h]);
+                acc1[h] = _mm512_fmadd_ps(k1, _mm512_loadu_ps(pq.add(h * d + i + 16)), acc1[h]);
+            }
+            i += 32;
+        }
+        while i < d {
+            let k = load_f32x16(pr, i, d);
+            for h in 0..G {
+                acc0[h] = _mm512_fmadd_ps(k, load_f32x16(pq.add(h * d), i, d), acc0[h]);
+            }
+            i += 16;
+        }
+        for h in 0..G {
+            out[h] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[h], acc1[h]));
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_multi_f32_avx512(row: &[f32], qs: &[f32], out: &mut [f32]) {
+        dispatch_g!(out.len(), dot_multi_f32_avx512_g, row, qs, out)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn axpy_multi_bf16_avx512_g<const G: usize>(outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+        let d = row.len();
+        let pr = row.as_ptr() as *const u16;
+        let po = outs.as_mut_ptr();
+        let mut wv = [_mm512_setzero_ps(); G];
+        for h in 0..G {
+            wv[h] = _mm512_set1_ps(ws[h]);
+        }
+        let mut i = 0;
+        while i + 16 <= d {
+            let r = widen16(_mm256_loadu_si256(pr.add(i) as *const __m256i));
+            for h in 0..G {
+                let p = po.add(h * d + i);
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(wv[h], r, _mm512_loadu_ps(p)));
+            }
+            i += 16;
+        }
+        if i < d {
+            let m = tail_mask16(d - i);
+            let r = widen16(_mm256_maskz_loadu_epi16(m, pr.add(i) as *const i16));
+            for h in 0..G {
+                let p = po.add(h * d + i);
+                _mm512_mask_storeu_ps(p, m, _mm512_fmadd_ps(wv[h], r, _mm512_maskz_loadu_ps(m, p)));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn axpy_multi_bf16_avx512(outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+        dispatch_g!(ws.len(), axpy_multi_bf16_avx512_g, outs, ws, row)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_multi_bf16_avx2_g<const G: usize>(row: &[bf16], qs: &[f32], out: &mut [f32]) {
+        let d = row.len();
+        let pr = row.as_ptr() as *const u16;
+        let pq = qs.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut i = 0;
+        while i + 8 <= d {
+            let k = widen8(pr.add(i));
+            for h in 0..G {
+                acc[h] = _mm256_fmadd_ps(k, _mm256_loadu_ps(pq.add(h * d + i)), acc[h]);
+            }
+            i += 8;
+        }
+        for h in 0..G {
+            let mut s = hsum8(acc[h]);
+            for j in i..d {
+                s = row[j].to_f32().mul_add(*pq.add(h * d + j), s);
+            }
+            out[h] = s;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_multi_bf16_avx2(row: &[bf16], qs: &[f32], out: &mut [f32]) {
+        dispatch_g!(out.len(), dot_multi_bf16_avx2_g, row, qs, out)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_multi_f32_avx2_g<const G: usize>(row: &[f32], qs: &[f32], out: &mut [f32]) {
+        let d = row.len();
+        let pr = row.as_ptr();
+        let pq = qs.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut i = 0;
+        while i + 8 <= d {
+            let k = _mm256_loadu_ps(pr.add(i));
+            for h in 0..G {
+                acc[h] = _mm256_fmadd_ps(k, _mm256_loadu_ps(pq.add(h * d + i)), acc[h]);
+            }
+            i += 8;
+        }
+        for h in 0..G {
+            let mut s = hsum8(acc[h]);
+            for j in i..d {
+                s = row[j].mul_add(*pq.add(h * d + j), s);
+            }
+            out[h] = s;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_multi_f32_avx2(row: &[f32], qs: &[f32], out: &mut [f32]) {
+        dispatch_g!(out.len(), dot_multi_f32_avx2_g, row, qs, out)
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpy_multi_bf16_avx2_g<const G: usize>(outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+        let d = row.len();
+        let pr = row.as_ptr() as *const u16;
+        let po = outs.as_mut_ptr();
+        let mut wv = [_mm256_setzero_ps(); G];
+        for h in 0..G {
+            wv[h] = _mm256_set1_ps(ws[h]);
+        }
+        let mut i = 0;
+        while i + 8 <= d {
+            let r = widen8(pr.add(i));
+            for h in 0..G {
+                let p = po.add(h * d + i);
+                _mm256_storeu_ps(p, _mm256_fmadd_ps(wv[h], r, _mm256_loadu_ps(p)));
+            }
+            i += 8;
+        }
+        for j in i..d {
+            let r = row[j].to_f32();
+            for h in 0..G {
+                let p = po.add(h * d + j);
+                *p = ws[h].mul_add(r, *p);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_multi_bf16_avx2(outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+        dispatch_g!(ws.len(), axpy_multi_bf16_avx2_g, outs, ws, row)
     }
 
     // ----- AVX2 + FMA -----
@@ -601,6 +1098,71 @@ mod tests {
                     let e2 = base[i] as f64 + w as f64 * rowb[i].to_f64();
                     assert!((o1[i] as f64 - e1).abs() <= 1e-6, "{isa:?} n={n} i={i}");
                     assert!((o2[i] as f64 - e2).abs() <= 1e-6, "{isa:?} n={n} i={i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn bf16_dot_and_multi_kernels_match_scalar_for_every_isa() {
+        let mut rng = Rng(4);
+        for isa in Isa::all_supported() {
+            for &n in &[0usize, 1, 3, 7, 15, 17, 31, 33, 63, 65, 127, 128, 129, 301] {
+                let a: Vec<bf16> = random_vec(&mut rng, n)
+                    .iter()
+                    .map(|&x| bf16::from_f32(x))
+                    .collect();
+                let b: Vec<bf16> = random_vec(&mut rng, n)
+                    .iter()
+                    .map(|&x| bf16::from_f32(x))
+                    .collect();
+                let exact: f64 = a.iter().zip(&b).map(|(x, y)| x.to_f64() * y.to_f64()).sum();
+                let got = dot_bf16_with(isa, &a, &b) as f64;
+                let tol = 1e-5 * (n as f64 + 1.0);
+                assert!((got - exact).abs() <= tol, "{isa:?} n={n} {got} vs {exact}");
+                let s = dot_bf16_with(Isa::Scalar, &a, &b) as f64;
+                assert!((got - s).abs() <= tol, "{isa:?} n={n} vs scalar");
+                for g in 0..=9usize {
+                    let qs = random_vec(&mut rng, n * g);
+                    let rowf: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
+                    let mut o1 = vec![7.0f32; g];
+                    let mut o2 = vec![7.0f32; g];
+                    dot_bf16_f32_multi_with(isa, &a, &qs, &mut o1);
+                    dot_f32_multi_with(isa, &rowf, &qs, &mut o2);
+                    for h in 0..g {
+                        if h >= 8 {
+                            assert_eq!((o1[h], o2[h]), (0.0, 0.0));
+                            continue;
+                        }
+                        let want = dot_bf16_f32_with(Isa::Scalar, &a, &qs[h * n..(h + 1) * n]);
+                        assert!(
+                            (o1[h] - want).abs() <= tol as f32,
+                            "{isa:?} n={n} g={g} h={h}"
+                        );
+                        assert!(
+                            (o2[h] - want).abs() <= tol as f32,
+                            "{isa:?} n={n} g={g} h={h}"
+                        );
+                    }
+                    let base = random_vec(&mut rng, n * g);
+                    let ws = random_vec(&mut rng, g);
+                    let mut m1 = base.clone();
+                    let mut m2 = base.clone();
+                    axpy_bf16_multi_with(isa, &mut m1, &ws, &a);
+                    axpy_f32_multi_with(isa, &mut m2, &ws, &rowf);
+                    for h in 0..g {
+                        for i in 0..n {
+                            let j = h * n + i;
+                            let e = if h < 8 {
+                                base[j] as f64 + ws[h] as f64 * a[i].to_f64()
+                            } else {
+                                base[j] as f64
+                            };
+                            assert!((m1[j] as f64 - e).abs() <= 1e-6, "{isa:?} n={n} g={g}");
+                            assert!((m2[j] as f64 - e).abs() <= 1e-6, "{isa:?} n={n} g={g}");
+                        }
+                    }
                 }
             }
         }
