@@ -34,13 +34,33 @@ fn setup(
     appended: usize,
     seed: u64,
 ) -> Setup {
+    setup_with(KvDtype::Bf16, n, nkv, g, d, lsh, t, appended, seed)
+}
+
+/// [`setup`] with a row type: f32 stores get unrounded f32 rows through
+/// `load_prefill_f32` / `append_f32`.
+fn setup_with(
+    dtype: KvDtype,
+    n: usize,
+    nkv: usize,
+    g: usize,
+    d: usize,
+    lsh: Option<(usize, usize)>,
+    t: u8,
+    appended: usize,
+    seed: u64,
+) -> Setup {
     let mut rng = SplitMix64(seed);
     let total = n + appended;
+    let round = |x: f32| match dtype {
+        KvDtype::Bf16 => bf16::from_f32(x).to_f32(),
+        KvDtype::F32 => x,
+    };
     let keys: Vec<f32> = (0..total * nkv * d)
-        .map(|_| bf16::from_f32(rng.signed_f32() + 0.3).to_f32())
+        .map(|_| round(rng.signed_f32() + 0.3))
         .collect();
     let values: Vec<f32> = (0..total * nkv * d)
-        .map(|_| bf16::from_f32(rng.signed_f32()).to_f32())
+        .map(|_| round(rng.signed_f32()))
         .collect();
     let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
     let cfg = LayerConfig {
@@ -51,17 +71,21 @@ fn setup(
         lsh_t: t,
         seed,
         layer: 3,
-        kv_dtype: KvDtype::Bf16,
+        kv_dtype: dtype,
     };
     let mut st = LayerStore::new(cfg).expect("cfg");
     let w = nkv * d;
-    st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2)
-        .expect("load");
+    match dtype {
+        KvDtype::Bf16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
+        KvDtype::F32 => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
+    }
+    .expect("load");
     for i in n..total {
-        st.append(
-            &bf(&keys[i * w..(i + 1) * w]),
-            &bf(&values[i * w..(i + 1) * w]),
-        )
+        let (k, v) = (&keys[i * w..(i + 1) * w], &values[i * w..(i + 1) * w]);
+        match dtype {
+            KvDtype::Bf16 => st.append(&bf(k), &bf(v)),
+            KvDtype::F32 => st.append_f32(k, v),
+        }
         .expect("append");
     }
     Setup {
@@ -179,7 +203,16 @@ fn brute_force_retrieved(
                 mean[j] += s.keys[(i * nkv + kvh) * d + j] as f64;
             }
         }
-        let mean: Vec<f32> = mean.iter().map(|m| (m / n_prefill as f64) as f32).collect();
+        let mean: Vec<f32> = mean
+            .iter()
+            .map(|m| {
+                if n_prefill == 0 {
+                    0.0
+                } else {
+                    (m / n_prefill as f64) as f32
+                }
+            })
+            .collect();
         let mut kc = vec![0.0f32; s.n * d];
         for i in 0..s.n {
             for j in 0..d {
@@ -212,19 +245,75 @@ fn brute_force_retrieved(
 
 #[test]
 fn lsh_retrieval_and_estimate_equal_brute_force_and_f64_formula() {
-    for &(nkv, g, d, n, app, k, l, t) in &[
-        (
-            2usize, 4usize, 32usize, 500usize, 13usize, 3usize, 20usize, 2u8,
-        ),
-        (1, 1, 16, 300, 0, 1, 5, 1),
-        (3, 3, 24, 257, 5, 4, 30, 3),
-        (2, 2, 8, 100, 40, 16, 8, 1),
-        (1, 8, 33, 400, 1, 6, 64, 2),
-        // Sparse buckets: many gaps >= 4095 take the escape path.
-        (1, 2, 8, 10000, 3, 12, 4, 1),
-    ] {
+    check_lsh_against_brute_force(
+        KvDtype::Bf16,
+        &[
+            (
+                2usize, 4usize, 32usize, 500usize, 13usize, 3usize, 20usize, 2u8,
+            ),
+            (1, 1, 16, 300, 0, 1, 5, 1),
+            (3, 3, 24, 257, 5, 4, 30, 3),
+            (2, 2, 8, 100, 40, 16, 8, 1),
+            (1, 8, 33, 400, 1, 6, 64, 2),
+            // Sparse buckets: many gaps >= 4095 take the escape path.
+            (1, 2, 8, 10000, 3, 12, 4, 1),
+        ],
+    );
+}
+
+/// Appends enough tokens to cross several raw -> mid folds and one mid -> bulk
+/// merge; retrieval must still equal brute force (with the fixed prefill mean),
+/// for bf16 and f32 rows, one and several passes of counters, and t = 1..3.
+#[test]
+fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
+    let app = tandem_cpu::MID_MIN + 2 * tandem_cpu::RAW_MAX + 37;
+    check_lsh_against_brute_force(
+        KvDtype::Bf16,
+        &[
+            (2, 4, 8, 300, app, 5, 20, 2),
+            (1, 6, 12, 40, app, 8, 300, 3),
+        ],
+    );
+    check_lsh_against_brute_force(KvDtype::F32, &[(1, 3, 16, 500, 700, 6, 24, 1)]);
+    // The appended keys were folded into packed tables (~1.5 bytes per key and
+    // table), not kept as 2-byte codes.
+    let s = setup(300, 1, 1, 8, Some((5, 20)), 2, app, 3);
+    let raw_code_bytes = s.n * 20 * 2;
+    assert!(
+        s.store.index_bytes() < raw_code_bytes,
+        "{}",
+        s.store.index_bytes()
+    );
+    // A store that was never prefilled: every key arrives by append (zero mean).
+    check_lsh_against_brute_force(KvDtype::Bf16, &[(1, 2, 8, 0, 1200, 4, 10, 2)]);
+}
+
+#[test]
+fn lsh_and_dense_on_f32_rows_equal_references() {
+    check_lsh_against_brute_force(
+        KvDtype::F32,
+        &[(2, 4, 32, 500, 13, 3, 20, 2), (1, 8, 33, 400, 1, 6, 64, 2)],
+    );
+    let (nkv, g, d) = (2, 3, 20);
+    let s = setup_with(KvDtype::F32, 301, nkv, g, d, None, 2, 7, 5);
+    assert_eq!(s.store.kv_bytes(), 308 * nkv * d * 2 * 4);
+    let out = run(&s, Policy::Dense);
+    for qh in 0..nkv * g {
+        let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
+        let (o, lse) = reference(&s, nkv, g, d, qh, &all);
+        assert!((out.lse[qh] as f64 - lse).abs() < 1e-4);
+        for j in 0..d {
+            assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4);
+        }
+    }
+}
+
+type LshCase = (usize, usize, usize, usize, usize, usize, usize, u8);
+
+fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase]) {
+    for &(nkv, g, d, n, app, k, l, t) in cases {
         let seed = 11 + k as u64;
-        let s = setup(n, nkv, g, d, Some((k, l)), t, app, seed);
+        let s = setup_with(dtype, n, nkv, g, d, Some((k, l)), t, app, seed);
         let out = run(&s, Policy::Lsh(LshParams { t, max_keys: None }));
         let bf = brute_force_retrieved(&s, nkv, g, d, k, l, t as usize, seed, n);
         for qh in 0..nkv * g {

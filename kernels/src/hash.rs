@@ -339,6 +339,37 @@ mod x86 {
         }
     }
 
+    /// One row against `NBLK` consecutive plane blocks (same per-plane FMA
+    /// order as [`block512`]).
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block512_wide<const NBLK: usize>(
+        p: &Projector,
+        x: *const f32,
+        out: *mut u64,
+        jb: usize,
+    ) {
+        let d = p.dim;
+        let pt = p.planes_t.as_ptr().add(jb * d);
+        let mut acc0 = [_mm512_setzero_ps(); NBLK];
+        let mut acc1 = [_mm512_setzero_ps(); NBLK];
+        for k in 0..d {
+            let xv = _mm512_set1_ps(*x.add(k));
+            for b in 0..NBLK {
+                let pb = pt.add(b * NB * d + k * NB);
+                acc0[b] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pb), acc0[b]);
+                acc1[b] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pb.add(16)), acc1[b]);
+            }
+        }
+        let z = _mm512_setzero_ps();
+        for b in 0..NBLK {
+            let j = jb + b * NB;
+            let m0 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(acc0[b], z) as u64;
+            let m1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(acc1[b], z) as u64;
+            *out.add(j / 64) |= (m0 | (m1 << 16)) << (j % 64);
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn sign_bits_avx512(p: &Projector, xs: &[f32], out: &mut [u64], n: usize) {
         let w = p.words_per_vector();
@@ -377,19 +408,23 @@ mod x86 {
                         w,
                         jb,
                     );
-                    i += 2;
-                }
-                while i < t1 {
-                    block512::<1>(
-                        p,
-                        xs.as_ptr().add(i * d),
-                        out.as_mut_ptr().add(i * w),
-                        w,
-                        jb,
-                    );
-                    i += 1;
                 }
                 jb += NB;
+            }
+            if (t1 - t0) % 2 == 1 {
+                // One row left: four plane blocks at once, so eight
+                // independent chains hide the FMA latency.
+                let i = t1 - 1;
+                let (x, o) = (xs.as_ptr().add(i * d), out.as_mut_ptr().add(i * w));
+                let mut jb = 0;
+                while jb + 4 * NB <= p.padded {
+                    block512_wide::<4>(p, x, o, jb);
+                    jb += 4 * NB;
+                }
+                while jb < p.padded {
+                    block512::<1>(p, x, o, w, jb);
+                    jb += NB;
+                }
             }
             t0 = t1;
         }
