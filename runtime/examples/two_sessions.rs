@@ -12,8 +12,8 @@ fn main() -> Result<(), tandem_runtime::Error> {
         // already move their older tokens to the CPU workers.
         policy: PolicyConfig {
             policy: "lsh:k=8,l=100,t=2".into(),
-            window: 32,
-            dense_below: 64,
+            window: 16,
+            dense_below: 32,
             ..PolicyConfig::default()
         },
         ..EngineOptions::default()

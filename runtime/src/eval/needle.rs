@@ -14,7 +14,9 @@ use crate::tokenizer::Tokenizer;
 
 /// Tokens each case leaves free for the reply: a prompt for context `n` holds at
 /// most `n - ANSWER_TOKENS` tokens, so `n` may be the model's whole context.
-pub const ANSWER_TOKENS: usize = 16;
+/// SmolLM2 spends a token per digit and sometimes restates the question first,
+/// so 16 would cut correct answers short.
+pub const ANSWER_TOKENS: usize = 32;
 
 /// How a case is worded. In every field `{key}` and `{value}` are replaced by the
 /// case's key and value.
