@@ -152,18 +152,38 @@ impl<'a> NeedleBuilder<'a> {
     fn case(&self, context: usize, depth: f64, rng: &mut SplitMix64) -> Result<NeedleCase> {
         let budget = context.saturating_sub(ANSWER_TOKENS);
         let key = KEYS[(rng.next_u64() % KEYS.len() as u64) as usize];
-        let start = (rng.next_u64() % self.sentences.len() as u64) as usize;
+        let count = self.sentences.len();
+        let last = (rng.next_u64() % count as u64) as usize;
         let digits = 5 + (rng.next_u64() % 3) as u32;
         let low = 10u64.pow(digits - 1);
         let mut value = (low + rng.next_u64() % (9 * low)).to_string();
 
         let fill = |s: &str, value: &str| s.replace("{key}", key).replace("{value}", value);
-        let render = |filler: &[&str], value: &str| -> Result<Vec<u32>> {
-            let at = (depth * filler.len() as f64).round() as usize;
-            let mut haystack = filler[..at].concat();
-            haystack.push(' ');
-            haystack.push_str(&fill(&self.wording.needle, value));
-            haystack.push_str(&filler[at..].concat());
+        // The needle goes at the boundary between pieces nearest to `depth` of the
+        // haystack's tokens.
+        let render = |pieces: &[(&str, usize)], value: &str| -> Result<Vec<u32>> {
+            let target = depth * pieces.iter().map(|p| p.1).sum::<usize>() as f64;
+            let mut at = (0, target);
+            let mut tokens = 0;
+            for (k, &(_, n)) in pieces.iter().enumerate() {
+                tokens += n;
+                let miss = (tokens as f64 - target).abs();
+                if miss < at.1 {
+                    at = (k + 1, miss);
+                }
+            }
+            let mut haystack = String::new();
+            for (k, (piece, _)) in pieces.iter().enumerate() {
+                if k == at.0 {
+                    haystack.push(' ');
+                    haystack.push_str(&fill(&self.wording.needle, value));
+                }
+                haystack.push_str(piece);
+            }
+            if at.0 == pieces.len() {
+                haystack.push(' ');
+                haystack.push_str(&fill(&self.wording.needle, value));
+            }
             let w = &self.wording;
             let content = format!(
                 "{}\n\n{}\n\n{}",
@@ -182,24 +202,34 @@ impl<'a> NeedleBuilder<'a> {
                 "a needle case needs more than {overhead} + {ANSWER_TOKENS} tokens; context {context} is too small"
             )));
         }
-        // Whole sentences from `start` on (wrapping round the corpus) by their own
-        // token counts; then drop sentences until the rendered prompt fits.
-        let mut filler = Vec::new();
+        // Whole sentences backwards from `last` (wrapping round the corpus) while
+        // their own token counts, which add up to about the count of their
+        // concatenation, fit; then the end of the sentence before, as many words
+        // as fit.
+        let mut pieces = Vec::new();
         let mut used = overhead;
-        for &(s, n) in self.sentences.iter().cycle().skip(start) {
-            if used + n > budget || filler.len() == self.sentences.len() {
+        for k in 0..count {
+            let (s, n) = self.sentences[(last + count - k) % count];
+            if used + n > budget {
+                let head = self.word_suffix(s, budget - used);
+                if !head.is_empty() {
+                    pieces.push((head, self.tokenizer.encode(head, false)?.len()));
+                }
                 break;
             }
             used += n;
-            filler.push(s);
+            pieces.push((s, n));
         }
+        pieces.reverse();
         // A value that already occurs in the filler would make the answer ambiguous.
-        while filler.iter().any(|s| s.contains(value.as_str())) {
+        while pieces.iter().any(|(s, _)| s.contains(value.as_str())) {
             value = (low + rng.next_u64() % (9 * low)).to_string();
         }
+        // Cut words off the front until the rendered prompt fits.
         loop {
-            let prompt = render(&filler, &value)?;
-            if prompt.len() <= budget {
+            let prompt = render(&pieces, &value)?;
+            let over = prompt.len().saturating_sub(budget);
+            if over == 0 {
                 return Ok(NeedleCase {
                     key: key.to_string(),
                     value,
@@ -207,8 +237,39 @@ impl<'a> NeedleBuilder<'a> {
                     prompt,
                 });
             }
-            filler.pop();
+            let Some(&(first, n)) = pieces.first() else {
+                return Err(Error::InvalidRequest(format!(
+                    "an empty needle case is {over} tokens over its budget"
+                )));
+            };
+            // Strictly shorter: `n` is the count of `first` itself.
+            let shorter = self.word_suffix(first, n.saturating_sub(over));
+            if shorter.is_empty() {
+                pieces.remove(0);
+            } else {
+                pieces[0] = (shorter, self.tokenizer.encode(shorter, false)?.len());
+            }
         }
+    }
+
+    /// The longest suffix of `s` starting at a whitespace (or `s` itself) that
+    /// encodes to at most `max_tokens` tokens.
+    fn word_suffix<'s>(&self, s: &'s str, max_tokens: usize) -> &'s str {
+        let cuts: Vec<usize> = [0]
+            .into_iter()
+            .chain(
+                s.char_indices()
+                    .filter(|&(i, c)| i > 0 && c.is_whitespace())
+                    .map(|(i, _)| i),
+            )
+            .collect();
+        let too_long = |&cut: &usize| {
+            self.tokenizer
+                .encode(&s[cut..], false)
+                .map_or(true, |t| t.len() > max_tokens)
+        };
+        cuts.get(cuts.partition_point(too_long))
+            .map_or("", |&cut| &s[cut..])
     }
 }
 
@@ -298,7 +359,7 @@ mod tests {
                 let n = case.prompt.len();
                 assert!(n <= context - ANSWER_TOKENS, "{n} tokens for {context}");
                 assert!(
-                    n + ANSWER_TOKENS > context - 100,
+                    n + ANSWER_TOKENS + 16 > context,
                     "only {n} tokens for {context}"
                 );
                 assert!((5..=7).contains(&case.value.len()));
