@@ -16,6 +16,13 @@
 #   cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release
 #   cmake --build build -j2 --target llama-bench llama-cli llama-simple
 #   export LLAMA_BENCH=$PWD/build/bin/llama-bench
+# On a Xeon with AMX inside a VM that does not grant AMX tile state, the native
+# build segfaults in ggml_backend_amx_mul_mat; build without AMX instead:
+#   cmake -B build-noamx -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+#     -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+#     -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+#     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release
+#   cmake --build build-noamx -j2 --target llama-bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LLAMA_BENCH:?set LLAMA_BENCH to the llama-bench binary (see the build commands at the top of this script)}"

@@ -15,4 +15,4 @@ echo "## tandem ($POLICY and dense)"
 target/release/tandem bench decode --threads 2 --cpu-workers 2 --context "$DEPTHS" \
   --policy "$POLICY" --tokens 32 --json
 echo "## llama.cpp"
-"$LLAMA_BENCH" -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 0 -n 32 -d "$DEPTHS" -r 2
+"$LLAMA_BENCH" -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 0 -n 32 -d "$DEPTHS" -r 2 -o md
