@@ -165,8 +165,16 @@ impl DenseDevice for CpuDevice {
         }
         let threads = self.threads();
         if tokens == 1 {
-            // One query: split the positions, merge the partials by log-sum-exp.
             let n = first_row + 1;
+            if n <= SMALL_ATTENTION_ROWS {
+                // A device window: waking the pool would cost more than the work,
+                // and its spinning thread would take a core from the CPU workers.
+                let mut p = Partial::new(shape.n_heads, shape.head_dim);
+                attend(cache, layer, q, 0..n, &mut p);
+                p.normalise_into(out, lse);
+                return Ok(());
+            }
+            // One query: split the positions, merge the partials by log-sum-exp.
             let bounds = even_bounds(n, threads, 64);
             let partials: Vec<Mutex<Partial>> = (0..threads)
                 .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
@@ -231,6 +239,9 @@ impl DenseDevice for CpuDevice {
             .map_err(job_failed)
     }
 }
+
+/// Rows up to which one query attends on the calling thread alone.
+const SMALL_ATTENTION_ROWS: usize = 512;
 
 /// Un-normalised attention over part of the positions, per query head:
 /// `out = Σ exp(s - max)·v`, `sum = Σ exp(s - max)`.
@@ -412,7 +423,7 @@ mod tests {
             head_dim: 24,
         };
         let mut cache = KvCache::new(1, shape);
-        let n = 301;
+        let n = 701;
         let kv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i) * 3.0).collect();
         let vv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i + 7777)).collect();
         cache.append(0, &kv, &vv).expect("append");
