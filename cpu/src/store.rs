@@ -525,6 +525,7 @@ impl Rows {
         fn room<E>(v: &mut Vec<E>, n: usize) {
             if v.capacity() - v.len() < n {
                 v.reserve_exact(n.max(v.len() / 16));
+                advise_huge_pages_spare(v);
             }
         }
         match self {
