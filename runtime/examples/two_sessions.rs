@@ -54,6 +54,8 @@ fn main() -> Result<(), tandem_runtime::Error> {
         );
     }
     let (on_device, offloaded) = first.kv().layer_tokens(1);
-    println!("\nlayer 1 of the first session: {on_device} tokens on the device, {offloaded} offloaded");
+    println!(
+        "\nlayer 1 of the first session: {on_device} tokens on the device, {offloaded} offloaded"
+    );
     Ok(())
 }

@@ -93,35 +93,29 @@ impl SequenceKv {
                 "a sparse policy needs CPU attention workers".into(),
             ));
         }
-        Ok(SequenceKv {
-            device: KvCache::new(n_layers, shape),
-            table,
-            pool,
-            layers: (0..n_layers)
-                .map(|_| LayerState {
-                    store: None,
-                    output: LayerOutput::default(),
-                    evict_keys: Vec::new(),
-                    evict_values: Vec::new(),
-                    in_flight: false,
-                })
-                .collect(),
-            positions: 0,
-            offloaded: false,
-            broken: false,
-            counters: StepCounters::default(),
-            probes: None,
-            exact: LayerOutput::default(),
-            merged: Vec::new(),
-        })
+        Ok(SequenceKv::unchecked(n_layers, shape, table, pool))
     }
 
     /// Every layer dense, no workers: the plain decode.
     pub fn dense(n_layers: usize, shape: AttentionShape) -> SequenceKv {
+        SequenceKv::unchecked(
+            n_layers,
+            shape,
+            Arc::new(PolicyTable::dense(n_layers)),
+            None,
+        )
+    }
+
+    fn unchecked(
+        n_layers: usize,
+        shape: AttentionShape,
+        table: Arc<PolicyTable>,
+        pool: Option<Arc<WorkerPool>>,
+    ) -> SequenceKv {
         SequenceKv {
             device: KvCache::new(n_layers, shape),
-            table: Arc::new(PolicyTable::dense(n_layers)),
-            pool: None,
+            table,
+            pool,
             layers: (0..n_layers)
                 .map(|_| LayerState {
                     store: None,
