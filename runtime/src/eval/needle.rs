@@ -37,7 +37,7 @@ pub struct Wording {
 impl Default for Wording {
     /// RULER's niah wording (with its answer prefix). SmolLM2-135M-Instruct with
     /// dense attention answers 20/20 cases at 1k and 2k tokens and 18/20 at 4k
-    /// (seed 6); at 8k it mostly fails.
+    /// (seed 6); at 8k only about half (it misses most needles in the first 40%).
     fn default() -> Self {
         Wording {
             needle: "One of the special magic numbers for {key} is: {value}.".into(),
