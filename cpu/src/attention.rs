@@ -147,52 +147,46 @@ pub fn merge_partials(parts: &[(&[f32], f32)], out: &mut [f32]) -> f32 {
 impl Rows {
     /// Dot products of row `i` with the `out.len()` query heads in `qs`.
     #[inline(always)]
-    fn dots(&self, i: usize, d: usize, qs: &[f32], out: &mut [f32]) {
+    fn dots(&self, i: usize, qs: &[f32], out: &mut [f32]) {
         match self {
-            Rows::Bf16(v) => dot_bf16_f32_multi(&v[i * d..(i + 1) * d], qs, out),
-            Rows::F32(v) => dot_f32_multi(&v[i * d..(i + 1) * d], qs, out),
+            Rows::Bf16(b) => dot_bf16_f32_multi(b.row(i), qs, out),
+            Rows::F32(b) => dot_f32_multi(b.row(i), qs, out),
         }
     }
 
     /// `outs[h] += ws[h] * row i` for every head.
     #[inline(always)]
-    fn axpys(&self, i: usize, d: usize, outs: &mut [f32], ws: &[f32]) {
+    fn axpys(&self, i: usize, outs: &mut [f32], ws: &[f32]) {
         match self {
-            Rows::Bf16(v) => axpy_bf16_multi(outs, ws, &v[i * d..(i + 1) * d]),
-            Rows::F32(v) => axpy_f32_multi(outs, ws, &v[i * d..(i + 1) * d]),
+            Rows::Bf16(b) => axpy_bf16_multi(outs, ws, b.row(i)),
+            Rows::F32(b) => axpy_f32_multi(outs, ws, b.row(i)),
         }
     }
 
     /// Dot product of row `i` with one query.
     #[inline(always)]
-    fn dot(&self, i: usize, d: usize, q: &[f32]) -> f32 {
+    fn dot(&self, i: usize, q: &[f32]) -> f32 {
         match self {
-            Rows::Bf16(v) => dot_bf16_f32(&v[i * d..(i + 1) * d], q),
-            Rows::F32(v) => dot_f32(&v[i * d..(i + 1) * d], q),
+            Rows::Bf16(b) => dot_bf16_f32(b.row(i), q),
+            Rows::F32(b) => dot_f32(b.row(i), q),
         }
     }
 
     /// `out += w * row i`.
     #[inline(always)]
-    fn axpy(&self, i: usize, d: usize, out: &mut [f32], w: f32) {
+    fn axpy(&self, i: usize, out: &mut [f32], w: f32) {
         match self {
-            Rows::Bf16(v) => axpy_bf16(out, w, &v[i * d..(i + 1) * d]),
-            Rows::F32(v) => axpy_f32(out, w, &v[i * d..(i + 1) * d]),
+            Rows::Bf16(b) => axpy_bf16(out, w, b.row(i)),
+            Rows::F32(b) => axpy_f32(out, w, b.row(i)),
         }
     }
 
     #[inline(always)]
-    fn prefetch_row(&self, i: usize, d: usize) {
-        match self {
-            Rows::Bf16(v) => {
-                if let Some(r) = v.get(i * d..(i + 1) * d) {
-                    prefetch(r)
-                }
-            }
-            Rows::F32(v) => {
-                if let Some(r) = v.get(i * d..(i + 1) * d) {
-                    prefetch(r)
-                }
+    fn prefetch_row(&self, i: usize) {
+        if i < self.rows() {
+            match self {
+                Rows::Bf16(b) => prefetch(b.row(i)),
+                Rows::F32(b) => prefetch(b.row(i)),
             }
         }
     }
@@ -317,7 +311,7 @@ pub(crate) fn attend_group(
             } = scratch;
             let mut dots = [0.0f32; 8];
             for i in 0..n {
-                head.keys.dots(i, d, queries, &mut dots[..g]);
+                head.keys.dots(i, queries, &mut dots[..g]);
                 for h in 0..g {
                     logits[h][i] = dots[h] * scale;
                 }
@@ -326,7 +320,6 @@ pub(crate) fn attend_group(
                 if let Policy::Oracle { budget, seed } = policy {
                     oracle(
                         head,
-                        d,
                         &logits[h][..n],
                         *budget,
                         *seed ^ h as u64,
@@ -392,11 +385,11 @@ pub(crate) fn attend_group(
     let mut run_max = [f32::NEG_INFINITY; 8];
     let mut dots = [0.0f32; 8];
     for j in 0..K_AHEAD.min(nu) {
-        head.keys.prefetch_row(ids[j] as usize, d);
+        head.keys.prefetch_row(ids[j] as usize);
     }
     for (j, (&id, &m)) in ids.iter().zip(masks).enumerate() {
         if let Some(&next) = ids.get(j + K_AHEAD) {
-            head.keys.prefetch_row(next as usize, d);
+            head.keys.prefetch_row(next as usize);
             if lsh.is_some() {
                 prefetch_at(&head.knorm, next as usize);
             }
@@ -404,8 +397,8 @@ pub(crate) fn attend_group(
         let id = id as usize;
         let single = m.is_power_of_two().then(|| m.trailing_zeros() as usize);
         match single {
-            Some(h) => dots[h] = head.keys.dot(id, d, &queries[h * d..(h + 1) * d]),
-            None => head.keys.dots(id, d, queries, &mut dots[..g]),
+            Some(h) => dots[h] = head.keys.dot(id, &queries[h * d..(h + 1) * d]),
+            None => head.keys.dots(id, queries, &mut dots[..g]),
         }
         let kn = match lsh {
             Some(_) => head.knorm[id].to_f32(),
@@ -458,24 +451,24 @@ pub(crate) fn attend_group(
     }
     let vlist = &tmp_ids[..nv];
     for &j in vlist.iter().take(V_AHEAD) {
-        head.values.prefetch_row(ids[j as usize] as usize, d);
+        head.values.prefetch_row(ids[j as usize] as usize);
     }
     let mut ws = [0.0f32; 8];
     for (k, &j) in vlist.iter().enumerate() {
         if let Some(&next) = vlist.get(k + V_AHEAD) {
-            head.values.prefetch_row(ids[next as usize] as usize, d);
+            head.values.prefetch_row(ids[next as usize] as usize);
         }
         let (j, m) = (j as usize, masks[j as usize]);
         let id = ids[j] as usize;
         if m.is_power_of_two() {
             let h = m.trailing_zeros() as usize;
             head.values
-                .axpy(id, d, &mut out[h * d..(h + 1) * d], logits[h][j] * inv[h]);
+                .axpy(id, &mut out[h * d..(h + 1) * d], logits[h][j] * inv[h]);
         } else {
             for h in 0..g {
                 ws[h] = logits[h][j] * inv[h];
             }
-            head.values.axpys(id, d, out, &ws[..g]);
+            head.values.axpys(id, out, &ws[..g]);
         }
     }
     Ok(())
@@ -647,7 +640,6 @@ fn retrieve(
 #[allow(clippy::too_many_arguments)]
 fn oracle(
     head: &HeadStore,
-    d: usize,
     logits: &[f32],
     budget: usize,
     seed: u64,
@@ -677,7 +669,7 @@ fn oracle(
     for _ in 0..budget {
         let r = rng.next_f64() * acc;
         let i = cdf.partition_point(|&c| c <= r).min(n - 1);
-        head.values.axpys(i, d, out, &[w]);
+        head.values.axpys(i, out, &[w]);
         if seen[i] == 0 {
             seen[i] = 1;
             distinct += 1;

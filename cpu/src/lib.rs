@@ -30,4 +30,7 @@ pub enum CpuError {
     /// A worker panicked or failed while computing a step.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// The store could not grow.
+    #[error("offloaded KV store: {0}")]
+    OutOfMemory(#[from] tandem_kernels::mem::OutOfMemory),
 }

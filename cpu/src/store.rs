@@ -49,7 +49,7 @@ use crate::CpuError;
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use tandem_kernels::hash::{table_code, Projector};
-use tandem_kernels::mem::advise_huge_pages_spare;
+use tandem_kernels::mem::{HugeBuf, OutOfMemory, Plain, HUGE_PAGE};
 use tandem_kernels::rng::SplitMix64;
 
 /// Element type of the stored K and V rows.
@@ -475,81 +475,141 @@ impl LshIndex {
     }
 }
 
-/// Stored rows of one kv head, `[n][head_dim]`.
-pub(crate) enum Rows {
-    Bf16(Vec<bf16>),
-    F32(Vec<f32>),
+/// Bytes per block of stored rows: two huge pages.
+const BLOCK_BYTES: usize = 2 * HUGE_PAGE;
+
+/// Rows of `d` values in fixed blocks of a power-of-two number of rows, so
+/// that the store grows by adding a block and never copies what it holds.
+pub(crate) struct Blocks<T: Plain> {
+    blocks: Vec<HugeBuf<T>>,
+    d: usize,
+    shift: u32,
+    rows: usize,
 }
 
-impl Rows {
-    fn new(dtype: KvDtype) -> Self {
-        match dtype {
-            KvDtype::Bf16 => Rows::Bf16(Vec::new()),
-            KvDtype::F32 => Rows::F32(Vec::new()),
+impl<T: Plain> Blocks<T> {
+    fn new(d: usize) -> Self {
+        let fit = (BLOCK_BYTES / (d.max(1) * std::mem::size_of::<T>())).max(1);
+        // The largest power of two that fits (a row index splits by shift and mask).
+        let shift = usize::BITS - 1 - fit.leading_zeros();
+        Blocks {
+            blocks: Vec::new(),
+            d,
+            shift,
+            rows: 0,
         }
     }
 
-    /// Number of stored values.
-    pub(crate) fn len(&self) -> usize {
+    fn rows_per_block(&self) -> usize {
+        1 << self.shift
+    }
+
+    /// Row `i`; panics if `i` is out of range.
+    #[inline(always)]
+    pub(crate) fn row(&self, i: usize) -> &[T] {
+        let block = &self.blocks[i >> self.shift];
+        let o = (i & (self.rows_per_block() - 1)) * self.d;
+        &block[o..o + self.d]
+    }
+
+    fn bytes(&self) -> usize {
+        self.rows * self.d * std::mem::size_of::<T>()
+    }
+
+    /// Allocates blocks for `n` more rows, advised for huge pages at once:
+    /// they are about to be filled.
+    fn reserve(&mut self, n: usize) -> Result<(), OutOfMemory> {
+        let want = self.rows + n;
+        while self.blocks.len() * self.rows_per_block() < want {
+            self.blocks.push(HugeBuf::with_capacity(
+                self.rows_per_block() * self.d,
+                true,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Appends whole rows (`src.len()` a multiple of `d`), converting each value.
+    fn extend<S: Copy>(&mut self, src: &[S], f: impl Fn(S) -> T) -> Result<(), OutOfMemory> {
+        let mut rest = src;
+        while !rest.is_empty() {
+            // Every block before the one holding row `rows` is full.
+            let index = self.rows >> self.shift;
+            if index == self.blocks.len() {
+                // A block filled by decode appends, a few rows per step, is
+                // advised once it has a huge page's worth (below): advising it
+                // now would fault a whole huge page for its first row.
+                let cap = self.rows_per_block() * self.d;
+                self.blocks.push(HugeBuf::with_capacity(cap, false)?);
+            }
+            let block = &mut self.blocks[index];
+            let before = block.len();
+            let taken = block.extend_map(rest, &f);
+            let size = std::mem::size_of::<T>();
+            if before * size < HUGE_PAGE && block.len() * size >= HUGE_PAGE {
+                block.advise();
+            }
+            self.rows += taken / self.d;
+            rest = &rest[taken..];
+        }
+        Ok(())
+    }
+}
+
+/// Stored rows of one kv head, `[n][head_dim]`.
+pub(crate) enum Rows {
+    Bf16(Blocks<bf16>),
+    F32(Blocks<f32>),
+}
+
+impl Rows {
+    fn new(dtype: KvDtype, d: usize) -> Self {
+        match dtype {
+            KvDtype::Bf16 => Rows::Bf16(Blocks::new(d)),
+            KvDtype::F32 => Rows::F32(Blocks::new(d)),
+        }
+    }
+
+    /// Number of stored rows.
+    pub(crate) fn rows(&self) -> usize {
         match self {
-            Rows::Bf16(v) => v.len(),
-            Rows::F32(v) => v.len(),
+            Rows::Bf16(b) => b.rows,
+            Rows::F32(b) => b.rows,
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            Rows::Bf16(v) => v.len() * 2,
-            Rows::F32(v) => v.len() * 4,
+            Rows::Bf16(b) => b.bytes(),
+            Rows::F32(b) => b.bytes(),
         }
     }
 
-    /// Reserves room for `n` more values, backed by huge pages where the OS
+    /// Reserves room for `n` more rows, backed by huge pages where the OS
     /// allows (rows are read in random order).
-    fn reserve(&mut self, n: usize) {
+    fn reserve(&mut self, n: usize) -> Result<(), OutOfMemory> {
         match self {
-            Rows::Bf16(v) => {
-                v.reserve(n);
-                advise_huge_pages_spare(v);
-            }
-            Rows::F32(v) => {
-                v.reserve(n);
-                advise_huge_pages_spare(v);
-            }
+            Rows::Bf16(b) => b.reserve(n),
+            Rows::F32(b) => b.reserve(n),
         }
     }
 
-    fn extend<T: Elem>(&mut self, src: &[T]) {
-        // Grow by 1/16 at a time, not by doubling: a 96k-token store of 30
-        // layers would otherwise claim ~12 GB more on its first decode append.
-        fn room<E>(v: &mut Vec<E>, n: usize) {
-            if v.capacity() - v.len() < n {
-                v.reserve_exact(n.max(v.len() / 16));
-                advise_huge_pages_spare(v);
-            }
-        }
+    fn extend<T: Elem>(&mut self, src: &[T]) -> Result<(), OutOfMemory> {
         match self {
-            Rows::Bf16(v) => {
-                room(v, src.len());
-                v.extend(src.iter().map(|x| bf16::from_f32(x.to_f32())))
-            }
-            Rows::F32(v) => {
-                room(v, src.len());
-                v.extend(src.iter().map(|x| x.to_f32()))
-            }
+            Rows::Bf16(b) => b.extend(src, |x| bf16::from_f32(x.to_f32())),
+            Rows::F32(b) => b.extend(src, |x| x.to_f32()),
         }
     }
 
     /// Row `i` widened to f32 into `dst` (`dst.len()` values).
     fn row_f32(&self, i: usize, dst: &mut [f32]) {
-        let d = dst.len();
         match self {
-            Rows::Bf16(v) => {
-                for (o, x) in dst.iter_mut().zip(&v[i * d..(i + 1) * d]) {
+            Rows::Bf16(b) => {
+                for (o, x) in dst.iter_mut().zip(b.row(i)) {
                     *o = x.to_f32();
                 }
             }
-            Rows::F32(v) => dst.copy_from_slice(&v[i * d..(i + 1) * d]),
+            Rows::F32(b) => dst.copy_from_slice(b.row(i)),
         }
     }
 }
@@ -601,8 +661,8 @@ impl HeadStore {
                 "an indexed store holds at most {MAX_INDEXED_KEYS} tokens"
             ));
         }
-        self.keys.extend(keys);
-        self.values.extend(values);
+        self.keys.extend(keys).map_err(|e| e.to_string())?;
+        self.values.extend(values).map_err(|e| e.to_string())?;
         self.centred.resize(d, 0.0);
         for k in keys.chunks_exact(d) {
             for ((c, x), m) in self.centred.iter_mut().zip(k).zip(&self.mean) {
@@ -626,7 +686,7 @@ impl HeadStore {
 
     /// Tokens stored.
     pub(crate) fn len(&self) -> usize {
-        self.keys.len() / self.d
+        self.keys.rows()
     }
 }
 
@@ -652,8 +712,8 @@ impl LayerStore {
                 None => None,
             };
             heads.push(Mutex::new(HeadStore {
-                keys: Rows::new(cfg.kv_dtype),
-                values: Rows::new(cfg.kv_dtype),
+                keys: Rows::new(cfg.kv_dtype, cfg.head_dim),
+                values: Rows::new(cfg.kv_dtype, cfg.head_dim),
                 d: cfg.head_dim,
                 mean: vec![0.0; cfg.head_dim],
                 knorm: Vec::new(),
@@ -773,12 +833,12 @@ impl LayerStore {
             }
         }
         for (h, head) in self.heads_mut().enumerate() {
-            head.keys.reserve(n * d);
-            head.values.reserve(n * d);
+            head.keys.reserve(n)?;
+            head.values.reserve(n)?;
             for t in 0..n {
                 let o = (t * nh + h) * d;
-                head.keys.extend(&keys[o..o + d]);
-                head.values.extend(&values[o..o + d]);
+                head.keys.extend(&keys[o..o + d])?;
+                head.values.extend(&values[o..o + d])?;
             }
         }
         let threads = threads.max(1);
@@ -882,4 +942,48 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize) {
         }
     }
     ix.bulk = (n > 0).then(|| Csr::build(&codes, n, 0, k, l));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_hold_every_row_across_block_boundaries() {
+        let d = 1000; // 1024 rows of 4000 bytes per block
+        let mut b = Blocks::<f32>::new(d);
+        assert_eq!(b.rows_per_block(), 1024);
+        let value = |row: usize, j: usize| (row * 7 + j) as f32;
+        let rows: Vec<f32> = (0..1500)
+            .flat_map(|r| (0..d).map(move |j| value(r, j)))
+            .collect();
+        b.reserve(1500).expect("reserve");
+        b.extend(&rows, |x| x).expect("load");
+        // Decode-style appends in odd-sized chunks across the next boundary.
+        let more: Vec<f32> = (1500..2600)
+            .flat_map(|r| (0..d).map(move |j| value(r, j)))
+            .collect();
+        for chunk in more.chunks(7 * d) {
+            b.extend(chunk, |x| x).expect("append");
+        }
+        assert_eq!(b.rows, 2600);
+        assert_eq!(b.blocks.len(), 3);
+        for r in [0, 1, 1023, 1024, 1499, 1500, 2047, 2048, 2599] {
+            assert!(
+                b.row(r).iter().enumerate().all(|(j, &x)| x == value(r, j)),
+                "row {r}"
+            );
+        }
+        assert_eq!(b.bytes(), 2600 * d * 4);
+    }
+
+    #[test]
+    fn tiny_rows_get_one_block() {
+        let mut b = Blocks::<bf16>::new(4);
+        b.reserve(3).expect("reserve");
+        let src: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        b.extend(&src, bf16::from_f32).expect("extend");
+        assert_eq!(b.blocks.len(), 1);
+        assert_eq!(b.row(2)[3].to_f32(), 11.0);
+    }
 }

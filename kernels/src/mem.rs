@@ -25,21 +25,200 @@ pub fn advise_huge_pages<T>(buf: &[T]) {
     let _ = buf;
 }
 
-/// [`advise_huge_pages`] on the spare capacity of a vector (the part not yet
-/// written), so that growing it into that space faults in huge pages.
-pub fn advise_huge_pages_spare<T>(v: &mut Vec<T>) {
-    let spare = v.spare_capacity_mut();
-    advise_huge_pages(spare);
+/// Element types a [`HugeBuf`] may hold: plain `Copy` values with no drop glue.
+pub trait Plain: Copy + Send + Sync + 'static + private::Sealed {}
+
+mod private {
+    pub trait Sealed {}
 }
 
+macro_rules! plain {
+    ($($t:ty),*) => {$(
+        impl private::Sealed for $t {}
+        impl Plain for $t {}
+    )*};
+}
+plain!(u8, u16, u32, u64, f32, half::bf16, half::f16);
+
+/// The huge-page size the buffers align to (x86-64 and aarch64 Linux default).
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Allocation failed: the system is out of memory (or address space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfMemory {
+    /// Bytes requested.
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "out of memory allocating {} bytes", self.bytes)
+    }
+}
+
+impl std::error::Error for OutOfMemory {}
+
+/// A fixed-capacity buffer of plain values, aligned to [`HUGE_PAGE`] when it
+/// is at least that large, so that the kernel can back it with transparent
+/// huge pages from the first write.
+///
+/// It never reallocates: a store built of such blocks grows by adding blocks,
+/// with no copy of what it holds (a 96k-token KV store of many gigabytes would
+/// otherwise be copied whole by the first append after it was loaded). Pages
+/// are taken from the OS only when first written.
+pub struct HugeBuf<T: Plain> {
+    ptr: std::ptr::NonNull<T>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: a HugeBuf owns its allocation exclusively, like a Vec<T>, and T is
+// Send + Sync.
+unsafe impl<T: Plain> Send for HugeBuf<T> {}
+// SAFETY: shared access only reads through `&[T]`.
+unsafe impl<T: Plain> Sync for HugeBuf<T> {}
+
+impl<T: Plain> HugeBuf<T> {
+    /// An empty buffer with room for `cap` values. Buffers of a huge page or
+    /// more are huge-page aligned and advised with [`advise_huge_pages`] when
+    /// `huge` is true; pass false for a buffer that will be filled slowly, and
+    /// call [`HugeBuf::advise`] on it later.
+    pub fn with_capacity(cap: usize, huge: bool) -> Result<Self, OutOfMemory> {
+        let layout = Self::layout(cap)?;
+        if layout.size() == 0 {
+            return Ok(HugeBuf {
+                ptr: std::ptr::NonNull::dangling(),
+                cap,
+                len: 0,
+            });
+        }
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<T>()).ok_or(OutOfMemory {
+            bytes: layout.size(),
+        })?;
+        let buf = HugeBuf { ptr, cap, len: 0 };
+        if huge {
+            buf.advise();
+        }
+        Ok(buf)
+    }
+
+    fn layout(cap: usize) -> Result<std::alloc::Layout, OutOfMemory> {
+        let bytes = cap
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or(OutOfMemory { bytes: usize::MAX })?;
+        let align = if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            std::mem::align_of::<T>()
+        };
+        std::alloc::Layout::from_size_align(bytes, align).map_err(|_| OutOfMemory { bytes })
+    }
+
+    /// Asks for huge pages over the whole capacity (see [`advise_huge_pages`]);
+    /// pages already written are collapsed by the kernel in the background.
+    pub fn advise(&self) {
+        // SAFETY: the whole capacity is one live allocation; the slice is only
+        // used for its address range (MaybeUninit needs no initialisation).
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                self.ptr.as_ptr().cast::<std::mem::MaybeUninit<T>>(),
+                self.cap,
+            )
+        };
+        advise_huge_pages(all);
+    }
+
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Values it can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Room left.
+    pub fn spare(&self) -> usize {
+        self.cap - self.len
+    }
+
+    /// Appends `f(x)` for each `x` of `src`, as many as fit; returns how many
+    /// were taken.
+    pub fn extend_map<S: Copy>(&mut self, src: &[S], mut f: impl FnMut(S) -> T) -> usize {
+        let n = src.len().min(self.spare());
+        for (i, &x) in src[..n].iter().enumerate() {
+            // SAFETY: len + i < cap, inside the allocation; T is Copy (no drop).
+            unsafe { self.ptr.as_ptr().add(self.len + i).write(f(x)) };
+        }
+        self.len += n;
+        n
+    }
+}
+
+impl<T: Plain> std::ops::Deref for HugeBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: the first `len` values were written by `extend_map`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Plain> Drop for HugeBuf<T> {
+    fn drop(&mut self) {
+        if let Ok(layout) = Self::layout(self.cap) {
+            if layout.size() > 0 {
+                // SAFETY: allocated in `with_capacity` with this same layout.
+                unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) };
+            }
+        }
+    }
+}
+
+impl<T: Plain + std::fmt::Debug> std::fmt::Debug for HugeBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HugeBuf({} of {})", self.len, self.cap)
+    }
+}
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn huge_buffers_fill_to_capacity_and_align() {
+        for cap in [0usize, 1, 777, (HUGE_PAGE / 4) + 3] {
+            let mut b = HugeBuf::<u32>::with_capacity(cap, true).expect("alloc");
+            assert_eq!(b.len(), 0);
+            let src: Vec<u64> = (0..cap as u64 + 10).collect();
+            let mut taken = b.extend_map(&src[..cap / 2], |x| x as u32);
+            taken += b.extend_map(&src[cap / 2..], |x| x as u32);
+            assert_eq!(taken, cap);
+            assert_eq!(b.spare(), 0);
+            assert!(b.iter().enumerate().all(|(i, &x)| x == i as u32));
+            if cap * 4 >= HUGE_PAGE {
+                assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+            }
+            assert_eq!(b.extend_map(&[1u64], |x| x as u32), 0);
+        }
+    }
+
+    #[test]
+    fn absurd_sizes_are_an_error() {
+        assert!(HugeBuf::<u64>::with_capacity(usize::MAX / 4, false).is_err());
+        assert!(HugeBuf::<u64>::with_capacity(1 << 60, false).is_err());
+    }
     use super::*;
 
     #[test]
     fn advice_is_harmless() {
         let mut v: Vec<u32> = Vec::with_capacity(3 << 20);
-        advise_huge_pages_spare(&mut v);
+        advise_huge_pages(v.spare_capacity_mut());
         v.extend(0..3 << 20);
         advise_huge_pages(&v);
         advise_huge_pages::<u8>(&[]);

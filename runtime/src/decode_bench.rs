@@ -62,8 +62,15 @@ pub struct DecodeBenchResult {
     pub policy: String,
     pub context: usize,
     pub batch: usize,
-    /// Wall time of one step.
+    /// Wall time of one step, averaged over the timed steps.
     pub ms_per_token: f64,
+    /// Median wall time of one step.
+    pub median_ms_per_token: f64,
+    /// Wall time of every timed step, in order (the first steps after the
+    /// context is built run colder than the rest).
+    pub step_ms: Vec<f64>,
+    /// CPU workers' busy time of every timed step, divided by the number of workers.
+    pub step_cpu_attention_ms: Vec<f64>,
     /// Tokens per second over the batch.
     pub tokens_per_s: f64,
     /// Step time not spent waiting for the CPU workers.
@@ -259,10 +266,12 @@ fn table_for(base: &PolicyConfig, policy: &str, n_layers: usize) -> Result<Polic
 
 fn summary(r: &DecodeBenchResult) -> String {
     format!(
-        "{} at {}: {:.2} ms/step ({:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms, waiting {:.2} ms",
+        "{} at {}: {:.2} ms/step (median {:.2}, first {:.2}; {:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms, waiting {:.2} ms",
         r.policy,
         r.context,
         r.ms_per_token,
+        r.median_ms_per_token,
+        r.step_ms.first().copied().unwrap_or(0.0),
         r.tokens_per_s,
         r.device_ms_per_token,
         r.cpu_attention_ms_per_token,
@@ -304,18 +313,28 @@ fn time_decode(
         kv.take_counters();
     }
     let start = Instant::now();
+    let mut step_ms = Vec::with_capacity(opts.tokens);
+    let mut step_cpu_ms = Vec::with_capacity(opts.tokens);
+    let mut c = StepCounters::default();
     for _ in 0..opts.tokens {
+        let step_start = Instant::now();
         run_step(seqs, &mut next)?;
+        step_ms.push(step_start.elapsed().as_secs_f64() * 1e3);
+        let mut worker_ns = 0;
+        for kv in seqs.iter_mut() {
+            let s = kv.take_counters();
+            worker_ns += s.worker_ns;
+            c.wait_ns += s.wait_ns;
+            c.worker_ns += s.worker_ns;
+            c.keys_touched += s.keys_touched;
+            c.keys_offloaded += s.keys_offloaded;
+        }
+        step_cpu_ms.push(worker_ns as f64 / 1e6 / opts.cpu_workers as f64);
     }
     let wall = start.elapsed().as_secs_f64();
-    let mut c = StepCounters::default();
-    for kv in seqs.iter_mut() {
-        let s = kv.take_counters();
-        c.wait_ns += s.wait_ns;
-        c.worker_ns += s.worker_ns;
-        c.keys_touched += s.keys_touched;
-        c.keys_offloaded += s.keys_offloaded;
-    }
+    let mut sorted = step_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_ms_per_token = sorted[sorted.len() / 2];
     let steps = opts.tokens as f64;
     let ms = wall * 1e3 / steps;
     let wait_ms = c.wait_ns as f64 / 1e6 / steps;
@@ -326,6 +345,9 @@ fn time_decode(
         context,
         batch: seqs.len(),
         ms_per_token: ms,
+        median_ms_per_token,
+        step_ms,
+        step_cpu_attention_ms: step_cpu_ms,
         tokens_per_s: seqs.len() as f64 * steps / wall,
         device_ms_per_token: ms - wait_ms,
         cpu_attention_ms_per_token: c.worker_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
