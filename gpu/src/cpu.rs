@@ -5,7 +5,9 @@ use std::sync::Mutex;
 use half::bf16;
 use tandem_kernels::parallel::ThreadPool;
 use tandem_kernels::quant::QuantizedVector;
-use tandem_kernels::vector::{axpy_bf16, dot_bf16_f32, dot_f32, exp_inplace};
+use tandem_kernels::vector::{
+    axpy_bf16_multi, dot_bf16_f32, dot_bf16_f32_multi, dot_f32, exp_inplace,
+};
 use tandem_kernels::Isa;
 
 use crate::{DenseDevice, DeviceError, HostMatrix, KvCache};
@@ -334,29 +336,78 @@ fn attend(
         return;
     }
     let scale = 1.0 / (d as f32).sqrt();
-    p.scores.resize(n, 0.0);
-    for h in 0..shape.n_heads {
-        let kv = h / shape.group();
-        let keys: &[bf16] = &cache.keys(layer, kv)[positions.start * d..positions.end * d];
-        let values: &[bf16] = &cache.values(layer, kv)[positions.start * d..positions.end * d];
-        let qh = &q[h * d..(h + 1) * d];
-        let mut max = f32::NEG_INFINITY;
-        for (s, k) in p.scores.iter_mut().zip(keys.chunks_exact(d)) {
-            *s = dot_bf16_f32(k, qh) * scale;
-            max = max.max(*s);
+    let g = shape.group();
+    if g > MAX_SHARED_GROUP {
+        for h in 0..shape.n_heads {
+            attend_group(cache, layer, h / g, h..h + 1, q, &positions, scale, p);
         }
-        for s in p.scores.iter_mut() {
-            *s -= max;
+        return;
+    }
+    for kv in 0..shape.n_kv_heads {
+        attend_group(
+            cache,
+            layer,
+            kv,
+            kv * g..(kv + 1) * g,
+            q,
+            &positions,
+            scale,
+            p,
+        );
+    }
+}
+
+/// Largest GQA group whose query heads share one read of each K/V row.
+const MAX_SHARED_GROUP: usize = 8;
+
+/// Attention of query heads `heads` (at most [`MAX_SHARED_GROUP`], all of kv
+/// head `kv`) over `positions`: each K and V row is read once for all of them,
+/// which is what bounds long-context decode (the rows do not fit in cache).
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    cache: &KvCache,
+    layer: usize,
+    kv: usize,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    positions: &std::ops::Range<usize>,
+    scale: f32,
+    p: &mut Partial,
+) {
+    let d = cache.shape().head_dim;
+    let (n, g) = (positions.len(), heads.len());
+    let keys: &[bf16] = &cache.keys(layer, kv)[positions.start * d..positions.end * d];
+    let values: &[bf16] = &cache.values(layer, kv)[positions.start * d..positions.end * d];
+    let qs = &q[heads.start * d..heads.end * d];
+    p.scores.resize(g * n, 0.0);
+    let mut dots = [0.0f32; MAX_SHARED_GROUP];
+    let mut max = [f32::NEG_INFINITY; MAX_SHARED_GROUP];
+    for (t, k) in keys.chunks_exact(d).enumerate() {
+        dot_bf16_f32_multi(k, qs, &mut dots[..g]);
+        for j in 0..g {
+            let s = dots[j] * scale;
+            p.scores[j * n + t] = s;
+            max[j] = max[j].max(s);
         }
-        exp_inplace(&mut p.scores);
-        let out = &mut p.out[h * d..(h + 1) * d];
-        let mut sum = 0.0;
-        for (&w, v) in p.scores.iter().zip(values.chunks_exact(d)) {
-            sum += w;
-            axpy_bf16(out, w, v);
+    }
+    let mut sum = [0.0f32; MAX_SHARED_GROUP];
+    for j in 0..g {
+        let scores = &mut p.scores[j * n..(j + 1) * n];
+        scores.iter_mut().for_each(|s| *s -= max[j]);
+        exp_inplace(scores);
+        sum[j] = scores.iter().sum();
+    }
+    let mut ws = [0.0f32; MAX_SHARED_GROUP];
+    let out = &mut p.out[heads.start * d..heads.end * d];
+    for (t, v) in values.chunks_exact(d).enumerate() {
+        for (j, w) in ws[..g].iter_mut().enumerate() {
+            *w = p.scores[j * n + t];
         }
-        p.max[h] = max;
-        p.sum[h] = sum;
+        axpy_bf16_multi(out, &ws[..g], v);
+    }
+    for (j, h) in heads.enumerate() {
+        p.max[h] = max[j];
+        p.sum[h] = sum[j];
     }
 }
 

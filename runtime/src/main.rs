@@ -631,6 +631,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     };
     let rows = run_eval(&opts, &mut |line| eprintln!("tandem: {line}"))?;
     print!("{}", report::markdown_table(&rows));
+    print!("{}", report::per_layer_tables(&rows));
     if let Some(path) = &args.json {
         std::fs::write(path, report::to_json(&rows))
             .with_context(|| format!("writing {}", path.display()))?;

@@ -115,6 +115,57 @@ pub fn markdown_table(rows: &[Row]) -> String {
     out
 }
 
+/// Per-layer attention error, one markdown table per context: a line per
+/// layer, a column per policy with the relative L2 error of the attention
+/// output against dense and, in brackets, the keys its queries touched. Policies
+/// without per-layer figures are left out.
+pub fn per_layer_tables(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let contexts: BTreeSet<usize> = rows.iter().map(|r| r.context).collect();
+    for context in contexts {
+        let cols: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.context == context && !r.per_layer.is_empty())
+            .collect();
+        if cols.is_empty() {
+            continue;
+        }
+        let layers: BTreeSet<usize> = cols
+            .iter()
+            .flat_map(|r| r.per_layer.iter().map(|l| l.layer))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nPer-layer attention error at {context} tokens: relative L2 error of the output vs dense (keys touched)\n"
+        );
+        out.push_str("| layer |");
+        for r in &cols {
+            let _ = write!(out, " {} |", r.policy.replace('|', "\\|"));
+        }
+        out.push_str("\n|---:|");
+        out.push_str(&"---:|".repeat(cols.len()));
+        out.push('\n');
+        for layer in layers {
+            let _ = write!(out, "| {layer} |");
+            for r in &cols {
+                match r.per_layer.iter().find(|l| l.layer == layer) {
+                    Some(l) => {
+                        let _ = write!(
+                            out,
+                            " {:.4} ({:.1}%) |",
+                            l.rel_l2_error,
+                            100.0 * l.keys_touched_fraction
+                        );
+                    }
+                    None => out.push_str(" – |"),
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// The rows as a pretty-printed JSON array of objects.
 pub fn to_json(rows: &[Row]) -> String {
     // A Vec of plain structs with string keys always serializes.
@@ -436,6 +487,28 @@ mod tests {
             },
         );
         assert!(markdown_table(&[empty]).contains("| – | – |"));
+    }
+
+    #[test]
+    fn per_layer_tables_have_a_line_per_layer_and_a_column_per_policy() {
+        let mut rows = rows();
+        rows[1].per_layer.push(LayerRow {
+            layer: 3,
+            rel_l2_error: 0.25,
+            cosine: 0.9,
+            keys_touched_fraction: 0.05,
+        });
+        rows[2].per_layer.clear();
+        let md = per_layer_tables(&rows);
+        let lines: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(lines.len(), 2 + 2, "{md}");
+        assert!(lines[0].starts_with("| layer | dense | topk:64 | lsh:K=8,L=75 |"));
+        assert!(!lines[0].contains("topk:256"));
+        assert!(
+            lines[3].starts_with("| 3 | – | 0.2500 (5.0%) | – |"),
+            "{md}"
+        );
+        assert!(per_layer_tables(&[]).is_empty());
     }
 
     #[test]
