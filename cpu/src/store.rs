@@ -596,8 +596,8 @@ impl Rows {
 
     fn extend<T: Elem>(&mut self, src: &[T]) -> Result<(), OutOfMemory> {
         match self {
-            Rows::Bf16(b) => b.extend(src, |x| bf16::from_f32(x.to_f32())),
-            Rows::F32(b) => b.extend(src, |x| x.to_f32()),
+            Rows::Bf16(b) => b.extend(src, Elem::to_bf16),
+            Rows::F32(b) => b.extend(src, Elem::to_f32),
         }
     }
 
@@ -618,6 +618,8 @@ impl Rows {
 pub(crate) trait Elem: Copy + Send + Sync {
     /// Exact widening to f32.
     fn to_f32(self) -> f32;
+    /// Rounding to bf16 (exact for bf16).
+    fn to_bf16(self) -> bf16;
 }
 
 impl Elem for bf16 {
@@ -625,12 +627,20 @@ impl Elem for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
+    #[inline]
+    fn to_bf16(self) -> bf16 {
+        self
+    }
 }
 
 impl Elem for f32 {
     #[inline]
     fn to_f32(self) -> f32 {
         self
+    }
+    #[inline]
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
     }
 }
 
@@ -832,24 +842,42 @@ impl LayerStore {
                 )));
             }
         }
-        for (h, head) in self.heads_mut().enumerate() {
-            head.keys.reserve(n)?;
-            head.values.reserve(n)?;
-            for t in 0..n {
-                let o = (t * nh + h) * d;
-                head.keys.extend(&keys[o..o + d])?;
-                head.values.extend(&values[o..o + d])?;
-            }
-        }
+        // Each thread copies its heads' rows (faulting in their pages) and
+        // builds their tables.
         let threads = threads.max(1);
-        let per = self.heads.len().div_ceil(threads);
-        let mut heads: Vec<&mut HeadStore> = self.heads_mut().collect();
-        std::thread::scope(|s| {
-            for chunk in heads.chunks_mut(per) {
-                s.spawn(move || chunk.iter_mut().for_each(|h| build_head(h, n, d)));
-            }
+        let per = nh.div_ceil(threads);
+        let mut heads: Vec<(usize, &mut HeadStore)> = self.heads_mut().enumerate().collect();
+        let built = std::thread::scope(|s| {
+            let jobs: Vec<_> = heads
+                .chunks_mut(per)
+                .map(|chunk| {
+                    s.spawn(move || -> Result<(), OutOfMemory> {
+                        for (h, head) in chunk.iter_mut() {
+                            head.keys.reserve(n)?;
+                            head.values.reserve(n)?;
+                            for t in 0..n {
+                                let o = (t * nh + *h) * d;
+                                head.keys.extend(&keys[o..o + d])?;
+                                head.values.extend(&values[o..o + d])?;
+                            }
+                            build_head(head, n, d);
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            // Join every job (an unjoined panicked one would panic the scope).
+            let results: Vec<_> = jobs.into_iter().map(|job| job.join()).collect();
+            results.into_iter().try_for_each(|r| match r {
+                Ok(built) => built.map_err(CpuError::from),
+                Err(_) => Err(CpuError::Worker("building the LSH index panicked".into())),
+            })
         });
-        Ok(())
+        if built.is_err() {
+            // Leave the store empty rather than half-loaded.
+            *self = LayerStore::new(self.cfg.clone())?;
+        }
+        built
     }
 
     /// Appends tokens (`keys`, `values`: `[n][n_kv_heads][head_dim]`), centred
