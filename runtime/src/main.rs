@@ -1,12 +1,13 @@
 //! The `tandem` command line.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tandem_runtime::chat::Message;
@@ -73,7 +74,7 @@ struct EvalArgs {
     sinks: usize,
     /// Dense-device threads and CPU workers (default: all cores).
     #[arg(long, short = 't')]
-    threads: Option<usize>,
+    threads: Option<NonZeroUsize>,
     /// Write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -89,7 +90,7 @@ struct ModelArgs {
     model: Option<PathBuf>,
     /// Threads for the dense device (default: all cores).
     #[arg(long, short = 't')]
-    threads: Option<usize>,
+    threads: Option<NonZeroUsize>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -120,7 +121,7 @@ struct PolicyArgs {
     policy_file: Option<PathBuf>,
     /// CPU attention worker threads (default: all cores).
     #[arg(long)]
-    cpu_workers: Option<usize>,
+    cpu_workers: Option<NonZeroUsize>,
 }
 
 impl PolicyArgs {
@@ -138,12 +139,9 @@ impl PolicyArgs {
         })
     }
 
-    fn cpu_workers(&self) -> Result<usize> {
-        match self.cpu_workers {
-            Some(0) => bail!("--cpu-workers must be at least 1"),
-            Some(n) => Ok(n),
-            None => Ok(EngineOptions::default().cpu_workers),
-        }
+    fn cpu_workers(&self) -> usize {
+        self.cpu_workers
+            .map_or(EngineOptions::default().cpu_workers, NonZeroUsize::get)
     }
 }
 
@@ -151,13 +149,10 @@ impl ModelArgs {
     fn options(&self) -> Result<EngineOptions> {
         let mut options = EngineOptions::default();
         if let Some(t) = self.threads {
-            if t == 0 {
-                bail!("--threads must be at least 1");
-            }
-            options.threads = t;
+            options.threads = t.get();
         }
         options.policy = self.policy.config()?;
-        options.cpu_workers = self.policy.cpu_workers()?;
+        options.cpu_workers = self.policy.cpu_workers();
         Ok(options)
     }
 
@@ -601,11 +596,9 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
 
 fn eval(args: EvalArgs) -> Result<()> {
     use tandem_runtime::eval::{report, run_eval, EvalOptions};
-    let threads = match args.threads {
-        Some(0) => bail!("--threads must be at least 1"),
-        Some(t) => t,
-        None => EngineOptions::default().threads,
-    };
+    let threads = args
+        .threads
+        .map_or(EngineOptions::default().threads, NonZeroUsize::get);
     // Policies contain commas themselves (lsh:k=8,l=75): separate by spaces or ';'.
     let policies: Vec<String> = args
         .policy
