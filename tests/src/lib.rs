@@ -1,1 +1,20 @@
-//! Integration tests live in `tests/`; this crate has no library code.
+//! Integration tests live in `tests/`; this crate holds only what they share.
+
+use std::path::{Path, PathBuf};
+
+/// The repository's root directory.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The default model, fetched by `scripts/setup.sh` (tests that need it fail
+/// with that advice rather than skip).
+pub fn model_path() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        p.display()
+    );
+    p
+}

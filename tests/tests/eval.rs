@@ -1,16 +1,13 @@
 //! `tandem eval` on the default model: dense against itself is exact, a broken
 //! policy is reported as worse, and the outputs are valid.
 
-use std::path::Path;
-
 use tandem_runtime::eval::{report, run_eval, EvalOptions};
 use tandem_runtime::policy::PolicyConfig;
+use tandem_tests::model_path;
 
 #[test]
 fn dense_is_exact_a_one_token_window_is_worse_and_outputs_are_valid() {
-    let model =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(model.exists(), "run scripts/setup.sh first");
+    let model = model_path();
     let opts = EvalOptions {
         model,
         policies: vec!["dense".into(), "window".into(), "lsh:k=6,l=120".into()],

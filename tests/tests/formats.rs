@@ -10,10 +10,6 @@ use tandem_runtime::model::weights::{dequantize, host_matrix};
 use tandem_runtime::model::{load_gguf, Logits};
 use tandem_runtime::{Engine, EngineOptions};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-formats-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -109,6 +105,7 @@ fn every_tensor_type_matches_the_reference() {
 }
 
 use tandem_kernels::rng::SplitMix64 as Rng;
+use tandem_tests::root;
 
 /// Random K-quant blocks whose f16 scales are finite and moderate.
 fn random_blocks(dtype: GgmlType, n_blocks: usize, rng: &mut Rng) -> Vec<u8> {

@@ -10,12 +10,9 @@ use tandem_gpu::CpuDevice;
 use tandem_runtime::chat::Message;
 use tandem_runtime::model::{load_gguf, Llama, Logits};
 use tandem_runtime::{Engine, EngineOptions, Error};
+use tandem_tests::root;
 
 const TOKENS: [u32; 8] = [1, 72, 101, 108, 108, 111, 200, 5];
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A fresh scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {

@@ -1,26 +1,12 @@
 //! End-to-end checks of the default model against an independent NumPy reference.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tandem_gpu::CpuDevice;
 use tandem_runtime::chat::Message;
 use tandem_runtime::model::{load_gguf, Logits};
 use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_path() -> PathBuf {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        p.display()
-    );
-    p
-}
+use tandem_tests::{model_path, root};
 
 fn reference_logits(tokens: &[u32]) -> Vec<Vec<f32>> {
     let out = std::env::temp_dir().join(format!("tandem-ref-{}.json", std::process::id()));

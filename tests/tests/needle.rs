@@ -1,21 +1,10 @@
 //! Needle retrieval (issue 6) with dense attention on the default model: the
 //! measure every approximate policy is later held to must be solvable at all.
 
-use std::path::{Path, PathBuf};
-
 use tandem_runtime::eval::corpus;
 use tandem_runtime::eval::needle::{NeedleBuilder, NeedleCase, ANSWER_TOKENS};
 use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
-
-fn model_path() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        p.display()
-    );
-    p
-}
+use tandem_tests::model_path;
 
 /// The greedy reply to one case.
 fn reply(engine: &Engine, case: &NeedleCase) -> String {

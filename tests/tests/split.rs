@@ -1,22 +1,12 @@
 //! The split decode step on the default model: dense device + CPU workers.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tandem_runtime::model::Logits;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::split::SequenceKv;
 use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
-
-fn model_path() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        p.display()
-    );
-    p
-}
+use tandem_tests::model_path;
 
 fn fill_tokens(engine: &Engine, n: usize) -> Vec<u32> {
     let text = include_str!("../data/fill.txt");
