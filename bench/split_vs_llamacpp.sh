@@ -3,7 +3,8 @@
 # default model: decode tokens/s after a context of 8k and 32k tokens, 2 threads.
 # tandem's 8k context is a real prefill of real text; 32k is above
 # --prefill-max, so it gets a generated KV cache with the real weights (the
-# output says synthetic_kv). llama-bench prefills its depth itself (untimed).
+# output says synthetic_kv). llama-bench prefills its depth itself (untimed),
+# once per flash-attention setting.
 # Usage: LLAMA_BENCH=/path/to/llama-bench bench/split_vs_llamacpp.sh [DEPTHS] [POLICY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +16,6 @@ echo "## tandem ($POLICY and dense)"
 target/release/tandem bench decode --threads 2 --cpu-workers 2 --context "$DEPTHS" \
   --policy "$POLICY" --tokens 32 --json
 echo "## llama.cpp"
-"$LLAMA_BENCH" -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 0 -n 32 -d "$DEPTHS" -r 2 -o md
+# Flash attention off (llama.cpp's choice on this CPU under "auto") and on (the
+# faster at long depths): a user would pick the faster, so both are shown.
+"$LLAMA_BENCH" -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 0 -n 32 -d "$DEPTHS" -fa off,on -r 1 -o md
