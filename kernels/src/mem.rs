@@ -92,8 +92,7 @@ impl<T: Plain> HugeBuf<T> {
                 len: 0,
             });
         }
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc(layout) };
+        let raw = allocate(layout);
         let ptr = std::ptr::NonNull::new(raw.cast::<T>()).ok_or(OutOfMemory {
             bytes: layout.size(),
         })?;
@@ -163,6 +162,64 @@ impl<T: Plain> HugeBuf<T> {
     }
 }
 
+/// Allocates `layout` (non-zero size); null when out of memory. On Linux a
+/// block of a huge page or more is its own anonymous mapping, so that freeing
+/// it returns its pages to the OS at once and no allocator arena keeps them.
+fn allocate(layout: std::alloc::Layout) -> *mut u8 {
+    #[cfg(target_os = "linux")]
+    if layout.align() == HUGE_PAGE {
+        let bytes = layout.size().next_multiple_of(HUGE_PAGE);
+        let Some(len) = bytes.checked_add(HUGE_PAGE) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: a fresh private anonymous mapping; the ends beyond the aligned
+        // range (whole pages, as both are multiples of the page size) are unmapped
+        // again, and nothing else refers to them.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return std::ptr::null_mut();
+            }
+            let start = p as usize;
+            let aligned = start.next_multiple_of(HUGE_PAGE);
+            let head = aligned - start;
+            if head > 0 {
+                libc::munmap(p, head);
+            }
+            let tail = len - head - bytes;
+            if tail > 0 {
+                libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
+            }
+            return aligned as *mut u8;
+        }
+    }
+    // SAFETY: the caller passes a layout of non-zero size.
+    unsafe { std::alloc::alloc(layout) }
+}
+
+/// Frees what [`allocate`] returned for `layout`.
+///
+/// # Safety
+/// `p` must come from `allocate(layout)` and not be used afterwards.
+unsafe fn release(p: *mut u8, layout: std::alloc::Layout) {
+    #[cfg(target_os = "linux")]
+    if layout.align() == HUGE_PAGE {
+        let bytes = layout.size().next_multiple_of(HUGE_PAGE);
+        // SAFETY: `p..p + bytes` is exactly the mapping `allocate` kept.
+        unsafe { libc::munmap(p.cast(), bytes) };
+        return;
+    }
+    // SAFETY: per this function's contract.
+    unsafe { std::alloc::dealloc(p, layout) }
+}
+
 impl<T: Plain> std::ops::Deref for HugeBuf<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
@@ -175,8 +232,8 @@ impl<T: Plain> Drop for HugeBuf<T> {
     fn drop(&mut self) {
         if let Ok(layout) = Self::layout(self.cap) {
             if layout.size() > 0 {
-                // SAFETY: allocated in `with_capacity` with this same layout.
-                unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) };
+                // SAFETY: allocated by `allocate` with this same layout.
+                unsafe { release(self.ptr.as_ptr().cast(), layout) };
             }
         }
     }
