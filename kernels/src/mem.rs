@@ -244,8 +244,10 @@ impl<T: Plain + std::fmt::Debug> std::fmt::Debug for HugeBuf<T> {
         write!(f, "HugeBuf({} of {})", self.len, self.cap)
     }
 }
+
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn huge_buffers_fill_to_capacity_and_align() {
@@ -270,7 +272,6 @@ mod tests {
         assert!(HugeBuf::<u64>::with_capacity(usize::MAX / 4, false).is_err());
         assert!(HugeBuf::<u64>::with_capacity(1 << 60, false).is_err());
     }
-    use super::*;
 
     #[test]
     fn advice_is_harmless() {
