@@ -44,7 +44,8 @@ pub struct PolicySpec {
     pub lsh: Option<(usize, usize)>,
 }
 
-/// Parses `dense`, `topk:k=N`, `oracle:budget=N`, `lsh:k=K,l=L[,t=T][,max_keys=M]`.
+/// Parses `dense`, `topk:k=N`, `oracle:budget=N`,
+/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (see [`LshParams`]).
 pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
     let err = |m: &str| BenchError::Policy(s.to_string(), m.to_string());
     let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
@@ -89,10 +90,15 @@ pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
                 return Err(err("t must be in 1..=min(L,255)"));
             }
             let max_keys = take("max_keys");
+            let value_skip = take("vskip").unwrap_or(LshParams::DEFAULT_VALUE_SKIP.into());
+            if value_skip > 24 {
+                return Err(err("vskip must be in 0..=24 (0 reads every V row)"));
+            }
             (
                 Policy::Lsh(LshParams {
                     t: t as u8,
                     max_keys,
+                    value_skip: value_skip as u8,
                 }),
                 Some((k, l)),
             )
@@ -407,17 +413,20 @@ mod tests {
             p.policy,
             Policy::Lsh(LshParams {
                 t: 2,
-                max_keys: None
+                max_keys: None,
+                value_skip: 9,
             })
         );
-        let p = parse_policy("lsh:k=10,l=150,t=3,max_keys=100").expect("ok");
+        let p = parse_policy("lsh:k=10,l=150,t=3,max_keys=100,vskip=0").expect("ok");
         assert_eq!(
             p.policy,
             Policy::Lsh(LshParams {
                 t: 3,
-                max_keys: Some(100)
+                max_keys: Some(100),
+                value_skip: 0,
             })
         );
+        assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
         assert_eq!(parse_policy("dense").expect("ok").policy, Policy::Dense);
         assert_eq!(
             parse_policy("topk:k=2048").expect("ok").policy,

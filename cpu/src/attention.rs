@@ -22,6 +22,27 @@ pub struct LshParams {
     /// collisions first, ties by lower position). The estimator's probabilities
     /// ignore the cap, so capped results are a heuristic.
     pub max_keys: Option<usize>,
+    /// V rows left out, as a power of two of the softmax mass: with `n > 0`,
+    /// each head leaves out the V rows of its smallest weights whose sum is at
+    /// most `2^-n` of its total (the log-sum-exp still counts them), which moves
+    /// the output by at most `2^-n` of the largest |value|. `0` reads the V row
+    /// of every retrieved key. [`LshParams::DEFAULT_VALUE_SKIP`] is one bf16
+    /// rounding step, the error the bf16 store already makes.
+    pub value_skip: u8,
+}
+
+impl LshParams {
+    /// `value_skip` of the default policy: 2^-9 of the mass.
+    pub const DEFAULT_VALUE_SKIP: u8 = 9;
+
+    /// `t` collisions, no cap, the default value skip.
+    pub fn with_t(t: u8) -> Self {
+        LshParams {
+            t,
+            max_keys: None,
+            value_skip: Self::DEFAULT_VALUE_SKIP,
+        }
+    }
 }
 
 /// How one layer's offloaded part is attended.
@@ -206,6 +227,8 @@ pub(crate) struct Scratch {
     qbits: Vec<u64>,
     qcodes: Vec<u16>,
     qflip: Vec<f32>,
+    /// One decoded bucket.
+    bucket: Vec<u32>,
     tmp: Vec<f32>,
     cdf: Vec<f64>,
 }
@@ -427,8 +450,14 @@ pub(crate) fn attend_group(
             run_max[h] = run_max[h].max(logit);
         }
     }
-    // Softmax weights relative to each head's max, and the log-normalisers.
+    // Softmax weights relative to each head's max, the log-normalisers, and
+    // the weight below which a head does not need a key's V row.
+    let value_skip = match policy {
+        Policy::Lsh(p) => p.value_skip,
+        _ => 0,
+    };
     let mut inv = [0.0f32; 8];
+    let mut needed = [f32::INFINITY; 8];
     for h in 0..g {
         if run_max[h] == f32::NEG_INFINITY {
             logits[h][..nu].iter_mut().for_each(|x| *x = 0.0);
@@ -441,12 +470,16 @@ pub(crate) fn attend_group(
         let sum: f32 = lg.iter().sum();
         lse[h] = mx + sum.ln();
         inv[h] = 1.0 / sum;
+        needed[h] = NEGLIGIBLE_WEIGHT;
+        if value_skip > 0 {
+            let budget = sum * (-f32::from(value_skip)).exp2();
+            needed[h] = needed[h].max(skippable_below(lg, budget));
+        }
     }
-    // Pass 2 over the V rows of the keys whose weight is not negligible for
-    // some head.
+    // Pass 2 over the V rows of the keys some head needs.
     let mut nv = 0;
     for j in 0..nu {
-        if (0..g).any(|h| logits[h][j] >= NEGLIGIBLE_WEIGHT) {
+        if (0..g).any(|h| logits[h][j] >= needed[h]) {
             tmp_ids[nv] = j as u32;
             nv += 1;
         }
@@ -474,6 +507,38 @@ pub(crate) fn attend_group(
         }
     }
     Ok(())
+}
+
+/// The largest power of two `w` such that the weights below `w` sum to at most
+/// `budget` (weights are in `[0, 1]`; 0 when no power of two qualifies). Weights
+/// are binned by binary exponent, so one pass finds it.
+fn skippable_below(weights: &[f32], budget: f32) -> f32 {
+    // Bin b holds weights in [2^-(b+1), 2^-b); the last bin also holds smaller ones.
+    const BINS: usize = 64;
+    // Four sets of bins, so that neighbours in the same bin do not wait on
+    // each other's additions.
+    let mut mass = [[0.0f32; BINS]; 4];
+    let bin = |w: f32| (126i32 - ((w.to_bits() >> 23) & 0xFF) as i32).clamp(0, BINS as i32 - 1);
+    let quads = weights.chunks_exact(4);
+    for &w in quads.remainder() {
+        mass[0][bin(w) as usize] += w;
+    }
+    for quad in quads {
+        for (m, &w) in mass.iter_mut().zip(quad) {
+            m[bin(w) as usize] += w;
+        }
+    }
+    let mass: [f32; BINS] = std::array::from_fn(|b| mass.iter().map(|m| m[b]).sum());
+    let mut dropped = 0.0f32;
+    let mut threshold = 0.0f32;
+    for b in (0..BINS).rev() {
+        dropped += mass[b];
+        if dropped > budget {
+            break;
+        }
+        threshold = (-(b as f32)).exp2();
+    }
+    threshold
 }
 
 /// Fills `union`/`umask` from the per-key head bits in `mask` (then cleared).
@@ -571,11 +636,11 @@ fn retrieve(
                 for lv in &levels {
                     let base = lv.base as usize;
                     let cs = &mut counts[base..base + lv.n];
-                    lv.decode_local(t, c as usize, |id| {
+                    for &id in lv.decode(t, c as usize, &mut scratch.bucket) {
                         if let Some(x) = cs.get_mut(id as usize) {
                             *x += inc;
                         }
-                    });
+                    }
                 }
             }
         }
@@ -685,4 +750,38 @@ fn oracle(
         seen[i] = 0;
     }
     *touched = distinct;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skippable_below;
+    use tandem_kernels::rng::SplitMix64;
+
+    #[test]
+    fn skippable_below_is_the_largest_power_of_two_within_budget() {
+        let mut rng = SplitMix64(3);
+        for case in 0..200 {
+            let n = 1 + case % 97;
+            let w: Vec<f32> = (0..n)
+                .map(|_| (rng.signed_f32() * 30.0 - 15.0).exp2().min(1.0))
+                .chain([1.0, 0.0])
+                .collect();
+            let sum: f32 = w.iter().sum();
+            let budget = sum * (-((case % 12) as f32)).exp2();
+            let below = |x: f32| w.iter().filter(|&&v| v < x).sum::<f32>();
+            let thr = skippable_below(&w, budget);
+            assert!(below(thr) <= budget, "case {case}: {thr}");
+            if thr == 0.0 {
+                assert!(below(2f32.powi(-63)) > budget, "case {case}");
+            } else {
+                assert_eq!(thr, thr.log2().round().exp2(), "case {case}: {thr}");
+                // Bins are [2^-(b+1), 2^-b) with 1.0 in the top one, so 0.5 is
+                // the largest threshold short of dropping everything.
+                assert!(
+                    thr >= 0.5 || below(thr * 2.0) > budget,
+                    "case {case}: {thr}"
+                );
+            }
+        }
+    }
 }

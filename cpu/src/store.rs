@@ -48,6 +48,7 @@ use crate::attention::LnUTable;
 use crate::CpuError;
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use tandem_kernels::gaps::{decode_gaps, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};
 use tandem_kernels::mem::{HugeBuf, OutOfMemory, Plain, HUGE_PAGE};
 use tandem_kernels::rng::SplitMix64;
@@ -128,7 +129,6 @@ impl LayerConfig {
     }
 }
 
-const ESCAPE: u32 = 0xFFF;
 /// Ids (relative to a level's first key) must fit in the 24 bits of an escaped gap.
 const MAX_INDEXED_KEYS: usize = (1 << 24) - 1;
 /// Raw (unbucketed) appended keys kept before they are folded into the mid level.
@@ -168,44 +168,6 @@ fn shared_projector(seed: u64, dim: usize, n_planes: usize) -> Result<Arc<Projec
     Ok(p)
 }
 
-/// Appends 12-bit units to a byte vector.
-struct UnitWriter {
-    bytes: Vec<u8>,
-    units: usize,
-}
-
-impl UnitWriter {
-    fn push(&mut self, u: u32) {
-        if self.units.is_multiple_of(2) {
-            self.bytes.push((u & 0xFF) as u8);
-            self.bytes.push(((u >> 8) & 0xF) as u8);
-        } else if let Some(last) = self.bytes.last_mut() {
-            *last |= ((u & 0xF) << 4) as u8;
-            self.bytes.push((u >> 4) as u8);
-        }
-        self.units += 1;
-    }
-
-    /// Encodes local id `id` after `prev` (ids ascending within a bucket).
-    fn push_id(&mut self, prev: u32, id: u32) {
-        let gap = id - prev;
-        if gap < ESCAPE {
-            self.push(gap);
-        } else {
-            self.push(ESCAPE);
-            self.push(id >> 12);
-            self.push(id & 0xFFF);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        // Spare bytes so a decoder may always read 4 bytes at a unit.
-        self.bytes.extend_from_slice(&[0; 4]);
-        self.bytes.shrink_to_fit();
-        self.bytes
-    }
-}
-
 /// One level of packed bucket lists: keys `base..base + n`, ids stored relative
 /// to `base`.
 pub(crate) struct Csr {
@@ -227,10 +189,7 @@ impl Csr {
         let mut offsets = vec![0u32; l * (nb + 1)];
         let mut ids = vec![0u32; m];
         let mut cursor = vec![0u32; nb];
-        let mut w = UnitWriter {
-            bytes: Vec::with_capacity(m * l * 3 / 2 + 64),
-            units: 0,
-        };
+        let mut w = GapWriter::with_capacity(m * l);
         for t in 0..l {
             let off = &mut offsets[t * (nb + 1)..(t + 1) * (nb + 1)];
             let c = &codes[t * m..(t + 1) * m];
@@ -248,14 +207,14 @@ impl Csr {
             // Re-express the offsets in units while encoding each bucket.
             for b in 0..nb {
                 let (s0, s1) = (off[b] as usize, off[b + 1] as usize);
-                off[b] = w.units as u32;
+                off[b] = w.units() as u32;
                 let mut prev = 0u32;
                 for &id in &ids[s0..s1] {
                     w.push_id(prev, id);
                     prev = id;
                 }
             }
-            off[nb] = w.units as u32;
+            off[nb] = w.units() as u32;
         }
         Csr {
             base,
@@ -270,25 +229,23 @@ impl Csr {
     fn merge(a: &Csr, b: &Csr, k: usize, l: usize) -> Csr {
         let nb = 1usize << k;
         let mut offsets = vec![0u32; l * (nb + 1)];
-        let mut w = UnitWriter {
-            bytes: Vec::with_capacity(a.packed.len() + b.packed.len() + 64),
-            units: 0,
-        };
+        let mut w = GapWriter::with_capacity((a.packed.len() + b.packed.len()) * 2 / 3);
+        let mut ids = Vec::new();
         let shift = b.base - a.base;
         for t in 0..l {
             for c in 0..nb {
-                offsets[t * (nb + 1) + c] = w.units as u32;
+                offsets[t * (nb + 1) + c] = w.units() as u32;
                 let mut prev = 0u32;
-                a.decode_local(t, c, |id| {
+                for &id in a.decode(t, c, &mut ids) {
                     w.push_id(prev, id);
                     prev = id;
-                });
-                b.decode_local(t, c, |id| {
+                }
+                for &id in b.decode(t, c, &mut ids) {
                     w.push_id(prev, id + shift);
                     prev = id + shift;
-                });
+                }
             }
-            offsets[t * (nb + 1) + nb] = w.units as u32;
+            offsets[t * (nb + 1) + nb] = w.units() as u32;
         }
         Csr {
             base: a.base,
@@ -296,17 +253,6 @@ impl Csr {
             stride: nb + 1,
             offsets,
             packed: w.finish(),
-        }
-    }
-
-    #[inline(always)]
-    fn unit(&self, u: usize) -> u32 {
-        let b = 3 * u / 2;
-        let v = u32::from(self.packed[b]) | u32::from(self.packed[b + 1]) << 8;
-        if u.is_multiple_of(2) {
-            v & 0xFFF
-        } else {
-            v >> 4
         }
     }
 
@@ -335,40 +281,18 @@ impl Csr {
         tandem_kernels::vector::prefetch_at(&self.offsets, table * self.stride + code);
     }
 
-    /// Calls `f` with every id (relative to `base`) in bucket `code` of table
-    /// `table`, in increasing order.
+    /// The ids (relative to `base`, increasing) in bucket `code` of table
+    /// `table`, decoded into `buf`.
     #[inline(always)]
-    pub(crate) fn decode_local(&self, table: usize, code: usize, mut f: impl FnMut(u32)) {
-        let (mut u, end) = self.bucket(table, code);
-        let mut prev = 0u32;
-        while u < end {
-            // Two units at once when both are plain gaps (the common case).
-            if u.is_multiple_of(2) && u + 2 <= end {
-                let b = 3 * u / 2;
-                let w = match self.packed.get(b..b + 4) {
-                    Some(x) => u32::from_le_bytes([x[0], x[1], x[2], x[3]]),
-                    None => break,
-                };
-                let (x0, x1) = (w & 0xFFF, (w >> 12) & 0xFFF);
-                if x0 != ESCAPE && x1 != ESCAPE {
-                    prev += x0;
-                    f(prev);
-                    prev += x1;
-                    f(prev);
-                    u += 2;
-                    continue;
-                }
-            }
-            let x = self.unit(u);
-            if x == ESCAPE {
-                prev = self.unit(u + 1) << 12 | self.unit(u + 2);
-                u += 3;
-            } else {
-                prev += x;
-                u += 1;
-            }
-            f(prev);
+    pub(crate) fn decode<'b>(&self, table: usize, code: usize, buf: &'b mut Vec<u32>) -> &'b [u32] {
+        let (u, end) = self.bucket(table, code);
+        // A bucket of m units holds at most m ids.
+        let units = end.saturating_sub(u);
+        if buf.len() < units {
+            buf.resize(units, 0);
         }
+        let n = decode_gaps(&self.packed, u, end, buf);
+        &buf[..n]
     }
 
     fn bytes(&self) -> usize {

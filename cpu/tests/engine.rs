@@ -314,7 +314,14 @@ fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase]) {
     for &(nkv, g, d, n, app, k, l, t) in cases {
         let seed = 11 + k as u64;
         let s = setup_with(dtype, n, nkv, g, d, Some((k, l)), t, app, seed);
-        let out = run(&s, Policy::Lsh(LshParams { t, max_keys: None }));
+        let out = run(
+            &s,
+            Policy::Lsh(LshParams {
+                t,
+                max_keys: None,
+                value_skip: 0,
+            }),
+        );
         let bf = brute_force_retrieved(&s, nkv, g, d, k, l, t as usize, seed, n);
         for qh in 0..nkv * g {
             assert_eq!(
@@ -375,6 +382,7 @@ fn max_keys_caps_by_collision_count() {
         Policy::Lsh(LshParams {
             t: 2,
             max_keys: None,
+            value_skip: 0,
         }),
     );
     let capped = run(
@@ -382,6 +390,7 @@ fn max_keys_caps_by_collision_count() {
         Policy::Lsh(LshParams {
             t: 2,
             max_keys: Some(10),
+            value_skip: 0,
         }),
     );
     for h in 0..2 {
@@ -478,6 +487,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         Policy::Lsh(LshParams {
             t: 2,
             max_keys: None,
+            value_skip: 0,
         }),
         &mut out,
     )
@@ -516,6 +526,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         Policy::Lsh(LshParams {
             t: 1,
             max_keys: None,
+            value_skip: 0,
         }),
         Policy::Oracle { budget: 4, seed: 1 },
     ] {
@@ -533,7 +544,8 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
             &q,
             Policy::Lsh(LshParams {
                 t: 2,
-                max_keys: None
+                max_keys: None,
+                value_skip: 0,
             }),
             &mut out
         )
@@ -622,6 +634,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             Policy::Lsh(LshParams {
                 t: 2,
                 max_keys: None,
+                value_skip: 0,
             }),
             &mut out,
         )
@@ -670,6 +683,7 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
     let policy = Policy::Lsh(LshParams {
         t: 2,
         max_keys: None,
+        value_skip: 0,
     });
     pool.submit(&evicting, &queries, Some(evicted), policy, &mut out)
         .expect("submit");
@@ -707,4 +721,43 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
             &mut out
         )
         .is_err());
+}
+
+/// Leaving out V rows (`value_skip`) changes no log-sum-exp and moves each
+/// output by at most 2^-S of the largest |value|, for several S.
+#[test]
+fn value_skip_stays_within_its_bound() {
+    // Large queries give peaked softmaxes, so there are weights to skip.
+    let s = setup(3000, 2, 4, 32, Some((6, 40)), 1, 17, 5);
+    let exact = run(
+        &s,
+        Policy::Lsh(LshParams {
+            t: 1,
+            max_keys: None,
+            value_skip: 0,
+        }),
+    );
+    let vmax = s.values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut moved_any = false;
+    for skip in [4u8, 9, 14] {
+        let out = run(
+            &s,
+            Policy::Lsh(LshParams {
+                t: 1,
+                max_keys: None,
+                value_skip: skip,
+            }),
+        );
+        assert_eq!(out.lse, exact.lse, "skip {skip}");
+        assert_eq!(out.keys_touched, exact.keys_touched, "skip {skip}");
+        let bound = vmax * (-f32::from(skip)).exp2() + 1e-5;
+        for (a, b) in out.out.iter().zip(&exact.out) {
+            assert!((a - b).abs() <= bound, "skip {skip}: {a} vs {b}");
+            moved_any |= a != b;
+        }
+    }
+    assert!(
+        moved_any,
+        "no V row was left out: the test data is not peaked"
+    );
 }

@@ -8,6 +8,7 @@
 //!
 //! The crate knows nothing of models, devices or LSH tables.
 
+pub mod gaps;
 pub mod hash;
 pub mod isa;
 pub mod mem;

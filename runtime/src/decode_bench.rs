@@ -77,6 +77,8 @@ pub struct DecodeBenchResult {
     pub device_ms_per_token: f64,
     /// CPU workers' busy time per step, divided by the number of workers.
     pub cpu_attention_ms_per_token: f64,
+    /// The part of `cpu_attention_ms_per_token` spent in LSH retrieval.
+    pub cpu_retrieval_ms_per_token: f64,
     /// Time the device waited for the workers per step.
     pub wait_ms_per_token: f64,
     /// Offloaded keys touched / offloaded keys, over sparse layers and query heads.
@@ -266,7 +268,7 @@ fn table_for(base: &PolicyConfig, policy: &str, n_layers: usize) -> Result<Polic
 
 fn summary(r: &DecodeBenchResult) -> String {
     format!(
-        "{} at {}: {:.2} ms/step (median {:.2}, first {:.2}; {:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms, waiting {:.2} ms",
+        "{} at {}: {:.2} ms/step (median {:.2}, first {:.2}; {:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms (retrieval {:.2}), waiting {:.2} ms",
         r.policy,
         r.context,
         r.ms_per_token,
@@ -275,6 +277,7 @@ fn summary(r: &DecodeBenchResult) -> String {
         r.tokens_per_s,
         r.device_ms_per_token,
         r.cpu_attention_ms_per_token,
+        r.cpu_retrieval_ms_per_token,
         r.wait_ms_per_token
     )
 }
@@ -326,6 +329,7 @@ fn time_decode(
             worker_ns += s.worker_ns;
             c.wait_ns += s.wait_ns;
             c.worker_ns += s.worker_ns;
+            c.retrieval_ns += s.retrieval_ns;
             c.keys_touched += s.keys_touched;
             c.keys_offloaded += s.keys_offloaded;
         }
@@ -351,6 +355,7 @@ fn time_decode(
         tokens_per_s: seqs.len() as f64 * steps / wall,
         device_ms_per_token: ms - wait_ms,
         cpu_attention_ms_per_token: c.worker_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
+        cpu_retrieval_ms_per_token: c.retrieval_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
         wait_ms_per_token: wait_ms,
         keys_touched_fraction: if c.keys_offloaded > 0 {
             c.keys_touched as f64 / c.keys_offloaded as f64

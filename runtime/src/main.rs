@@ -98,9 +98,11 @@ struct ModelArgs {
 /// How each layer attends (see `PolicyConfig` in the library docs).
 #[derive(Args, Clone)]
 struct PolicyArgs {
-    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M],
+    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S],
     /// topk:k=N, oracle:budget=N, window (sinks + recent window only), exact
     /// (offloaded, every key attended: the split step's reference) or dense.
+    /// lsh's vskip leaves out the V rows of each head's smallest weights up to
+    /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row).
     #[arg(long, default_value = "lsh:k=10,l=150,t=2")]
     policy: String,
     /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
@@ -573,7 +575,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
             println!("{}", serde_json::to_string(r)?);
         } else {
             println!(
-                "{:<24} context {:>6} batch {}: {:8.2} ms/token {:8.1} tokens/s | device {:7.2} ms, CPU workers {:7.2} ms, wait {:7.2} ms | touched {:.2}%{}",
+                "{:<24} context {:>6} batch {}: {:8.2} ms/token {:8.1} tokens/s | device {:7.2} ms, CPU workers {:7.2} ms (retrieval {:6.2}), wait {:7.2} ms | touched {:.2}%{}",
                 r.policy,
                 r.context,
                 r.batch,
@@ -581,6 +583,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
                 r.tokens_per_s,
                 r.device_ms_per_token,
                 r.cpu_attention_ms_per_token,
+                r.cpu_retrieval_ms_per_token,
                 r.wait_ms_per_token,
                 100.0 * r.keys_touched_fraction,
                 match (r.synthetic_weights, r.synthetic_kv) {

@@ -43,7 +43,7 @@ pub struct LayerPolicy {
 }
 
 impl LayerPolicy {
-    /// Parses `dense`, `window`, `exact`, `lsh:k=K,l=L[,t=T][,max_keys=M]`,
+    /// Parses `dense`, `window`, `exact`, `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`,
     /// `topk:k=N` or `oracle:budget=N`. `exact` offloads like the sparse
     /// policies but attends every offloaded key exactly (the split step's
     /// reference: it must give dense's results).

@@ -27,6 +27,9 @@ pub struct StepCounters {
     /// Worker time on this sequence's offloaded attention (eviction, hashing,
     /// retrieval, attention), summed over workers, nanoseconds.
     pub worker_ns: u64,
+    /// The part of `worker_ns` spent in LSH retrieval (query hashing and
+    /// collision counting), nanoseconds.
+    pub retrieval_ns: u64,
     /// Sum over (token, sparse layer, query head) of offloaded keys touched.
     pub keys_touched: u64,
     /// Sum over the same of offloaded keys held.
@@ -453,6 +456,7 @@ impl SequenceKv {
         let part = &state.output;
         let offloaded_keys = store.len();
         self.counters.worker_ns += part.total_cpu_ns;
+        self.counters.retrieval_ns += part.retrieval_cpu_ns;
         self.counters.keys_touched += part.keys_touched.iter().map(|&k| u64::from(k)).sum::<u64>();
         self.counters.keys_offloaded += (offloaded_keys * part.keys_touched.len()) as u64;
         let d = self.device.shape().head_dim;
