@@ -42,10 +42,15 @@ pub struct PolicySpec {
     pub policy: Policy,
     /// (K, L) of the index the policy needs, if any.
     pub lsh: Option<(usize, usize)>,
+    /// How the offloaded keys are stored (`kbits=8|16|32`; values follow:
+    /// bf16 for 8 and 16, f32 for 32).
+    pub kv_dtype: KvDtype,
 }
 
 /// Parses `dense`, `topk:k=N`, `oracle:budget=N`,
-/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (see [`LshParams`]).
+/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (see [`LshParams`]), each with
+/// an optional `kbits=8|16|32`: the offloaded keys as int8 codes
+/// ([`KvDtype::K8`]), bf16 (the default) or f32.
 pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
     let err = |m: &str| BenchError::Policy(s.to_string(), m.to_string());
     let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
@@ -63,6 +68,12 @@ pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
         }
     }
     let mut take = |k: &str| kv.remove(k);
+    let kv_dtype = match take("kbits") {
+        None | Some(16) => KvDtype::Bf16,
+        Some(8) => KvDtype::K8,
+        Some(32) => KvDtype::F32,
+        Some(_) => return Err(err("kbits must be 8, 16 or 32")),
+    };
     let (policy, lsh) = match kind {
         "dense" => (Policy::Dense, None),
         "topk" => (
@@ -112,6 +123,7 @@ pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
         name: s.to_string(),
         policy,
         lsh,
+        kv_dtype,
     })
 }
 
@@ -303,6 +315,7 @@ pub fn run_attention_bench(
         let cfg = LayerConfig {
             lsh: spec.lsh,
             lsh_t: t_lsh,
+            kv_dtype: spec.kv_dtype,
             ..base_cfg.clone()
         };
         let mut store = LayerStore::new(cfg)?;
@@ -427,6 +440,19 @@ mod tests {
             })
         );
         assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
+        assert_eq!(
+            parse_policy("lsh:k=10,l=150").expect("ok").kv_dtype,
+            KvDtype::Bf16
+        );
+        assert_eq!(
+            parse_policy("topk:k=8,kbits=8").expect("ok").kv_dtype,
+            KvDtype::K8
+        );
+        assert_eq!(
+            parse_policy("dense,kbits=32").map(|p| p.kv_dtype).ok(),
+            None
+        );
+        assert!(parse_policy("lsh:k=10,l=150,kbits=4").is_err());
         assert_eq!(parse_policy("dense").expect("ok").policy, Policy::Dense);
         assert_eq!(
             parse_policy("topk:k=2048").expect("ok").policy,

@@ -7,6 +7,7 @@
 
 use crate::store::{HeadStore, LshIndex, Rows};
 use tandem_kernels::hash::{collect_at_least, collect_lanes, count_equal_u16, table_code, Lanes};
+use tandem_kernels::int8::{dot_i8_f32, dot_i8_f32_multi};
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{
     axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, dot_bf16_f32, dot_bf16_f32_multi,
@@ -172,6 +173,11 @@ impl Rows {
         match self {
             Rows::Bf16(b) => dot_bf16_f32_multi(b.row(i), qs, out),
             Rows::F32(b) => dot_f32_multi(b.row(i), qs, out),
+            Rows::I8(c) => {
+                dot_i8_f32_multi(c.codes.row(i), qs, out);
+                let scale = c.scales[i];
+                out.iter_mut().for_each(|x| *x *= scale);
+            }
         }
     }
 
@@ -181,6 +187,12 @@ impl Rows {
         match self {
             Rows::Bf16(b) => axpy_bf16_multi(outs, ws, b.row(i)),
             Rows::F32(b) => axpy_f32_multi(outs, ws, b.row(i)),
+            Rows::I8(_) => {
+                let d = outs.len() / ws.len().max(1);
+                for (out, &w) in outs.chunks_exact_mut(d.max(1)).zip(ws) {
+                    self.axpy(i, out, w);
+                }
+            }
         }
     }
 
@@ -190,6 +202,7 @@ impl Rows {
         match self {
             Rows::Bf16(b) => dot_bf16_f32(b.row(i), q),
             Rows::F32(b) => dot_f32(b.row(i), q),
+            Rows::I8(c) => dot_i8_f32(c.codes.row(i), q) * c.scales[i],
         }
     }
 
@@ -199,6 +212,13 @@ impl Rows {
         match self {
             Rows::Bf16(b) => axpy_bf16(out, w, b.row(i)),
             Rows::F32(b) => axpy_f32(out, w, b.row(i)),
+            // Values are never int8 (KvDtype::K8 keeps them bf16); correct, not fast.
+            Rows::I8(c) => {
+                let ws = w * c.scales[i];
+                for (o, &x) in out.iter_mut().zip(c.codes.row(i)) {
+                    *o += ws * f32::from(x);
+                }
+            }
         }
     }
 
@@ -208,6 +228,10 @@ impl Rows {
             match self {
                 Rows::Bf16(b) => prefetch(b.row(i)),
                 Rows::F32(b) => prefetch(b.row(i)),
+                Rows::I8(c) => {
+                    prefetch(c.codes.row(i));
+                    prefetch_at(&c.scales, i);
+                }
             }
         }
     }
@@ -409,6 +433,21 @@ pub(crate) fn attend_group(
     let masks = &umask[..nu];
     let mut run_max = [f32::NEG_INFINITY; 8];
     let mut dots = [0.0f32; 8];
+    // Heads that did not retrieve a key give it no weight.
+    for lg in logits[..g].iter_mut() {
+        lg[..nu].fill(f32::NEG_INFINITY);
+    }
+    let logit_of = |h: usize, dot: f32, kn: f32| -> f32 {
+        let logit = dot * scale;
+        match lsh {
+            Some(ix) => {
+                let den = qnorm[h] * kn;
+                let cos = if den > 0.0 { (dot - qmu[h]) / den } else { 0.0 };
+                logit - ix.ln_u.eval(cos)
+            }
+            None => logit,
+        }
+    };
     for j in 0..K_AHEAD.min(nu) {
         head.keys.prefetch_row(ids[j] as usize);
     }
@@ -420,34 +459,28 @@ pub(crate) fn attend_group(
             }
         }
         let id = id as usize;
-        let single = m.is_power_of_two().then(|| m.trailing_zeros() as usize);
-        match single {
-            Some(h) => dots[h] = head.keys.dot(id, &queries[h * d..(h + 1) * d]),
-            None => head.keys.dots(id, queries, &mut dots[..g]),
-        }
         let kn = match lsh {
             Some(_) => head.knorm[id].to_f32(),
             None => 0.0,
         };
-        for h in 0..g {
-            let logit = if m & (1 << h) == 0 {
-                f32::NEG_INFINITY
-            } else {
-                let mut logit = dots[h] * scale;
-                if let Some(ix) = lsh {
-                    let den = qnorm[h] * kn;
-                    let cos = if den > 0.0 {
-                        (dots[h] - qmu[h]) / den
-                    } else {
-                        0.0
-                    };
-                    logit -= ix.ln_u.eval(cos);
-                }
-                touched[h] += 1;
-                logit
-            };
+        if m.is_power_of_two() {
+            // Most keys were retrieved by one head of the group.
+            let h = m.trailing_zeros() as usize;
+            let logit = logit_of(h, head.keys.dot(id, &queries[h * d..(h + 1) * d]), kn);
             logits[h][j] = logit;
             run_max[h] = run_max[h].max(logit);
+            touched[h] += 1;
+            continue;
+        }
+        head.keys.dots(id, queries, &mut dots[..g]);
+        let mut heads = m;
+        while heads != 0 {
+            let h = heads.trailing_zeros() as usize;
+            heads &= heads - 1;
+            let logit = logit_of(h, dots[h], kn);
+            logits[h][j] = logit;
+            run_max[h] = run_max[h].max(logit);
+            touched[h] += 1;
         }
     }
     // Softmax weights relative to each head's max, the log-normalisers, and
@@ -467,7 +500,7 @@ pub(crate) fn attend_group(
         let lg = &mut logits[h][..nu];
         lg.iter_mut().for_each(|x| *x -= mx);
         exp_inplace(lg);
-        let sum: f32 = lg.iter().sum();
+        let sum = sum_f32(lg);
         lse[h] = mx + sum.ln();
         inv[h] = 1.0 / sum;
         needed[h] = NEGLIGIBLE_WEIGHT;
@@ -507,6 +540,19 @@ pub(crate) fn attend_group(
         }
     }
     Ok(())
+}
+
+/// The sum of `xs`, in 16 lanes (so it vectorises, unlike a serial sum).
+fn sum_f32(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// The largest power of two `w` such that the weights below `w` sum to at most

@@ -1,6 +1,7 @@
 //! The offloaded KV store of one (sequence, layer) and its SimHash LSH index.
 //!
-//! K and V rows are held as bf16 or f32 ([`KvDtype`], chosen per layer).
+//! K and V rows are held as bf16 or f32, or keys as int8 codes with values
+//! bf16 ([`KvDtype`], chosen per layer).
 //!
 //! Keys are centred by the mean of the keys loaded by [`LayerStore::load_prefill`]
 //! (per kv head). The mean is fixed then: keys appended later by
@@ -50,6 +51,7 @@ use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use tandem_kernels::gaps::{decode_gaps, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};
+use tandem_kernels::int8::quantize_i8;
 use tandem_kernels::mem::{HugeBuf, OutOfMemory, Plain, HUGE_PAGE};
 use tandem_kernels::rng::SplitMix64;
 
@@ -61,6 +63,11 @@ pub enum KvDtype {
     Bf16,
     /// f32 rows (4 bytes per value).
     F32,
+    /// Keys as int8 codes with one f32 scale per row (`k ≈ scale · code`,
+    /// symmetric, off by at most half a step, `max|k| / 254`), values bf16:
+    /// DESIGN's `k8v16`. A key row is 1 byte per value, half of bf16, and
+    /// sampled attention reads one key row per retrieved key.
+    K8,
 }
 
 /// Shape and index parameters of one layer's offloaded store.
@@ -484,12 +491,37 @@ impl<T: Plain> Blocks<T> {
 pub(crate) enum Rows {
     Bf16(Blocks<bf16>),
     F32(Blocks<f32>),
+    I8(CodeRows),
+}
+
+/// int8 rows: codes in blocks, one scale per row.
+pub(crate) struct CodeRows {
+    pub(crate) codes: Blocks<i8>,
+    pub(crate) scales: Vec<f32>,
+    /// One row being quantized (appends allocate nothing per row).
+    row: Vec<f32>,
+    row_codes: Vec<i8>,
 }
 
 impl Rows {
-    fn new(dtype: KvDtype, d: usize) -> Self {
+    /// Key rows of a store of `dtype`.
+    fn keys(dtype: KvDtype, d: usize) -> Self {
         match dtype {
             KvDtype::Bf16 => Rows::Bf16(Blocks::new(d)),
+            KvDtype::F32 => Rows::F32(Blocks::new(d)),
+            KvDtype::K8 => Rows::I8(CodeRows {
+                codes: Blocks::new(d),
+                scales: Vec::new(),
+                row: vec![0.0; d],
+                row_codes: vec![0; d],
+            }),
+        }
+    }
+
+    /// Value rows of a store of `dtype`.
+    fn values(dtype: KvDtype, d: usize) -> Self {
+        match dtype {
+            KvDtype::Bf16 | KvDtype::K8 => Rows::Bf16(Blocks::new(d)),
             KvDtype::F32 => Rows::F32(Blocks::new(d)),
         }
     }
@@ -499,6 +531,7 @@ impl Rows {
         match self {
             Rows::Bf16(b) => b.rows,
             Rows::F32(b) => b.rows,
+            Rows::I8(c) => c.codes.rows,
         }
     }
 
@@ -506,6 +539,7 @@ impl Rows {
         match self {
             Rows::Bf16(b) => b.bytes(),
             Rows::F32(b) => b.bytes(),
+            Rows::I8(c) => c.codes.bytes() + c.scales.len() * 4,
         }
     }
 
@@ -515,6 +549,12 @@ impl Rows {
         match self {
             Rows::Bf16(b) => b.reserve(n),
             Rows::F32(b) => b.reserve(n),
+            Rows::I8(c) => {
+                c.scales
+                    .try_reserve(n)
+                    .map_err(|_| OutOfMemory { bytes: n * 4 })?;
+                c.codes.reserve(n)
+            }
         }
     }
 
@@ -522,6 +562,21 @@ impl Rows {
         match self {
             Rows::Bf16(b) => b.extend(src, Elem::to_bf16),
             Rows::F32(b) => b.extend(src, Elem::to_f32),
+            Rows::I8(c) => {
+                let d = c.codes.d;
+                for r in src.chunks_exact(d) {
+                    for (o, x) in c.row.iter_mut().zip(r) {
+                        *o = x.to_f32();
+                    }
+                    let scale = quantize_i8(&c.row, &mut c.row_codes);
+                    c.scales
+                        .try_reserve(1)
+                        .map_err(|_| OutOfMemory { bytes: 4 })?;
+                    c.codes.extend(&c.row_codes, |x| x)?;
+                    c.scales.push(scale);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -534,6 +589,12 @@ impl Rows {
                 }
             }
             Rows::F32(b) => dst.copy_from_slice(b.row(i)),
+            Rows::I8(c) => {
+                let scale = c.scales[i];
+                for (o, &x) in dst.iter_mut().zip(c.codes.row(i)) {
+                    *o = scale * f32::from(x);
+                }
+            }
         }
     }
 }
@@ -646,8 +707,8 @@ impl LayerStore {
                 None => None,
             };
             heads.push(Mutex::new(HeadStore {
-                keys: Rows::new(cfg.kv_dtype, cfg.head_dim),
-                values: Rows::new(cfg.kv_dtype, cfg.head_dim),
+                keys: Rows::keys(cfg.kv_dtype, cfg.head_dim),
+                values: Rows::values(cfg.kv_dtype, cfg.head_dim),
                 d: cfg.head_dim,
                 mean: vec![0.0; cfg.head_dim],
                 knorm: Vec::new(),

@@ -53,12 +53,22 @@ fn setup_with(
     let mut rng = SplitMix64(seed);
     let total = n + appended;
     let round = |x: f32| match dtype {
-        KvDtype::Bf16 => bf16::from_f32(x).to_f32(),
+        KvDtype::Bf16 | KvDtype::K8 => bf16::from_f32(x).to_f32(),
         KvDtype::F32 => x,
     };
-    let keys: Vec<f32> = (0..total * nkv * d)
+    let mut keys: Vec<f32> = (0..total * nkv * d)
         .map(|_| round(rng.signed_f32() + 0.3))
         .collect();
+    if dtype == KvDtype::K8 {
+        // Keys the store holds exactly: each row already on its int8 grid.
+        let mut codes = vec![0i8; d];
+        for row in keys.chunks_exact_mut(d) {
+            let scale = tandem_kernels::int8::quantize_i8(row, &mut codes);
+            for (x, &c) in row.iter_mut().zip(&codes) {
+                *x = scale * f32::from(c);
+            }
+        }
+    }
     let values: Vec<f32> = (0..total * nkv * d)
         .map(|_| round(rng.signed_f32()))
         .collect();
@@ -77,14 +87,14 @@ fn setup_with(
     let w = nkv * d;
     match dtype {
         KvDtype::Bf16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
-        KvDtype::F32 => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
+        KvDtype::F32 | KvDtype::K8 => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
     }
     .expect("load");
     for i in n..total {
         let (k, v) = (&keys[i * w..(i + 1) * w], &values[i * w..(i + 1) * w]);
         match dtype {
             KvDtype::Bf16 => st.append(&bf(k), &bf(v)),
-            KvDtype::F32 => st.append_f32(k, v),
+            KvDtype::F32 | KvDtype::K8 => st.append_f32(k, v),
         }
         .expect("append");
     }
@@ -305,6 +315,62 @@ fn lsh_and_dense_on_f32_rows_equal_references() {
         for j in 0..d {
             assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4);
         }
+    }
+}
+
+/// int8 keys: retrieval and the estimator equal the references on keys that
+/// sit on their int8 grid, dense is exact on them, a key row costs d bytes plus
+/// a 4-byte scale, and on ordinary keys the result stays near the bf16 store's.
+#[test]
+fn int8_keys_equal_references_and_stay_near_bf16() {
+    check_lsh_against_brute_force(
+        KvDtype::K8,
+        &[
+            (2, 4, 32, 500, 13, 3, 20, 2),
+            (1, 8, 33, 400, tandem_cpu::RAW_MAX + 5, 6, 64, 1),
+        ],
+    );
+    let (nkv, g, d) = (2, 3, 20);
+    let s = setup_with(KvDtype::K8, 301, nkv, g, d, None, 2, 7, 5);
+    assert_eq!(s.store.kv_bytes(), 308 * nkv * (d + 4 + d * 2));
+    let out = run(&s, Policy::Dense);
+    for qh in 0..nkv * g {
+        let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
+        let (o, lse) = reference(&s, nkv, g, d, qh, &all);
+        assert!((out.lse[qh] as f64 - lse).abs() < 1e-4);
+        for j in 0..d {
+            assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4);
+        }
+    }
+    // The same bf16 keys and values in a bf16 store and an int8-key store.
+    let b = setup_with(KvDtype::Bf16, 2000, nkv, g, 64, None, 2, 0, 9);
+    let cfg = LayerConfig {
+        kv_dtype: KvDtype::K8,
+        ..b.store.config().clone()
+    };
+    let mut k8 = LayerStore::new(cfg).expect("cfg");
+    k8.load_prefill(&bf(&b.keys), &bf(&b.values), 2)
+        .expect("load");
+    let k8 = Setup {
+        store: Arc::new(k8),
+        keys: b.keys.clone(),
+        values: b.values.clone(),
+        q: b.q.clone(),
+        n: b.n,
+    };
+    let (want, got) = (run(&b, Policy::Dense), run(&k8, Policy::Dense));
+    for qh in 0..nkv * g {
+        assert!((want.lse[qh] - got.lse[qh]).abs() < 0.05, "qh {qh}");
+        let o = |r: &LayerOutput| r.out[qh * 64..(qh + 1) * 64].to_vec();
+        let (w, k) = (o(&want), o(&got));
+        let err: f32 = w
+            .iter()
+            .zip(&k)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        let norm: f32 = w.iter().map(|a| a * a).sum::<f32>().sqrt();
+        assert!(err <= 0.05 * norm, "qh {qh}: {err} vs {norm}");
     }
 }
 

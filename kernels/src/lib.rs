@@ -10,6 +10,7 @@
 
 pub mod gaps;
 pub mod hash;
+pub mod int8;
 pub mod isa;
 pub mod mem;
 pub mod ops;

@@ -38,7 +38,7 @@ macro_rules! plain {
         impl Plain for $t {}
     )*};
 }
-plain!(u8, u16, u32, u64, f32, half::bf16, half::f16);
+plain!(i8, u8, u16, u32, u64, f32, half::bf16, half::f16);
 
 /// The huge-page size the buffers align to (x86-64 and aarch64 Linux default).
 pub const HUGE_PAGE: usize = 2 << 20;

@@ -102,7 +102,9 @@ struct PolicyArgs {
     /// topk:k=N, oracle:budget=N, window (sinks + recent window only), exact
     /// (offloaded, every key attended: the split step's reference) or dense.
     /// lsh's vskip leaves out the V rows of each head's smallest weights up to
-    /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row).
+    /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row). Any
+    /// offloading policy takes kbits=8|16|32: the offloaded keys as int8 codes
+    /// with a scale per row (values bf16), bf16 (default) or f32.
     #[arg(long, default_value = "lsh:k=10,l=150,t=2")]
     policy: String,
     /// Layers kept dense, comma-separated (default: 0 and n_layers/2).

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tandem_bench::parse_policy;
-use tandem_cpu::Policy;
+use tandem_cpu::{KvDtype, Policy};
 
 use crate::error::{Error, Result};
 
@@ -30,6 +30,8 @@ pub enum LayerAttention {
         policy: Policy,
         /// (K, L) of the LSH index the policy needs, if any.
         lsh: Option<(usize, usize)>,
+        /// How the offloaded keys and values are stored.
+        kv_dtype: KvDtype,
     },
 }
 
@@ -44,7 +46,8 @@ pub struct LayerPolicy {
 
 impl LayerPolicy {
     /// Parses `dense`, `window`, `exact`, `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`,
-    /// `topk:k=N` or `oracle:budget=N`. `exact` offloads like the sparse
+    /// `topk:k=N` or `oracle:budget=N`; the offloading ones take `kbits=8|16|32`
+    /// (offloaded keys as int8 codes, bf16 or f32). `exact` offloads like the sparse
     /// policies but attends every offloaded key exactly (the split step's
     /// reference: it must give dense's results).
     pub fn parse(spec: &str) -> Result<LayerPolicy> {
@@ -55,6 +58,7 @@ impl LayerPolicy {
             "exact" => LayerAttention::Offloaded {
                 policy: Policy::Dense,
                 lsh: None,
+                kv_dtype: KvDtype::Bf16,
             },
             _ => {
                 let parsed =
@@ -65,6 +69,7 @@ impl LayerPolicy {
                     LayerAttention::Offloaded {
                         policy: parsed.policy,
                         lsh: parsed.lsh,
+                        kv_dtype: parsed.kv_dtype,
                     }
                 }
             }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::bf16;
-use tandem_cpu::{merge_partials, LayerConfig, LayerOutput, LayerStore, Policy, WorkerPool};
+use tandem_cpu::{
+    merge_partials, KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, WorkerPool,
+};
 use tandem_gpu::{AttentionShape, KvCache};
 
 use crate::error::{Error, Result};
@@ -325,14 +327,15 @@ impl SequenceKv {
         let (sinks, window) = (self.table.sinks, self.table.window);
         let engine = |e: String| Error::Engine(e);
         let policy = &self.table.layers[li];
-        let (lsh, lsh_t) = match &policy.attention {
+        let (lsh, lsh_t, kv_dtype) = match &policy.attention {
             LayerAttention::Dense => return Ok(()),
-            LayerAttention::Window => (None, 2),
+            LayerAttention::Window => (None, 2, KvDtype::Bf16),
             LayerAttention::Offloaded {
                 lsh,
                 policy: Policy::Lsh(p),
-            } => (*lsh, p.t),
-            LayerAttention::Offloaded { lsh, .. } => (*lsh, 2),
+                kv_dtype,
+            } => (*lsh, p.t, *kv_dtype),
+            LayerAttention::Offloaded { lsh, kv_dtype, .. } => (*lsh, 2, *kv_dtype),
         };
         let held = self.device.len(li);
         let middle = held.saturating_sub(sinks + window);
@@ -353,6 +356,7 @@ impl SequenceKv {
             lsh_t,
             seed: self.table.seed,
             layer: li as u32,
+            kv_dtype,
             ..LayerConfig::default()
         };
         let mut store = LayerStore::new(config).map_err(|e| engine(e.to_string()))?;
