@@ -222,6 +222,16 @@ impl Rows {
         }
     }
 
+    /// Cache lines of one row.
+    fn lines_per_row(&self) -> usize {
+        let bytes = match self {
+            Rows::Bf16(b) => b.d * 2,
+            Rows::F32(b) => b.d * 4,
+            Rows::I8(c) => c.codes.d,
+        };
+        bytes.div_ceil(64).max(1)
+    }
+
     #[inline(always)]
     fn prefetch_row(&self, i: usize) {
         if i < self.rows() {
@@ -282,11 +292,12 @@ impl Scratch {
     }
 }
 
-/// How many keys ahead the K rows are prefetched (4 lines each for bf16 d=128).
-/// Rows of a cold store come from DRAM at random: 8 ahead keeps more misses in
-/// flight than 4 (at 96k, 140 ms of CPU attention per token against 175 ms;
-/// `memprobe` shows the same for scattered rows), while 16 gains nothing more.
-const K_AHEAD: usize = 8;
+/// How many cache lines of K rows are prefetched ahead of the dot products:
+/// 8 bf16 rows of d=128. Rows of a cold store come from DRAM at random: 8 rows
+/// ahead keep more misses in flight than 4 (at 96k, 140 ms of CPU attention per
+/// token against 175 ms; `memprobe` shows the same for scattered rows), while
+/// 16 gain nothing more. Shorter rows (int8) go more rows ahead.
+const K_LINES_AHEAD: usize = 32;
 /// How many keys ahead the V rows are prefetched.
 const V_AHEAD: usize = 8;
 /// V rows whose softmax weight relative to the head's largest is below this
@@ -448,11 +459,12 @@ pub(crate) fn attend_group(
             None => logit,
         }
     };
-    for j in 0..K_AHEAD.min(nu) {
+    let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32);
+    for j in 0..k_ahead.min(nu) {
         head.keys.prefetch_row(ids[j] as usize);
     }
     for (j, (&id, &m)) in ids.iter().zip(masks).enumerate() {
-        if let Some(&next) = ids.get(j + K_AHEAD) {
+        if let Some(&next) = ids.get(j + k_ahead) {
             head.keys.prefetch_row(next as usize);
             if lsh.is_some() {
                 prefetch_at(&head.knorm, next as usize);

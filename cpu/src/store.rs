@@ -413,7 +413,7 @@ const BLOCK_BYTES: usize = 2 * HUGE_PAGE;
 /// that the store grows by adding a block and never copies what it holds.
 pub(crate) struct Blocks<T: Plain> {
     blocks: Vec<HugeBuf<T>>,
-    d: usize,
+    pub(crate) d: usize,
     shift: u32,
     rows: usize,
 }
