@@ -31,10 +31,12 @@ impl GapWriter {
     }
 
     /// Units written so far (the start of the next list).
+    #[inline]
     pub fn units(&self) -> usize {
         self.units
     }
 
+    #[inline]
     fn push(&mut self, u: u32) {
         if self.units.is_multiple_of(2) {
             self.bytes.push((u & 0xFF) as u8);
@@ -48,6 +50,7 @@ impl GapWriter {
 
     /// Appends `id`, which follows `prev` in its list (`id >= prev`; `prev` is 0
     /// for a list's first id). Ids must be below 2^24.
+    #[inline]
     pub fn push_id(&mut self, prev: u32, id: u32) {
         debug_assert!(id >= prev && id < 1 << 24);
         let gap = id - prev;
