@@ -6,7 +6,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::store::{HeadStore, LshIndex, Rows};
-use tandem_kernels::hash::{collect_at_least, collect_lanes, count_equal_u16, table_code, Lanes};
+use tandem_kernels::hash::{
+    collect_at_least, collect_lanes, collect_pairs, count_equal_u16, pair_count, table_code, Lanes,
+};
 use tandem_kernels::int8::{dot_i8_f32, dot_i8_f32_multi};
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{
@@ -263,6 +265,9 @@ pub(crate) struct Scratch {
     qflip: Vec<f32>,
     /// One decoded bucket.
     bucket: Vec<u32>,
+    /// Pair counters (see `tandem_kernels::hash::pair_count`), all zero
+    /// between calls.
+    pairs: Vec<u8>,
     tmp: Vec<f32>,
     cdf: Vec<f64>,
 }
@@ -641,72 +646,69 @@ fn retrieve(
         }
     }
     let t_min = p.t.max(1);
+    let n_bucketed = ix.n_bucketed();
+    let levels: Vec<&crate::store::Csr> = ix.levels().collect();
+    let Scratch {
+        counts,
+        pairs,
+        qcodes,
+        bucket,
+        union,
+        umask,
+        mask,
+        tmp_ids,
+        tmp_masks,
+        ..
+    } = scratch;
+    if g <= 4 && t_min <= 2 && p.max_keys.is_none() {
+        // The common case: 2-bit counters, a byte per key for the whole group.
+        if pairs.len() < n {
+            pairs.resize(n, 0);
+        }
+        let pairs = &mut pairs[..n];
+        for_each_collision(&levels, qcodes, l, 0, g, bucket, |i, heads| {
+            if let Some(b) = pairs.get_mut(i) {
+                *b = pair_count(*b, heads);
+            }
+        });
+        for (j, kc) in ix.raw_codes.chunks_exact(l).enumerate() {
+            let mut b = 0u8;
+            for h in 0..g {
+                let c = count_equal_u16(kc, &qcodes[h * l..(h + 1) * l]).min(2);
+                for _ in 0..c {
+                    b = pair_count(b, 1 << h);
+                }
+            }
+            if let Some(x) = pairs.get_mut(n_bucketed + j) {
+                *x = b;
+            }
+        }
+        return collect_pairs(pairs, t_min, 0, &mut union[..n], &mut umask[..n]);
+    }
     let lanes = if l <= 255 { Lanes::U8x4 } else { Lanes::U16x2 };
     let per = lanes.count();
     let passes = g.div_ceil(per);
-    let n_bucketed = ix.n_bucketed();
-    let levels: Vec<&crate::store::Csr> = ix.levels().collect();
     let simple = passes == 1 && p.max_keys.is_none();
     for pass in 0..passes {
         let (h0, h1) = (pass * per, ((pass + 1) * per).min(g));
-        let counts = &mut scratch.counts[..n];
-        // Prefetch every table's offsets first, then bucket data a few tables
-        // ahead of the decode.
-        for lv in &levels {
-            for t in 0..l {
-                for h in h0..h1 {
-                    lv.prefetch_offsets(t, scratch.qcodes[h * l + t] as usize);
-                }
+        let counts = &mut counts[..n];
+        // The lane increments of each set of the pass's heads.
+        let inc: [u32; 16] = std::array::from_fn(|heads| {
+            (0..h1 - h0)
+                .filter(|h| heads >> h & 1 == 1)
+                .map(|h| 1u32 << (lanes.bits() * h as u32))
+                .sum()
+        });
+        for_each_collision(&levels, qcodes, l, h0, h1, bucket, |i, heads| {
+            if let Some(x) = counts.get_mut(i) {
+                *x += inc[usize::from(heads)];
             }
-        }
-        let ahead = TABLES_AHEAD;
-        for t in 0..ahead.min(l) {
-            for h in h0..h1 {
-                for lv in &levels {
-                    lv.prefetch_bucket(t, scratch.qcodes[h * l + t] as usize);
-                }
-            }
-        }
-        for t in 0..l {
-            if t + ahead < l {
-                let ta = t + ahead;
-                for h in h0..h1 {
-                    for lv in &levels {
-                        lv.prefetch_bucket(ta, scratch.qcodes[h * l + ta] as usize);
-                    }
-                }
-            }
-            // Distinct codes among the pass's heads, with their lane increments.
-            let mut codes = [(0u16, 0u32); 4];
-            let mut nc = 0;
-            for h in h0..h1 {
-                let c = scratch.qcodes[h * l + t];
-                let inc = 1u32 << (lanes.bits() * (h - h0) as u32);
-                match codes[..nc].iter_mut().find(|x| x.0 == c) {
-                    Some(x) => x.1 += inc,
-                    None => {
-                        codes[nc] = (c, inc);
-                        nc += 1;
-                    }
-                }
-            }
-            for &(c, inc) in &codes[..nc] {
-                for lv in &levels {
-                    let base = lv.base as usize;
-                    let cs = &mut counts[base..base + lv.n];
-                    for &id in lv.decode(t, c as usize, &mut scratch.bucket) {
-                        if let Some(x) = cs.get_mut(id as usize) {
-                            *x += inc;
-                        }
-                    }
-                }
-            }
-        }
+        });
         // Raw (newest) keys: compare their codes with the query's.
         for (j, kc) in ix.raw_codes.chunks_exact(l).enumerate() {
             let mut v = 0u32;
             for h in h0..h1 {
-                let c = count_equal_u16(kc, &scratch.qcodes[h * l..(h + 1) * l]) as u32;
+                let c = count_equal_u16(kc, &qcodes[h * l..(h + 1) * l]) as u32;
                 v += c << (lanes.bits() * (h - h0) as u32);
             }
             if let Some(x) = counts.get_mut(n_bucketed + j) {
@@ -719,8 +721,8 @@ fn retrieve(
                 lanes,
                 u16::from(t_min),
                 0,
-                &mut scratch.union[..n],
-                &mut scratch.umask[..n],
+                &mut union[..n],
+                &mut umask[..n],
             );
         }
         if let Some(cap) = p.max_keys {
@@ -741,7 +743,7 @@ fn retrieve(
                     cand.truncate(cap);
                 }
                 for (_, i) in cand {
-                    scratch.mask[i as usize] |= 1 << h;
+                    mask[i as usize] |= 1 << h;
                 }
             }
             counts.iter_mut().for_each(|c| *c = 0);
@@ -751,15 +753,72 @@ fn retrieve(
                 lanes,
                 u16::from(t_min),
                 0,
-                &mut scratch.tmp_ids[..n],
-                &mut scratch.tmp_masks[..n],
+                &mut tmp_ids[..n],
+                &mut tmp_masks[..n],
             );
-            for (&i, &mk) in scratch.tmp_ids[..m].iter().zip(&scratch.tmp_masks[..m]) {
-                scratch.mask[i as usize] |= mk << h0;
+            for (&i, &mk) in tmp_ids[..m].iter().zip(&tmp_masks[..m]) {
+                mask[i as usize] |= mk << h0;
             }
         }
     }
     union_from_mask(scratch, n)
+}
+
+/// Calls `hit(key, heads)` for every collision of query heads `h0..h1` with a
+/// bucketed key (`heads`: bit `h - h0` for each head `h` that collides). Per
+/// table, heads whose codes are equal share one decode of the bucket. Every
+/// table's offsets are prefetched first, then bucket data a few tables ahead.
+fn for_each_collision(
+    levels: &[&crate::store::Csr],
+    qcodes: &[u16],
+    l: usize,
+    h0: usize,
+    h1: usize,
+    bucket: &mut Vec<u32>,
+    mut hit: impl FnMut(usize, u8),
+) {
+    for lv in levels {
+        for t in 0..l {
+            for h in h0..h1 {
+                lv.prefetch_offsets(t, qcodes[h * l + t] as usize);
+            }
+        }
+    }
+    let prefetch_table = |t: usize| {
+        for h in h0..h1 {
+            for lv in levels {
+                lv.prefetch_bucket(t, qcodes[h * l + t] as usize);
+            }
+        }
+    };
+    (0..TABLES_AHEAD.min(l)).for_each(prefetch_table);
+    for t in 0..l {
+        if t + TABLES_AHEAD < l {
+            prefetch_table(t + TABLES_AHEAD);
+        }
+        // Distinct codes among the heads, with the heads that have each.
+        let mut codes = [(0u16, 0u8); 8];
+        let mut nc = 0;
+        for h in h0..h1 {
+            let c = qcodes[h * l + t];
+            let bit = 1u8 << (h - h0);
+            match codes[..nc].iter_mut().find(|x| x.0 == c) {
+                Some(x) => x.1 |= bit,
+                None => {
+                    codes[nc] = (c, bit);
+                    nc += 1;
+                }
+            }
+        }
+        for &(c, heads) in &codes[..nc] {
+            for lv in levels {
+                let base = lv.base as usize;
+                for &id in lv.decode(t, c as usize, bucket) {
+                    hit(base + id as usize, heads);
+                }
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -305,6 +305,92 @@ fn collect_lanes_scalar(
     n
 }
 
+/// Per-key pair counters: four heads' 2-bit saturating collision counters in
+/// one byte, head `h` in bits `2h` ("hit at least once") and `2h + 1` ("hit at
+/// least twice"). A quarter of [`Lanes::U8x4`]'s memory, enough for `t <= 2`.
+///
+/// Counts one collision of the heads in `heads` (bit `h` for head `h`) for the
+/// key whose byte is `b`.
+#[inline(always)]
+pub fn pair_count(b: u8, heads: u8) -> u8 {
+    let once = spread_heads(heads);
+    b | ((b & once) << 1) | once
+}
+
+/// Head bits `h` (0..4) moved to bit `2h`.
+#[inline(always)]
+fn spread_heads(heads: u8) -> u8 {
+    let x = heads & 0x0F;
+    let x = (x | (x << 2)) & 0x33;
+    (x | (x << 1)) & 0x55
+}
+
+/// Bits `2h` (0..4) moved to bit `h`.
+#[inline(always)]
+fn gather_heads(x: u8) -> u8 {
+    let x = x & 0x55;
+    let x = (x | (x >> 1)) & 0x33;
+    (x | (x >> 2)) & 0x0F
+}
+
+/// Scans pair counters (see [`pair_count`]): for every key `i`, in increasing
+/// order, with a head that reached `t` (1 or 2; 0 counts as 1, more as 2),
+/// writes `base + i` to `ids` and those heads' bits to `masks`. Sets every
+/// counter to 0 (keys past the capacity of `ids`/`masks` are dropped).
+/// Returns how many keys were written. Auto-dispatch.
+pub fn collect_pairs(
+    counts: &mut [u8],
+    t: u8,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+) -> usize {
+    collect_pairs_with(Isa::detect(), counts, t, base, ids, masks)
+}
+
+/// [`collect_pairs`] with an explicit ISA (capped at what the CPU supports).
+pub fn collect_pairs_with(
+    isa: Isa,
+    counts: &mut [u8],
+    t: u8,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+) -> usize {
+    let cap = ids.len().min(masks.len());
+    let (ids, masks) = (&mut ids[..cap], &mut masks[..cap]);
+    let shift = u32::from(t >= 2);
+    match isa.min(crate::vector::best_supported()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512BW; `ids` and `masks` have equal length.
+        Isa::Avx512 => unsafe { x86::collect_pairs_avx512(counts, shift, base, ids, masks) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2; `ids` and `masks` have equal length.
+        Isa::Avx2 => unsafe { x86::collect_pairs_avx2(counts, shift, base, ids, masks) },
+        _ => collect_pairs_scalar(counts, shift, base, ids, masks, 0, 0),
+    }
+}
+
+fn collect_pairs_scalar(
+    counts: &mut [u8],
+    shift: u32,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+    from: usize,
+    mut n: usize,
+) -> usize {
+    for (i, c) in counts.iter_mut().enumerate().skip(from) {
+        let m = gather_heads(std::mem::take(c) >> shift);
+        if m != 0 && n < ids.len() {
+            ids[n] = base + i as u32;
+            masks[n] = m;
+            n += 1;
+        }
+    }
+    n
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
@@ -572,6 +658,83 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn collect_pairs_avx512(
+        counts: &mut [u8],
+        shift: u32,
+        base: u32,
+        ids: &mut [u32],
+        masks: &mut [u8],
+    ) -> usize {
+        let len = counts.len();
+        let p = counts.as_mut_ptr();
+        let reached = _mm512_set1_epi8((0x55u8 << shift) as i8);
+        let zero = _mm512_setzero_si512();
+        let mut n = 0;
+        let mut i = 0;
+        let mut held = [0u8; 64];
+        while i + 64 <= len {
+            let v = _mm512_loadu_si512(p.add(i) as *const __m512i);
+            if _mm512_test_epi8_mask(v, v) != 0 {
+                let mut hit = _mm512_test_epi8_mask(v, reached);
+                if hit != 0 {
+                    _mm512_storeu_si512(held.as_mut_ptr() as *mut __m512i, v);
+                }
+                _mm512_storeu_si512(p.add(i) as *mut __m512i, zero);
+                while hit != 0 {
+                    let k = hit.trailing_zeros() as usize;
+                    hit &= hit - 1;
+                    if n < ids.len() {
+                        ids[n] = base + (i + k) as u32;
+                        masks[n] = gather_heads(held[k] >> shift);
+                        n += 1;
+                    }
+                }
+            }
+            i += 64;
+        }
+        collect_pairs_scalar(counts, shift, base, ids, masks, i, n)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn collect_pairs_avx2(
+        counts: &mut [u8],
+        shift: u32,
+        base: u32,
+        ids: &mut [u32],
+        masks: &mut [u8],
+    ) -> usize {
+        let len = counts.len();
+        let p = counts.as_mut_ptr();
+        let reached = _mm256_set1_epi8((0x55u8 << shift) as i8);
+        let zero = _mm256_setzero_si256();
+        let mut n = 0;
+        let mut i = 0;
+        let mut held = [0u8; 32];
+        while i + 32 <= len {
+            let v = _mm256_loadu_si256(p.add(i) as *const __m256i);
+            if _mm256_testz_si256(v, v) == 0 {
+                let none = _mm256_cmpeq_epi8(_mm256_and_si256(v, reached), zero);
+                let mut hit = !(_mm256_movemask_epi8(none) as u32);
+                if hit != 0 {
+                    _mm256_storeu_si256(held.as_mut_ptr() as *mut __m256i, v);
+                }
+                _mm256_storeu_si256(p.add(i) as *mut __m256i, zero);
+                while hit != 0 {
+                    let k = hit.trailing_zeros() as usize;
+                    hit &= hit - 1;
+                    if n < ids.len() {
+                        ids[n] = base + (i + k) as u32;
+                        masks[n] = gather_heads(held[k] >> shift);
+                        n += 1;
+                    }
+                }
+            }
+            i += 32;
+        }
+        collect_pairs_scalar(counts, shift, base, ids, masks, i, n)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn collect_avx512(counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usize {
         let tv = _mm512_set1_epi8(t as i8);
         let mut n = 0;
@@ -623,6 +786,52 @@ mod tests {
     use super::*;
 
     use crate::rng::SplitMix64 as Rng;
+
+    #[test]
+    fn pair_counters_count_to_two_and_collect_like_the_scalar_reference() {
+        let mut rng = Rng(12);
+        for &n in &[1usize, 31, 64, 65, 200, 1000, 4099] {
+            // Random hits of up to 4 heads; the reference counts exactly.
+            let mut exact = vec![[0u32; 4]; n];
+            let mut pairs = vec![0u8; n];
+            for _ in 0..n * 3 {
+                let i = (rng.next_u64() % n as u64) as usize;
+                let heads = (rng.next_u64() % 16) as u8;
+                pairs[i] = pair_count(pairs[i], heads);
+                for (h, c) in exact[i].iter_mut().enumerate() {
+                    *c += u32::from(heads >> h & 1);
+                }
+            }
+            for t in [1u8, 2] {
+                let mut want = (Vec::new(), Vec::new());
+                for (i, c) in exact.iter().enumerate() {
+                    let m = (0..4).fold(0u8, |m, h| m | u8::from(c[h] >= u32::from(t)) << h);
+                    if m != 0 {
+                        want.0.push(7 + i as u32);
+                        want.1.push(m);
+                    }
+                }
+                for isa in Isa::all_supported() {
+                    let mut counts = pairs.clone();
+                    let (mut ids, mut masks) = (vec![0u32; n], vec![0u8; n]);
+                    let m = collect_pairs_with(isa, &mut counts, t, 7, &mut ids, &mut masks);
+                    assert_eq!(
+                        (&ids[..m], &masks[..m]),
+                        (&want.0[..], &want.1[..]),
+                        "{isa:?} n={n} t={t}"
+                    );
+                    assert!(counts.iter().all(|&c| c == 0), "{isa:?}: counters cleared");
+                    // A short output keeps the first keys and still clears everything.
+                    let mut counts = pairs.clone();
+                    let cap = m / 2;
+                    let (mut ids, mut masks) = (vec![0u32; cap], vec![0u8; cap]);
+                    let k = collect_pairs_with(isa, &mut counts, t, 7, &mut ids, &mut masks);
+                    assert_eq!(&ids[..k], &want.0[..cap], "{isa:?}");
+                    assert!(counts.iter().all(|&c| c == 0));
+                }
+            }
+        }
+    }
 
     #[test]
     fn sign_bits_match_f64_reference_and_agree_across_isas() {
