@@ -298,6 +298,19 @@ fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
     check_lsh_against_brute_force(KvDtype::Bf16, &[(1, 2, 8, 0, 1200, 4, 10, 2)]);
 }
 
+/// Dense over the store equals the naive f64 softmax attention of [`reference`].
+fn check_dense_against_reference(s: &Setup, nkv: usize, g: usize, d: usize) {
+    let out = run(s, Policy::Dense);
+    for qh in 0..nkv * g {
+        let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
+        let (o, lse) = reference(s, nkv, g, d, qh, &all);
+        assert!((out.lse[qh] as f64 - lse).abs() < 1e-4, "qh {qh}");
+        for j in 0..d {
+            assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4, "qh {qh}");
+        }
+    }
+}
+
 #[test]
 fn lsh_and_dense_on_f32_rows_equal_references() {
     check_lsh_against_brute_force(
@@ -307,15 +320,7 @@ fn lsh_and_dense_on_f32_rows_equal_references() {
     let (nkv, g, d) = (2, 3, 20);
     let s = setup_with(KvDtype::F32, 301, nkv, g, d, None, 2, 7, 5);
     assert_eq!(s.store.kv_bytes(), 308 * nkv * d * 2 * 4);
-    let out = run(&s, Policy::Dense);
-    for qh in 0..nkv * g {
-        let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
-        let (o, lse) = reference(&s, nkv, g, d, qh, &all);
-        assert!((out.lse[qh] as f64 - lse).abs() < 1e-4);
-        for j in 0..d {
-            assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4);
-        }
-    }
+    check_dense_against_reference(&s, nkv, g, d);
 }
 
 /// int8 keys: retrieval and the estimator equal the references on keys that
@@ -333,15 +338,7 @@ fn int8_keys_equal_references_and_stay_near_bf16() {
     let (nkv, g, d) = (2, 3, 20);
     let s = setup_with(KvDtype::K8, 301, nkv, g, d, None, 2, 7, 5);
     assert_eq!(s.store.kv_bytes(), 308 * nkv * (d + 4 + d * 2));
-    let out = run(&s, Policy::Dense);
-    for qh in 0..nkv * g {
-        let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
-        let (o, lse) = reference(&s, nkv, g, d, qh, &all);
-        assert!((out.lse[qh] as f64 - lse).abs() < 1e-4);
-        for j in 0..d {
-            assert!((out.out[qh * d + j] as f64 - o[j]).abs() < 1e-4);
-        }
-    }
+    check_dense_against_reference(&s, nkv, g, d);
     // The same bf16 keys and values in a bf16 store and an int8-key store.
     let b = setup_with(KvDtype::Bf16, 2000, nkv, g, 64, None, 2, 0, 9);
     let cfg = LayerConfig {
@@ -789,31 +786,26 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
         .is_err());
 }
 
+/// LSH sampling with collision threshold `t`, no cap, and `value_skip`.
+fn lsh(t: u8, value_skip: u8) -> Policy {
+    Policy::Lsh(LshParams {
+        t,
+        max_keys: None,
+        value_skip,
+    })
+}
+
 /// Leaving out V rows (`value_skip`) changes no log-sum-exp and moves each
 /// output by at most 2^-S of the largest |value|, for several S.
 #[test]
 fn value_skip_stays_within_its_bound() {
     // Large queries give peaked softmaxes, so there are weights to skip.
     let s = setup(3000, 2, 4, 32, Some((6, 40)), 1, 17, 5);
-    let exact = run(
-        &s,
-        Policy::Lsh(LshParams {
-            t: 1,
-            max_keys: None,
-            value_skip: 0,
-        }),
-    );
+    let exact = run(&s, lsh(1, 0));
     let vmax = s.values.iter().fold(0f32, |m, v| m.max(v.abs()));
     let mut moved_any = false;
     for skip in [4u8, 9, 14] {
-        let out = run(
-            &s,
-            Policy::Lsh(LshParams {
-                t: 1,
-                max_keys: None,
-                value_skip: skip,
-            }),
-        );
+        let out = run(&s, lsh(1, skip));
         assert_eq!(out.lse, exact.lse, "skip {skip}");
         assert_eq!(out.keys_touched, exact.keys_touched, "skip {skip}");
         let bound = vmax * (-f32::from(skip)).exp2() + 1e-5;

@@ -8,6 +8,25 @@
 //!
 //! The crate knows nothing of models, devices or LSH tables.
 
+/// Calls `$f::<G>(args)` for a head count `G` known at run time, 1 to 8 (the
+/// query heads of a GQA group), so each count gets its own unrolled kernel;
+/// other counts call nothing.
+macro_rules! dispatch_g {
+    ($g:expr, $f:ident, $($arg:expr),*) => {
+        match $g {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            _ => {}
+        }
+    };
+}
+
 pub mod gaps;
 pub mod hash;
 pub mod int8;

@@ -690,22 +690,6 @@ mod x86 {
         }
     }
 
-    macro_rules! dispatch_g {
-        ($g:expr, $f:ident, $($arg:expr),*) => {
-            match $g {
-                1 => $f::<1>($($arg),*),
-                2 => $f::<2>($($arg),*),
-                3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*),
-                5 => $f::<5>($($arg),*),
-                6 => $f::<6>($($arg),*),
-                7 => $f::<7>($($arg),*),
-                8 => $f::<8>($($arg),*),
-                _ => {}
-            }
-        };
-    }
-
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn dot_multi_bf16_avx512_g<const G: usize>(row: &[bf16], qs: &[f32], out: &mut [f32]) {
