@@ -325,4 +325,25 @@ mod tests {
         assert!(LayerPolicy::parse("lsh:k=99,l=2").is_err());
         assert!(LayerPolicy::parse("fast").is_err());
     }
+
+    #[test]
+    fn key_storage_is_part_of_the_policy() {
+        let int8 = LayerPolicy::parse("lsh:k=10,l=150,kbits=8").expect("parses");
+        assert!(matches!(
+            int8.attention,
+            LayerAttention::Offloaded {
+                kv_dtype: KvDtype::K8,
+                ..
+            }
+        ));
+        let plain = LayerPolicy::parse("topk:k=64").expect("parses");
+        assert!(matches!(
+            plain.attention,
+            LayerAttention::Offloaded {
+                kv_dtype: KvDtype::Bf16,
+                ..
+            }
+        ));
+        assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=4").is_err());
+    }
 }
