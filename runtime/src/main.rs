@@ -315,7 +315,9 @@ struct BenchAttentionArgs {
     /// Model shape: llama3.1-8b or smollm2-135m.
     #[arg(long, default_value = "llama3.1-8b")]
     shape: String,
-    /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable).
+    /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
+    /// lsh also takes t=, max_keys= and vskip=, and any policy kbits=8|16|32 (keys
+    /// stored as int8, bf16 or f32).
     #[arg(long, num_args = 1.., default_values_t = ["lsh:k=10,l=150".to_string()])]
     policy: Vec<String>,
     /// Worker threads.
