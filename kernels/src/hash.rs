@@ -391,6 +391,34 @@ fn collect_pairs_scalar(
     n
 }
 
+/// The SIMD scans' output step: for each set bit `k` of `hit` (a key at
+/// `at + k` whose counter byte `held[k]` reached the threshold), writes the key
+/// and its heads at `n` while there is room; returns the new `n`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn push_pair_hits(
+    mut hit: u64,
+    held: &[u8],
+    at: usize,
+    shift: u32,
+    base: u32,
+    ids: &mut [u32],
+    masks: &mut [u8],
+    mut n: usize,
+) -> usize {
+    while hit != 0 {
+        let k = hit.trailing_zeros() as usize;
+        hit &= hit - 1;
+        if n < ids.len() {
+            ids[n] = base + (at + k) as u32;
+            masks[n] = gather_heads(held[k] >> shift);
+            n += 1;
+        }
+    }
+    n
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
@@ -675,20 +703,12 @@ mod x86 {
         while i + 64 <= len {
             let v = _mm512_loadu_si512(p.add(i) as *const __m512i);
             if _mm512_test_epi8_mask(v, v) != 0 {
-                let mut hit = _mm512_test_epi8_mask(v, reached);
+                let hit = _mm512_test_epi8_mask(v, reached);
                 if hit != 0 {
                     _mm512_storeu_si512(held.as_mut_ptr() as *mut __m512i, v);
                 }
                 _mm512_storeu_si512(p.add(i) as *mut __m512i, zero);
-                while hit != 0 {
-                    let k = hit.trailing_zeros() as usize;
-                    hit &= hit - 1;
-                    if n < ids.len() {
-                        ids[n] = base + (i + k) as u32;
-                        masks[n] = gather_heads(held[k] >> shift);
-                        n += 1;
-                    }
-                }
+                n = push_pair_hits(hit, &held, i, shift, base, ids, masks, n);
             }
             i += 64;
         }
@@ -714,20 +734,12 @@ mod x86 {
             let v = _mm256_loadu_si256(p.add(i) as *const __m256i);
             if _mm256_testz_si256(v, v) == 0 {
                 let none = _mm256_cmpeq_epi8(_mm256_and_si256(v, reached), zero);
-                let mut hit = !(_mm256_movemask_epi8(none) as u32);
+                let hit = !(_mm256_movemask_epi8(none) as u32);
                 if hit != 0 {
                     _mm256_storeu_si256(held.as_mut_ptr() as *mut __m256i, v);
                 }
                 _mm256_storeu_si256(p.add(i) as *mut __m256i, zero);
-                while hit != 0 {
-                    let k = hit.trailing_zeros() as usize;
-                    hit &= hit - 1;
-                    if n < ids.len() {
-                        ids[n] = base + (i + k) as u32;
-                        masks[n] = gather_heads(held[k] >> shift);
-                        n += 1;
-                    }
-                }
+                n = push_pair_hits(u64::from(hit), &held, i, shift, base, ids, masks, n);
             }
             i += 32;
         }

@@ -111,14 +111,6 @@ mod x86 {
         dispatch_g!(out.len(), dot_multi_avx512_g, codes, qs, out)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_multi_avx2_g<const G: usize>(codes: &[i8], qs: &[f32], out: &mut [f32]) {
@@ -139,7 +131,7 @@ mod x86 {
             i += 16;
         }
         for h in 0..G {
-            out[h] = hsum256(_mm256_add_ps(acc0[h], acc1[h]))
+            out[h] = crate::vector::x86::hsum8(_mm256_add_ps(acc0[h], acc1[h]))
                 + dot_scalar(&codes[i..], &qs[h * d + i..(h + 1) * d]);
         }
     }

@@ -577,15 +577,6 @@ mod x86 {
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum_avx2(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
     /// Integer dot product of 32 unsigned byte codes with 32 i16 activations, as 8 i32 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -628,7 +619,7 @@ mod x86 {
             }
         }
         for t in 0..nt {
-            let mut total = hsum_avx2(acc[t]) + offset_sum[t];
+            let mut total = crate::vector::x86::hsum8(acc[t]) + offset_sum[t];
             if !cols.is_multiple_of(2 * BLOCK) {
                 total += lone_block(bits, cols, row, &xs[t]);
             }

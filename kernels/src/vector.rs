@@ -443,7 +443,7 @@ pub fn prefetch_bf16(row: &[bf16]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::*;
     use half::bf16;
     use std::arch::x86_64::*;
@@ -931,9 +931,10 @@ mod x86 {
         }
     }
 
+    /// The sum of the 8 lanes of `v` (shared by the AVX2 kernels of the crate).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn hsum8(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
