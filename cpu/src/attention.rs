@@ -37,15 +37,6 @@ pub struct LshParams {
 impl LshParams {
     /// `value_skip` of the default policy: 2^-9 of the mass.
     pub const DEFAULT_VALUE_SKIP: u8 = 9;
-
-    /// `t` collisions, no cap, the default value skip.
-    pub fn with_t(t: u8) -> Self {
-        LshParams {
-            t,
-            max_keys: None,
-            value_skip: Self::DEFAULT_VALUE_SKIP,
-        }
-    }
 }
 
 /// How one layer's offloaded part is attended.
@@ -613,16 +604,18 @@ fn union_from_mask(scratch: &mut Scratch, n: usize) -> usize {
     nu
 }
 
+/// Tables ahead of the decode whose bucket data is prefetched.
+const TABLES_AHEAD: usize = 8;
+
 /// LSH retrieval: fills `scratch.union[..nu]` with the sorted positions of keys
 /// retrieved for at least one head and `scratch.umask` with the heads (bits)
 /// that retrieved each; returns `nu`.
 ///
-/// Collision counters for the heads of one pass are packed in one u32 per key
-/// (8-bit lanes, or 16-bit when L > 255); per table, heads whose query codes
-/// are equal share one decode of the bucket.
-/// Tables ahead of the decode whose bucket data is prefetched.
-const TABLES_AHEAD: usize = 8;
-
+/// A group of up to 4 heads with `t <= 2` and no cap counts in 2-bit pair
+/// counters, a byte per key. Otherwise the counters of the heads of one pass
+/// are packed in one u32 per key (8-bit lanes, or 16-bit when L > 255).
+/// Either way, per table, heads whose query codes are equal share one decode
+/// of the bucket.
 fn retrieve(
     ix: &LshIndex,
     n: usize,
