@@ -6,6 +6,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::store::{HeadStore, LshIndex, Rows};
+use half::f16;
 use tandem_kernels::hash::{
     collect_at_least, collect_lanes, collect_pairs, count_equal_u16, pair_count, table_code, Lanes,
 };
@@ -13,7 +14,7 @@ use tandem_kernels::int8::{dot_i8_f32, dot_i8_f32_multi};
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{
     axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, dot_bf16_f32, dot_bf16_f32_multi,
-    dot_f32, dot_f32_multi, exp_inplace, prefetch, prefetch_at,
+    dot_f32, dot_f32_multi, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
 };
 
 /// LSH retrieval parameters (the tables' K and L are fixed by the store).
@@ -261,6 +262,50 @@ pub(crate) struct Scratch {
     pairs: Vec<u8>,
     tmp: Vec<f32>,
     cdf: Vec<f64>,
+    pass1: PairLists,
+}
+
+/// The (key, head) pairs of one step's pass 1, key-major.
+#[derive(Default)]
+struct PairLists {
+    /// Key position.
+    keys: Vec<u32>,
+    /// Query head of the group.
+    heads: Vec<u8>,
+    /// The dot product of the key with the head's query, then its logit,
+    /// then its softmax weight.
+    dots: Vec<f32>,
+    /// The pairs whose V rows are read.
+    needed: Vec<u32>,
+}
+
+impl PairLists {
+    /// One pair per head bit of each key's mask; prefetches the keys' norms
+    /// (`knorm`) for the logits computed after the dot products. Returns the
+    /// number of pairs.
+    fn fill(&mut self, ids: &[u32], masks: &[u8], knorm: Option<&[f16]>) -> usize {
+        let most = masks.iter().map(|m| m.count_ones() as usize).sum();
+        if self.keys.len() < most {
+            self.keys.resize(most, 0);
+            self.heads.resize(most, 0);
+            self.dots.resize(most, 0.0);
+            self.needed.resize(most, 0);
+        }
+        let mut np = 0;
+        for (&id, &m) in ids.iter().zip(masks) {
+            if let Some(kn) = knorm {
+                prefetch_at(kn, id as usize);
+            }
+            let mut bits = m;
+            while bits != 0 {
+                self.keys[np] = id;
+                self.heads[np] = bits.trailing_zeros() as u8;
+                np += 1;
+                bits &= bits - 1;
+            }
+        }
+        np
+    }
 }
 
 impl Scratch {
@@ -426,173 +471,155 @@ pub(crate) fn attend_group(
         qmu[h] = dot_f32(q, &head.mean);
         qnorm[h] = dot_f32(q, q).sqrt();
     }
-    // Pass 1 over the K rows of the union (each row read once for the whole
-    // group; a key retrieved by one head only costs one dot product).
-    scratch.ensure_lists(nu, g);
+    // Pass 1: the logits of every (key, head) pair retrieved, key-major, so
+    // that a row shared by heads comes from memory once.
     let Scratch {
         union,
         umask,
-        logits,
-        tmp_ids,
+        pass1,
         ..
     } = scratch;
-    let ids = &union[..nu];
-    let masks = &umask[..nu];
+    let np = pass1.fill(&union[..nu], &umask[..nu], lsh.map(|_| &head.knorm[..]));
+    // In pairs: the pairs of one key (dense) count as one row.
+    let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32) * np.div_ceil(nu);
+    let PairLists {
+        keys,
+        heads,
+        dots,
+        needed: vlist,
+    } = pass1;
+    let (keys, heads, dots) = (&keys[..np], &heads[..np], &mut dots[..np]);
+    match &head.keys {
+        Rows::Bf16(b) => dot_rows_bf16(keys, |i| b.row(i as usize), heads, queries, k_ahead, dots),
+        rows => {
+            for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
+                if let Some(&next) = keys.get(p + k_ahead) {
+                    rows.prefetch_row(next as usize);
+                }
+                let h = usize::from(h);
+                *dot = rows.dot(id as usize, &queries[h * d..(h + 1) * d]);
+            }
+        }
+    }
+    // Logits, in place of the dot products.
+    let logits = dots;
     let mut run_max = [f32::NEG_INFINITY; 8];
-    let mut dots = [0.0f32; 8];
-    // Heads that did not retrieve a key give it no weight.
-    for lg in logits[..g].iter_mut() {
-        lg[..nu].fill(f32::NEG_INFINITY);
-    }
-    let logit_of = |h: usize, dot: f32, kn: f32| -> f32 {
-        let logit = dot * scale;
-        match lsh {
-            Some(ix) => {
-                let den = qnorm[h] * kn;
-                let cos = if den > 0.0 { (dot - qmu[h]) / den } else { 0.0 };
-                logit - ix.ln_u.eval(cos)
-            }
-            None => logit,
+    for ((&id, &h), x) in keys.iter().zip(heads).zip(logits.iter_mut()) {
+        let h = usize::from(h);
+        let dot = *x;
+        *x = dot * scale;
+        if let Some(ix) = lsh {
+            let den = qnorm[h] * head.knorm[id as usize].to_f32();
+            let cos = if den > 0.0 { (dot - qmu[h]) / den } else { 0.0 };
+            *x -= ix.ln_u.eval(cos);
         }
-    };
-    let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32);
-    for j in 0..k_ahead.min(nu) {
-        head.keys.prefetch_row(ids[j] as usize);
-    }
-    for (j, (&id, &m)) in ids.iter().zip(masks).enumerate() {
-        if let Some(&next) = ids.get(j + k_ahead) {
-            head.keys.prefetch_row(next as usize);
-            if lsh.is_some() {
-                prefetch_at(&head.knorm, next as usize);
-            }
-        }
-        let id = id as usize;
-        let kn = match lsh {
-            Some(_) => head.knorm[id].to_f32(),
-            None => 0.0,
-        };
-        if m.is_power_of_two() {
-            // Most keys were retrieved by one head of the group.
-            let h = m.trailing_zeros() as usize;
-            let logit = logit_of(h, head.keys.dot(id, &queries[h * d..(h + 1) * d]), kn);
-            logits[h][j] = logit;
-            run_max[h] = run_max[h].max(logit);
-            touched[h] += 1;
-            continue;
-        }
-        head.keys.dots(id, queries, &mut dots[..g]);
-        let mut heads = m;
-        while heads != 0 {
-            let h = heads.trailing_zeros() as usize;
-            heads &= heads - 1;
-            let logit = logit_of(h, dots[h], kn);
-            logits[h][j] = logit;
-            run_max[h] = run_max[h].max(logit);
-            touched[h] += 1;
-        }
+        run_max[h] = run_max[h].max(*x);
+        touched[h] += 1;
     }
     // Softmax weights relative to each head's max, the log-normalisers, and
     // the weight below which a head does not need a key's V row.
+    let weights = logits;
+    for (x, &h) in weights.iter_mut().zip(heads) {
+        *x -= run_max[usize::from(h)];
+    }
+    exp_inplace(weights);
+    let mut sums = [0.0f32; 8];
+    for (&w, &h) in weights.iter().zip(heads) {
+        sums[usize::from(h)] += w;
+    }
     let value_skip = match policy {
         Policy::Lsh(p) => p.value_skip,
         _ => 0,
     };
     let mut inv = [0.0f32; 8];
-    let mut needed = [f32::INFINITY; 8];
+    let mut needed = [NEGLIGIBLE_WEIGHT; 8];
+    let mut budgets = [0.0f32; 8];
     for h in 0..g {
-        if run_max[h] == f32::NEG_INFINITY {
-            logits[h][..nu].iter_mut().for_each(|x| *x = 0.0);
-            continue;
-        }
-        let mx = run_max[h];
-        let lg = &mut logits[h][..nu];
-        lg.iter_mut().for_each(|x| *x -= mx);
-        exp_inplace(lg);
-        let sum = sum_f32(lg);
-        lse[h] = mx + sum.ln();
-        inv[h] = 1.0 / sum;
-        needed[h] = NEGLIGIBLE_WEIGHT;
-        if value_skip > 0 {
-            let budget = sum * (-f32::from(value_skip)).exp2();
-            needed[h] = needed[h].max(skippable_below(lg, budget));
+        if run_max[h] > f32::NEG_INFINITY {
+            lse[h] = run_max[h] + sums[h].ln();
+            inv[h] = 1.0 / sums[h];
+            if value_skip > 0 {
+                budgets[h] = sums[h] * (-f32::from(value_skip)).exp2();
+            }
         }
     }
-    // Pass 2 over the V rows of the keys some head needs.
+    if value_skip > 0 {
+        let skippable = skippable_below(weights, heads, &budgets);
+        for (n, s) in needed.iter_mut().zip(skippable) {
+            *n = n.max(s);
+        }
+    }
+    // Pass 2 over the V rows of the pairs whose weight is needed.
     let mut nv = 0;
-    for j in 0..nu {
-        if (0..g).any(|h| logits[h][j] >= needed[h]) {
-            tmp_ids[nv] = j as u32;
+    for (p, (&w, &h)) in weights.iter().zip(heads).enumerate() {
+        if w >= needed[usize::from(h)] {
+            vlist[nv] = p as u32;
             nv += 1;
         }
     }
-    let vlist = &tmp_ids[..nv];
-    for &j in vlist.iter().take(V_AHEAD) {
-        head.values.prefetch_row(ids[j as usize] as usize);
+    let vlist = &vlist[..nv];
+    let v_ahead = V_AHEAD * np.div_ceil(nu);
+    for &p in vlist.iter().take(v_ahead) {
+        head.values.prefetch_row(keys[p as usize] as usize);
     }
-    let mut ws = [0.0f32; 8];
-    for (k, &j) in vlist.iter().enumerate() {
-        if let Some(&next) = vlist.get(k + V_AHEAD) {
-            head.values.prefetch_row(ids[next as usize] as usize);
+    // Pairs of one key are adjacent: its row is read once for all its heads.
+    let mut k = 0;
+    while k < nv {
+        if let Some(&next) = vlist.get(k + v_ahead) {
+            head.values.prefetch_row(keys[next as usize] as usize);
         }
-        let (j, m) = (j as usize, masks[j as usize]);
-        let id = ids[j] as usize;
-        if m.is_power_of_two() {
-            let h = m.trailing_zeros() as usize;
-            head.values
-                .axpy(id, &mut out[h * d..(h + 1) * d], logits[h][j] * inv[h]);
+        let key = keys[vlist[k] as usize];
+        let run = vlist[k..]
+            .iter()
+            .take_while(|&&p| keys[p as usize] == key)
+            .count();
+        if run == 1 {
+            let p = vlist[k] as usize;
+            let h = usize::from(heads[p]);
+            head.values.axpy(
+                key as usize,
+                &mut out[h * d..(h + 1) * d],
+                weights[p] * inv[h],
+            );
         } else {
-            for h in 0..g {
-                ws[h] = logits[h][j] * inv[h];
+            let mut ws = [0.0f32; 8];
+            for &p in &vlist[k..k + run] {
+                let h = usize::from(heads[p as usize]);
+                ws[h] = weights[p as usize] * inv[h];
             }
-            head.values.axpys(id, out, &ws[..g]);
+            head.values.axpys(key as usize, out, &ws[..g]);
         }
+        k += run;
     }
     Ok(())
 }
 
-/// The sum of `xs`, in 16 lanes (so it vectorises, unlike a serial sum).
-fn sum_f32(xs: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (l, x) in lanes.iter_mut().zip(c) {
-            *l += x;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// The largest power of two `w` such that the weights below `w` sum to at most
-/// `budget` (weights are in `[0, 1]`; 0 when no power of two qualifies). Weights
+/// Per head `h`, the largest power of two `w` such that the weights of that
+/// head below `w` sum to at most `budgets[h]` (weights are in `[0, 1]`; 0 when
+/// no power of two qualifies). `heads[i]` is the head of `weights[i]`. Weights
 /// are binned by binary exponent, so one pass finds it.
-fn skippable_below(weights: &[f32], budget: f32) -> f32 {
+fn skippable_below(weights: &[f32], heads: &[u8], budgets: &[f32; 8]) -> [f32; 8] {
     // Bin b holds weights in [2^-(b+1), 2^-b); the last bin also holds smaller ones.
     const BINS: usize = 64;
-    // Four sets of bins, so that neighbours in the same bin do not wait on
-    // each other's additions.
-    let mut mass = [[0.0f32; BINS]; 4];
+    let mut mass = [[0.0f32; BINS]; 8];
     let bin = |w: f32| (126i32 - ((w.to_bits() >> 23) & 0xFF) as i32).clamp(0, BINS as i32 - 1);
-    let quads = weights.chunks_exact(4);
-    for &w in quads.remainder() {
-        mass[0][bin(w) as usize] += w;
-    }
-    for quad in quads {
-        for (m, &w) in mass.iter_mut().zip(quad) {
+    for (&w, &h) in weights.iter().zip(heads) {
+        if let Some(m) = mass.get_mut(usize::from(h)) {
             m[bin(w) as usize] += w;
         }
     }
-    let mass: [f32; BINS] = std::array::from_fn(|b| mass.iter().map(|m| m[b]).sum());
-    let mut dropped = 0.0f32;
-    let mut threshold = 0.0f32;
-    for b in (0..BINS).rev() {
-        dropped += mass[b];
-        if dropped > budget {
-            break;
+    std::array::from_fn(|h| {
+        let mut dropped = 0.0f32;
+        let mut threshold = 0.0f32;
+        for b in (0..BINS).rev() {
+            dropped += mass[h][b];
+            if dropped > budgets[h] {
+                break;
+            }
+            threshold = (-(b as f32)).exp2();
         }
-        threshold = (-(b as f32)).exp2();
-    }
-    threshold
+        threshold
+    })
 }
 
 /// Fills `union`/`umask` from the per-key head bits in `mask` (then cleared).
@@ -868,7 +895,7 @@ mod tests {
     use tandem_kernels::rng::SplitMix64;
 
     #[test]
-    fn skippable_below_is_the_largest_power_of_two_within_budget() {
+    fn skippable_below_is_the_largest_power_of_two_within_each_heads_budget() {
         let mut rng = SplitMix64(3);
         for case in 0..200 {
             let n = 1 + case % 97;
@@ -876,10 +903,32 @@ mod tests {
                 .map(|_| (rng.signed_f32() * 30.0 - 15.0).exp2().min(1.0))
                 .chain([1.0, 0.0])
                 .collect();
-            let sum: f32 = w.iter().sum();
+            // The head under test (2) shares the list with another (0).
+            let heads: Vec<u8> = (0..w.len())
+                .map(|i| if i % 3 == 0 { 0 } else { 2 })
+                .collect();
+            let w: Vec<f32> = w
+                .iter()
+                .zip(&heads)
+                .map(|(&x, &h)| if h == 2 { x } else { 0.5 })
+                .collect();
+            let sum: f32 = w
+                .iter()
+                .zip(&heads)
+                .filter(|p| *p.1 == 2)
+                .map(|p| p.0)
+                .sum();
             let budget = sum * (-((case % 12) as f32)).exp2();
-            let below = |x: f32| w.iter().filter(|&&v| v < x).sum::<f32>();
-            let thr = skippable_below(&w, budget);
+            let below = |x: f32| {
+                w.iter()
+                    .zip(&heads)
+                    .filter(|p| *p.1 == 2 && *p.0 < x)
+                    .map(|p| p.0)
+                    .sum::<f32>()
+            };
+            let mut budgets = [0.0; 8];
+            budgets[2] = budget;
+            let thr = skippable_below(&w, &heads, &budgets)[2];
             assert!(below(thr) <= budget, "case {case}: {thr}");
             if thr == 0.0 {
                 assert!(below(2f32.powi(-63)) > budget, "case {case}");

@@ -343,6 +343,89 @@ fn multi_heads(d: usize, q_len: usize, out: &mut [f32]) -> usize {
     g
 }
 
+/// Head dimension up to which [`dot_rows_bf16`]'s AVX-512 path keeps its
+/// rearranged queries on the stack; longer rows take the per-row path.
+const ROWS_MAX_D: usize = 256;
+
+/// Dot products of scattered bf16 rows with the query head each is paired with,
+/// for the keys a step gathers from a store: `out[p] = row(ids[p]) ·
+/// queries[heads[p] * d..][..d]`, where `d` is the length of every row and
+/// `queries` holds `queries.len() / d` heads. The rows `ahead` pairs ahead of
+/// the one being computed are prefetched (scattered rows come from memory).
+///
+/// With AVX-512 and `d` a multiple of 32 (up to 256) the pairs go in blocks of
+/// 16 with one transposed reduction, a few instructions per pair where a dot
+/// product of its own needs a horizontal sum. Each result equals
+/// [`dot_bf16_f32`] of the same inputs up to summation order.
+///
+/// # Panics
+/// If `ids`, `heads` and `out` differ in length, a row's length differs from
+/// the first's, or a head has no query (`(heads[p] + 1) * d > queries.len()`).
+pub fn dot_rows_bf16<'a>(
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [bf16],
+    heads: &[u8],
+    queries: &[f32],
+    ahead: usize,
+    out: &mut [f32],
+) {
+    dot_rows_bf16_with(auto(), ids, row, heads, queries, ahead, out)
+}
+
+/// [`dot_rows_bf16`] with an explicit ISA (capped at what the CPU supports).
+pub fn dot_rows_bf16_with<'a>(
+    isa: Isa,
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [bf16],
+    heads: &[u8],
+    queries: &[f32],
+    ahead: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        ids.len() == heads.len() && ids.len() == out.len(),
+        "dot_rows_bf16: {} ids, {} heads, {} outputs",
+        ids.len(),
+        heads.len(),
+        out.len()
+    );
+    let Some(&first) = ids.first() else {
+        return;
+    };
+    let d = row(first).len();
+    let g = queries.len().checked_div(d).unwrap_or(0);
+    if let Some(&h) = heads.iter().max() {
+        assert!(
+            usize::from(h) < g || d == 0,
+            "dot_rows_bf16: head {h} of {g} queries"
+        );
+    }
+    // Validated once here so the kernels may read `d` values of any row.
+    let row = |i: u32| -> &'a [bf16] {
+        let r = row(i);
+        assert_eq!(r.len(), d, "dot_rows_bf16: rows of unequal length");
+        r
+    };
+    let query = |h: u8| &queries[usize::from(h) * d..(usize::from(h) + 1) * d];
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if d.is_multiple_of(32) && d <= ROWS_MAX_D && g <= 8 => {
+            // SAFETY: the CPU supports AVX-512F/BW; every row has `d` values,
+            // d is a multiple of 32 up to ROWS_MAX_D, and every head < g <= 8
+            // has `d` query values.
+            unsafe { x86::dot_rows_bf16_avx512(ids, row, heads, queries, d, ahead, out) }
+        }
+        level => {
+            for (p, ((&i, &h), o)) in ids.iter().zip(heads).zip(out.iter_mut()).enumerate() {
+                if let Some(&next) = ids.get(p + ahead) {
+                    prefetch(row(next));
+                }
+                *o = dot_bf16_f32_with(level, row(i), query(h));
+            }
+        }
+    }
+}
+
 /// Weighted sums into several outputs at once: `outs[h * row.len() + i] +=
 /// ws[h] * row[i]` for `h < ws.len()` (at most 8). The row is read (and
 /// widened) once. Heads whose output does not fit in `outs` are skipped.
@@ -556,6 +639,101 @@ pub(crate) mod x86 {
             i += 16;
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: four
+    /// levels of shuffles and adds, each halving the vectors and doubling the
+    /// outputs per vector, then one permutation into order.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn reduce16(v: &[__m512; 16]) -> __m512 {
+        // Blocks 0-1 hold partials of v[2k], blocks 2-3 of v[2k + 1].
+        let s: [__m512; 8] = std::array::from_fn(|k| {
+            let (x, y) = (v[2 * k], v[2 * k + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xEE>(x, y),
+            )
+        });
+        // Block j holds partials of v[4k + j].
+        let t: [__m512; 4] = std::array::from_fn(|k| {
+            let (a, b) = (s[2 * k], s[2 * k + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        });
+        // In block j, lanes 0 and 2 hold partials of v[8k + j], 1 and 3 of
+        // v[8k + 4 + j].
+        let u: [__m512; 2] = std::array::from_fn(|k| {
+            let (a, b) = (t[2 * k], t[2 * k + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Lane 4j + k holds the sum of v[4k + j].
+        let f = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(u[0], u[1]),
+            _mm512_shuffle_ps::<0xEE>(u[0], u[1]),
+        );
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, f)
+    }
+
+    /// # Safety
+    /// AVX-512F/BW; every `row(ids[p])` has `d` values, `d % 32 == 0`,
+    /// `d <= ROWS_MAX_D`, `queries.len() <= 8 * d` and every head has `d`
+    /// query values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dot_rows_bf16_avx512<'a>(
+        ids: &[u32],
+        row: impl Fn(u32) -> &'a [bf16],
+        heads: &[u8],
+        queries: &[f32],
+        d: usize,
+        ahead: usize,
+        out: &mut [f32],
+    ) {
+        // A 32-bit lane holds two bf16 values: the low one widens by a shift,
+        // the high one by clearing the low half. Each 32-value chunk of the
+        // queries is split the same way (even values, then odd), so a chunk
+        // costs one load, a shift, an and and two FMAs.
+        let mut split = [0.0f32; 8 * ROWS_MAX_D];
+        for (q, s) in queries.chunks_exact(32).zip(split.chunks_exact_mut(32)) {
+            for i in 0..16 {
+                s[i] = q[2 * i];
+                s[16 + i] = q[2 * i + 1];
+            }
+        }
+        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let n = ids.len();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut p0 = 0;
+        while p0 < n {
+            let m = (n - p0).min(16);
+            for (k, a) in acc.iter_mut().enumerate() {
+                if k >= m {
+                    *a = _mm512_setzero_ps();
+                    continue;
+                }
+                let p = p0 + k;
+                if let Some(&next) = ids.get(p + ahead) {
+                    prefetch(row(next));
+                }
+                let r = row(ids[p]).as_ptr() as *const __m512i;
+                let q = split.as_ptr().add(usize::from(heads[p]) * d);
+                let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for c in 0..d / 32 {
+                    let x = _mm512_loadu_si512(r.add(c));
+                    let lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x));
+                    let hi = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+                    even = _mm512_fmadd_ps(lo, _mm512_loadu_ps(q.add(32 * c)), even);
+                    odd = _mm512_fmadd_ps(hi, _mm512_loadu_ps(q.add(32 * c + 16)), odd);
+                }
+                *a = _mm512_add_ps(even, odd);
+            }
+            let sums = reduce16(&acc);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(p0), ((1u32 << m) - 1) as u16, sums);
+            p0 += 16;
+        }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -1063,6 +1241,52 @@ mod tests {
                 assert!((s - exact).abs() <= tol);
             }
         }
+    }
+
+    #[test]
+    fn gathered_row_dots_match_scalar_for_every_isa() {
+        let mut rng = Rng(11);
+        for isa in Isa::all_supported() {
+            for &d in &[32usize, 64, 128, 96, 256, 7, 100, 288] {
+                for &g in &[1usize, 3, 4, 8] {
+                    let n_rows = 37;
+                    let store: Vec<bf16> = (0..n_rows * d)
+                        .map(|_| bf16::from_f32(rng.signed_f32() * 4.0))
+                        .collect();
+                    let queries = random_vec(&mut rng, g * d);
+                    for &pairs in &[0usize, 1, 15, 16, 17, 33, 70] {
+                        let ids: Vec<u32> = (0..pairs)
+                            .map(|_| (rng.next_u64() % n_rows as u64) as u32)
+                            .collect();
+                        let heads: Vec<u8> = (0..pairs)
+                            .map(|_| (rng.next_u64() % g as u64) as u8)
+                            .collect();
+                        let row = |i: u32| &store[i as usize * d..(i as usize + 1) * d];
+                        let mut out = vec![f32::NAN; pairs];
+                        dot_rows_bf16_with(isa, &ids, row, &heads, &queries, 5, &mut out);
+                        for p in 0..pairs {
+                            let h = heads[p] as usize;
+                            let want = dot_bf16_scalar(row(ids[p]), &queries[h * d..(h + 1) * d]);
+                            let tol = 1e-5 * (d as f32) * (1.0 + want.abs());
+                            assert!(
+                                (out[p] - want).abs() <= tol,
+                                "{isa:?} d={d} g={g} pair {p}/{pairs}: {} vs {want}",
+                                out[p]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "rows of unequal length")]
+    fn gathered_row_dots_reject_ragged_rows() {
+        let store = [bf16::ONE; 64];
+        let row = |i: u32| if i == 0 { &store[..32] } else { &store[..31] };
+        let mut out = [0.0; 2];
+        dot_rows_bf16(&[0, 1], row, &[0, 0], &[1.0; 32], 1, &mut out);
     }
 
     #[test]
