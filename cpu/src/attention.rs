@@ -481,7 +481,7 @@ pub(crate) fn attend_group(
     } = scratch;
     let np = pass1.fill(&union[..nu], &umask[..nu], lsh.map(|_| &head.knorm[..]));
     // In pairs: the pairs of one key (dense) count as one row.
-    let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32) * np.div_ceil(nu);
+    let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32) * np.div_ceil(nu.max(1));
     let PairLists {
         keys,
         heads,
@@ -558,7 +558,7 @@ pub(crate) fn attend_group(
         }
     }
     let vlist = &vlist[..nv];
-    let v_ahead = V_AHEAD * np.div_ceil(nu);
+    let v_ahead = V_AHEAD * np.div_ceil(nu.max(1));
     for &p in vlist.iter().take(v_ahead) {
         head.values.prefetch_row(keys[p as usize] as usize);
     }
