@@ -13,8 +13,8 @@ use tandem_kernels::hash::{
 use tandem_kernels::int8::{dot_i8_f32, dot_i8_f32_multi};
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{
-    axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, dot_bf16_f32, dot_bf16_f32_multi,
-    dot_f32, dot_f32_multi, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
+    axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, corrected_logits, dot_bf16_f32,
+    dot_bf16_f32_multi, dot_f32, dot_f32_multi, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
 };
 
 /// LSH retrieval parameters (the tables' K and L are fixed by the store).
@@ -114,7 +114,8 @@ pub fn ln_u_exact(cos: f64, k: usize, l: usize, t: usize) -> f64 {
     u_ln.max(-MAX_NEG_LN_U)
 }
 
-/// `ln u` tabulated over cos in [-1, 1] (linear interpolation).
+/// `ln u` tabulated over cos in [-1, 1], interpolated linearly by
+/// [`corrected_logits`].
 pub(crate) struct LnUTable {
     vals: Vec<f32>,
 }
@@ -129,12 +130,9 @@ impl LnUTable {
         LnUTable { vals }
     }
 
-    #[inline]
-    pub(crate) fn eval(&self, cos: f32) -> f32 {
-        let x = (cos.clamp(-1.0, 1.0) + 1.0) * 0.5 * LNU_POINTS as f32;
-        let i = (x as usize).min(LNU_POINTS - 1);
-        let f = x - i as f32;
-        self.vals[i] + f * (self.vals[i + 1] - self.vals[i])
+    /// The tabulated values, at equal steps of cos over [-1, 1].
+    pub(crate) fn values(&self) -> &[f32] {
+        &self.vals
     }
 }
 
@@ -503,17 +501,23 @@ pub(crate) fn attend_group(
     }
     // Logits, in place of the dot products.
     let logits = dots;
+    match lsh {
+        Some(ix) => corrected_logits(
+            logits,
+            heads,
+            keys,
+            &head.knorm,
+            &qmu,
+            &qnorm,
+            scale,
+            ix.ln_u.values(),
+        ),
+        None => logits.iter_mut().for_each(|x| *x *= scale),
+    }
     let mut run_max = [f32::NEG_INFINITY; 8];
-    for ((&id, &h), x) in keys.iter().zip(heads).zip(logits.iter_mut()) {
+    for (&x, &h) in logits.iter().zip(heads.iter()) {
         let h = usize::from(h);
-        let dot = *x;
-        *x = dot * scale;
-        if let Some(ix) = lsh {
-            let den = qnorm[h] * head.knorm[id as usize].to_f32();
-            let cos = if den > 0.0 { (dot - qmu[h]) / den } else { 0.0 };
-            *x -= ix.ln_u.eval(cos);
-        }
-        run_max[h] = run_max[h].max(*x);
+        run_max[h] = run_max[h].max(x);
         touched[h] += 1;
     }
     // Softmax weights relative to each head's max, the log-normalisers, and

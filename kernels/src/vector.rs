@@ -10,7 +10,7 @@
 //! differ from the f32 kernels on the widened data only by summation order.
 
 use crate::Isa;
-use half::bf16;
+use half::{bf16, f16};
 
 /// The best ISA this CPU supports (ignoring `TANDEM_ISA`), detected once.
 pub(crate) fn best_supported() -> Isa {
@@ -426,6 +426,103 @@ pub fn dot_rows_bf16_with<'a>(
     }
 }
 
+/// Turns the dot products of (key, head) pairs into logits corrected by a
+/// tabulated function of their cosine, as importance-weighted sampling needs:
+/// for pair `p` with head `h = heads[p]` and key norm `k = key_norms[keys[p]]`,
+/// `cos = (dots[p] - offsets[h]) / (norms[h] * k)` (0 when the denominator is
+/// not positive) and `dots[p]` becomes `dots[p] * scale - f(cos)`, where `f`
+/// interpolates `table` linearly, its entries at equal steps over [-1, 1]
+/// (`cos` clamped to that range).
+///
+/// # Panics
+/// If `dots`, `heads` and `keys` differ in length, `table` has fewer than two
+/// entries, a key is out of range of `key_norms` or a head is 8 or more.
+#[allow(clippy::too_many_arguments)]
+pub fn corrected_logits(
+    dots: &mut [f32],
+    heads: &[u8],
+    keys: &[u32],
+    key_norms: &[f16],
+    offsets: &[f32; 8],
+    norms: &[f32; 8],
+    scale: f32,
+    table: &[f32],
+) {
+    corrected_logits_with(
+        auto(),
+        dots,
+        heads,
+        keys,
+        key_norms,
+        offsets,
+        norms,
+        scale,
+        table,
+    )
+}
+
+/// [`corrected_logits`] with an explicit ISA (capped at what the CPU
+/// supports; AVX2 takes the scalar path).
+#[allow(clippy::too_many_arguments)]
+pub fn corrected_logits_with(
+    isa: Isa,
+    dots: &mut [f32],
+    heads: &[u8],
+    keys: &[u32],
+    key_norms: &[f16],
+    offsets: &[f32; 8],
+    norms: &[f32; 8],
+    scale: f32,
+    table: &[f32],
+) {
+    assert!(
+        dots.len() == heads.len() && dots.len() == keys.len(),
+        "corrected_logits: {} dots, {} heads, {} keys",
+        dots.len(),
+        heads.len(),
+        keys.len()
+    );
+    assert!(
+        table.len() >= 2,
+        "corrected_logits: a table of {} entries",
+        table.len()
+    );
+    let max_key = keys.iter().copied().max().unwrap_or(0) as usize;
+    assert!(
+        keys.is_empty() || max_key < key_norms.len(),
+        "corrected_logits: key {max_key} of {}",
+        key_norms.len()
+    );
+    assert!(
+        heads.iter().all(|&h| h < 8),
+        "corrected_logits: a head of 8 or more"
+    );
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F; lengths, keys and heads were
+        // checked above, and the table has at least two entries.
+        Isa::Avx512 => unsafe {
+            x86::corrected_logits_avx512(dots, heads, keys, key_norms, offsets, norms, scale, table)
+        },
+        _ => {
+            let steps = (table.len() - 1) as f32;
+            for ((x, &h), &k) in dots.iter_mut().zip(heads).zip(keys) {
+                let h = usize::from(h);
+                let den = norms[h] * key_norms[k as usize].to_f32();
+                let cos = if den > 0.0 {
+                    (*x - offsets[h]) / den
+                } else {
+                    0.0
+                };
+                let pos = (cos.clamp(-1.0, 1.0) + 1.0) * 0.5 * steps;
+                let i = (pos as usize).min(table.len() - 2);
+                let f = pos - i as f32;
+                *x = *x * scale - (table[i] + f * (table[i + 1] - table[i]));
+            }
+        }
+    }
+}
+
 /// Weighted sums into several outputs at once: `outs[h * row.len() + i] +=
 /// ws[h] * row[i]` for `h < ws.len()` (at most 8). The row is read (and
 /// widened) once. Heads whose output does not fit in `outs` are skipped.
@@ -639,6 +736,77 @@ pub(crate) mod x86 {
             i += 16;
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// # Safety
+    /// AVX-512F; `dots`, `heads` and `keys` of equal length, every key below
+    /// `key_norms.len()`, every head below 8, `table.len() >= 2`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn corrected_logits_avx512(
+        dots: &mut [f32],
+        heads: &[u8],
+        keys: &[u32],
+        key_norms: &[f16],
+        offsets: &[f32; 8],
+        norms: &[f32; 8],
+        scale: f32,
+        table: &[f32],
+    ) {
+        let n = dots.len();
+        let offsets = _mm512_castps256_ps512(_mm256_loadu_ps(offsets.as_ptr()));
+        let norms = _mm512_castps256_ps512(_mm256_loadu_ps(norms.as_ptr()));
+        let steps = (table.len() - 1) as f32;
+        let last_cell = _mm512_set1_epi32(table.len() as i32 - 2);
+        // A gather reads 32 bits at `2 * key` bytes: the last key's read would
+        // pass the end, so its lanes take its norm from a broadcast instead.
+        let last_key = _mm512_set1_epi32(key_norms.len() as i32 - 1);
+        let last_norm = _mm512_set1_epi32(i32::from(key_norms[key_norms.len() - 1].to_bits()));
+        let mut p = 0;
+        while p < n {
+            let m: __mmask16 = if n - p >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << (n - p)) - 1
+            };
+            let dot = _mm512_maskz_loadu_ps(m, dots.as_ptr().add(p));
+            let h =
+                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, heads.as_ptr().add(p) as *const i8));
+            let k = _mm512_maskz_loadu_epi32(m, keys.as_ptr().add(p) as *const i32);
+            let inside = _mm512_mask_cmplt_epu32_mask(m, k, last_key);
+            let bits = _mm512_mask_i32gather_epi32::<2>(
+                last_norm,
+                inside,
+                k,
+                key_norms.as_ptr() as *const u8 as *const i32,
+            );
+            let knorm = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(bits));
+            let den = _mm512_mul_ps(_mm512_permutexvar_ps(h, norms), knorm);
+            let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(den, _mm512_setzero_ps());
+            let centred = _mm512_sub_ps(dot, _mm512_permutexvar_ps(h, offsets));
+            let cos = _mm512_maskz_div_ps(positive, centred, den);
+            let cos = _mm512_min_ps(
+                _mm512_max_ps(cos, _mm512_set1_ps(-1.0)),
+                _mm512_set1_ps(1.0),
+            );
+            let pos = _mm512_mul_ps(
+                _mm512_add_ps(cos, _mm512_set1_ps(1.0)),
+                _mm512_set1_ps(0.5 * steps),
+            );
+            let i = _mm512_min_epi32(_mm512_cvttps_epi32(pos), last_cell);
+            let f = _mm512_sub_ps(pos, _mm512_cvtepi32_ps(i));
+            let v0 = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, i, table.as_ptr());
+            let v1 = _mm512_mask_i32gather_ps::<4>(
+                _mm512_setzero_ps(),
+                m,
+                _mm512_add_epi32(i, _mm512_set1_epi32(1)),
+                table.as_ptr(),
+            );
+            let correction = _mm512_fmadd_ps(f, _mm512_sub_ps(v1, v0), v0);
+            let logit = _mm512_fmsub_ps(dot, _mm512_set1_ps(scale), correction);
+            _mm512_mask_storeu_ps(dots.as_mut_ptr().add(p), m, logit);
+            p += 16;
+        }
     }
 
     /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: four
@@ -1287,6 +1455,90 @@ mod tests {
         let row = |i: u32| if i == 0 { &store[..32] } else { &store[..31] };
         let mut out = [0.0; 2];
         dot_rows_bf16(&[0, 1], row, &[0, 0], &[1.0; 32], 1, &mut out);
+    }
+
+    #[test]
+    fn corrected_logits_match_scalar_for_every_isa() {
+        let mut rng = Rng(12);
+        let table: Vec<f32> = (0..=64)
+            .map(|i| -((i as f32) * 0.37).sin() * 5.0 - 3.0)
+            .collect();
+        let norms_of_keys: Vec<f16> = (0..29)
+            .map(|i| {
+                f16::from_f32(if i % 7 == 0 {
+                    0.0
+                } else {
+                    rng.next_f32() * 3.0
+                })
+            })
+            .collect();
+        let offsets: [f32; 8] = std::array::from_fn(|_| rng.signed_f32());
+        let mut norms: [f32; 8] = std::array::from_fn(|_| rng.next_f32() * 2.0);
+        norms[5] = 0.0;
+        for isa in Isa::all_supported() {
+            for &n in &[0usize, 1, 15, 16, 17, 40, 301] {
+                let dots: Vec<f32> = (0..n).map(|_| rng.signed_f32() * 8.0).collect();
+                let heads: Vec<u8> = (0..n).map(|_| (rng.next_u64() % 8) as u8).collect();
+                // The last key is among them: its norm is read without a gather.
+                let keys: Vec<u32> = (0..n)
+                    .map(|i| {
+                        if i % 5 == 0 {
+                            28
+                        } else {
+                            (rng.next_u64() % 29) as u32
+                        }
+                    })
+                    .collect();
+                let mut got = dots.clone();
+                corrected_logits_with(
+                    isa,
+                    &mut got,
+                    &heads,
+                    &keys,
+                    &norms_of_keys,
+                    &offsets,
+                    &norms,
+                    0.3,
+                    &table,
+                );
+                let mut want = dots.clone();
+                corrected_logits_with(
+                    Isa::Scalar,
+                    &mut want,
+                    &heads,
+                    &keys,
+                    &norms_of_keys,
+                    &offsets,
+                    &norms,
+                    0.3,
+                    &table,
+                );
+                for p in 0..n {
+                    assert!(
+                        (got[p] - want[p]).abs() <= 1e-4 * (1.0 + want[p].abs()),
+                        "{isa:?} n={n} pair {p}: {} vs {}",
+                        got[p],
+                        want[p]
+                    );
+                }
+                // The reference itself, from f64.
+                for p in 0..n {
+                    let h = heads[p] as usize;
+                    let den = norms[h] as f64 * norms_of_keys[keys[p] as usize].to_f64();
+                    let cos = if den > 0.0 {
+                        (dots[p] as f64 - offsets[h] as f64) / den
+                    } else {
+                        0.0
+                    };
+                    let pos = (cos.clamp(-1.0, 1.0) + 1.0) * 0.5 * 64.0;
+                    let i = (pos as usize).min(63);
+                    let f = pos - i as f64;
+                    let lnu = table[i] as f64 + f * (table[i + 1] as f64 - table[i] as f64);
+                    let exact = dots[p] as f64 * 0.3 - lnu;
+                    assert!((want[p] as f64 - exact).abs() <= 1e-4 * (1.0 + exact.abs()));
+                }
+            }
+        }
     }
 
     #[test]
