@@ -690,9 +690,11 @@ fn retrieve(
             pairs.resize(n, 0);
         }
         let pairs = &mut pairs[..n];
-        for_each_collision(&levels, qcodes, l, 0, g, bucket, |i, heads| {
-            if let Some(b) = pairs.get_mut(i) {
-                *b = pair_count(*b, heads);
+        for_each_collision(&levels, qcodes, l, 0, g, bucket, |base, ids, heads| {
+            for &id in ids {
+                if let Some(b) = pairs.get_mut(base + id as usize) {
+                    *b = pair_count(*b, heads);
+                }
             }
         });
         for (j, kc) in ix.raw_codes.chunks_exact(l).enumerate() {
@@ -723,9 +725,11 @@ fn retrieve(
                 .map(|h| 1u32 << (lanes.bits() * h as u32))
                 .sum()
         });
-        for_each_collision(&levels, qcodes, l, h0, h1, bucket, |i, heads| {
-            if let Some(x) = counts.get_mut(i) {
-                *x += inc[usize::from(heads)];
+        for_each_collision(&levels, qcodes, l, h0, h1, bucket, |base, ids, heads| {
+            for &id in ids {
+                if let Some(x) = counts.get_mut(base + id as usize) {
+                    *x += inc[usize::from(heads)];
+                }
             }
         });
         // Raw (newest) keys: compare their codes with the query's.
@@ -788,8 +792,9 @@ fn retrieve(
     union_from_mask(scratch, n)
 }
 
-/// Calls `hit(key, heads)` for every collision of query heads `h0..h1` with a
-/// bucketed key (`heads`: bit `h - h0` for each head `h` that collides). Per
+/// Calls `hit(base, ids, heads)` for every bucket of the query heads `h0..h1`
+/// (`heads`: bit `h - h0` for each head `h` whose code it is): the keys
+/// `base + ids[i]` collide with those heads. Per
 /// table, heads whose codes are equal share one decode of the bucket. Every
 /// table's offsets are prefetched first, then bucket data a few tables ahead.
 fn for_each_collision(
@@ -799,7 +804,7 @@ fn for_each_collision(
     h0: usize,
     h1: usize,
     bucket: &mut Vec<u32>,
-    mut hit: impl FnMut(usize, u8),
+    mut hit: impl FnMut(usize, &[u32], u8),
 ) {
     for lv in levels {
         for t in 0..l {
@@ -837,9 +842,7 @@ fn for_each_collision(
         for &(c, heads) in &codes[..nc] {
             for lv in levels {
                 let base = lv.base as usize;
-                for &id in lv.decode(t, c as usize, bucket) {
-                    hit(base + id as usize, heads);
-                }
+                hit(base, lv.decode(t, c as usize, bucket), heads);
             }
         }
     }
