@@ -275,6 +275,8 @@ struct PairLists {
     dots: Vec<f32>,
     /// The pairs whose V rows are read.
     needed: Vec<u32>,
+    /// The centred norm of the pair's key (LSH only).
+    norms: Vec<f32>,
 }
 
 impl PairLists {
@@ -288,6 +290,7 @@ impl PairLists {
             self.heads.resize(most, 0);
             self.dots.resize(most, 0.0);
             self.needed.resize(most, 0);
+            self.norms.resize(most, 0.0);
         }
         let mut np = 0;
         for (&id, &m) in ids.iter().zip(masks) {
@@ -477,7 +480,13 @@ pub(crate) fn attend_group(
         pass1,
         ..
     } = scratch;
-    let np = pass1.fill(&union[..nu], &umask[..nu], lsh.map(|_| &head.knorm[..]));
+    // bf16 rows give their centred norms with the dot products; other rows
+    // read them from the store.
+    let stored_norms = match (&head.keys, lsh) {
+        (Rows::Bf16(_), _) | (_, None) => None,
+        _ => Some(&head.knorm[..]),
+    };
+    let np = pass1.fill(&union[..nu], &umask[..nu], stored_norms);
     // In pairs: the pairs of one key (dense) count as one row.
     let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32) * np.div_ceil(nu.max(1));
     let PairLists {
@@ -485,10 +494,19 @@ pub(crate) fn attend_group(
         heads,
         dots,
         needed: vlist,
+        norms,
     } = pass1;
-    let (keys, heads, dots) = (&keys[..np], &heads[..np], &mut dots[..np]);
+    let (keys, heads, dots, norms) = (&keys[..np], &heads[..np], &mut dots[..np], &mut norms[..np]);
     match &head.keys {
-        Rows::Bf16(b) => dot_rows_bf16(keys, |i| b.row(i as usize), heads, queries, k_ahead, dots),
+        Rows::Bf16(b) => dot_rows_bf16(
+            keys,
+            |i| b.row(i as usize),
+            heads,
+            queries,
+            k_ahead,
+            dots,
+            lsh.map(|_| (&head.mean[..], &mut norms[..])),
+        ),
         rows => {
             for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
                 if let Some(&next) = keys.get(p + k_ahead) {
@@ -497,21 +515,17 @@ pub(crate) fn attend_group(
                 let h = usize::from(h);
                 *dot = rows.dot(id as usize, &queries[h * d..(h + 1) * d]);
             }
+            if let Some(stored) = stored_norms {
+                for (n, &id) in norms.iter_mut().zip(keys.iter()) {
+                    *n = stored[id as usize].to_f32();
+                }
+            }
         }
     }
     // Logits, in place of the dot products.
     let logits = dots;
     match lsh {
-        Some(ix) => corrected_logits(
-            logits,
-            heads,
-            keys,
-            &head.knorm,
-            &qmu,
-            &qnorm,
-            scale,
-            ix.ln_u.values(),
-        ),
+        Some(ix) => corrected_logits(logits, heads, norms, &qmu, &qnorm, scale, ix.ln_u.values()),
         None => logits.iter_mut().for_each(|x| *x *= scale),
     }
     let mut run_max = [f32::NEG_INFINITY; 8];

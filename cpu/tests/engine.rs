@@ -408,9 +408,8 @@ fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase]) {
                     let kc: Vec<f64> = (0..d)
                         .map(|j| s.keys[(i * nkv + kvh) * d + j] as f64 - mean[j])
                         .collect();
-                    // The store keeps |k - mean| as f16 (documented); round the same way.
-                    let kn =
-                        half::f16::from_f64(kc.iter().map(|x| x * x).sum::<f64>().sqrt()).to_f64();
+                    // bf16 rows give |k - mean| with their dot products (f32).
+                    let kn = kc.iter().map(|x| x * x).sum::<f64>().sqrt();
                     let dot: f64 = kc.iter().zip(q).map(|(a, b)| a * *b as f64).sum();
                     let cos = if kn * qn > 0.0 { dot / (kn * qn) } else { 0.0 };
                     (i, ln_u_exact(cos, k, l, t as usize))
