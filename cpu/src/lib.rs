@@ -16,7 +16,7 @@ mod store;
 
 pub use attention::{ln_u_exact, merge_partials, HeadOutput, LshParams, Policy};
 pub use pool::{LayerOutput, WorkerPool};
-pub use store::{KvDtype, LayerConfig, LayerStore, MID_MIN, RAW_MAX};
+pub use store::{KvDtype, LayerConfig, LayerStore, PrefillTimes, MID_MIN, RAW_MAX};
 
 /// Errors of the CPU attention engine.
 #[derive(Debug, thiserror::Error)]

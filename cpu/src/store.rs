@@ -49,6 +49,7 @@ use crate::attention::LnUTable;
 use crate::CpuError;
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Instant;
 use tandem_kernels::gaps::{decode_gaps, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};
 use tandem_kernels::int8::quantize_i8;
@@ -774,13 +775,14 @@ impl LayerStore {
     /// are `[n_tokens][n_kv_heads][head_dim]`. Must be called on an empty store.
     /// Fixes the centring mean and builds the LSH tables with `threads` threads
     /// (a blocked projection, then a counting sort per table). Rows are stored
-    /// in the configured [`KvDtype`].
+    /// in the configured [`KvDtype`]. Returns how long the rows and the index
+    /// took.
     pub fn load_prefill(
         &mut self,
         keys: &[bf16],
         values: &[bf16],
         threads: usize,
-    ) -> Result<(), CpuError> {
+    ) -> Result<PrefillTimes, CpuError> {
         self.load_prefill_rows(keys, values, threads)
     }
 
@@ -791,7 +793,7 @@ impl LayerStore {
         keys: &[f32],
         values: &[f32],
         threads: usize,
-    ) -> Result<(), CpuError> {
+    ) -> Result<PrefillTimes, CpuError> {
         self.load_prefill_rows(keys, values, threads)
     }
 
@@ -800,7 +802,7 @@ impl LayerStore {
         keys: &[T],
         values: &[T],
         threads: usize,
-    ) -> Result<(), CpuError> {
+    ) -> Result<PrefillTimes, CpuError> {
         let (nh, d) = (self.cfg.n_kv_heads, self.cfg.head_dim);
         if keys.len() != values.len() || !keys.len().is_multiple_of(nh * d) {
             return Err(CpuError::Shape(format!(
@@ -827,42 +829,37 @@ impl LayerStore {
                 )));
             }
         }
-        // Each thread copies its heads' rows (faulting in their pages) and
-        // builds their tables.
+        // Each thread copies its heads' rows (faulting in their pages), then,
+        // once every row is in, builds their tables: two phases, timed apart.
         let threads = threads.max(1);
         let per = nh.div_ceil(threads);
         let mut heads: Vec<(usize, &mut HeadStore)> = self.heads_mut().enumerate().collect();
-        let built = std::thread::scope(|s| {
-            let jobs: Vec<_> = heads
-                .chunks_mut(per)
-                .map(|chunk| {
-                    s.spawn(move || -> Result<(), OutOfMemory> {
-                        for (h, head) in chunk.iter_mut() {
-                            head.keys.reserve(n)?;
-                            head.values.reserve(n)?;
-                            for t in 0..n {
-                                let o = (t * nh + *h) * d;
-                                head.keys.extend(&keys[o..o + d])?;
-                                head.values.extend(&values[o..o + d])?;
-                            }
-                            build_head(head, n, d);
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            // Join every job (an unjoined panicked one would panic the scope).
-            let results: Vec<_> = jobs.into_iter().map(|job| job.join()).collect();
-            results.into_iter().try_for_each(|r| match r {
-                Ok(built) => built.map_err(CpuError::from),
-                Err(_) => Err(CpuError::Worker("building the LSH index panicked".into())),
+        let start = Instant::now();
+        let copied = in_parallel(&mut heads, per, |h, head| {
+            head.keys.reserve(n)?;
+            head.values.reserve(n)?;
+            for t in 0..n {
+                let o = (t * nh + h) * d;
+                head.keys.extend(&keys[o..o + d])?;
+                head.values.extend(&values[o..o + d])?;
+            }
+            Ok(())
+        });
+        let rows_s = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let built = copied.and_then(|()| {
+            in_parallel(&mut heads, per, |_, head| {
+                build_head(head, n, d);
+                Ok(())
             })
         });
-        if built.is_err() {
+        let index_s = start.elapsed().as_secs_f64();
+        if let Err(e) = built {
             // Leave the store empty rather than half-loaded.
             *self = LayerStore::new(self.cfg.clone())?;
+            return Err(e);
         }
-        built
+        Ok(PrefillTimes { rows_s, index_s })
     }
 
     /// Appends tokens (`keys`, `values`: `[n][n_kv_heads][head_dim]`), centred
@@ -896,6 +893,45 @@ impl LayerStore {
         }
         Ok(())
     }
+}
+
+/// Wall-clock times of [`LayerStore::load_prefill`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefillTimes {
+    /// Copying the rows into the store (and faulting in its pages), seconds.
+    pub rows_s: f64,
+    /// Building the LSH tables over them (centring, hashing, bucketing),
+    /// seconds; 0 without tables.
+    pub index_s: f64,
+}
+
+/// Runs `job(kv head, store)` for every head, `per` heads to a thread;
+/// the first error (or a panic) is the result.
+fn in_parallel(
+    heads: &mut [(usize, &mut HeadStore)],
+    per: usize,
+    job: impl Fn(usize, &mut HeadStore) -> Result<(), OutOfMemory> + Sync,
+) -> Result<(), CpuError> {
+    std::thread::scope(|s| {
+        let job = &job;
+        let jobs: Vec<_> = heads
+            .chunks_mut(per.max(1))
+            .map(|chunk| {
+                s.spawn(move || -> Result<(), OutOfMemory> {
+                    for (h, head) in chunk.iter_mut() {
+                        job(*h, head)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        // Join every job (an unjoined panicked one would panic the scope).
+        let results: Vec<_> = jobs.into_iter().map(|job| job.join()).collect();
+        results.into_iter().try_for_each(|r| match r {
+            Ok(done) => done.map_err(CpuError::from),
+            Err(_) => Err(CpuError::Worker("loading the store panicked".into())),
+        })
+    })
 }
 
 fn build_head(head: &mut HeadStore, n: usize, d: usize) {
