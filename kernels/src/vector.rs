@@ -909,8 +909,11 @@ pub(crate) mod x86 {
                     continue;
                 }
                 let p = p0 + k;
+                // Pairs of one row are adjacent (all heads of a key): fetch it once.
                 if let Some(&next) = ids.get(p + ahead) {
-                    prefetch(row(next));
+                    if p + ahead == 0 || ids[p + ahead - 1] != next {
+                        prefetch(row(next));
+                    }
                 }
                 let r = row(ids[p]).as_ptr() as *const __m512i;
                 let q = split_q.as_ptr().add(usize::from(heads[p]) * d);
