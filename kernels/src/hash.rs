@@ -33,6 +33,11 @@ const NB: usize = 32;
 const KEY_TILE: usize = 64;
 
 /// A set of hyperplanes, stored transposed and padded for the blocked product.
+///
+/// Plane components are rounded to bf16 when the projector is built and
+/// kept both as f32 (for hashing many keys, where the FMAs are the cost) and
+/// as bf16 (for hashing a few queries, where reading the planes is): the
+/// same values, so both give the same bits.
 #[derive(Debug, Clone)]
 pub struct Projector {
     dim: usize,
@@ -43,27 +48,36 @@ pub struct Projector {
     /// component `k` of plane `j`), so one block's product streams through
     /// contiguous memory.
     planes_t: Vec<f32>,
+    /// `planes_t` as bf16 bits.
+    planes_bf16: Vec<u16>,
 }
 
 impl Projector {
     /// Builds a projector from `n_planes` hyperplanes of dimension `dim`, given
-    /// row-major (`planes[j * dim + k]` is component `k` of plane `j`).
+    /// row-major (`planes[j * dim + k]` is component `k` of plane `j`) and
+    /// rounded to bf16.
     pub fn new(dim: usize, n_planes: usize, planes: &[f32]) -> Result<Self, ProjectorError> {
         if dim == 0 || n_planes == 0 || planes.len() != dim * n_planes {
             return Err(ProjectorError::BadShape);
         }
         let padded = n_planes.div_ceil(NB) * NB;
-        let mut planes_t = vec![0.0f32; dim * padded];
+        let mut planes_bf16 = vec![0u16; dim * padded];
         for j in 0..n_planes {
             for k in 0..dim {
-                planes_t[(j / NB) * dim * NB + k * NB + j % NB] = planes[j * dim + k];
+                planes_bf16[(j / NB) * dim * NB + k * NB + j % NB] =
+                    half::bf16::from_f32(planes[j * dim + k]).to_bits();
             }
         }
+        let planes_t = planes_bf16
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect();
         Ok(Projector {
             dim,
             n_planes,
             padded,
             planes_t,
+            planes_bf16,
         })
     }
 
@@ -424,8 +438,10 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// `MR` rows against one block of `NB` planes, read as f32 or, with
+    /// `BF16`, as bf16 widened exactly (half the bytes, the same sums).
     #[target_feature(enable = "avx512f")]
-    unsafe fn block512<const MR: usize>(
+    unsafe fn block512<const MR: usize, const BF16: bool>(
         p: &Projector,
         xs: *const f32,
         out: *mut u64,
@@ -434,11 +450,22 @@ mod x86 {
     ) {
         let d = p.dim;
         let pt = p.planes_t.as_ptr().add(jb * d);
+        let pb = p.planes_bf16.as_ptr().add(jb * d);
+        let widen = |q: *const u16| {
+            let x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(q as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x))
+        };
         let mut acc0 = [_mm512_setzero_ps(); MR];
         let mut acc1 = [_mm512_setzero_ps(); MR];
         for k in 0..d {
-            let p0 = _mm512_loadu_ps(pt.add(k * NB));
-            let p1 = _mm512_loadu_ps(pt.add(k * NB + 16));
+            let (p0, p1) = if BF16 {
+                (widen(pb.add(k * NB)), widen(pb.add(k * NB + 16)))
+            } else {
+                (
+                    _mm512_loadu_ps(pt.add(k * NB)),
+                    _mm512_loadu_ps(pt.add(k * NB + 16)),
+                )
+            };
             for r in 0..MR {
                 let x = _mm512_set1_ps(*xs.add(r * d + k));
                 acc0[r] = _mm512_fmadd_ps(x, p0, acc0[r]);
@@ -488,6 +515,25 @@ mod x86 {
     pub(super) unsafe fn sign_bits_avx512(p: &Projector, xs: &[f32], out: &mut [u64], n: usize) {
         let w = p.words_per_vector();
         let d = p.dim;
+        if n <= 8 {
+            // A few queries: the planes' bytes are the cost, so read bf16.
+            let mut i = 0;
+            while i < n {
+                let (x, o) = (xs.as_ptr().add(i * d), out.as_mut_ptr().add(i * w));
+                let mut jb = 0;
+                while jb < p.padded {
+                    match n - i {
+                        1 => block512::<1, true>(p, x, o, w, jb),
+                        2 => block512::<2, true>(p, x, o, w, jb),
+                        3 => block512::<3, true>(p, x, o, w, jb),
+                        _ => block512::<4, true>(p, x, o, w, jb),
+                    }
+                    jb += NB;
+                }
+                i += (n - i).min(4);
+            }
+            return;
+        }
         let mut t0 = 0;
         while t0 < n {
             let t1 = (t0 + KEY_TILE).min(n);
@@ -495,7 +541,7 @@ mod x86 {
             while jb < p.padded {
                 let mut i = t0;
                 while i + 8 <= t1 {
-                    block512::<8>(
+                    block512::<8, false>(
                         p,
                         xs.as_ptr().add(i * d),
                         out.as_mut_ptr().add(i * w),
@@ -505,7 +551,7 @@ mod x86 {
                     i += 8;
                 }
                 if i + 4 <= t1 {
-                    block512::<4>(
+                    block512::<4, false>(
                         p,
                         xs.as_ptr().add(i * d),
                         out.as_mut_ptr().add(i * w),
@@ -515,7 +561,7 @@ mod x86 {
                     i += 4;
                 }
                 if i + 2 <= t1 {
-                    block512::<2>(
+                    block512::<2, false>(
                         p,
                         xs.as_ptr().add(i * d),
                         out.as_mut_ptr().add(i * w),
@@ -536,7 +582,7 @@ mod x86 {
                     jb += 4 * NB;
                 }
                 while jb < p.padded {
-                    block512::<1>(p, x, o, w, jb);
+                    block512::<1, false>(p, x, o, w, jb);
                     jb += NB;
                 }
             }
@@ -848,11 +894,14 @@ mod tests {
     #[test]
     fn sign_bits_match_f64_reference_and_agree_across_isas() {
         let mut rng = Rng(7);
+        // Up to 8 rows read the planes as bf16, more as f32: both are checked.
         for &(dim, planes, n) in &[
             (1usize, 1usize, 1usize),
             (7, 33, 13),
             (64, 150, 70),
             (128, 97, 9),
+            (128, 1500, 4),
+            (33, 70, 7),
         ] {
             let pl: Vec<f32> = (0..dim * planes).map(|_| rng.signed_f32()).collect();
             let xs: Vec<f32> = (0..dim * n).map(|_| rng.signed_f32()).collect();
@@ -869,8 +918,12 @@ mod tests {
                             assert_eq!(bit, 0);
                             continue;
                         }
+                        // The projector keeps its planes in bf16.
                         let r: f64 = (0..dim)
-                            .map(|k| xs[i * dim + k] as f64 * pl[j * dim + k] as f64)
+                            .map(|k| {
+                                let plane = half::bf16::from_f32(pl[j * dim + k]).to_f64();
+                                xs[i * dim + k] as f64 * plane
+                            })
                             .sum();
                         if r.abs() > 1e-4 {
                             assert_eq!(bit == 1, r > 0.0, "{isa:?} dim={dim} i={i} j={j}");
