@@ -137,7 +137,9 @@ impl LayerConfig {
     }
 }
 
-/// Ids (relative to a level's first key) must fit in the 24 bits of an escaped gap.
+/// Tokens an indexed store holds at most, so that the tables' u32 offsets
+/// (12-bit units, a little over one per entry) stay far from overflowing as
+/// it grows.
 const MAX_INDEXED_KEYS: usize = (1 << 24) - 1;
 /// Raw (unbucketed) appended keys kept before they are folded into the mid level.
 pub const RAW_MAX: usize = 512;
@@ -816,9 +818,11 @@ impl LayerStore {
             return Err(CpuError::Config("load_prefill on a non-empty store".into()));
         }
         let n = keys.len() / (nh * d);
-        if let Some((_, l)) = self.cfg.lsh {
-            // Offsets are u32 counts of 12-bit units (at most 3 units per entry).
-            if n.saturating_mul(l).saturating_mul(3) >= u32::MAX as usize {
+        if let Some((k, l)) = self.cfg.lsh {
+            // Offsets are u32 counts of 12-bit units: one per entry, plus in
+            // each bucket at most one escape per 4095 positions it spans.
+            let escapes = (1usize << k).saturating_mul(n / 4095 + 1);
+            if n.saturating_add(escapes).saturating_mul(l) >= u32::MAX as usize {
                 return Err(CpuError::Shape(
                     "prefill too large for the index offsets".into(),
                 ));
