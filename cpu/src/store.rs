@@ -19,9 +19,9 @@
 //! Index layout per kv head, three levels, each covering a contiguous range of
 //! key ids:
 //! - **bulk**: for each of the L tables, the keys sorted by bucket, each
-//!   bucket's ascending key ids stored as 12-bit gaps (a gap of 4095 or more is
-//!   an escape unit followed by the 24-bit id in two units), with one u32
-//!   offset (in units) per bucket: ~1.5 bytes per key per table (u32 ids, as in
+//!   bucket's ascending key ids stored as 12-bit gaps (`tandem_kernels::gaps`:
+//!   a gap of 4095 or more takes one escape unit per 4095), with one u32 offset
+//!   (in units) per bucket: ~1.6 bytes per key per table (u32 ids, as in
 //!   MagicPIG, would be 4). Built in bulk from the prefill keys.
 //! - **mid**: the same format for keys appended since the last bulk merge.
 //! - **raw**: the newest appended keys (fewer than [`RAW_MAX`]) as their L u16
@@ -639,7 +639,8 @@ pub(crate) struct HeadStore {
     pub(crate) d: usize,
     pub(crate) mean: Vec<f32>,
     /// |k - mean| per key, stored as f16 (relative error <= 2^-11), used only
-    /// for the angle in the estimator.
+    /// for the angle in the estimator, and only for f32 and int8 rows: bf16
+    /// rows give theirs exactly with their dot products in pass 1.
     pub(crate) knorm: Vec<f16>,
     pub(crate) index: Option<LshIndex>,
     /// Reused buffers of [`HeadStore::append`]: a centred key, its sign bits
