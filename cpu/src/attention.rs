@@ -482,10 +482,7 @@ pub(crate) fn attend_group(
     } = scratch;
     // bf16 rows give their centred norms with the dot products; other rows
     // read them from the store.
-    let stored_norms = match (&head.keys, lsh) {
-        (Rows::Bf16(_), _) | (_, None) => None,
-        _ => Some(&head.knorm[..]),
-    };
+    let stored_norms = (lsh.is_some() && head.keeps_norms()).then_some(&head.knorm[..]);
     let np = pass1.fill(&union[..nu], &umask[..nu], stored_norms);
     // In pairs: the pairs of one key (dense) count as one row.
     let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32) * np.div_ceil(nu.max(1));

@@ -667,8 +667,10 @@ impl HeadStore {
             for ((c, x), m) in self.centred.iter_mut().zip(k).zip(&self.mean) {
                 *c = x.to_f32() - m;
             }
-            let norm = self.centred.iter().map(|x| x * x).sum::<f32>().sqrt();
-            self.knorm.push(f16::from_f32(norm));
+            if self.keeps_norms() {
+                let norm = self.centred.iter().map(|x| x * x).sum::<f32>().sqrt();
+                self.knorm.push(f16::from_f32(norm));
+            }
             if let Some(ix) = self.index.as_mut() {
                 self.bits.resize(ix.projector.words_per_vector(), 0);
                 ix.flip(&mut self.centred);
@@ -686,6 +688,12 @@ impl HeadStore {
     /// Tokens stored.
     pub(crate) fn len(&self) -> usize {
         self.keys.rows()
+    }
+
+    /// Whether `knorm` is kept: only LSH reads it, and bf16 rows give their
+    /// norms with their dot products instead.
+    pub(crate) fn keeps_norms(&self) -> bool {
+        self.index.is_some() && !matches!(self.keys, Rows::Bf16(_))
     }
 }
 
@@ -972,17 +980,9 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize, scratch: &mut BuildScrat
         codes,
     } = scratch;
     centred.resize(BLOCK * d, 0.0);
-    head.knorm = Vec::with_capacity(n);
+    let keeps_norms = head.keeps_norms();
+    head.knorm = Vec::with_capacity(if keeps_norms { n } else { 0 });
     let Some(ix) = head.index.as_mut() else {
-        for t in 0..n {
-            head.keys.row_f32(t, &mut row);
-            let s: f32 = row
-                .iter()
-                .zip(&head.mean)
-                .map(|(x, m)| (x - m).powi(2))
-                .sum();
-            head.knorm.push(f16::from_f32(s.sqrt()));
-        }
         return;
     };
     let (k, l) = (ix.k, ix.l);
@@ -999,7 +999,9 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize, scratch: &mut BuildScrat
                 *x -= m;
                 s += *x * *x;
             }
-            head.knorm.push(f16::from_f32(s.sqrt()));
+            if keeps_norms {
+                head.knorm.push(f16::from_f32(s.sqrt()));
+            }
         }
         let m = b1 - b0;
         ix.flip(&mut centred[..m * d]);
