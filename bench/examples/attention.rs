@@ -1,6 +1,6 @@
 //! `cargo run --release -p tandem-bench --example attention -- --context 98304
 //! --shape llama3.1-8b --policy lsh:k=10,l=150 --threads 2 [--json]`
-//! (`--policy` may be repeated; also `--seed N`, `--iterations N`).
+//! (`--policy` may be repeated; also `--seed N`, `--iterations N`, `--layers N`).
 
 use tandem_bench::{format_table, run_attention_bench, AttentionBenchOptions};
 
@@ -12,6 +12,7 @@ fn main() {
         threads: 2,
         seed: 42,
         iterations: 5,
+        layers: 1,
     };
     let mut json = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +32,7 @@ fn main() {
             "--context" => num().map(|v| opts.context = v),
             "--threads" => num().map(|v| opts.threads = v),
             "--iterations" => num().map(|v| opts.iterations = v),
+            "--layers" => num().map(|v| opts.layers = v),
             "--seed" => num().map(|v| opts.seed = v as u64),
             "--shape" => {
                 opts.shape = val.clone();

@@ -13,7 +13,9 @@ use half::bf16;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_cpu::{KvDtype, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, WorkerPool};
+use tandem_cpu::{
+    KvDtype, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, PrefillTimes, WorkerPool,
+};
 use tandem_kernels::rng::SplitMix64;
 
 /// Benchmark errors.
@@ -42,15 +44,17 @@ pub struct PolicySpec {
     pub policy: Policy,
     /// (K, L) of the index the policy needs, if any.
     pub lsh: Option<(usize, usize)>,
-    /// How the offloaded keys are stored (`kbits=8|16|32`; values follow:
-    /// bf16 for 8 and 16, f32 for 32).
+    /// How the offloaded keys and values are stored (`kbits=8|16|32`, and
+    /// `vbits=8` with `kbits=8`; values are otherwise bf16, or f32 with
+    /// `kbits=32`).
     pub kv_dtype: KvDtype,
 }
 
 /// Parses `dense`, `topk:k=N`, `oracle:budget=N`,
 /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (see [`LshParams`]), each with
 /// an optional `kbits=8|16|32`: the offloaded keys as int8 codes
-/// ([`KvDtype::K8`]), bf16 (the default) or f32.
+/// ([`KvDtype::K8`]), bf16 (the default) or f32; with `kbits=8`, `vbits=8`
+/// makes the values int8 codes too ([`KvDtype::K8V8`]).
 pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
     let err = |m: &str| BenchError::Policy(s.to_string(), m.to_string());
     let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
@@ -68,11 +72,17 @@ pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
         }
     }
     let mut take = |k: &str| kv.remove(k);
-    let kv_dtype = match take("kbits") {
-        None | Some(16) => KvDtype::Bf16,
-        Some(8) => KvDtype::K8,
-        Some(32) => KvDtype::F32,
-        Some(_) => return Err(err("kbits must be 8, 16 or 32")),
+    let kv_dtype = match (take("kbits"), take("vbits")) {
+        (None | Some(16), None | Some(16)) => KvDtype::Bf16,
+        (Some(8), None | Some(16)) => KvDtype::K8,
+        (Some(8), Some(8)) => KvDtype::K8V8,
+        (Some(32), None | Some(32)) => KvDtype::F32,
+        (Some(8 | 16 | 32) | None, Some(_)) => {
+            return Err(err(
+                "vbits must be 16 (bf16, the default) or 8 with kbits=8 (f32 with kbits=32)",
+            ))
+        }
+        (Some(_), _) => return Err(err("kbits must be 8, 16 or 32")),
     };
     let (policy, lsh) = match kind {
         "dense" => (Policy::Dense, None),
@@ -142,6 +152,12 @@ pub struct AttentionBenchOptions {
     pub seed: u64,
     /// Timed iterations (the median is reported), after one warm-up.
     pub iterations: usize,
+    /// Distinct generated layers, each with its own stores, attended in turn
+    /// in every iteration. With 1 the layer's rows and index stay in cache
+    /// between iterations (a warm figure); with enough layers that their stores
+    /// exceed the last-level cache (8 at 96k with llama3.1-8b, ~600 MB each)
+    /// every layer is read cold, as in a decode step.
+    pub layers: usize,
 }
 
 /// One policy's per-layer figures.
@@ -163,6 +179,8 @@ pub struct AttentionBenchResult {
     pub attention_ms: f64,
     /// Dense attention wall ms per layer, same run.
     pub dense_ms: f64,
+    /// Distinct layers attended in turn (see [`AttentionBenchOptions::layers`]).
+    pub layers: usize,
     /// Mean over query heads of keys touched / context.
     pub keys_touched_fraction: f64,
     /// Index bytes per token per layer.
@@ -260,6 +278,9 @@ fn generate(
     (keys, values, queries)
 }
 
+/// Per attended layer: wall ms, retrieval ms, fraction of keys touched.
+type Timings = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -273,9 +294,9 @@ pub fn run_attention_bench(
     if opts.context == 0 {
         return Err(BenchError::Option("context must be > 0".into()));
     }
-    if opts.threads == 0 || opts.iterations == 0 {
+    if opts.threads == 0 || opts.iterations == 0 || opts.layers == 0 {
         return Err(BenchError::Option(
-            "threads and iterations must be > 0".into(),
+            "threads, iterations and layers must be > 0".into(),
         ));
     }
     let specs: Vec<PolicySpec> = opts
@@ -283,7 +304,9 @@ pub fn run_attention_bench(
         .iter()
         .map(|p| parse_policy(p))
         .collect::<Result<_, _>>()?;
-    let (keys, values, queries) = generate(opts.context, nkv, g, d, opts.seed);
+    let data: Vec<_> = (0..opts.layers as u64)
+        .map(|layer| generate(opts.context, nkv, g, d, opts.seed.wrapping_add(layer)))
+        .collect();
     let pool = WorkerPool::new(opts.threads)?;
     let mut out = LayerOutput::default();
     let n = opts.context as f64;
@@ -297,25 +320,56 @@ pub fn run_attention_bench(
         layer: 0,
         kv_dtype: KvDtype::Bf16,
     };
-    let mut dense_store = LayerStore::new(base_cfg.clone())?;
-    dense_store.load_prefill(&keys, &values, opts.threads)?;
-    let dense_store = Arc::new(dense_store);
-    let time_dense = |pool: &WorkerPool, out: &mut LayerOutput| -> Result<f64, BenchError> {
-        if std::env::var_os("SKIPD").is_some() {
-            return Ok(0.0);
+    // Every layer's stores of one policy, and the time to build the first.
+    let build = |cfg: &LayerConfig| -> Result<(Vec<Arc<LayerStore>>, PrefillTimes), BenchError> {
+        let mut stores = Vec::new();
+        let mut first = None;
+        for (layer, (keys, values, _)) in data.iter().enumerate() {
+            let mut store = LayerStore::new(LayerConfig {
+                layer: layer as u32,
+                ..cfg.clone()
+            })?;
+            let times = store.load_prefill(keys, values, opts.threads)?;
+            first.get_or_insert(times);
+            stores.push(Arc::new(store));
         }
-        pool.run_layer(&dense_store, &queries, Policy::Dense, out)?;
-        let mut t = Vec::new();
-        for _ in 0..opts.iterations {
-            let s = Instant::now();
-            pool.run_layer(&dense_store, &queries, Policy::Dense, out)?;
-            t.push(s.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(median(t))
+        let first = first.ok_or_else(|| BenchError::Option("layers must be > 0".into()))?;
+        Ok((stores, first))
     };
+    // One warm-up round, then `iterations` rounds over every layer; each
+    // call's wall time, the retrieval share of it and the keys touched.
+    let time = |stores: &[Arc<LayerStore>],
+                policy: Policy,
+                out: &mut LayerOutput|
+     -> Result<Timings, BenchError> {
+        let (mut wall, mut ret, mut touched) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..=opts.iterations {
+            for (store, (_, _, queries)) in stores.iter().zip(&data) {
+                let s = Instant::now();
+                pool.run_layer(store, queries, policy, out)?;
+                if round == 0 {
+                    continue;
+                }
+                let w = s.elapsed().as_secs_f64() * 1e3;
+                let share = if out.total_cpu_ns > 0 {
+                    out.retrieval_cpu_ns as f64 / out.total_cpu_ns as f64
+                } else {
+                    0.0
+                };
+                wall.push(w);
+                ret.push(w * share);
+                touched.push(
+                    out.keys_touched.iter().map(|&x| x as f64).sum::<f64>()
+                        / (out.keys_touched.len() as f64 * n),
+                );
+            }
+        }
+        Ok((wall, ret, touched))
+    };
+    let (dense_stores, _) = build(&base_cfg)?;
     let mut results = Vec::new();
     for spec in specs {
-        let dense_ms = time_dense(&pool, &mut out)?;
+        let dense_ms = median(time(&dense_stores, Policy::Dense, &mut out)?.0);
         let t_lsh = match spec.policy {
             Policy::Lsh(p) => p.t,
             _ => 2,
@@ -326,51 +380,11 @@ pub fn run_attention_bench(
             kv_dtype: spec.kv_dtype,
             ..base_cfg.clone()
         };
-        let mut store = LayerStore::new(cfg)?;
-        let times = store.load_prefill(&keys, &values, opts.threads)?;
-        let index_bytes = store.index_bytes() as f64 / n;
-        let kv_bytes = store.kv_bytes() as f64 / n;
-        let store = Arc::new(store);
-        pool.run_layer(&store, &queries, spec.policy, &mut out)?;
-        let (mut wall, mut ret, mut touched) = (Vec::new(), Vec::new(), Vec::new());
-        let mut best_task = vec![(u64::MAX, u64::MAX); nkv];
-        for _ in 0..opts.iterations {
-            let s = Instant::now();
-            pool.run_layer(&store, &queries, spec.policy, &mut out)?;
-            let w = s.elapsed().as_secs_f64() * 1e3;
-            let share = if out.total_cpu_ns > 0 {
-                out.retrieval_cpu_ns as f64 / out.total_cpu_ns as f64
-            } else {
-                0.0
-            };
-            if std::env::var_os("TANDEM_BENCH_DEBUG").is_some() {
-                eprintln!(
-                    "wall {w:.3} ms, worker cpu {:.3} ms, retrieval cpu {:.3} ms",
-                    out.total_cpu_ns as f64 / 1e6,
-                    out.retrieval_cpu_ns as f64 / 1e6
-                );
-            }
-            for (b, t) in best_task.iter_mut().zip(&out.task_ns) {
-                b.0 = b.0.min(t.0);
-                b.1 = b.1.min(t.1);
-            }
-            wall.push(w);
-            ret.push(w * share);
-            let tf = out.keys_touched.iter().map(|&x| x as f64).sum::<f64>()
-                / (out.keys_touched.len() as f64 * n);
-            touched.push(tf);
-        }
-        if std::env::var_os("TANDEM_BENCH_DEBUG").is_some() {
-            let r: u64 = best_task.iter().map(|t| t.0).sum();
-            let t: u64 = best_task.iter().map(|t| t.1).sum();
-            eprintln!(
-                "best task times summed over kv heads: retrieval {:.3} ms, total {:.3} ms (/{} threads: {:.3} ms)",
-                r as f64 / 1e6,
-                t as f64 / 1e6,
-                opts.threads,
-                t as f64 / 1e6 / opts.threads as f64
-            );
-        }
+        let (stores, times) = build(&cfg)?;
+        let index_bytes = stores[0].index_bytes() as f64 / n;
+        let kv_bytes = stores[0].kv_bytes() as f64 / n;
+        let (wall, ret, touched) = time(&stores, spec.policy, &mut out)?;
+        drop(stores);
         let wall_m = median(wall);
         let ret_m = median(ret).min(wall_m);
         results.push(AttentionBenchResult {
@@ -379,6 +393,7 @@ pub fn run_attention_bench(
             threads: pool.threads(),
             shape: opts.shape.clone(),
             kv_source: KV_SOURCE.into(),
+            layers: opts.layers,
             retrieval_ms: ret_m,
             attention_ms: wall_m - ret_m,
             dense_ms,
@@ -397,8 +412,15 @@ pub fn format_table(results: &[AttentionBenchResult]) -> String {
     let mut s = String::new();
     if let Some(r) = results.first() {
         s += &format!(
-            "attention bench: shape {}, context {}, threads {}\nkv: {}\n",
-            r.shape, r.context, r.threads, r.kv_source
+            "attention bench: shape {}, context {}, threads {}, {}\nkv: {}\n",
+            r.shape,
+            r.context,
+            r.threads,
+            match r.layers {
+                1 => "1 layer (warm cache)".to_string(),
+                n => format!("{n} layers in turn (each read cold if they exceed the cache)"),
+            },
+            r.kv_source
         );
     }
     s += &format!(
@@ -501,6 +523,7 @@ mod tests {
             threads: 2,
             seed: 1,
             iterations: 2,
+            layers: 2,
         };
         let r = run_attention_bench(&opts).expect("bench");
         assert_eq!(r.len(), 3);
@@ -522,14 +545,16 @@ mod tests {
             "threads",
             "shape",
             "kv_source",
+            "layers",
         ] {
             assert!(j.get(f).is_some(), "{f}");
         }
         assert!(format_table(&r).contains("lsh:k=6,l=40"));
         assert!(run_attention_bench(&AttentionBenchOptions {
             shape: "x".into(),
-            ..opts
+            ..opts.clone()
         })
         .is_err());
+        assert!(run_attention_bench(&AttentionBenchOptions { layers: 0, ..opts }).is_err());
     }
 }

@@ -10,11 +10,11 @@ use half::f16;
 use tandem_kernels::hash::{
     collect_at_least, collect_lanes, collect_pairs, count_equal_u16, pair_count, table_code, Lanes,
 };
-use tandem_kernels::int8::{dot_i8_f32, dot_i8_f32_multi};
+use tandem_kernels::int8::{axpy_i8_multi, axpy_rows_i8, dot_i8_f32_multi, dot_rows_i8};
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{
-    axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, corrected_logits, dot_bf16_f32,
-    dot_bf16_f32_multi, dot_f32, dot_f32_multi, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
+    axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, corrected_logits, dot_bf16_f32_multi,
+    dot_f32, dot_f32_multi, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
 };
 
 /// LSH retrieval parameters (the tables' K and L are fixed by the store).
@@ -159,56 +159,51 @@ pub fn merge_partials(parts: &[(&[f32], f32)], out: &mut [f32]) -> f32 {
 }
 
 impl Rows {
-    /// Dot products of row `i` with the `out.len()` query heads in `qs`.
+    /// Dot products of key row `i` with the query heads of `kq` (see
+    /// [`key_queries`]), `out.len()` of them.
     #[inline(always)]
-    fn dots(&self, i: usize, qs: &[f32], out: &mut [f32]) {
+    fn dots(&self, i: usize, kq: &KeyQueries, out: &mut [f32]) {
         match self {
-            Rows::Bf16(b) => dot_bf16_f32_multi(b.row(i), qs, out),
-            Rows::F32(b) => dot_f32_multi(b.row(i), qs, out),
+            Rows::Bf16(b) => dot_bf16_f32_multi(b.row(i), &kq.scaled, out),
+            Rows::F32(b) => dot_f32_multi(b.row(i), &kq.scaled, out),
             Rows::I8(c) => {
-                dot_i8_f32_multi(c.codes.row(i), qs, out);
-                let scale = c.scales[i];
-                out.iter_mut().for_each(|x| *x *= scale);
+                dot_i8_f32_multi(c.codes.row(i), &kq.scaled, out);
+                out.iter_mut().zip(&kq.offsets).for_each(|(x, o)| *x += o);
             }
         }
     }
 
-    /// `outs[h] += ws[h] * row i` for every head.
+    /// `outs[h] += ws[h] * row i` for every head; int8 rows add their codes,
+    /// which [`Rows::finish_sums`] turns into values.
     #[inline(always)]
     fn axpys(&self, i: usize, outs: &mut [f32], ws: &[f32]) {
         match self {
             Rows::Bf16(b) => axpy_bf16_multi(outs, ws, b.row(i)),
             Rows::F32(b) => axpy_f32_multi(outs, ws, b.row(i)),
-            Rows::I8(_) => {
-                let d = outs.len() / ws.len().max(1);
-                for (out, &w) in outs.chunks_exact_mut(d.max(1)).zip(ws) {
-                    self.axpy(i, out, w);
-                }
-            }
+            Rows::I8(c) => axpy_i8_multi(outs, ws, c.codes.row(i)),
         }
     }
 
-    /// Dot product of row `i` with one query.
-    #[inline(always)]
-    fn dot(&self, i: usize, q: &[f32]) -> f32 {
-        match self {
-            Rows::Bf16(b) => dot_bf16_f32(b.row(i), q),
-            Rows::F32(b) => dot_f32(b.row(i), q),
-            Rows::I8(c) => dot_i8_f32(c.codes.row(i), q) * c.scales[i],
-        }
-    }
-
-    /// `out += w * row i`.
+    /// `out += w * row i`, as [`Rows::axpys`] for one head.
     #[inline(always)]
     fn axpy(&self, i: usize, out: &mut [f32], w: f32) {
         match self {
             Rows::Bf16(b) => axpy_bf16(out, w, b.row(i)),
             Rows::F32(b) => axpy_f32(out, w, b.row(i)),
-            // Values are never int8 (KvDtype::K8 keeps them bf16); correct, not fast.
-            Rows::I8(c) => {
-                let ws = w * c.scales[i];
-                for (o, &x) in out.iter_mut().zip(c.codes.row(i)) {
-                    *o += ws * f32::from(x);
+            Rows::I8(c) => axpy_i8_multi(out, &[w], c.codes.row(i)),
+        }
+    }
+
+    /// After [`Rows::axpys`] summed int8 codes with weights whose sum per head
+    /// is `weight_sums[h]`, turns each head's `out` into the weighted sum of
+    /// the rows themselves, `offset · weight_sum + scales ⊙ out`. Other rows
+    /// are summed as they are.
+    fn finish_sums(&self, outs: &mut [f32], weight_sums: &[f32]) {
+        if let Rows::I8(c) = self {
+            let d = c.codes.d.max(1);
+            for (out, &w) in outs.chunks_exact_mut(d).zip(weight_sums) {
+                for ((o, s), m) in out.iter_mut().zip(&c.scales).zip(&c.offset) {
+                    *o = m * w + s * *o;
                 }
             }
         }
@@ -230,10 +225,7 @@ impl Rows {
             match self {
                 Rows::Bf16(b) => prefetch(b.row(i)),
                 Rows::F32(b) => prefetch(b.row(i)),
-                Rows::I8(c) => {
-                    prefetch(c.codes.row(i));
-                    prefetch_at(&c.scales, i);
-                }
+                Rows::I8(c) => prefetch(c.codes.row(i)),
             }
         }
     }
@@ -277,6 +269,9 @@ struct PairLists {
     needed: Vec<u32>,
     /// The centred norm of the pair's key (LSH only).
     norms: Vec<f32>,
+    /// Key, head and normalised weight of each pair whose V row is read, for
+    /// int8 values (summed by one kernel call).
+    value_pairs: (Vec<u32>, Vec<u8>, Vec<f32>),
 }
 
 impl PairLists {
@@ -291,6 +286,9 @@ impl PairLists {
             self.dots.resize(most, 0.0);
             self.needed.resize(most, 0);
             self.norms.resize(most, 0.0);
+            self.value_pairs.0.resize(most, 0);
+            self.value_pairs.1.resize(most, 0);
+            self.value_pairs.2.resize(most, 0.0);
         }
         let mut np = 0;
         for (&id, &m) in ids.iter().zip(masks) {
@@ -350,6 +348,29 @@ const V_AHEAD: usize = 8;
 /// skips most V rows.
 const NEGLIGIBLE_WEIGHT: f32 = 1.0 / (1u64 << 30) as f32;
 
+/// The query heads of a group in the form a store's keys take them.
+struct KeyQueries {
+    /// The queries; for int8 keys, scaled by the keys' channel scales.
+    scaled: Vec<f32>,
+    /// For int8 keys, each query's dot product with the keys' offset: with
+    /// `k = offset + scales ⊙ code`, `q · k = q · offset + (q ⊙ scales) · code`.
+    offsets: [f32; 8],
+}
+
+fn key_queries(keys: &Rows, queries: &[f32], d: usize) -> KeyQueries {
+    let mut kq = KeyQueries {
+        scaled: queries.to_vec(),
+        offsets: [0.0; 8],
+    };
+    if let Rows::I8(c) = keys {
+        for (h, q) in kq.scaled.chunks_exact_mut(d.max(1)).enumerate().take(8) {
+            kq.offsets[h] = dot_f32(q, &c.offset);
+            q.iter_mut().zip(&c.scales).for_each(|(x, s)| *x *= s);
+        }
+    }
+    kq
+}
+
 /// Computes the partials of the `g = queries.len() / d` query heads of one GQA
 /// group over one kv head. `out` is `g * d`, `lse` and `touched` are `g`.
 #[allow(clippy::too_many_arguments)]
@@ -377,6 +398,7 @@ pub(crate) fn attend_group(
         return Err(format!("group of {g} query heads (at most 8)"));
     }
     scratch.ensure(n, g);
+    let kq = key_queries(&head.keys, queries, d);
     let scale = 1.0 / (d as f32).sqrt();
     let all = ((1u32 << g) - 1) as u8;
     let nu = match policy {
@@ -413,7 +435,7 @@ pub(crate) fn attend_group(
             } = scratch;
             let mut dots = [0.0f32; 8];
             for i in 0..n {
-                head.keys.dots(i, queries, &mut dots[..g]);
+                head.keys.dots(i, &kq, &mut dots[..g]);
                 for h in 0..g {
                     logits[h][i] = dots[h] * scale;
                 }
@@ -492,6 +514,7 @@ pub(crate) fn attend_group(
         dots,
         needed: vlist,
         norms,
+        value_pairs,
     } = pass1;
     let (keys, heads, dots, norms) = (&keys[..np], &heads[..np], &mut dots[..np], &mut norms[..np]);
     match &head.keys {
@@ -504,13 +527,27 @@ pub(crate) fn attend_group(
             dots,
             lsh.map(|_| (&head.mean[..], &mut norms[..])),
         ),
-        rows => {
+        Rows::I8(c) => {
+            dot_rows_i8(
+                keys,
+                |i| c.codes.row(i as usize),
+                heads,
+                &kq.scaled,
+                k_ahead,
+                dots,
+                lsh.map(|_| (&c.scales[..], &mut norms[..])),
+            );
+            for (x, &h) in dots.iter_mut().zip(heads) {
+                *x += kq.offsets[usize::from(h)];
+            }
+        }
+        Rows::F32(b) => {
             for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
                 if let Some(&next) = keys.get(p + k_ahead) {
-                    rows.prefetch_row(next as usize);
+                    prefetch(b.row(next as usize));
                 }
                 let h = usize::from(h);
-                *dot = rows.dot(id as usize, &queries[h * d..(h + 1) * d]);
+                *dot = dot_f32(b.row(id as usize), &queries[h * d..(h + 1) * d]);
             }
             if let Some(stored) = stored_norms {
                 for (n, &id) in norms.iter_mut().zip(keys.iter()) {
@@ -525,23 +562,17 @@ pub(crate) fn attend_group(
         Some(ix) => corrected_logits(logits, heads, norms, &qmu, &qnorm, scale, ix.ln_u.values()),
         None => logits.iter_mut().for_each(|x| *x *= scale),
     }
-    let mut run_max = [f32::NEG_INFINITY; 8];
-    for (&x, &h) in logits.iter().zip(heads.iter()) {
-        let h = usize::from(h);
-        run_max[h] = run_max[h].max(x);
-        touched[h] += 1;
-    }
+    let run_max = per_head(logits, heads, f32::NEG_INFINITY, f32::max, f32::max);
+    let counts = per_head(logits, heads, 0u32, |n, _| n + 1, |a, b| a + b);
+    touched[..g].copy_from_slice(&counts[..g]);
     // Softmax weights relative to each head's max, the log-normalisers, and
     // the weight below which a head does not need a key's V row.
     let weights = logits;
     for (x, &h) in weights.iter_mut().zip(heads) {
-        *x -= run_max[usize::from(h)];
+        *x -= run_max[usize::from(h) & 7];
     }
     exp_inplace(weights);
-    let mut sums = [0.0f32; 8];
-    for (&w, &h) in weights.iter().zip(heads) {
-        sums[usize::from(h)] += w;
-    }
+    let sums = per_head(weights, heads, 0.0f32, |a, w| a + w, |a, b| a + b);
     let value_skip = match policy {
         Policy::Lsh(p) => p.value_skip,
         _ => 0,
@@ -565,12 +596,11 @@ pub(crate) fn attend_group(
         }
     }
     // Pass 2 over the V rows of the pairs whose weight is needed.
+    // Branch-free: about half the pairs are kept, at random.
     let mut nv = 0;
     for (p, (&w, &h)) in weights.iter().zip(heads).enumerate() {
-        if w >= needed[usize::from(h)] {
-            vlist[nv] = p as u32;
-            nv += 1;
-        }
+        vlist[nv] = p as u32;
+        nv += usize::from(w >= needed[usize::from(h) & 7]);
     }
     let vlist = &vlist[..nv];
     let v_ahead = V_AHEAD * np.div_ceil(nu.max(1));
@@ -578,6 +608,28 @@ pub(crate) fn attend_group(
         head.values.prefetch_row(keys[p as usize] as usize);
     }
     // Pairs of one key are adjacent: its row is read once for all its heads.
+    let mut weight_sums = [0.0f32; 8];
+    if let Rows::I8(c) = &head.values {
+        let (vkeys, vheads, vweights) = value_pairs;
+        for (i, &p) in vlist.iter().enumerate() {
+            let (p, h) = (p as usize, usize::from(heads[p as usize]) & 7);
+            let w = weights[p] * inv[h];
+            weight_sums[h] += w;
+            vkeys[i] = keys[p];
+            vheads[i] = h as u8;
+            vweights[i] = w;
+        }
+        axpy_rows_i8(
+            &vkeys[..nv],
+            |i| c.codes.row(i as usize),
+            &vheads[..nv],
+            &vweights[..nv],
+            v_ahead,
+            out,
+        );
+        head.values.finish_sums(out, &weight_sums[..g]);
+        return Ok(());
+    }
     let mut k = 0;
     while k < nv {
         if let Some(&next) = vlist.get(k + v_ahead) {
@@ -591,22 +643,49 @@ pub(crate) fn attend_group(
         if run == 1 {
             let p = vlist[k] as usize;
             let h = usize::from(heads[p]);
-            head.values.axpy(
-                key as usize,
-                &mut out[h * d..(h + 1) * d],
-                weights[p] * inv[h],
-            );
+            let w = weights[p] * inv[h];
+            weight_sums[h] += w;
+            head.values
+                .axpy(key as usize, &mut out[h * d..(h + 1) * d], w);
         } else {
             let mut ws = [0.0f32; 8];
             for &p in &vlist[k..k + run] {
                 let h = usize::from(heads[p as usize]);
                 ws[h] = weights[p as usize] * inv[h];
+                weight_sums[h] += ws[h];
             }
             head.values.axpys(key as usize, out, &ws[..g]);
         }
         k += run;
     }
+    head.values.finish_sums(out, &weight_sums[..g]);
     Ok(())
+}
+
+/// Folds `values` into one accumulator per head with `f` from `init`;
+/// `heads[i] < 8` is the head of `values[i]`. Four interleaved sets of
+/// accumulators, joined at the end by `join`, keep consecutive pairs of one
+/// head (most are) from waiting on each other's result.
+fn per_head<T: Copy>(
+    values: &[f32],
+    heads: &[u8],
+    init: T,
+    f: impl Fn(T, f32) -> T,
+    join: impl Fn(T, T) -> T,
+) -> [T; 8] {
+    let mut acc = [[init; 8]; 4];
+    let (mut vs, mut hs) = (values.chunks_exact(4), heads.chunks_exact(4));
+    for (v, h) in (&mut vs).zip(&mut hs) {
+        for j in 0..4 {
+            let a = &mut acc[j][usize::from(h[j]) & 7];
+            *a = f(*a, v[j]);
+        }
+    }
+    for (&v, &h) in vs.remainder().iter().zip(hs.remainder()) {
+        let a = &mut acc[0][usize::from(h) & 7];
+        *a = f(*a, v);
+    }
+    std::array::from_fn(|h| join(join(acc[0][h], acc[1][h]), join(acc[2][h], acc[3][h])))
 }
 
 /// Per head `h`, the largest power of two `w` such that the weights of that
@@ -616,18 +695,24 @@ pub(crate) fn attend_group(
 fn skippable_below(weights: &[f32], heads: &[u8], budgets: &[f32; 8]) -> [f32; 8] {
     // Bin b holds weights in [2^-(b+1), 2^-b); the last bin also holds smaller ones.
     const BINS: usize = 64;
-    let mut mass = [[0.0f32; BINS]; 8];
     let bin = |w: f32| (126i32 - ((w.to_bits() >> 23) & 0xFF) as i32).clamp(0, BINS as i32 - 1);
-    for (&w, &h) in weights.iter().zip(heads) {
-        if let Some(m) = mass.get_mut(usize::from(h)) {
-            m[bin(w) as usize] += w;
+    // Four interleaved tables, as in `per_head`: neighbouring weights often
+    // share a bin.
+    let mut mass = [[[0.0f32; BINS]; 8]; 4];
+    let (mut ws, mut hs) = (weights.chunks_exact(4), heads.chunks_exact(4));
+    for (w, h) in (&mut ws).zip(&mut hs) {
+        for j in 0..4 {
+            mass[j][usize::from(h[j]) & 7][bin(w[j]) as usize] += w[j];
         }
+    }
+    for (&w, &h) in ws.remainder().iter().zip(hs.remainder()) {
+        mass[0][usize::from(h) & 7][bin(w) as usize] += w;
     }
     std::array::from_fn(|h| {
         let mut dropped = 0.0f32;
         let mut threshold = 0.0f32;
         for b in (0..BINS).rev() {
-            dropped += mass[h][b];
+            dropped += mass[0][h][b] + mass[1][h][b] + mass[2][h][b] + mass[3][h][b];
             if dropped > budgets[h] {
                 break;
             }
@@ -824,6 +909,19 @@ fn for_each_collision(
             }
         }
     }
+    // Every line of every bucket to be decoded, read up front with many
+    // misses in flight: the decoding below then finds them in cache, where
+    // prefetches a few tables ahead alone left it waiting on memory (96k
+    // decode, retrieval 296 -> 268 us per task).
+    let mut touched = 0u8;
+    for t in 0..l {
+        for h in h0..h1 {
+            for lv in levels {
+                touched ^= lv.touch_bucket(t, qcodes[h * l + t] as usize);
+            }
+        }
+    }
+    std::hint::black_box(touched);
     let prefetch_table = |t: usize| {
         for h in h0..h1 {
             for lv in levels {
@@ -904,6 +1002,8 @@ fn oracle(
     for i in picked {
         seen[i] = 0;
     }
+    // `budget` draws of weight 1/budget each.
+    head.values.finish_sums(out, &[1.0]);
     *touched = distinct;
 }
 

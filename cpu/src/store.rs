@@ -52,7 +52,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
 use tandem_kernels::gaps::{decode_gaps, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};
-use tandem_kernels::int8::quantize_i8;
 use tandem_kernels::mem::{HugeBuf, OutOfMemory, Plain, HUGE_PAGE};
 use tandem_kernels::rng::SplitMix64;
 
@@ -64,11 +63,20 @@ pub enum KvDtype {
     Bf16,
     /// f32 rows (4 bytes per value).
     F32,
-    /// Keys as int8 codes with one f32 scale per row (`k ≈ scale · code`,
-    /// symmetric, off by at most half a step, `max|k| / 254`), values bf16:
-    /// DESIGN's `k8v16`. A key row is 1 byte per value, half of bf16, and
-    /// sampled attention reads one key row per retrieved key.
+    /// Keys as int8 codes with one scale per channel, as KIVI quantizes keys
+    /// (`k ≈ mean + scales ⊙ code`, around the head's centring mean), values
+    /// bf16: DESIGN's `k8v16`. A key of head dimension 128 is then two cache
+    /// lines and nothing else, where a bf16 key is four: sampled attention
+    /// reads one key row per retrieved key from memory at random. The scales
+    /// are fixed by the first rows stored (the prefill) with headroom
+    /// ([`KEY_RANGE_HEADROOM`]); later keys beyond that range are clamped. A
+    /// store that was never prefilled fixes them from its first appended rows
+    /// with 4 times more room, a coarser grid.
     K8,
+    /// Keys as in [`KvDtype::K8`], and values too as int8 codes with one scale
+    /// per channel around their mean (`k8v8`): half the bytes of bf16 rows for
+    /// both, so a retrieved key and its value are two cache lines each.
+    K8V8,
 }
 
 /// Shape and index parameters of one layer's offloaded store.
@@ -153,10 +161,37 @@ pub const MID_MIN: usize = 8192;
 /// d=128) would be re-read from memory for every kv head of every layer at
 /// every decode step.
 fn shared_projector(seed: u64, dim: usize, n_planes: usize) -> Result<Arc<Projector>, CpuError> {
-    type Cache = Mutex<Vec<((u64, usize, usize), Weak<Projector>)>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let key = (seed, dim, n_planes);
-    let mut cache = CACHE
+    static CACHE: SharedCache<(u64, usize, usize), Projector> = OnceLock::new();
+    shared(&CACHE, (seed, dim, n_planes), || {
+        let mut rng = SplitMix64(seed);
+        let planes: Vec<f32> = (0..n_planes * dim).map(|_| rng.normal() as f32).collect();
+        Projector::new(dim, n_planes, &planes)
+            .map_err(|e| CpuError::Config(format!("hyperplanes: {e}")))
+    })
+}
+
+/// The `ln u` table for `(K, L, t)`, built once per process and shared by
+/// every store with those parameters, so that one 32 KB copy stays in cache
+/// where one per layer and kv head (7.7 MB at 30 layers of 8) was read from
+/// memory by every step's gathers.
+fn shared_ln_u(k: usize, l: usize, t: u8) -> Arc<LnUTable> {
+    static CACHE: SharedCache<(usize, usize, u8), LnUTable> = OnceLock::new();
+    match shared(&CACHE, (k, l, t), || Ok(LnUTable::new(k, l, t))) {
+        Ok(table) => table,
+        Err(_) => Arc::new(LnUTable::new(k, l, t)),
+    }
+}
+
+/// Values shared while any store holds them, by key.
+type SharedCache<K, T> = OnceLock<Mutex<Vec<(K, Weak<T>)>>>;
+
+/// The live value for `key` in `cache`, or a new one from `make`.
+fn shared<K: PartialEq, T>(
+    cache: &SharedCache<K, T>,
+    key: K,
+    make: impl FnOnce() -> Result<T, CpuError>,
+) -> Result<Arc<T>, CpuError> {
+    let mut cache = cache
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -168,14 +203,19 @@ fn shared_projector(seed: u64, dim: usize, n_planes: usize) -> Result<Arc<Projec
     {
         return Ok(p);
     }
-    let mut rng = SplitMix64(seed);
-    let planes: Vec<f32> = (0..n_planes * dim).map(|_| rng.normal() as f32).collect();
-    let p = Arc::new(
-        Projector::new(dim, n_planes, &planes)
-            .map_err(|e| CpuError::Config(format!("hyperplanes: {e}")))?,
-    );
+    let p = Arc::new(make()?);
     cache.push((key, Arc::downgrade(&p)));
     Ok(p)
+}
+
+/// `v` copied into huge pages: a retrieval reads a few lines of each of
+/// hundreds of buckets spread over a level's tens of megabytes, and in 4 KB
+/// pages nearly each of them needed a page walk (96k decode, retrieval 304 ->
+/// 279 us per task).
+fn huge_copy<T: Plain>(v: &[T]) -> Result<HugeBuf<T>, OutOfMemory> {
+    let mut b = HugeBuf::with_capacity(v.len(), true)?;
+    b.extend_map(v, |x| x);
+    Ok(b)
 }
 
 /// One level of packed bucket lists: keys `base..base + n`, ids stored relative
@@ -186,15 +226,15 @@ pub(crate) struct Csr {
     /// `2^k + 1`: offsets per table.
     stride: usize,
     /// `l * (2^k + 1)` offsets (in 12-bit units) into `packed`.
-    offsets: Vec<u32>,
+    offsets: HugeBuf<u32>,
     /// 12-bit units, two per three bytes (plus spare bytes at the end).
-    packed: Vec<u8>,
+    packed: HugeBuf<u8>,
 }
 
 impl Csr {
     /// Builds the level from table-major codes (`codes[t * m + i]` is key
     /// `base + i`'s code in table `t`).
-    fn build(codes: &[u16], m: usize, base: u32, k: usize, l: usize) -> Csr {
+    fn build(codes: &[u16], m: usize, base: u32, k: usize, l: usize) -> Result<Csr, OutOfMemory> {
         let nb = 1usize << k;
         let mut offsets = vec![0u32; l * (nb + 1)];
         let mut ids = vec![0u32; m];
@@ -226,17 +266,17 @@ impl Csr {
             }
             off[nb] = w.units() as u32;
         }
-        Csr {
+        Ok(Csr {
             base,
             n: m,
             stride: nb + 1,
-            offsets,
-            packed: w.finish(),
-        }
+            offsets: huge_copy(&offsets)?,
+            packed: huge_copy(&w.finish())?,
+        })
     }
 
     /// The level holding `a`'s keys followed by `b`'s (`b.base == a.base + a.n`).
-    fn merge(a: &Csr, b: &Csr, k: usize, l: usize) -> Csr {
+    fn merge(a: &Csr, b: &Csr, k: usize, l: usize) -> Result<Csr, OutOfMemory> {
         let nb = 1usize << k;
         let mut offsets = vec![0u32; l * (nb + 1)];
         let mut w = GapWriter::with_capacity((a.packed.len() + b.packed.len()) * 2 / 3);
@@ -257,13 +297,13 @@ impl Csr {
             }
             offsets[t * (nb + 1) + nb] = w.units() as u32;
         }
-        Csr {
+        Ok(Csr {
             base: a.base,
             n: a.n + b.n,
             stride: nb + 1,
-            offsets,
-            packed: w.finish(),
-        }
+            offsets: huge_copy(&offsets)?,
+            packed: huge_copy(&w.finish())?,
+        })
     }
 
     /// Unit range of bucket `code` of table `table`.
@@ -283,6 +323,26 @@ impl Csr {
         if let Some(b) = self.packed.get(3 * u / 2..(3 * e).div_ceil(2)) {
             tandem_kernels::vector::prefetch(b);
         }
+    }
+
+    /// Reads one byte of every cache line of bucket `code` of table `table`
+    /// and returns their xor: plain loads, which unlike prefetches are never
+    /// dropped.
+    #[inline(always)]
+    pub(crate) fn touch_bucket(&self, table: usize, code: usize) -> u8 {
+        let (u, e) = self.bucket(table, code);
+        let bytes = self
+            .packed
+            .get(3 * u / 2..(3 * e).div_ceil(2))
+            .unwrap_or(&[]);
+        let base = bytes.as_ptr() as usize;
+        let (mut x, mut i) = (0, 0);
+        while let Some(&b) = bytes.get(i) {
+            x ^= b;
+            // On to the first byte of the next line.
+            i += 64 - (base + i) % 64;
+        }
+        x
     }
 
     /// Prefetches the offsets of bucket `code` of table `table`.
@@ -324,7 +384,7 @@ pub(crate) struct LshIndex {
     pub(crate) mid: Option<Csr>,
     /// Codes of the newest appended keys, key-major (`l` per key).
     pub(crate) raw_codes: Vec<u16>,
-    pub(crate) ln_u: LnUTable,
+    pub(crate) ln_u: Arc<LnUTable>,
 }
 
 impl LshIndex {
@@ -345,7 +405,7 @@ impl LshIndex {
             bulk: None,
             mid: None,
             raw_codes: Vec::new(),
-            ln_u: LnUTable::new(k, l, cfg.lsh_t),
+            ln_u: shared_ln_u(k, l, cfg.lsh_t),
         })
     }
 
@@ -369,13 +429,15 @@ impl LshIndex {
         self.bulk.iter().chain(self.mid.iter())
     }
 
-    /// Adds one appended key's codes; folds levels when they are full.
-    fn push_codes(&mut self, codes: &[u16]) {
+    /// Adds one appended key's codes; folds levels when they are full. Out of
+    /// memory for a fold, the levels are left as they were (the codes stay
+    /// raw, and the next append tries again).
+    fn push_codes(&mut self, codes: &[u16]) -> Result<(), OutOfMemory> {
         self.raw_codes.extend_from_slice(codes);
         let l = self.l;
         let m = self.raw_codes.len() / l;
         if m < RAW_MAX {
-            return;
+            return Ok(());
         }
         let mut tm = vec![0u16; m * l];
         for (i, c) in self.raw_codes.chunks_exact(l).enumerate() {
@@ -384,24 +446,29 @@ impl LshIndex {
             }
         }
         let base = self.n_bucketed() as u32;
-        let raw = Csr::build(&tm, m, base, self.k, l);
-        self.raw_codes.clear();
-        self.mid = Some(match self.mid.take() {
-            Some(mid) => Csr::merge(&mid, &raw, self.k, l),
+        let raw = Csr::build(&tm, m, base, self.k, l)?;
+        let mid = match &self.mid {
+            Some(mid) => Csr::merge(mid, &raw, self.k, l)?,
             None => raw,
-        });
+        };
+        self.raw_codes.clear();
+        self.mid = Some(mid);
         let (n_bulk, n_mid) = (
             self.bulk.as_ref().map_or(0, |c| c.n),
             self.mid.as_ref().map_or(0, |c| c.n),
         );
         if n_mid >= MID_MIN.max(n_bulk / 8) {
-            if let Some(mid) = self.mid.take() {
-                self.bulk = Some(match self.bulk.take() {
-                    Some(bulk) => Csr::merge(&bulk, &mid, self.k, l),
-                    None => mid,
-                });
+            let merged = match (&self.bulk, &self.mid) {
+                (Some(bulk), Some(mid)) => Some(Csr::merge(bulk, mid, self.k, l)?),
+                _ => None,
+            };
+            match merged {
+                Some(bulk) => self.bulk = Some(bulk),
+                None => self.bulk = self.bulk.take().or(self.mid.take()),
             }
+            self.mid = None;
         }
+        Ok(())
     }
 
     fn bytes(&self) -> usize {
@@ -497,13 +564,85 @@ pub(crate) enum Rows {
     I8(CodeRows),
 }
 
-/// int8 rows: codes in blocks, one scale per row.
+/// How far past the largest |k - mean| of the rows that fix an int8 store's
+/// channel scales later keys may go before they are clamped: one step is
+/// then `1.25 · max / 127`, under 1% of the channel's range, and keys appended
+/// during decode have a quarter of the range to spare.
+pub const KEY_RANGE_HEADROOM: f32 = 1.25;
+
+/// The extra range an int8 store gives its rows when its scales are fixed by
+/// appended rows (a store that was never prefilled, whose first rows may be a
+/// single token's).
+const UNPREFILLED_HEADROOM: f32 = 4.0;
+
+/// int8 key rows with one scale per channel: `k ≈ offset + scales ⊙ code`.
 pub(crate) struct CodeRows {
     pub(crate) codes: Blocks<i8>,
+    /// Per channel; empty until the first rows fix them.
     pub(crate) scales: Vec<f32>,
+    /// `1 / scales` (0 where a scale is 0).
+    inverse: Vec<f32>,
+    /// The head's centring mean when the scales were fixed.
+    pub(crate) offset: Vec<f32>,
     /// One row being quantized (appends allocate nothing per row).
-    row: Vec<f32>,
     row_codes: Vec<i8>,
+}
+
+impl CodeRows {
+    /// Fixes the channel scales from `rows` around `offset`. With `rotary`
+    /// (keys), a channel's scale also covers its rotary partners (the channel
+    /// `d/2` away, and its neighbour, as the two RoPE layouts pair them), whose
+    /// values a later position may rotate into it.
+    fn fix_range<'r, T: Elem + 'r>(
+        &mut self,
+        offset: &[f32],
+        rotary: bool,
+        rows: impl Iterator<Item = &'r [T]>,
+    ) {
+        let d = self.codes.d;
+        let mut max = vec![0.0f32; d];
+        for r in rows {
+            for ((m, x), o) in max.iter_mut().zip(r).zip(offset) {
+                let v = (x.to_f32() - o).abs();
+                if v.is_finite() {
+                    *m = m.max(v);
+                }
+            }
+        }
+        let half = d / 2;
+        self.scales = (0..d)
+            .map(|c| {
+                let mut m = max[c];
+                if rotary {
+                    m = m
+                        .max(max[(c + half) % d])
+                        .max(max.get(c ^ 1).copied().unwrap_or(0.0));
+                }
+                m * KEY_RANGE_HEADROOM / 127.0
+            })
+            .collect();
+        self.inverse = self
+            .scales
+            .iter()
+            .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
+            .collect();
+        self.offset = offset.to_vec();
+    }
+
+    fn push<T: Elem>(&mut self, row: &[T]) -> Result<(), OutOfMemory> {
+        for (((c, x), o), inv) in self
+            .row_codes
+            .iter_mut()
+            .zip(row)
+            .zip(&self.offset)
+            .zip(&self.inverse)
+        {
+            let v = (x.to_f32() - o) * inv;
+            // NaN (a non-finite key) becomes 0: `as` saturates and maps NaN to 0.
+            *c = v.round().clamp(-127.0, 127.0) as i8;
+        }
+        self.codes.extend(&self.row_codes, |x| x)
+    }
 }
 
 impl Rows {
@@ -512,12 +651,7 @@ impl Rows {
         match dtype {
             KvDtype::Bf16 => Rows::Bf16(Blocks::new(d)),
             KvDtype::F32 => Rows::F32(Blocks::new(d)),
-            KvDtype::K8 => Rows::I8(CodeRows {
-                codes: Blocks::new(d),
-                scales: Vec::new(),
-                row: vec![0.0; d],
-                row_codes: vec![0; d],
-            }),
+            KvDtype::K8 | KvDtype::K8V8 => Rows::codes(d),
         }
     }
 
@@ -526,7 +660,18 @@ impl Rows {
         match dtype {
             KvDtype::Bf16 | KvDtype::K8 => Rows::Bf16(Blocks::new(d)),
             KvDtype::F32 => Rows::F32(Blocks::new(d)),
+            KvDtype::K8V8 => Rows::codes(d),
         }
+    }
+
+    fn codes(d: usize) -> Self {
+        Rows::I8(CodeRows {
+            codes: Blocks::new(d),
+            scales: Vec::new(),
+            inverse: Vec::new(),
+            offset: Vec::new(),
+            row_codes: vec![0; d],
+        })
     }
 
     /// Number of stored rows.
@@ -542,7 +687,7 @@ impl Rows {
         match self {
             Rows::Bf16(b) => b.bytes(),
             Rows::F32(b) => b.bytes(),
-            Rows::I8(c) => c.codes.bytes() + c.scales.len() * 4,
+            Rows::I8(c) => c.codes.bytes() + (c.scales.len() + c.offset.len()) * 4,
         }
     }
 
@@ -552,12 +697,7 @@ impl Rows {
         match self {
             Rows::Bf16(b) => b.reserve(n),
             Rows::F32(b) => b.reserve(n),
-            Rows::I8(c) => {
-                c.scales
-                    .try_reserve(n)
-                    .map_err(|_| OutOfMemory { bytes: n * 4 })?;
-                c.codes.reserve(n)
-            }
+            Rows::I8(c) => c.codes.reserve(n),
         }
     }
 
@@ -566,17 +706,20 @@ impl Rows {
             Rows::Bf16(b) => b.extend(src, Elem::to_bf16),
             Rows::F32(b) => b.extend(src, Elem::to_f32),
             Rows::I8(c) => {
-                let d = c.codes.d;
-                for r in src.chunks_exact(d) {
-                    for (o, x) in c.row.iter_mut().zip(r) {
-                        *o = x.to_f32();
-                    }
-                    let scale = quantize_i8(&c.row, &mut c.row_codes);
-                    c.scales
-                        .try_reserve(1)
-                        .map_err(|_| OutOfMemory { bytes: 4 })?;
-                    c.codes.extend(&c.row_codes, |x| x)?;
-                    c.scales.push(scale);
+                if c.scales.is_empty() {
+                    // No prefill fixed the range: these rows do, around zero
+                    // (the mean of a store that was never prefilled), with
+                    // their rotary partners, as they may be keys, and with
+                    // room for the rows to come, which they sample poorly.
+                    let d = c.codes.d;
+                    c.fix_range(&vec![0.0; d], true, src.chunks_exact(d));
+                    c.scales.iter_mut().for_each(|s| *s *= UNPREFILLED_HEADROOM);
+                    c.inverse
+                        .iter_mut()
+                        .for_each(|s| *s /= UNPREFILLED_HEADROOM);
+                }
+                for r in src.chunks_exact(c.codes.d) {
+                    c.push(r)?;
                 }
                 Ok(())
             }
@@ -593,9 +736,13 @@ impl Rows {
             }
             Rows::F32(b) => dst.copy_from_slice(b.row(i)),
             Rows::I8(c) => {
-                let scale = c.scales[i];
-                for (o, &x) in dst.iter_mut().zip(c.codes.row(i)) {
-                    *o = scale * f32::from(x);
+                for (((o, &x), s), m) in dst
+                    .iter_mut()
+                    .zip(c.codes.row(i))
+                    .zip(&c.scales)
+                    .zip(&c.offset)
+                {
+                    *o = m + s * f32::from(x);
                 }
             }
         }
@@ -639,8 +786,8 @@ pub(crate) struct HeadStore {
     pub(crate) d: usize,
     pub(crate) mean: Vec<f32>,
     /// |k - mean| per key, stored as f16 (relative error <= 2^-11), used only
-    /// for the angle in the estimator, and only for f32 and int8 rows: bf16
-    /// rows give theirs exactly with their dot products in pass 1.
+    /// for the angle in the estimator, and only for f32 rows: bf16 and int8
+    /// rows give theirs with their dot products in pass 1.
     pub(crate) knorm: Vec<f16>,
     pub(crate) index: Option<LshIndex>,
     /// Reused buffers of [`HeadStore::append`]: a centred key, its sign bits
@@ -660,12 +807,16 @@ impl HeadStore {
                 "an indexed store holds at most {MAX_INDEXED_KEYS} tokens"
             ));
         }
+        let first = self.len();
         self.keys.extend(keys).map_err(|e| e.to_string())?;
         self.values.extend(values).map_err(|e| e.to_string())?;
         self.centred.resize(d, 0.0);
-        for k in keys.chunks_exact(d) {
-            for ((c, x), m) in self.centred.iter_mut().zip(k).zip(&self.mean) {
-                *c = x.to_f32() - m;
+        // Keys are hashed as stored (rounded or quantized), as a bulk load
+        // hashes them.
+        for i in first..self.len() {
+            self.keys.row_f32(i, &mut self.centred);
+            for (c, m) in self.centred.iter_mut().zip(&self.mean) {
+                *c -= m;
             }
             if self.keeps_norms() {
                 let norm = self.centred.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -679,7 +830,7 @@ impl HeadStore {
                 for t in 0..ix.l {
                     self.codes.push(table_code(&self.bits, t, ix.k));
                 }
-                ix.push_codes(&self.codes);
+                ix.push_codes(&self.codes).map_err(|e| e.to_string())?;
             }
         }
         Ok(())
@@ -690,10 +841,10 @@ impl HeadStore {
         self.keys.rows()
     }
 
-    /// Whether `knorm` is kept: only LSH reads it, and bf16 rows give their
-    /// norms with their dot products instead.
+    /// Whether `knorm` is kept: only LSH reads it, and bf16 and int8 rows
+    /// give their norms with their dot products instead.
     pub(crate) fn keeps_norms(&self) -> bool {
-        self.index.is_some() && !matches!(self.keys, Rows::Bf16(_))
+        self.index.is_some() && matches!(self.keys, Rows::F32(_))
     }
 }
 
@@ -768,6 +919,23 @@ impl LayerStore {
     /// True when no token is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The keys and values of kv head `h` as the store holds them, widened to
+    /// f32 (int8 codes dequantized): `([n][head_dim], [n][head_dim])`.
+    pub fn stored_rows(&self, h: usize) -> Result<(Vec<f32>, Vec<f32>), CpuError> {
+        let head = self.head(h)?;
+        let (n, d) = (head.len(), head.d);
+        let (mut keys, mut values) = (vec![0.0; n * d], vec![0.0; n * d]);
+        for (i, (k, v)) in keys
+            .chunks_exact_mut(d.max(1))
+            .zip(values.chunks_exact_mut(d.max(1)))
+            .enumerate()
+        {
+            head.keys.row_f32(i, k);
+            head.values.row_f32(i, v);
+        }
+        Ok((keys, values))
     }
 
     /// Bytes of K and V rows.
@@ -849,6 +1017,18 @@ impl LayerStore {
         let mut heads: Vec<(usize, &mut HeadStore)> = self.heads_mut().enumerate().collect();
         let start = Instant::now();
         let copied = in_parallel(&mut heads, per, |h, head, _: &mut ()| {
+            let key = |t: usize| &keys[(t * nh + h) * d..(t * nh + h + 1) * d];
+            let value = |t: usize| &values[(t * nh + h) * d..(t * nh + h + 1) * d];
+            if let Rows::I8(codes) = &mut head.keys {
+                // int8 keys are quantized around the centring mean, so it is
+                // fixed first, from the rows as given.
+                head.mean = column_mean((0..n).map(key), d);
+                codes.fix_range(&head.mean, true, (0..n).map(key));
+            }
+            if let Rows::I8(codes) = &mut head.values {
+                let mean = column_mean((0..n).map(value), d);
+                codes.fix_range(&mean, false, (0..n).map(value));
+            }
             head.keys.reserve(n)?;
             head.values.reserve(n)?;
             for t in 0..n {
@@ -862,8 +1042,7 @@ impl LayerStore {
         let start = Instant::now();
         let built = copied.and_then(|()| {
             in_parallel(&mut heads, per, |_, head, scratch| {
-                build_head(head, n, d, scratch);
-                Ok(())
+                build_head(head, n, d, scratch)
             })
         });
         let index_s = start.elapsed().as_secs_f64();
@@ -959,19 +1138,36 @@ struct BuildScratch {
     codes: Vec<u16>,
 }
 
-fn build_head(head: &mut HeadStore, n: usize, d: usize, scratch: &mut BuildScratch) {
-    let mut mean = vec![0.0f64; d];
-    let mut row = vec![0.0f32; d];
-    for t in 0..n {
-        head.keys.row_f32(t, &mut row);
-        for (m, x) in mean.iter_mut().zip(&row) {
-            *m += f64::from(*x);
+/// The mean of `d`-value rows (zeros for none), summed in f64.
+fn column_mean<'r, T: Elem + 'r>(rows: impl Iterator<Item = &'r [T]>, d: usize) -> Vec<f32> {
+    let mut sum = vec![0.0f64; d];
+    let mut n = 0usize;
+    for r in rows {
+        for (s, x) in sum.iter_mut().zip(r) {
+            *s += f64::from(x.to_f32());
         }
+        n += 1;
     }
-    if n > 0 {
-        for (dst, m) in head.mean.iter_mut().zip(&mean) {
-            *dst = (*m / n as f64) as f32;
+    sum.iter().map(|s| (s / n.max(1) as f64) as f32).collect()
+}
+
+fn build_head(
+    head: &mut HeadStore,
+    n: usize,
+    d: usize,
+    scratch: &mut BuildScratch,
+) -> Result<(), OutOfMemory> {
+    let mut row = vec![0.0f32; d];
+    // int8 keys fixed their mean before they were quantized.
+    if n > 0 && !matches!(head.keys, Rows::I8(_)) {
+        let mut sum = vec![0.0f64; d];
+        for t in 0..n {
+            head.keys.row_f32(t, &mut row);
+            for (s, x) in sum.iter_mut().zip(&row) {
+                *s += f64::from(*x);
+            }
         }
+        head.mean = sum.iter().map(|s| (s / n as f64) as f32).collect();
     }
     const BLOCK: usize = 1024;
     let BuildScratch {
@@ -983,7 +1179,7 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize, scratch: &mut BuildScrat
     let keeps_norms = head.keeps_norms();
     head.knorm = Vec::with_capacity(if keeps_norms { n } else { 0 });
     let Some(ix) = head.index.as_mut() else {
-        return;
+        return Ok(());
     };
     let (k, l) = (ix.k, ix.l);
     let w = ix.projector.words_per_vector();
@@ -1014,7 +1210,11 @@ fn build_head(head: &mut HeadStore, n: usize, d: usize, scratch: &mut BuildScrat
             }
         }
     }
-    ix.bulk = (n > 0).then(|| Csr::build(&codes[..n * l], n, 0, k, l));
+    ix.bulk = match n {
+        0 => None,
+        _ => Some(Csr::build(&codes[..n * l], n, 0, k, l)?),
+    };
+    Ok(())
 }
 
 #[cfg(test)]

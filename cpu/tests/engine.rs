@@ -18,8 +18,11 @@ fn bf(v: &[f32]) -> Vec<bf16> {
 
 struct Setup {
     store: Arc<LayerStore>,
-    keys: Vec<f32>,   // [n][nkv][d], bf16-rounded
+    keys: Vec<f32>,   // [n][nkv][d], as the store holds them
     values: Vec<f32>, // same
+    /// The keys the store's centring mean comes from (as loaded: int8 stores
+    /// fix it before quantizing).
+    mean_keys: Vec<f32>,
     q: Vec<f32>,
     n: usize,
 }
@@ -53,22 +56,12 @@ fn setup_with(
     let mut rng = SplitMix64(seed);
     let total = n + appended;
     let round = |x: f32| match dtype {
-        KvDtype::Bf16 | KvDtype::K8 => bf16::from_f32(x).to_f32(),
         KvDtype::F32 => x,
+        _ => bf16::from_f32(x).to_f32(),
     };
-    let mut keys: Vec<f32> = (0..total * nkv * d)
+    let keys: Vec<f32> = (0..total * nkv * d)
         .map(|_| round(rng.signed_f32() + 0.3))
         .collect();
-    if dtype == KvDtype::K8 {
-        // Keys the store holds exactly: each row already on its int8 grid.
-        let mut codes = vec![0i8; d];
-        for row in keys.chunks_exact_mut(d) {
-            let scale = tandem_kernels::int8::quantize_i8(row, &mut codes);
-            for (x, &c) in row.iter_mut().zip(&codes) {
-                *x = scale * f32::from(c);
-            }
-        }
-    }
     let values: Vec<f32> = (0..total * nkv * d)
         .map(|_| round(rng.signed_f32()))
         .collect();
@@ -87,21 +80,39 @@ fn setup_with(
     let w = nkv * d;
     match dtype {
         KvDtype::Bf16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
-        KvDtype::F32 | KvDtype::K8 => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
+        _ => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
     }
     .expect("load");
     for i in n..total {
         let (k, v) = (&keys[i * w..(i + 1) * w], &values[i * w..(i + 1) * w]);
         match dtype {
             KvDtype::Bf16 => st.append(&bf(k), &bf(v)),
-            KvDtype::F32 | KvDtype::K8 => st.append_f32(k, v),
+            _ => st.append_f32(k, v),
         }
         .expect("append");
     }
+    // The references read the rows as stored: int8 codes dequantized.
+    let (mut held_keys, mut held_values) = (keys.clone(), values.clone());
+    for h in 0..nkv {
+        let (hk, hv) = st.stored_rows(h).expect("rows");
+        for i in 0..total {
+            let o = (i * nkv + h) * d;
+            held_keys[o..o + d].copy_from_slice(&hk[i * d..(i + 1) * d]);
+            held_values[o..o + d].copy_from_slice(&hv[i * d..(i + 1) * d]);
+        }
+    }
+    if matches!(dtype, KvDtype::Bf16 | KvDtype::F32) {
+        assert_eq!(
+            held_keys, keys,
+            "bf16 and f32 stores hold their rows exactly"
+        );
+        assert_eq!(held_values, values);
+    }
     Setup {
         store: Arc::new(st),
-        keys,
-        values,
+        keys: held_keys,
+        values: held_values,
+        mean_keys: keys,
         q,
         n: total,
     }
@@ -210,7 +221,7 @@ fn brute_force_retrieved(
         let mut mean = vec![0.0f64; d];
         for i in 0..n_prefill {
             for j in 0..d {
-                mean[j] += s.keys[(i * nkv + kvh) * d + j] as f64;
+                mean[j] += s.mean_keys[(i * nkv + kvh) * d + j] as f64;
             }
         }
         let mean: Vec<f32> = mean
@@ -323,51 +334,78 @@ fn lsh_and_dense_on_f32_rows_equal_references() {
     check_dense_against_reference(&s, nkv, g, d);
 }
 
-/// int8 keys: retrieval and the estimator equal the references on keys that
-/// sit on their int8 grid, dense is exact on them, a key row costs d bytes plus
-/// a 4-byte scale, and on ordinary keys the result stays near the bf16 store's.
+/// int8 keys (and values): retrieval and the estimator equal the references
+/// on the rows as stored, dense is exact on them, stored rows are within half
+/// a step of the originals, a row costs d bytes (plus the per-channel scales
+/// and offset once per head), and results stay near the bf16 store's.
 #[test]
-fn int8_keys_equal_references_and_stay_near_bf16() {
-    check_lsh_against_brute_force(
-        KvDtype::K8,
-        &[
-            (2, 4, 32, 500, 13, 3, 20, 2),
-            (1, 8, 33, 400, tandem_cpu::RAW_MAX + 5, 6, 64, 1),
-        ],
-    );
-    let (nkv, g, d) = (2, 3, 20);
-    let s = setup_with(KvDtype::K8, 301, nkv, g, d, None, 2, 7, 5);
-    assert_eq!(s.store.kv_bytes(), 308 * nkv * (d + 4 + d * 2));
-    check_dense_against_reference(&s, nkv, g, d);
-    // The same bf16 keys and values in a bf16 store and an int8-key store.
-    let b = setup_with(KvDtype::Bf16, 2000, nkv, g, 64, None, 2, 0, 9);
-    let cfg = LayerConfig {
-        kv_dtype: KvDtype::K8,
-        ..b.store.config().clone()
-    };
-    let mut k8 = LayerStore::new(cfg).expect("cfg");
-    k8.load_prefill(&bf(&b.keys), &bf(&b.values), 2)
-        .expect("load");
-    let k8 = Setup {
-        store: Arc::new(k8),
-        keys: b.keys.clone(),
-        values: b.values.clone(),
-        q: b.q.clone(),
-        n: b.n,
-    };
-    let (want, got) = (run(&b, Policy::Dense), run(&k8, Policy::Dense));
-    for qh in 0..nkv * g {
-        assert!((want.lse[qh] - got.lse[qh]).abs() < 0.05, "qh {qh}");
-        let o = |r: &LayerOutput| r.out[qh * 64..(qh + 1) * 64].to_vec();
-        let (w, k) = (o(&want), o(&got));
-        let err: f32 = w
-            .iter()
-            .zip(&k)
-            .map(|(a, b)| (a - b).powi(2))
-            .sum::<f32>()
-            .sqrt();
-        let norm: f32 = w.iter().map(|a| a * a).sum::<f32>().sqrt();
-        assert!(err <= 0.05 * norm, "qh {qh}: {err} vs {norm}");
+fn int8_rows_equal_references_and_stay_near_bf16() {
+    for dtype in [KvDtype::K8, KvDtype::K8V8] {
+        check_lsh_against_brute_force(
+            dtype,
+            &[
+                (2, 4, 32, 500, 13, 3, 20, 2),
+                (1, 8, 33, 400, tandem_cpu::RAW_MAX + 5, 6, 64, 1),
+                // Never prefilled: the first appended rows fix the scales.
+                (1, 2, 16, 0, 300, 4, 10, 2),
+            ],
+        );
+        let (nkv, g, d) = (2, 3, 20);
+        let s = setup_with(dtype, 301, nkv, g, d, None, 2, 7, 5);
+        let (key_bytes, value_bytes) = match dtype {
+            KvDtype::K8 => (308 * d + 8 * d, 308 * 2 * d),
+            _ => (308 * d + 8 * d, 308 * d + 8 * d),
+        };
+        assert_eq!(s.store.kv_bytes(), nkv * (key_bytes + value_bytes));
+        check_dense_against_reference(&s, nkv, g, d);
+        // Prefilled keys are within half a step of the originals: a step is
+        // at most 1.25/127 of the head's largest |k - mean| (the headroom).
+        for h in 0..nkv {
+            let row = |i: usize| &s.mean_keys[(i * nkv + h) * d..(i * nkv + h + 1) * d];
+            let mean: Vec<f32> = (0..d)
+                .map(|c| (0..301).map(|i| row(i)[c] as f64).sum::<f64>() as f32 / 301.0)
+                .collect();
+            let spread = (0..301)
+                .flat_map(|i| row(i).iter().zip(&mean).map(|(x, m)| (x - m).abs()))
+                .fold(0.0f32, f32::max);
+            for i in 0..301 {
+                let held = &s.keys[(i * nkv + h) * d..(i * nkv + h + 1) * d];
+                for (a, b) in held.iter().zip(row(i)) {
+                    assert!((a - b).abs() <= spread * 1.25 / 254.0 + 1e-5, "{a} vs {b}");
+                }
+            }
+        }
+        // The same bf16 keys and values in a bf16 store and an int8 store.
+        let b = setup_with(KvDtype::Bf16, 2000, nkv, g, 64, None, 2, 0, 9);
+        let cfg = LayerConfig {
+            kv_dtype: dtype,
+            ..b.store.config().clone()
+        };
+        let mut k8 = LayerStore::new(cfg).expect("cfg");
+        k8.load_prefill(&bf(&b.keys), &bf(&b.values), 2)
+            .expect("load");
+        let k8 = Setup {
+            store: Arc::new(k8),
+            keys: b.keys.clone(),
+            values: b.values.clone(),
+            mean_keys: b.keys.clone(),
+            q: b.q.clone(),
+            n: b.n,
+        };
+        let (want, got) = (run(&b, Policy::Dense), run(&k8, Policy::Dense));
+        for qh in 0..nkv * g {
+            assert!((want.lse[qh] - got.lse[qh]).abs() < 0.05, "qh {qh}");
+            let o = |r: &LayerOutput| r.out[qh * 64..(qh + 1) * 64].to_vec();
+            let (w, k) = (o(&want), o(&got));
+            let err: f32 = w
+                .iter()
+                .zip(&k)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f32>()
+                .sqrt();
+            let norm: f32 = w.iter().map(|a| a * a).sum::<f32>().sqrt();
+            assert!(err <= 0.05 * norm, "{dtype:?} qh {qh}: {err} vs {norm}");
+        }
     }
 }
 
@@ -398,7 +436,7 @@ fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase]) {
             let mut mean = vec![0.0f64; d];
             for i in 0..n {
                 for j in 0..d {
-                    mean[j] += s.keys[(i * nkv + kvh) * d + j] as f64 / n as f64;
+                    mean[j] += s.mean_keys[(i * nkv + kvh) * d + j] as f64 / n as f64;
                 }
             }
             let qn = q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();

@@ -102,8 +102,12 @@ pub fn decode_gaps_with(
     out: &mut [u32],
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if isa.min(crate::vector::best_supported()) == Isa::Avx512 && has_vbmi() {
-        // SAFETY: the CPU supports AVX-512 F/BW and VBMI.
+    if isa.min(crate::vector::best_supported()) == Isa::Avx512
+        && has_vbmi()
+        && out.len() >= end.saturating_sub(start)
+    {
+        // SAFETY: the CPU supports AVX-512 F/BW and VBMI, and `out` has a
+        // slot for every unit of the list.
         return unsafe { x86::decode_gaps_vbmi(packed, start, end, out) };
     }
     let _ = isa;
@@ -163,6 +167,7 @@ mod x86 {
 
     const LAYOUT: Layout = layout();
 
+    /// Safety: AVX-512F/BW and VBMI; `out.len() >= end - u`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     pub(super) unsafe fn decode_gaps_vbmi(
         packed: &[u8],
@@ -184,12 +189,14 @@ mod x86 {
         // next, so the steps' prefix sums overlap.
         let mut prev = _mm512_setzero_si512();
         let mut n = 0usize;
-        while u < end && n < out.len() {
+        // Every unit has a slot in `out`, so the next step's units do not
+        // wait on how many ids this one found: the loads run ahead.
+        while u < end {
             let b0 = 3 * u / 2;
             if b0 >= packed.len() {
                 break;
             }
-            let lanes = (end - u).min(16).min(out.len() - n);
+            let lanes = (end - u).min(16);
             let avail = (packed.len() - b0).min(64);
             let parity = u % 2;
             let load_mask = if avail == 64 {
@@ -199,8 +206,12 @@ mod x86 {
             };
             let src = _mm512_maskz_loadu_epi8(load_mask, packed.as_ptr().add(b0) as *const i8);
             // Bytes 0 and 1 of each dword from the source, bytes 2 and 3 zero.
-            let v = _mm512_maskz_permutexvar_epi8(0x3333_3333_3333_3333, idx[parity], src);
-            let v = _mm512_and_si512(_mm512_srlv_epi32(v, shifts[parity]), low12);
+            // Registers, not the arrays' stack copies: the choice is a blend.
+            let odd = 0u16.wrapping_sub(parity as u16);
+            let index = _mm512_mask_blend_epi32(odd, idx[0], idx[1]);
+            let shift = _mm512_mask_blend_epi32(odd, shifts[0], shifts[1]);
+            let v = _mm512_maskz_permutexvar_epi8(0x3333_3333_3333_3333, index, src);
+            let v = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low12);
             // Lanes whose two bytes were not loaded are not units of the list.
             let in_bytes = if avail == 64 {
                 lanes

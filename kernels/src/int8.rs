@@ -72,6 +72,237 @@ pub fn dot_i8_f32_multi_with(isa: Isa, codes: &[i8], queries: &[f32], out: &mut 
     }
 }
 
+/// `outs[h] += ws[h] * codes` (each code widened to f32) for the `h <
+/// ws.len()` heads whose `codes.len()` outputs fit in `outs`, at most 8: one
+/// code row read once for several heads (the caller applies the row's scales
+/// once, after summing). Auto-dispatch.
+pub fn axpy_i8_multi(outs: &mut [f32], ws: &[f32], codes: &[i8]) {
+    axpy_i8_multi_with(Isa::detect(), outs, ws, codes)
+}
+
+/// [`axpy_i8_multi`] with an explicit ISA (capped at what the CPU supports).
+pub fn axpy_i8_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], codes: &[i8]) {
+    let d = codes.len();
+    let g = ws.len().min(8).min(outs.len().checked_div(d).unwrap_or(0));
+    let (outs, ws) = (&mut outs[..g * d], &ws[..g]);
+    match isa.min(crate::vector::best_supported()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F/BW/VL (`Isa::Avx512` requires
+        // them); `outs` holds `ws.len() * d` values.
+        Isa::Avx512 => unsafe { x86::axpy_multi_avx512(outs, ws, codes) },
+        _ => {
+            for (out, &w) in outs.chunks_exact_mut(d.max(1)).zip(ws) {
+                for (o, &c) in out.iter_mut().zip(codes) {
+                    *o += w * f32::from(c);
+                }
+            }
+        }
+    }
+}
+
+/// Weighted sums of scattered int8 rows, each into the query head it is
+/// paired with: `outs[heads[p] * d..][..d] += weights[p] * row(ids[p])` (codes
+/// widened to f32) for every pair `p`, where `d` is the length of every row.
+/// The rows `ahead` pairs ahead are prefetched, once per run of pairs of one
+/// row. The caller applies the rows' scales once, after summing.
+///
+/// # Panics
+/// If `ids`, `heads` and `weights` differ in length, a row's length differs
+/// from the first's, or a head's `d` outputs are past the end of `outs`.
+pub fn axpy_rows_i8<'a>(
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [i8],
+    heads: &[u8],
+    weights: &[f32],
+    ahead: usize,
+    outs: &mut [f32],
+) {
+    axpy_rows_i8_with(Isa::detect(), ids, row, heads, weights, ahead, outs)
+}
+
+/// [`axpy_rows_i8`] with an explicit ISA (capped at what the CPU supports).
+pub fn axpy_rows_i8_with<'a>(
+    isa: Isa,
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [i8],
+    heads: &[u8],
+    weights: &[f32],
+    ahead: usize,
+    outs: &mut [f32],
+) {
+    assert!(
+        ids.len() == heads.len() && ids.len() == weights.len(),
+        "axpy_rows_i8: {} ids, {} heads, {} weights",
+        ids.len(),
+        heads.len(),
+        weights.len()
+    );
+    let Some(&first) = ids.first() else {
+        return;
+    };
+    let d = row(first).len();
+    if let Some(&h) = heads.iter().max() {
+        assert!(
+            (usize::from(h) + 1) * d <= outs.len(),
+            "axpy_rows_i8: head {h} past {} outputs",
+            outs.len()
+        );
+    }
+    let row = |i: u32| -> &'a [i8] {
+        let r = row(i);
+        assert_eq!(r.len(), d, "axpy_rows_i8: rows of unequal length");
+        r
+    };
+    let level = isa.min(crate::vector::best_supported());
+    #[cfg(target_arch = "x86_64")]
+    if level == Isa::Avx512 && d.is_multiple_of(16) {
+        // SAFETY: the CPU supports AVX-512F; every row has `d` values, a
+        // multiple of 16, and every head's `d` outputs are inside `outs`.
+        unsafe { x86::axpy_rows_avx512(ids, row, heads, weights, d, ahead, outs) };
+        return;
+    }
+    for (p, ((&i, &h), &w)) in ids.iter().zip(heads).zip(weights).enumerate() {
+        if let Some(&next) = ids.get(p + ahead) {
+            crate::vector::prefetch(row(next));
+        }
+        let h = usize::from(h);
+        axpy_i8_multi_with(level, &mut outs[h * d..(h + 1) * d], &[w], row(i));
+    }
+}
+
+/// Head dimension up to which [`dot_rows_i8`]'s AVX-512 path runs; longer
+/// rows take the per-row path.
+const ROWS_MAX_D: usize = 256;
+
+/// Dot products of scattered int8 rows with the query head each is paired
+/// with, for keys stored with one scale per channel (`k ≈ offset + scales ⊙
+/// code`, whose scales the caller folds into the queries): `out[p] =
+/// row(ids[p]) · queries[heads[p] * d..][..d]`, where `d` is the length of
+/// every row. The rows `ahead` pairs ahead are prefetched, once per run of
+/// pairs of one row.
+///
+/// With `scaled_norms = Some((scales, norms))`, also `norms[p] = |scales ⊙
+/// row(ids[p])|` (the key's distance from its offset), from the row already
+/// loaded.
+///
+/// With AVX-512 and `d` a multiple of 32 (up to 256) the pairs go in blocks of
+/// 16 with one transposed reduction. Results equal [`dot_i8_f32`] of the same
+/// inputs up to summation order.
+///
+/// # Panics
+/// If `ids`, `heads`, `out` (and `norms`) differ in length, a row's length
+/// differs from the first's or from `scales`', or a head has no query.
+pub fn dot_rows_i8<'a>(
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [i8],
+    heads: &[u8],
+    queries: &[f32],
+    ahead: usize,
+    out: &mut [f32],
+    scaled_norms: Option<(&[f32], &mut [f32])>,
+) {
+    dot_rows_i8_with(
+        Isa::detect(),
+        ids,
+        row,
+        heads,
+        queries,
+        ahead,
+        out,
+        scaled_norms,
+    )
+}
+
+/// [`dot_rows_i8`] with an explicit ISA (capped at what the CPU supports).
+#[allow(clippy::too_many_arguments)]
+pub fn dot_rows_i8_with<'a>(
+    isa: Isa,
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [i8],
+    heads: &[u8],
+    queries: &[f32],
+    ahead: usize,
+    out: &mut [f32],
+    scaled_norms: Option<(&[f32], &mut [f32])>,
+) {
+    assert!(
+        ids.len() == heads.len() && ids.len() == out.len(),
+        "dot_rows_i8: {} ids, {} heads, {} outputs",
+        ids.len(),
+        heads.len(),
+        out.len()
+    );
+    let Some(&first) = ids.first() else {
+        return;
+    };
+    let d = row(first).len();
+    let g = queries.len().checked_div(d).unwrap_or(0);
+    if let Some(&h) = heads.iter().max() {
+        assert!(
+            usize::from(h) < g || d == 0,
+            "dot_rows_i8: head {h} of {g} queries"
+        );
+    }
+    if let Some((scales, norms)) = &scaled_norms {
+        assert!(
+            scales.len() == d && norms.len() == ids.len(),
+            "dot_rows_i8: {} scales for rows of {d}, {} norms for {} ids",
+            scales.len(),
+            norms.len(),
+            ids.len()
+        );
+    }
+    // Validated once here so the kernels may read `d` values of any row.
+    let row = |i: u32| -> &'a [i8] {
+        let r = row(i);
+        assert_eq!(r.len(), d, "dot_rows_i8: rows of unequal length");
+        r
+    };
+    let level = isa.min(crate::vector::best_supported());
+    #[cfg(target_arch = "x86_64")]
+    if level == Isa::Avx512 && d.is_multiple_of(32) && d <= ROWS_MAX_D && g <= 8 {
+        // SAFETY: the CPU supports AVX-512F; every row (and `scales`) has `d`
+        // values, d is a multiple of 32 up to ROWS_MAX_D, every head < g has
+        // `d` query values, and `norms` has a slot per id.
+        unsafe {
+            match scaled_norms {
+                Some((scales, norms)) => x86::dot_rows_avx512::<true>(
+                    ids, row, heads, queries, scales, d, ahead, out, norms,
+                ),
+                None => x86::dot_rows_avx512::<false>(
+                    ids,
+                    row,
+                    heads,
+                    queries,
+                    &[],
+                    d,
+                    ahead,
+                    out,
+                    &mut [],
+                ),
+            }
+        }
+        return;
+    }
+    for (p, ((&i, &h), o)) in ids.iter().zip(heads).zip(out.iter_mut()).enumerate() {
+        if let Some(&next) = ids.get(p + ahead) {
+            crate::vector::prefetch(row(next));
+        }
+        let h = usize::from(h);
+        *o = dot_i8_f32_with(level, row(i), &queries[h * d..(h + 1) * d]);
+    }
+    if let Some((scales, norms)) = scaled_norms {
+        for (&i, n) in ids.iter().zip(norms.iter_mut()) {
+            let s: f32 = row(i)
+                .iter()
+                .zip(scales)
+                .map(|(&c, &s)| (f32::from(c) * s) * (f32::from(c) * s))
+                .sum();
+            *n = s.sqrt();
+        }
+    }
+}
+
 fn dot_scalar(codes: &[i8], q: &[f32]) -> f32 {
     codes.iter().zip(q).map(|(&c, &x)| f32::from(c) * x).sum()
 }
@@ -140,6 +371,130 @@ mod x86 {
     pub(super) unsafe fn dot_multi_avx2(codes: &[i8], qs: &[f32], out: &mut [f32]) {
         dispatch_g!(out.len(), dot_multi_avx2_g, codes, qs, out)
     }
+
+    /// Safety: AVX-512F/BW/VL; `outs` holds `ws.len() * codes.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn axpy_multi_avx512(outs: &mut [f32], ws: &[f32], codes: &[i8]) {
+        let d = codes.len();
+        let pc = codes.as_ptr();
+        let mut i = 0;
+        while i < d {
+            let m = if d - i >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << (d - i)) - 1
+            };
+            let c = _mm_maskz_loadu_epi8(m, pc.add(i));
+            let k = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+            for (h, &w) in ws.iter().enumerate() {
+                let po = outs.as_mut_ptr().add(h * d + i);
+                let o = _mm512_fmadd_ps(_mm512_set1_ps(w), k, _mm512_maskz_loadu_ps(m, po));
+                _mm512_mask_storeu_ps(po, m, o);
+            }
+            i += 16;
+        }
+    }
+
+    /// [`super::axpy_rows_i8`]. Safety: AVX-512F; every row has `d` values, a
+    /// multiple of 16; every head's `d` outputs are inside `outs`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn axpy_rows_avx512<'a>(
+        ids: &[u32],
+        row: impl Fn(u32) -> &'a [i8],
+        heads: &[u8],
+        weights: &[f32],
+        d: usize,
+        ahead: usize,
+        outs: &mut [f32],
+    ) {
+        for (p, ((&i, &h), &w)) in ids.iter().zip(heads).zip(weights).enumerate() {
+            if let Some(&next) = ids.get(p + ahead) {
+                if ids[p + ahead - 1] != next || ahead == 0 {
+                    crate::vector::prefetch(row(next));
+                }
+            }
+            let r = row(i).as_ptr();
+            let o = outs.as_mut_ptr().add(usize::from(h) * d);
+            let wv = _mm512_set1_ps(w);
+            for c in (0..d).step_by(16) {
+                let k = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    r.add(c) as *const __m128i
+                )));
+                _mm512_storeu_ps(o.add(c), _mm512_fmadd_ps(wv, k, _mm512_loadu_ps(o.add(c))));
+            }
+        }
+    }
+
+    /// [`super::dot_rows_i8`] in blocks of 16 pairs. Safety: AVX-512F; every
+    /// row has `d` values, `d` is a multiple of 32 up to `ROWS_MAX_D`, every
+    /// head has `d` query values; with `NORMS`, `scales` has `d` values and
+    /// `norms` a slot per id.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_rows_avx512<'a, const NORMS: bool>(
+        ids: &[u32],
+        row: impl Fn(u32) -> &'a [i8],
+        heads: &[u8],
+        queries: &[f32],
+        scales: &[f32],
+        d: usize,
+        ahead: usize,
+        out: &mut [f32],
+        norms: &mut [f32],
+    ) {
+        let n = ids.len();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut sq = [_mm512_setzero_ps(); 16];
+        let mut p0 = 0;
+        while p0 < n {
+            let m = (n - p0).min(16);
+            for (k, (a, s)) in acc.iter_mut().zip(sq.iter_mut()).enumerate() {
+                if k >= m {
+                    *a = _mm512_setzero_ps();
+                    *s = _mm512_setzero_ps();
+                    continue;
+                }
+                let p = p0 + k;
+                // Pairs of one row are adjacent (all heads of a key): fetch it once.
+                if let Some(&next) = ids.get(p + ahead) {
+                    if p + ahead == 0 || ids[p + ahead - 1] != next {
+                        crate::vector::prefetch(row(next));
+                    }
+                }
+                let r = row(ids[p]).as_ptr();
+                let q = queries.as_ptr().add(usize::from(heads[p]) * d);
+                let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for c in (0..d).step_by(32) {
+                    let x = _mm256_loadu_si256(r.add(c) as *const __m256i);
+                    let k0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(x)));
+                    let k1 =
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(x)));
+                    a0 = _mm512_fmadd_ps(k0, _mm512_loadu_ps(q.add(c)), a0);
+                    a1 = _mm512_fmadd_ps(k1, _mm512_loadu_ps(q.add(c + 16)), a1);
+                    if NORMS {
+                        let y0 = _mm512_mul_ps(k0, _mm512_loadu_ps(scales.as_ptr().add(c)));
+                        let y1 = _mm512_mul_ps(k1, _mm512_loadu_ps(scales.as_ptr().add(c + 16)));
+                        s0 = _mm512_fmadd_ps(y0, y0, s0);
+                        s1 = _mm512_fmadd_ps(y1, y1, s1);
+                    }
+                }
+                *a = _mm512_add_ps(a0, a1);
+                *s = _mm512_add_ps(s0, s1);
+            }
+            let keep = ((1u32 << m) - 1) as u16;
+            _mm512_mask_storeu_ps(
+                out.as_mut_ptr().add(p0),
+                keep,
+                crate::vector::x86::reduce16(&acc),
+            );
+            if NORMS {
+                let norm = _mm512_sqrt_ps(crate::vector::x86::reduce16(&sq));
+                _mm512_mask_storeu_ps(norms.as_mut_ptr().add(p0), keep, norm);
+            }
+            p0 += 16;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +560,149 @@ mod tests {
                         (f64::from(one) - want[0]).abs()
                             <= 1e-4 * (1.0 + want[0].abs()) + 1e-3 * d as f64
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gathered_row_dots_match_scalar_for_every_isa() {
+        let mut rng = SplitMix64(13);
+        for isa in Isa::all_supported() {
+            for &d in &[32usize, 64, 128, 96, 256, 7, 100, 288] {
+                for &g in &[1usize, 3, 4, 8] {
+                    let n_rows = 37;
+                    let store: Vec<i8> = (0..n_rows * d)
+                        .map(|_| (rng.next_u64() % 255) as i8)
+                        .collect();
+                    let queries: Vec<f32> = (0..g * d).map(|_| rng.signed_f32() * 3.0).collect();
+                    let scales: Vec<f32> = (0..d).map(|_| rng.next_f32() * 0.1).collect();
+                    for &pairs in &[0usize, 1, 15, 16, 17, 33, 70] {
+                        let ids: Vec<u32> = (0..pairs)
+                            .map(|_| (rng.next_u64() % n_rows as u64) as u32)
+                            .collect();
+                        let heads: Vec<u8> = (0..pairs)
+                            .map(|_| (rng.next_u64() % g as u64) as u8)
+                            .collect();
+                        let row = |i: u32| &store[i as usize * d..(i as usize + 1) * d];
+                        let mut out = vec![f32::NAN; pairs];
+                        dot_rows_i8_with(isa, &ids, row, &heads, &queries, 5, &mut out, None);
+                        let mut with_norms = vec![f32::NAN; pairs];
+                        let mut norms = vec![f32::NAN; pairs];
+                        dot_rows_i8_with(
+                            isa,
+                            &ids,
+                            row,
+                            &heads,
+                            &queries,
+                            5,
+                            &mut with_norms,
+                            Some((&scales, &mut norms)),
+                        );
+                        for p in 0..pairs {
+                            let h = heads[p] as usize;
+                            let want: f64 = row(ids[p])
+                                .iter()
+                                .zip(&queries[h * d..(h + 1) * d])
+                                .map(|(&c, &q)| f64::from(c) * f64::from(q))
+                                .sum();
+                            let tol = 1e-4 * (1.0 + want.abs()) + 1e-3 * d as f64;
+                            assert!(
+                                (f64::from(out[p]) - want).abs() <= tol && out[p] == with_norms[p],
+                                "{isa:?} d={d} g={g} pair {p}/{pairs}: {} vs {want}",
+                                out[p]
+                            );
+                            let norm: f64 = row(ids[p])
+                                .iter()
+                                .zip(&scales)
+                                .map(|(&c, &s)| (f64::from(c) * f64::from(s)).powi(2))
+                                .sum::<f64>()
+                                .sqrt();
+                            assert!(
+                                (f64::from(norms[p]) - norm).abs() <= 1e-5 * (1.0 + norm),
+                                "{isa:?} d={d} pair {p}: norm {} vs {norm}",
+                                norms[p]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "rows of unequal length")]
+    fn gathered_row_dots_reject_ragged_rows() {
+        let store = [1i8; 64];
+        let row = |i: u32| if i == 0 { &store[..32] } else { &store[..31] };
+        let mut out = [0.0; 2];
+        dot_rows_i8(&[0, 1], row, &[0, 0], &[1.0; 32], 1, &mut out, None);
+    }
+
+    #[test]
+    fn multi_head_axpy_matches_scalar_for_every_isa() {
+        let mut rng = SplitMix64(14);
+        for &d in &[1usize, 7, 16, 31, 64, 100, 128, 131] {
+            let codes: Vec<i8> = (0..d).map(|_| (rng.next_u64() % 255) as i8).collect();
+            for g in 1..=8 {
+                let ws: Vec<f32> = (0..g).map(|_| rng.signed_f32()).collect();
+                let base: Vec<f32> = (0..g * d + 3).map(|_| rng.signed_f32()).collect();
+                for isa in Isa::all_supported() {
+                    let mut outs = base.clone();
+                    axpy_i8_multi_with(isa, &mut outs, &ws, &codes);
+                    for h in 0..g {
+                        for i in 0..d {
+                            let want = base[h * d + i] + ws[h] * f32::from(codes[i]);
+                            let got = outs[h * d + i];
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{isa:?} d={d} g={g}"
+                            );
+                        }
+                    }
+                    assert_eq!(outs[g * d..], base[g * d..], "{isa:?}: past the heads");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gathered_row_axpys_match_scalar_for_every_isa() {
+        let mut rng = SplitMix64(15);
+        for isa in Isa::all_supported() {
+            for &d in &[16usize, 32, 128, 7, 100] {
+                for &g in &[1usize, 3, 8] {
+                    let n_rows = 29;
+                    let store: Vec<i8> = (0..n_rows * d)
+                        .map(|_| (rng.next_u64() % 255) as i8)
+                        .collect();
+                    for &pairs in &[0usize, 1, 15, 17, 40] {
+                        let mut ids: Vec<u32> = (0..pairs)
+                            .map(|_| (rng.next_u64() % n_rows as u64) as u32)
+                            .collect();
+                        ids.sort_unstable();
+                        let heads: Vec<u8> = (0..pairs)
+                            .map(|_| (rng.next_u64() % g as u64) as u8)
+                            .collect();
+                        let weights: Vec<f32> = (0..pairs).map(|_| rng.next_f32()).collect();
+                        let row = |i: u32| &store[i as usize * d..(i as usize + 1) * d];
+                        let base: Vec<f32> = (0..g * d + 2).map(|_| rng.signed_f32()).collect();
+                        let mut outs = base.clone();
+                        axpy_rows_i8_with(isa, &ids, row, &heads, &weights, 3, &mut outs);
+                        let mut want: Vec<f64> = base.iter().map(|&x| f64::from(x)).collect();
+                        for p in 0..pairs {
+                            let h = heads[p] as usize;
+                            for (j, &c) in row(ids[p]).iter().enumerate() {
+                                want[h * d + j] += f64::from(weights[p]) * f64::from(c);
+                            }
+                        }
+                        for (j, (&got, &w)) in outs.iter().zip(&want).enumerate() {
+                            assert!(
+                                (f64::from(got) - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "{isa:?} d={d} g={g} pairs={pairs} [{j}]: {got} vs {w}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -827,7 +827,7 @@ pub(crate) mod x86 {
     /// outputs per vector, then one permutation into order.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn reduce16(v: &[__m512; 16]) -> __m512 {
+    pub(crate) unsafe fn reduce16(v: &[__m512; 16]) -> __m512 {
         // Blocks 0-1 hold partials of v[2k], blocks 2-3 of v[2k + 1].
         let s: [__m512; 8] = std::array::from_fn(|k| {
             let (x, y) = (v[2 * k], v[2 * k + 1]);

@@ -327,6 +327,12 @@ struct BenchAttentionArgs {
     /// between runs on a shared 2-core VM).
     #[arg(long, default_value_t = 30)]
     iterations: usize,
+    /// Distinct generated layers attended in turn in every iteration. 1 keeps the
+    /// layer's stores in cache between iterations (a warm figure); 8 at 96k with
+    /// llama3.1-8b (~600 MB of stores per layer and policy) reads every layer
+    /// cold, as a decode step does.
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
     /// Seed of the generated data.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -652,6 +658,7 @@ fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
         threads: args.threads,
         seed: args.seed,
         iterations: args.iterations,
+        layers: args.layers,
     };
     let results = tandem_bench::run_attention_bench(&opts)?;
     if args.json {

@@ -47,7 +47,8 @@ pub struct LayerPolicy {
 impl LayerPolicy {
     /// Parses `dense`, `window`, `exact`, `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`,
     /// `topk:k=N` or `oracle:budget=N`; the offloading ones take `kbits=8|16|32`
-    /// (offloaded keys as int8 codes, bf16 or f32). `exact` offloads like the sparse
+    /// (offloaded keys as int8 codes, bf16 or f32) and, with `kbits=8`,
+    /// `vbits=8` (values as int8 codes too). `exact` offloads like the sparse
     /// policies but attends every offloaded key exactly (the split step's
     /// reference: it must give dense's results).
     pub fn parse(spec: &str) -> Result<LayerPolicy> {
@@ -345,5 +346,15 @@ mod tests {
             }
         ));
         assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=4").is_err());
+        let both = LayerPolicy::parse("lsh:k=10,l=150,kbits=8,vbits=8").expect("parses");
+        assert!(matches!(
+            both.attention,
+            LayerAttention::Offloaded {
+                kv_dtype: KvDtype::K8V8,
+                ..
+            }
+        ));
+        assert!(LayerPolicy::parse("lsh:k=10,l=150,vbits=8").is_err());
+        assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=8,vbits=4").is_err());
     }
 }
