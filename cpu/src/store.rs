@@ -1,7 +1,7 @@
 //! The offloaded KV store of one (sequence, layer) and its SimHash LSH index.
 //!
-//! K and V rows are held as bf16 or f32, or keys as int8 codes with values
-//! bf16 ([`KvDtype`], chosen per layer).
+//! K and V rows are held as bf16 or f32, or as int8 codes with one scale per
+//! channel (keys only, or keys and values; [`KvDtype`], chosen per layer).
 //!
 //! Keys are centred by the mean of the keys loaded by [`LayerStore::load_prefill`]
 //! (per kv head). The mean is fixed then: keys appended later by

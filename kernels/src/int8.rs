@@ -1,32 +1,14 @@
-//! Rows of signed 8-bit codes with one scale per row (`x ≈ scale · code`,
-//! symmetric, codes in -127..=127): quantization, and dot products of a code row
-//! with one or several f32 vectors (AVX-512, AVX2+FMA, scalar).
+//! Rows of signed 8-bit codes (codes in -127..=127): dot products of a code
+//! row with one or several f32 vectors, and the two passes of sampled
+//! attention over scattered code rows, whose scales the caller applies once
+//! (one scale per channel: folded into the queries before, into the sums
+//! after). AVX-512, AVX2+FMA, scalar.
 //!
 //! A code row of head dimension 128 is two cache lines where a bf16 row is
-//! four: the keys of the offloaded store take this form when memory reads,
-//! not arithmetic, bound attention.
+//! four: the offloaded store takes this form when memory reads, not
+//! arithmetic, bound attention.
 
 use crate::Isa;
-
-/// Quantizes `x` into `codes` (`codes.len()` values) and returns the scale:
-/// `max |x| / 127`, rounding to nearest. Each value is off by at most half a
-/// step, `scale / 2`. An all-zero (or empty) row has scale 0 and zero codes;
-/// non-finite values are treated as 0.
-pub fn quantize_i8(x: &[f32], codes: &mut [i8]) -> f32 {
-    let n = x.len().min(codes.len());
-    let finite = |v: f32| if v.is_finite() { v } else { 0.0 };
-    let max = x[..n].iter().fold(0f32, |m, &v| m.max(finite(v).abs()));
-    if max == 0.0 {
-        codes[..n].iter_mut().for_each(|c| *c = 0);
-        return 0.0;
-    }
-    let scale = max / 127.0;
-    let inv = 127.0 / max;
-    for (c, &v) in codes[..n].iter_mut().zip(&x[..n]) {
-        *c = (finite(v) * inv).round().clamp(-127.0, 127.0) as i8;
-    }
-    scale
-}
 
 /// `sum_i codes[i] * q[i]` over `min(codes.len(), q.len())` values (the caller
 /// multiplies by the row's scale). Auto-dispatch.
@@ -501,32 +483,6 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-
-    #[test]
-    fn quantization_is_within_half_a_step() {
-        let mut rng = SplitMix64(5);
-        for n in [0usize, 1, 7, 128, 131] {
-            let x: Vec<f32> = (0..n)
-                .map(|i| rng.signed_f32() * (1 + i % 9) as f32)
-                .collect();
-            let mut codes = vec![0i8; n];
-            let scale = quantize_i8(&x, &mut codes);
-            let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!((scale - max / 127.0).abs() <= f32::EPSILON * max);
-            for (&c, &v) in codes.iter().zip(&x) {
-                assert!(
-                    (f32::from(c) * scale - v).abs() <= scale * 0.5 + 1e-6,
-                    "{v} {c}"
-                );
-            }
-        }
-        let mut codes = [5i8; 3];
-        assert_eq!(
-            quantize_i8(&[0.0, f32::NAN, f32::INFINITY], &mut codes),
-            0.0
-        );
-        assert_eq!(codes, [0, 0, 0]);
-    }
 
     #[test]
     fn every_isa_matches_the_scalar_reference_on_odd_sizes() {

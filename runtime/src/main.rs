@@ -104,7 +104,8 @@ struct PolicyArgs {
     /// lsh's vskip leaves out the V rows of each head's smallest weights up to
     /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row). Any
     /// offloading policy takes kbits=8|16|32: the offloaded keys as int8 codes
-    /// with a scale per row (values bf16), bf16 (default) or f32.
+    /// with one scale per channel (values bf16), bf16 (default) or f32; with
+    /// kbits=8, vbits=8 makes the values int8 codes too (half the memory).
     #[arg(long, default_value = "lsh:k=10,l=150,t=2")]
     policy: String,
     /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
@@ -317,7 +318,7 @@ struct BenchAttentionArgs {
     shape: String,
     /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
     /// lsh also takes t=, max_keys= and vskip=, and any policy kbits=8|16|32 (keys
-    /// stored as int8, bf16 or f32).
+    /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too).
     #[arg(long, num_args = 1.., default_values_t = ["lsh:k=10,l=150".to_string()])]
     policy: Vec<String>,
     /// Worker threads.
