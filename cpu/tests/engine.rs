@@ -358,6 +358,33 @@ fn int8_rows_equal_references_and_stay_near_bf16() {
         };
         assert_eq!(s.store.kv_bytes(), nkv * (key_bytes + value_bytes));
         check_dense_against_reference(&s, nkv, g, d);
+        // Top-k of every key is dense; oracle sampling's lse is exact.
+        let dense = run(&s, Policy::Dense);
+        let all = run(&s, Policy::TopK(s.n));
+        let oracle = run(
+            &s,
+            Policy::Oracle {
+                budget: 5000,
+                seed: 3,
+            },
+        );
+        for qh in 0..nkv * g {
+            assert!(
+                (all.lse[qh] - dense.lse[qh]).abs() < 1e-4,
+                "{dtype:?} qh {qh}"
+            );
+            assert!(
+                (oracle.lse[qh] - dense.lse[qh]).abs() < 1e-4,
+                "{dtype:?} qh {qh}"
+            );
+            for j in 0..d {
+                let (a, b) = (all.out[qh * d + j], dense.out[qh * d + j]);
+                assert!((a - b).abs() < 1e-4, "{dtype:?} qh {qh}: {a} vs {b}");
+                // 5000 draws: the mean value is within a few hundredths.
+                let o = oracle.out[qh * d + j];
+                assert!((o - b).abs() < 0.08, "{dtype:?} oracle qh {qh}: {o} vs {b}");
+            }
+        }
         // Prefilled keys are within half a step of the originals: a step is
         // at most 1.25/127 of the head's largest |k - mean| (the headroom).
         for h in 0..nkv {
