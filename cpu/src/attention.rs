@@ -349,21 +349,22 @@ const V_AHEAD: usize = 8;
 const NEGLIGIBLE_WEIGHT: f32 = 1.0 / (1u64 << 30) as f32;
 
 /// The query heads of a group in the form a store's keys take them.
-struct KeyQueries {
-    /// The queries; for int8 keys, scaled by the keys' channel scales.
-    scaled: Vec<f32>,
+struct KeyQueries<'q> {
+    /// The queries; for int8 keys, a copy scaled by the keys' channel scales.
+    scaled: std::borrow::Cow<'q, [f32]>,
     /// For int8 keys, each query's dot product with the keys' offset: with
     /// `k = offset + scales ⊙ code`, `q · k = q · offset + (q ⊙ scales) · code`.
     offsets: [f32; 8],
 }
 
-fn key_queries(keys: &Rows, queries: &[f32], d: usize) -> KeyQueries {
+fn key_queries<'q>(keys: &Rows, queries: &'q [f32], d: usize) -> KeyQueries<'q> {
     let mut kq = KeyQueries {
-        scaled: queries.to_vec(),
+        scaled: queries.into(),
         offsets: [0.0; 8],
     };
     if let Rows::I8(c) = keys {
-        for (h, q) in kq.scaled.chunks_exact_mut(d.max(1)).enumerate().take(8) {
+        let scaled = kq.scaled.to_mut();
+        for (h, q) in scaled.chunks_exact_mut(d.max(1)).enumerate().take(8) {
             kq.offsets[h] = dot_f32(q, &c.offset);
             q.iter_mut().zip(&c.scales).for_each(|(x, s)| *x *= s);
         }
@@ -608,8 +609,9 @@ pub(crate) fn attend_group(
         head.values.prefetch_row(keys[p as usize] as usize);
     }
     // Pairs of one key are adjacent: its row is read once for all its heads.
-    let mut weight_sums = [0.0f32; 8];
     if let Rows::I8(c) = &head.values {
+        // One kernel call over the kept pairs, then the channel scales once.
+        let mut weight_sums = [0.0f32; 8];
         let (vkeys, vheads, vweights) = value_pairs;
         for (i, &p) in vlist.iter().enumerate() {
             let (p, h) = (p as usize, usize::from(heads[p as usize]) & 7);
@@ -630,6 +632,7 @@ pub(crate) fn attend_group(
         head.values.finish_sums(out, &weight_sums[..g]);
         return Ok(());
     }
+    // bf16 and f32 rows, summed as they are.
     let mut k = 0;
     while k < nv {
         if let Some(&next) = vlist.get(k + v_ahead) {
@@ -643,22 +646,21 @@ pub(crate) fn attend_group(
         if run == 1 {
             let p = vlist[k] as usize;
             let h = usize::from(heads[p]);
-            let w = weights[p] * inv[h];
-            weight_sums[h] += w;
-            head.values
-                .axpy(key as usize, &mut out[h * d..(h + 1) * d], w);
+            head.values.axpy(
+                key as usize,
+                &mut out[h * d..(h + 1) * d],
+                weights[p] * inv[h],
+            );
         } else {
             let mut ws = [0.0f32; 8];
             for &p in &vlist[k..k + run] {
                 let h = usize::from(heads[p as usize]);
                 ws[h] = weights[p as usize] * inv[h];
-                weight_sums[h] += ws[h];
             }
             head.values.axpys(key as usize, out, &ws[..g]);
         }
         k += run;
     }
-    head.values.finish_sums(out, &weight_sums[..g]);
     Ok(())
 }
 

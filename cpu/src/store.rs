@@ -176,21 +176,21 @@ fn shared_projector(seed: u64, dim: usize, n_planes: usize) -> Result<Arc<Projec
 /// memory by every step's gathers.
 fn shared_ln_u(k: usize, l: usize, t: u8) -> Arc<LnUTable> {
     static CACHE: SharedCache<(usize, usize, u8), LnUTable> = OnceLock::new();
-    match shared(&CACHE, (k, l, t), || Ok(LnUTable::new(k, l, t))) {
-        Ok(table) => table,
-        Err(_) => Arc::new(LnUTable::new(k, l, t)),
-    }
+    let Ok(table) = shared(&CACHE, (k, l, t), || {
+        Ok::<_, std::convert::Infallible>(LnUTable::new(k, l, t))
+    });
+    table
 }
 
 /// Values shared while any store holds them, by key.
 type SharedCache<K, T> = OnceLock<Mutex<Vec<(K, Weak<T>)>>>;
 
 /// The live value for `key` in `cache`, or a new one from `make`.
-fn shared<K: PartialEq, T>(
+fn shared<K: PartialEq, T, E>(
     cache: &SharedCache<K, T>,
     key: K,
-    make: impl FnOnce() -> Result<T, CpuError>,
-) -> Result<Arc<T>, CpuError> {
+    make: impl FnOnce() -> Result<T, E>,
+) -> Result<Arc<T>, E> {
     let mut cache = cache
         .get_or_init(Default::default)
         .lock()

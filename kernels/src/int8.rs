@@ -8,6 +8,7 @@
 //! four: the offloaded store takes this form when memory reads, not
 //! arithmetic, bound attention.
 
+use crate::vector::checked_rows;
 use crate::Isa;
 
 /// `sum_i codes[i] * q[i]` over `min(codes.len(), q.len())` values (the caller
@@ -112,28 +113,9 @@ pub fn axpy_rows_i8_with<'a>(
     ahead: usize,
     outs: &mut [f32],
 ) {
-    assert!(
-        ids.len() == heads.len() && ids.len() == weights.len(),
-        "axpy_rows_i8: {} ids, {} heads, {} weights",
-        ids.len(),
-        heads.len(),
-        weights.len()
-    );
-    let Some(&first) = ids.first() else {
+    let Some((d, row)) = checked_rows("axpy_rows_i8", ids, row, heads, weights.len(), outs.len())
+    else {
         return;
-    };
-    let d = row(first).len();
-    if let Some(&h) = heads.iter().max() {
-        assert!(
-            (usize::from(h) + 1) * d <= outs.len(),
-            "axpy_rows_i8: head {h} past {} outputs",
-            outs.len()
-        );
-    }
-    let row = |i: u32| -> &'a [i8] {
-        let r = row(i);
-        assert_eq!(r.len(), d, "axpy_rows_i8: rows of unequal length");
-        r
     };
     let level = isa.min(crate::vector::best_supported());
     #[cfg(target_arch = "x86_64")]
@@ -207,24 +189,11 @@ pub fn dot_rows_i8_with<'a>(
     out: &mut [f32],
     scaled_norms: Option<(&[f32], &mut [f32])>,
 ) {
-    assert!(
-        ids.len() == heads.len() && ids.len() == out.len(),
-        "dot_rows_i8: {} ids, {} heads, {} outputs",
-        ids.len(),
-        heads.len(),
-        out.len()
-    );
-    let Some(&first) = ids.first() else {
+    let Some((d, row)) = checked_rows("dot_rows_i8", ids, row, heads, out.len(), queries.len())
+    else {
         return;
     };
-    let d = row(first).len();
     let g = queries.len().checked_div(d).unwrap_or(0);
-    if let Some(&h) = heads.iter().max() {
-        assert!(
-            usize::from(h) < g || d == 0,
-            "dot_rows_i8: head {h} of {g} queries"
-        );
-    }
     if let Some((scales, norms)) = &scaled_norms {
         assert!(
             scales.len() == d && norms.len() == ids.len(),
@@ -234,12 +203,6 @@ pub fn dot_rows_i8_with<'a>(
             ids.len()
         );
     }
-    // Validated once here so the kernels may read `d` values of any row.
-    let row = |i: u32| -> &'a [i8] {
-        let r = row(i);
-        assert_eq!(r.len(), d, "dot_rows_i8: rows of unequal length");
-        r
-    };
     let level = isa.min(crate::vector::best_supported());
     #[cfg(target_arch = "x86_64")]
     if level == Isa::Avx512 && d.is_multiple_of(32) && d <= ROWS_MAX_D && g <= 8 {

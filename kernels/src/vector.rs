@@ -390,24 +390,11 @@ pub fn dot_rows_bf16_with<'a>(
     out: &mut [f32],
     centred: Option<(&[f32], &mut [f32])>,
 ) {
-    assert!(
-        ids.len() == heads.len() && ids.len() == out.len(),
-        "dot_rows_bf16: {} ids, {} heads, {} outputs",
-        ids.len(),
-        heads.len(),
-        out.len()
-    );
-    let Some(&first) = ids.first() else {
+    let Some((d, row)) = checked_rows("dot_rows_bf16", ids, row, heads, out.len(), queries.len())
+    else {
         return;
     };
-    let d = row(first).len();
     let g = queries.len().checked_div(d).unwrap_or(0);
-    if let Some(&h) = heads.iter().max() {
-        assert!(
-            usize::from(h) < g || d == 0,
-            "dot_rows_bf16: head {h} of {g} queries"
-        );
-    }
     if let Some((mean, norms)) = &centred {
         assert!(
             mean.len() == d && norms.len() == ids.len(),
@@ -417,12 +404,6 @@ pub fn dot_rows_bf16_with<'a>(
             ids.len()
         );
     }
-    // Validated once here so the kernels may read `d` values of any row.
-    let row = |i: u32| -> &'a [bf16] {
-        let r = row(i);
-        assert_eq!(r.len(), d, "dot_rows_bf16: rows of unequal length");
-        r
-    };
     let query = |h: u8| &queries[usize::from(h) * d..(usize::from(h) + 1) * d];
     match effective(isa) {
         #[cfg(target_arch = "x86_64")]
@@ -468,6 +449,41 @@ pub fn dot_rows_bf16_with<'a>(
             }
         }
     }
+}
+
+/// The argument checks of the gathered-row kernels ([`dot_rows_bf16`],
+/// [`crate::int8::dot_rows_i8`], [`crate::int8::axpy_rows_i8`]), named
+/// `kernel` in their messages: `ids`, `heads` and the kernel's `per_pair`
+/// values have one entry per pair, and every head's `d` values (`d` is the
+/// first row's length) lie within its `per_head` values. Returns `d` and `row`
+/// checked to give `d` values for every id, so that the kernels may read `d`
+/// values of any row; `None` when there are no pairs.
+pub(crate) fn checked_rows<'a, T: 'a>(
+    kernel: &'static str,
+    ids: &[u32],
+    row: impl Fn(u32) -> &'a [T],
+    heads: &[u8],
+    per_pair: usize,
+    per_head: usize,
+) -> Option<(usize, impl Fn(u32) -> &'a [T])> {
+    assert!(
+        ids.len() == heads.len() && ids.len() == per_pair,
+        "{kernel}: {} ids, {} heads, {per_pair} values per pair",
+        ids.len(),
+        heads.len(),
+    );
+    let d = row(*ids.first()?).len();
+    if let Some(&h) = heads.iter().max() {
+        assert!(
+            (usize::from(h) + 1) * d <= per_head,
+            "{kernel}: head {h} has no {d} values among {per_head}"
+        );
+    }
+    Some((d, move |i: u32| -> &'a [T] {
+        let r = row(i);
+        assert_eq!(r.len(), d, "{kernel}: rows of unequal length");
+        r
+    }))
 }
 
 /// Turns the dot products of (key, head) pairs into logits corrected by a
