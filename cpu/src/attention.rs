@@ -7,6 +7,7 @@
 
 use crate::store::{HeadStore, LshIndex, Rows};
 use half::f16;
+use tandem_kernels::gaps::Bucket;
 use tandem_kernels::hash::{
     collect_at_least, collect_lanes, collect_pairs, count_equal_u16, pair_count, table_code, Lanes,
 };
@@ -247,6 +248,8 @@ pub(crate) struct Scratch {
     qflip: Vec<f32>,
     /// One decoded bucket.
     bucket: Vec<u32>,
+    /// Per index level, the buckets the query heads hash to.
+    buckets: Vec<Vec<Bucket>>,
     /// Pair counters (see `tandem_kernels::hash::pair_count`), all zero
     /// between calls.
     pairs: Vec<u8>,
@@ -733,9 +736,6 @@ fn union_from_mask(scratch: &mut Scratch, n: usize) -> usize {
     nu
 }
 
-/// Tables ahead of the decode whose bucket data is prefetched.
-const TABLES_AHEAD: usize = 8;
-
 /// LSH retrieval: fills `scratch.union[..nu]` with the sorted positions of keys
 /// retrieved for at least one head and `scratch.umask` with the heads (bits)
 /// that retrieved each; returns `nu`.
@@ -775,6 +775,7 @@ fn retrieve(
         pairs,
         qcodes,
         bucket,
+        buckets,
         union,
         umask,
         mask,
@@ -788,13 +789,10 @@ fn retrieve(
             pairs.resize(n, 0);
         }
         let pairs = &mut pairs[..n];
-        for_each_collision(&levels, qcodes, l, 0, g, bucket, |base, ids, heads| {
-            for &id in ids {
-                if let Some(b) = pairs.get_mut(base + id as usize) {
-                    *b = pair_count(*b, heads);
-                }
-            }
-        });
+        gather_buckets(&levels, qcodes, l, 0, g, buckets);
+        for (lv, level_buckets) in levels.iter().zip(buckets.iter()) {
+            lv.count_pairs(level_buckets, pairs);
+        }
         for (j, kc) in ix.raw_codes.chunks_exact(l).enumerate() {
             let mut b = 0u8;
             for h in 0..g {
@@ -823,13 +821,17 @@ fn retrieve(
                 .map(|h| 1u32 << (lanes.bits() * h as u32))
                 .sum()
         });
-        for_each_collision(&levels, qcodes, l, h0, h1, bucket, |base, ids, heads| {
-            for &id in ids {
-                if let Some(x) = counts.get_mut(base + id as usize) {
-                    *x += inc[usize::from(heads)];
+        gather_buckets(&levels, qcodes, l, h0, h1, buckets);
+        for (lv, level_buckets) in levels.iter().zip(buckets.iter()) {
+            let base = lv.base as usize;
+            for b in level_buckets {
+                for &id in lv.decode_units(b.start as usize, b.end as usize, bucket) {
+                    if let Some(x) = counts.get_mut(base + id as usize) {
+                        *x += inc[usize::from(b.heads)];
+                    }
                 }
             }
-        });
+        }
         // Raw (newest) keys: compare their codes with the query's.
         for (j, kc) in ix.raw_codes.chunks_exact(l).enumerate() {
             let mut v = 0u32;
@@ -890,20 +892,22 @@ fn retrieve(
     union_from_mask(scratch, n)
 }
 
-/// Calls `hit(base, ids, heads)` for every bucket of the query heads `h0..h1`
-/// (`heads`: bit `h - h0` for each head `h` whose code it is): the keys
-/// `base + ids[i]` collide with those heads. Per
-/// table, heads whose codes are equal share one decode of the bucket. Every
-/// table's offsets are prefetched first, then bucket data a few tables ahead.
-fn for_each_collision(
+/// Fills `per_level[i]` with the buckets of level `levels[i]` that the query
+/// heads `h0..h1` hash to (some empty), one per distinct code of each table,
+/// with the heads (bit `h - h0`) whose code it is: heads with equal codes
+/// share a decode.
+/// Every line of those buckets is read here, with many misses in flight, so
+/// that the decoding finds them in cache (at 96k, reading them only a few
+/// tables ahead of the decoding left it waiting on memory).
+fn gather_buckets(
     levels: &[&crate::store::Csr],
     qcodes: &[u16],
     l: usize,
     h0: usize,
     h1: usize,
-    bucket: &mut Vec<u32>,
-    mut hit: impl FnMut(usize, &[u32], u8),
+    per_level: &mut Vec<Vec<Bucket>>,
 ) {
+    per_level.resize_with(levels.len(), Vec::new);
     for lv in levels {
         for t in 0..l {
             for h in h0..h1 {
@@ -911,31 +915,8 @@ fn for_each_collision(
             }
         }
     }
-    // Every line of every bucket to be decoded, read up front with many
-    // misses in flight: the decoding below then finds them in cache, where
-    // prefetches a few tables ahead alone left it waiting on memory (96k
-    // decode, retrieval 296 -> 268 us per task).
-    let mut touched = 0u8;
+    per_level.iter_mut().for_each(Vec::clear);
     for t in 0..l {
-        for h in h0..h1 {
-            for lv in levels {
-                touched ^= lv.touch_bucket(t, qcodes[h * l + t] as usize);
-            }
-        }
-    }
-    std::hint::black_box(touched);
-    let prefetch_table = |t: usize| {
-        for h in h0..h1 {
-            for lv in levels {
-                lv.prefetch_bucket(t, qcodes[h * l + t] as usize);
-            }
-        }
-    };
-    (0..TABLES_AHEAD.min(l)).for_each(prefetch_table);
-    for t in 0..l {
-        if t + TABLES_AHEAD < l {
-            prefetch_table(t + TABLES_AHEAD);
-        }
         // Distinct codes among the heads, with the heads that have each.
         let mut codes = [(0u16, 0u8); 8];
         let mut nc = 0;
@@ -950,13 +931,33 @@ fn for_each_collision(
                 }
             }
         }
-        for &(c, heads) in &codes[..nc] {
-            for lv in levels {
-                let base = lv.base as usize;
-                hit(base, lv.decode(t, c as usize, bucket), heads);
+        // No branch on the offsets read here: the reads of every table
+        // overlap.
+        for (lv, buckets) in levels.iter().zip(per_level.iter_mut()) {
+            for &(code, heads) in &codes[..nc] {
+                let (start, end) = lv.bucket(t, code as usize);
+                buckets.push(Bucket {
+                    start: start as u32,
+                    end: end as u32,
+                    heads,
+                });
             }
         }
     }
+    // A full fence: every offset is read before the touching starts. Its
+    // loop counts depend on the offsets, and mispredicted counts waiting on
+    // memory kept the touches from running ahead (at 96k, 160 us per task
+    // with no fence, 58 with it).
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let mut touched = 0u8;
+    for (lv, buckets) in levels.iter().zip(per_level.iter()) {
+        for b in buckets {
+            touched ^= lv.touch(b);
+        }
+    }
+    std::hint::black_box(touched);
+    // And every line is in cache before the counting starts.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 #[allow(clippy::too_many_arguments)]

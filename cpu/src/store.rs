@@ -50,7 +50,7 @@ use crate::CpuError;
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
-use tandem_kernels::gaps::{decode_gaps, GapWriter};
+use tandem_kernels::gaps::{count_pairs, decode_gaps, Bucket, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};
 use tandem_kernels::mem::{HugeBuf, OutOfMemory, Plain, HUGE_PAGE};
 use tandem_kernels::rng::SplitMix64;
@@ -286,11 +286,13 @@ impl Csr {
             for c in 0..nb {
                 offsets[t * (nb + 1) + c] = w.units() as u32;
                 let mut prev = 0u32;
-                for &id in a.decode(t, c, &mut ids) {
+                let (u, end) = a.bucket(t, c);
+                for &id in a.decode_units(u, end, &mut ids) {
                     w.push_id(prev, id);
                     prev = id;
                 }
-                for &id in b.decode(t, c, &mut ids) {
+                let (u, end) = b.bucket(t, c);
+                for &id in b.decode_units(u, end, &mut ids) {
                     w.push_id(prev, id + shift);
                     prev = id + shift;
                 }
@@ -316,21 +318,11 @@ impl Csr {
         }
     }
 
-    /// First byte of bucket `code` of table `table`, for prefetching.
+    /// Reads one byte of every cache line of `bucket` and returns their
+    /// xor: plain loads, which unlike prefetches are never dropped.
     #[inline(always)]
-    pub(crate) fn prefetch_bucket(&self, table: usize, code: usize) {
-        let (u, e) = self.bucket(table, code);
-        if let Some(b) = self.packed.get(3 * u / 2..(3 * e).div_ceil(2)) {
-            tandem_kernels::vector::prefetch(b);
-        }
-    }
-
-    /// Reads one byte of every cache line of bucket `code` of table `table`
-    /// and returns their xor: plain loads, which unlike prefetches are never
-    /// dropped.
-    #[inline(always)]
-    pub(crate) fn touch_bucket(&self, table: usize, code: usize) -> u8 {
-        let (u, e) = self.bucket(table, code);
+    pub(crate) fn touch(&self, bucket: &Bucket) -> u8 {
+        let (u, e) = (bucket.start as usize, bucket.end as usize);
         let bytes = self
             .packed
             .get(3 * u / 2..(3 * e).div_ceil(2))
@@ -345,17 +337,27 @@ impl Csr {
         x
     }
 
+    /// Counts the collisions of `buckets` in `pairs` (indexed by key
+    /// position): see [`count_pairs`].
+    pub(crate) fn count_pairs(&self, buckets: &[Bucket], pairs: &mut [u8]) {
+        count_pairs(&self.packed, buckets, self.base as usize, pairs);
+    }
+
     /// Prefetches the offsets of bucket `code` of table `table`.
     #[inline(always)]
     pub(crate) fn prefetch_offsets(&self, table: usize, code: usize) {
         tandem_kernels::vector::prefetch_at(&self.offsets, table * self.stride + code);
     }
 
-    /// The ids (relative to `base`, increasing) in bucket `code` of table
-    /// `table`, decoded into `buf`.
+    /// The ids (relative to `base`, increasing) of the bucket in units
+    /// `u..end`, decoded into `buf`.
     #[inline(always)]
-    pub(crate) fn decode<'b>(&self, table: usize, code: usize, buf: &'b mut Vec<u32>) -> &'b [u32] {
-        let (u, end) = self.bucket(table, code);
+    pub(crate) fn decode_units<'b>(
+        &self,
+        u: usize,
+        end: usize,
+        buf: &'b mut Vec<u32>,
+    ) -> &'b [u32] {
         // A bucket of m units holds at most m ids.
         let units = end.saturating_sub(u);
         if buf.len() < units {

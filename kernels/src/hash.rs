@@ -333,7 +333,7 @@ pub fn pair_count(b: u8, heads: u8) -> u8 {
 
 /// Head bits `h` (0..4) moved to bit `2h`.
 #[inline(always)]
-fn spread_heads(heads: u8) -> u8 {
+pub(crate) fn spread_heads(heads: u8) -> u8 {
     let x = heads & 0x0F;
     let x = (x | (x << 2)) & 0x33;
     (x | (x << 1)) & 0x55
