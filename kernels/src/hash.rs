@@ -754,11 +754,63 @@ mod x86 {
                     _mm512_storeu_si512(held.as_mut_ptr() as *mut __m512i, v);
                 }
                 _mm512_storeu_si512(p.add(i) as *mut __m512i, zero);
-                n = push_pair_hits(hit, &held, i, shift, base, ids, masks, n);
+                if n + 64 <= ids.len() {
+                    n = push_pair_hits_avx512(hit, &held, i, shift, base, ids, masks, n);
+                } else {
+                    n = push_pair_hits(hit, &held, i, shift, base, ids, masks, n);
+                }
             }
             i += 64;
         }
         collect_pairs_scalar(counts, shift, base, ids, masks, i, n)
+    }
+
+    /// [`push_pair_hits`] with no branch per hit: each quarter of the 64
+    /// counters is compressed to its hits, keys and heads at once (the hits
+    /// are too many and too scattered for a predictable loop). Safety:
+    /// AVX-512F/BW; `n + 64 <= ids.len() == masks.len()`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn push_pair_hits_avx512(
+        hit: u64,
+        held: &[u8; 64],
+        at: usize,
+        shift: u32,
+        base: u32,
+        ids: &mut [u32],
+        masks: &mut [u8],
+        mut n: usize,
+    ) -> usize {
+        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let shift = _mm_cvtsi32_si128(shift as i32);
+        for q in 0..4 {
+            let m = (hit >> (16 * q)) as u16;
+            let c =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(held.as_ptr().add(16 * q) as *const __m128i));
+            // Bits 2h (after the shift) to bit h, as `gather_heads` does.
+            let x = _mm512_and_si512(_mm512_srl_epi32(c, shift), _mm512_set1_epi32(0x55));
+            let x = _mm512_and_si512(
+                _mm512_or_si512(x, _mm512_srli_epi32::<1>(x)),
+                _mm512_set1_epi32(0x33),
+            );
+            let x = _mm512_and_si512(
+                _mm512_or_si512(x, _mm512_srli_epi32::<2>(x)),
+                _mm512_set1_epi32(0x0F),
+            );
+            let first = base.wrapping_add((at + 16 * q) as u32);
+            let key = _mm512_add_epi32(iota, _mm512_set1_epi32(first as i32));
+            _mm512_storeu_si512(
+                ids.as_mut_ptr().add(n) as *mut __m512i,
+                _mm512_maskz_compress_epi32(m, key),
+            );
+            _mm_storeu_si128(
+                masks.as_mut_ptr().add(n) as *mut __m128i,
+                _mm512_cvtepi32_epi8(_mm512_maskz_compress_epi32(m, x)),
+            );
+            n += m.count_ones() as usize;
+        }
+        n
     }
 
     #[target_feature(enable = "avx2")]
