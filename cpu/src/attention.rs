@@ -11,6 +11,7 @@ use tandem_kernels::gaps::Bucket;
 use tandem_kernels::hash::{
     collect_at_least, collect_lanes, collect_pairs, count_equal_u16, pair_count, table_code, Lanes,
 };
+use tandem_kernels::heads::add_per_head;
 use tandem_kernels::int8::{axpy_i8_multi, axpy_rows_i8, dot_i8_f32_multi, dot_rows_i8};
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::vector::{
@@ -541,9 +542,7 @@ pub(crate) fn attend_group(
                 dots,
                 lsh.map(|_| (&c.scales[..], &mut norms[..])),
             );
-            for (x, &h) in dots.iter_mut().zip(heads) {
-                *x += kq.offsets[usize::from(h)];
-            }
+            add_per_head(dots, heads, &kq.offsets);
         }
         Rows::F32(b) => {
             for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
@@ -572,9 +571,7 @@ pub(crate) fn attend_group(
     // Softmax weights relative to each head's max, the log-normalisers, and
     // the weight below which a head does not need a key's V row.
     let weights = logits;
-    for (x, &h) in weights.iter_mut().zip(heads) {
-        *x -= run_max[usize::from(h) & 7];
-    }
+    add_per_head(weights, heads, &run_max.map(|m| -m));
     exp_inplace(weights);
     let sums = per_head(weights, heads, 0.0f32, |a, w| a + w, |a, b| a + b);
     let value_skip = match policy {

@@ -29,6 +29,7 @@ macro_rules! dispatch_g {
 
 pub mod gaps;
 pub mod hash;
+pub mod heads;
 pub mod int8;
 pub mod isa;
 pub mod mem;
