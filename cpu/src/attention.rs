@@ -378,11 +378,14 @@ fn key_queries<'q>(keys: &Rows, queries: &'q [f32], d: usize) -> KeyQueries<'q> 
 
 /// Computes the partials of the `g = queries.len() / d` query heads of one GQA
 /// group over one kv head. `out` is `g * d`, `lse` and `touched` are `g`.
+/// `query_bits`, when given, are the queries' sign bits for the head's LSH
+/// tables (as `HeadStore::append_hashing` writes them), else they are computed.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_group(
     head: &HeadStore,
     d: usize,
     queries: &[f32],
+    query_bits: Option<&[u64]>,
     policy: &Policy,
     scratch: &mut Scratch,
     out: &mut [f32],
@@ -424,7 +427,7 @@ pub(crate) fn attend_group(
                 .as_ref()
                 .ok_or("policy lsh on a store without an index")?;
             let t0 = std::time::Instant::now();
-            let nu = retrieve(ix, n, d, queries, p, scratch);
+            let nu = retrieve(ix, n, d, queries, query_bits, p, scratch);
             *retrieval_ns = t0.elapsed().as_nanos() as u64;
             nu
         }
@@ -747,21 +750,28 @@ fn retrieve(
     n: usize,
     d: usize,
     queries: &[f32],
+    query_bits: Option<&[u64]>,
     p: &LshParams,
     scratch: &mut Scratch,
 ) -> usize {
     let g = queries.len() / d;
     let l = ix.l;
     let w = ix.projector.words_per_vector();
-    scratch.qbits.resize(w * g, 0);
     scratch.qcodes.resize(l * g, 0);
-    scratch.qflip.clear();
-    scratch.qflip.extend_from_slice(queries);
-    ix.flip(&mut scratch.qflip);
-    ix.projector.sign_bits(&scratch.qflip, &mut scratch.qbits);
+    let qbits = match query_bits {
+        Some(bits) if bits.len() == w * g => bits,
+        _ => {
+            scratch.qbits.resize(w * g, 0);
+            scratch.qflip.clear();
+            scratch.qflip.extend_from_slice(queries);
+            ix.flip(&mut scratch.qflip);
+            ix.projector.sign_bits(&scratch.qflip, &mut scratch.qbits);
+            &scratch.qbits[..]
+        }
+    };
     for h in 0..g {
         for t in 0..l {
-            scratch.qcodes[h * l + t] = table_code(&scratch.qbits[h * w..(h + 1) * w], t, ix.k);
+            scratch.qcodes[h * l + t] = table_code(&qbits[h * w..(h + 1) * w], t, ix.k);
         }
     }
     let t_min = p.t.max(1);

@@ -24,6 +24,8 @@ struct GroupBuf {
     /// Rows of this kv head leaving the device window: `[n][head_dim]`.
     evict_keys: Vec<bf16>,
     evict_values: Vec<bf16>,
+    /// The queries' LSH sign bits, written when the evicted keys are hashed.
+    query_bits: Vec<u64>,
     retrieval_ns: u64,
     total_ns: u64,
 }
@@ -327,22 +329,41 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
     let (g, d) = (task.store.config().group, task.store.config().head_dim);
     let mut head = task.store.head(task.kv_head).map_err(|e| e.to_string())?;
     let buf = &mut task.buf;
+    // With LSH, the evicted keys and the queries are hashed in one pass.
+    let hash_queries = matches!(task.policy, Policy::Lsh(_)) && !buf.evict_keys.is_empty();
     if !buf.evict_keys.is_empty() {
-        head.append(&buf.evict_keys, &buf.evict_values)?;
+        let queries = if hash_queries { &buf.q[..] } else { &[] };
+        head.append_hashing(
+            &buf.evict_keys,
+            &buf.evict_values,
+            queries,
+            &mut buf.query_bits,
+        )?;
     }
+    let per_group = if hash_queries {
+        buf.query_bits.len() / (buf.q.len() / (g * d)).max(1)
+    } else {
+        0
+    };
     buf.retrieval_ns = 0;
-    for (((q, out), lse), touched) in buf
+    for (i, (((q, out), lse), touched)) in buf
         .q
         .chunks_exact(g * d)
         .zip(buf.out.chunks_exact_mut(g * d))
         .zip(buf.lse.chunks_exact_mut(g))
         .zip(buf.touched.chunks_exact_mut(g))
+        .enumerate()
     {
         let mut ns = 0;
+        let query_bits = buf
+            .query_bits
+            .get(i * per_group..(i + 1) * per_group)
+            .filter(|b| !b.is_empty());
         attend_group(
             &head,
             d,
             q,
+            query_bits,
             &task.policy,
             scratch,
             out,

@@ -803,6 +803,21 @@ impl HeadStore {
     /// Appends key/value rows (`[n][head_dim]` each), centred with the fixed
     /// mean and hashed into every table.
     pub(crate) fn append<T: Elem>(&mut self, keys: &[T], values: &[T]) -> Result<(), String> {
+        self.append_hashing(keys, values, &[], &mut Vec::new())
+    }
+
+    /// [`HeadStore::append`], which also writes the sign bits of `queries`
+    /// (rows of `head_dim`) for the index's tables to `query_bits`
+    /// (`words_per_vector` words a query; left empty without an index): the
+    /// keys and the queries are hashed in one pass over the planes, which
+    /// each step otherwise reads from memory twice.
+    pub(crate) fn append_hashing<T: Elem>(
+        &mut self,
+        keys: &[T],
+        values: &[T],
+        queries: &[f32],
+        query_bits: &mut Vec<u64>,
+    ) -> Result<(), String> {
         let d = self.d;
         if self.index.is_some() && self.len() + keys.len() / d > MAX_INDEXED_KEYS {
             return Err(format!(
@@ -812,29 +827,40 @@ impl HeadStore {
         let first = self.len();
         self.keys.extend(keys).map_err(|e| e.to_string())?;
         self.values.extend(values).map_err(|e| e.to_string())?;
-        self.centred.resize(d, 0.0);
+        let m = self.len() - first;
         // Keys are hashed as stored (rounded or quantized), as a bulk load
-        // hashes them.
-        for i in first..self.len() {
-            self.keys.row_f32(i, &mut self.centred);
-            for (c, m) in self.centred.iter_mut().zip(&self.mean) {
-                *c -= m;
+        // hashes them: centred, then the queries after them.
+        let keeps_norms = self.keeps_norms();
+        self.centred.clear();
+        self.centred.resize(m * d, 0.0);
+        for (i, row) in (first..first + m).zip(self.centred.chunks_exact_mut(d)) {
+            self.keys.row_f32(i, row);
+            for (c, mu) in row.iter_mut().zip(&self.mean) {
+                *c -= mu;
             }
-            if self.keeps_norms() {
-                let norm = self.centred.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if keeps_norms {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
                 self.knorm.push(f16::from_f32(norm));
             }
-            if let Some(ix) = self.index.as_mut() {
-                self.bits.resize(ix.projector.words_per_vector(), 0);
-                ix.flip(&mut self.centred);
-                ix.projector.sign_bits(&self.centred, &mut self.bits);
-                self.codes.clear();
-                for t in 0..ix.l {
-                    self.codes.push(table_code(&self.bits, t, ix.k));
-                }
-                ix.push_codes(&self.codes).map_err(|e| e.to_string())?;
-            }
         }
+        query_bits.clear();
+        let Some(ix) = self.index.as_mut() else {
+            return Ok(());
+        };
+        let q = queries.len() / d;
+        self.centred.extend_from_slice(&queries[..q * d]);
+        let w = ix.projector.words_per_vector();
+        self.bits.resize((m + q) * w, 0);
+        ix.flip(&mut self.centred);
+        ix.projector.sign_bits(&self.centred, &mut self.bits);
+        for key_bits in self.bits[..m * w].chunks_exact(w) {
+            self.codes.clear();
+            for t in 0..ix.l {
+                self.codes.push(table_code(key_bits, t, ix.k));
+            }
+            ix.push_codes(&self.codes).map_err(|e| e.to_string())?;
+        }
+        query_bits.extend_from_slice(&self.bits[m * w..]);
         Ok(())
     }
 
@@ -1250,6 +1276,68 @@ mod tests {
             );
         }
         assert_eq!(b.bytes(), 2600 * d * 4);
+    }
+
+    #[test]
+    fn keys_hashed_with_queries_get_the_codes_they_get_alone() {
+        let (d, l) = (16, 20);
+        let cfg = LayerConfig {
+            n_kv_heads: 1,
+            group: 3,
+            head_dim: d,
+            lsh: Some((6, l)),
+            seed: 5,
+            ..LayerConfig::default()
+        };
+        let mut rng = SplitMix64(8);
+        let mut rows = |n: usize| -> Vec<bf16> {
+            (0..n * d)
+                .map(|_| bf16::from_f32(rng.next_u64() as i32 as f32 / 2e9))
+                .collect()
+        };
+        let (prefill, keys, values) = (rows(50), rows(2), rows(2));
+        let queries: Vec<f32> = rows(3).iter().map(|x| x.to_f32()).collect();
+        let stores: Vec<LayerStore> = (0..2)
+            .map(|_| {
+                let mut st = LayerStore::new(cfg.clone()).expect("config");
+                st.load_prefill(&prefill, &prefill, 1).expect("prefill");
+                st
+            })
+            .collect();
+        let (mut alone, mut with) = (
+            stores[0].head(0).expect("head"),
+            stores[1].head(0).expect("head"),
+        );
+        alone.append(&keys, &values).expect("append");
+        let mut bits = Vec::new();
+        with.append_hashing(&keys, &values, &queries, &mut bits)
+            .expect("append");
+        let (ia, iw) = (
+            alone.index.as_ref().expect("index"),
+            with.index.as_ref().expect("index"),
+        );
+        assert_eq!(ia.raw_codes.len(), 2 * l);
+        assert_eq!(ia.raw_codes, iw.raw_codes);
+        // And each key's codes are those of the key hashed alone.
+        let w = iw.projector.words_per_vector();
+        for (j, key) in keys.chunks_exact(d).enumerate() {
+            let mut x: Vec<f32> = key
+                .iter()
+                .zip(&with.mean)
+                .map(|(k, m)| k.to_f32() - m)
+                .collect();
+            iw.flip(&mut x);
+            let mut b = vec![0u64; w];
+            iw.projector.sign_bits(&x, &mut b);
+            let codes: Vec<u16> = (0..l).map(|t| table_code(&b, t, 6)).collect();
+            assert_eq!(&iw.raw_codes[j * l..(j + 1) * l], &codes[..], "key {j}");
+        }
+        // The queries' bits are those of the queries hashed alone.
+        let mut flipped = queries.clone();
+        iw.flip(&mut flipped);
+        let mut want = vec![0u64; 3 * iw.projector.words_per_vector()];
+        iw.projector.sign_bits(&flipped, &mut want);
+        assert_eq!(bits, want);
     }
 
     #[test]

@@ -517,20 +517,22 @@ mod x86 {
         let d = p.dim;
         if n <= 8 {
             // A few queries: the planes' bytes are the cost, so read bf16.
-            let mut i = 0;
-            while i < n {
-                let (x, o) = (xs.as_ptr().add(i * d), out.as_mut_ptr().add(i * w));
-                let mut jb = 0;
-                while jb < p.padded {
-                    match n - i {
-                        1 => block512::<1, true>(p, x, o, w, jb),
-                        2 => block512::<2, true>(p, x, o, w, jb),
-                        3 => block512::<3, true>(p, x, o, w, jb),
-                        _ => block512::<4, true>(p, x, o, w, jb),
-                    }
-                    jb += NB;
+            // All of them in one pass over the planes.
+            let (x, o) = (xs.as_ptr(), out.as_mut_ptr());
+            let mut jb = 0;
+            while jb < p.padded {
+                match n {
+                    0 => {}
+                    1 => block512::<1, true>(p, x, o, w, jb),
+                    2 => block512::<2, true>(p, x, o, w, jb),
+                    3 => block512::<3, true>(p, x, o, w, jb),
+                    4 => block512::<4, true>(p, x, o, w, jb),
+                    5 => block512::<5, true>(p, x, o, w, jb),
+                    6 => block512::<6, true>(p, x, o, w, jb),
+                    7 => block512::<7, true>(p, x, o, w, jb),
+                    _ => block512::<8, true>(p, x, o, w, jb),
                 }
-                i += (n - i).min(4);
+                jb += NB;
             }
             return;
         }

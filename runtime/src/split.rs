@@ -29,8 +29,9 @@ pub struct StepCounters {
     /// Worker time on this sequence's offloaded attention (eviction, hashing,
     /// retrieval, attention), summed over workers, nanoseconds.
     pub worker_ns: u64,
-    /// The part of `worker_ns` spent in LSH retrieval (query hashing and
-    /// collision counting), nanoseconds.
+    /// The part of `worker_ns` spent in LSH retrieval (collision counting,
+    /// and query hashing when no key was evicted that step: with one, the
+    /// queries are hashed with it), nanoseconds.
     pub retrieval_ns: u64,
     /// Sum over (token, sparse layer, query head) of offloaded keys touched.
     pub keys_touched: u64,
