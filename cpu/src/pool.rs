@@ -329,10 +329,13 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
     let (g, d) = (task.store.config().group, task.store.config().head_dim);
     let mut head = task.store.head(task.kv_head).map_err(|e| e.to_string())?;
     let buf = &mut task.buf;
-    // With LSH, the evicted keys and the queries are hashed in one pass.
-    let hash_queries = matches!(task.policy, Policy::Lsh(_)) && !buf.evict_keys.is_empty();
+    buf.query_bits.clear();
     if !buf.evict_keys.is_empty() {
-        let queries = if hash_queries { &buf.q[..] } else { &[] };
+        // With LSH, the evicted keys and the queries are hashed in one pass.
+        let queries = match task.policy {
+            Policy::Lsh(_) => &buf.q[..],
+            _ => &[],
+        };
         head.append_hashing(
             &buf.evict_keys,
             &buf.evict_values,
@@ -340,11 +343,8 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
             &mut buf.query_bits,
         )?;
     }
-    let per_group = if hash_queries {
-        buf.query_bits.len() / (buf.q.len() / (g * d)).max(1)
-    } else {
-        0
-    };
+    // Empty when the queries were not hashed here: attend_group hashes them.
+    let per_group = buf.query_bits.len() / (buf.q.len() / (g * d)).max(1);
     buf.retrieval_ns = 0;
     for (i, (((q, out), lse), touched)) in buf
         .q

@@ -318,23 +318,13 @@ impl Csr {
         }
     }
 
-    /// Reads one byte of every cache line of `bucket` and returns their
-    /// xor: plain loads, which unlike prefetches are never dropped.
+    /// Reads every cache line of `bucket`: see
+    /// [`tandem_kernels::vector::touch_lines`].
     #[inline(always)]
     pub(crate) fn touch(&self, bucket: &Bucket) -> u8 {
         let (u, e) = (bucket.start as usize, bucket.end as usize);
-        let bytes = self
-            .packed
-            .get(3 * u / 2..(3 * e).div_ceil(2))
-            .unwrap_or(&[]);
-        let base = bytes.as_ptr() as usize;
-        let (mut x, mut i) = (0, 0);
-        while let Some(&b) = bytes.get(i) {
-            x ^= b;
-            // On to the first byte of the next line.
-            i += 64 - (base + i) % 64;
-        }
-        x
+        let bytes = self.packed.get(3 * u / 2..(3 * e).div_ceil(2));
+        tandem_kernels::vector::touch_lines(bytes.unwrap_or(&[]))
     }
 
     /// Counts the collisions of `buckets` in `pairs` (indexed by key

@@ -609,6 +609,21 @@ pub fn axpy_f32_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[f32]) 
     }
 }
 
+/// Reads one byte of every cache line of `bytes` and returns their xor (to be
+/// kept, e.g. by `std::hint::black_box`): plain loads, which unlike
+/// prefetches are never dropped and keep many misses in flight.
+#[inline(always)]
+pub fn touch_lines(bytes: &[u8]) -> u8 {
+    let base = bytes.as_ptr() as usize;
+    let (mut x, mut i) = (0, 0);
+    while let Some(&b) = bytes.get(i) {
+        x ^= b;
+        // On to the first byte of the next line.
+        i += 64 - (base + i) % 64;
+    }
+    x
+}
+
 /// Hints the CPU to fetch every cache line of `s` (a no-op where unsupported).
 #[inline]
 pub fn prefetch<T>(s: &[T]) {
@@ -1444,6 +1459,22 @@ mod tests {
     }
 
     const LENS: [usize; 9] = [0, 1, 3, 7, 15, 17, 33, 127, 301];
+
+    #[test]
+    fn touch_lines_reads_the_first_byte_of_every_line() {
+        let mut rng = Rng(5);
+        let buf: Vec<u8> = (0..700).map(|_| rng.next_u64() as u8).collect();
+        for (from, to) in [(0, 0), (3, 4), (0, 700), (17, 300), (64, 129), (699, 700)] {
+            let bytes = &buf[from..to];
+            let base = bytes.as_ptr() as usize;
+            let want = bytes
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i == 0 || (base + i).is_multiple_of(64))
+                .fold(0, |x, (_, &b)| x ^ b);
+            assert_eq!(touch_lines(bytes), want, "{from}..{to}");
+        }
+    }
 
     #[test]
     fn dots_match_f64_reference_for_every_isa() {
