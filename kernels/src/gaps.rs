@@ -103,8 +103,8 @@ pub fn decode_gaps_with(
     out: &mut [u32],
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if isa.min(crate::vector::best_supported()) == Isa::Avx512
-        && has_vbmi()
+    if crate::isa::effective(isa) == Isa::Avx512
+        && crate::isa::has_avx512vbmi()
         && out.len() >= end.saturating_sub(start)
     {
         // SAFETY: the CPU supports AVX-512 F/BW and VBMI, and `out` has a
@@ -139,7 +139,7 @@ pub fn count_pairs(packed: &[u8], buckets: &[Bucket], base: usize, pairs: &mut [
 
 /// [`count_pairs`] with an explicit ISA (capped at what the CPU supports; the
 /// AVX-512 path also needs VBMI, else it runs the scalar one).
-pub fn count_pairs_with(
+pub(crate) fn count_pairs_with(
     isa: Isa,
     packed: &[u8],
     buckets: &[Bucket],
@@ -147,7 +147,7 @@ pub fn count_pairs_with(
     pairs: &mut [u8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa.min(crate::vector::best_supported()) == Isa::Avx512 && has_vbmi() {
+    if crate::isa::effective(isa) == Isa::Avx512 && crate::isa::has_avx512vbmi() {
         // SAFETY: the CPU supports AVX-512 F/BW and VBMI.
         unsafe { x86::count_pairs_vbmi(packed, buckets, base, pairs) };
         return;
@@ -191,12 +191,6 @@ fn count_scalar(
         }
         u += 1;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_vbmi() -> bool {
-    static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VBMI.get_or_init(|| is_x86_feature_detected!("avx512vbmi"))
 }
 
 /// The scalar decoder, from unit `u` with running sum `prev` and `out` empty.

@@ -107,14 +107,13 @@ impl Projector {
     /// `out[i * words_per_vector() + j / 64] >> (j % 64) & 1`, set iff the
     /// projection on plane `j` is > 0. Bits past `n_planes` are 0. Rows beyond
     /// what `out` can hold are ignored.
-    pub fn sign_bits_with(&self, isa: Isa, xs: &[f32], out: &mut [u64]) {
+    pub(crate) fn sign_bits_with(&self, isa: Isa, xs: &[f32], out: &mut [u64]) {
         let w = self.words_per_vector();
         let n = (xs.len() / self.dim).min(out.len() / w);
         let xs = &xs[..n * self.dim];
         let out = &mut out[..n * w];
         out.iter_mut().for_each(|x| *x = 0);
-        let best = crate::vector::best_supported();
-        match isa.min(best) {
+        match crate::isa::effective(isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU supports AVX-512F; shapes were checked above.
             Isa::Avx512 => unsafe { x86::sign_bits_avx512(self, xs, out, n) },
@@ -170,9 +169,14 @@ pub fn collect_at_least(counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usi
 }
 
 /// [`collect_at_least`] with an explicit ISA (capped at what the CPU supports).
-pub fn collect_at_least_with(isa: Isa, counts: &[u8], t: u8, base: u32, out: &mut [u32]) -> usize {
-    let best = crate::vector::best_supported();
-    match isa.min(best) {
+pub(crate) fn collect_at_least_with(
+    isa: Isa,
+    counts: &[u8],
+    t: u8,
+    base: u32,
+    out: &mut [u32],
+) -> usize {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512BW.
         Isa::Avx512 => unsafe { x86::collect_avx512(counts, t, base, out) },
@@ -210,10 +214,10 @@ pub fn count_equal_u16(a: &[u16], b: &[u16]) -> usize {
 }
 
 /// [`count_equal_u16`] with an explicit ISA (capped at what the CPU supports).
-pub fn count_equal_u16_with(isa: Isa, a: &[u16], b: &[u16]) -> usize {
+pub(crate) fn count_equal_u16_with(isa: Isa, a: &[u16], b: &[u16]) -> usize {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    match isa.min(crate::vector::best_supported()) {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512BW; slices have equal length.
         Isa::Avx512 => unsafe { x86::count_equal_avx512(a, b) },
@@ -266,7 +270,7 @@ pub fn collect_lanes(
 }
 
 /// [`collect_lanes`] with an explicit ISA (capped at what the CPU supports).
-pub fn collect_lanes_with(
+pub(crate) fn collect_lanes_with(
     isa: Isa,
     counts: &mut [u32],
     lanes: Lanes,
@@ -278,7 +282,7 @@ pub fn collect_lanes_with(
     let t = t.max(1);
     let cap = ids.len().min(masks.len());
     let (ids, masks) = (&mut ids[..cap], &mut masks[..cap]);
-    match isa.min(crate::vector::best_supported()) {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F/BW; `ids` and `masks` have equal length.
         Isa::Avx512 => unsafe { x86::collect_lanes_avx512(counts, lanes, t, base, ids, masks) },
@@ -363,7 +367,7 @@ pub fn collect_pairs(
 }
 
 /// [`collect_pairs`] with an explicit ISA (capped at what the CPU supports).
-pub fn collect_pairs_with(
+pub(crate) fn collect_pairs_with(
     isa: Isa,
     counts: &mut [u8],
     t: u8,
@@ -374,7 +378,7 @@ pub fn collect_pairs_with(
     let cap = ids.len().min(masks.len());
     let (ids, masks) = (&mut ids[..cap], &mut masks[..cap]);
     let shift = u32::from(t >= 2);
-    match isa.min(crate::vector::best_supported()) {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512BW; `ids` and `masks` have equal length.
         Isa::Avx512 => unsafe { x86::collect_pairs_avx512(counts, shift, base, ids, masks) },

@@ -13,10 +13,10 @@ pub fn add_per_head(xs: &mut [f32], heads: &[u8], table: &[f32; 8]) {
 }
 
 /// [`add_per_head`] with an explicit ISA (capped at what the CPU supports).
-pub fn add_per_head_with(isa: Isa, xs: &mut [f32], heads: &[u8], table: &[f32; 8]) {
+pub(crate) fn add_per_head_with(isa: Isa, xs: &mut [f32], heads: &[u8], table: &[f32; 8]) {
     let n = xs.len().min(heads.len());
     let (xs, heads) = (&mut xs[..n], &heads[..n]);
-    match isa.min(crate::vector::best_supported()) {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512 F/BW/VL; the lengths are equal.
         Isa::Avx512 => unsafe { x86::add_per_head(xs, heads, table) },

@@ -12,13 +12,9 @@ use crate::vector::checked_rows;
 use crate::Isa;
 
 /// `sum_i codes[i] * q[i]` over `min(codes.len(), q.len())` values (the caller
-/// multiplies by the row's scale). Auto-dispatch.
-pub fn dot_i8_f32(codes: &[i8], q: &[f32]) -> f32 {
-    dot_i8_f32_with(Isa::detect(), codes, q)
-}
-
-/// [`dot_i8_f32`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_i8_f32_with(isa: Isa, codes: &[i8], q: &[f32]) -> f32 {
+/// multiplies by the row's scale), with an explicit ISA (capped at what the
+/// CPU supports).
+pub(crate) fn dot_i8_f32_with(isa: Isa, codes: &[i8], q: &[f32]) -> f32 {
     let n = codes.len().min(q.len());
     let mut out = [0f32];
     dot_i8_f32_multi_with(isa, &codes[..n], &q[..n], &mut out);
@@ -34,13 +30,13 @@ pub fn dot_i8_f32_multi(codes: &[i8], queries: &[f32], out: &mut [f32]) {
 }
 
 /// [`dot_i8_f32_multi`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_i8_f32_multi_with(isa: Isa, codes: &[i8], queries: &[f32], out: &mut [f32]) {
+pub(crate) fn dot_i8_f32_multi_with(isa: Isa, codes: &[i8], queries: &[f32], out: &mut [f32]) {
     let d = codes.len();
     let fit = queries.len().checked_div(d).unwrap_or(out.len());
     let g = out.len().min(8).min(fit);
     out[g..].iter_mut().for_each(|x| *x = 0.0);
     let (queries, out) = (&queries[..g * d], &mut out[..g]);
-    match isa.min(crate::vector::best_supported()) {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F; `queries` holds `g * d` values, g <= 8.
         Isa::Avx512 => unsafe { x86::dot_multi_avx512(codes, queries, out) },
@@ -64,11 +60,11 @@ pub fn axpy_i8_multi(outs: &mut [f32], ws: &[f32], codes: &[i8]) {
 }
 
 /// [`axpy_i8_multi`] with an explicit ISA (capped at what the CPU supports).
-pub fn axpy_i8_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], codes: &[i8]) {
+pub(crate) fn axpy_i8_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], codes: &[i8]) {
     let d = codes.len();
     let g = ws.len().min(8).min(outs.len().checked_div(d).unwrap_or(0));
     let (outs, ws) = (&mut outs[..g * d], &ws[..g]);
-    match isa.min(crate::vector::best_supported()) {
+    match crate::isa::effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F/BW/VL (`Isa::Avx512` requires
         // them); `outs` holds `ws.len() * d` values.
@@ -104,7 +100,7 @@ pub fn axpy_rows_i8<'a>(
 }
 
 /// [`axpy_rows_i8`] with an explicit ISA (capped at what the CPU supports).
-pub fn axpy_rows_i8_with<'a>(
+pub(crate) fn axpy_rows_i8_with<'a>(
     isa: Isa,
     ids: &[u32],
     row: impl Fn(u32) -> &'a [i8],
@@ -117,7 +113,7 @@ pub fn axpy_rows_i8_with<'a>(
     else {
         return;
     };
-    let level = isa.min(crate::vector::best_supported());
+    let level = crate::isa::effective(isa);
     #[cfg(target_arch = "x86_64")]
     if level == Isa::Avx512 && d.is_multiple_of(16) {
         // SAFETY: the CPU supports AVX-512F; every row has `d` values, a
@@ -150,7 +146,7 @@ const ROWS_MAX_D: usize = 256;
 /// loaded.
 ///
 /// With AVX-512 and `d` a multiple of 32 (up to 256) the pairs go in blocks of
-/// 16 with one transposed reduction. Results equal [`dot_i8_f32`] of the same
+/// 16 with one transposed reduction. Results equal `dot_i8_f32_with` of the same
 /// inputs up to summation order.
 ///
 /// # Panics
@@ -179,7 +175,7 @@ pub fn dot_rows_i8<'a>(
 
 /// [`dot_rows_i8`] with an explicit ISA (capped at what the CPU supports).
 #[allow(clippy::too_many_arguments)]
-pub fn dot_rows_i8_with<'a>(
+pub(crate) fn dot_rows_i8_with<'a>(
     isa: Isa,
     ids: &[u32],
     row: impl Fn(u32) -> &'a [i8],
@@ -203,7 +199,7 @@ pub fn dot_rows_i8_with<'a>(
             ids.len()
         );
     }
-    let level = isa.min(crate::vector::best_supported());
+    let level = crate::isa::effective(isa);
     #[cfg(target_arch = "x86_64")]
     if level == Isa::Avx512 && d.is_multiple_of(32) && d <= ROWS_MAX_D && g <= 8 {
         // SAFETY: the CPU supports AVX-512F; every row (and `scales`) has `d`

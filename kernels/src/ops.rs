@@ -78,19 +78,6 @@ impl Rope {
             head[2 * i + 1] = a * sin + b * cos;
         }
     }
-
-    /// Rotates one head in place at `position`, pairing `(x[i], x[i + dim/2])` —
-    /// Hugging Face's layout.
-    pub fn rotate_half_split(&self, head: &mut [f32], position: usize) {
-        let half = self.inv_freq.len();
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let (sin, cos) = (position as f64 * f as f64).sin_cos();
-            let (sin, cos) = (sin as f32, cos as f32);
-            let (a, b) = (head[i], head[i + half]);
-            head[i] = a * cos - b * sin;
-            head[i + half] = a * sin + b * cos;
-        }
-    }
 }
 
 /// Index of the largest element (the first on ties); `None` when empty or all NaN.
@@ -133,7 +120,6 @@ mod tests {
         rope.angles(77, &mut angles);
         rope.rotate_interleaved_with(&mut z, &angles);
         assert_eq!(y, z);
-        rope.rotate_half_split(&mut y, 123);
         let n0: f32 = x.iter().map(|v| v * v).sum();
         let n1: f32 = y.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-4);

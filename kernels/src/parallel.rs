@@ -127,26 +127,6 @@ impl ThreadPool {
         }
         Ok(())
     }
-
-    /// Splits `0..n` into one contiguous range per thread (multiples of `align`
-    /// except the last) and runs `task(range)` on each.
-    pub fn for_ranges(
-        &self,
-        n: usize,
-        align: usize,
-        task: &(dyn Fn(std::ops::Range<usize>) + Sync),
-    ) -> Result<(), JobPanicked> {
-        let threads = self.threads();
-        let align = align.max(1);
-        let units = n.div_ceil(align);
-        self.run(&|i| {
-            let start = (units * i / threads * align).min(n);
-            let end = (units * (i + 1) / threads * align).min(n);
-            if start < end {
-                task(start..end);
-            }
-        })
-    }
 }
 
 fn worker_loop(shared: &Shared, index: usize) {
@@ -208,24 +188,6 @@ mod tests {
             })
             .expect("no panic");
             assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1));
-        }
-    }
-
-    #[test]
-    fn ranges_cover_everything_once() {
-        let pool = ThreadPool::new(2);
-        for n in [0, 1, 5, 64, 577] {
-            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            pool.for_ranges(n, 4, &|r| {
-                for i in r {
-                    hits[i].fetch_add(1, Ordering::SeqCst);
-                }
-            })
-            .expect("no panic");
-            assert!(
-                hits.iter().all(|h| h.load(Ordering::SeqCst) == 1),
-                "n = {n}"
-            );
         }
     }
 

@@ -199,25 +199,6 @@ impl AffineMatrix {
         }
     }
 
-    /// `out[i] = row (rows.start + i) · x` for the rows in `rows`.
-    ///
-    /// Panics if `x` does not have `cols` elements or `out` does not match `rows`
-    /// (callers size these from the matrix; they are not user input).
-    pub fn matvec(&self, x: &QuantizedVector, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        self.matvec_with(Isa::detect(), x, rows, out)
-    }
-
-    /// [`AffineMatrix::matvec`] with an explicit instruction set (for tests and benchmarks).
-    pub fn matvec_with(
-        &self,
-        isa: Isa,
-        x: &QuantizedVector,
-        rows: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) {
-        self.matmul_with(isa, std::slice::from_ref(x), rows, &mut [out])
-    }
-
     /// For each input `xs[t]`: `outs[t][i] = row (rows.start + i) · xs[t]`.
     ///
     /// Reads each weight row once for all inputs, which is what makes prefill fast.
@@ -231,7 +212,7 @@ impl AffineMatrix {
     }
 
     /// [`AffineMatrix::matmul`] with an explicit instruction set.
-    pub fn matmul_with(
+    pub(crate) fn matmul_with(
         &self,
         isa: Isa,
         xs: &[QuantizedVector],

@@ -1,10 +1,11 @@
 //! Vector kernels for attention: dot products, weighted sums (axpy) and a fast
 //! `exp`, for f32 and bf16 rows, with AVX-512, AVX2+FMA and scalar paths.
 //!
-//! Every kernel has an explicit-ISA form (`*_with`) that tests use to check each
-//! SIMD path against the scalar reference, and an auto-dispatch form that uses
-//! [`Isa::detect`]. Asking for an ISA the CPU lacks is safe: the request is capped
-//! at the best supported level, so no illegal instruction can run.
+//! Every kernel is public in an auto-dispatch form that uses [`Isa::detect`],
+//! and has a crate-private explicit-ISA form (`*_with`) that the unit tests use
+//! to check each SIMD path against the scalar reference. Asking for an ISA the
+//! CPU lacks is safe: the request is capped at the best supported level, so no
+//! illegal instruction can run.
 //!
 //! bf16 values are widened to f32 exactly (a 16-bit shift), so bf16 kernels
 //! differ from the f32 kernels on the widened data only by summation order.
@@ -12,17 +13,7 @@
 use crate::Isa;
 use half::bf16;
 
-/// The best ISA this CPU supports (ignoring `TANDEM_ISA`), detected once.
-pub(crate) fn best_supported() -> Isa {
-    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *BEST.get_or_init(|| *Isa::all_supported().last().unwrap_or(&Isa::Scalar))
-}
-
-/// Caps a requested ISA at what this CPU supports.
-#[inline]
-fn effective(isa: Isa) -> Isa {
-    isa.min(best_supported())
-}
+use crate::isa::effective;
 
 /// The ISA the auto-dispatch kernels use (detected once).
 #[inline]
@@ -83,7 +74,7 @@ pub fn exp_inplace(xs: &mut [f32]) {
 }
 
 /// [`exp_inplace`] with an explicit ISA (capped at what the CPU supports).
-pub fn exp_inplace_with(isa: Isa, xs: &mut [f32]) {
+pub(crate) fn exp_inplace_with(isa: Isa, xs: &mut [f32]) {
     match effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `effective` guarantees the CPU supports AVX-512F.
@@ -105,7 +96,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`dot_f32`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_f32_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     match effective(isa) {
@@ -142,7 +133,7 @@ pub fn dot_bf16_f32(row: &[bf16], q: &[f32]) -> f32 {
 }
 
 /// [`dot_bf16_f32`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_bf16_f32_with(isa: Isa, row: &[bf16], q: &[f32]) -> f32 {
+pub(crate) fn dot_bf16_f32_with(isa: Isa, row: &[bf16], q: &[f32]) -> f32 {
     let n = row.len().min(q.len());
     let (row, q) = (&row[..n], &q[..n]);
     match effective(isa) {
@@ -182,7 +173,7 @@ pub fn axpy_f32(out: &mut [f32], w: f32, row: &[f32]) {
 }
 
 /// [`axpy_f32`] with an explicit ISA (capped at what the CPU supports).
-pub fn axpy_f32_with(isa: Isa, out: &mut [f32], w: f32, row: &[f32]) {
+pub(crate) fn axpy_f32_with(isa: Isa, out: &mut [f32], w: f32, row: &[f32]) {
     let n = out.len().min(row.len());
     let (out, row) = (&mut out[..n], &row[..n]);
     match effective(isa) {
@@ -206,7 +197,7 @@ pub fn axpy_bf16(out: &mut [f32], w: f32, row: &[bf16]) {
 }
 
 /// [`axpy_bf16`] with an explicit ISA (capped at what the CPU supports).
-pub fn axpy_bf16_with(isa: Isa, out: &mut [f32], w: f32, row: &[bf16]) {
+pub(crate) fn axpy_bf16_with(isa: Isa, out: &mut [f32], w: f32, row: &[bf16]) {
     let n = out.len().min(row.len());
     let (out, row) = (&mut out[..n], &row[..n]);
     match effective(isa) {
@@ -223,62 +214,6 @@ pub fn axpy_bf16_with(isa: Isa, out: &mut [f32], w: f32, row: &[bf16]) {
     }
 }
 
-/// `sum a[i] * b[i]` for two bf16 vectors, over `min(a.len(), b.len())`
-/// elements (auto-dispatch). On AVX-512 BF16 this is `vdpbf16ps` (products of
-/// two bf16 are exact in f32; the sums are rounded to nearest in f32 with
-/// denormal inputs/outputs flushed to zero); other paths widen to f32 and use
-/// fused multiply-adds.
-pub fn dot_bf16(a: &[bf16], b: &[bf16]) -> f32 {
-    dot_bf16_with(auto(), a, b)
-}
-
-/// [`dot_bf16`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_bf16_with(isa: Isa, a: &[bf16], b: &[bf16]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    match effective(isa) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` is only reported with AVX-512 F/BW/VL and
-        // AVX512_BF16 present (checked again here); slices have equal length.
-        Isa::Avx512 if has_avx512bf16() => unsafe { x86::dot_bf16_bf16_avx512(a, b) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX-512F/BW (and thus AVX2 and FMA).
-        Isa::Avx512 | Isa::Avx2 => unsafe { x86::dot_bf16_bf16_avx2(a, b) },
-        _ => dot_bf16_bf16_scalar(a, b),
-    }
-}
-
-/// Whether the CPU has AVX512_BF16 (`vdpbf16ps`), detected once.
-pub fn has_avx512bf16() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-fn dot_bf16_bf16_scalar(a: &[bf16], b: &[bf16]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] = x[i].to_f32().mul_add(y[i].to_f32(), acc[i]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s = x.to_f32().mul_add(y.to_f32(), s);
-    }
-    s
-}
-
 /// Dot products of one bf16 row with several f32 vectors at once (the query
 /// heads of a GQA group): `out[h] = sum_i row[i] * queries[h * row.len() + i]`
 /// for `h < out.len()`. The row is read (and widened) once. `out.len()` must
@@ -290,7 +225,7 @@ pub fn dot_bf16_f32_multi(row: &[bf16], queries: &[f32], out: &mut [f32]) {
 }
 
 /// [`dot_bf16_f32_multi`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_bf16_f32_multi_with(isa: Isa, row: &[bf16], queries: &[f32], out: &mut [f32]) {
+pub(crate) fn dot_bf16_f32_multi_with(isa: Isa, row: &[bf16], queries: &[f32], out: &mut [f32]) {
     let d = row.len();
     let g = multi_heads(d, queries.len(), out);
     let (queries, out) = (&queries[..g * d], &mut out[..g]);
@@ -315,7 +250,7 @@ pub fn dot_f32_multi(row: &[f32], queries: &[f32], out: &mut [f32]) {
 }
 
 /// [`dot_f32_multi`] with an explicit ISA (capped at what the CPU supports).
-pub fn dot_f32_multi_with(isa: Isa, row: &[f32], queries: &[f32], out: &mut [f32]) {
+pub(crate) fn dot_f32_multi_with(isa: Isa, row: &[f32], queries: &[f32], out: &mut [f32]) {
     let d = row.len();
     let g = multi_heads(d, queries.len(), out);
     let (queries, out) = (&queries[..g * d], &mut out[..g]);
@@ -380,7 +315,7 @@ pub fn dot_rows_bf16<'a>(
 
 /// [`dot_rows_bf16`] with an explicit ISA (capped at what the CPU supports).
 #[allow(clippy::too_many_arguments)]
-pub fn dot_rows_bf16_with<'a>(
+pub(crate) fn dot_rows_bf16_with<'a>(
     isa: Isa,
     ids: &[u32],
     row: impl Fn(u32) -> &'a [bf16],
@@ -513,7 +448,7 @@ pub fn corrected_logits(
 /// [`corrected_logits`] with an explicit ISA (capped at what the CPU
 /// supports; AVX2 takes the scalar path).
 #[allow(clippy::too_many_arguments)]
-pub fn corrected_logits_with(
+pub(crate) fn corrected_logits_with(
     isa: Isa,
     dots: &mut [f32],
     heads: &[u8],
@@ -573,7 +508,7 @@ pub fn axpy_bf16_multi(outs: &mut [f32], ws: &[f32], row: &[bf16]) {
 }
 
 /// [`axpy_bf16_multi`] with an explicit ISA (capped at what the CPU supports).
-pub fn axpy_bf16_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[bf16]) {
+pub(crate) fn axpy_bf16_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[bf16]) {
     let d = row.len();
     let g = ws.len().min(8).min(outs.len().checked_div(d).unwrap_or(0));
     let (outs, ws) = (&mut outs[..g * d], &ws[..g]);
@@ -600,7 +535,7 @@ pub fn axpy_f32_multi(outs: &mut [f32], ws: &[f32], row: &[f32]) {
 }
 
 /// [`axpy_f32_multi`] with an explicit ISA (capped at what the CPU supports).
-pub fn axpy_f32_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[f32]) {
+pub(crate) fn axpy_f32_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], row: &[f32]) {
     let d = row.len();
     let g = ws.len().min(8).min(outs.len().checked_div(d).unwrap_or(0));
     let (outs, ws) = (&mut outs[..g * d], &ws[..g]);
@@ -657,26 +592,6 @@ pub fn prefetch_at<T>(s: &[T], i: usize) {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = x;
     }
-}
-
-/// Hints the CPU to fetch a bf16 row into cache (a no-op where unsupported).
-/// Used to hide memory latency when visiting rows in a data-dependent order.
-#[inline]
-pub fn prefetch_bf16(row: &[bf16]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes = std::mem::size_of_val(row);
-        let p = row.as_ptr() as *const i8;
-        let mut off = 0;
-        while off < bytes {
-            // SAFETY: prefetch never faults and `p + off` stays inside `row`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
-            off += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1022,70 +937,7 @@ pub(crate) mod x86 {
         }
     }
 
-    // ----- multi-head and bf16 x bf16 kernels -----
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn dot_bf16_bf16_avx512(a: &[bf16], b: &[bf16]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr() as *const i16, b.as_ptr() as *const i16);
-        let mut acc0 = _mm512_setzero_ps();
-        let mut acc1 = _mm512_setzero_ps();
-        let mut i = 0;
-        while i + 64 <= n {
-            let (a0, b0) = (
-                _mm512_loadu_si512(pa.add(i) as *const _),
-                _mm512_loadu_si512(pb.add(i) as *const _),
-            );
-            let (a1, b1) = (
-                _mm512_loadu_si512(pa.add(i + 32) as *const _),
-                _mm512_loadu_si512(pb.add(i + 32) as *const _),
-            );
-            acc0 = _mm512_dpbf16_ps(
-                acc0,
-                std::mem::transmute::<__m512i, __m512bh>(a0),
-                std::mem::transmute::<__m512i, __m512bh>(b0),
-            );
-            acc1 = _mm512_dpbf16_ps(
-                acc1,
-                std::mem::transmute::<__m512i, __m512bh>(a1),
-                std::mem::transmute::<__m512i, __m512bh>(b1),
-            );
-            i += 64;
-        }
-        while i < n {
-            let rem = (n - i).min(32);
-            let m: __mmask32 = if rem == 32 { !0 } else { (1u32 << rem) - 1 };
-            let a0 = _mm512_maskz_loadu_epi16(m, pa.add(i));
-            let b0 = _mm512_maskz_loadu_epi16(m, pb.add(i));
-            acc0 = _mm512_dpbf16_ps(
-                acc0,
-                std::mem::transmute::<__m512i, __m512bh>(a0),
-                std::mem::transmute::<__m512i, __m512bh>(b0),
-            );
-            i += 32;
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_bf16_bf16_avx2(a: &[bf16], b: &[bf16]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr() as *const u16);
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(widen8(pa.add(i)), widen8(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(widen8(pa.add(i + 8)), widen8(pb.add(i + 8)), acc1);
-            i += 16;
-        }
-        let mut s = hsum8(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s = a[i].to_f32().mul_add(b[i].to_f32(), s);
-            i += 1;
-        }
-        s
-    }
+    // ----- multi-head kernels -----
 
     /// Loads up to 16 bf16 (masked past `n - i`) and widens them to f32.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -1660,7 +1512,7 @@ mod tests {
 
     #[test]
     #[allow(clippy::needless_range_loop)]
-    fn bf16_dot_and_multi_kernels_match_scalar_for_every_isa() {
+    fn bf16_multi_kernels_match_scalar_for_every_isa() {
         let mut rng = Rng(4);
         for isa in Isa::all_supported() {
             for &n in &[0usize, 1, 3, 7, 15, 17, 31, 33, 63, 65, 127, 128, 129, 301] {
@@ -1668,16 +1520,7 @@ mod tests {
                     .iter()
                     .map(|&x| bf16::from_f32(x))
                     .collect();
-                let b: Vec<bf16> = random_vec(&mut rng, n)
-                    .iter()
-                    .map(|&x| bf16::from_f32(x))
-                    .collect();
-                let exact: f64 = a.iter().zip(&b).map(|(x, y)| x.to_f64() * y.to_f64()).sum();
-                let got = dot_bf16_with(isa, &a, &b) as f64;
                 let tol = 1e-5 * (n as f64 + 1.0);
-                assert!((got - exact).abs() <= tol, "{isa:?} n={n} {got} vs {exact}");
-                let s = dot_bf16_with(Isa::Scalar, &a, &b) as f64;
-                assert!((got - s).abs() <= tol, "{isa:?} n={n} vs scalar");
                 for g in 0..=9usize {
                     let qs = random_vec(&mut rng, n * g);
                     let rowf: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
