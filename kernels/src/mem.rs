@@ -1,4 +1,5 @@
-//! Memory hints for large, randomly accessed buffers.
+//! Memory for large buffers: huge-page hints, huge-page-aligned buffers, and
+//! read-only memory-mapped files.
 
 /// Asks the kernel to back the pages of `buf` with transparent huge pages
 /// (Linux `madvise(MADV_HUGEPAGE)`; a no-op elsewhere, and errors are
@@ -245,6 +246,63 @@ impl<T: Plain + std::fmt::Debug> std::fmt::Debug for HugeBuf<T> {
     }
 }
 
+/// A file mapped read-only into memory, seen as a byte slice.
+///
+/// The pages are read from the file on first access and shared with the page
+/// cache, so mapping a multi-gigabyte model file costs no copy and no up-front
+/// read.
+pub struct MappedFile {
+    map: memmap2::Mmap,
+}
+
+impl MappedFile {
+    /// Maps the whole file at `path` read-only. An empty file gives an empty
+    /// slice.
+    ///
+    /// The file must not be modified or truncated while it is mapped (see the
+    /// SAFETY note in the body): callers map files they only read, such as
+    /// model weights.
+    pub fn open(path: impl AsRef<std::path::Path>) -> std::io::Result<MappedFile> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: `Mmap::map` is unsafe because the slice it yields assumes
+        // the file's bytes do not change: if another process writes to or
+        // truncates the file while it is mapped, reads see the new bytes (or
+        // fault with SIGBUS past a truncated end). The map is read-only and
+        // this process never writes the file; that no one else does while it
+        // is mapped is the contract stated on this function, the same every
+        // mmap-based loader relies on.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(MappedFile { map })
+    }
+
+    /// The file's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +339,26 @@ mod tests {
         advise_huge_pages(&v);
         advise_huge_pages::<u8>(&[]);
         assert_eq!(v[12345], 12345);
+    }
+
+    #[test]
+    fn a_mapped_file_reads_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("tandem-mapped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("data.bin");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let map = MappedFile::open(&path).unwrap();
+        assert_eq!(map.as_bytes(), &bytes[..]);
+        assert_eq!(map.len(), bytes.len());
+        assert_eq!(&map[100..104], &bytes[100..104]);
+
+        let empty = dir.join("empty.bin");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(MappedFile::open(&empty).unwrap().is_empty());
+
+        let missing = MappedFile::open(dir.join("missing.bin")).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
