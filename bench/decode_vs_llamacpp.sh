@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tandem (dense) and llama.cpp side by side, in one sitting, on the default model:
+# tandem (dense) and llama.cpp side by side, in one run, on the default model:
 # decode tokens/s at depths 0 and 2048 and prefill tokens/s, 2 threads.
 # Usage: LLAMA_BENCH=/path/to/llama-bench bench/decode_vs_llamacpp.sh [DEPTHS]
 set -euo pipefail

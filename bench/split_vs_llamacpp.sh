@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The split decode step against dense and llama.cpp, in one sitting, on the
+# The split decode step against dense and llama.cpp, in one run, on the
 # default model: decode tokens/s after a context of 8k and 32k tokens, 2 threads.
 # tandem's 8k context is a real prefill of real text; 32k is above
 # --prefill-max, so it gets a generated KV cache with the real weights (the
@@ -15,7 +15,6 @@ echo "## tandem ($POLICY and dense)"
 target/release/tandem bench decode --threads 2 --cpu-workers 2 --context "$DEPTHS" \
   --policy "$POLICY" --tokens 32 --json
 echo "## llama.cpp"
-# Flash attention on: the faster setting at long depths (without it llama.cpp
-# decodes ~10x slower at 32k and its untimed 32k prefill takes over ten minutes
-# here); set FA=off or FA=off,on for the other setting.
+# Flash attention on: llama.cpp's faster setting at long depths, for both its
+# decode and its untimed prefill; set FA=off or FA=off,on for the other setting.
 "$LLAMA_BENCH" -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 0 -n 32 -d "$DEPTHS" -fa "${FA:-on}" -r 1 -o md

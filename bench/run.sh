@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# Regenerates the table in BENCHMARKS.md.
+#
+# Runs each figure's command with the release binary, saves the raw output
+# under bench/results/<YYYY-MM-DD>-<short commit>/ (with meta.json: machine,
+# date, commit and the command behind each file), then rewrites BENCHMARKS.md
+# from those outputs.
+#
+# Usage: bench/run.sh [--only FIGURE]... [--from PATH]... [--machine TEXT]
+#   --only FIGURE   run (or, with --from, tabulate) only this figure; repeatable:
+#                   attention  CPU attention per layer at 96k, llama3.1-8b shape
+#                   decode96k  decode step at 96k, llama3.1-8b shape (~20 GB, minutes)
+#                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
+#                              when LLAMA_BENCH points at llama-bench)
+#                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
+#   --from PATH     run nothing: rebuild the table from saved outputs, a run
+#                   directory of this script or single saved files (repeatable)
+#   --machine TEXT  the machine to name for saved files without a meta.json
+# The table holds the figures of the outputs read: after a run with --only, or
+# to combine runs, rebuild it with --from over the run directories wanted.
+# Env: LLAMA_BENCH (llama-bench binary), THREADS (default 2), TANDEM_BIN
+# (default ${CARGO_TARGET_DIR:-target}/release/tandem, built when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ONLY=()
+FROM=()
+MACHINE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --only) ONLY+=("$2"); shift 2 ;;
+    --from) FROM+=("$2"); shift 2 ;;
+    --machine) MACHINE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+for f in "${ONLY[@]}"; do
+  case "$f" in attention|decode96k|smollm2|quality) ;; *)
+    echo "run.sh: --only takes attention, decode96k, smollm2 or quality, not $f" >&2; exit 2 ;;
+  esac
+done
+wanted() { [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$1"; }
+
+THREADS=${THREADS:-2}
+SMOLLM2=models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+if [ ${#FROM[@]} -eq 0 ]; then
+  BIN=${TANDEM_BIN:-${CARGO_TARGET_DIR:-target}/release/tandem}
+  [ -x "$BIN" ] || cargo build --release
+  DATE=$(date -u +%F)
+  COMMIT=$(git rev-parse --short HEAD)
+  DIR=bench/results/$DATE-$COMMIT
+  mkdir -p "$DIR"
+  MACHINE_NOW="$(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) cores"
+  CMDS="$DIR/commands.tsv"
+  : > "$CMDS"
+  # run FILE CMD...: runs CMD with stdout to $DIR/FILE and records it.
+  run() {
+    local file=$1; shift
+    printf '%s\t%s\n' "$file" "$*" >> "$CMDS"
+    echo "run.sh: $* > $DIR/$file" >&2
+    "$@" > "$DIR/$file"
+  }
+  if wanted attention; then
+    run attention.json "$BIN" bench attention --context 98304 --shape llama3.1-8b \
+      --policy lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 dense --json
+  fi
+  if wanted decode96k; then
+    for p in lsh:k=10,l=150,kbits=8,vbits=8 lsh:k=10,l=150; do
+      run "decode96k-$(echo "$p" | tr ':=,' '---').json" "$BIN" bench decode --shape llama3.1-8b \
+        --context 98304 --tokens 12 --threads 2 --cpu-workers 2 --policy "$p" --json
+    done
+  fi
+  if wanted smollm2; then
+    run smollm2-tandem.json "$BIN" bench decode --context 0,8192 \
+      --threads "$THREADS" --cpu-workers "$THREADS" --json
+    if [ -n "${LLAMA_BENCH:-}" ]; then
+      THREADS=$THREADS run smollm2-llamacpp.txt bench/llamacpp.sh "$SMOLLM2" 0,8192
+    else
+      echo "run.sh: LLAMA_BENCH is not set: no llama.cpp figures" >&2
+    fi
+  fi
+  if wanted quality; then
+    printf '%s\t%s\n' quality.json "$BIN eval --policy lsh:k=10,l=150,t=2 --context 4096 --json $DIR/quality.json" >> "$CMDS"
+    "$BIN" eval --policy lsh:k=10,l=150,t=2 --context 4096 --json "$DIR/quality.json" > "$DIR/quality.txt"
+  fi
+  python3 - "$DIR/meta.json" "$MACHINE_NOW" "$DATE" "$COMMIT" "$CMDS" <<'PY'
+import json, sys
+out, machine, date, commit, cmds = sys.argv[1:]
+commands = dict(l.rstrip("\n").split("\t", 1) for l in open(cmds) if "\t" in l)
+json.dump({"machine": machine, "date": date, "commit": commit, "commands": commands},
+          open(out, "w"), indent=1)
+PY
+  rm -f "$CMDS"
+  FROM=("$DIR")
+fi
+
+ONLY_LIST=$(IFS=,; echo "${ONLY[*]:-}")
+python3 - "$MACHINE" "$ONLY_LIST" "${FROM[@]}" <<'PY'
+"""Builds BENCHMARKS.md from saved outputs.
+
+Each output is recognised by its fields, so files of this script's run
+directories and older single files are read alike:
+  bench attention --json  (bench/src/lib.rs AttentionBenchResult): dense_ms
+  bench decode --json     (runtime/src/decode_bench.rs DecodeBenchResult): ms_per_token
+  eval --json             (runtime/src/eval/report.rs Row): top1_agreement
+  llama-bench markdown    (bench/llamacpp.sh): a table with a t/s column
+A run directory's meta.json gives machine, date, commit and commands; other
+files take date and commit from a name ending in -YYYY-MM-DD-<commit>.
+"""
+import json, os, re, sys
+
+machine_arg, only_arg, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+only = set(filter(None, only_arg.split(",")))
+SMOLLM2 = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+# What each figure's rows come from when a file has no recorded command.
+CANON = {
+    "attention": "tandem bench attention --context 98304 --shape llama3.1-8b --policy "
+                 "lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 dense --json",
+    "decode96k": "tandem bench decode --shape llama3.1-8b --context 98304 --tokens 12 "
+                 "--threads 2 --cpu-workers 2 --policy {policy} --json",
+    "smollm2": "tandem bench decode --context 0,8192 --threads 2 --cpu-workers 2 --json",
+    "llamacpp": f"bench/llamacpp.sh {SMOLLM2} 0,8192",
+    "quality": "tandem eval --policy lsh:k=10,l=150,t=2 --context 4096 --json F",
+}
+
+files = []
+for p in paths:
+    if os.path.isdir(p):
+        files += [os.path.join(p, f) for f in sorted(os.listdir(p)) if f != "meta.json"]
+    else:
+        files.append(p)
+
+
+def provenance(path):
+    meta_path = os.path.join(os.path.dirname(path), "meta.json")
+    if os.path.exists(meta_path):
+        m = json.load(open(meta_path))
+        cmd = m.get("commands", {}).get(os.path.basename(path))
+        return m["machine"], m["date"], m["commit"], cmd, True
+    m = re.search(r"-(\d{4}-\d\d-\d\d)-([0-9a-f]{7,40})\.[a-z]+$", path)
+    date, commit = (m.group(1), m.group(2)) if m else ("?", "?")
+    return machine_arg or "not recorded", date, commit, None, False
+
+
+def records(text):
+    text = text.strip()
+    try:
+        d = json.loads(text)
+        return d if isinstance(d, list) else [d]
+    except ValueError:
+        out = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+
+def llama_rows(text):
+    """(depth, tokens/s, fa) of each llama-bench decode (tgN) row."""
+    header, rows = None, []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "t/s" in cells:
+            header = cells
+            continue
+        if header is None or set(cells[0]) <= set("-: "):
+            continue
+        r = dict(zip(header, cells))
+        m = re.match(r"tg\d+(?: @ d(\d+))?$", r.get("test", ""))
+        if m:
+            tps = float(r["t/s"].split("±")[0])
+            rows.append((int(m.group(1) or 0), tps, r.get("fa", "")))
+    return rows
+
+
+table, sources = [], []
+smollm2 = {}   # depth -> [(record, value text, command, provenance)]
+llamacpp = {}  # depth -> (tokens/s, fa, command, provenance), the faster setting
+
+
+def row(figure, value, cmd, prov):
+    machine, date, commit, _, _ = prov
+    table.append((figure, value, f"`{cmd}`", machine, date, commit))
+
+
+def pct(x):
+    return f"{100 * x:.1f}%"
+
+
+def want(fig):
+    return not only or fig in only
+
+
+for path in files:
+    text = open(path, errors="replace").read()
+    prov = provenance(path)
+    cmd = prov[3]
+    recs = records(text)
+    used = False
+    att = [r for r in recs if "dense_ms" in r and "retrieval_ms" in r]
+    dec = [r for r in recs if "ms_per_token" in r and "device_ms_per_token" in r]
+    qual = [r for r in recs if "top1_agreement" in r]
+    llama = llama_rows(text)
+    if att and want("attention"):
+        for r in att:
+            if r["policy"] == "dense":
+                continue
+            ms = r["retrieval_ms"] + r["attention_ms"]
+            row(f"CPU attention, 96k, {r['shape']} shape, `{r['policy']}`: ms per layer",
+                f"{ms:.2f} ms (retrieval {r['retrieval_ms']:.2f}); keys touched "
+                f"{pct(r['keys_touched_fraction'])}; dense {r['dense_ms']:.2f} ms "
+                f"({r['dense_ms'] / ms:.1f}× faster)",
+                cmd or CANON["attention"], prov)
+        used = True
+    if dec:
+        # Each policy's record is followed by dense at the same context.
+        pairs = []
+        for i, r in enumerate(dec):
+            if r["policy"] == "dense":
+                continue
+            dense = next((d for d in dec[i + 1:] if d["policy"] == "dense"
+                          and d["context"] == r["context"]), None)
+            pairs.append((r, dense))
+        long = [(r, d) for r, d in pairs if r["context"] >= 65536]
+        short = [(r, d) for r, d in pairs if r["context"] < 65536]
+        if long and want("decode96k"):
+            for r, d in long:
+                v = (f"{r['ms_per_token']:.1f} ms/step (device {r['device_ms_per_token']:.1f}, "
+                     f"CPU side {r['cpu_attention_ms_per_token']:.1f})")
+                if d:
+                    v += (f"; dense {d['ms_per_token']:.1f} ms/step "
+                          f"({d['ms_per_token'] / r['ms_per_token']:.2f}× faster)")
+                kv = ", generated KV" if r.get("synthetic_kv") else ""
+                row(f"Decode step, 96k, llama3.1-8b shape{kv}, `{r['policy']}`",
+                    v, cmd or CANON["decode96k"].format(policy=r["policy"]), prov)
+            used = True
+        if short and want("smollm2"):
+            for r, d in short:
+                for x, base in ((r, d), (d, None)):
+                    if x is None:
+                        continue
+                    v = f"{x['tokens_per_s']:.1f} tokens/s ({x['ms_per_token']:.2f} ms/step)"
+                    if base:
+                        v += (f"; dense {base['tokens_per_s']:.1f} tokens/s "
+                              f"({x['tokens_per_s'] / base['tokens_per_s']:.2f}×)")
+                    smollm2.setdefault(x["context"], []).append((x, v, cmd, prov))
+            used = True
+    if llama and want("smollm2"):
+        for depth, tps, fa in llama:
+            best = llamacpp.get(depth)
+            if best is None or tps > best[0]:
+                llamacpp[depth] = (tps, fa, cmd, prov)
+        used = True
+    if qual and want("quality"):
+        for r in qual:
+            if r["policy"] == "dense":
+                continue
+            needles = ""
+            if r.get("needle_accuracy") is not None:
+                needles = (f"; needles {pct(r['needle_accuracy'])} "
+                           f"(dense {pct(r['dense_needle_accuracy'])})")
+            row(f"Quality, SmolLM2-135M at {r['context']}, `{r['policy']}` vs dense",
+                f"top-1 agreement {pct(r['top1_agreement'])}; mean KL {r['mean_kl']:.4f} "
+                f"(max {r['max_kl']:.3f}){needles}; keys touched "
+                f"{pct(r['keys_touched_fraction'])}; ppl {r['ppl']:.2f} (dense {r['dense_ppl']:.2f})",
+                cmd or CANON["quality"], prov)
+        used = True
+    if used:
+        sources.append((path, prov[4]))
+
+# SmolLM2 decode rows, each also against llama.cpp at the same depth.
+for depth in sorted(smollm2):
+    for x, v, cmd, prov in smollm2[depth]:
+        if depth in llamacpp:
+            tps, fa, lcmd, _ = llamacpp[depth]
+            fa = f", fa {fa}" if fa else ""
+            v += (f"; llama.cpp {tps:.1f} tokens/s{fa} "
+                  f"({x['tokens_per_s'] / tps:.2f}×)")
+        kv = ", generated KV" if x.get("synthetic_kv") else ""
+        row(f"SmolLM2-135M decode at depth {depth}{kv}, `{x['policy']}`",
+            v, cmd or CANON["smollm2"], prov)
+for depth in sorted(set(llamacpp) - set(smollm2)):
+    tps, fa, cmd, prov = llamacpp[depth]
+    row(f"llama.cpp SmolLM2-135M decode at depth {depth}", f"{tps:.1f} tokens/s",
+        cmd or CANON["llamacpp"], prov)
+
+order = ["CPU attention", "Decode step", "SmolLM2", "llama.cpp", "Quality"]
+table.sort(key=lambda r: next(i for i, o in enumerate(order) if r[0].startswith(o)))
+if not table:
+    sys.exit("run.sh: no benchmark outputs recognised in " + " ".join(paths))
+
+commits = sorted({r[5] for r in table})
+out = ["# Benchmarks", "",
+       "The current figures. `bench/run.sh` regenerates this file: it runs each command "
+       "with the release binary, saves the raw outputs under "
+       "`bench/results/<date>-<commit>/` and rewrites the table "
+       "(`bench/run.sh --help` for running a subset, or for rebuilding the table from "
+       "saved outputs with `--from`). Past runs and their discussion are in "
+       "`bench/results/` (`*-history.md`).", "",
+       "Ratios compare with the baseline measured in the same command: dense, or "
+       "llama.cpp for the SmolLM2 decode rows.", ""]
+legacy = [p for p, has_meta in sources if not has_meta]
+if legacy:
+    out += ["Built from saved outputs of commit(s) " + ", ".join(commits) + ", "
+            "which predate `bench/run.sh`: their runs used the history's settings, "
+            "which may differ from the commands shown (policies, token counts, "
+            "threads); the command column is what `bench/run.sh` runs. Sources: "
+            + ", ".join(f"`{p}`" for p in legacy) + ".", ""]
+out += ["| Figure | Value | Command | Machine | Date | Commit |",
+        "| --- | --- | --- | --- | --- | --- |"]
+out += ["| " + " | ".join(r) + " |" for r in table]
+open("BENCHMARKS.md", "w").write("\n".join(out) + "\n")
+print(f"run.sh: BENCHMARKS.md: {len(table)} rows from {len(sources)} files", file=sys.stderr)
+PY
