@@ -4,9 +4,9 @@
 //! worker owns its scratch, and buffers travel with the tasks, so steady-state
 //! steps do not allocate.
 
-use crate::attention::{attend_group, Policy, Scratch};
+use crate::attend::{attend_group, Partials, Scratch};
 use crate::store::LayerStore;
-use crate::CpuError;
+use crate::{CpuError, Policy};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use half::bf16;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -40,7 +40,7 @@ struct Task {
     panic_for_test: bool,
 }
 
-type Reply = (usize, GroupBuf, Result<(), String>);
+type Reply = (usize, GroupBuf, Result<(), CpuError>);
 
 /// One layer's offloaded-attention results for every query head, and the
 /// channel they arrive on. Reuse one per (sequence, layer) or per sequence:
@@ -58,8 +58,6 @@ pub struct LayerOutput {
     /// Worker time spent in whole tasks (eviction included), summed over kv
     /// heads, nanoseconds.
     pub total_cpu_ns: u64,
-    /// Per kv head of the last step: (retrieval ns, whole task ns).
-    pub task_ns: Vec<(u64, u64)>,
     bufs: Vec<GroupBuf>,
     reply_tx: Sender<Reply>,
     reply_rx: Receiver<Reply>,
@@ -78,7 +76,6 @@ impl Default for LayerOutput {
             keys_touched: Vec::new(),
             retrieval_cpu_ns: 0,
             total_cpu_ns: 0,
-            task_ns: Vec::new(),
             bufs: Vec::new(),
             reply_tx,
             reply_rx,
@@ -89,18 +86,6 @@ impl Default for LayerOutput {
 }
 
 impl LayerOutput {
-    /// The partial of query head `h` of the first token, as an owned [`HeadOutput`].
-    ///
-    /// [`HeadOutput`]: crate::HeadOutput
-    pub fn head(&self, h: usize) -> Option<crate::HeadOutput> {
-        let d = self.shape.3;
-        Some(crate::HeadOutput {
-            out: self.out.get(h * d..(h + 1) * d)?.to_vec(),
-            lse: *self.lse.get(h)?,
-            keys_touched: *self.keys_touched.get(h)?,
-        })
-    }
-
     /// Whether a step was submitted and not yet waited for.
     pub fn is_pending(&self) -> bool {
         self.pending > 0
@@ -227,15 +212,10 @@ impl WorkerPool {
                 nkv * d
             )));
         }
-        if let Policy::Lsh(p) = policy {
-            if cfg.lsh.is_none() {
-                return Err(CpuError::Config(
-                    "policy lsh needs a store with an LSH index".into(),
-                ));
-            }
-            if p.t == 0 {
-                return Err(CpuError::Config("lsh t must be >= 1".into()));
-            }
+        if matches!(policy, Policy::Lsh(_)) && cfg.lsh.is_none() {
+            return Err(CpuError::Config(
+                "policy lsh needs a store with an LSH index".into(),
+            ));
         }
         let tx = self
             .tx
@@ -289,7 +269,6 @@ impl WorkerPool {
         output.keys_touched.resize(tokens * nq, 0);
         output.retrieval_cpu_ns = 0;
         output.total_cpu_ns = 0;
-        output.task_ns.resize(nkv, (0, 0));
         let mut first_err = None;
         while output.pending > 0 {
             // The output holds a sender itself, so this never disconnects; a
@@ -310,24 +289,18 @@ impl WorkerPool {
             }
             output.retrieval_cpu_ns += buf.retrieval_ns;
             output.total_cpu_ns += buf.total_ns;
-            if let Some(t) = output.task_ns.get_mut(slot) {
-                *t = (buf.retrieval_ns, buf.total_ns);
-            }
             output.bufs[slot] = buf;
         }
-        match first_err {
-            Some(e) => Err(CpuError::Worker(e)),
-            None => Ok(()),
-        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
-fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
+fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
     if task.panic_for_test {
         panic!("injected worker panic");
     }
     let (g, d) = (task.store.config().group, task.store.config().head_dim);
-    let mut head = task.store.head(task.kv_head).map_err(|e| e.to_string())?;
+    let mut head = task.store.head(task.kv_head)?;
     let buf = &mut task.buf;
     buf.query_bits.clear();
     if !buf.evict_keys.is_empty() {
@@ -354,24 +327,12 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
         .zip(buf.touched.chunks_exact_mut(g))
         .enumerate()
     {
-        let mut ns = 0;
         let query_bits = buf
             .query_bits
             .get(i * per_group..(i + 1) * per_group)
             .filter(|b| !b.is_empty());
-        attend_group(
-            &head,
-            d,
-            q,
-            query_bits,
-            &task.policy,
-            scratch,
-            out,
-            lse,
-            touched,
-            &mut ns,
-        )?;
-        buf.retrieval_ns += ns;
+        let parts = Partials { out, lse, touched };
+        buf.retrieval_ns += attend_group(&head, d, q, query_bits, &task.policy, scratch, parts)?;
     }
     Ok(())
 }
@@ -384,10 +345,11 @@ fn worker(rx: Receiver<Task>) {
             Ok(r) => r,
             Err(p) => {
                 scratch = Scratch::default();
-                Err(p
-                    .downcast_ref::<&str>()
-                    .map(|s| format!("worker panicked: {s}"))
-                    .unwrap_or_else(|| "worker panicked".into()))
+                Err(CpuError::Worker(
+                    p.downcast_ref::<&str>()
+                        .map(|s| format!("worker panicked: {s}"))
+                        .unwrap_or_else(|| "worker panicked".into()),
+                ))
             }
         };
         task.buf.total_ns = t0.elapsed().as_nanos() as u64;
@@ -408,7 +370,7 @@ impl Drop for WorkerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::LayerConfig;
+    use crate::LayerConfig;
     use half::bf16;
 
     #[test]
@@ -418,7 +380,6 @@ mod tests {
             group: 2,
             head_dim: 4,
             lsh: None,
-            lsh_t: 2,
             seed: 1,
             layer: 0,
             kv_dtype: crate::KvDtype::Bf16,
