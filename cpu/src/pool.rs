@@ -6,7 +6,7 @@
 
 use crate::attend::{attend_group, Partials, Scratch};
 use crate::store::LayerStore;
-use crate::{CpuError, Policy};
+use crate::{CpuError, LayerConfig, Policy};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use half::bf16;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -28,6 +28,63 @@ struct GroupBuf {
     query_bits: Vec<u64>,
     retrieval_ns: u64,
     total_ns: u64,
+}
+
+impl GroupBuf {
+    /// Takes kv head `h`'s part of a step of a store configured by `cfg`
+    /// (`queries` and the evicted rows `ek`, `ev` as [`WorkerPool::submit`]
+    /// takes them, checked by [`check_step`]).
+    fn load(&mut self, cfg: &LayerConfig, h: usize, queries: &[f32], ek: &[bf16], ev: &[bf16]) {
+        let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
+        let tokens = queries.len() / (nkv * g * d);
+        self.q.clear();
+        for q in queries.chunks_exact(nkv * g * d) {
+            self.q.extend_from_slice(&q[h * g * d..(h + 1) * g * d]);
+        }
+        self.evict_keys.clear();
+        self.evict_values.clear();
+        for (k, v) in ek.chunks_exact(nkv * d).zip(ev.chunks_exact(nkv * d)) {
+            self.evict_keys.extend_from_slice(&k[h * d..(h + 1) * d]);
+            self.evict_values.extend_from_slice(&v[h * d..(h + 1) * d]);
+        }
+        self.out.resize(tokens * g * d, 0.0);
+        self.lse.resize(tokens * g, 0.0);
+        self.touched.resize(tokens * g, 0);
+    }
+}
+
+/// The number of tokens of a step of `queries` evicting `ek`, `ev` with
+/// `policy` (see [`WorkerPool::submit`]), if the shapes fit the store
+/// configured by `cfg`.
+fn check_step(
+    cfg: &LayerConfig,
+    queries: &[f32],
+    ek: &[bf16],
+    ev: &[bf16],
+    policy: Policy,
+) -> Result<usize, CpuError> {
+    let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
+    let row = nkv * g * d;
+    if !queries.len().is_multiple_of(row) {
+        return Err(CpuError::Shape(format!(
+            "queries has {} values, not a multiple of {row}",
+            queries.len()
+        )));
+    }
+    if ek.len() != ev.len() || !ek.len().is_multiple_of(nkv * d) {
+        return Err(CpuError::Shape(format!(
+            "evicted rows: {} keys and {} values, rows of {}",
+            ek.len(),
+            ev.len(),
+            nkv * d
+        )));
+    }
+    if matches!(policy, Policy::Lsh(_)) && cfg.lsh.is_none() {
+        return Err(CpuError::Config(
+            "policy lsh needs a store with an LSH index".into(),
+        ));
+    }
+    Ok(queries.len() / row)
 }
 
 struct Task {
@@ -195,28 +252,8 @@ impl WorkerPool {
         }
         let cfg = store.config();
         let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
-        let row = nkv * g * d;
-        if !queries.len().is_multiple_of(row) {
-            return Err(CpuError::Shape(format!(
-                "queries has {} values, not a multiple of {row}",
-                queries.len()
-            )));
-        }
-        let tokens = queries.len() / row;
         let (ek, ev) = evicted.unwrap_or((&[], &[]));
-        if ek.len() != ev.len() || !ek.len().is_multiple_of(nkv * d) {
-            return Err(CpuError::Shape(format!(
-                "evicted rows: {} keys and {} values, rows of {}",
-                ek.len(),
-                ev.len(),
-                nkv * d
-            )));
-        }
-        if matches!(policy, Policy::Lsh(_)) && cfg.lsh.is_none() {
-            return Err(CpuError::Config(
-                "policy lsh needs a store with an LSH index".into(),
-            ));
-        }
+        let tokens = check_step(cfg, queries, ek, ev, policy)?;
         let tx = self
             .tx
             .as_ref()
@@ -225,19 +262,7 @@ impl WorkerPool {
         output.bufs.resize_with(nkv, GroupBuf::default);
         for h in 0..nkv {
             let mut buf = std::mem::take(&mut output.bufs[h]);
-            buf.q.clear();
-            for q in queries.chunks_exact(row) {
-                buf.q.extend_from_slice(&q[h * g * d..(h + 1) * g * d]);
-            }
-            buf.evict_keys.clear();
-            buf.evict_values.clear();
-            for (k, v) in ek.chunks_exact(nkv * d).zip(ev.chunks_exact(nkv * d)) {
-                buf.evict_keys.extend_from_slice(&k[h * d..(h + 1) * d]);
-                buf.evict_values.extend_from_slice(&v[h * d..(h + 1) * d]);
-            }
-            buf.out.resize(tokens * g * d, 0.0);
-            buf.lse.resize(tokens * g, 0.0);
-            buf.touched.resize(tokens * g, 0);
+            buf.load(cfg, h, queries, ek, ev);
             let task = Task {
                 slot: h,
                 store: Arc::clone(store),
@@ -316,7 +341,7 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
             &mut buf.query_bits,
         )?;
     }
-    // Empty when the queries were not hashed here: attend_group hashes them.
+    // Empty when the queries were not hashed here: retrieval hashes them.
     let per_group = buf.query_bits.len() / (buf.q.len() / (g * d)).max(1);
     buf.retrieval_ns = 0;
     for (i, (((q, out), lse), touched)) in buf
@@ -370,7 +395,6 @@ impl Drop for WorkerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::LayerConfig;
     use half::bf16;
 
     #[test]

@@ -8,7 +8,7 @@
 
 use crate::estimator::LnUTable;
 use crate::retrieval::Selection;
-use crate::rows::{KeyQueries, Rows};
+use crate::rows::{CodeRows, KeyQueries, Rows};
 use crate::store::HeadStore;
 use half::f16;
 use tandem_kernels::heads::add_per_head;
@@ -151,7 +151,7 @@ fn pass1(
     nu: usize,
     pairs: &mut PairLists,
 ) -> usize {
-    let (d, queries, kq, lsh) = (step.d, step.queries, step.kq, step.ln_u.is_some());
+    let (d, queries) = (step.d, step.queries);
     let g = queries.len() / d;
     let mut qmu = [0.0f32; 8];
     let mut qnorm = [0.0f32; 8];
@@ -162,49 +162,22 @@ fn pass1(
     }
     // bf16 rows give their centred norms with the dot products; other rows
     // read them from the store.
-    let stored_norms = (lsh && head.keeps_norms()).then_some(&head.knorm[..]);
+    let stored_norms = (step.ln_u.is_some() && head.keeps_norms()).then_some(&head.knorm[..]);
     let np = pairs.fill(&sel.union[..nu], &sel.umask[..nu], stored_norms);
     // In pairs: the pairs of one key (dense) count as one row.
     let k_ahead = (K_LINES_AHEAD / head.keys.lines_per_row()).clamp(1, 32) * np.div_ceil(nu.max(1));
-    let keys = &pairs.keys[..np];
-    let heads = &pairs.heads[..np];
-    let dots = &mut pairs.dots[..np];
-    let norms = &mut pairs.norms[..np];
-    match &head.keys {
-        Rows::Bf16(b) => dot_rows_bf16(
-            keys,
-            |i| b.row(i as usize),
-            heads,
-            queries,
-            k_ahead,
-            dots,
-            lsh.then_some((&head.mean[..], &mut norms[..])),
-        ),
-        Rows::I8(c) => {
-            dot_rows_i8(
-                keys,
-                |i| c.codes.row(i as usize),
-                heads,
-                &kq.scaled,
-                k_ahead,
-                dots,
-                lsh.then_some((&c.scales[..], &mut norms[..])),
-            );
-            add_per_head(dots, heads, &kq.offsets);
-        }
-        Rows::F32(b) => {
-            for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
-                if let Some(&next) = keys.get(p + k_ahead) {
-                    prefetch(b.row(next as usize));
-                }
-                let h = usize::from(h);
-                *dot = dot_f32(b.row(id as usize), &queries[h * d..(h + 1) * d]);
-            }
-            if let Some(stored) = stored_norms {
-                for (n, &id) in norms.iter_mut().zip(keys.iter()) {
-                    *n = stored[id as usize].to_f32();
-                }
-            }
+    let PairLists {
+        keys,
+        heads,
+        dots,
+        norms,
+        ..
+    } = pairs;
+    let (keys, heads, dots, norms) = (&keys[..np], &heads[..np], &mut dots[..np], &mut norms[..np]);
+    dot_products(head, step, keys, heads, k_ahead, dots, norms);
+    if let Some(stored) = stored_norms {
+        for (n, &id) in norms.iter_mut().zip(keys.iter()) {
+            *n = stored[id as usize].to_f32();
         }
     }
     // Logits, in place of the dot products.
@@ -214,6 +187,53 @@ fn pass1(
         None => logits.iter_mut().for_each(|x| *x *= scale),
     }
     np
+}
+
+/// The dot product of each pair's key with its head's query into `dots`,
+/// prefetching `k_ahead` pairs ahead. Under LSH, bf16 and int8 rows also
+/// write their keys' centred norms into `norms`.
+fn dot_products(
+    head: &HeadStore,
+    step: &Step,
+    keys: &[u32],
+    heads: &[u8],
+    k_ahead: usize,
+    dots: &mut [f32],
+    norms: &mut [f32],
+) {
+    let (d, queries, lsh) = (step.d, step.queries, step.ln_u.is_some());
+    match &head.keys {
+        Rows::Bf16(b) => dot_rows_bf16(
+            keys,
+            |i| b.row(i as usize),
+            heads,
+            queries,
+            k_ahead,
+            dots,
+            lsh.then_some((&head.mean[..], norms)),
+        ),
+        Rows::I8(c) => {
+            dot_rows_i8(
+                keys,
+                |i| c.codes.row(i as usize),
+                heads,
+                &step.kq.scaled,
+                k_ahead,
+                dots,
+                lsh.then_some((&c.scales[..], norms)),
+            );
+            add_per_head(dots, heads, &step.kq.offsets);
+        }
+        Rows::F32(b) => {
+            for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
+                if let Some(&next) = keys.get(p + k_ahead) {
+                    prefetch(b.row(next as usize));
+                }
+                let h = usize::from(h);
+                *dot = dot_f32(b.row(id as usize), &queries[h * d..(h + 1) * d]);
+            }
+        }
+    }
 }
 
 /// The softmax of the `np` logits of pass 1, in place: weights relative to
@@ -287,40 +307,90 @@ fn pass2(
         vlist[nv] = p as u32;
         nv += usize::from(w >= needed[usize::from(h) & 7]);
     }
-    let vlist = &vlist[..nv];
-    let v_ahead = V_AHEAD * np.div_ceil(nu.max(1));
-    for &p in vlist.iter().take(v_ahead) {
+    let kept = Kept {
+        vlist: &vlist[..nv],
+        keys,
+        heads,
+        weights,
+        inv,
+        v_ahead: V_AHEAD * np.div_ceil(nu.max(1)),
+    };
+    for &p in kept.vlist.iter().take(kept.v_ahead) {
         head.values.prefetch_row(keys[p as usize] as usize);
     }
     // Pairs of one key are adjacent: its row is read once for all its heads.
-    if let Rows::I8(c) = &head.values {
-        // One kernel call over the kept pairs, then the channel scales once.
-        let mut weight_sums = [0.0f32; 8];
-        let (vkeys, vheads, vweights) = value_pairs;
-        for (i, &p) in vlist.iter().enumerate() {
-            let (p, h) = (p as usize, usize::from(heads[p as usize]) & 7);
-            let w = weights[p] * inv[h];
-            weight_sums[h] += w;
-            vkeys[i] = keys[p];
-            vheads[i] = h as u8;
-            vweights[i] = w;
+    match &head.values {
+        Rows::I8(c) => {
+            let weight_sums = sum_codes(c, &kept, value_pairs, out);
+            head.values.finish_sums(out, &weight_sums[..g]);
         }
-        axpy_rows_i8(
-            &vkeys[..nv],
-            |i| c.codes.row(i as usize),
-            &vheads[..nv],
-            &vweights[..nv],
-            v_ahead,
-            out,
-        );
-        head.values.finish_sums(out, &weight_sums[..g]);
-        return;
+        _ => sum_rows(&head.values, d, g, &kept, out),
     }
-    // bf16 and f32 rows, summed as they are.
+}
+
+/// The pairs whose V rows pass 2 reads, and their weights.
+struct Kept<'a> {
+    /// Indices of the kept pairs in `keys`, `heads` and `weights`.
+    vlist: &'a [u32],
+    keys: &'a [u32],
+    heads: &'a [u8],
+    /// Softmax weights relative to each head's max.
+    weights: &'a [f32],
+    /// Per head, the inverse of its weights' sum.
+    inv: &'a [f32; 8],
+    /// How many pairs ahead the V rows are prefetched.
+    v_ahead: usize,
+}
+
+impl Kept<'_> {
+    /// The normalised weight of pair `p` and its head.
+    #[inline(always)]
+    fn weight(&self, p: u32) -> (f32, usize) {
+        let (p, h) = (p as usize, usize::from(self.heads[p as usize]) & 7);
+        (self.weights[p] * self.inv[h], h)
+    }
+}
+
+/// Pass 2 over int8 value rows: one kernel call over the kept pairs, summing
+/// their codes (the channel scales are applied after, see
+/// [`Rows::finish_sums`]). Returns the sum of the weights of each head.
+fn sum_codes(
+    c: &CodeRows,
+    kept: &Kept,
+    value_pairs: &mut (Vec<u32>, Vec<u8>, Vec<f32>),
+    out: &mut [f32],
+) -> [f32; 8] {
+    let (vkeys, vheads, vweights) = value_pairs;
+    let nv = kept.vlist.len();
+    let mut weight_sums = [0.0f32; 8];
+    for (i, &p) in kept.vlist.iter().enumerate() {
+        let (w, h) = kept.weight(p);
+        weight_sums[h] += w;
+        vkeys[i] = kept.keys[p as usize];
+        vheads[i] = h as u8;
+        vweights[i] = w;
+    }
+    axpy_rows_i8(
+        &vkeys[..nv],
+        |i| c.codes.row(i as usize),
+        &vheads[..nv],
+        &vweights[..nv],
+        kept.v_ahead,
+        out,
+    );
+    weight_sums
+}
+
+/// Pass 2 over bf16 and f32 value rows, summed as they are; each run of
+/// pairs of one key reads its row once.
+fn sum_rows(values: &Rows, d: usize, g: usize, kept: &Kept, out: &mut [f32]) {
+    let (vlist, keys, heads) = (kept.vlist, kept.keys, kept.heads);
+    let (weights, inv) = (kept.weights, kept.inv);
+    let nv = vlist.len();
     let mut k = 0;
     while k < nv {
-        if let Some(&next) = vlist.get(k + v_ahead) {
-            head.values.prefetch_row(keys[next as usize] as usize);
+        if let Some(&next) = vlist.get(k + kept.v_ahead) {
+            values.prefetch_row(keys[next as usize] as usize);
         }
         let key = keys[vlist[k] as usize];
         let run = vlist[k..]
@@ -330,7 +400,7 @@ fn pass2(
         if run == 1 {
             let p = vlist[k] as usize;
             let h = usize::from(heads[p]);
-            head.values.axpy(
+            values.axpy(
                 key as usize,
                 &mut out[h * d..(h + 1) * d],
                 weights[p] * inv[h],
@@ -341,7 +411,7 @@ fn pass2(
                 let h = usize::from(heads[p as usize]);
                 ws[h] = weights[p as usize] * inv[h];
             }
-            head.values.axpys(key as usize, out, &ws[..g]);
+            values.axpys(key as usize, out, &ws[..g]);
         }
         k += run;
     }
