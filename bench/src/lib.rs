@@ -14,16 +14,13 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_cpu::{
-    KvDtype, LayerConfig, LayerOutput, LayerStore, LshParams, Policy, PrefillTimes, WorkerPool,
+    KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, PolicySpec, PrefillTimes, WorkerPool,
 };
 use tandem_kernels::rng::SplitMix64;
 
 /// Benchmark errors.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// A policy string could not be parsed.
-    #[error("bad policy {0:?}: {1}")]
-    Policy(String, String),
     /// Unknown model shape.
     #[error("unknown shape {0:?} (known: llama3.1-8b, smollm2-135m)")]
     Shape(String),
@@ -35,108 +32,6 @@ pub enum BenchError {
     Cpu(#[from] tandem_cpu::CpuError),
 }
 
-/// A parsed policy with its index parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PolicySpec {
-    /// The string it was parsed from.
-    pub name: String,
-    /// The engine policy.
-    pub policy: Policy,
-    /// (K, L) of the index the policy needs, if any.
-    pub lsh: Option<(usize, usize)>,
-    /// How the offloaded keys and values are stored (`kbits=8|16|32`, and
-    /// `vbits=8` with `kbits=8`; values are otherwise bf16, or f32 with
-    /// `kbits=32`).
-    pub kv_dtype: KvDtype,
-}
-
-/// Parses `dense`, `topk:k=N`, `oracle:budget=N`,
-/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (see [`LshParams`]), each with
-/// an optional `kbits=8|16|32`: the offloaded keys as int8 codes
-/// ([`KvDtype::K8`]), bf16 (the default) or f32; with `kbits=8`, `vbits=8`
-/// makes the values int8 codes too ([`KvDtype::K8V8`]).
-pub fn parse_policy(s: &str) -> Result<PolicySpec, BenchError> {
-    let err = |m: &str| BenchError::Policy(s.to_string(), m.to_string());
-    let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
-    let mut kv = std::collections::BTreeMap::new();
-    for part in rest.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| err(&format!("expected key=value, got {part:?}")))?;
-        let v: usize = v
-            .trim()
-            .parse()
-            .map_err(|_| err(&format!("{k}: not a non-negative integer")))?;
-        if kv.insert(k.trim().to_string(), v).is_some() {
-            return Err(err(&format!("{k} given twice")));
-        }
-    }
-    let mut take = |k: &str| kv.remove(k);
-    let kv_dtype = match (take("kbits"), take("vbits")) {
-        (None | Some(16), None | Some(16)) => KvDtype::Bf16,
-        (Some(8), None | Some(16)) => KvDtype::K8,
-        (Some(8), Some(8)) => KvDtype::K8V8,
-        (Some(32), None | Some(32)) => KvDtype::F32,
-        (Some(8 | 16 | 32) | None, Some(_)) => {
-            return Err(err(
-                "vbits must be 16 (bf16, the default) or 8 with kbits=8 (f32 with kbits=32)",
-            ))
-        }
-        (Some(_), _) => return Err(err("kbits must be 8, 16 or 32")),
-    };
-    let (policy, lsh) = match kind {
-        "dense" => (Policy::Dense, None),
-        "topk" => (
-            Policy::TopK(take("k").ok_or_else(|| err("topk needs k=N"))?),
-            None,
-        ),
-        "oracle" => (
-            Policy::Oracle {
-                budget: take("budget").ok_or_else(|| err("oracle needs budget=N"))?,
-                seed: 7,
-            },
-            None,
-        ),
-        "lsh" => {
-            let k = take("k").ok_or_else(|| err("lsh needs k=K"))?;
-            let l = take("l").ok_or_else(|| err("lsh needs l=L"))?;
-            let t = take("t").unwrap_or(2);
-            if !(1..=16).contains(&k) {
-                return Err(err("k must be in 1..=16"));
-            }
-            if !(1..=512).contains(&l) {
-                return Err(err("l must be in 1..=512"));
-            }
-            if t == 0 || t > l.min(255) {
-                return Err(err("t must be in 1..=min(L,255)"));
-            }
-            let max_keys = take("max_keys");
-            let value_skip = take("vskip").unwrap_or(LshParams::DEFAULT_VALUE_SKIP.into());
-            if value_skip > 24 {
-                return Err(err("vskip must be in 0..=24 (0 reads every V row)"));
-            }
-            (
-                Policy::Lsh(LshParams {
-                    t: t as u8,
-                    max_keys,
-                    value_skip: value_skip as u8,
-                }),
-                Some((k, l)),
-            )
-        }
-        _ => return Err(err("unknown policy kind (dense, topk, oracle, lsh)")),
-    };
-    if let Some(k) = kv.keys().next() {
-        return Err(err(&format!("unknown parameter {k:?}")));
-    }
-    Ok(PolicySpec {
-        name: s.to_string(),
-        policy,
-        lsh,
-        kv_dtype,
-    })
-}
-
 /// Options of [`run_attention_bench`].
 #[derive(Debug, Clone)]
 pub struct AttentionBenchOptions {
@@ -144,7 +39,7 @@ pub struct AttentionBenchOptions {
     pub context: usize,
     /// `llama3.1-8b` or `smollm2-135m`.
     pub shape: String,
-    /// Policy strings, see [`parse_policy`].
+    /// Policy strings, see [`PolicySpec`].
     pub policies: Vec<String>,
     /// Worker threads.
     pub threads: usize,
@@ -299,11 +194,11 @@ pub fn run_attention_bench(
             "threads, iterations and layers must be > 0".into(),
         ));
     }
-    let specs: Vec<PolicySpec> = opts
+    let specs: Vec<(&String, PolicySpec)> = opts
         .policies
         .iter()
-        .map(|p| parse_policy(p))
-        .collect::<Result<_, _>>()?;
+        .map(|p| Ok((p, p.parse()?)))
+        .collect::<Result<_, BenchError>>()?;
     let data: Vec<_> = (0..opts.layers as u64)
         .map(|layer| generate(opts.context, nkv, g, d, opts.seed.wrapping_add(layer)))
         .collect();
@@ -315,7 +210,6 @@ pub fn run_attention_bench(
         group: g,
         head_dim: d,
         lsh: None,
-        lsh_t: 2,
         seed: opts.seed,
         layer: 0,
         kv_dtype: KvDtype::Bf16,
@@ -368,15 +262,10 @@ pub fn run_attention_bench(
     };
     let (dense_stores, _) = build(&base_cfg)?;
     let mut results = Vec::new();
-    for spec in specs {
+    for (name, spec) in specs {
         let dense_ms = median(time(&dense_stores, Policy::Dense, &mut out)?.0);
-        let t_lsh = match spec.policy {
-            Policy::Lsh(p) => p.t,
-            _ => 2,
-        };
         let cfg = LayerConfig {
             lsh: spec.lsh,
-            lsh_t: t_lsh,
             kv_dtype: spec.kv_dtype,
             ..base_cfg.clone()
         };
@@ -388,7 +277,7 @@ pub fn run_attention_bench(
         let wall_m = median(wall);
         let ret_m = median(ret).min(wall_m);
         results.push(AttentionBenchResult {
-            policy: spec.name.clone(),
+            policy: name.clone(),
             context: opts.context,
             threads: pool.threads(),
             shape: opts.shape.clone(),
@@ -455,64 +344,6 @@ pub fn format_table(results: &[AttentionBenchResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn policy_parser_accepts_and_rejects() {
-        let p = parse_policy("lsh:k=10,l=150").expect("ok");
-        assert_eq!(p.lsh, Some((10, 150)));
-        assert_eq!(
-            p.policy,
-            Policy::Lsh(LshParams {
-                t: 2,
-                max_keys: None,
-                value_skip: 9,
-            })
-        );
-        let p = parse_policy("lsh:k=10,l=150,t=3,max_keys=100,vskip=0").expect("ok");
-        assert_eq!(
-            p.policy,
-            Policy::Lsh(LshParams {
-                t: 3,
-                max_keys: Some(100),
-                value_skip: 0,
-            })
-        );
-        assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
-        assert_eq!(
-            parse_policy("lsh:k=10,l=150").expect("ok").kv_dtype,
-            KvDtype::Bf16
-        );
-        assert_eq!(
-            parse_policy("topk:k=8,kbits=8").expect("ok").kv_dtype,
-            KvDtype::K8
-        );
-        assert_eq!(
-            parse_policy("dense,kbits=32").map(|p| p.kv_dtype).ok(),
-            None
-        );
-        assert!(parse_policy("lsh:k=10,l=150,kbits=4").is_err());
-        assert_eq!(parse_policy("dense").expect("ok").policy, Policy::Dense);
-        assert_eq!(
-            parse_policy("topk:k=2048").expect("ok").policy,
-            Policy::TopK(2048)
-        );
-        assert!(matches!(
-            parse_policy("oracle:budget=5").expect("ok").policy,
-            Policy::Oracle { budget: 5, .. }
-        ));
-        for bad in [
-            "lsh:k=10",
-            "lsh:k=17,l=1",
-            "lsh:k=10,l=150,x=1",
-            "lsh:k=a,l=1",
-            "foo",
-            "topk",
-            "lsh:k=2,l=3,t=4",
-            "topk:k=1,k=2",
-        ] {
-            assert!(parse_policy(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn small_bench_runs_and_serializes() {

@@ -9,28 +9,29 @@
 //! `exp(lse) * out`. An empty part returns a zero output and `lse = -inf`.
 //! [`merge_partials`] combines any number of parts into one softmax over their
 //! union.
+//!
+//! Modules, each depending only on those above it: `error`, `config`,
+//! `policy`, `shared`, `estimator`, `rows`, `index`, `store`, `retrieval`,
+//! `attend`, `pool`.
 
-mod attention;
+#![forbid(unsafe_code)]
+
+mod attend;
+mod config;
+mod error;
+mod estimator;
+mod index;
+mod policy;
 mod pool;
+mod retrieval;
+mod rows;
+mod shared;
 mod store;
 
-pub use attention::{ln_u_exact, merge_partials, HeadOutput, LshParams, Policy};
+pub use config::{KvDtype, LayerConfig, LshIndexParams};
+pub use error::CpuError;
+pub use estimator::{ln_u_exact, merge_partials};
+pub use index::{MID_MIN, RAW_MAX};
+pub use policy::{LshParams, Policy, PolicySpec};
 pub use pool::{LayerOutput, WorkerPool};
-pub use store::{KvDtype, LayerConfig, LayerStore, PrefillTimes, MID_MIN, RAW_MAX};
-
-/// Errors of the CPU attention engine.
-#[derive(Debug, thiserror::Error)]
-pub enum CpuError {
-    /// A configuration value is out of range.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// An input slice has the wrong length.
-    #[error("shape mismatch: {0}")]
-    Shape(String),
-    /// A worker panicked or failed while computing a step.
-    #[error("worker failed: {0}")]
-    Worker(String),
-    /// The store could not grow.
-    #[error("offloaded KV store: {0}")]
-    OutOfMemory(#[from] tandem_kernels::mem::OutOfMemory),
-}
+pub use store::{LayerStore, PrefillTimes};

@@ -4,9 +4,9 @@
 //! worker owns its scratch, and buffers travel with the tasks, so steady-state
 //! steps do not allocate.
 
-use crate::attention::{attend_group, Policy, Scratch};
+use crate::attend::{attend_group, Partials, Scratch};
 use crate::store::LayerStore;
-use crate::CpuError;
+use crate::{CpuError, LayerConfig, Policy};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use half::bf16;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,6 +30,63 @@ struct GroupBuf {
     total_ns: u64,
 }
 
+impl GroupBuf {
+    /// Takes kv head `h`'s part of a step of a store configured by `cfg`
+    /// (`queries` and the evicted rows `ek`, `ev` as [`WorkerPool::submit`]
+    /// takes them, checked by [`check_step`]).
+    fn load(&mut self, cfg: &LayerConfig, h: usize, queries: &[f32], ek: &[bf16], ev: &[bf16]) {
+        let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
+        let tokens = queries.len() / (nkv * g * d);
+        self.q.clear();
+        for q in queries.chunks_exact(nkv * g * d) {
+            self.q.extend_from_slice(&q[h * g * d..(h + 1) * g * d]);
+        }
+        self.evict_keys.clear();
+        self.evict_values.clear();
+        for (k, v) in ek.chunks_exact(nkv * d).zip(ev.chunks_exact(nkv * d)) {
+            self.evict_keys.extend_from_slice(&k[h * d..(h + 1) * d]);
+            self.evict_values.extend_from_slice(&v[h * d..(h + 1) * d]);
+        }
+        self.out.resize(tokens * g * d, 0.0);
+        self.lse.resize(tokens * g, 0.0);
+        self.touched.resize(tokens * g, 0);
+    }
+}
+
+/// The number of tokens of a step of `queries` evicting `ek`, `ev` with
+/// `policy` (see [`WorkerPool::submit`]), if the shapes fit the store
+/// configured by `cfg`.
+fn check_step(
+    cfg: &LayerConfig,
+    queries: &[f32],
+    ek: &[bf16],
+    ev: &[bf16],
+    policy: Policy,
+) -> Result<usize, CpuError> {
+    let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
+    let row = nkv * g * d;
+    if !queries.len().is_multiple_of(row) {
+        return Err(CpuError::Shape(format!(
+            "queries has {} values, not a multiple of {row}",
+            queries.len()
+        )));
+    }
+    if ek.len() != ev.len() || !ek.len().is_multiple_of(nkv * d) {
+        return Err(CpuError::Shape(format!(
+            "evicted rows: {} keys and {} values, rows of {}",
+            ek.len(),
+            ev.len(),
+            nkv * d
+        )));
+    }
+    if matches!(policy, Policy::Lsh(_)) && cfg.lsh.is_none() {
+        return Err(CpuError::Config(
+            "policy lsh needs a store with an LSH index".into(),
+        ));
+    }
+    Ok(queries.len() / row)
+}
+
 struct Task {
     slot: usize,
     store: Arc<LayerStore>,
@@ -40,7 +97,7 @@ struct Task {
     panic_for_test: bool,
 }
 
-type Reply = (usize, GroupBuf, Result<(), String>);
+type Reply = (usize, GroupBuf, Result<(), CpuError>);
 
 /// One layer's offloaded-attention results for every query head, and the
 /// channel they arrive on. Reuse one per (sequence, layer) or per sequence:
@@ -58,8 +115,6 @@ pub struct LayerOutput {
     /// Worker time spent in whole tasks (eviction included), summed over kv
     /// heads, nanoseconds.
     pub total_cpu_ns: u64,
-    /// Per kv head of the last step: (retrieval ns, whole task ns).
-    pub task_ns: Vec<(u64, u64)>,
     bufs: Vec<GroupBuf>,
     reply_tx: Sender<Reply>,
     reply_rx: Receiver<Reply>,
@@ -78,7 +133,6 @@ impl Default for LayerOutput {
             keys_touched: Vec::new(),
             retrieval_cpu_ns: 0,
             total_cpu_ns: 0,
-            task_ns: Vec::new(),
             bufs: Vec::new(),
             reply_tx,
             reply_rx,
@@ -89,18 +143,6 @@ impl Default for LayerOutput {
 }
 
 impl LayerOutput {
-    /// The partial of query head `h` of the first token, as an owned [`HeadOutput`].
-    ///
-    /// [`HeadOutput`]: crate::HeadOutput
-    pub fn head(&self, h: usize) -> Option<crate::HeadOutput> {
-        let d = self.shape.3;
-        Some(crate::HeadOutput {
-            out: self.out.get(h * d..(h + 1) * d)?.to_vec(),
-            lse: *self.lse.get(h)?,
-            keys_touched: *self.keys_touched.get(h)?,
-        })
-    }
-
     /// Whether a step was submitted and not yet waited for.
     pub fn is_pending(&self) -> bool {
         self.pending > 0
@@ -210,33 +252,8 @@ impl WorkerPool {
         }
         let cfg = store.config();
         let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
-        let row = nkv * g * d;
-        if !queries.len().is_multiple_of(row) {
-            return Err(CpuError::Shape(format!(
-                "queries has {} values, not a multiple of {row}",
-                queries.len()
-            )));
-        }
-        let tokens = queries.len() / row;
         let (ek, ev) = evicted.unwrap_or((&[], &[]));
-        if ek.len() != ev.len() || !ek.len().is_multiple_of(nkv * d) {
-            return Err(CpuError::Shape(format!(
-                "evicted rows: {} keys and {} values, rows of {}",
-                ek.len(),
-                ev.len(),
-                nkv * d
-            )));
-        }
-        if let Policy::Lsh(p) = policy {
-            if cfg.lsh.is_none() {
-                return Err(CpuError::Config(
-                    "policy lsh needs a store with an LSH index".into(),
-                ));
-            }
-            if p.t == 0 {
-                return Err(CpuError::Config("lsh t must be >= 1".into()));
-            }
-        }
+        let tokens = check_step(cfg, queries, ek, ev, policy)?;
         let tx = self
             .tx
             .as_ref()
@@ -245,19 +262,7 @@ impl WorkerPool {
         output.bufs.resize_with(nkv, GroupBuf::default);
         for h in 0..nkv {
             let mut buf = std::mem::take(&mut output.bufs[h]);
-            buf.q.clear();
-            for q in queries.chunks_exact(row) {
-                buf.q.extend_from_slice(&q[h * g * d..(h + 1) * g * d]);
-            }
-            buf.evict_keys.clear();
-            buf.evict_values.clear();
-            for (k, v) in ek.chunks_exact(nkv * d).zip(ev.chunks_exact(nkv * d)) {
-                buf.evict_keys.extend_from_slice(&k[h * d..(h + 1) * d]);
-                buf.evict_values.extend_from_slice(&v[h * d..(h + 1) * d]);
-            }
-            buf.out.resize(tokens * g * d, 0.0);
-            buf.lse.resize(tokens * g, 0.0);
-            buf.touched.resize(tokens * g, 0);
+            buf.load(cfg, h, queries, ek, ev);
             let task = Task {
                 slot: h,
                 store: Arc::clone(store),
@@ -289,7 +294,6 @@ impl WorkerPool {
         output.keys_touched.resize(tokens * nq, 0);
         output.retrieval_cpu_ns = 0;
         output.total_cpu_ns = 0;
-        output.task_ns.resize(nkv, (0, 0));
         let mut first_err = None;
         while output.pending > 0 {
             // The output holds a sender itself, so this never disconnects; a
@@ -310,24 +314,18 @@ impl WorkerPool {
             }
             output.retrieval_cpu_ns += buf.retrieval_ns;
             output.total_cpu_ns += buf.total_ns;
-            if let Some(t) = output.task_ns.get_mut(slot) {
-                *t = (buf.retrieval_ns, buf.total_ns);
-            }
             output.bufs[slot] = buf;
         }
-        match first_err {
-            Some(e) => Err(CpuError::Worker(e)),
-            None => Ok(()),
-        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
-fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
+fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
     if task.panic_for_test {
         panic!("injected worker panic");
     }
     let (g, d) = (task.store.config().group, task.store.config().head_dim);
-    let mut head = task.store.head(task.kv_head).map_err(|e| e.to_string())?;
+    let mut head = task.store.head(task.kv_head)?;
     let buf = &mut task.buf;
     buf.query_bits.clear();
     if !buf.evict_keys.is_empty() {
@@ -343,7 +341,7 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
             &mut buf.query_bits,
         )?;
     }
-    // Empty when the queries were not hashed here: attend_group hashes them.
+    // Empty when the queries were not hashed here: retrieval hashes them.
     let per_group = buf.query_bits.len() / (buf.q.len() / (g * d)).max(1);
     buf.retrieval_ns = 0;
     for (i, (((q, out), lse), touched)) in buf
@@ -354,24 +352,12 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), String> {
         .zip(buf.touched.chunks_exact_mut(g))
         .enumerate()
     {
-        let mut ns = 0;
         let query_bits = buf
             .query_bits
             .get(i * per_group..(i + 1) * per_group)
             .filter(|b| !b.is_empty());
-        attend_group(
-            &head,
-            d,
-            q,
-            query_bits,
-            &task.policy,
-            scratch,
-            out,
-            lse,
-            touched,
-            &mut ns,
-        )?;
-        buf.retrieval_ns += ns;
+        let parts = Partials { out, lse, touched };
+        buf.retrieval_ns += attend_group(&head, d, q, query_bits, &task.policy, scratch, parts)?;
     }
     Ok(())
 }
@@ -384,10 +370,11 @@ fn worker(rx: Receiver<Task>) {
             Ok(r) => r,
             Err(p) => {
                 scratch = Scratch::default();
-                Err(p
-                    .downcast_ref::<&str>()
-                    .map(|s| format!("worker panicked: {s}"))
-                    .unwrap_or_else(|| "worker panicked".into()))
+                Err(CpuError::Worker(
+                    p.downcast_ref::<&str>()
+                        .map(|s| format!("worker panicked: {s}"))
+                        .unwrap_or_else(|| "worker panicked".into()),
+                ))
             }
         };
         task.buf.total_ns = t0.elapsed().as_nanos() as u64;
@@ -408,7 +395,6 @@ impl Drop for WorkerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::LayerConfig;
     use half::bf16;
 
     #[test]
@@ -418,7 +404,6 @@ mod tests {
             group: 2,
             head_dim: 4,
             lsh: None,
-            lsh_t: 2,
             seed: 1,
             layer: 0,
             kv_dtype: crate::KvDtype::Bf16,

@@ -6,8 +6,8 @@
 use half::bf16;
 use std::sync::Arc;
 use tandem_cpu::{
-    ln_u_exact, merge_partials, KvDtype, LayerConfig, LayerOutput, LayerStore, LshParams, Policy,
-    WorkerPool,
+    ln_u_exact, merge_partials, KvDtype, LayerConfig, LayerOutput, LayerStore, LshIndexParams,
+    LshParams, Policy, WorkerPool,
 };
 use tandem_kernels::hash::{table_code, Projector};
 use tandem_kernels::rng::SplitMix64;
@@ -70,8 +70,7 @@ fn setup_with(
         n_kv_heads: nkv,
         group: g,
         head_dim: d,
-        lsh,
-        lsh_t: t,
+        lsh: lsh.map(|(k, l)| LshIndexParams { k, l, t }),
         seed,
         layer: 3,
         kv_dtype: dtype,
@@ -445,7 +444,6 @@ fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase]) {
         let out = run(
             &s,
             Policy::Lsh(LshParams {
-                t,
                 max_keys: None,
                 value_skip: 0,
             }),
@@ -507,7 +505,6 @@ fn max_keys_caps_by_collision_count() {
     let full = run(
         &s,
         Policy::Lsh(LshParams {
-            t: 2,
             max_keys: None,
             value_skip: 0,
         }),
@@ -515,7 +512,6 @@ fn max_keys_caps_by_collision_count() {
     let capped = run(
         &s,
         Policy::Lsh(LshParams {
-            t: 2,
             max_keys: Some(10),
             value_skip: 0,
         }),
@@ -598,8 +594,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         n_kv_heads: 1,
         group: 2,
         head_dim: 4,
-        lsh: Some((4, 8)),
-        lsh_t: 2,
+        lsh: Some(LshIndexParams { k: 4, l: 8, t: 2 }),
         seed: 1,
         layer: 0,
         kv_dtype: KvDtype::Bf16,
@@ -612,7 +607,6 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         &st,
         &q,
         Policy::Lsh(LshParams {
-            t: 2,
             max_keys: None,
             value_skip: 0,
         }),
@@ -641,7 +635,12 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
     assert_eq!(out.lse[0], 0.0);
     assert!((out.lse[1] - 5.0).abs() < 1e-6);
     // huge logit gap (1e4) with LSH over zero keys and a planted key
-    let mut big = LayerStore::new(cfg.clone()).expect("cfg");
+    // Sampled with t = 1.
+    let mut big = LayerStore::new(LayerConfig {
+        lsh: Some(LshIndexParams { k: 4, l: 8, t: 1 }),
+        ..cfg.clone()
+    })
+    .expect("cfg");
     let mut keys = vec![0.0f32; 50 * 4];
     keys[7 * 4..8 * 4].copy_from_slice(&[5000.0, 5000.0, 5000.0, 5000.0]);
     let vals: Vec<f32> = (0..200).map(|i| (i % 7) as f32).collect();
@@ -651,7 +650,6 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         Policy::Dense,
         Policy::TopK(3),
         Policy::Lsh(LshParams {
-            t: 1,
             max_keys: None,
             value_skip: 0,
         }),
@@ -670,7 +668,6 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
             &one,
             &q,
             Policy::Lsh(LshParams {
-                t: 2,
                 max_keys: None,
                 value_skip: 0,
             }),
@@ -679,7 +676,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         .is_err());
     // bad config
     assert!(LayerStore::new(LayerConfig {
-        lsh: Some((17, 10)),
+        lsh: Some(LshIndexParams { k: 17, l: 10, t: 2 }),
         ..cfg.clone()
     })
     .is_err());
@@ -739,8 +736,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             n_kv_heads: nkv,
             group: g,
             head_dim: d,
-            lsh: Some((8, l)),
-            lsh_t: 2,
+            lsh: Some(LshIndexParams { k: 8, l, t: 2 }),
             seed: 4,
             layer: 0,
             kv_dtype: KvDtype::Bf16,
@@ -759,7 +755,6 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             &st,
             &q,
             Policy::Lsh(LshParams {
-                t: 2,
                 max_keys: None,
                 value_skip: 0,
             }),
@@ -808,7 +803,6 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
         &bf(&direct.values[n * w..])[..],
     );
     let policy = Policy::Lsh(LshParams {
-        t: 2,
         max_keys: None,
         value_skip: 0,
     });
@@ -850,10 +844,9 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
         .is_err());
 }
 
-/// LSH sampling with collision threshold `t`, no cap, and `value_skip`.
-fn lsh(t: u8, value_skip: u8) -> Policy {
+/// LSH sampling with no cap and `value_skip`.
+fn lsh(value_skip: u8) -> Policy {
     Policy::Lsh(LshParams {
-        t,
         max_keys: None,
         value_skip,
     })
@@ -865,11 +858,11 @@ fn lsh(t: u8, value_skip: u8) -> Policy {
 fn value_skip_stays_within_its_bound() {
     // Large queries give peaked softmaxes, so there are weights to skip.
     let s = setup(3000, 2, 4, 32, Some((6, 40)), 1, 17, 5);
-    let exact = run(&s, lsh(1, 0));
+    let exact = run(&s, lsh(0));
     let vmax = s.values.iter().fold(0f32, |m, v| m.max(v.abs()));
     let mut moved_any = false;
     for skip in [4u8, 9, 14] {
-        let out = run(&s, lsh(1, skip));
+        let out = run(&s, lsh(skip));
         assert_eq!(out.lse, exact.lse, "skip {skip}");
         assert_eq!(out.keys_touched, exact.keys_touched, "skip {skip}");
         let bound = vmax * (-f32::from(skip)).exp2() + 1e-5;

@@ -1,0 +1,37 @@
+//! LSH sampling (MagicPIG): the keys retrieved by the index, each logit
+//! corrected by `-ln u`, the log of the key's probability of being retrieved.
+
+use super::passes::{attend_selected, Partials, Step};
+use super::scratch::Scratch;
+use crate::retrieval::retrieve;
+use crate::store::HeadStore;
+use crate::{CpuError, LshParams};
+use std::time::Instant;
+
+/// Attends the keys retrieved for each query head of `step`. `query_bits`,
+/// when given, are the queries' sign bits (else they are hashed here).
+/// Returns the nanoseconds spent in retrieval.
+pub(super) fn attend(
+    head: &HeadStore,
+    step: Step,
+    query_bits: Option<&[u64]>,
+    p: &LshParams,
+    scratch: &mut Scratch,
+    parts: Partials,
+) -> Result<u64, CpuError> {
+    let ix = head
+        .index
+        .as_ref()
+        .ok_or_else(|| CpuError::Config("policy lsh on a store without an index".into()))?;
+    let t0 = Instant::now();
+    let (rs, sel) = (&mut scratch.retrieval, &mut scratch.sel);
+    let nu = retrieve(ix, head.len(), step.d, step.queries, query_bits, p, rs, sel);
+    let retrieval_ns = t0.elapsed().as_nanos() as u64;
+    let step = Step {
+        ln_u: Some(&ix.ln_u),
+        value_skip: p.value_skip,
+        ..step
+    };
+    attend_selected(head, &step, &scratch.sel, nu, &mut scratch.pass1, parts);
+    Ok(retrieval_ns)
+}

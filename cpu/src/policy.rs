@@ -1,0 +1,331 @@
+//! How a layer's offloaded part is attended, and the policy strings
+//! (`dense`, `topk:k=N`, `oracle:budget=N`, `lsh:k=K,l=L,...`) that name it.
+
+use crate::config::{LSH_K, LSH_L};
+use crate::{CpuError, KvDtype, LshIndexParams};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Query-time parameters of LSH sampling; the index itself (K, L and the
+/// collision threshold t) is fixed by the store ([`LshIndexParams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LshParams {
+    /// Optional cap: keep at most this many keys per query head (most
+    /// collisions first, ties by lower position). The estimator's probabilities
+    /// ignore the cap, so capped results are a heuristic.
+    pub max_keys: Option<usize>,
+    /// V rows left out, as a power of two of the softmax mass: with `n > 0`,
+    /// each head leaves out the V rows of its smallest weights whose sum is at
+    /// most `2^-n` of its total (the log-sum-exp still counts them), which moves
+    /// the output by at most `2^-n` of the largest |value|. `0` reads the V row
+    /// of every retrieved key. [`LshParams::DEFAULT_VALUE_SKIP`] is one bf16
+    /// rounding step, the error the bf16 store already makes.
+    pub value_skip: u8,
+}
+
+impl LshParams {
+    /// `value_skip` of the default policy: 2^-9 of the mass.
+    pub const DEFAULT_VALUE_SKIP: u8 = 9;
+}
+
+/// How one layer's offloaded part is attended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    /// Exact attention over every stored key.
+    Dense,
+    /// LSH sampling (MagicPIG); needs a store built with `lsh: Some(..)`.
+    Lsh(LshParams),
+    /// Exact attention over the `k` keys with the largest logits.
+    TopK(usize),
+    /// Oracle sampling: `budget` keys drawn i.i.d. from the exact softmax; the
+    /// output is their mean value and the lse is exact.
+    Oracle {
+        /// Samples per query head.
+        budget: usize,
+        /// Sampling seed.
+        seed: u64,
+    },
+}
+
+/// A policy parsed from its string, with the store it needs.
+///
+/// Accepted: `dense`, `topk:k=N`, `oracle:budget=N` (seed 7),
+/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (t 2 and vskip
+/// [`LshParams::DEFAULT_VALUE_SKIP`] by default), each with an optional
+/// `kbits=8|16|32`: the offloaded keys as int8 codes ([`KvDtype::K8`]), bf16
+/// (the default) or f32; with `kbits=8`, `vbits=8` makes the values int8
+/// codes too ([`KvDtype::K8V8`]). [`fmt::Display`] writes the canonical form
+/// (every lsh parameter, in that order; the oracle's seed is not written).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySpec {
+    /// The engine policy.
+    pub policy: Policy,
+    /// The index the policy needs, if any.
+    pub lsh: Option<LshIndexParams>,
+    /// How the offloaded keys and values are stored.
+    pub kv_dtype: KvDtype,
+}
+
+/// Seed of the oracle policies parsed from strings.
+const ORACLE_SEED: u64 = 7;
+
+/// A policy string's `key=value` parameters.
+struct Params<'s> {
+    spec: &'s str,
+    values: BTreeMap<String, usize>,
+}
+
+impl<'s> Params<'s> {
+    fn err(&self, problem: &str) -> CpuError {
+        policy_error(self.spec, problem)
+    }
+
+    /// The parameters after the `:` of `spec`.
+    fn parse(spec: &'s str, rest: &str) -> Result<Self, CpuError> {
+        let mut values = BTreeMap::new();
+        for part in rest.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| policy_error(spec, &format!("expected key=value, got {part:?}")))?;
+            let v: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| policy_error(spec, &format!("{k}: not a non-negative integer")))?;
+            if values.insert(k.trim().to_string(), v).is_some() {
+                return Err(policy_error(spec, &format!("{k} given twice")));
+            }
+        }
+        Ok(Params { spec, values })
+    }
+
+    fn take(&mut self, key: &str) -> Option<usize> {
+        self.values.remove(key)
+    }
+
+    fn require(&mut self, key: &str, problem: &str) -> Result<usize, CpuError> {
+        self.take(key).ok_or_else(|| self.err(problem))
+    }
+
+    fn kv_dtype(&mut self) -> Result<KvDtype, CpuError> {
+        Ok(match (self.take("kbits"), self.take("vbits")) {
+            (None | Some(16), None | Some(16)) => KvDtype::Bf16,
+            (Some(8), None | Some(16)) => KvDtype::K8,
+            (Some(8), Some(8)) => KvDtype::K8V8,
+            (Some(32), None | Some(32)) => KvDtype::F32,
+            (Some(8 | 16 | 32) | None, Some(_)) => {
+                return Err(self.err(
+                    "vbits must be 16 (bf16, the default) or 8 with kbits=8 (f32 with kbits=32)",
+                ))
+            }
+            (Some(_), _) => return Err(self.err("kbits must be 8, 16 or 32")),
+        })
+    }
+
+    fn lsh(&mut self) -> Result<(Policy, LshIndexParams), CpuError> {
+        let k = self.require("k", "lsh needs k=K")?;
+        let l = self.require("l", "lsh needs l=L")?;
+        let t = self.take("t").unwrap_or(2);
+        if !LSH_K.contains(&k) {
+            return Err(self.err("k must be in 1..=16"));
+        }
+        if !LSH_L.contains(&l) {
+            return Err(self.err("l must be in 1..=512"));
+        }
+        if t == 0 || t > l.min(255) {
+            return Err(self.err("t must be in 1..=min(L,255)"));
+        }
+        let max_keys = self.take("max_keys");
+        let value_skip = self
+            .take("vskip")
+            .unwrap_or(LshParams::DEFAULT_VALUE_SKIP.into());
+        if value_skip > 24 {
+            return Err(self.err("vskip must be in 0..=24 (0 reads every V row)"));
+        }
+        let policy = Policy::Lsh(LshParams {
+            max_keys,
+            value_skip: value_skip as u8,
+        });
+        Ok((policy, LshIndexParams { k, l, t: t as u8 }))
+    }
+}
+
+fn policy_error(spec: &str, problem: &str) -> CpuError {
+    CpuError::Policy {
+        spec: spec.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+impl FromStr for PolicySpec {
+    type Err = CpuError;
+
+    fn from_str(s: &str) -> Result<Self, CpuError> {
+        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        let mut params = Params::parse(s, rest)?;
+        let kv_dtype = params.kv_dtype()?;
+        let (policy, lsh) = match kind {
+            "dense" => (Policy::Dense, None),
+            "topk" => (Policy::TopK(params.require("k", "topk needs k=N")?), None),
+            "oracle" => {
+                let budget = params.require("budget", "oracle needs budget=N")?;
+                let seed = ORACLE_SEED;
+                (Policy::Oracle { budget, seed }, None)
+            }
+            "lsh" => {
+                let (policy, index) = params.lsh()?;
+                (policy, Some(index))
+            }
+            _ => return Err(params.err("unknown policy kind (dense, topk, oracle, lsh)")),
+        };
+        if let Some(k) = params.values.keys().next() {
+            return Err(params.err(&format!("unknown parameter {k:?}")));
+        }
+        Ok(PolicySpec {
+            policy,
+            lsh,
+            kv_dtype,
+        })
+    }
+}
+
+impl fmt::Display for PolicySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut params = Vec::new();
+        let kind = match self.policy {
+            Policy::Dense => "dense",
+            Policy::TopK(k) => {
+                params.push(format!("k={k}"));
+                "topk"
+            }
+            Policy::Oracle { budget, .. } => {
+                params.push(format!("budget={budget}"));
+                "oracle"
+            }
+            Policy::Lsh(p) => {
+                if let Some(ix) = self.lsh {
+                    params.push(format!("k={},l={},t={}", ix.k, ix.l, ix.t));
+                }
+                if let Some(m) = p.max_keys {
+                    params.push(format!("max_keys={m}"));
+                }
+                params.push(format!("vskip={}", p.value_skip));
+                "lsh"
+            }
+        };
+        match self.kv_dtype {
+            KvDtype::Bf16 => {}
+            KvDtype::F32 => params.push("kbits=32".into()),
+            KvDtype::K8 => params.push("kbits=8".into()),
+            KvDtype::K8V8 => params.push("kbits=8,vbits=8".into()),
+        }
+        match params.is_empty() {
+            true => write!(f, "{kind}"),
+            false => write!(f, "{kind}:{}", params.join(",")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_policy(s: &str) -> Result<PolicySpec, CpuError> {
+        s.parse()
+    }
+
+    #[test]
+    fn policy_parser_accepts_and_rejects() {
+        let p = parse_policy("lsh:k=10,l=150").expect("ok");
+        assert_eq!(
+            p.lsh,
+            Some(LshIndexParams {
+                k: 10,
+                l: 150,
+                t: 2
+            })
+        );
+        assert_eq!(
+            p.policy,
+            Policy::Lsh(LshParams {
+                max_keys: None,
+                value_skip: 9,
+            })
+        );
+        let p = parse_policy("lsh:k=10,l=150,t=3,max_keys=100,vskip=0").expect("ok");
+        assert_eq!(
+            p.lsh,
+            Some(LshIndexParams {
+                k: 10,
+                l: 150,
+                t: 3
+            })
+        );
+        assert_eq!(
+            p.policy,
+            Policy::Lsh(LshParams {
+                max_keys: Some(100),
+                value_skip: 0,
+            })
+        );
+        assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
+        assert_eq!(
+            parse_policy("lsh:k=10,l=150").expect("ok").kv_dtype,
+            KvDtype::Bf16
+        );
+        assert_eq!(
+            parse_policy("topk:k=8,kbits=8").expect("ok").kv_dtype,
+            KvDtype::K8
+        );
+        assert_eq!(
+            parse_policy("dense,kbits=32").map(|p| p.kv_dtype).ok(),
+            None
+        );
+        assert!(parse_policy("lsh:k=10,l=150,kbits=4").is_err());
+        assert_eq!(parse_policy("dense").expect("ok").policy, Policy::Dense);
+        assert_eq!(
+            parse_policy("topk:k=2048").expect("ok").policy,
+            Policy::TopK(2048)
+        );
+        assert!(matches!(
+            parse_policy("oracle:budget=5").expect("ok").policy,
+            Policy::Oracle { budget: 5, .. }
+        ));
+        for bad in [
+            "lsh:k=10",
+            "lsh:k=17,l=1",
+            "lsh:k=10,l=150,x=1",
+            "lsh:k=a,l=1",
+            "foo",
+            "topk",
+            "lsh:k=2,l=3,t=4",
+            "topk:k=1,k=2",
+        ] {
+            assert!(parse_policy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn canonical_strings_parse_back_to_the_same_spec() {
+        for (given, canonical) in [
+            ("dense", "dense"),
+            ("dense:kbits=16", "dense"),
+            ("dense:kbits=8,vbits=8", "dense:kbits=8,vbits=8"),
+            ("topk:kbits=32,k=64", "topk:k=64,kbits=32"),
+            ("oracle:budget=5", "oracle:budget=5"),
+            ("lsh:k=10,l=150", "lsh:k=10,l=150,t=2,vskip=9"),
+            (
+                "lsh:vskip=0,max_keys=100,t=3,l=150,k=10,kbits=8",
+                "lsh:k=10,l=150,t=3,max_keys=100,vskip=0,kbits=8",
+            ),
+        ] {
+            let spec = parse_policy(given).expect("parses");
+            assert_eq!(spec.to_string(), canonical, "{given}");
+            assert_eq!(parse_policy(canonical).expect("parses"), spec, "{given}");
+        }
+        assert!(matches!(
+            parse_policy("lsh:k=0,l=1"),
+            Err(CpuError::Policy { ref spec, .. }) if spec == "lsh:k=0,l=1"
+        ));
+    }
+}
