@@ -1,18 +1,21 @@
 //! tandem's dense device: the part of a decode step that runs on the GPU when there
 //! is one, and on the CPU otherwise.
 //!
-//! [`DenseDevice`] is the one trait every implementation provides: matrix products
-//! over resident weights, and a KV cache with causal attention over it. The model's
-//! forward pass (in `tandem-runtime`) is written once against this trait.
+//! [`DenseDevice`] is the one trait every implementation provides: it owns the
+//! weights, the activations and each sequence's window of keys and values, and
+//! says where data crosses to the host (see the trait's documentation). The
+//! model's forward pass (in `tandem-runtime`) is written once against it.
 //!
 //! Implementations: [`CpuDevice`]. A CUDA implementation is not built yet;
 //! [`cuda_status`] says so at run time, so callers can fall back with a clear message.
 
-mod cpu;
-mod kv;
+#![forbid(unsafe_code)]
 
-pub use cpu::CpuDevice;
-pub use kv::KvCache;
+mod cpu;
+mod device;
+
+pub use cpu::{CpuDevice, CpuKv};
+pub use device::{DenseDevice, DeviceBuffer};
 
 use half::bf16;
 use tandem_kernels::quant::AffineMatrix;
@@ -99,44 +102,6 @@ impl AttentionShape {
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
-}
-
-/// The dense side of a decode step.
-///
-/// Activations are host `f32` slices, row-major with one row per token. (A GPU
-/// implementation will want activations resident on the device; the trait will
-/// grow device buffers when one exists.)
-pub trait DenseDevice: Send + Sync {
-    /// A weight matrix resident on the device.
-    type Matrix: Send + Sync;
-
-    /// A short description, e.g. `cpu (avx512, 2 threads)`.
-    fn name(&self) -> String;
-
-    /// Makes a host matrix resident on the device.
-    fn upload(&self, matrix: HostMatrix) -> Result<Self::Matrix, DeviceError>;
-
-    /// `ys[t] = W · xs[t]` for every token `t`: `xs` is `tokens × cols`, `ys` is
-    /// `tokens × rows`.
-    fn matmul(&self, w: &Self::Matrix, xs: &[f32], ys: &mut [f32]) -> Result<(), DeviceError>;
-
-    /// Causal attention of `T = q.len() / (n_heads·head_dim)` new queries over
-    /// the rows of layer `layer` of `cache`, whose last `T` rows are these
-    /// queries' own keys and values: query `t` sees rows `0..=first_row + t`
-    /// (`first_row = cache.len(layer) - T`). Rows are in position order, but
-    /// need not be contiguous positions: a cache that moved older rows elsewhere
-    /// holds the rest. Writes `T × n_heads × head_dim` outputs, normalised over
-    /// these rows, and the `T × n_heads` log-sum-exps of their logits, so the
-    /// caller can merge them with attention computed elsewhere.
-    fn attention(
-        &self,
-        cache: &KvCache,
-        layer: usize,
-        q: &[f32],
-        first_row: usize,
-        out: &mut [f32],
-        lse: &mut [f32],
-    ) -> Result<(), DeviceError>;
 }
 
 /// Whether a CUDA device can be used, and if not, why — for a clear fallback message.

@@ -47,23 +47,14 @@ impl Rope {
         Rope { inv_freq }
     }
 
-    /// The `(cos, sin)` of every frequency at `position`, computed once per token and
-    /// shared by all heads and layers through [`Rope::rotate_interleaved_with`].
-    pub fn angles(&self, position: usize, out: &mut Vec<(f32, f32)>) {
-        out.clear();
-        out.extend(self.inv_freq.iter().map(|&f| {
+    /// Appends the `(cos, sin)` of every frequency at `position` to `out`, as
+    /// flat pairs: computed once per token and shared by all heads and layers
+    /// through [`rotate_interleaved`].
+    pub fn push_angles(&self, position: usize, out: &mut Vec<f32>) {
+        out.extend(self.inv_freq.iter().flat_map(|&f| {
             let (sin, cos) = (position as f64 * f as f64).sin_cos();
-            (cos as f32, sin as f32)
+            [cos as f32, sin as f32]
         }));
-    }
-
-    /// [`Rope::rotate_interleaved`] with precomputed [`Rope::angles`].
-    pub fn rotate_interleaved_with(&self, head: &mut [f32], angles: &[(f32, f32)]) {
-        for (i, &(cos, sin)) in angles.iter().enumerate() {
-            let (a, b) = (head[2 * i], head[2 * i + 1]);
-            head[2 * i] = a * cos - b * sin;
-            head[2 * i + 1] = a * sin + b * cos;
-        }
     }
 
     /// Rotates one head in place at `position`, pairing adjacent elements
@@ -78,6 +69,39 @@ impl Rope {
             head[2 * i + 1] = a * sin + b * cos;
         }
     }
+}
+
+/// Rotates one head in place by precomputed angles ([`Rope::push_angles`]:
+/// `(cos, sin)` pairs), pairing adjacent elements as [`Rope::rotate_interleaved`].
+pub fn rotate_interleaved(head: &mut [f32], angles: &[f32]) {
+    for (pair, cs) in head.chunks_exact_mut(2).zip(angles.chunks_exact(2)) {
+        let (a, b, cos, sin) = (pair[0], pair[1], cs[0], cs[1]);
+        pair[0] = a * cos - b * sin;
+        pair[1] = a * sin + b * cos;
+    }
+}
+
+/// Merges partial attention results `(out, lse)`, each output normalised within
+/// its part and `lse` the log-sum-exp of its logits, into `out`: the softmax over
+/// the union of the parts' keys. Returns the merged lse. Parts with `lse = -inf`
+/// contribute nothing; if all are empty, `out` is zero and the lse is `-inf`.
+/// Only the first `out.len()` elements of each part are read.
+pub fn merge_partials(parts: &[(&[f32], f32)], out: &mut [f32]) -> f32 {
+    out.iter_mut().for_each(|x| *x = 0.0);
+    let m = parts.iter().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY || m.is_nan() {
+        return f32::NEG_INFINITY;
+    }
+    let total: f64 = parts.iter().map(|p| ((p.1 - m) as f64).exp()).sum();
+    for (o, lse) in parts {
+        let w = (((*lse - m) as f64).exp() / total) as f32;
+        if w > 0.0 {
+            for (dst, x) in out.iter_mut().zip(o.iter()) {
+                *dst += w * x;
+            }
+        }
+    }
+    m + total.ln() as f32
 }
 
 /// Index of the largest element (the first on ties); `None` when empty or all NaN.
@@ -117,8 +141,8 @@ mod tests {
         let mut z = x.clone();
         rope.rotate_interleaved(&mut y, 77);
         let mut angles = Vec::new();
-        rope.angles(77, &mut angles);
-        rope.rotate_interleaved_with(&mut z, &angles);
+        rope.push_angles(77, &mut angles);
+        rotate_interleaved(&mut z, &angles);
         assert_eq!(y, z);
         let n0: f32 = x.iter().map(|v| v * v).sum();
         let n1: f32 = y.iter().map(|v| v * v).sum();

@@ -31,8 +31,8 @@ fn main() -> Result<(), tandem_runtime::Error> {
         prompts.push(engine.tokenizer().encode(&text, false)?);
     }
     let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let mut first = engine.session();
-    let mut second = engine.session();
+    let mut first = engine.session()?;
+    let mut second = engine.session()?;
     let mut replies = vec![String::new(); 2];
     let stats = engine.generate_batch(
         &mut [&mut first, &mut second],

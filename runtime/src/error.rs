@@ -29,9 +29,15 @@ pub enum Error {
     /// A request that cannot be served as asked (bad token id, context full, ...).
     #[error("{0}")]
     InvalidRequest(String),
-    /// The attention engine failed during a step.
-    #[error("attention engine: {0}")]
-    Engine(String),
+    /// The dense device failed.
+    #[error("dense device: {0}")]
+    Device(#[from] tandem_gpu::DeviceError),
+    /// The CPU attention engine failed (its workers, or an offloaded store).
+    #[error("CPU attention: {0}")]
+    Cpu(#[from] tandem_cpu::CpuError),
+    /// A step failed half-way through this sequence earlier; it must be reset.
+    #[error("this sequence was left inconsistent by a failed step; reset it")]
+    BrokenSequence,
 }
 
 impl Error {

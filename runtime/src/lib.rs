@@ -7,7 +7,7 @@
 //! let engine = Engine::load(&tandem_runtime::default_model_path(), &EngineOptions::default())?;
 //! let prompt = engine.render_chat(&[Message::user("What is the capital of France?")])?;
 //! let ids = engine.tokenizer().encode(&prompt, false)?;
-//! let mut session = engine.session();
+//! let mut session = engine.session()?;
 //! session.generate(&ids, 32, &SamplingConfig::default(), None, &mut |_, _| {}, &mut |text| {
 //!     print!("{text}");
 //!     Flow::Continue
@@ -15,17 +15,21 @@
 //! # Ok::<(), tandem_runtime::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod chat;
-pub mod decode_bench;
 pub mod engine;
 pub mod error;
-pub mod eval;
+mod generate;
 pub mod model;
 pub mod policy;
 pub mod sampling;
+mod session;
 pub mod split;
 pub mod tokenizer;
 
-pub use engine::{default_model_path, Engine, EngineOptions, Flow, GenerationStats, Session};
+pub use engine::{default_model_path, Engine, EngineOptions, PREFILL_CHUNK};
 pub use error::{Error, Result};
+pub use generate::{Flow, GenerationStats};
 pub use sampling::SamplingConfig;
+pub use session::Session;

@@ -11,8 +11,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use tandem_bench::parse_policy;
-use tandem_cpu::{KvDtype, Policy};
+use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec};
 
 use crate::error::{Error, Result};
 
@@ -28,8 +27,9 @@ pub enum LayerAttention {
     Offloaded {
         /// The CPU workers' policy.
         policy: Policy,
-        /// (K, L) of the LSH index the policy needs, if any.
-        lsh: Option<(usize, usize)>,
+        /// The LSH index the policy needs, if any: the one source of its
+        /// (K, L, t) for retrieval and the estimator alike.
+        lsh: Option<LshIndexParams>,
         /// How the offloaded keys and values are stored.
         kv_dtype: KvDtype,
     },
@@ -62,8 +62,9 @@ impl LayerPolicy {
                 kv_dtype: KvDtype::Bf16,
             },
             _ => {
-                let parsed =
-                    parse_policy(spec).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+                let parsed: PolicySpec = spec
+                    .parse()
+                    .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))?;
                 if parsed.policy == Policy::Dense {
                     LayerAttention::Dense
                 } else {
@@ -286,7 +287,11 @@ mod tests {
         assert!(matches!(
             t.layers[1].attention,
             LayerAttention::Offloaded {
-                lsh: Some((10, 150)),
+                lsh: Some(LshIndexParams {
+                    k: 10,
+                    l: 150,
+                    t: 2
+                }),
                 ..
             }
         ));

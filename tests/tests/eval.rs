@@ -1,7 +1,7 @@
 //! `tandem eval` on the default model: dense against itself is exact, a broken
 //! policy is reported as worse, and the outputs are valid.
 
-use tandem_runtime::eval::{report, run_eval, EvalOptions};
+use tandem_bench::eval::{report, run_eval, EvalOptions};
 use tandem_runtime::policy::PolicyConfig;
 use tandem_tests::model_path;
 

@@ -85,7 +85,7 @@ fn every_tensor_type_matches_the_reference() {
             })
             .collect();
         let (_, model) = load_gguf(&path, CpuDevice::new(2)).expect("tiny model loads");
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().expect("cache");
         let got = model
             .forward(&tokens, &mut cache, Logits::All)
             .expect("forward");

@@ -47,7 +47,7 @@ fn make(dir: &Path, gguf_args: &[&str], hf_args: &[&str]) -> (PathBuf, PathBuf) 
 
 fn logits_gguf(path: &Path) -> Vec<f32> {
     let (_, model) = load_gguf(path, CpuDevice::new(1)).expect("gguf loads");
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("cache");
     model
         .forward(&TOKENS, &mut cache, Logits::All)
         .expect("forward")
@@ -55,7 +55,7 @@ fn logits_gguf(path: &Path) -> Vec<f32> {
 
 fn logits_hf(dir: &Path) -> Vec<f32> {
     let model = Llama::from_hf_dir(dir, CpuDevice::new(1)).expect("hf dir loads");
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("cache");
     model
         .forward(&TOKENS, &mut cache, Logits::All)
         .expect("forward")
@@ -128,7 +128,7 @@ fn engine_loads_a_directory() {
         .render_chat(&[Message::user("hi")])
         .expect("template");
     assert_eq!(prompt, "<user>hi\n<assistant>");
-    let mut session = engine.session();
+    let mut session = engine.session().expect("session");
     let logits = session.prefill(&ids, &mut |_, _| {}).expect("prefill");
     assert_eq!(logits.len(), 256);
     let _ = std::fs::remove_dir_all(&dir);

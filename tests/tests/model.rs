@@ -50,11 +50,11 @@ fn forward_matches_the_numpy_reference() {
     let (_, model) = load_gguf(&model_path(), CpuDevice::new(2)).expect("model loads");
     let vocab = model.config().vocab_size;
     // All positions at once (prefill path) and one at a time (decode path).
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("cache");
     let all = model
         .forward(&tokens, &mut cache, Logits::All)
         .expect("forward");
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("cache");
     let mut one_by_one = Vec::new();
     for &t in &tokens {
         one_by_one.extend(
@@ -99,7 +99,7 @@ fn greedy_chat_answers_paris() {
         .render_chat(&[Message::user("What is the capital of France?")])
         .expect("template");
     let ids = engine.tokenizer().encode(&prompt, false).expect("encode");
-    let mut session = engine.session();
+    let mut session = engine.session().expect("session");
     let mut text = String::new();
     session
         .generate(

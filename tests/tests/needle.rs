@@ -1,8 +1,8 @@
 //! Needle retrieval (issue 6) with dense attention on the default model: the
 //! measure every approximate policy is later held to must be solvable at all.
 
-use tandem_runtime::eval::corpus;
-use tandem_runtime::eval::needle::{NeedleBuilder, NeedleCase, ANSWER_TOKENS};
+use tandem_bench::eval::corpus;
+use tandem_bench::eval::needle::{NeedleBuilder, NeedleCase, ANSWER_TOKENS};
 use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
 use tandem_tests::model_path;
 
@@ -11,6 +11,7 @@ fn reply(engine: &Engine, case: &NeedleCase) -> String {
     let mut text = String::new();
     engine
         .session()
+        .expect("session")
         .generate(
             &case.prompt,
             ANSWER_TOKENS,

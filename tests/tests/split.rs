@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use tandem_gpu::CpuDevice;
 use tandem_runtime::model::Logits;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::split::SequenceKv;
@@ -42,7 +43,7 @@ fn engine(policy: PolicyConfig) -> Engine {
 /// under `table` of `engine`.
 fn decode_logits(
     engine: &Engine,
-    kv: &mut SequenceKv,
+    kv: &mut SequenceKv<CpuDevice>,
     prompt: &[u32],
     steps: &[u32],
 ) -> Vec<Vec<f32>> {
@@ -56,9 +57,10 @@ fn decode_logits(
     out
 }
 
-fn sequence(engine: &Engine) -> SequenceKv {
+fn sequence(engine: &Engine) -> SequenceKv<CpuDevice> {
     let c = engine.model().config();
     SequenceKv::new(
+        Arc::clone(engine.model().device()),
         c.n_layers,
         c.attention_shape(),
         Arc::new(engine.policy_table().clone()),
@@ -82,7 +84,7 @@ fn exact_offloaded_attention_equals_dense_decode_and_keeps_every_token_once() {
     let mut split = sequence(&exact);
     let got = decode_logits(&exact, &mut split, prompt, steps);
     assert!(split.is_offloaded());
-    let mut dense = exact.model().new_cache();
+    let mut dense = exact.model().new_cache().expect("cache");
     let want = decode_logits(&exact, &mut dense, prompt, steps);
     // Float tolerance: the dense decode itself moves by up to ~0.12 in a logit
     // when its attention is split over 1 or 2 threads instead (partials merge in
@@ -125,7 +127,7 @@ fn lsh_approaches_dense_as_tables_grow() {
         let tokens = fill_tokens(&engine, 400);
         let (prompt, steps) = tokens.split_at(380);
         let want = dense_logits.get_or_insert_with(|| {
-            let mut dense = engine.model().new_cache();
+            let mut dense = engine.model().new_cache().expect("cache");
             decode_logits(&engine, &mut dense, prompt, steps)
         });
         let mut kv = sequence(&engine);
@@ -152,7 +154,7 @@ fn batched_sessions_generate_what_each_generates_alone() {
     let greedy = SamplingConfig::default();
     let mut alone = Vec::new();
     for p in &prompts {
-        let mut s = engine.session();
+        let mut s = engine.session().expect("session");
         let mut text = String::new();
         s.generate(p, 24, &greedy, None, &mut |_, _| {}, &mut |t| {
             text.push_str(t);
@@ -161,7 +163,7 @@ fn batched_sessions_generate_what_each_generates_alone() {
         .expect("generate");
         alone.push(text);
     }
-    let mut sessions: Vec<_> = (0..3).map(|_| engine.session()).collect();
+    let mut sessions: Vec<_> = (0..3).map(|_| engine.session().expect("session")).collect();
     let mut refs: Vec<_> = sessions.iter_mut().collect();
     let mut together = vec![String::new(); 3];
     let stats = engine
@@ -180,7 +182,7 @@ fn a_failing_worker_is_an_error_of_generate_and_reset_recovers() {
     let engine = engine(small_window("lsh:k=6,l=30,t=2"));
     let prompt = fill_tokens(&engine, 100);
     let greedy = SamplingConfig::default();
-    let mut session = engine.session();
+    let mut session = engine.session().expect("session");
     session
         .generate(&prompt, 2, &greedy, None, &mut |_, _| {}, &mut |_| {
             Flow::Continue

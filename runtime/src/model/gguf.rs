@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use tandem_kernels::mem::MappedFile;
 
 use crate::error::{Error, Result};
 
@@ -169,7 +169,7 @@ impl TensorInfo {
 /// An open GGUF file: its metadata, its tensor table and a memory map of its data.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: MappedFile,
     metadata: BTreeMap<String, Value>,
     tensors: Vec<TensorInfo>,
 }

@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use memmap2::Mmap;
 use serde_json::Value;
 use tandem_gpu::HostMatrix;
+use tandem_kernels::mem::MappedFile;
 
-use super::llama::Config;
+use super::config::Config;
 use crate::error::{Error, Result};
 
 /// Element types of a safetensors tensor.
@@ -84,7 +84,7 @@ pub struct TensorEntry {
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: MappedFile,
     tensors: HashMap<String, TensorEntry>,
 }
 

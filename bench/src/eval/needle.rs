@@ -10,9 +10,9 @@
 
 use tandem_kernels::rng::SplitMix64;
 
-use crate::chat::{ChatTemplate, Message};
-use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use tandem_runtime::chat::{ChatTemplate, Message};
+use tandem_runtime::tokenizer::Tokenizer;
+use tandem_runtime::{Error, Result};
 
 /// Tokens each case leaves free for the reply: a prompt for context `n` holds at
 /// most `n - ANSWER_TOKENS` tokens, so `n` may be the model's whole context.
@@ -302,7 +302,7 @@ fn split_sentences(text: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::gguf::GgufFile;
+    use tandem_runtime::model::gguf::GgufFile;
 
     const MODEL: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),

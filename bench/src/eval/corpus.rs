@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use tandem_runtime::{Error, Result};
 
 /// Where the text files live, relative to the repository.
 pub const DATA_RELATIVE: &str = "tests/data";

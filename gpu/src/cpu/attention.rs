@@ -1,245 +1,114 @@
-//! The dense device on the CPU: runtime-dispatched SIMD kernels on a small pool.
+//! Causal attention over the CPU device's window of keys and values.
 
 use std::sync::Mutex;
 
 use half::bf16;
 use tandem_kernels::parallel::ThreadPool;
-use tandem_kernels::quant::QuantizedVector;
-use tandem_kernels::vector::{
-    axpy_bf16_multi, dot_bf16_f32, dot_bf16_f32_multi, dot_f32, exp_inplace,
-};
-use tandem_kernels::Isa;
+use tandem_kernels::vector::{axpy_bf16_multi, dot_bf16_f32_multi, exp_inplace};
 
-use crate::{DenseDevice, DeviceError, HostMatrix, KvCache};
+use super::{job_failed, matmul::even_bounds, CpuKv};
+use crate::DeviceError;
 
-/// The CPU as dense device.
-pub struct CpuDevice {
-    pool: ThreadPool,
-}
-
-impl std::fmt::Debug for CpuDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
-
-impl CpuDevice {
-    /// A device running on `threads` threads (the caller's included).
-    pub fn new(threads: usize) -> CpuDevice {
-        CpuDevice {
-            pool: ThreadPool::new(threads),
-        }
-    }
-
-    /// Threads the device runs on.
-    pub fn threads(&self) -> usize {
-        self.pool.threads()
-    }
-}
-
-fn job_failed(e: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Job(e.to_string())
-}
-
-/// Splits each token's output row into one piece per thread, the pieces of thread
-/// `i` covering rows `bounds[i]..bounds[i+1]` of every token.
-fn split_rows<'a>(
-    ys: &'a mut [f32],
-    rows: usize,
-    bounds: &[usize],
-) -> Vec<Mutex<Vec<&'a mut [f32]>>> {
-    let parts = bounds.len() - 1;
-    let mut per_thread: Vec<Vec<&mut [f32]>> = (0..parts).map(|_| Vec::new()).collect();
-    for mut token_row in ys.chunks_exact_mut(rows) {
-        for i in 0..parts {
-            let (head, tail) = token_row.split_at_mut(bounds[i + 1] - bounds[i]);
-            per_thread[i].push(head);
-            token_row = tail;
-        }
-    }
-    per_thread.into_iter().map(Mutex::new).collect()
-}
-
-fn even_bounds(n: usize, parts: usize, align: usize) -> Vec<usize> {
-    let units = n.div_ceil(align);
-    (0..=parts)
-        .map(|i| (units * i / parts * align).min(n))
-        .collect()
-}
-
-/// One thread's pieces of the output rows (see [`split_rows`]).
-type RowParts<'a> = [Mutex<Vec<&'a mut [f32]>>];
-
-impl CpuDevice {
-    /// Unquantized matmul: thread `i` computes rows `bounds[i]..bounds[i+1]` of every
-    /// token with `row_dot(row, x)`.
-    fn dense_rows(
-        &self,
-        parts: &RowParts<'_>,
-        bounds: &[usize],
-        xs: &[f32],
-        cols: usize,
-        row_dot: &(dyn Fn(usize, &[f32]) -> f32 + Sync),
-    ) -> Result<(), DeviceError> {
-        self.pool
-            .run(&|i| {
-                let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-                for (x, out) in xs.chunks_exact(cols).zip(outs.iter_mut()) {
-                    for (o, r) in out.iter_mut().zip(bounds[i]..bounds[i + 1]) {
-                        *o = row_dot(r, x);
-                    }
-                }
-            })
-            .map_err(job_failed)
-    }
-}
-
-impl DenseDevice for CpuDevice {
-    type Matrix = HostMatrix;
-
-    fn name(&self) -> String {
-        format!("cpu ({}, {} threads)", Isa::detect().name(), self.threads())
-    }
-
-    fn upload(&self, matrix: HostMatrix) -> Result<HostMatrix, DeviceError> {
-        Ok(matrix)
-    }
-
-    fn matmul(&self, w: &HostMatrix, xs: &[f32], ys: &mut [f32]) -> Result<(), DeviceError> {
-        let (rows, cols) = w.shape();
-        if !xs.len().is_multiple_of(cols) || ys.len() != xs.len() / cols * rows {
-            return Err(DeviceError::Shape(format!(
-                "matmul of a {rows}x{cols} matrix with {} inputs into {} outputs",
-                xs.len(),
-                ys.len()
-            )));
-        }
-        let bounds = even_bounds(rows, self.threads(), 16);
-        let parts = split_rows(ys, rows, &bounds);
-        match w {
-            HostMatrix::Affine(m) => {
-                let quantized: Vec<QuantizedVector> = xs
-                    .chunks_exact(cols)
-                    .map(QuantizedVector::from_f32)
-                    .collect();
-                self.pool
-                    .run(&|i| {
-                        let mut outs = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-                        if bounds[i] < bounds[i + 1] {
-                            m.matmul(&quantized, bounds[i]..bounds[i + 1], &mut outs);
-                        }
-                    })
-                    .map_err(job_failed)
-            }
-            HostMatrix::F32 { data, .. } => self.dense_rows(&parts, &bounds, xs, cols, &|r, x| {
-                dot_f32(&data[r * cols..(r + 1) * cols], x)
-            }),
-            HostMatrix::Bf16 { data, .. } => self.dense_rows(&parts, &bounds, xs, cols, &|r, x| {
-                dot_bf16_f32(&data[r * cols..(r + 1) * cols], x)
-            }),
-        }
-    }
-
-    fn attention(
-        &self,
-        cache: &KvCache,
-        layer: usize,
-        q: &[f32],
-        first_row: usize,
-        out: &mut [f32],
-        lse: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        let shape = cache.shape();
-        let width = shape.n_heads * shape.head_dim;
-        let tokens = q.len() / width;
-        if !q.len().is_multiple_of(width)
-            || out.len() != q.len()
-            || lse.len() != tokens * shape.n_heads
-            || first_row + tokens > cache.len(layer)
-        {
-            return Err(DeviceError::Shape(format!(
+/// Causal attention of `q.len() / (n_heads·head_dim)` queries over `layer` of
+/// `cache`, query `t` seeing rows `0..=first_row + t`; see
+/// [`crate::DenseDevice::attention`].
+pub(super) fn attention(
+    pool: &ThreadPool,
+    cache: &CpuKv,
+    layer: usize,
+    q: &[f32],
+    first_row: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), DeviceError> {
+    let shape = cache.shape();
+    let width = shape.n_heads * shape.head_dim;
+    let tokens = q.len() / width;
+    if !q.len().is_multiple_of(width)
+        || out.len() != q.len()
+        || lse.len() != tokens * shape.n_heads
+        || first_row + tokens > cache.len(layer)
+    {
+        return Err(DeviceError::Shape(format!(
                 "attention of {} query values into {} outputs and {} lse from row {first_row} over {} cached rows",
                 q.len(),
                 out.len(),
                 lse.len(),
                 cache.len(layer)
             )));
-        }
-        let threads = self.threads();
-        if tokens == 1 {
-            let n = first_row + 1;
-            if n <= SMALL_ATTENTION_ROWS {
-                // A device window: waking the pool would cost more than the work,
-                // and its spinning thread would take a core from the CPU workers.
-                let mut p = Partial::new(shape.n_heads, shape.head_dim);
-                attend(cache, layer, q, 0..n, &mut p);
-                p.normalise_into(out, lse);
-                return Ok(());
-            }
-            // One query: split the positions, merge the partials by log-sum-exp.
-            let bounds = even_bounds(n, threads, 64);
-            let partials: Vec<Mutex<Partial>> = (0..threads)
-                .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
-                .collect();
-            self.pool
-                .run(&|i| {
-                    let mut p = partials[i].lock().unwrap_or_else(|e| e.into_inner());
-                    attend(cache, layer, q, bounds[i]..bounds[i + 1], &mut p);
-                })
-                .map_err(job_failed)?;
-            let mut merged = Partial::new(shape.n_heads, shape.head_dim);
-            for p in &partials {
-                merged.merge(&p.lock().unwrap_or_else(|e| e.into_inner()));
-            }
-            merged.normalise_into(out, lse);
+    }
+    let threads = pool.threads();
+    if tokens == 1 {
+        let n = first_row + 1;
+        if n <= SMALL_ATTENTION_ROWS {
+            // A device window: waking the pool would cost more than the work,
+            // and its spinning thread would take a core from the CPU workers.
+            let mut p = Partial::new(shape.n_heads, shape.head_dim);
+            attend(cache, layer, q, 0..n, &mut p);
+            p.normalise_into(out, lse);
             return Ok(());
         }
-        // Several queries (prefill): split the tokens so that each thread gets about
-        // the same number of (query, position) pairs.
-        let total: usize = (0..tokens).map(|t| first_row + t + 1).sum();
-        let mut bounds = vec![0usize];
-        let mut acc = 0;
-        for t in 0..tokens {
-            acc += first_row + t + 1;
-            if bounds.len() < threads && acc * threads >= total * bounds.len() {
-                bounds.push(t + 1);
-            }
+        // One query: split the positions, merge the partials by log-sum-exp.
+        let bounds = even_bounds(n, threads, 64);
+        let partials: Vec<Mutex<Partial>> = (0..threads)
+            .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
+            .collect();
+        pool.run(&|i| {
+            let mut p = partials[i].lock().unwrap_or_else(|e| e.into_inner());
+            attend(cache, layer, q, bounds[i]..bounds[i + 1], &mut p);
+        })
+        .map_err(job_failed)?;
+        let mut merged = Partial::new(shape.n_heads, shape.head_dim);
+        for p in &partials {
+            merged.merge(&p.lock().unwrap_or_else(|e| e.into_inner()));
         }
-        while bounds.len() <= threads {
-            bounds.push(tokens);
-        }
-        let mut chunks = Vec::with_capacity(threads);
-        let (mut rest, mut rest_lse) = (out, lse);
-        for i in 0..threads {
-            let n = bounds[i + 1] - bounds[i];
-            let (head, tail) = rest.split_at_mut(n * width);
-            let (head_lse, tail_lse) = rest_lse.split_at_mut(n * shape.n_heads);
-            chunks.push(Mutex::new((head, head_lse)));
-            (rest, rest_lse) = (tail, tail_lse);
-        }
-        self.pool
-            .run(&|i| {
-                let mut guard = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
-                let (chunk, chunk_lse) = &mut *guard;
-                let mut p = Partial::new(shape.n_heads, shape.head_dim);
-                for (j, t) in (bounds[i]..bounds[i + 1]).enumerate() {
-                    p.reset();
-                    attend(
-                        cache,
-                        layer,
-                        &q[t * width..(t + 1) * width],
-                        0..first_row + t + 1,
-                        &mut p,
-                    );
-                    let nh = shape.n_heads;
-                    p.normalise_into(
-                        &mut chunk[j * width..(j + 1) * width],
-                        &mut chunk_lse[j * nh..(j + 1) * nh],
-                    );
-                }
-            })
-            .map_err(job_failed)
+        merged.normalise_into(out, lse);
+        return Ok(());
     }
+    // Several queries (prefill): split the tokens so that each thread gets about
+    // the same number of (query, position) pairs.
+    let total: usize = (0..tokens).map(|t| first_row + t + 1).sum();
+    let mut bounds = vec![0usize];
+    let mut acc = 0;
+    for t in 0..tokens {
+        acc += first_row + t + 1;
+        if bounds.len() < threads && acc * threads >= total * bounds.len() {
+            bounds.push(t + 1);
+        }
+    }
+    while bounds.len() <= threads {
+        bounds.push(tokens);
+    }
+    let mut chunks = Vec::with_capacity(threads);
+    let (mut rest, mut rest_lse) = (out, lse);
+    for i in 0..threads {
+        let n = bounds[i + 1] - bounds[i];
+        let (head, tail) = rest.split_at_mut(n * width);
+        let (head_lse, tail_lse) = rest_lse.split_at_mut(n * shape.n_heads);
+        chunks.push(Mutex::new((head, head_lse)));
+        (rest, rest_lse) = (tail, tail_lse);
+    }
+    pool.run(&|i| {
+        let mut guard = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (chunk, chunk_lse) = &mut *guard;
+        let mut p = Partial::new(shape.n_heads, shape.head_dim);
+        for (j, t) in (bounds[i]..bounds[i + 1]).enumerate() {
+            p.reset();
+            attend(
+                cache,
+                layer,
+                &q[t * width..(t + 1) * width],
+                0..first_row + t + 1,
+                &mut p,
+            );
+            let nh = shape.n_heads;
+            p.normalise_into(
+                &mut chunk[j * width..(j + 1) * width],
+                &mut chunk_lse[j * nh..(j + 1) * nh],
+            );
+        }
+    })
+    .map_err(job_failed)
 }
 
 /// Rows up to which one query attends on the calling thread alone.
@@ -323,7 +192,7 @@ impl Partial {
 /// Attention of one token's query heads over `positions`, accumulated into `p`
 /// (which must be fresh: this does not merge with earlier contents).
 fn attend(
-    cache: &KvCache,
+    cache: &CpuKv,
     layer: usize,
     q: &[f32],
     positions: std::ops::Range<usize>,
@@ -365,7 +234,7 @@ const MAX_SHARED_GROUP: usize = 8;
 /// which is what bounds long-context decode (the rows do not fit in cache).
 #[allow(clippy::too_many_arguments)]
 fn attend_group(
-    cache: &KvCache,
+    cache: &CpuKv,
     layer: usize,
     kv: usize,
     heads: std::ops::Range<usize>,
@@ -414,14 +283,14 @@ fn attend_group(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::AttentionShape;
+    use crate::{AttentionShape, CpuDevice, DenseDevice, HostMatrix};
 
     fn pseudo(i: usize) -> f32 {
         ((i as f32 * 0.618_034).fract() - 0.5) * 2.0
     }
 
     /// Naive f64 causal attention over the bf16-rounded cache.
-    fn reference(cache: &KvCache, layer: usize, q: &[f32], pos: usize) -> Vec<f32> {
+    fn reference(cache: &CpuKv, layer: usize, q: &[f32], pos: usize) -> Vec<f32> {
         let s = cache.shape();
         let d = s.head_dim;
         let mut out = vec![0f32; s.n_heads * d];
@@ -451,7 +320,7 @@ mod tests {
     }
 
     /// ln Σ exp(q·k/√d) over rows `0..=pos` of one kv head, in f64.
-    fn reference_lse(cache: &KvCache, layer: usize, q: &[f32], kv: usize, pos: usize) -> f64 {
+    fn reference_lse(cache: &CpuKv, layer: usize, q: &[f32], kv: usize, pos: usize) -> f64 {
         let d = cache.shape().head_dim;
         let keys = cache.keys(layer, kv);
         let s: Vec<f64> = (0..=pos)
@@ -473,7 +342,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 24,
         };
-        let mut cache = KvCache::new(1, shape);
+        let mut cache = CpuKv::new(1, shape);
         let n = 701;
         let kv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i) * 3.0).collect();
         let vv: Vec<f32> = (0..n * 2 * 24).map(|i| pseudo(i + 7777)).collect();
@@ -487,7 +356,7 @@ mod tests {
         let mut out = vec![0f32; q.len()];
         let mut lse = vec![0f32; tokens * 6];
         device
-            .attention(&cache, 0, &q, first, &mut out, &mut lse)
+            .attention(&cache, 0, &q, 0..tokens, &mut out, &mut lse)
             .expect("attention");
         for t in 0..tokens {
             let want = reference(&cache, 0, &q[t * width..(t + 1) * width], first + t);
@@ -497,15 +366,15 @@ mod tests {
         }
         // Decode-style: one query at several depths.
         for pos in [0, 1, 63, 64, 200, n - 1] {
-            let q1 = &q[..width];
+            let q1 = q[..width].to_vec();
             let mut out1 = vec![0f32; width];
             let mut lse1 = vec![0f32; 6];
             let mut one_row = cache.clone();
             one_row.truncate(pos + 1);
             device
-                .attention(&one_row, 0, q1, pos, &mut out1, &mut lse1)
+                .attention(&one_row, 0, &q1, 0..1, &mut out1, &mut lse1)
                 .expect("attention");
-            let want = reference(&cache, 0, q1, pos);
+            let want = reference(&cache, 0, &q1, pos);
             for (a, b) in out1.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "decode at {pos}: {a} vs {b}");
             }
@@ -523,21 +392,21 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 4,
         };
-        let mut cache = KvCache::new(1, shape);
+        let mut cache = CpuKv::new(1, shape);
         assert!(cache.append(0, &[0.0; 3], &[0.0; 3]).is_err());
         assert!(cache.append(1, &[0.0; 4], &[0.0; 4]).is_err());
         let device = CpuDevice::new(1);
-        let (mut out, mut lse) = ([0f32; 8], [0f32; 2]);
+        let (mut out, mut lse) = (vec![0f32; 8], vec![0f32; 2]);
         assert!(device
-            .attention(&cache, 0, &[0.0; 8], 0, &mut out, &mut lse)
+            .attention(&cache, 0, &vec![0.0; 8], 0..1, &mut out, &mut lse)
             .is_err());
         let w = HostMatrix::F32 {
             rows: 2,
             cols: 3,
             data: vec![1.0; 6],
         };
-        let mut ys = [0f32; 3];
-        assert!(device.matmul(&w, &[1.0; 3], &mut ys).is_err());
+        let mut ys = vec![0f32; 3];
+        assert!(device.matmul(&w, &vec![1.0; 3], &mut ys).is_err());
     }
 
     #[test]

@@ -13,11 +13,11 @@ use tandem_gpu::CpuDevice;
 use tandem_kernels::ops::argmax;
 use tandem_kernels::rng::SplitMix64;
 
-use crate::engine::{Engine, EngineOptions, PREFILL_CHUNK};
-use crate::error::{Error, Result};
-use crate::model::{Config, Llama, Logits, Step};
-use crate::policy::{PolicyConfig, PolicyTable};
-use crate::split::{SequenceKv, StepCounters};
+use tandem_runtime::model::{Config, Llama, Logits, Step};
+use tandem_runtime::policy::{PolicyConfig, PolicyTable};
+use tandem_runtime::split::{SequenceKv, StepCounters};
+use tandem_runtime::{Engine, EngineOptions, PREFILL_CHUNK};
+use tandem_runtime::{Error, Result};
 
 /// Where the model comes from.
 #[derive(Debug, Clone)]
@@ -162,7 +162,7 @@ pub fn run_decode_bench(
                 }
                 let synthetic = n > opts.prefill_max;
                 let start = Instant::now();
-                let mut base = model.new_cache();
+                let mut base = model.new_cache()?;
                 let mut first = 1;
                 if synthetic {
                     let c = model.config().clone();
@@ -224,6 +224,7 @@ pub fn run_decode_bench(
                     let mut seqs = Vec::with_capacity(opts.batch);
                     for b in 0..opts.batch {
                         let mut kv = SequenceKv::new(
+                            Arc::clone(model.device()),
                             c.n_layers,
                             c.attention_shape(),
                             Arc::clone(&table),
@@ -251,8 +252,7 @@ pub fn run_decode_bench(
 }
 
 fn worker_pool(threads: usize) -> Result<WorkerPool> {
-    WorkerPool::new(threads)
-        .map_err(|e| Error::Engine(format!("starting the CPU attention workers: {e}")))
+    Ok(WorkerPool::new(threads)?)
 }
 
 fn table_for(base: &PolicyConfig, policy: &str, n_layers: usize) -> Result<PolicyTable> {
@@ -285,7 +285,7 @@ fn summary(r: &DecodeBenchResult) -> String {
 #[allow(clippy::too_many_arguments)]
 fn time_decode(
     model: &Llama<CpuDevice>,
-    seqs: &mut [SequenceKv],
+    seqs: &mut [SequenceKv<CpuDevice>],
     first: u32,
     policy: &str,
     context: usize,
@@ -294,8 +294,8 @@ fn time_decode(
     synthetic: bool,
 ) -> Result<DecodeBenchResult> {
     let mut next = vec![first; seqs.len()];
-    let run_step = |seqs: &mut [SequenceKv], next: &mut [u32]| -> Result<()> {
-        let mut steps: Vec<Step> = seqs
+    let run_step = |seqs: &mut [SequenceKv<CpuDevice>], next: &mut [u32]| -> Result<()> {
+        let mut steps: Vec<Step<CpuDevice>> = seqs
             .iter_mut()
             .zip(next.iter())
             .map(|(kv, t)| Step {

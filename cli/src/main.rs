@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use tandem_bench::decode::{run_decode_bench, DecodeBenchOptions, ModelSource};
+use tandem_bench::eval::corpus;
 use tandem_runtime::chat::Message;
-use tandem_runtime::decode_bench::{run_decode_bench, DecodeBenchOptions, ModelSource};
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
     default_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
@@ -174,7 +175,7 @@ impl ModelArgs {
             path.display(),
             engine.model().config().n_layers,
             engine.model().weight_bytes() as f64 / 1e6,
-            tandem_gpu::DenseDevice::name(engine.model().device()),
+            tandem_gpu::DenseDevice::name(&**engine.model().device()),
             start.elapsed().as_secs_f64()
         );
         eprintln!("tandem: attention policy\n{}", engine.policy_table());
@@ -399,7 +400,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let tok = engine.tokenizer();
     let ids = tok.encode(&text, !args.chat && tok.add_bos_by_default())?;
     let (bar, mut progress) = progress_reporter(ids.len());
-    let mut session = engine.session();
+    let mut session = engine.session()?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let stats = session.generate(
@@ -468,7 +469,7 @@ fn chat(args: ChatArgs) -> Result<()> {
     }
     eprintln!("tandem chat: type a message; /reset clears the conversation, /exit quits, Ctrl-C stops a reply.");
     let stdin = std::io::stdin();
-    let mut session = engine.session();
+    let mut session = engine.session()?;
     loop {
         eprint!("> ");
         let mut line = String::new();
@@ -560,9 +561,6 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Real English text to fill a context, shipped with the repository.
-const FILL_TEXT: &str = include_str!("../../tests/data/fill.txt");
-
 fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
     let options = args.model.options()?;
     let source = match &args.shape {
@@ -577,7 +575,10 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         tokens: args.tokens,
         threads: options.threads,
         cpu_workers: options.cpu_workers,
-        fill_text: FILL_TEXT.to_string(),
+        fill_text: match &args.shape {
+            Some(_) => String::new(),
+            None => corpus::read(&corpus::data_dir().join("fill.txt"))?,
+        },
         seed: args.seed,
         prefill_max: args.prefill_max,
     };
@@ -610,7 +611,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    use tandem_runtime::eval::{report, run_eval, EvalOptions};
+    use tandem_bench::eval::{report, run_eval, EvalOptions};
     let threads = args
         .threads
         .map_or(EngineOptions::default().threads, NonZeroUsize::get);

@@ -1,4 +1,4 @@
-//! The device-side KV cache.
+//! The CPU device's keys and values of one sequence.
 
 use half::bf16;
 
@@ -10,7 +10,7 @@ use crate::{AttentionShape, DeviceError};
 /// attention pass streams memory in order and a later stage can move a range of old
 /// positions to the CPU attention workers by slicing.
 #[derive(Debug, Clone)]
-pub struct KvCache {
+pub struct CpuKv {
     shape: AttentionShape,
     n_layers: usize,
     /// `[layer][kv_head]` → `len × head_dim` keys.
@@ -19,15 +19,15 @@ pub struct KvCache {
     lens: Vec<usize>,
 }
 
-impl KvCache {
+impl CpuKv {
     /// An empty cache.
-    pub fn new(n_layers: usize, shape: AttentionShape) -> KvCache {
+    pub fn new(n_layers: usize, shape: AttentionShape) -> CpuKv {
         let per_layer = || {
             (0..shape.n_kv_heads)
                 .map(|_| Vec::new())
                 .collect::<Vec<_>>()
         };
-        KvCache {
+        CpuKv {
             shape,
             n_layers,
             keys: (0..n_layers).map(|_| per_layer()).collect(),
@@ -77,7 +77,7 @@ impl KvCache {
 
     /// Moves `count` rows of `layer`, starting at row `start`, out of the cache,
     /// appending them to `keys` and `values` as `count × n_kv_heads × head_dim`
-    /// (the layout [`KvCache::append`] takes, in bf16). Later rows move down.
+    /// (the layout [`CpuKv::append`] takes, in bf16). Later rows move down.
     pub fn take_rows(
         &mut self,
         layer: usize,
@@ -152,7 +152,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 3,
         };
-        let mut cache = KvCache::new(2, shape);
+        let mut cache = CpuKv::new(2, shape);
         let rows: Vec<f32> = (0..5 * 6).map(|i| i as f32).collect();
         let values: Vec<f32> = rows.iter().map(|x| -x).collect();
         cache.append(1, &rows, &values).expect("append");

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use tandem_runtime::{Error, Result};
 
 /// The comparison at one position.
 #[derive(Debug, Clone, Copy, PartialEq)]

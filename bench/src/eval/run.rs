@@ -12,17 +12,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tandem_cpu::WorkerPool;
+use tandem_gpu::CpuDevice;
 use tandem_kernels::ops::argmax;
 
-use crate::engine::{Engine, EngineOptions, PREFILL_CHUNK};
-use crate::error::{Error, Result};
 use crate::eval::corpus;
 use crate::eval::metrics::AgreementAccumulator;
 use crate::eval::needle::{NeedleBuilder, ANSWER_TOKENS};
+use crate::eval::probe::Probes;
 use crate::eval::report::{LayerRow, Row};
-use crate::model::Logits;
-use crate::policy::{PolicyConfig, PolicyTable};
-use crate::split::SequenceKv;
+use tandem_runtime::model::Logits;
+use tandem_runtime::policy::{PolicyConfig, PolicyTable};
+use tandem_runtime::split::SequenceKv;
+use tandem_runtime::{Engine, EngineOptions, PREFILL_CHUNK};
+use tandem_runtime::{Error, Result};
 
 /// Options of [`run_eval`].
 #[derive(Debug, Clone)]
@@ -66,10 +68,7 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
     )?;
     let model = engine.model();
     let c = model.config();
-    let pool = Arc::new(
-        WorkerPool::new(opts.cpu_workers)
-            .map_err(|e| Error::Engine(format!("starting the CPU attention workers: {e}")))?,
-    );
+    let pool = Arc::new(WorkerPool::new(opts.cpu_workers)?);
     // Tables first, so a bad policy fails before any long run.
     let tables: Vec<Arc<PolicyTable>> = opts
         .policies
@@ -106,13 +105,13 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
         }
         note(&format!("context {n}: dense prefill and reference"));
         let (prefix, scored) = tokens[..n].split_at(n - opts.scored);
-        let mut base = model.new_cache();
+        let mut base = model.new_cache()?;
         let mut last = Vec::new();
         for chunk in prefix.chunks(PREFILL_CHUNK) {
             last = model.forward(chunk, &mut base, Logits::Last)?;
         }
         // Logits predicting scored[i] come after scored[i - 1] (or the prefix).
-        let teacher_forced = |kv: &mut SequenceKv| -> Result<Vec<Vec<f32>>> {
+        let teacher_forced = |kv: &mut SequenceKv<CpuDevice>| -> Result<Vec<Vec<f32>>> {
             let mut out = vec![last.clone()];
             for &t in &scored[..scored.len() - 1] {
                 kv.offload_if_due(opts.threads)?;
@@ -126,14 +125,17 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
         for (p, table) in opts.policies.iter().zip(&tables) {
             let mut kv = base.fork(Arc::clone(table), Some(Arc::clone(&pool)))?;
             kv.offload_if_due(opts.threads)?;
-            kv.set_probes(true);
+            let probes = Probes::new(c.n_layers);
+            let shared = probes.shared();
+            kv.set_observer(Some(Box::new(probes)));
             let logits = teacher_forced(&mut kv)?;
             let mut acc = AgreementAccumulator::new();
             for ((d, l), &t) in dense_logits.iter().zip(&logits).zip(scored) {
                 acc.push(d, l, t)?;
             }
             let mut row = Row::new(p.clone(), n, &acc.finish()?);
-            let probes = kv.take_probes();
+            kv.set_observer(None);
+            let probes = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let (device_bytes, cpu_bytes) = kv.bytes();
             row.device_bytes_per_token = device_bytes as f64 / kv.positions() as f64;
             row.cpu_bytes_per_token = cpu_bytes as f64 / kv.positions() as f64;
@@ -145,7 +147,8 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                 let f = if probe.samples > 0 {
                     probe.touched_fraction / probe.samples as f64
                 } else if cpu == 0
-                    && table.layers[layer].attention == crate::policy::LayerAttention::Window
+                    && table.layers[layer].attention
+                        == tandem_runtime::policy::LayerAttention::Window
                 {
                     device as f64 / kv.positions() as f64
                 } else {
@@ -190,12 +193,12 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             let mut dense_hits = 0;
             let mut hits = vec![0usize; opts.policies.len()];
             for (i, case) in cases.iter().enumerate() {
-                let mut prefill = model.new_cache();
+                let mut prefill = model.new_cache()?;
                 let mut logits = Vec::new();
                 for chunk in case.prompt.chunks(PREFILL_CHUNK) {
                     logits = model.forward(chunk, &mut prefill, Logits::Last)?;
                 }
-                let answer = |kv: &mut SequenceKv| -> Result<String> {
+                let answer = |kv: &mut SequenceKv<CpuDevice>| -> Result<String> {
                     let mut l = logits.clone();
                     let mut ids = Vec::new();
                     for _ in 0..ANSWER_TOKENS {

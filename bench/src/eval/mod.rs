@@ -4,12 +4,14 @@
 //!   decode step on the same model, text and needle cases;
 //! - [`metrics`]: teacher-forced top-1 agreement, KL and perplexity from logits;
 //! - [`needle`]: RULER-style needle-in-a-haystack prompts and their answer check;
+//! - [`probe`]: per-layer attention error against exact attention, as a split observer;
 //! - [`corpus`]: the real text both run on;
 //! - [`report`]: result rows as a markdown table, JSON and an SVG plot.
 
 pub mod corpus;
 pub mod metrics;
 pub mod needle;
+pub mod probe;
 pub mod report;
 pub mod run;
 

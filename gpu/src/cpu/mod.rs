@@ -1,0 +1,298 @@
+//! The dense device on the CPU: runtime-dispatched SIMD kernels on a small pool.
+//! Device memory is host memory, so every transfer of the seam is a borrow.
+
+mod attention;
+mod kv;
+mod matmul;
+
+use std::ops::Range;
+
+use half::bf16;
+use tandem_kernels::ops::{
+    add_in_place, merge_partials, rms_norm, rotate_interleaved, silu_mul_in_place,
+};
+use tandem_kernels::parallel::ThreadPool;
+use tandem_kernels::Isa;
+
+pub use kv::CpuKv;
+
+use crate::{AttentionShape, DenseDevice, DeviceBuffer, DeviceError, HostMatrix};
+
+/// The CPU as dense device.
+pub struct CpuDevice {
+    pool: ThreadPool,
+}
+
+impl std::fmt::Debug for CpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl CpuDevice {
+    /// A device running on `threads` threads (the caller's included).
+    pub fn new(threads: usize) -> CpuDevice {
+        CpuDevice {
+            pool: ThreadPool::new(threads),
+        }
+    }
+
+    /// Threads the device runs on.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+}
+
+impl DeviceBuffer for Vec<f32> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+fn job_failed(e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Job(e.to_string())
+}
+
+fn shape_error(what: &str, a: usize, b: usize) -> DeviceError {
+    DeviceError::Shape(format!("{what}: {a} and {b} elements do not fit"))
+}
+
+/// Checks that `xs` is whole rows of `width` and `out` as long as `xs`.
+fn same_rows(what: &str, xs: usize, out: usize, width: usize) -> Result<(), DeviceError> {
+    if width == 0 || !xs.is_multiple_of(width) || xs != out {
+        return Err(shape_error(what, xs, out));
+    }
+    Ok(())
+}
+
+impl DenseDevice for CpuDevice {
+    type Matrix = HostMatrix;
+    type Buffer = Vec<f32>;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        format!("cpu ({}, {} threads)", Isa::detect().name(), self.threads())
+    }
+
+    fn upload(&self, matrix: HostMatrix) -> Result<HostMatrix, DeviceError> {
+        Ok(matrix)
+    }
+
+    fn upload_vector(&self, values: &[f32]) -> Result<Vec<f32>, DeviceError> {
+        Ok(values.to_vec())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>, DeviceError> {
+        Ok(vec![0.0; len])
+    }
+
+    fn to_host<'a>(
+        &self,
+        buf: &'a Vec<f32>,
+        range: Range<usize>,
+        _staging: &'a mut Vec<f32>,
+    ) -> Result<&'a [f32], DeviceError> {
+        let len = buf.len();
+        buf.get(range.clone())
+            .ok_or_else(|| DeviceError::Shape(format!("read of {range:?} from a buffer of {len}")))
+    }
+
+    fn download(&self, buf: Vec<f32>) -> Result<Vec<f32>, DeviceError> {
+        Ok(buf)
+    }
+
+    fn embed(
+        &self,
+        table: &HostMatrix,
+        tokens: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<(), DeviceError> {
+        let (rows, cols) = table.shape();
+        if out.len() != tokens.len() * cols {
+            return Err(shape_error("embedding", tokens.len() * cols, out.len()));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= rows) {
+            return Err(DeviceError::Shape(format!(
+                "token {t} outside an embedding of {rows} rows"
+            )));
+        }
+        for (row, &t) in out.chunks_exact_mut(cols).zip(tokens) {
+            table.row(t as usize, row);
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &HostMatrix, xs: &Vec<f32>, ys: &mut Vec<f32>) -> Result<(), DeviceError> {
+        matmul::matmul(&self.pool, w, xs, ys)
+    }
+
+    fn rms_norm(
+        &self,
+        xs: &Vec<f32>,
+        weight: &Vec<f32>,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<(), DeviceError> {
+        let width = weight.len();
+        same_rows("rms norm", xs.len(), out.len(), width)?;
+        for (o, x) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
+            rms_norm(x, weight, eps, o);
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        xs: &mut Vec<f32>,
+        head_dim: usize,
+        angles: &Vec<f32>,
+    ) -> Result<(), DeviceError> {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !angles.len().is_multiple_of(head_dim) {
+            return Err(shape_error("rope angles", angles.len(), head_dim));
+        }
+        let tokens = angles.len() / head_dim;
+        if tokens == 0 || !xs.len().is_multiple_of(tokens * head_dim) {
+            return Err(shape_error("rope", xs.len(), angles.len()));
+        }
+        let width = xs.len() / tokens;
+        for (row, a) in xs
+            .chunks_exact_mut(width)
+            .zip(angles.chunks_exact(head_dim))
+        {
+            for head in row.chunks_exact_mut(head_dim) {
+                rotate_interleaved(head, a);
+            }
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), DeviceError> {
+        same_rows("silu", gate.len(), up.len(), 1)?;
+        silu_mul_in_place(gate, up);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<(), DeviceError> {
+        same_rows("add", x.len(), y.len(), 1)?;
+        add_in_place(x, y);
+        Ok(())
+    }
+
+    fn kv_new(&self, n_layers: usize, shape: AttentionShape) -> Result<CpuKv, DeviceError> {
+        Ok(CpuKv::new(n_layers, shape))
+    }
+
+    fn kv_fork(&self, kv: &CpuKv) -> Result<CpuKv, DeviceError> {
+        Ok(kv.clone())
+    }
+
+    fn kv_len(&self, kv: &CpuKv, layer: usize) -> usize {
+        kv.len(layer)
+    }
+
+    fn kv_bytes(&self, kv: &CpuKv) -> usize {
+        kv.size_bytes()
+    }
+
+    fn kv_append(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        rows: Range<usize>,
+    ) -> Result<(), DeviceError> {
+        let width = kv.shape().n_kv_heads * kv.shape().head_dim;
+        let span = rows.start * width..rows.end * width;
+        match (k.get(span.clone()), v.get(span)) {
+            (Some(k), Some(v)) => kv.append(layer, k, v),
+            _ => Err(shape_error(
+                "kv append",
+                rows.end * width,
+                k.len().min(v.len()),
+            )),
+        }
+    }
+
+    fn kv_take(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        start: usize,
+        count: usize,
+        keys: &mut Vec<bf16>,
+        values: &mut Vec<bf16>,
+    ) -> Result<(), DeviceError> {
+        kv.take_rows(layer, start, count, keys, values)
+    }
+
+    fn kv_truncate(&self, kv: &mut CpuKv, len: usize) {
+        kv.truncate(len);
+    }
+
+    fn attention(
+        &self,
+        kv: &CpuKv,
+        layer: usize,
+        q: &Vec<f32>,
+        rows: Range<usize>,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+    ) -> Result<(), DeviceError> {
+        let shape = kv.shape();
+        let width = shape.n_heads * shape.head_dim;
+        let (span, heads) = (
+            rows.start * width..rows.end * width,
+            rows.start * shape.n_heads..rows.end * shape.n_heads,
+        );
+        let first = kv
+            .len(layer)
+            .checked_sub(rows.len())
+            .ok_or_else(|| shape_error("attention rows", rows.len(), kv.len(layer)))?;
+        match (q.get(span.clone()), out.get_mut(span), lse.get_mut(heads)) {
+            (Some(q), Some(out), Some(lse)) => {
+                attention::attention(&self.pool, kv, layer, q, first, out, lse)
+            }
+            _ => Err(shape_error("attention", rows.end * width, q.len())),
+        }
+    }
+
+    fn merge_partials(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &Vec<f32>,
+        rows: Range<usize>,
+        part_out: &[f32],
+        part_lse: &[f32],
+    ) -> Result<(), DeviceError> {
+        let pairs = part_lse.len();
+        let whole = |n: usize, unit: usize| unit > 0 && n.is_multiple_of(unit);
+        if !whole(pairs, rows.len()) || !whole(part_out.len(), pairs) {
+            return Err(shape_error("merge", part_out.len(), pairs));
+        }
+        let first = rows.start * (pairs / rows.len());
+        let d = part_out.len() / pairs;
+        let (Some(dev_out), Some(dev_lse)) = (
+            out.get_mut(first * d..(first + pairs) * d),
+            lse.get(first..first + pairs),
+        ) else {
+            return Err(shape_error("merge", part_out.len(), lse.len()));
+        };
+        let mut merged = [0f32; MAX_HEAD_DIM];
+        let merged = merged.get_mut(..d).ok_or_else(|| {
+            DeviceError::Shape(format!("head dimension {d} above {MAX_HEAD_DIM}"))
+        })?;
+        for (i, (&a, &b)) in dev_lse.iter().zip(part_lse).enumerate() {
+            let head = i * d..(i + 1) * d;
+            merge_partials(
+                &[(&dev_out[head.clone()], a), (&part_out[head.clone()], b)],
+                merged,
+            );
+            dev_out[head].copy_from_slice(merged);
+        }
+        Ok(())
+    }
+}
+
+/// Largest head dimension the merge handles without allocating.
+const MAX_HEAD_DIM: usize = 1024;

@@ -1,0 +1,236 @@
+//! Generation: one decode loop that serves a single session and a batch alike.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tandem_gpu::DenseDevice;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::{Logits, Step};
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::session::Session;
+use crate::split::StepCounters;
+use crate::tokenizer::TextStream;
+
+/// Timings of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub prompt_time: Duration,
+    pub generated_tokens: usize,
+    pub decode_time: Duration,
+    /// Where the decode steps' time went (device vs CPU workers).
+    pub split: StepCounters,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second.
+    pub fn prompt_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prompt_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Generated tokens per second (the first is produced by the prompt pass and not counted).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What a streaming callback tells the generation loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+impl<'e, D: DenseDevice> Session<'e, D> {
+    /// Adds `prompt` to the context and generates up to `max_tokens` tokens, calling
+    /// `on_text` with each piece of decoded text. Stops at an end-of-turn token
+    /// (which stays in the context, so a conversation continues correctly), at
+    /// the context limit, when `on_text` says so, or when `cancel` becomes true.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &SamplingConfig,
+        cancel: Option<&AtomicBool>,
+        progress: &mut dyn FnMut(usize, usize),
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<GenerationStats> {
+        let engine = self.engine;
+        let mut stats = engine.generate_sessions(
+            &mut [self],
+            &[prompt],
+            Request {
+                max_tokens,
+                sampling,
+                cancel,
+            },
+            &mut |_, done, total| progress(done, total),
+            &mut |_, text| on_text(text),
+        )?;
+        Ok(stats.remove(0))
+    }
+}
+
+/// What every session of one generation is asked for.
+struct Request<'a> {
+    max_tokens: usize,
+    sampling: &'a SamplingConfig,
+    cancel: Option<&'a AtomicBool>,
+}
+
+impl<D: DenseDevice> Engine<D> {
+    /// Generates for several sessions together, each from its own prompt: their
+    /// decode steps run as one batch (the weights are read once per step for
+    /// all, and the CPU workers attend one session while the device attends
+    /// another). `on_text(i, text)` receives session `i`'s text; returning
+    /// [`Flow::Stop`] ends that session only. Returns per-session statistics.
+    pub fn generate_batch(
+        &self,
+        sessions: &mut [&mut Session<'_, D>],
+        prompts: &[&[u32]],
+        max_tokens: usize,
+        sampling: &SamplingConfig,
+        cancel: Option<&AtomicBool>,
+        on_text: &mut dyn FnMut(usize, &str) -> Flow,
+    ) -> Result<Vec<GenerationStats>> {
+        self.generate_sessions(
+            sessions,
+            prompts,
+            Request {
+                max_tokens,
+                sampling,
+                cancel,
+            },
+            &mut |_, _, _| {},
+            on_text,
+        )
+    }
+
+    /// The decode loop behind [`Session::generate`] and
+    /// [`Engine::generate_batch`]: prefill every session, then sample and
+    /// step all live sessions together until each stops.
+    fn generate_sessions(
+        &self,
+        sessions: &mut [&mut Session<'_, D>],
+        prompts: &[&[u32]],
+        request: Request<'_>,
+        progress: &mut dyn FnMut(usize, usize, usize),
+        on_text: &mut dyn FnMut(usize, &str) -> Flow,
+    ) -> Result<Vec<GenerationStats>> {
+        self.check_sessions(sessions, prompts, request.sampling)?;
+        let mut stats = Vec::with_capacity(sessions.len());
+        let mut logits = Vec::with_capacity(sessions.len());
+        for (i, (s, p)) in sessions.iter_mut().zip(prompts).enumerate() {
+            let start = Instant::now();
+            logits.push(s.prefill(p, &mut |done, total| progress(i, done, total))?);
+            stats.push(GenerationStats {
+                prompt_tokens: p.len(),
+                prompt_time: start.elapsed(),
+                ..Default::default()
+            });
+        }
+        let decode_start = Instant::now();
+        let mut samplers: Vec<Sampler> = (0..sessions.len())
+            .map(|_| Sampler::new(request.sampling.clone()))
+            .collect();
+        let mut streams: Vec<TextStream> = (0..sessions.len())
+            .map(|_| TextStream::new(self.tokenizer()))
+            .collect();
+        let mut live = vec![request.max_tokens > 0; sessions.len()];
+        for _ in 0..request.max_tokens {
+            if request.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                break;
+            }
+            let mut feed = Vec::with_capacity(sessions.len());
+            for i in 0..sessions.len() {
+                if !live[i] {
+                    continue;
+                }
+                let next = samplers[i].sample(&mut logits[i], &sessions[i].tokens);
+                stats[i].generated_tokens += 1;
+                if self.tokenizer().is_end_of_turn(next) {
+                    // The end of turn stays in the context, if it fits.
+                    live[i] = false;
+                    if sessions[i].has_room(1) {
+                        feed.push((i, next));
+                    }
+                    continue;
+                }
+                let text = streams[i].push(next)?;
+                let stop = !text.is_empty() && on_text(i, &text) == Flow::Stop;
+                if stop || !sessions[i].has_room(2) {
+                    live[i] = false;
+                    continue;
+                }
+                feed.push((i, next));
+            }
+            if feed.is_empty() {
+                break;
+            }
+            for (i, l) in self.step_sessions(sessions, &feed)? {
+                logits[i] = l;
+            }
+        }
+        for (i, s) in sessions.iter_mut().enumerate() {
+            let rest = streams[i].finish()?;
+            if !rest.is_empty() {
+                on_text(i, &rest);
+            }
+            stats[i].decode_time = decode_start.elapsed();
+            stats[i].split = s.kv.take_counters();
+        }
+        Ok(stats)
+    }
+
+    /// One decode step of sessions `feed[..].0`, each with its token; returns
+    /// each one's logits.
+    fn step_sessions(
+        &self,
+        sessions: &mut [&mut Session<'_, D>],
+        feed: &[(usize, u32)],
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
+        let mut steps = Vec::with_capacity(feed.len());
+        let mut fed = feed.iter().peekable();
+        for (i, s) in sessions.iter_mut().enumerate() {
+            let Some((_, token)) = fed.next_if(|(j, _)| *j == i) else {
+                continue;
+            };
+            s.kv.offload_if_due(self.build_threads())?;
+            steps.push(Step {
+                tokens: std::slice::from_ref(token),
+                kv: &mut s.kv,
+                want: Logits::Last,
+            });
+        }
+        let out = self.model().forward_batch(&mut steps)?;
+        drop(steps);
+        for &(i, token) in feed {
+            sessions[i].tokens.push(token);
+        }
+        Ok(feed.iter().map(|&(i, _)| i).zip(out).collect())
+    }
+
+    fn check_sessions(
+        &self,
+        sessions: &[&mut Session<'_, D>],
+        prompts: &[&[u32]],
+        sampling: &SamplingConfig,
+    ) -> Result<()> {
+        sampling.validate().map_err(Error::InvalidRequest)?;
+        if sessions.len() != prompts.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} sessions but {} prompts",
+                sessions.len(),
+                prompts.len()
+            )));
+        }
+        if sessions.iter().any(|s| !std::ptr::eq(s.engine, self)) {
+            return Err(Error::InvalidRequest(
+                "every session must belong to this engine".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,108 @@
+//! One conversation: its tokens so far and their keys and values.
+
+use tandem_gpu::{CpuDevice, DenseDevice};
+
+use crate::engine::{Engine, PREFILL_CHUNK};
+use crate::error::{Error, Result};
+use crate::model::Logits;
+use crate::split::SequenceKv;
+
+/// One conversation: its tokens so far and their keys and values (on the
+/// device and, for long contexts, offloaded to the CPU workers).
+pub struct Session<'e, D: DenseDevice = CpuDevice> {
+    pub(crate) engine: &'e Engine<D>,
+    pub(crate) kv: SequenceKv<D>,
+    pub(crate) tokens: Vec<u32>,
+}
+
+impl<'e, D: DenseDevice> Session<'e, D> {
+    pub(crate) fn new(engine: &'e Engine<D>, kv: SequenceKv<D>) -> Session<'e, D> {
+        Session {
+            engine,
+            kv,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Tokens in the context.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The keys and values (for sizes and counters).
+    pub fn kv(&self) -> &SequenceKv<D> {
+        &self.kv
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.kv.reset();
+        self.tokens.clear();
+    }
+
+    /// Drops tokens from `len` on (e.g. to undo an interrupted reply). Fails,
+    /// changing nothing, if some of them were already offloaded.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.kv.truncate(len)?;
+        self.tokens.truncate(len);
+        Ok(())
+    }
+
+    /// Runs one token and returns the logits after it (a decode step; the
+    /// sparse layers move their older tokens to the CPU workers first if the
+    /// context has grown long enough).
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.check_room(1)?;
+        self.kv.offload_if_due(self.engine.build_threads())?;
+        let logits = self
+            .engine
+            .model()
+            .forward(&[token], &mut self.kv, Logits::Last)?;
+        self.tokens.push(token);
+        Ok(logits)
+    }
+
+    /// Runs `tokens` into the context in chunks, reporting `(done, total)` after each;
+    /// returns the logits after the last token.
+    pub fn prefill(
+        &mut self,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        self.check_room(tokens.len())?;
+        let mut logits = Vec::new();
+        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            logits = self
+                .engine
+                .model()
+                .forward(chunk, &mut self.kv, Logits::Last)?;
+            self.tokens.extend_from_slice(chunk);
+            progress(
+                (i * PREFILL_CHUNK + chunk.len()).min(tokens.len()),
+                tokens.len(),
+            );
+        }
+        // A prompt runs dense on the device; then the long context moves out.
+        self.kv.offload_if_due(self.engine.build_threads())?;
+        Ok(logits)
+    }
+
+    /// Whether `more` tokens still fit in the model's context.
+    pub(crate) fn has_room(&self, more: usize) -> bool {
+        self.tokens.len() + more <= self.engine.model().config().context_length
+    }
+
+    fn check_room(&self, more: usize) -> Result<()> {
+        if !self.has_room(more) {
+            return Err(Error::InvalidRequest(format!(
+                "the context would hold {} tokens, more than the model's {}",
+                self.tokens.len() + more,
+                self.engine.model().config().context_length
+            )));
+        }
+        Ok(())
+    }
+}

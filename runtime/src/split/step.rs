@@ -1,0 +1,179 @@
+//! One layer's attention for a batch of sequences: the split protocol.
+//!
+//! Per sequence, (1) the rows that left the device window at the end of the
+//! previous step move to the CPU workers, which append and hash them before
+//! anything else, (2) the new rows are appended on the device, (3) the new
+//! queries go to the workers; then (4) the device attends its rows while the
+//! workers attend theirs, and (5) the workers' partial comes back and merges
+//! into the device's by log-sum-exp. Every token is attended exactly once: on
+//! the device while it is a sink or among the `window + T` most recent rows,
+//! else in the offloaded store. The workers serve one sequence while the
+//! device attends another.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use tandem_gpu::DenseDevice;
+
+use super::{OffloadedStep, SequenceKv};
+use crate::error::{Error, Result};
+use crate::policy::LayerAttention;
+
+/// Layer `layer`'s attention for every sequence of a batch. Sequence `i` owns
+/// rows `seqs[i].1` of the stacked activations: `q` (`n_heads × head_dim` per
+/// row), `k` and `v` (`n_kv_heads × head_dim`), all with RoPE applied. Writes
+/// the attention output of those rows into `out`; `lse` is scratch of
+/// `n_heads` per row.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<D: DenseDevice>(
+    device: &D,
+    layer: usize,
+    seqs: &mut [(&mut SequenceKv<D>, Range<usize>)],
+    q: &D::Buffer,
+    k: &D::Buffer,
+    v: &D::Buffer,
+    out: &mut D::Buffer,
+    lse: &mut D::Buffer,
+) -> Result<()> {
+    for (kv, rows) in seqs.iter_mut() {
+        kv.begin_layer(layer, q, k, v, rows.clone())?;
+    }
+    for (kv, rows) in seqs.iter() {
+        device.attention(&kv.window, layer, q, rows.clone(), out, lse)?;
+    }
+    for (kv, rows) in seqs.iter_mut() {
+        kv.finish_layer(layer, q, rows.clone(), out, lse)?;
+    }
+    Ok(())
+}
+
+impl<D: DenseDevice> SequenceKv<D> {
+    /// Steps (1)–(3) for `layer`.
+    fn begin_layer(
+        &mut self,
+        layer: usize,
+        q: &D::Buffer,
+        k: &D::Buffer,
+        v: &D::Buffer,
+        rows: Range<usize>,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let r = self.evict_append_submit(layer, q, k, v, rows);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    fn evict_append_submit(
+        &mut self,
+        layer: usize,
+        q: &D::Buffer,
+        k: &D::Buffer,
+        v: &D::Buffer,
+        rows: Range<usize>,
+    ) -> Result<()> {
+        let sparse = self.offloaded && self.table.layers[layer].is_sparse();
+        let state = &mut self.layers[layer];
+        state.evict_keys.clear();
+        state.evict_values.clear();
+        if sparse {
+            let keep = self.table.sinks + self.table.window;
+            let excess = self.device.kv_len(&self.window, layer).saturating_sub(keep);
+            self.device.kv_take(
+                &mut self.window,
+                layer,
+                self.table.sinks,
+                excess,
+                &mut state.evict_keys,
+                &mut state.evict_values,
+            )?;
+        }
+        self.device
+            .kv_append(&mut self.window, layer, k, v, rows.clone())?;
+        let (Some(store), Some(pool)) = (&state.store, &self.pool) else {
+            return Ok(());
+        };
+        let LayerAttention::Offloaded { policy, .. } = &self.table.layers[layer].attention else {
+            return Err(Error::InvalidRequest(format!(
+                "layer {layer} has an offloaded store but a policy that does not offload"
+            )));
+        };
+        let width = self.shape.n_heads * self.shape.head_dim;
+        let queries =
+            self.device
+                .to_host(q, rows.start * width..rows.end * width, &mut self.staging)?;
+        pool.submit(
+            store,
+            queries,
+            Some((&state.evict_keys, &state.evict_values)),
+            *policy,
+            &mut state.output,
+        )?;
+        state.in_flight = true;
+        Ok(())
+    }
+
+    /// Step (5) for `layer`: waits for the workers' partial and merges it into
+    /// the device's rows `rows` of `out` and `lse`.
+    fn finish_layer(
+        &mut self,
+        layer: usize,
+        q: &D::Buffer,
+        rows: Range<usize>,
+        out: &mut D::Buffer,
+        lse: &D::Buffer,
+    ) -> Result<()> {
+        let state = &mut self.layers[layer];
+        if !state.in_flight {
+            return Ok(());
+        }
+        state.in_flight = false;
+        let (Some(pool), Some(store)) = (&self.pool, &state.store) else {
+            return Ok(());
+        };
+        let t0 = Instant::now();
+        let waited = pool.wait(&mut state.output);
+        self.counters.wait_ns += t0.elapsed().as_nanos() as u64;
+        if let Err(e) = waited {
+            self.broken = true;
+            return Err(e.into());
+        }
+        let part = &state.output;
+        self.counters.worker_ns += part.total_cpu_ns;
+        self.counters.retrieval_ns += part.retrieval_cpu_ns;
+        self.counters.keys_touched += part.keys_touched.iter().map(|&k| u64::from(k)).sum::<u64>();
+        self.counters.keys_offloaded += (store.len() * part.keys_touched.len()) as u64;
+        if let Some(observer) = &mut self.observer {
+            let (width, heads) = (self.shape.n_heads * self.shape.head_dim, self.shape.n_heads);
+            let (mut qs, mut os) = (Vec::new(), Vec::new());
+            let step = OffloadedStep {
+                layer,
+                queries: self
+                    .device
+                    .to_host(q, rows.start * width..rows.end * width, &mut qs)?,
+                device_out: self.device.to_host(
+                    out,
+                    rows.start * width..rows.end * width,
+                    &mut os,
+                )?,
+                device_lse: self.device.to_host(
+                    lse,
+                    rows.start * heads..rows.end * heads,
+                    &mut self.staging,
+                )?,
+                device_rows: self.device.kv_len(&self.window, layer),
+                offloaded: part,
+                store,
+                pool,
+            };
+            if let Err(e) = observer.observe(&step) {
+                self.broken = true;
+                return Err(e);
+            }
+        }
+        self.device
+            .merge_partials(out, lse, rows, &part.out, &part.lse)?;
+        Ok(())
+    }
+}
