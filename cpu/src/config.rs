@@ -1,6 +1,6 @@
 //! Shape, row type and index parameters of one layer's offloaded store.
 
-use crate::CpuError;
+use crate::error::CpuError;
 use std::ops::RangeInclusive;
 
 /// Bits per table code an index may have.
@@ -47,7 +47,7 @@ pub struct LshIndexParams {
 }
 
 impl LshIndexParams {
-    /// Checks the ranges given on each field ([`crate::LayerStore::new`]
+    /// Checks the ranges given on each field ([`crate::store::LayerStore::new`]
     /// does).
     pub(crate) fn validate(&self) -> Result<(), CpuError> {
         let LshIndexParams { k, l, t } = *self;

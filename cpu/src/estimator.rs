@@ -2,8 +2,8 @@
 //! retrieval (its logit is corrected by `-ln u`), and the log-sum-exp merge of
 //! partial results.
 
+use crate::config::LshIndexParams;
 use crate::shared::{shared, SharedCache};
-use crate::LshIndexParams;
 use std::sync::{Arc, OnceLock};
 
 /// Largest correction `-ln u` applied, so logits stay finite for any key.
@@ -83,26 +83,4 @@ impl LnUTable {
     pub(crate) fn values(&self) -> &[f32] {
         &self.vals
     }
-}
-
-/// Merges partial results `(out, lse)` (outputs normalised within each part)
-/// into `out`, returning the merged lse. Parts with `lse = -inf` contribute
-/// nothing; if all are empty, `out` is zero and the lse is `-inf`. Only the
-/// first `out.len()` elements of each part are read.
-pub fn merge_partials(parts: &[(&[f32], f32)], out: &mut [f32]) -> f32 {
-    out.iter_mut().for_each(|x| *x = 0.0);
-    let m = parts.iter().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max);
-    if m == f32::NEG_INFINITY || m.is_nan() {
-        return f32::NEG_INFINITY;
-    }
-    let total: f64 = parts.iter().map(|p| ((p.1 - m) as f64).exp()).sum();
-    for (o, lse) in parts {
-        let w = (((*lse - m) as f64).exp() / total) as f32;
-        if w > 0.0 {
-            for (dst, x) in out.iter_mut().zip(o.iter()) {
-                *dst += w * x;
-            }
-        }
-    }
-    m + total.ln() as f32
 }

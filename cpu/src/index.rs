@@ -26,9 +26,10 @@
 //! dimensions with its own seeded +-1 vector, so its planes are still exactly
 //! Gaussian and differ from every other head's.
 
+use crate::config::{LayerConfig, LshIndexParams};
+use crate::error::CpuError;
 use crate::estimator::LnUTable;
 use crate::shared::{shared, SharedCache};
-use crate::{CpuError, LayerConfig, LshIndexParams};
 use std::sync::{Arc, OnceLock};
 use tandem_kernels::gaps::{count_pairs, decode_gaps, Bucket, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};

@@ -30,8 +30,10 @@ mod store;
 
 pub use config::{KvDtype, LayerConfig, LshIndexParams};
 pub use error::CpuError;
-pub use estimator::{ln_u_exact, merge_partials};
+pub use estimator::ln_u_exact;
 pub use index::{MID_MIN, RAW_MAX};
 pub use policy::{LshParams, Policy, PolicySpec};
 pub use pool::{LayerOutput, WorkerPool};
 pub use store::{LayerStore, PrefillTimes};
+/// The log-sum-exp merge of partial results (the convention above).
+pub use tandem_kernels::ops::merge_partials;

@@ -1,8 +1,9 @@
 //! How a layer's offloaded part is attended, and the policy strings
 //! (`dense`, `topk:k=N`, `oracle:budget=N`, `lsh:k=K,l=L,...`) that name it.
 
+use crate::config::{KvDtype, LshIndexParams};
 use crate::config::{LSH_K, LSH_L};
-use crate::{CpuError, KvDtype, LshIndexParams};
+use crate::error::CpuError;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;

@@ -5,8 +5,10 @@
 //! steps do not allocate.
 
 use crate::attend::{attend_group, Partials, Scratch};
+use crate::config::LayerConfig;
+use crate::error::CpuError;
+use crate::policy::Policy;
 use crate::store::LayerStore;
-use crate::{CpuError, LayerConfig, Policy};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use half::bf16;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -406,7 +408,7 @@ mod tests {
             lsh: None,
             seed: 1,
             layer: 0,
-            kv_dtype: crate::KvDtype::Bf16,
+            kv_dtype: crate::config::KvDtype::Bf16,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
         let kv: Vec<bf16> = (0..3 * 2 * 4)

@@ -5,7 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::index::{Csr, LshIndex};
-use crate::LshParams;
+use crate::policy::LshParams;
 use tandem_kernels::gaps::Bucket;
 use tandem_kernels::hash::{
     collect_at_least, collect_lanes, collect_pairs, count_equal_u16, pair_count, Lanes,

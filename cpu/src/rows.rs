@@ -2,7 +2,7 @@
 //! with one scale per channel ([`KvDtype`]), in blocks that grow without
 //! copying.
 
-use crate::KvDtype;
+use crate::config::KvDtype;
 use half::bf16;
 use std::borrow::Cow;
 use tandem_kernels::int8::{axpy_i8_multi, dot_i8_f32_multi};

@@ -15,9 +15,10 @@
 //! computed elsewhere on uncentred keys (q·(k-μ) and q·k differ by a per-query
 //! constant).
 
+use crate::config::LayerConfig;
+use crate::error::CpuError;
 use crate::index::{LshIndex, MAX_INDEXED_KEYS};
 use crate::rows::{Elem, Rows};
-use crate::{CpuError, LayerConfig};
 use half::{bf16, f16};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -523,7 +524,7 @@ fn in_parallel<S: Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::LshIndexParams;
+    use crate::config::LshIndexParams;
     use tandem_kernels::hash::table_code;
     use tandem_kernels::rng::SplitMix64;
 

@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use half::bf16;
 
-use crate::{AttentionShape, DeviceError, HostMatrix};
+use crate::error::DeviceError;
+
+use crate::host::{AttentionShape, HostMatrix};
 
 /// A device buffer of `f32`: activations (`rows × width`, row-major) or a small
 /// vector of weights (norm gains, rotary angles).

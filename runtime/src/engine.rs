@@ -12,8 +12,6 @@ use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::model::{load_gguf, Llama};
 use crate::policy::{PolicyConfig, PolicyTable};
-use crate::session::Session;
-use crate::split::SequenceKv;
 use crate::tokenizer::Tokenizer;
 
 /// Where the set-up script puts the default model, relative to the repository.
@@ -209,22 +207,14 @@ impl<D: DenseDevice> Engine<D> {
         &self.table
     }
 
+    /// The policy table, shared with every session.
+    pub(crate) fn shared_table(&self) -> &Arc<PolicyTable> {
+        &self.table
+    }
+
     /// Dense-device threads that build offloaded stores.
     pub(crate) fn build_threads(&self) -> usize {
         self.build_threads
-    }
-
-    /// A new conversation.
-    pub fn session(&self) -> Result<Session<'_, D>> {
-        let c = self.model.config();
-        let kv = SequenceKv::new(
-            Arc::clone(self.model.device()),
-            c.n_layers,
-            c.attention_shape(),
-            Arc::clone(&self.table),
-            self.workers.clone(),
-        )?;
-        Ok(Session::new(self, kv))
     }
 
     /// Renders a conversation with the model's chat template, ready for the reply.

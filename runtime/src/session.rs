@@ -1,5 +1,7 @@
 //! One conversation: its tokens so far and their keys and values.
 
+use std::sync::Arc;
+
 use tandem_gpu::{CpuDevice, DenseDevice};
 
 use crate::engine::{Engine, PREFILL_CHUNK};
@@ -15,8 +17,23 @@ pub struct Session<'e, D: DenseDevice = CpuDevice> {
     pub(crate) tokens: Vec<u32>,
 }
 
+impl<D: DenseDevice> Engine<D> {
+    /// A new conversation.
+    pub fn session(&self) -> Result<Session<'_, D>> {
+        let c = self.model().config();
+        let kv = SequenceKv::new(
+            Arc::clone(self.model().device()),
+            c.n_layers,
+            c.attention_shape(),
+            Arc::clone(self.shared_table()),
+            self.workers().cloned(),
+        )?;
+        Ok(Session::new(self, kv))
+    }
+}
+
 impl<'e, D: DenseDevice> Session<'e, D> {
-    pub(crate) fn new(engine: &'e Engine<D>, kv: SequenceKv<D>) -> Session<'e, D> {
+    fn new(engine: &'e Engine<D>, kv: SequenceKv<D>) -> Session<'e, D> {
         Session {
             engine,
             kv,

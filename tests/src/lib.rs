@@ -1,5 +1,7 @@
 //! Integration tests live in `tests/`; this crate holds only what they share.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 /// The repository's root directory.

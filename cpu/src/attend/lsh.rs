@@ -3,9 +3,10 @@
 
 use super::passes::{attend_selected, Partials, Step};
 use super::scratch::Scratch;
+use crate::error::CpuError;
+use crate::policy::LshParams;
 use crate::retrieval::retrieve;
 use crate::store::HeadStore;
-use crate::{CpuError, LshParams};
 use std::time::Instant;
 
 /// Attends the keys retrieved for each query head of `step`. `query_bits`,

@@ -12,9 +12,10 @@ mod topk;
 pub(crate) use passes::Partials;
 pub(crate) use scratch::Scratch;
 
+use crate::error::CpuError;
+use crate::policy::Policy;
 use crate::rows::KeyQueries;
 use crate::store::HeadStore;
-use crate::{CpuError, Policy};
 use passes::Step;
 
 /// Computes the partials of the `g = queries.len() / d` query heads of one GQA

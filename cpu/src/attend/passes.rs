@@ -115,7 +115,7 @@ pub(crate) struct Step<'a> {
     /// Under LSH, the estimator's `ln u` table: logits are corrected by
     /// `-ln u` of the key's angle with the query.
     pub(crate) ln_u: Option<&'a LnUTable>,
-    /// V rows left out, see [`crate::LshParams::value_skip`].
+    /// V rows left out, see [`crate::policy::LshParams::value_skip`].
     pub(crate) value_skip: u8,
 }
 

@@ -7,7 +7,7 @@ use tandem_kernels::parallel::ThreadPool;
 use tandem_kernels::vector::{axpy_bf16_multi, dot_bf16_f32_multi, exp_inplace};
 
 use super::{job_failed, matmul::even_bounds, CpuKv};
-use crate::DeviceError;
+use crate::error::DeviceError;
 
 /// Causal attention of `q.len() / (n_heads·head_dim)` queries over `layer` of
 /// `cache`, query `t` seeing rows `0..=first_row + t`; see
@@ -283,7 +283,9 @@ fn attend_group(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AttentionShape, CpuDevice, DenseDevice, HostMatrix};
+    use crate::cpu::CpuDevice;
+    use crate::device::DenseDevice;
+    use crate::host::{AttentionShape, HostMatrix};
 
     fn pseudo(i: usize) -> f32 {
         ((i as f32 * 0.618_034).fract() - 0.5) * 2.0

@@ -2,7 +2,9 @@
 
 use half::bf16;
 
-use crate::{AttentionShape, DeviceError};
+use crate::error::DeviceError;
+
+use crate::host::AttentionShape;
 
 /// Keys and values of one sequence, per layer and key/value head, in bf16.
 ///

@@ -7,7 +7,8 @@ use tandem_kernels::quant::QuantizedVector;
 use tandem_kernels::vector::{dot_bf16_f32, dot_f32};
 
 use super::job_failed;
-use crate::{DeviceError, HostMatrix};
+use crate::error::DeviceError;
+use crate::host::HostMatrix;
 
 /// `ys[t] = W · xs[t]` for every token, rows split over the pool's threads.
 pub(super) fn matmul(

@@ -16,7 +16,11 @@ use tandem_kernels::Isa;
 
 pub use kv::CpuKv;
 
-use crate::{AttentionShape, DenseDevice, DeviceBuffer, DeviceError, HostMatrix};
+use crate::device::{DenseDevice, DeviceBuffer};
+
+use crate::error::DeviceError;
+
+use crate::host::{AttentionShape, HostMatrix};
 
 /// The CPU as dense device.
 pub struct CpuDevice {
@@ -296,3 +300,99 @@ impl DenseDevice for CpuDevice {
 
 /// Largest head dimension the merge handles without allocating.
 const MAX_HEAD_DIM: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use tandem_kernels::ops::Rope;
+    use tandem_kernels::rng::SplitMix64;
+
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn host_reads_are_borrows_of_the_buffer() {
+        let device = CpuDevice::new(1);
+        let buf = device.upload_vector(&[1.0, 2.0, 3.0]).expect("upload");
+        let mut staging = Vec::new();
+        let view = device.to_host(&buf, 1..3, &mut staging).expect("read");
+        assert_eq!(view, &[2.0, 3.0]);
+        assert!(std::ptr::eq(view.as_ptr(), buf[1..].as_ptr()));
+        assert!(device.to_host(&buf, 2..4, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn rope_rotates_each_row_by_its_positions_angles() {
+        let device = CpuDevice::new(1);
+        let (head_dim, heads, positions) = (6, 3, [0usize, 5, 77]);
+        let rope = Rope::new(head_dim, 10000.0);
+        let mut angles = Vec::new();
+        for &p in &positions {
+            rope.push_angles(p, &mut angles);
+        }
+        let x = random(positions.len() * heads * head_dim, 1);
+        let mut rotated = x.clone();
+        device.rope(&mut rotated, head_dim, &angles).expect("rope");
+        for (t, &p) in positions.iter().enumerate() {
+            for h in 0..heads {
+                let at = (t * heads + h) * head_dim..(t * heads + h + 1) * head_dim;
+                let mut want = x[at.clone()].to_vec();
+                rope.rotate_interleaved(&mut want, p);
+                assert_eq!(&rotated[at], &want[..], "row {t} head {h}");
+            }
+        }
+        assert!(device.rope(&mut rotated, 5, &angles).is_err());
+    }
+
+    #[test]
+    fn merge_takes_the_softmax_over_both_parts_per_row_and_head() {
+        let device = CpuDevice::new(1);
+        let (rows, heads, d) = (3, 2, 5);
+        let dev_out = random(rows * heads * d, 2);
+        let dev_lse = random(rows * heads, 3);
+        let part_out = random(2 * heads * d, 4);
+        let mut part_lse = random(2 * heads, 5);
+        part_lse[1] = f32::NEG_INFINITY;
+        let mut out = dev_out.clone();
+        device
+            .merge_partials(&mut out, &dev_lse, 1..3, &part_out, &part_lse)
+            .expect("merge");
+        assert_eq!(
+            &out[..heads * d],
+            &dev_out[..heads * d],
+            "row 0 is untouched"
+        );
+        for i in 0..2 * heads {
+            let dev = (
+                &dev_out[(heads + i) * d..(heads + i + 1) * d],
+                dev_lse[heads + i],
+            );
+            let part = (&part_out[i * d..(i + 1) * d], part_lse[i]);
+            let mut want = vec![0f32; d];
+            merge_partials(&[dev, part], &mut want);
+            assert_eq!(&out[(heads + i) * d..(heads + i + 1) * d], &want[..]);
+        }
+        assert!(device
+            .merge_partials(&mut out, &dev_lse, 0..2, &part_out, &part_lse[..3])
+            .is_err());
+    }
+
+    #[test]
+    fn embedding_rows_and_out_of_range_tokens() {
+        let device = CpuDevice::new(1);
+        let table = HostMatrix::F32 {
+            rows: 3,
+            cols: 2,
+            data: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        };
+        let mut out = device.zeros(4).expect("zeros");
+        device.embed(&table, &[2, 0], &mut out).expect("embed");
+        assert_eq!(out, vec![4.0, 5.0, 0.0, 1.0]);
+        assert!(device.embed(&table, &[3, 0], &mut out).is_err());
+    }
+}

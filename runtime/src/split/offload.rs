@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tandem_cpu::{LayerConfig, LayerStore};
 use tandem_gpu::DenseDevice;
 
-use super::SequenceKv;
+use super::sequence::SequenceKv;
 use crate::error::{Error, Result};
 use crate::policy::LayerAttention;
 

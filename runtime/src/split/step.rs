@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use tandem_gpu::DenseDevice;
 
-use super::{OffloadedStep, SequenceKv};
+use super::observer::OffloadedStep;
+use super::sequence::SequenceKv;
 use crate::error::{Error, Result};
 use crate::policy::LayerAttention;
 
