@@ -128,8 +128,13 @@ pub fn run_decode_bench(
     if opts.contexts.is_empty() {
         return Err(Error::InvalidRequest("no context length given".into()));
     }
-    let mut policies = vec![opts.policy.policy.clone()];
-    if opts.policy.policy != "dense" {
+    // The configuration measured, named by its policy (and layout), then dense.
+    let measured = match &opts.policy.layout {
+        Some(layout) => format!("{layout}/{}", opts.policy.policy),
+        None => opts.policy.policy.clone(),
+    };
+    let mut policies = vec![measured];
+    if policies[0] != "dense" {
         policies.push("dense".into());
     }
     let mut results = Vec::new();
@@ -255,15 +260,13 @@ fn worker_pool(threads: usize) -> Result<WorkerPool> {
     Ok(WorkerPool::new(threads)?)
 }
 
-fn table_for(base: &PolicyConfig, policy: &str, n_layers: usize) -> Result<PolicyTable> {
-    if policy == "dense" {
+/// The table of a configuration named as in `run_decode_bench`: `dense` is
+/// the baseline, anything else the measured configuration.
+fn table_for(base: &PolicyConfig, name: &str, n_layers: usize) -> Result<PolicyTable> {
+    if name == "dense" {
         return Ok(PolicyTable::dense(n_layers));
     }
-    PolicyConfig {
-        policy: policy.to_string(),
-        ..base.clone()
-    }
-    .resolve(n_layers)
+    base.resolve(n_layers)
 }
 
 fn summary(r: &DecodeBenchResult) -> String {

@@ -75,6 +75,13 @@ struct EvalArgs {
     /// First tokens kept on the device by sparse layers.
     #[arg(long, default_value_t = 4)]
     sinks: usize,
+    /// A MixAttention layout for every policy compared (ma-pairs, ma-offset,
+    /// one-in-six): its global layers take the policy.
+    #[arg(long)]
+    layout: Option<String>,
+    /// The sliding window of the layout's sliding layers.
+    #[arg(long, default_value_t = 1024)]
+    layout_window: usize,
     /// Dense-device threads and CPU workers (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,
@@ -123,8 +130,15 @@ struct PolicyArgs {
     /// Contexts shorter than this many tokens stay dense on the device.
     #[arg(long, default_value_t = 2048)]
     dense_below: usize,
+    /// A MixAttention layout: ma-pairs, ma-offset or one-in-six (global layers
+    /// take --policy, the others a sliding window or another layer's cache).
+    #[arg(long)]
+    layout: Option<String>,
+    /// The sliding window of a layout's sliding layers.
+    #[arg(long, default_value_t = 1024)]
+    layout_window: usize,
     /// A TOML policy file (policy, dense_layers, sinks, window, dense_below,
-    /// seed, [layers] overrides); replaces the flags above.
+    /// seed, layout, layout_window, [layers] overrides); replaces the flags above.
     #[arg(long)]
     policy_file: Option<PathBuf>,
     /// CPU attention worker threads (default: all cores).
@@ -143,6 +157,8 @@ impl PolicyArgs {
             sinks: self.sinks,
             window: self.window,
             dense_below: self.dense_below,
+            layout: self.layout.clone(),
+            layout_window: self.layout_window,
             ..PolicyConfig::default()
         })
     }
@@ -635,6 +651,8 @@ fn eval(args: EvalArgs) -> Result<()> {
             dense_layers: args.dense_layers.clone(),
             window: args.window,
             sinks: args.sinks,
+            layout: args.layout.clone(),
+            layout_window: args.layout_window,
             ..PolicyConfig::default()
         },
         threads,

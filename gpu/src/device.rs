@@ -21,6 +21,19 @@ pub trait DeviceBuffer: Send + Sync {
     }
 }
 
+/// The keys one [`DenseDevice::attention`] call attends: layer `layer` of a
+/// sequence's cache, every row or, with a sliding `window` of `W`, each
+/// query's last `W` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayer<'a, K> {
+    /// The sequence's cache.
+    pub kv: &'a K,
+    /// The layer.
+    pub layer: usize,
+    /// The sliding window, if any.
+    pub window: Option<usize>,
+}
+
 /// The dense side of a decode step.
 ///
 /// An implementation owns everything that lives on it: weight matrices
@@ -160,20 +173,30 @@ pub trait DenseDevice: Send + Sync {
         values: &mut Vec<bf16>,
     ) -> Result<(), DeviceError>;
 
+    /// Forgets `count` rows of `layer` from row `start` (a sliding window's
+    /// oldest rows); later rows move down.
+    fn kv_discard(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        start: usize,
+        count: usize,
+    ) -> Result<(), DeviceError>;
+
     /// Drops every row from `len` on, in every layer.
     fn kv_truncate(&self, kv: &mut Self::Kv, len: usize);
 
     /// Causal attention of the queries in rows `rows` of `q` (each
-    /// `n_heads × head_dim`, RoPE applied) over the rows of `layer` of `kv`,
-    /// whose last `rows.len()` rows are these queries' own keys and values:
-    /// query `t` sees rows `0..=first + t`, `first = kv_len - rows.len()`.
-    /// Writes the same rows of `out` (normalised over these rows) and of `lse`
-    /// (`n_heads` log-sum-exps per row), so the caller can merge them with
-    /// attention computed elsewhere.
+    /// `n_heads × head_dim`, RoPE applied) over `keys`, whose last
+    /// `rows.len()` rows are these queries' own keys and values: query `t`
+    /// sees rows `0..=first + t`, `first = kv_len - rows.len()`, or with a
+    /// sliding window of `W` only the last `W` of them. Writes the same rows
+    /// of `out` (normalised over these rows) and of `lse` (`n_heads`
+    /// log-sum-exps per row), so the caller can merge them with attention
+    /// computed elsewhere.
     fn attention(
         &self,
-        kv: &Self::Kv,
-        layer: usize,
+        keys: KvLayer<'_, Self::Kv>,
         q: &Self::Buffer,
         rows: Range<usize>,
         out: &mut Self::Buffer,

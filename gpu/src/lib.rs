@@ -17,7 +17,7 @@ mod error;
 mod host;
 
 pub use cpu::{CpuDevice, CpuKv};
-pub use device::{DenseDevice, DeviceBuffer};
+pub use device::{DenseDevice, DeviceBuffer, KvLayer};
 pub use error::DeviceError;
 pub use host::{AttentionShape, HostMatrix};
 

@@ -122,7 +122,7 @@ impl<D: DenseDevice> Engine<D> {
         options: &EngineOptions,
     ) -> Result<Engine<D>> {
         let table = options.policy.resolve(model.config().n_layers)?;
-        let workers = if table.is_sparse() {
+        let workers = if table.needs_workers() {
             let pool = WorkerPool::new(options.cpu_workers.max(1))?;
             Some(Arc::new(pool))
         } else {

@@ -21,7 +21,7 @@ use crate::eval::needle::{NeedleBuilder, ANSWER_TOKENS};
 use crate::eval::probe::Probes;
 use crate::eval::report::{LayerRow, Row};
 use tandem_runtime::model::Logits;
-use tandem_runtime::policy::{PolicyConfig, PolicyTable};
+use tandem_runtime::policy::{LayerAttention, PolicyConfig, PolicyTable};
 use tandem_runtime::split::SequenceKv;
 use tandem_runtime::{Engine, EngineOptions, PREFILL_CHUNK};
 use tandem_runtime::{Error, Result};
@@ -143,13 +143,11 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             // count in full, offloaded keys as the workers report.
             let mut fractions = Vec::with_capacity(c.n_layers);
             for (layer, probe) in probes.iter().enumerate() {
-                let (device, cpu) = kv.layer_tokens(layer);
+                let source = table.source(layer);
+                let (device, cpu) = kv.layer_tokens(source);
                 let f = if probe.samples > 0 {
                     probe.touched_fraction / probe.samples as f64
-                } else if cpu == 0
-                    && table.layers[layer].attention
-                        == tandem_runtime::policy::LayerAttention::Window
-                {
+                } else if cpu == 0 && table.layers[source].attention != LayerAttention::Dense {
                     device as f64 / kv.positions() as f64
                 } else {
                     1.0

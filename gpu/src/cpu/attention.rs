@@ -9,18 +9,35 @@ use tandem_kernels::vector::{axpy_bf16_multi, dot_bf16_f32_multi, exp_inplace};
 use super::{job_failed, matmul::even_bounds, CpuKv};
 use crate::error::DeviceError;
 
+/// Which rows the queries of one call see: query `t` sees row `first + t`
+/// and the rows before it, all of them or the last `window`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Span {
+    pub(super) first: usize,
+    pub(super) window: Option<usize>,
+}
+
+impl Span {
+    /// The rows query `t` attends.
+    fn rows(&self, t: usize) -> std::ops::Range<usize> {
+        let end = self.first + t + 1;
+        let start = self.window.map_or(0, |w| end.saturating_sub(w));
+        start..end
+    }
+}
+
 /// Causal attention of `q.len() / (n_heads·head_dim)` queries over `layer` of
-/// `cache`, query `t` seeing rows `0..=first_row + t`; see
-/// [`crate::DenseDevice::attention`].
+/// `cache`, query `t` seeing `span.rows(t)`; see [`crate::DenseDevice::attention`].
 pub(super) fn attention(
     pool: &ThreadPool,
     cache: &CpuKv,
     layer: usize,
     q: &[f32],
-    first_row: usize,
+    span: Span,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), DeviceError> {
+    let first_row = span.first;
     let shape = cache.shape();
     let width = shape.n_heads * shape.head_dim;
     let tokens = q.len() / width;
@@ -28,6 +45,7 @@ pub(super) fn attention(
         || out.len() != q.len()
         || lse.len() != tokens * shape.n_heads
         || first_row + tokens > cache.len(layer)
+        || span.window == Some(0)
     {
         return Err(DeviceError::Shape(format!(
                 "attention of {} query values into {} outputs and {} lse from row {first_row} over {} cached rows",
@@ -39,17 +57,20 @@ pub(super) fn attention(
     }
     let threads = pool.threads();
     if tokens == 1 {
-        let n = first_row + 1;
-        if n <= SMALL_ATTENTION_ROWS {
+        let seen = span.rows(0);
+        if seen.len() <= SMALL_ATTENTION_ROWS {
             // A device window: waking the pool would cost more than the work,
             // and its spinning thread would take a core from the CPU workers.
             let mut p = Partial::new(shape.n_heads, shape.head_dim);
-            attend(cache, layer, q, 0..n, &mut p);
+            attend(cache, layer, q, seen, &mut p);
             p.normalise_into(out, lse);
             return Ok(());
         }
         // One query: split the positions, merge the partials by log-sum-exp.
-        let bounds = even_bounds(n, threads, 64);
+        let bounds: Vec<usize> = even_bounds(seen.len(), threads, 64)
+            .into_iter()
+            .map(|b| b + seen.start)
+            .collect();
         let partials: Vec<Mutex<Partial>> = (0..threads)
             .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
             .collect();
@@ -67,11 +88,11 @@ pub(super) fn attention(
     }
     // Several queries (prefill): split the tokens so that each thread gets about
     // the same number of (query, position) pairs.
-    let total: usize = (0..tokens).map(|t| first_row + t + 1).sum();
+    let total: usize = (0..tokens).map(|t| span.rows(t).len()).sum();
     let mut bounds = vec![0usize];
     let mut acc = 0;
     for t in 0..tokens {
-        acc += first_row + t + 1;
+        acc += span.rows(t).len();
         if bounds.len() < threads && acc * threads >= total * bounds.len() {
             bounds.push(t + 1);
         }
@@ -98,7 +119,7 @@ pub(super) fn attention(
                 cache,
                 layer,
                 &q[t * width..(t + 1) * width],
-                0..first_row + t + 1,
+                span.rows(t),
                 &mut p,
             );
             let nh = shape.n_heads;
@@ -284,8 +305,16 @@ fn attend_group(
 mod tests {
     use super::*;
     use crate::cpu::CpuDevice;
-    use crate::device::DenseDevice;
+    use crate::device::{DenseDevice, KvLayer};
     use crate::host::{AttentionShape, HostMatrix};
+
+    fn at(kv: &CpuKv, window: Option<usize>) -> KvLayer<'_, CpuKv> {
+        KvLayer {
+            kv,
+            layer: 0,
+            window,
+        }
+    }
 
     fn pseudo(i: usize) -> f32 {
         ((i as f32 * 0.618_034).fract() - 0.5) * 2.0
@@ -358,7 +387,7 @@ mod tests {
         let mut out = vec![0f32; q.len()];
         let mut lse = vec![0f32; tokens * 6];
         device
-            .attention(&cache, 0, &q, 0..tokens, &mut out, &mut lse)
+            .attention(at(&cache, None), &q, 0..tokens, &mut out, &mut lse)
             .expect("attention");
         for t in 0..tokens {
             let want = reference(&cache, 0, &q[t * width..(t + 1) * width], first + t);
@@ -374,7 +403,7 @@ mod tests {
             let mut one_row = cache.clone();
             one_row.truncate(pos + 1);
             device
-                .attention(&one_row, 0, &q1, 0..1, &mut out1, &mut lse1)
+                .attention(at(&one_row, None), &q1, 0..1, &mut out1, &mut lse1)
                 .expect("attention");
             let want = reference(&cache, 0, &q1, pos);
             for (a, b) in out1.iter().zip(&want) {
@@ -384,6 +413,55 @@ mod tests {
                 let want = reference_lse(&cache, 0, &q1[h * 24..(h + 1) * 24], h / 3, pos);
                 assert!((lse1[h] as f64 - want).abs() < 1e-4, "lse at {pos}");
             }
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_sees_only_its_last_rows() {
+        let shape = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
+        let (n, window, tokens) = (900, 37, 5);
+        let mut cache = CpuKv::new(1, shape);
+        let k: Vec<f32> = (0..n * 32).map(|i| pseudo(i) * 2.0).collect();
+        let v: Vec<f32> = (0..n * 32).map(|i| pseudo(i + 31)).collect();
+        cache.append(0, &k, &v).expect("append");
+        let device = CpuDevice::new(2);
+        let q: Vec<f32> = (0..tokens * 64).map(|i| pseudo(i + 5)).collect();
+        let (mut out, mut lse) = (vec![0f32; q.len()], vec![0f32; tokens * 4]);
+        device
+            .attention(at(&cache, Some(window)), &q, 0..tokens, &mut out, &mut lse)
+            .expect("attention");
+        for t in 0..tokens {
+            // The same query over a cache holding only its window.
+            let pos = n - tokens + t;
+            let mut only = CpuKv::new(1, shape);
+            let rows = (pos + 1 - window) * 32..(pos + 1) * 32;
+            only.append(0, &k[rows.clone()], &v[rows]).expect("append");
+            let want = reference(&only, 0, &q[t * 64..(t + 1) * 64], window - 1);
+            for (a, b) in out[t * 64..(t + 1) * 64].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "token {t}: {a} vs {b}");
+            }
+        }
+        let mut one = vec![0f32; 64];
+        let mut one_lse = vec![0f32; 4];
+        device
+            .attention(
+                at(&cache, Some(600)),
+                &q[..64].to_vec(),
+                0..1,
+                &mut one,
+                &mut one_lse,
+            )
+            .expect("one query, a window past the pool's threshold");
+        let mut tail = CpuKv::new(1, shape);
+        tail.append(0, &k[(n - 600) * 32..], &v[(n - 600) * 32..])
+            .expect("append");
+        let want = reference(&tail, 0, &q[..64], 599);
+        for (a, b) in one.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
     }
 
@@ -400,7 +478,7 @@ mod tests {
         let device = CpuDevice::new(1);
         let (mut out, mut lse) = (vec![0f32; 8], vec![0f32; 2]);
         assert!(device
-            .attention(&cache, 0, &vec![0.0; 8], 0..1, &mut out, &mut lse)
+            .attention(at(&cache, None), &vec![0.0; 8], 0..1, &mut out, &mut lse)
             .is_err());
         let w = HostMatrix::F32 {
             rows: 2,

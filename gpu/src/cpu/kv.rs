@@ -88,13 +88,7 @@ impl CpuKv {
         keys: &mut Vec<bf16>,
         values: &mut Vec<bf16>,
     ) -> Result<(), DeviceError> {
-        if layer >= self.n_layers || start + count > self.lens[layer] {
-            return Err(DeviceError::Shape(format!(
-                "take rows {start}..{} of layer {layer}, which holds {}",
-                start + count,
-                self.lens.get(layer).copied().unwrap_or(0)
-            )));
-        }
+        self.check_rows(layer, start, count)?;
         let d = self.shape.head_dim;
         for r in start..start + count {
             for h in 0..self.shape.n_kv_heads {
@@ -102,6 +96,18 @@ impl CpuKv {
                 values.extend_from_slice(&self.values[layer][h][r * d..(r + 1) * d]);
             }
         }
+        self.discard_rows(layer, start, count)
+    }
+
+    /// Forgets `count` rows of `layer` from row `start`; later rows move down.
+    pub fn discard_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        count: usize,
+    ) -> Result<(), DeviceError> {
+        self.check_rows(layer, start, count)?;
+        let d = self.shape.head_dim;
         for h in 0..self.shape.n_kv_heads {
             for rows in [&mut self.keys[layer][h], &mut self.values[layer][h]] {
                 rows.drain(start * d..(start + count) * d);
@@ -112,6 +118,16 @@ impl CpuKv {
             }
         }
         self.lens[layer] -= count;
+        Ok(())
+    }
+
+    fn check_rows(&self, layer: usize, start: usize, count: usize) -> Result<(), DeviceError> {
+        let held = self.lens.get(layer).copied().unwrap_or(0);
+        if layer >= self.n_layers || start.checked_add(count).is_none_or(|end| end > held) {
+            return Err(DeviceError::Shape(format!(
+                "rows {start}..+{count} of layer {layer}, which holds {held}"
+            )));
+        }
         Ok(())
     }
 

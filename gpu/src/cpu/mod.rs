@@ -16,7 +16,7 @@ use tandem_kernels::Isa;
 
 pub use kv::CpuKv;
 
-use crate::device::{DenseDevice, DeviceBuffer};
+use crate::device::{DenseDevice, DeviceBuffer, KvLayer};
 
 use crate::error::DeviceError;
 
@@ -230,19 +230,29 @@ impl DenseDevice for CpuDevice {
         kv.take_rows(layer, start, count, keys, values)
     }
 
+    fn kv_discard(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        start: usize,
+        count: usize,
+    ) -> Result<(), DeviceError> {
+        kv.discard_rows(layer, start, count)
+    }
+
     fn kv_truncate(&self, kv: &mut CpuKv, len: usize) {
         kv.truncate(len);
     }
 
     fn attention(
         &self,
-        kv: &CpuKv,
-        layer: usize,
+        keys: KvLayer<'_, CpuKv>,
         q: &Vec<f32>,
         rows: Range<usize>,
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
     ) -> Result<(), DeviceError> {
+        let (kv, layer) = (keys.kv, keys.layer);
         let shape = kv.shape();
         let width = shape.n_heads * shape.head_dim;
         let (span, heads) = (
@@ -255,7 +265,11 @@ impl DenseDevice for CpuDevice {
             .ok_or_else(|| shape_error("attention rows", rows.len(), kv.len(layer)))?;
         match (q.get(span.clone()), out.get_mut(span), lse.get_mut(heads)) {
             (Some(q), Some(out), Some(lse)) => {
-                attention::attention(&self.pool, kv, layer, q, first, out, lse)
+                let span = attention::Span {
+                    first,
+                    window: keys.window,
+                };
+                attention::attention(&self.pool, kv, layer, q, span, out, lse)
             }
             _ => Err(shape_error("attention", rows.end * width, q.len())),
         }

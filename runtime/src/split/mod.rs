@@ -11,6 +11,8 @@ mod observer;
 mod offload;
 mod sequence;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use observer::{OffloadedStep, SplitObserver};
 pub use sequence::{SequenceKv, StepCounters};

@@ -58,9 +58,16 @@ impl<D: DenseDevice> SequenceKv<D> {
                 v.len()
             )));
         }
-        let (k, v) = (self.device.upload_vector(k)?, self.device.upload_vector(v)?);
+        let skip = match self.table.layers[layer].attention {
+            LayerAttention::Shared { .. } => return Ok(()),
+            // Only the w - 1 rows the next query still sees.
+            LayerAttention::Window { size: Some(w) } => n - n.min(w - 1),
+            _ => 0,
+        };
+        let k = self.device.upload_vector(&k[skip * width..])?;
+        let v = self.device.upload_vector(&v[skip * width..])?;
         self.device
-            .kv_append(&mut self.window, layer, &k, &v, 0..n)?;
+            .kv_append(&mut self.window, layer, &k, &v, 0..n - skip)?;
         Ok(())
     }
 
@@ -113,8 +120,11 @@ impl<D: DenseDevice> SequenceKv<D> {
     /// store of that configuration.
     fn store_config(&self, layer: usize) -> Option<Option<LayerConfig>> {
         let (lsh, kv_dtype) = match &self.table.layers[layer].attention {
-            LayerAttention::Dense => return None,
-            LayerAttention::Window => return Some(None),
+            // A sliding window and a shared layer never hold a long context.
+            LayerAttention::Dense
+            | LayerAttention::Window { size: Some(_) }
+            | LayerAttention::Shared { .. } => return None,
+            LayerAttention::Window { size: None } => return Some(None),
             LayerAttention::Offloaded { lsh, kv_dtype, .. } => (*lsh, *kv_dtype),
         };
         Some(Some(LayerConfig {

@@ -8,7 +8,7 @@ use tandem_gpu::{AttentionShape, DenseDevice};
 
 use super::observer::SplitObserver;
 use crate::error::{Error, Result};
-use crate::policy::PolicyTable;
+use crate::policy::{LayerAttention, PolicyTable};
 
 /// Where the time of a sequence's steps went, summed since the last reset.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -73,7 +73,7 @@ impl<D: DenseDevice> SequenceKv<D> {
                 table.layers.len()
             )));
         }
-        if table.is_sparse() && pool.is_none() {
+        if table.needs_workers() && pool.is_none() {
             return Err(Error::InvalidRequest(
                 "a sparse policy needs CPU attention workers".into(),
             ));
@@ -187,10 +187,15 @@ impl<D: DenseDevice> SequenceKv<D> {
         let drop = self.positions - len;
         for layer in 0..self.layers.len() {
             let held = self.device.kv_len(&self.window, layer);
-            let recent = if self.layers[layer].store.is_some() || self.offloaded {
-                held.saturating_sub(self.table.sinks)
-            } else {
-                held
+            let recent = match self.table.layers[layer].attention {
+                LayerAttention::Shared { .. } => continue,
+                // A sliding window forgot its oldest rows: dropping newer
+                // ones would leave its queries short of their window.
+                LayerAttention::Window { size: Some(_) } if held < self.positions => 0,
+                _ if self.layers[layer].store.is_some() || self.offloaded => {
+                    held.saturating_sub(self.table.sinks)
+                }
+                _ => held,
             };
             if drop > recent {
                 return Err(Error::InvalidRequest(format!(
@@ -198,13 +203,12 @@ impl<D: DenseDevice> SequenceKv<D> {
                 )));
             }
         }
-        let (mut k, mut v) = (Vec::new(), Vec::new());
         for layer in 0..self.layers.len() {
-            let held = self.device.kv_len(&self.window, layer);
-            self.device
-                .kv_take(&mut self.window, layer, held - drop, drop, &mut k, &mut v)?;
-            k.clear();
-            v.clear();
+            if self.table.source(layer) == layer {
+                let held = self.device.kv_len(&self.window, layer);
+                self.device
+                    .kv_discard(&mut self.window, layer, held - drop, drop)?;
+            }
         }
         self.positions = len;
         Ok(())

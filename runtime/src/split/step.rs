@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use tandem_gpu::DenseDevice;
+use tandem_gpu::{DenseDevice, KvLayer};
 
 use super::observer::OffloadedStep;
 use super::sequence::SequenceKv;
@@ -40,7 +40,12 @@ pub fn attend<D: DenseDevice>(
         kv.begin_layer(layer, q, k, v, rows.clone())?;
     }
     for (kv, rows) in seqs.iter() {
-        device.attention(&kv.window, layer, q, rows.clone(), out, lse)?;
+        let keys = KvLayer {
+            kv: &kv.window,
+            layer: kv.table.source(layer),
+            window: kv.table.sliding_window(layer),
+        };
+        device.attention(keys, q, rows.clone(), out, lse)?;
     }
     for (kv, rows) in seqs.iter_mut() {
         kv.finish_layer(layer, q, rows.clone(), out, lse)?;
@@ -74,43 +79,74 @@ impl<D: DenseDevice> SequenceKv<D> {
         v: &D::Buffer,
         rows: Range<usize>,
     ) -> Result<()> {
-        let sparse = self.offloaded && self.table.layers[layer].is_sparse();
+        let source = self.table.source(layer);
+        if source == layer {
+            self.evict(layer)?;
+            self.device
+                .kv_append(&mut self.window, layer, k, v, rows.clone())?;
+        }
+        self.submit(layer, source, q, rows)
+    }
+
+    /// Step (1): the rows that leave `layer`'s device window before this
+    /// step's rows arrive.
+    fn evict(&mut self, layer: usize) -> Result<()> {
         let state = &mut self.layers[layer];
         state.evict_keys.clear();
         state.evict_values.clear();
-        if sparse {
-            let keep = self.table.sinks + self.table.window;
-            let excess = self.device.kv_len(&self.window, layer).saturating_sub(keep);
-            self.device.kv_take(
-                &mut self.window,
-                layer,
-                self.table.sinks,
-                excess,
-                &mut state.evict_keys,
-                &mut state.evict_values,
-            )?;
+        let held = self.device.kv_len(&self.window, layer);
+        let (sinks, keep) = (self.table.sinks, self.table.sinks + self.table.window);
+        match self.table.layers[layer].attention {
+            // Keep the w - 1 rows that the first new query still sees.
+            LayerAttention::Window { size: Some(w) } => {
+                let excess = held.saturating_sub(w - 1);
+                self.device.kv_discard(&mut self.window, layer, 0, excess)?;
+            }
+            LayerAttention::Window { size: None } if self.offloaded => {
+                let excess = held.saturating_sub(keep);
+                self.device
+                    .kv_discard(&mut self.window, layer, sinks, excess)?;
+            }
+            LayerAttention::Offloaded { .. } if self.offloaded => {
+                let excess = held.saturating_sub(keep);
+                self.device.kv_take(
+                    &mut self.window,
+                    layer,
+                    sinks,
+                    excess,
+                    &mut state.evict_keys,
+                    &mut state.evict_values,
+                )?;
+            }
+            _ => {}
         }
-        self.device
-            .kv_append(&mut self.window, layer, k, v, rows.clone())?;
-        let (Some(store), Some(pool)) = (&state.store, &self.pool) else {
+        Ok(())
+    }
+
+    /// Step (3): `layer`'s queries go to the workers that hold `source`'s
+    /// offloaded keys, with the rows `layer` itself evicted, if any.
+    fn submit(
+        &mut self,
+        layer: usize,
+        source: usize,
+        q: &D::Buffer,
+        rows: Range<usize>,
+    ) -> Result<()> {
+        let (Some(store), Some(pool)) = (self.layers[source].store.clone(), &self.pool) else {
             return Ok(());
         };
-        let LayerAttention::Offloaded { policy, .. } = &self.table.layers[layer].attention else {
+        let LayerAttention::Offloaded { policy, .. } = &self.table.layers[source].attention else {
             return Err(Error::InvalidRequest(format!(
-                "layer {layer} has an offloaded store but a policy that does not offload"
+                "layer {source} has an offloaded store but a policy that does not offload"
             )));
         };
         let width = self.shape.n_heads * self.shape.head_dim;
         let queries =
             self.device
                 .to_host(q, rows.start * width..rows.end * width, &mut self.staging)?;
-        pool.submit(
-            store,
-            queries,
-            Some((&state.evict_keys, &state.evict_values)),
-            *policy,
-            &mut state.output,
-        )?;
+        let state = &mut self.layers[layer];
+        let evicted = (source == layer).then_some((&state.evict_keys[..], &state.evict_values[..]));
+        pool.submit(&store, queries, evicted, *policy, &mut state.output)?;
         state.in_flight = true;
         Ok(())
     }
@@ -125,12 +161,14 @@ impl<D: DenseDevice> SequenceKv<D> {
         out: &mut D::Buffer,
         lse: &D::Buffer,
     ) -> Result<()> {
+        let source = self.table.source(layer);
+        let store = self.layers[source].store.clone();
         let state = &mut self.layers[layer];
         if !state.in_flight {
             return Ok(());
         }
         state.in_flight = false;
-        let (Some(pool), Some(store)) = (&self.pool, &state.store) else {
+        let (Some(pool), Some(store)) = (&self.pool, &store) else {
             return Ok(());
         };
         let t0 = Instant::now();
@@ -163,7 +201,7 @@ impl<D: DenseDevice> SequenceKv<D> {
                     rows.start * heads..rows.end * heads,
                     &mut self.staging,
                 )?,
-                device_rows: self.device.kv_len(&self.window, layer),
+                device_rows: self.device.kv_len(&self.window, source),
                 offloaded: part,
                 store,
                 pool,

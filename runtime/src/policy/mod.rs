@@ -6,6 +6,8 @@
 //! workers' offloaded store (or, for `window`, are dropped). Contexts shorter
 //! than `dense_below` tokens stay wholly on the device, exactly as `dense`.
 
+mod layout;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -14,14 +16,21 @@ use serde::Deserialize;
 use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec};
 
 use crate::error::{Error, Result};
+pub use layout::{Layout, Role};
 
 /// How one layer attends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerAttention {
     /// Exact attention over every token, all on the device.
     Dense,
-    /// Sinks and recent window only; tokens leaving the window are dropped.
-    Window,
+    /// A window on the device; tokens leaving it are dropped. `size: None`
+    /// keeps the table's sinks and recent window once the context reaches
+    /// `dense_below`; `Some(W)` is a sliding window: every query attends its
+    /// `W` most recent tokens (itself included) at any context, no sinks.
+    Window { size: Option<usize> },
+    /// Attends with layer `from`'s keys and values (an earlier layer that is
+    /// not shared itself), as that layer attends them; holds none of its own.
+    Shared { from: usize },
     /// Sinks and window on the device, the rest offloaded to the CPU workers
     /// and attended with `policy`.
     Offloaded {
@@ -45,7 +54,8 @@ pub struct LayerPolicy {
 }
 
 impl LayerPolicy {
-    /// Parses `dense`, `window`, `exact`, `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`,
+    /// Parses `dense`, `window`, `window:w=W`, `shared:from=J`, `exact`,
+    /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`,
     /// `topk:k=N` or `oracle:budget=N`; the offloading ones take `kbits=8|16|32`
     /// (offloaded keys as int8 codes, bf16 or f32) and, with `kbits=8`,
     /// `vbits=8` (values as int8 codes too). `exact` offloads like the sparse
@@ -55,7 +65,13 @@ impl LayerPolicy {
         let spec = spec.trim();
         let attention = match spec {
             "dense" => LayerAttention::Dense,
-            "window" => LayerAttention::Window,
+            "window" => LayerAttention::Window { size: None },
+            _ if spec.starts_with("window:") => LayerAttention::Window {
+                size: Some(one_number(spec, "window:w=")?),
+            },
+            _ if spec.starts_with("shared:") => LayerAttention::Shared {
+                from: one_number(spec, "shared:from=")?,
+            },
             "exact" => LayerAttention::Offloaded {
                 policy: Policy::Dense,
                 lsh: None,
@@ -82,10 +98,33 @@ impl LayerPolicy {
         })
     }
 
-    /// Whether the layer moves tokens off the device once the context is long.
+    /// Whether the layer moves tokens off the device once the context
+    /// reaches the table's `dense_below` (offloaded, or dropped).
     pub fn is_sparse(&self) -> bool {
-        !matches!(self.attention, LayerAttention::Dense)
+        matches!(
+            self.attention,
+            LayerAttention::Window { size: None } | LayerAttention::Offloaded { .. }
+        )
     }
+}
+
+/// The number of a one-parameter policy such as `window:w=1024`.
+fn one_number(spec: &str, prefix: &str) -> Result<usize> {
+    let bad = || {
+        Error::InvalidRequest(format!(
+            "policy {spec:?}: expected {prefix}N with N a positive integer"
+        ))
+    };
+    let n: usize = spec
+        .strip_prefix(prefix)
+        .ok_or_else(bad)?
+        .trim()
+        .parse()
+        .map_err(|_| bad())?;
+    if prefix.starts_with("window") && n == 0 {
+        return Err(bad());
+    }
+    Ok(n)
 }
 
 /// What a user sets; [`PolicyConfig::resolve`] turns it into a [`PolicyTable`]
@@ -97,9 +136,15 @@ impl LayerPolicy {
 /// sinks = 4
 /// window = 64
 /// dense_below = 2048              # shorter contexts stay dense
+/// layout = "ma-pairs"             # optional: ma-pairs, ma-offset, one-in-six
+/// layout_window = 1024            # the layout's sliding window
 /// [layers]
 /// 7 = "topk:k=64"                 # per-layer overrides
 /// ```
+///
+/// With a `layout` ([`Layout`]), its global layers take `policy` (or
+/// `shared:from=J`), its sliding layers `window:w=W` (or `shared:from=J`),
+/// and `dense_layers` defaults to none.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
@@ -115,6 +160,10 @@ pub struct PolicyConfig {
     pub dense_below: usize,
     /// Seed of the LSH hyperplanes.
     pub seed: u64,
+    /// A MixAttention layout ([`Layout`]) by name.
+    pub layout: Option<String>,
+    /// The sliding window of the layout's sliding layers.
+    pub layout_window: usize,
     /// Per-layer policies, overriding everything above.
     pub layers: BTreeMap<usize, String>,
 }
@@ -128,6 +177,8 @@ impl Default for PolicyConfig {
             window: 64,
             dense_below: 2048,
             seed: 0x7a6d,
+            layout: None,
+            layout_window: 1024,
             layers: BTreeMap::new(),
         }
     }
@@ -147,40 +198,29 @@ impl PolicyConfig {
 
     /// The table for a model with `n_layers` layers.
     pub fn resolve(&self, n_layers: usize) -> Result<PolicyTable> {
-        let bad = |m: String| Error::InvalidRequest(m);
-        let default = LayerPolicy::parse(&self.policy)?;
-        let mut layers = vec![default; n_layers];
-        let dense = self
-            .dense_layers
-            .clone()
-            .unwrap_or_else(|| vec![0, n_layers / 2]);
-        for &l in &dense {
+        let mut layers = self.base_layers(n_layers)?;
+        let dense = match (&self.dense_layers, &self.layout) {
+            (Some(d), _) => d.clone(),
+            (None, Some(_)) => Vec::new(),
+            (None, None) => vec![0, n_layers / 2],
+        };
+        let mut set = |l: usize, spec: &str, what: &str| -> Result<()> {
             let slot = layers.get_mut(l).ok_or_else(|| {
-                bad(format!(
-                    "dense layer {l} does not exist (the model has {n_layers})"
-                ))
-            })?;
-            *slot = LayerPolicy::parse("dense")?;
-        }
-        for (&l, spec) in &self.layers {
-            let slot = layers.get_mut(l).ok_or_else(|| {
-                bad(format!(
-                    "layer {l} does not exist (the model has {n_layers})"
+                Error::InvalidRequest(format!(
+                    "{what}layer {l} does not exist (the model has {n_layers})"
                 ))
             })?;
             *slot = LayerPolicy::parse(spec)?;
+            Ok(())
+        };
+        for &l in &dense {
+            set(l, "dense", "dense ")?;
         }
-        let any_sparse = layers.iter().any(LayerPolicy::is_sparse);
-        if any_sparse && self.dense_below < self.sinks + self.window {
-            return Err(bad(format!(
-                "dense_below ({}) must be at least sinks + window ({})",
-                self.dense_below,
-                self.sinks + self.window
-            )));
+        for (&l, spec) in &self.layers {
+            set(l, spec, "")?;
         }
-        if any_sparse && self.window == 0 {
-            return Err(bad("the window must hold at least one token".into()));
-        }
+        check_shared(&layers)?;
+        self.check_window(&layers)?;
         Ok(PolicyTable {
             layers,
             sinks: self.sinks,
@@ -189,6 +229,61 @@ impl PolicyConfig {
             seed: self.seed,
         })
     }
+
+    /// `policy` on every layer, or the layout's roles.
+    fn base_layers(&self, n_layers: usize) -> Result<Vec<LayerPolicy>> {
+        let global = LayerPolicy::parse(&self.policy)?;
+        let Some(name) = &self.layout else {
+            return Ok(vec![global; n_layers]);
+        };
+        let sliding = LayerPolicy::parse(&format!("window:w={}", self.layout_window))?;
+        let shared = |from: usize| LayerPolicy::parse(&format!("shared:from={from}"));
+        name.parse::<Layout>()?
+            .roles(n_layers)
+            .into_iter()
+            .map(|role| match role {
+                Role::Global => Ok(global.clone()),
+                Role::Sliding => Ok(sliding.clone()),
+                Role::GlobalShared { from } | Role::SlidingShared { from } => shared(from),
+            })
+            .collect()
+    }
+
+    fn check_window(&self, layers: &[LayerPolicy]) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        let any_sparse = layers.iter().any(LayerPolicy::is_sparse);
+        if any_sparse && self.dense_below < self.sinks + self.window {
+            return bad(format!(
+                "dense_below ({}) must be at least sinks + window ({})",
+                self.dense_below,
+                self.sinks + self.window
+            ));
+        }
+        if any_sparse && self.window == 0 {
+            return bad("the window must hold at least one token".into());
+        }
+        Ok(())
+    }
+}
+
+/// A shared layer's producer comes first and holds keys of its own.
+fn check_shared(layers: &[LayerPolicy]) -> Result<()> {
+    for (i, l) in layers.iter().enumerate() {
+        let LayerAttention::Shared { from } = l.attention else {
+            continue;
+        };
+        let problem = match layers.get(from).map(|p| &p.attention) {
+            _ if from >= i => "it must be an earlier layer",
+            Some(LayerAttention::Shared { .. }) => {
+                "it is shared itself (name the layer that holds the keys)"
+            }
+            _ => continue,
+        };
+        return Err(Error::InvalidRequest(format!(
+            "layer {i} shares layer {from}'s keys and values, but {problem}"
+        )));
+    }
+    Ok(())
 }
 
 /// Every layer's policy, with the device window shared by the sparse layers.
@@ -224,9 +319,33 @@ impl PolicyTable {
         }
     }
 
-    /// Whether any layer moves tokens off the device.
+    /// Whether any layer moves tokens off the device once the context
+    /// reaches `dense_below`.
     pub fn is_sparse(&self) -> bool {
         self.layers.iter().any(LayerPolicy::is_sparse)
+    }
+
+    /// Whether any layer needs the CPU attention workers.
+    pub fn needs_workers(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l.attention, LayerAttention::Offloaded { .. }))
+    }
+
+    /// The layer whose keys and values `layer` attends (itself unless shared).
+    pub fn source(&self, layer: usize) -> usize {
+        match self.layers[layer].attention {
+            LayerAttention::Shared { from } => from,
+            _ => layer,
+        }
+    }
+
+    /// The sliding window `layer` attends with, if any (its source's).
+    pub fn sliding_window(&self, layer: usize) -> Option<usize> {
+        match self.layers[self.source(layer)].attention {
+            LayerAttention::Window { size } => size,
+            _ => None,
+        }
     }
 }
 
@@ -305,6 +424,50 @@ mod tests {
     }
 
     #[test]
+    fn layouts_resolve_to_windows_and_shared_layers_and_bad_references_fail() {
+        let c: PolicyConfig =
+            toml::from_str("layout = \"ma-pairs\"\nlayout_window = 512\n[layers]\n4 = \"dense\"\n")
+                .expect("toml");
+        let t = c.resolve(24).expect("table");
+        assert!(matches!(
+            t.layers[0].attention,
+            LayerAttention::Offloaded { .. }
+        ));
+        assert_eq!(
+            t.layers[1].attention,
+            LayerAttention::Window { size: Some(512) }
+        );
+        assert_eq!(t.layers[2].attention, LayerAttention::Shared { from: 1 });
+        assert_eq!(
+            t.layers[4].attention,
+            LayerAttention::Dense,
+            "overrides win"
+        );
+        assert_eq!(t.layers[6].attention, LayerAttention::Shared { from: 0 });
+        assert_eq!((t.source(6), t.sliding_window(2)), (0, Some(512)));
+        assert!(t.needs_workers());
+        let shown = t.to_string();
+        assert!(shown.contains("shared:from=1"), "{shown}");
+        let bad = |layers: &[(usize, &str)]| PolicyConfig {
+            layers: layers.iter().map(|(l, p)| (*l, p.to_string())).collect(),
+            ..PolicyConfig::default()
+        };
+        assert!(bad(&[(3, "shared:from=5")]).resolve(8).is_err(), "forward");
+        assert!(bad(&[(3, "shared:from=3")]).resolve(8).is_err(), "itself");
+        assert!(bad(&[(2, "shared:from=1"), (3, "shared:from=2")])
+            .resolve(8)
+            .is_err());
+        assert!(bad(&[(3, "shared:from=1")]).resolve(8).is_ok());
+        assert!(bad(&[(3, "window:w=0")]).resolve(8).is_err());
+        assert!(bad(&[(3, "shared:frm=1")]).resolve(8).is_err());
+        let unknown = PolicyConfig {
+            layout: Some("ma-triples".into()),
+            ..PolicyConfig::default()
+        };
+        assert!(unknown.resolve(8).is_err());
+    }
+
+    #[test]
     fn toml_overrides_and_errors() {
         let c: PolicyConfig = toml::from_str(
             "policy = \"topk:k=32\"\ndense_layers = [1]\nwindow = 16\n[layers]\n3 = \"window\"\n",
@@ -312,7 +475,7 @@ mod tests {
         .expect("toml");
         let t = c.resolve(4).expect("table");
         assert_eq!(t.layers[1].attention, LayerAttention::Dense);
-        assert_eq!(t.layers[3].attention, LayerAttention::Window);
+        assert_eq!(t.layers[3].attention, LayerAttention::Window { size: None });
         assert!(matches!(
             t.layers[0].attention,
             LayerAttention::Offloaded { lsh: None, .. }

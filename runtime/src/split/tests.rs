@@ -1,0 +1,166 @@
+//! The split step's layer kinds on generated rows: shared layers read their
+//! producer's rows, sliding windows see exactly their last `W` tokens.
+
+use std::sync::Arc;
+
+use tandem_cpu::WorkerPool;
+use tandem_gpu::{AttentionShape, CpuDevice, DenseDevice, KvLayer};
+use tandem_kernels::rng::SplitMix64;
+
+use super::{attend, SequenceKv};
+use crate::policy::PolicyConfig;
+
+const SHAPE: AttentionShape = AttentionShape {
+    n_heads: 4,
+    n_kv_heads: 2,
+    head_dim: 16,
+};
+const Q: usize = 4 * 16;
+const KV: usize = 2 * 16;
+
+fn random(n: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 22) as f32 - 2.0)
+        .collect()
+}
+
+fn sequence(device: &Arc<CpuDevice>, layers: &[&str]) -> SequenceKv<CpuDevice> {
+    let config = PolicyConfig {
+        policy: "dense".into(),
+        dense_layers: Some(Vec::new()),
+        sinks: 2,
+        window: 8,
+        dense_below: 32,
+        layers: layers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.to_string()))
+            .collect(),
+        ..PolicyConfig::default()
+    };
+    let table = Arc::new(config.resolve(layers.len()).expect("table"));
+    let pool = WorkerPool::new(1).expect("pool");
+    let device = Arc::clone(device);
+    SequenceKv::new(device, layers.len(), SHAPE, table, Some(Arc::new(pool))).expect("sequence")
+}
+
+/// One token's attention output at `layer` of `seq`, the rows and query given.
+fn step(
+    device: &CpuDevice,
+    seq: &mut SequenceKv<CpuDevice>,
+    layer: usize,
+    [q, k, v]: [&[f32]; 3],
+) -> Vec<f32> {
+    let (q, k, v) = (q.to_vec(), k.to_vec(), v.to_vec());
+    let (mut out, mut lse) = (vec![0f32; Q], vec![0f32; 4]);
+    attend(
+        device,
+        layer,
+        &mut [(seq, 0..1)],
+        &q,
+        &k,
+        &v,
+        &mut out,
+        &mut lse,
+    )
+    .expect("attend");
+    out
+}
+
+/// Exact attention of `q` over the given rows, on a fresh dense cache.
+fn reference(device: &CpuDevice, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let mut kv = device.kv_new(1, SHAPE).expect("kv");
+    let n = k.len() / KV;
+    device
+        .kv_append(&mut kv, 0, &k.to_vec(), &v.to_vec(), 0..n)
+        .expect("append");
+    let (mut out, mut lse) = (vec![0f32; Q], vec![0f32; 4]);
+    device
+        .attention(
+            KvLayer {
+                kv: &kv,
+                layer: 0,
+                window: None,
+            },
+            &q.to_vec(),
+            0..1,
+            &mut out,
+            &mut lse,
+        )
+        .expect("attention");
+    out
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-4, "{what}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn a_shared_layer_attends_exactly_its_producers_rows() {
+    let device = Arc::new(CpuDevice::new(1));
+    let mut rng = SplitMix64(11);
+    let n = 64;
+    let (k0, v0) = (random(n * KV, &mut rng), random(n * KV, &mut rng));
+    // Layer 0 offloads its middle rows and attends them exactly; layer 1
+    // attends with layer 0's rows (device window and store), layer 2 with
+    // layer 0's rows while layer 0 stays whole on the device.
+    for producer in ["exact", "dense"] {
+        let mut seq = sequence(&device, &[producer, "shared:from=0", "shared:from=0"]);
+        seq.fill(n, 1, |layer, k, v| {
+            let (kl, vl) = match layer {
+                0 => (k0.clone(), v0.clone()),
+                _ => (
+                    random(n * KV, &mut SplitMix64(99)),
+                    random(n * KV, &mut SplitMix64(98)),
+                ),
+            };
+            k.extend(kl);
+            v.extend(vl);
+        })
+        .expect("fill");
+        assert_eq!(seq.is_offloaded(), producer == "exact");
+        let (k_new, v_new) = (random(KV, &mut rng), random(KV, &mut rng));
+        let ignored = random(KV, &mut rng);
+        let (q0, q1) = (random(Q, &mut rng), random(Q, &mut rng));
+        step(&device, &mut seq, 0, [&q0, &k_new, &v_new]);
+        let shared = step(&device, &mut seq, 1, [&q1, &ignored, &ignored]);
+        let all_k: Vec<f32> = k0.iter().chain(&k_new).copied().collect();
+        let all_v: Vec<f32> = v0.iter().chain(&v_new).copied().collect();
+        let want = reference(&device, &q1, &all_k, &all_v);
+        assert_close(&shared, &want, producer);
+        assert_eq!(seq.layer_tokens(1), (0, 0), "a shared layer holds nothing");
+        assert_eq!(seq.layer_tokens(2), (0, 0));
+    }
+}
+
+#[test]
+fn a_sliding_window_sees_exactly_its_last_w_tokens() {
+    let device = Arc::new(CpuDevice::new(1));
+    let mut rng = SplitMix64(5);
+    let w = 5;
+    let mut seq = sequence(&device, &["window:w=5", "shared:from=0"]);
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+    for t in 0..12usize {
+        let (k, v, q) = (
+            random(KV, &mut rng),
+            random(KV, &mut rng),
+            random(Q, &mut rng),
+        );
+        ks.extend_from_slice(&k);
+        vs.extend_from_slice(&v);
+        let out = step(&device, &mut seq, 0, [&q, &k, &v]);
+        let shared = step(&device, &mut seq, 1, [&q, &k, &v]);
+        let from = (t + 1).saturating_sub(w) * KV;
+        let want = reference(&device, &q, &ks[from..], &vs[from..]);
+        assert_close(&out, &want, &format!("token {t}"));
+        assert_close(&shared, &want, &format!("shared, token {t}"));
+        assert!(
+            seq.layer_tokens(0).0 <= w,
+            "the window holds at most W rows"
+        );
+        seq.advance(1);
+    }
+    assert!(seq.truncate(10).is_err(), "forgotten rows cannot come back");
+}
