@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tandem_cpu::{
     KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, PolicySpec, PrefillTimes, WorkerPool,
+    BOUND_BLOCK,
 };
 use tandem_kernels::rng::SplitMix64;
 
@@ -78,6 +79,11 @@ pub struct AttentionBenchResult {
     pub layers: usize,
     /// Mean over query heads of keys touched / context.
     pub keys_touched_fraction: f64,
+    /// Mean over query heads of the blocks of [`BOUND_BLOCK`] keys scanned /
+    /// all blocks: 1 for dense, top-k and oracle (they read every key), the
+    /// blocks whose bound reached the threshold for `threshold`, and for
+    /// `lsh` the blocks holding a key retrieved for the head.
+    pub blocks_scanned_fraction: f64,
     /// Index bytes per token per layer.
     pub index_bytes_per_token: f64,
     /// bf16 K+V bytes per token per layer.
@@ -89,6 +95,9 @@ pub struct AttentionBenchResult {
     /// Seconds copying the layer's K/V rows into the store before that,
     /// faulting in its pages (the same for every policy, `dense` included).
     pub store_fill_s: f64,
+    /// Seconds building the per-block key bounds of one layer (every store
+    /// keeps them; the threshold policy reads them).
+    pub bounds_build_s: f64,
 }
 
 const KV_SOURCE: &str = "generated: gaussian keys + rotary-like channel pairs + 4 outlier channels + 32 heavy hitters aligned with the group query; gaussian values";
@@ -173,8 +182,14 @@ fn generate(
     (keys, values, queries)
 }
 
-/// Per attended layer: wall ms, retrieval ms, fraction of keys touched.
-type Timings = (Vec<f64>, Vec<f64>, Vec<f64>);
+/// Per attended layer: wall ms, retrieval ms, fraction of keys touched,
+/// fraction of blocks scanned.
+type Timings = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// The mean of `counts` over `of` each.
+fn mean_fraction(counts: &[u32], of: f64) -> f64 {
+    counts.iter().map(|&x| f64::from(x)).sum::<f64>() / (counts.len() as f64 * of)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -205,6 +220,7 @@ pub fn run_attention_bench(
     let pool = WorkerPool::new(opts.threads)?;
     let mut out = LayerOutput::default();
     let n = opts.context as f64;
+    let blocks = opts.context.div_ceil(BOUND_BLOCK) as f64;
     let base_cfg = LayerConfig {
         n_kv_heads: nkv,
         group: g,
@@ -237,6 +253,7 @@ pub fn run_attention_bench(
                 out: &mut LayerOutput|
      -> Result<Timings, BenchError> {
         let (mut wall, mut ret, mut touched) = (Vec::new(), Vec::new(), Vec::new());
+        let mut scanned = Vec::new();
         for round in 0..=opts.iterations {
             for (store, (_, _, queries)) in stores.iter().zip(&data) {
                 let s = Instant::now();
@@ -252,13 +269,11 @@ pub fn run_attention_bench(
                 };
                 wall.push(w);
                 ret.push(w * share);
-                touched.push(
-                    out.keys_touched.iter().map(|&x| x as f64).sum::<f64>()
-                        / (out.keys_touched.len() as f64 * n),
-                );
+                touched.push(mean_fraction(&out.keys_touched, n));
+                scanned.push(mean_fraction(&out.blocks_scanned, blocks));
             }
         }
-        Ok((wall, ret, touched))
+        Ok((wall, ret, touched, scanned))
     };
     let (dense_stores, _) = build(&base_cfg)?;
     let mut results = Vec::new();
@@ -272,7 +287,7 @@ pub fn run_attention_bench(
         let (stores, times) = build(&cfg)?;
         let index_bytes = stores[0].index_bytes() as f64 / n;
         let kv_bytes = stores[0].kv_bytes() as f64 / n;
-        let (wall, ret, touched) = time(&stores, spec.policy, &mut out)?;
+        let (wall, ret, touched, scanned) = time(&stores, spec.policy, &mut out)?;
         drop(stores);
         let wall_m = median(wall);
         let ret_m = median(ret).min(wall_m);
@@ -287,10 +302,12 @@ pub fn run_attention_bench(
             attention_ms: wall_m - ret_m,
             dense_ms,
             keys_touched_fraction: median(touched),
+            blocks_scanned_fraction: median(scanned),
             index_bytes_per_token: index_bytes,
             kv_bytes_per_token: kv_bytes,
             index_build_s: times.index_s,
             store_fill_s: times.rows_s,
+            bounds_build_s: times.bounds_s,
         });
     }
     Ok(results)
@@ -313,29 +330,33 @@ pub fn format_table(results: &[AttentionBenchResult]) -> String {
         );
     }
     s += &format!(
-        "{:<32} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>8}\n",
+        "{:<32} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>8} {:>8}\n",
         "policy",
         "retr ms",
         "attn ms",
         "dense ms",
         "touched",
+        "blocks",
         "idx B/tok",
         "kv B/tok",
         "build s",
-        "fill s"
+        "fill s",
+        "bound s"
     );
     for r in results {
         s += &format!(
-            "{:<32} {:>10.3} {:>10.3} {:>10.3} {:>8.3}% {:>10.1} {:>10.1} {:>9.3} {:>8.3}\n",
+            "{:<32} {:>10.3} {:>10.3} {:>10.3} {:>8.3}% {:>8.2}% {:>10.1} {:>10.1} {:>9.3} {:>8.3} {:>8.4}\n",
             r.policy,
             r.retrieval_ms,
             r.attention_ms,
             r.dense_ms,
             r.keys_touched_fraction * 100.0,
+            r.blocks_scanned_fraction * 100.0,
             r.index_bytes_per_token,
             r.kv_bytes_per_token,
             r.index_build_s,
-            r.store_fill_s
+            r.store_fill_s,
+            r.bounds_build_s
         );
     }
     s
@@ -350,15 +371,22 @@ mod tests {
         let opts = AttentionBenchOptions {
             context: 3000,
             shape: "smollm2-135m".into(),
-            policies: vec!["dense".into(), "lsh:k=6,l=40".into(), "topk:k=64".into()],
+            policies: vec![
+                "dense".into(),
+                "lsh:k=6,l=40".into(),
+                "topk:k=64".into(),
+                "threshold:eps=0.01".into(),
+            ],
             threads: 2,
             seed: 1,
             iterations: 2,
             layers: 2,
         };
         let r = run_attention_bench(&opts).expect("bench");
-        assert_eq!(r.len(), 3);
+        assert_eq!(r.len(), 4);
         assert!((r[0].keys_touched_fraction - 1.0).abs() < 1e-9);
+        assert!((r[0].blocks_scanned_fraction - 1.0).abs() < 1e-9);
+        assert!(r[3].blocks_scanned_fraction > 0.0 && r[3].blocks_scanned_fraction <= 1.0);
         assert!(r[1].keys_touched_fraction > 0.0 && r[1].keys_touched_fraction < 1.0);
         assert!(r[1].index_bytes_per_token > 0.0);
         let j = serde_json::to_value(&r[1]).expect("json");
@@ -373,6 +401,8 @@ mod tests {
             "kv_bytes_per_token",
             "index_build_s",
             "store_fill_s",
+            "blocks_scanned_fraction",
+            "bounds_build_s",
             "threads",
             "shape",
             "kv_source",

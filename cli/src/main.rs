@@ -109,7 +109,9 @@ struct ModelArgs {
 #[derive(Args, Clone)]
 struct PolicyArgs {
     /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S],
-    /// topk:k=N, oracle:budget=N, window (sinks + recent window only), exact
+    /// topk:k=N, oracle:budget=N, threshold:eps=E (keys within ln(n/E) of the
+    /// largest logit) or threshold:b=B (keys of logit >= B), window (sinks +
+    /// recent window only), exact
     /// (offloaded, every key attended: the split step's reference) or dense.
     /// lsh's vskip leaves out the V rows of each head's smallest weights up to
     /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row). Any

@@ -1,6 +1,7 @@
 //! tandem's CPU attention engine: the offloaded KV store of one (sequence,
 //! layer), its SimHash LSH index, sampled attention (MagicPIG's estimator),
-//! the dense / top-k / oracle baselines, the log-sum-exp merge of partial
+//! the dense / top-k / oracle baselines, threshold (half-space) reporting
+//! over per-block key bounds, the log-sum-exp merge of partial
 //! results, and a pool of pinned worker threads.
 //!
 //! Partial results use one convention everywhere: a part returns its output
@@ -11,12 +12,13 @@
 //! union.
 //!
 //! Modules, each depending only on those above it: `error`, `config`,
-//! `policy`, `shared`, `estimator`, `rows`, `index`, `store`, `retrieval`,
-//! `attend`, `pool`.
+//! `policy`, `shared`, `estimator`, `rows`, `index`, `bounds`, `store`,
+//! `retrieval`, `attend`, `pool`.
 
 #![forbid(unsafe_code)]
 
 mod attend;
+mod bounds;
 mod config;
 mod error;
 mod estimator;
@@ -28,11 +30,12 @@ mod rows;
 mod shared;
 mod store;
 
+pub use bounds::BOUND_BLOCK;
 pub use config::{KvDtype, LayerConfig, LshIndexParams};
 pub use error::CpuError;
 pub use estimator::ln_u_exact;
 pub use index::{MID_MIN, RAW_MAX};
-pub use policy::{LshParams, Policy, PolicySpec};
+pub use policy::{LshParams, Policy, PolicySpec, ThresholdParams};
 pub use pool::{LayerOutput, WorkerPool};
 pub use store::{LayerStore, PrefillTimes};
 /// The log-sum-exp merge of partial results (the convention above).

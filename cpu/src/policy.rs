@@ -1,5 +1,6 @@
 //! How a layer's offloaded part is attended, and the policy strings
-//! (`dense`, `topk:k=N`, `oracle:budget=N`, `lsh:k=K,l=L,...`) that name it.
+//! (`dense`, `topk:k=N`, `oracle:budget=N`, `lsh:k=K,l=L,...`,
+//! `threshold:eps=E`, `threshold:b=B`) that name it.
 
 use crate::config::{KvDtype, LshIndexParams};
 use crate::config::{LSH_K, LSH_L};
@@ -30,6 +31,31 @@ impl LshParams {
     pub const DEFAULT_VALUE_SKIP: u8 = 9;
 }
 
+/// Which keys the threshold policy reports (half-space reporting, after
+/// "HSR-enhanced sparse attention"): per query head, the keys whose logit
+/// `q·k/√d` is at least a threshold τ, found by scanning only the blocks of
+/// keys whose upper bound on the logit reaches τ (no key at or above τ is
+/// missed). Softmax attention is then exact over the reported keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ThresholdParams {
+    /// `threshold:eps=E`, `E` in (0, 1): τ_h = m̂_h − ln(n/E), with m̂_h the
+    /// largest logit of head h found (blocks are visited by descending bound,
+    /// so it is found early). Each of the at most n keys left out has weight
+    /// below `exp(m̂_h) · E / n`, so the left-out softmax mass is below `E`
+    /// times the reported mass: the output moves by at most `2·E·max|v|` and
+    /// the log-sum-exp by at most `ln(1 + E)` against dense attention.
+    Mass {
+        /// The mass bound E.
+        eps: f32,
+    },
+    /// `threshold:b=B`: exactly the keys of logit ≥ B (the support of
+    /// ReLU-style attention cut at B); a head with none gets an empty part.
+    Logit {
+        /// The logit threshold B (finite).
+        b: f32,
+    },
+}
+
 /// How one layer's offloaded part is attended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Policy {
@@ -47,13 +73,18 @@ pub enum Policy {
         /// Sampling seed.
         seed: u64,
     },
+    /// Exact attention over the keys at or above a logit threshold, found
+    /// through the store's per-block key bounds.
+    Threshold(ThresholdParams),
 }
 
 /// A policy parsed from its string, with the store it needs.
 ///
 /// Accepted: `dense`, `topk:k=N`, `oracle:budget=N` (seed 7),
 /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (t 2 and vskip
-/// [`LshParams::DEFAULT_VALUE_SKIP`] by default), each with an optional
+/// [`LshParams::DEFAULT_VALUE_SKIP`] by default), `threshold:eps=E` (E in
+/// (0, 1)) or `threshold:b=B` (B a finite logit; exactly one of eps and b),
+/// each with an optional
 /// `kbits=8|16|32`: the offloaded keys as int8 codes ([`KvDtype::K8`]), bf16
 /// (the default) or f32; with `kbits=8`, `vbits=8` makes the values int8
 /// codes too ([`KvDtype::K8V8`]). [`fmt::Display`] writes the canonical form
@@ -71,10 +102,11 @@ pub struct PolicySpec {
 /// Seed of the oracle policies parsed from strings.
 const ORACLE_SEED: u64 = 7;
 
-/// A policy string's `key=value` parameters.
+/// A policy string's `key=value` parameters, as written: most are
+/// non-negative integers, the threshold's are reals.
 struct Params<'s> {
     spec: &'s str,
-    values: BTreeMap<String, usize>,
+    values: BTreeMap<String, String>,
 }
 
 impl<'s> Params<'s> {
@@ -89,27 +121,44 @@ impl<'s> Params<'s> {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| policy_error(spec, &format!("expected key=value, got {part:?}")))?;
-            let v: usize = v
-                .trim()
-                .parse()
-                .map_err(|_| policy_error(spec, &format!("{k}: not a non-negative integer")))?;
-            if values.insert(k.trim().to_string(), v).is_some() {
+            if values
+                .insert(k.trim().to_string(), v.trim().to_string())
+                .is_some()
+            {
                 return Err(policy_error(spec, &format!("{k} given twice")));
             }
         }
         Ok(Params { spec, values })
     }
 
-    fn take(&mut self, key: &str) -> Option<usize> {
-        self.values.remove(key)
+    /// The non-negative integer `key`, if given.
+    fn take(&mut self, key: &str) -> Result<Option<usize>, CpuError> {
+        self.values
+            .remove(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| self.err(&format!("{key}: not a non-negative integer")))
+            })
+            .transpose()
+    }
+
+    /// The real `key`, if given.
+    fn take_real(&mut self, key: &str) -> Result<Option<f32>, CpuError> {
+        self.values
+            .remove(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| self.err(&format!("{key}: not a number")))
+            })
+            .transpose()
     }
 
     fn require(&mut self, key: &str, problem: &str) -> Result<usize, CpuError> {
-        self.take(key).ok_or_else(|| self.err(problem))
+        self.take(key)?.ok_or_else(|| self.err(problem))
     }
 
     fn kv_dtype(&mut self) -> Result<KvDtype, CpuError> {
-        Ok(match (self.take("kbits"), self.take("vbits")) {
+        Ok(match (self.take("kbits")?, self.take("vbits")?) {
             (None | Some(16), None | Some(16)) => KvDtype::Bf16,
             (Some(8), None | Some(16)) => KvDtype::K8,
             (Some(8), Some(8)) => KvDtype::K8V8,
@@ -126,7 +175,7 @@ impl<'s> Params<'s> {
     fn lsh(&mut self) -> Result<(Policy, LshIndexParams), CpuError> {
         let k = self.require("k", "lsh needs k=K")?;
         let l = self.require("l", "lsh needs l=L")?;
-        let t = self.take("t").unwrap_or(2);
+        let t = self.take("t")?.unwrap_or(2);
         if !LSH_K.contains(&k) {
             return Err(self.err("k must be in 1..=16"));
         }
@@ -136,9 +185,9 @@ impl<'s> Params<'s> {
         if t == 0 || t > l.min(255) {
             return Err(self.err("t must be in 1..=min(L,255)"));
         }
-        let max_keys = self.take("max_keys");
+        let max_keys = self.take("max_keys")?;
         let value_skip = self
-            .take("vskip")
+            .take("vskip")?
             .unwrap_or(LshParams::DEFAULT_VALUE_SKIP.into());
         if value_skip > 24 {
             return Err(self.err("vskip must be in 0..=24 (0 reads every V row)"));
@@ -148,6 +197,16 @@ impl<'s> Params<'s> {
             value_skip: value_skip as u8,
         });
         Ok((policy, LshIndexParams { k, l, t: t as u8 }))
+    }
+
+    fn threshold(&mut self) -> Result<ThresholdParams, CpuError> {
+        match (self.take_real("eps")?, self.take_real("b")?) {
+            (Some(eps), None) if eps > 0.0 && eps < 1.0 => Ok(ThresholdParams::Mass { eps }),
+            (Some(_), None) => Err(self.err("eps must be in (0, 1)")),
+            (None, Some(b)) if b.is_finite() => Ok(ThresholdParams::Logit { b }),
+            (None, Some(_)) => Err(self.err("b must be a finite logit")),
+            _ => Err(self.err("threshold needs exactly one of eps=E and b=B")),
+        }
     }
 }
 
@@ -177,7 +236,10 @@ impl FromStr for PolicySpec {
                 let (policy, index) = params.lsh()?;
                 (policy, Some(index))
             }
-            _ => return Err(params.err("unknown policy kind (dense, topk, oracle, lsh)")),
+            "threshold" => (Policy::Threshold(params.threshold()?), None),
+            _ => {
+                return Err(params.err("unknown policy kind (dense, topk, oracle, lsh, threshold)"))
+            }
         };
         if let Some(k) = params.values.keys().next() {
             return Err(params.err(&format!("unknown parameter {k:?}")));
@@ -212,6 +274,14 @@ impl fmt::Display for PolicySpec {
                 }
                 params.push(format!("vskip={}", p.value_skip));
                 "lsh"
+            }
+            Policy::Threshold(ThresholdParams::Mass { eps }) => {
+                params.push(format!("eps={eps}"));
+                "threshold"
+            }
+            Policy::Threshold(ThresholdParams::Logit { b }) => {
+                params.push(format!("b={b}"));
+                "threshold"
             }
         };
         match self.kv_dtype {
@@ -328,5 +398,50 @@ mod tests {
             parse_policy("lsh:k=0,l=1"),
             Err(CpuError::Policy { ref spec, .. }) if spec == "lsh:k=0,l=1"
         ));
+    }
+
+    #[test]
+    fn threshold_strings_parse_print_canonically_and_reject_bad_values() {
+        let mass = |eps| Policy::Threshold(ThresholdParams::Mass { eps });
+        let logit = |b| Policy::Threshold(ThresholdParams::Logit { b });
+        for (given, policy, canonical) in [
+            ("threshold:eps=0.01", mass(0.01), "threshold:eps=0.01"),
+            ("threshold:eps=1e-3", mass(0.001), "threshold:eps=0.001"),
+            (
+                "threshold:eps=0.5,kbits=8",
+                mass(0.5),
+                "threshold:eps=0.5,kbits=8",
+            ),
+            ("threshold:b=-1.5", logit(-1.5), "threshold:b=-1.5"),
+            ("threshold:b=3", logit(3.0), "threshold:b=3"),
+            (
+                "threshold:kbits=8,vbits=8,b=0.25",
+                logit(0.25),
+                "threshold:b=0.25,kbits=8,vbits=8",
+            ),
+        ] {
+            let spec = parse_policy(given).expect(given);
+            assert_eq!(spec.policy, policy, "{given}");
+            assert_eq!(spec.lsh, None, "{given}");
+            assert_eq!(spec.to_string(), canonical, "{given}");
+            assert_eq!(parse_policy(canonical).expect("parses"), spec, "{given}");
+        }
+        for bad in [
+            "threshold",
+            "threshold:eps=0",
+            "threshold:eps=1",
+            "threshold:eps=-0.1",
+            "threshold:eps=1.5",
+            "threshold:eps=NaN",
+            "threshold:eps=x",
+            "threshold:b=inf",
+            "threshold:b=NaN",
+            "threshold:eps=0.1,b=1",
+            "threshold:eps=0.1,eps=0.2",
+            "threshold:eps=0.1,k=3",
+            "topk:k=0.5",
+        ] {
+            assert!(parse_policy(bad).is_err(), "{bad}");
+        }
     }
 }

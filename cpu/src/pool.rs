@@ -23,6 +23,7 @@ struct GroupBuf {
     out: Vec<f32>,
     lse: Vec<f32>,
     touched: Vec<u32>,
+    blocks: Vec<u32>,
     /// Rows of this kv head leaving the device window: `[n][head_dim]`.
     evict_keys: Vec<bf16>,
     evict_values: Vec<bf16>,
@@ -52,6 +53,7 @@ impl GroupBuf {
         self.out.resize(tokens * g * d, 0.0);
         self.lse.resize(tokens * g, 0.0);
         self.touched.resize(tokens * g, 0);
+        self.blocks.resize(tokens * g, 0);
     }
 }
 
@@ -111,6 +113,12 @@ pub struct LayerOutput {
     pub lse: Vec<f32>,
     /// `[tokens][n_q_heads]` keys touched.
     pub keys_touched: Vec<u32>,
+    /// `[tokens][n_q_heads]` blocks of [`crate::BOUND_BLOCK`] keys scanned,
+    /// of `store.len().div_ceil(BOUND_BLOCK)`: every block for policies that
+    /// read every key (dense, top-k, oracle), the blocks whose keys were read
+    /// for the group (the same for each of its heads) under the threshold
+    /// policy, and under LSH the blocks holding a key retrieved for the head.
+    pub blocks_scanned: Vec<u32>,
     /// Worker time spent in LSH retrieval (hashing + collision counting), summed
     /// over kv heads, nanoseconds.
     pub retrieval_cpu_ns: u64,
@@ -133,6 +141,7 @@ impl Default for LayerOutput {
             out: Vec::new(),
             lse: Vec::new(),
             keys_touched: Vec::new(),
+            blocks_scanned: Vec::new(),
             retrieval_cpu_ns: 0,
             total_cpu_ns: 0,
             bufs: Vec::new(),
@@ -286,7 +295,8 @@ impl WorkerPool {
     }
 
     /// Waits for the step submitted on `output` and gathers its results into
-    /// `output.out`, `output.lse` and `output.keys_touched`. Returns the first
+    /// `output.out`, `output.lse`, `output.keys_touched` and
+    /// `output.blocks_scanned`. Returns the first
     /// worker failure, after every task of the step has come back.
     pub fn wait(&self, output: &mut LayerOutput) -> Result<(), CpuError> {
         let (tokens, nkv, g, d) = output.shape;
@@ -294,6 +304,7 @@ impl WorkerPool {
         output.out.resize(tokens * nq * d, 0.0);
         output.lse.resize(tokens * nq, 0.0);
         output.keys_touched.resize(tokens * nq, 0);
+        output.blocks_scanned.resize(tokens * nq, 0);
         output.retrieval_cpu_ns = 0;
         output.total_cpu_ns = 0;
         let mut first_err = None;
@@ -313,6 +324,7 @@ impl WorkerPool {
                 output.out[o * d..(o + g) * d].copy_from_slice(&buf.out[b * d..(b + g) * d]);
                 output.lse[o..o + g].copy_from_slice(&buf.lse[b..b + g]);
                 output.keys_touched[o..o + g].copy_from_slice(&buf.touched[b..b + g]);
+                output.blocks_scanned[o..o + g].copy_from_slice(&buf.blocks[b..b + g]);
             }
             output.retrieval_cpu_ns += buf.retrieval_ns;
             output.total_cpu_ns += buf.total_ns;
@@ -346,19 +358,25 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
     // Empty when the queries were not hashed here: retrieval hashes them.
     let per_group = buf.query_bits.len() / (buf.q.len() / (g * d)).max(1);
     buf.retrieval_ns = 0;
-    for (i, (((q, out), lse), touched)) in buf
+    for (i, ((((q, out), lse), touched), blocks)) in buf
         .q
         .chunks_exact(g * d)
         .zip(buf.out.chunks_exact_mut(g * d))
         .zip(buf.lse.chunks_exact_mut(g))
         .zip(buf.touched.chunks_exact_mut(g))
+        .zip(buf.blocks.chunks_exact_mut(g))
         .enumerate()
     {
         let query_bits = buf
             .query_bits
             .get(i * per_group..(i + 1) * per_group)
             .filter(|b| !b.is_empty());
-        let parts = Partials { out, lse, touched };
+        let parts = Partials {
+            out,
+            lse,
+            touched,
+            blocks,
+        };
         buf.retrieval_ns += attend_group(&head, d, q, query_bits, &task.policy, scratch, parts)?;
     }
     Ok(())

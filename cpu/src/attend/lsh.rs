@@ -3,6 +3,7 @@
 
 use super::passes::{attend_selected, Partials, Step};
 use super::scratch::Scratch;
+use crate::bounds::BOUND_BLOCK;
 use crate::error::CpuError;
 use crate::policy::LshParams;
 use crate::retrieval::retrieve;
@@ -28,6 +29,11 @@ pub(super) fn attend(
     let (rs, sel) = (&mut scratch.retrieval, &mut scratch.sel);
     let nu = retrieve(ix, head.len(), step.d, step.queries, query_bits, p, rs, sel);
     let retrieval_ns = t0.elapsed().as_nanos() as u64;
+    blocks_holding(
+        &scratch.sel.union[..nu],
+        &scratch.sel.umask[..nu],
+        &mut *parts.blocks,
+    );
     let step = Step {
         ln_u: Some(&ix.ln_u),
         value_skip: p.value_skip,
@@ -35,4 +41,24 @@ pub(super) fn attend(
     };
     attend_selected(head, &step, &scratch.sel, nu, &mut scratch.pass1, parts);
     Ok(retrieval_ns)
+}
+
+/// Per head (`blocks.len()` of them), the number of blocks of
+/// [`BOUND_BLOCK`] keys holding a key of `union` (sorted) selected for it in
+/// `umask`: LSH's counterpart of the threshold policy's blocks scanned.
+fn blocks_holding(union: &[u32], umask: &[u8], blocks: &mut [u32]) {
+    blocks.fill(0);
+    let mut block = usize::MAX;
+    let mut seen = 0u8;
+    for (&i, &m) in union.iter().zip(umask) {
+        let b = i as usize / BOUND_BLOCK;
+        if b != block {
+            (block, seen) = (b, 0);
+        }
+        let new = m & !seen;
+        seen |= m;
+        for (h, count) in blocks.iter_mut().enumerate().take(8) {
+            *count += u32::from((new >> h) & 1);
+        }
+    }
 }

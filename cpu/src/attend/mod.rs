@@ -1,17 +1,20 @@
 //! Attention over one kv head's offloaded keys for all query heads of its GQA
-//! group: LSH retrieval + MagicPIG's importance-weighted estimate, and the
-//! dense, exact top-k and oracle-sampling baselines.
+//! group: LSH retrieval + MagicPIG's importance-weighted estimate, threshold
+//! (half-space) reporting over the keys' block bounds, and the dense, exact
+//! top-k and oracle-sampling baselines.
 
 mod dense;
 mod lsh;
 mod oracle;
 mod passes;
 mod scratch;
+mod threshold;
 mod topk;
 
 pub(crate) use passes::Partials;
 pub(crate) use scratch::Scratch;
 
+use crate::bounds::BOUND_BLOCK;
 use crate::error::CpuError;
 use crate::policy::Policy;
 use crate::rows::KeyQueries;
@@ -19,8 +22,10 @@ use crate::store::HeadStore;
 use passes::Step;
 
 /// Computes the partials of the `g = queries.len() / d` query heads of one GQA
-/// group over one kv head into `parts` (`out` is `g * d`, `lse` and `touched`
-/// are `g`).
+/// group over one kv head into `parts` (`out` is `g * d`, `lse`, `touched`
+/// and `blocks` are `g`). Policies that read every key count every block
+/// scanned; the threshold policy counts the blocks it scanned, LSH the blocks
+/// holding a key it retrieved for the head.
 /// `query_bits`, when given, are the queries' sign bits for the head's LSH
 /// tables (as `HeadStore::append_hashing` writes them), else they are computed.
 /// Returns the nanoseconds spent in LSH retrieval.
@@ -38,6 +43,7 @@ pub(crate) fn attend_group(
     parts.out.iter_mut().for_each(|x| *x = 0.0);
     parts.lse.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
     parts.touched.iter_mut().for_each(|x| *x = 0);
+    parts.blocks.fill(n.div_ceil(BOUND_BLOCK) as u32);
     if n == 0 || g == 0 {
         return Ok(0);
     }
@@ -63,6 +69,7 @@ pub(crate) fn attend_group(
             oracle::attend(head, &step, *budget, *seed, scratch, parts)
         }
         Policy::Lsh(p) => return lsh::attend(head, step, query_bits, p, scratch, parts),
+        Policy::Threshold(p) => threshold::attend(head, &step, p, scratch, parts)?,
     }
     Ok(0)
 }

@@ -120,11 +120,13 @@ pub(crate) struct Step<'a> {
 }
 
 /// One group's partial results: each head's output (normalised within the
-/// part, `[g][d]`), log-sum-exp and keys touched (`[g]`).
+/// part, `[g][d]`), log-sum-exp, keys touched and blocks of
+/// [`crate::bounds::BOUND_BLOCK`] keys scanned (`[g]`).
 pub(crate) struct Partials<'o> {
     pub(crate) out: &'o mut [f32],
     pub(crate) lse: &'o mut [f32],
     pub(crate) touched: &'o mut [u32],
+    pub(crate) blocks: &'o mut [u32],
 }
 
 /// Attends the first `nu` keys of `sel` with both passes.

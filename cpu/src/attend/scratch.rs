@@ -15,6 +15,8 @@ pub(crate) struct Scratch {
     pub(crate) tmp: Vec<f32>,
     /// The oracle's cumulative weights.
     pub(crate) cdf: Vec<f64>,
+    /// The threshold policy's per-block buffers, see [`BlockScratch`].
+    pub(crate) blocks: BlockScratch,
     pub(crate) pass1: PairLists,
 }
 
@@ -31,6 +33,21 @@ impl Scratch {
         }
     }
 
+    /// Room for `nb` blocks of the threshold policy and a group's `gd`
+    /// query values.
+    pub(crate) fn ensure_blocks(&mut self, nb: usize, gd: usize) {
+        let b = &mut self.blocks;
+        if b.top.len() < nb {
+            b.upper.resize(nb * 8, 0.0);
+            b.top.resize(nb, 0.0);
+            b.order.resize(nb, 0);
+            b.visited.resize(nb, 0);
+        }
+        if b.abs_queries.len() < gd {
+            b.abs_queries.resize(gd, 0.0);
+        }
+    }
+
     /// Room for every key's logit of `g` heads.
     pub(crate) fn ensure_logits(&mut self, n: usize, g: usize) {
         for h in 0..g {
@@ -39,4 +56,19 @@ impl Scratch {
             }
         }
     }
+}
+
+/// Buffers of the threshold policy, one entry per block of keys.
+#[derive(Default)]
+pub(crate) struct BlockScratch {
+    /// Per block, each head's upper bound on its keys' logits, `[nb][8]`.
+    pub(crate) upper: Vec<f32>,
+    /// Per block, the largest of its heads' bounds (the visiting order).
+    pub(crate) top: Vec<f32>,
+    /// Blocks in visiting order.
+    pub(crate) order: Vec<u32>,
+    /// The blocks scanned.
+    pub(crate) visited: Vec<u32>,
+    /// The group's queries' absolute values, `[g][d]`.
+    pub(crate) abs_queries: Vec<f32>,
 }

@@ -55,8 +55,8 @@ pub struct LayerPolicy {
 
 impl LayerPolicy {
     /// Parses `dense`, `window`, `window:w=W`, `shared:from=J`, `exact`,
-    /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`,
-    /// `topk:k=N` or `oracle:budget=N`; the offloading ones take `kbits=8|16|32`
+    /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`, `topk:k=N`, `oracle:budget=N`,
+    /// `threshold:eps=E` or `threshold:b=B`; the offloading ones take `kbits=8|16|32`
     /// (offloaded keys as int8 codes, bf16 or f32) and, with `kbits=8`,
     /// `vbits=8` (values as int8 codes too). `exact` offloads like the sparse
     /// policies but attends every offloaded key exactly (the split step's
