@@ -9,7 +9,8 @@
 # Usage: bench/run.sh [--only FIGURE]... [--from PATH]... [--machine TEXT]
 #   --only FIGURE   run (or, with --from, tabulate) only this figure; repeatable:
 #                   attention  CPU attention per layer at 96k, llama3.1-8b shape
-#                   decode96k  decode step at 96k, llama3.1-8b shape (~20 GB, minutes)
+#                   decode96k  decode step at 96k, llama3.1-8b shape (~20 GB, minutes),
+#                              int8 and bf16 stores, and the ma-pairs layout
 #                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
 #                              when LLAMA_BENCH points at llama-bench)
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
@@ -64,13 +65,17 @@ if [ ${#FROM[@]} -eq 0 ]; then
   }
   if wanted attention; then
     run attention.json "$BIN" bench attention --context 98304 --shape llama3.1-8b \
-      --policy lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 dense --json
+      --policy lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 threshold:eps=0.01 dense --json
   fi
   if wanted decode96k; then
     for p in lsh:k=10,l=150,kbits=8,vbits=8 lsh:k=10,l=150; do
       run "decode96k-$(echo "$p" | tr ':=,' '---').json" "$BIN" bench decode --shape llama3.1-8b \
         --context 98304 --tokens 12 --threads 2 --cpu-workers 2 --policy "$p" --json
     done
+    # MixAttention's layout: global layers split, the rest sliding windows or shared.
+    run decode96k-ma-pairs.json "$BIN" bench decode --shape llama3.1-8b --context 98304 \
+      --tokens 12 --threads 2 --cpu-workers 2 --layout ma-pairs \
+      --policy lsh:k=10,l=150,kbits=8,vbits=8 --json
   fi
   if wanted smollm2; then
     run smollm2-tandem.json "$BIN" bench decode --context 0,8192 \
@@ -102,9 +107,9 @@ python3 - "$MACHINE" "$ONLY_LIST" "${FROM[@]}" <<'PY'
 
 Each output is recognised by its fields, so files of this script's run
 directories and older single files are read alike:
-  bench attention --json  (bench/src/lib.rs AttentionBenchResult): dense_ms
-  bench decode --json     (runtime/src/decode_bench.rs DecodeBenchResult): ms_per_token
-  eval --json             (runtime/src/eval/report.rs Row): top1_agreement
+  bench attention --json  (bench/src/attention.rs AttentionBenchResult): dense_ms
+  bench decode --json     (bench/src/decode.rs DecodeBenchResult): ms_per_token
+  eval --json             (bench/src/eval/report.rs Row): top1_agreement
   llama-bench markdown    (bench/llamacpp.sh): a table with a t/s column
 A run directory's meta.json gives machine, date, commit and commands; other
 files take date and commit from a name ending in -YYYY-MM-DD-<commit>.
@@ -117,7 +122,7 @@ SMOLLM2 = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 # What each figure's rows come from when a file has no recorded command.
 CANON = {
     "attention": "tandem bench attention --context 98304 --shape llama3.1-8b --policy "
-                 "lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 dense --json",
+                 "lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 threshold:eps=0.01 dense --json",
     "decode96k": "tandem bench decode --shape llama3.1-8b --context 98304 --tokens 12 "
                  "--threads 2 --cpu-workers 2 --policy {policy} --json",
     "smollm2": "tandem bench decode --context 0,8192 --threads 2 --cpu-workers 2 --json",
@@ -216,7 +221,10 @@ for path in files:
             ms = r["retrieval_ms"] + r["attention_ms"]
             row(f"CPU attention, 96k, {r['shape']} shape, `{r['policy']}`: ms per layer",
                 f"{ms:.2f} ms (retrieval {r['retrieval_ms']:.2f}); keys touched "
-                f"{pct(r['keys_touched_fraction'])}; dense {r['dense_ms']:.2f} ms "
+                f"{pct(r['keys_touched_fraction'])}"
+                + (f", blocks scanned {pct(r['blocks_scanned_fraction'])}"
+                   if "blocks_scanned_fraction" in r else "")
+                + f"; dense {r['dense_ms']:.2f} ms "
                 f"({r['dense_ms'] / ms:.1f}× faster)",
                 cmd or CANON["attention"], prov)
         used = True
@@ -234,9 +242,11 @@ for path in files:
         if long and want("decode96k"):
             for r, d in long:
                 v = (f"{r['ms_per_token']:.1f} ms/step (device {r['device_ms_per_token']:.1f}, "
-                     f"CPU side {r['cpu_attention_ms_per_token']:.1f})")
+                     f"CPU side {r['cpu_attention_ms_per_token']:.1f}); KV bytes per token "
+                     f"{r['device_bytes_per_token']:.0f} device + {r['cpu_bytes_per_token']:.0f} CPU")
                 if d:
-                    v += (f"; dense {d['ms_per_token']:.1f} ms/step "
+                    v += (f"; dense {d['ms_per_token']:.1f} ms/step, "
+                          f"{d['device_bytes_per_token']:.0f} B/token "
                           f"({d['ms_per_token'] / r['ms_per_token']:.2f}× faster)")
                 kv = ", generated KV" if r.get("synthetic_kv") else ""
                 row(f"Decode step, 96k, llama3.1-8b shape{kv}, `{r['policy']}`",

@@ -83,6 +83,8 @@ pub struct DecodeBenchResult {
     pub wait_ms_per_token: f64,
     /// Offloaded keys touched / offloaded keys, over sparse layers and query heads.
     pub keys_touched_fraction: f64,
+    /// Offloaded blocks of 64 keys scanned / held, over the same.
+    pub blocks_scanned_fraction: f64,
     /// Bytes held on the device / by the CPU workers per sequence, per token of context.
     pub device_bytes_per_token: f64,
     pub cpu_bytes_per_token: f64,
@@ -260,6 +262,15 @@ fn worker_pool(threads: usize) -> Result<WorkerPool> {
     Ok(WorkerPool::new(threads)?)
 }
 
+/// `part / whole`, 0 when nothing is held.
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
 /// The table of a configuration named as in `run_decode_bench`: `dense` is
 /// the baseline, anything else the measured configuration.
 fn table_for(base: &PolicyConfig, name: &str, n_layers: usize) -> Result<PolicyTable> {
@@ -335,6 +346,8 @@ fn time_decode(
             c.retrieval_ns += s.retrieval_ns;
             c.keys_touched += s.keys_touched;
             c.keys_offloaded += s.keys_offloaded;
+            c.blocks_scanned += s.blocks_scanned;
+            c.blocks_offloaded += s.blocks_offloaded;
         }
         step_cpu_ms.push(worker_ns as f64 / 1e6 / opts.cpu_workers as f64);
     }
@@ -360,11 +373,8 @@ fn time_decode(
         cpu_attention_ms_per_token: c.worker_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
         cpu_retrieval_ms_per_token: c.retrieval_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
         wait_ms_per_token: wait_ms,
-        keys_touched_fraction: if c.keys_offloaded > 0 {
-            c.keys_touched as f64 / c.keys_offloaded as f64
-        } else {
-            0.0
-        },
+        keys_touched_fraction: ratio(c.keys_touched, c.keys_offloaded),
+        blocks_scanned_fraction: ratio(c.blocks_scanned, c.blocks_offloaded),
         device_bytes_per_token: device_bytes as f64 / tokens_held,
         cpu_bytes_per_token: cpu_bytes as f64 / tokens_held,
         context_build_s,

@@ -51,6 +51,10 @@ pub struct Row {
     pub dense_needle_accuracy: Option<f64>,
     /// Fraction of the context's keys a query touched, over all layers.
     pub keys_touched_fraction: f64,
+    /// Offloaded blocks of 64 keys scanned / held, over offloaded layers and
+    /// query heads (the threshold policy's pruning; 0 without offloading).
+    #[serde(default)]
+    pub blocks_scanned_fraction: f64,
     /// KV bytes per context token held on the dense device.
     pub device_bytes_per_token: f64,
     /// KV bytes per context token held by the CPU workers.
@@ -89,15 +93,15 @@ impl Row {
 /// A markdown table with a header and one line per row.
 pub fn markdown_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| policy | context | top-1 | mean KL | max KL | ppl | dense ppl | needle | dense needle | keys touched | device B/tok | CPU B/tok |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| policy | context | top-1 | mean KL | max KL | ppl | dense ppl | needle | dense needle | keys touched | blocks scanned | device B/tok | CPU B/tok |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let pct = |x: f64| format!("{:.2}%", 100.0 * x);
     let needle = |x: Option<f64>| x.map_or_else(|| "–".into(), |x| format!("{:.0}%", 100.0 * x));
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.4} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.4} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.0} | {:.0} |",
             r.policy.replace('|', "\\|"),
             r.context,
             pct(r.top1_agreement),
@@ -108,6 +112,7 @@ pub fn markdown_table(rows: &[Row]) -> String {
             needle(r.needle_accuracy),
             needle(r.dense_needle_accuracy),
             pct(r.keys_touched_fraction),
+            pct(r.blocks_scanned_fraction),
             r.device_bytes_per_token,
             r.cpu_bytes_per_token,
         );

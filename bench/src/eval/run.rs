@@ -135,9 +135,14 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             }
             let mut row = Row::new(p.clone(), n, &acc.finish()?);
             kv.set_observer(None);
+            let counters = kv.take_counters();
             let probes = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let (device_bytes, cpu_bytes) = kv.bytes();
             row.device_bytes_per_token = device_bytes as f64 / kv.positions() as f64;
+            if counters.blocks_offloaded > 0 {
+                row.blocks_scanned_fraction =
+                    counters.blocks_scanned as f64 / counters.blocks_offloaded as f64;
+            }
             row.cpu_bytes_per_token = cpu_bytes as f64 / kv.positions() as f64;
             // Keys touched over all layers: dense layers and the device window
             // count in full, offloaded keys as the workers report.

@@ -26,6 +26,11 @@ pub struct StepCounters {
     pub keys_touched: u64,
     /// Sum over the same of offloaded keys held.
     pub keys_offloaded: u64,
+    /// Sum over the same of offloaded blocks of keys scanned (see
+    /// `tandem_cpu::LayerOutput::blocks_scanned`).
+    pub blocks_scanned: u64,
+    /// Sum over the same of offloaded blocks held.
+    pub blocks_offloaded: u64,
 }
 
 /// One layer's offloaded part: its store, and the step in flight over it.

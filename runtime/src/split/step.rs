@@ -13,6 +13,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use tandem_cpu::BOUND_BLOCK;
 use tandem_gpu::{DenseDevice, KvLayer};
 
 use super::observer::OffloadedStep;
@@ -183,6 +184,13 @@ impl<D: DenseDevice> SequenceKv<D> {
         self.counters.retrieval_ns += part.retrieval_cpu_ns;
         self.counters.keys_touched += part.keys_touched.iter().map(|&k| u64::from(k)).sum::<u64>();
         self.counters.keys_offloaded += (store.len() * part.keys_touched.len()) as u64;
+        let blocks = store.len().div_ceil(BOUND_BLOCK);
+        self.counters.blocks_scanned += part
+            .blocks_scanned
+            .iter()
+            .map(|&b| u64::from(b))
+            .sum::<u64>();
+        self.counters.blocks_offloaded += (blocks * part.blocks_scanned.len()) as u64;
         if let Some(observer) = &mut self.observer {
             let (width, heads) = (self.shape.n_heads * self.shape.head_dim, self.shape.n_heads);
             let (mut qs, mut os) = (Vec::new(), Vec::new());
