@@ -435,6 +435,7 @@ mod tests {
             needle_accuracy: Some(0.9),
             dense_needle_accuracy: Some(0.95),
             keys_touched_fraction: touched,
+            blocks_scanned_fraction: 0.5,
             device_bytes_per_token: 4096.0,
             cpu_bytes_per_token: 8192.0,
             per_layer: vec![LayerRow {
