@@ -14,6 +14,8 @@
 #                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
 #                              when LLAMA_BENCH points at llama-bench)
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
+#                   policies   eval at 4096 of the threshold policy, sliding windows
+#                              and MixAttention's layouts (~40 minutes)
 #   --from PATH     run nothing: rebuild the table from saved outputs, a run
 #                   directory of this script or single saved files (repeatable)
 #   --machine TEXT  the machine to name for saved files without a meta.json
@@ -37,8 +39,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for f in "${ONLY[@]}"; do
-  case "$f" in attention|decode96k|smollm2|quality) ;; *)
-    echo "run.sh: --only takes attention, decode96k, smollm2 or quality, not $f" >&2; exit 2 ;;
+  case "$f" in attention|decode96k|smollm2|quality|policies) ;; *)
+    echo "run.sh: --only takes attention, decode96k, smollm2, quality or policies, not $f" >&2; exit 2 ;;
   esac
 done
 wanted() { [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$1"; }
@@ -89,6 +91,20 @@ if [ ${#FROM[@]} -eq 0 ]; then
   if wanted quality; then
     printf '%s\t%s\n' quality.json "$BIN eval --policy lsh:k=10,l=150,t=2 --context 4096 --json $DIR/quality.json" >> "$CMDS"
     "$BIN" eval --policy lsh:k=10,l=150,t=2 --context 4096 --json "$DIR/quality.json" > "$DIR/quality.txt"
+  fi
+  if wanted policies; then
+    # quality-eval FILE ARGS...: eval with ARGS, the rows to FILE.json.
+    quality_eval() {
+      local file=$1; shift
+      printf '%s\t%s\n' "$file.json" "$BIN eval $* --context 4096 --needle-cases 10 --threads 2 --json $DIR/$file.json" >> "$CMDS"
+      "$BIN" eval "$@" --context 4096 --needle-cases 10 --threads 2 --json "$DIR/$file.json" > "$DIR/$file.txt"
+    }
+    quality_eval policies-threshold --policy threshold:eps=0.01 threshold:eps=0.1 \
+      threshold:eps=0.5 lsh:k=10,l=150 topk:k=64
+    quality_eval policies-sliding --policy window:w=1024 window:w=2048
+    for layout in ma-pairs ma-offset one-in-six; do
+      quality_eval "policies-$layout" --layout "$layout" --policy exact lsh:k=10,l=150
+    done
   fi
   python3 - "$DIR/meta.json" "$MACHINE_NOW" "$DATE" "$COMMIT" "$CMDS" <<'PY'
 import json, sys
@@ -269,7 +285,7 @@ for path in files:
             if best is None or tps > best[0]:
                 llamacpp[depth] = (tps, fa, cmd, prov)
         used = True
-    if qual and want("quality"):
+    if qual and (want("quality") or want("policies")):
         for r in qual:
             if r["policy"] == "dense":
                 continue
@@ -280,7 +296,11 @@ for path in files:
             row(f"Quality, SmolLM2-135M at {r['context']}, `{r['policy']}` vs dense",
                 f"top-1 agreement {pct(r['top1_agreement'])}; mean KL {r['mean_kl']:.4f} "
                 f"(max {r['max_kl']:.3f}){needles}; keys touched "
-                f"{pct(r['keys_touched_fraction'])}; ppl {r['ppl']:.2f} (dense {r['dense_ppl']:.2f})",
+                f"{pct(r['keys_touched_fraction'])}"
+                + (f", blocks scanned {pct(r['blocks_scanned_fraction'])}"
+                   if r.get("blocks_scanned_fraction") else "")
+                + f"; ppl {r['ppl']:.2f} (dense {r['dense_ppl']:.2f}); KV bytes per token "
+                f"{r['device_bytes_per_token']:.0f} device + {r['cpu_bytes_per_token']:.0f} CPU",
                 cmd or CANON["quality"], prov)
         used = True
     if used:
@@ -314,7 +334,9 @@ out = ["# Benchmarks", "",
        "`bench/results/<date>-<commit>/` and rewrites the table "
        "(`bench/run.sh --help` for running a subset, or for rebuilding the table from "
        "saved outputs with `--from`). Past runs and their discussion are in "
-       "`bench/results/` (`*-history.md`).", "",
+       "`bench/results/` (`*-history.md`); a change measured against the commit "
+       "before it, the two binaries alternated with `bench/ab.sh`, is in "
+       "`bench/results/<date>-<new>-vs-<old>/` with a README of its figures.", "",
        "Ratios compare with the baseline measured in the same command: dense, or "
        "llama.cpp for the SmolLM2 decode rows.", ""]
 legacy = [p for p, has_meta in sources if not has_meta]

@@ -133,7 +133,11 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             for ((d, l), &t) in dense_logits.iter().zip(&logits).zip(scored) {
                 acc.push(d, l, t)?;
             }
-            let mut row = Row::new(p.clone(), n, &acc.finish()?);
+            let label = match &opts.base.layout {
+                Some(layout) if p != "dense" => format!("{layout}/{p}"),
+                _ => p.clone(),
+            };
+            let mut row = Row::new(label, n, &acc.finish()?);
             kv.set_observer(None);
             let counters = kv.take_counters();
             let probes = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
