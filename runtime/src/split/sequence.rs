@@ -123,7 +123,25 @@ impl<D: DenseDevice> SequenceKv<D> {
         let mut kv = SequenceKv::new(device, self.layers.len(), self.shape, table, pool)?;
         kv.window = self.device.kv_fork(&self.window)?;
         kv.positions = self.positions;
+        kv.fit_windows()?;
         Ok(kv)
+    }
+
+    /// Drops the rows this table's layers do not keep: all of a shared
+    /// layer's, and all but the `w - 1` most recent of a sliding window's
+    /// (what its next query still sees).
+    fn fit_windows(&mut self) -> Result<()> {
+        for layer in 0..self.layers.len() {
+            let held = self.device.kv_len(&self.window, layer);
+            let keep = match self.table.layers[layer].attention {
+                LayerAttention::Shared { .. } => 0,
+                LayerAttention::Window { size: Some(w) } => held.min(w - 1),
+                _ => continue,
+            };
+            self.device
+                .kv_discard(&mut self.window, layer, 0, held - keep)?;
+        }
+        Ok(())
     }
 
     /// Tokens in the sequence.
