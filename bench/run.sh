@@ -14,8 +14,8 @@
 #                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
 #                              when LLAMA_BENCH points at llama-bench)
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
-#                   policies   eval at 4096 of the threshold policy, sliding windows
-#                              and MixAttention's layouts (~40 minutes)
+#                   policies   eval at 4096 of the threshold policy, MixAttention's
+#                              layouts and sliding windows (~30 minutes)
 #   --from PATH     run nothing: rebuild the table from saved outputs, a run
 #                   directory of this script or single saved files (repeatable)
 #   --machine TEXT  the machine to name for saved files without a meta.json
@@ -93,18 +93,20 @@ if [ ${#FROM[@]} -eq 0 ]; then
     "$BIN" eval --policy lsh:k=10,l=150,t=2 --context 4096 --json "$DIR/quality.json" > "$DIR/quality.txt"
   fi
   if wanted policies; then
-    # quality-eval FILE ARGS...: eval with ARGS, the rows to FILE.json.
+    # quality-eval FILE NEEDLES ARGS...: eval at 4096 with ARGS, the rows to FILE.json.
     quality_eval() {
-      local file=$1; shift
-      printf '%s\t%s\n' "$file.json" "$BIN eval $* --context 4096 --needle-cases 10 --threads 2 --json $DIR/$file.json" >> "$CMDS"
-      "$BIN" eval "$@" --context 4096 --needle-cases 10 --threads 2 --json "$DIR/$file.json" > "$DIR/$file.txt"
+      local file=$1 needles=$2; shift 2
+      local args="$* --context 4096 --threads 2 --needle-cases $needles"
+      printf '%s\t%s\n' "$file.json" "$BIN eval $args --json $DIR/$file.json" >> "$CMDS"
+      # shellcheck disable=SC2086
+      "$BIN" eval $args --json "$DIR/$file.json" > "$DIR/$file.txt"
     }
-    quality_eval policies-threshold --policy threshold:eps=0.01 threshold:eps=0.1 \
+    quality_eval policies-threshold 10 --policy threshold:eps=0.01 threshold:eps=0.1 \
       threshold:eps=0.5 lsh:k=10,l=150 topk:k=64
-    quality_eval policies-sliding --policy window:w=1024 window:w=2048
     for layout in ma-pairs ma-offset one-in-six; do
-      quality_eval "policies-$layout" --layout "$layout" --policy exact lsh:k=10,l=150
+      quality_eval "policies-$layout" 5 --layout "$layout" --policy exact lsh:k=10,l=150
     done
+    quality_eval policies-sliding 5 --policy window:w=1024 window:w=2048
   fi
   python3 - "$DIR/meta.json" "$MACHINE_NOW" "$DATE" "$COMMIT" "$CMDS" <<'PY'
 import json, sys
