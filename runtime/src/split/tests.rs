@@ -180,13 +180,21 @@ fn a_fork_keeps_only_the_rows_its_table_keeps() {
     let table = PolicyConfig {
         policy: "dense".into(),
         dense_layers: Some(Vec::new()),
-        layers: [(1, "window:w=6".to_string()), (2, "shared:from=1".to_string())].into(),
+        layers: [
+            (1, "window:w=6".to_string()),
+            (2, "shared:from=1".to_string()),
+        ]
+        .into(),
         ..PolicyConfig::default()
     };
     let table = Arc::new(table.resolve(3).expect("table"));
     let fork = dense.fork(table, None).expect("fork");
     assert_eq!(fork.layer_tokens(0), (n, 0));
-    assert_eq!(fork.layer_tokens(1), (5, 0), "the w - 1 rows its next query sees");
+    assert_eq!(
+        fork.layer_tokens(1),
+        (5, 0),
+        "the w - 1 rows its next query sees"
+    );
     assert_eq!(fork.layer_tokens(2), (0, 0), "a shared layer holds nothing");
     assert_eq!(fork.bytes().0, (n + 5) * KV * 2 * 2);
 }
