@@ -351,6 +351,16 @@ if legacy:
 out += ["| Figure | Value | Command | Machine | Date | Commit |",
         "| --- | --- | --- | --- | --- | --- |"]
 out += ["| " + " | ".join(r) + " |" for r in table]
+# Before/after measurements of changes, each with its own README of figures.
+import glob
+ab = sorted(glob.glob("bench/results/*-vs-*/README.md"), reverse=True)
+if ab:
+    out += ["", "## Changes measured against the commit before them", ""]
+    for readme in ab:
+        lines = open(readme).read().splitlines()
+        title = lines[0].lstrip("# ").strip()
+        out += [f"[{title}]({readme}), both binaries alternated on one machine:", ""]
+        out += [l for l in lines if l.startswith("|")] + [""]
 open("BENCHMARKS.md", "w").write("\n".join(out) + "\n")
 print(f"run.sh: BENCHMARKS.md: {len(table)} rows from {len(sources)} files", file=sys.stderr)
 PY
