@@ -8,7 +8,8 @@
 #
 # Usage: bench/run.sh [--only FIGURE]... [--from PATH]... [--machine TEXT]
 #   --only FIGURE   run (or, with --from, tabulate) only this figure; repeatable:
-#                   attention  CPU attention per layer at 96k, llama3.1-8b shape
+#                   attention  CPU attention per layer at 96k, llama3.1-8b shape,
+#                              the default policy beside MagicPIG's lsh:k=10,l=150
 #                   decode96k  decode step at 96k, llama3.1-8b shape (~20 GB, minutes),
 #                              int8 and bf16 stores, and the ma-pairs layout
 #                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
@@ -16,6 +17,9 @@
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
 #                   policies   eval at 4096 of the threshold policy, MixAttention's
 #                              layouts and sliding windows (~30 minutes)
+#                   fidelity   eval of the default policy and lsh:k=10,l=150 vs dense
+#                              at 2048, 4096 and 8192: top-1, KL, single, multi-key
+#                              and multi-value needles, document questions (~45 minutes)
 #   --from PATH     run nothing: rebuild the table from saved outputs, a run
 #                   directory of this script or single saved files (repeatable)
 #   --machine TEXT  the machine to name for saved files without a meta.json
@@ -39,14 +43,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 for f in "${ONLY[@]}"; do
-  case "$f" in attention|decode96k|smollm2|quality|policies) ;; *)
-    echo "run.sh: --only takes attention, decode96k, smollm2, quality or policies, not $f" >&2; exit 2 ;;
+  case "$f" in attention|decode96k|smollm2|quality|policies|fidelity) ;; *)
+    echo "run.sh: --only takes attention, decode96k, smollm2, quality, policies or fidelity, not $f" >&2; exit 2 ;;
   esac
 done
 wanted() { [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$1"; }
 
 THREADS=${THREADS:-2}
 SMOLLM2=models/SmolLM2-135M-Instruct.Q4_1.gguf
+DEFAULT_POLICY=lsh:k=10,l=75,t=2,top=64
 
 if [ ${#FROM[@]} -eq 0 ]; then
   BIN=${TANDEM_BIN:-${CARGO_TARGET_DIR:-target}/release/tandem}
@@ -67,10 +72,11 @@ if [ ${#FROM[@]} -eq 0 ]; then
   }
   if wanted attention; then
     run attention.json "$BIN" bench attention --context 98304 --shape llama3.1-8b \
-      --policy lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 threshold:eps=0.01 dense --json
+      --policy "$DEFAULT_POLICY" "$DEFAULT_POLICY,kbits=8,vbits=8" lsh:k=10,l=150 \
+      lsh:k=10,l=150,kbits=8,vbits=8 threshold:eps=0.01 dense --json
   fi
   if wanted decode96k; then
-    for p in lsh:k=10,l=150,kbits=8,vbits=8 lsh:k=10,l=150; do
+    for p in "$DEFAULT_POLICY,kbits=8,vbits=8" "$DEFAULT_POLICY" lsh:k=10,l=150,kbits=8,vbits=8 lsh:k=10,l=150; do
       run "decode96k-$(echo "$p" | tr ':=,' '---').json" "$BIN" bench decode --shape llama3.1-8b \
         --context 98304 --tokens 12 --threads 2 --cpu-workers 2 --policy "$p" --json
     done
@@ -107,6 +113,19 @@ if [ ${#FROM[@]} -eq 0 ]; then
       quality_eval "policies-$layout" 5 --layout "$layout" --policy exact lsh:k=10,l=150
     done
     quality_eval policies-sliding 5 --policy window:w=1024 window:w=2048
+  fi
+ if wanted fidelity; then
+    fidelity() {
+      local file=$1; shift
+      local args="--policy $DEFAULT_POLICY lsh:k=10,l=150,t=2 --threads 2 $*"
+      printf '%s\t%s\n' "$file.json" "$BIN eval $args --json $DIR/$file.json" >> "$CMDS"
+      # shellcheck disable=SC2086
+      "$BIN" eval $args --json "$DIR/$file.json" > "$DIR/$file.txt"
+    }
+    fidelity fidelity-2k-4k --context 2048,4096 --needle-cases 10 \
+      --needle-tasks single,multikey,multivalue --doc-qa --doc-qa-json "$DIR/fidelity-docqa.json"
+    printf '%s\t%s\n' fidelity-docqa.json "(written by the fidelity-2k-4k.json command)" >> "$CMDS"
+    fidelity fidelity-8k --context 8192 --needle-cases 6 --needle-tasks single,multikey,multivalue
   fi
   python3 - "$DIR/meta.json" "$MACHINE_NOW" "$DATE" "$COMMIT" "$CMDS" <<'PY'
 import json, sys
@@ -231,6 +250,7 @@ for path in files:
     att = [r for r in recs if "dense_ms" in r and "retrieval_ms" in r]
     dec = [r for r in recs if "ms_per_token" in r and "device_ms_per_token" in r]
     qual = [r for r in recs if "top1_agreement" in r]
+    docqa = [r for r in recs if "dense_correct" in r]
     llama = llama_rows(text)
     if att and want("attention"):
         for r in att:
@@ -287,23 +307,41 @@ for path in files:
             if best is None or tps > best[0]:
                 llamacpp[depth] = (tps, fa, cmd, prov)
         used = True
-    if qual and (want("quality") or want("policies")):
+    if qual and (want("quality") or want("policies") or want("fidelity")):
         for r in qual:
             if r["policy"] == "dense":
                 continue
             needles = ""
-            if r.get("needle_accuracy") is not None:
+            tasks = r.get("needles") or []
+            if tasks:
+                needles = "; needles " + ", ".join(
+                    f"{t['task']} {pct(t['accuracy'])} (dense {pct(t['dense_accuracy'])})"
+                    for t in tasks)
+            elif r.get("needle_accuracy") is not None:
                 needles = (f"; needles {pct(r['needle_accuracy'])} "
                            f"(dense {pct(r['dense_needle_accuracy'])})")
             row(f"Quality, SmolLM2-135M at {r['context']}, `{r['policy']}` vs dense",
                 f"top-1 agreement {pct(r['top1_agreement'])}; mean KL {r['mean_kl']:.4f} "
                 f"(max {r['max_kl']:.3f}){needles}; keys touched "
                 f"{pct(r['keys_touched_fraction'])}"
+                + (f" (offloaded keys {pct(r['offloaded_touched_fraction'])})"
+                   if r.get("offloaded_touched_fraction") else "")
                 + (f", blocks scanned {pct(r['blocks_scanned_fraction'])}"
                    if r.get("blocks_scanned_fraction") else "")
                 + f"; ppl {r['ppl']:.2f} (dense {r['dense_ppl']:.2f}); KV bytes per token "
                 f"{r['device_bytes_per_token']:.0f} device + {r['cpu_bytes_per_token']:.0f} CPU",
                 cmd or CANON["quality"], prov)
+        used = True
+    if docqa and want("fidelity"):
+        for r in docqa:
+            right = sum(r["correct"])
+            dense = sum(r["dense_correct"])
+            n = len(r["correct"])
+            row(f"Quality, SmolLM2-135M, document questions, `{r['policy']}` vs dense",
+                f"{right}/{n} answered (dense {dense}/{n}); "
+                f"{sum(a and not b for a, b in zip(r['correct'], r['dense_correct']))} right where dense is wrong, "
+                f"{sum(b and not a for a, b in zip(r['correct'], r['dense_correct']))} wrong where dense is right",
+                cmd or "tandem eval --doc-qa", prov)
         used = True
     if used:
         sources.append((path, prov[4]))

@@ -229,6 +229,7 @@ pub fn run_attention_bench(
         seed: opts.seed,
         layer: 0,
         kv_dtype: KvDtype::Bf16,
+        sketch: 0,
     };
     // Every layer's stores of one policy, and the time to build the first.
     let build = |cfg: &LayerConfig| -> Result<(Vec<Arc<LayerStore>>, PrefillTimes), BenchError> {
@@ -282,6 +283,7 @@ pub fn run_attention_bench(
         let cfg = LayerConfig {
             lsh: spec.lsh,
             kv_dtype: spec.kv_dtype,
+            sketch: spec.policy.sketch_rank(d),
             ..base_cfg.clone()
         };
         let (stores, times) = build(&cfg)?;

@@ -63,9 +63,23 @@ struct EvalArgs {
     /// Teacher-forced positions scored at the end of each context.
     #[arg(long, default_value_t = 128)]
     scored: usize,
-    /// Needle cases per context (0 skips the needle task).
+    /// Needle cases per context and task (0 skips the needle tasks).
     #[arg(long, default_value_t = 20)]
     needle_cases: usize,
+    /// Needle tasks, comma-separated: single (one fact), multikey (the asked
+    /// fact among three about other keys), multivalue (four values of one
+    /// key, all asked).
+    #[arg(long, value_delimiter = ',', default_value = "single")]
+    needle_tasks: Vec<String>,
+    /// Also ask the document questions (tests/data/doc-qa.toml: facts stated
+    /// once in long real documents, several wordings each) of dense and of
+    /// every policy.
+    #[arg(long)]
+    doc_qa: bool,
+    /// With --doc-qa, write each policy's document-question results as JSON
+    /// to this file.
+    #[arg(long, requires = "doc_qa")]
+    doc_qa_json: Option<PathBuf>,
     /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
     #[arg(long, value_delimiter = ',')]
     dense_layers: Option<Vec<usize>>,
@@ -91,6 +105,13 @@ struct EvalArgs {
     /// Write an SVG plot of quality against keys touched to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Also print, per sparse layer and kv head, where attention mass goes:
+    /// on the offloaded keys, beyond each head's TOP keys, expected to be
+    /// missed by LSH retrieval (alone and with the TOP keys attended exactly),
+    /// and the norm rank and cosine of what is missed. Slow: it scores every
+    /// key of every head at every position.
+    #[arg(long, value_name = "TOP", num_args = 0..=1, default_missing_value = "64")]
+    diagnose: Option<usize>,
 }
 
 #[derive(Args)]
@@ -108,17 +129,19 @@ struct ModelArgs {
 /// How each layer attends (see `PolicyConfig` in the library docs).
 #[derive(Args, Clone)]
 struct PolicyArgs {
-    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S],
+    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S][,top=N],
     /// topk:k=N, oracle:budget=N, threshold:eps=E (keys within ln(n/E) of the
     /// largest logit) or threshold:b=B (keys of logit >= B), window (sinks +
     /// recent window only), exact
     /// (offloaded, every key attended: the split step's reference) or dense.
-    /// lsh's vskip leaves out the V rows of each head's smallest weights up to
+    /// lsh's top=N attends each head's N keys of largest logit exactly besides
+    /// the sample (found through a low-rank sketch of the keys; the default
+    /// takes 64). lsh's vskip leaves out the V rows of each head's smallest weights up to
     /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row). Any
     /// offloading policy takes kbits=8|16|32: the offloaded keys as int8 codes
     /// with one scale per channel (values bf16), bf16 (default) or f32; with
     /// kbits=8, vbits=8 makes the values int8 codes too (half the memory).
-    #[arg(long, default_value = "lsh:k=10,l=150,t=2")]
+    #[arg(long, default_value = tandem_runtime::policy::DEFAULT_POLICY)]
     policy: String,
     /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
     #[arg(long, value_delimiter = ',')]
@@ -338,9 +361,9 @@ struct BenchAttentionArgs {
     #[arg(long, default_value = "llama3.1-8b")]
     shape: String,
     /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
-    /// lsh also takes t=, max_keys= and vskip=, and any policy kbits=8|16|32 (keys
+    /// lsh also takes t=, max_keys=, vskip= and top=, and any policy kbits=8|16|32 (keys
     /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too).
-    #[arg(long, num_args = 1.., default_values_t = ["lsh:k=10,l=150".to_string()])]
+    #[arg(long, num_args = 1.., default_values_t = [tandem_runtime::policy::DEFAULT_POLICY.to_string()])]
     policy: Vec<String>,
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
@@ -631,7 +654,8 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    use tandem_bench::eval::{report, run_eval, EvalOptions};
+    use tandem_bench::eval::needle::NeedleTask;
+    use tandem_bench::eval::{docqa, report, run_doc_qa, run_eval, EvalOptions};
     let threads = args
         .threads
         .map_or(EngineOptions::default().threads, NonZeroUsize::get);
@@ -643,12 +667,22 @@ fn eval(args: EvalArgs) -> Result<()> {
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
         .collect();
+    let needle_tasks = args
+        .needle_tasks
+        .iter()
+        .map(|t| {
+            NeedleTask::parse(t).with_context(|| {
+                format!("unknown needle task {t:?} (single, multikey, multivalue)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let opts = EvalOptions {
         model: args.model.clone().unwrap_or_else(default_model_path),
         policies,
         contexts: args.context.clone(),
         scored: args.scored,
         needle_cases: args.needle_cases,
+        needle_tasks,
         base: PolicyConfig {
             dense_layers: args.dense_layers.clone(),
             window: args.window,
@@ -659,10 +693,24 @@ fn eval(args: EvalArgs) -> Result<()> {
         },
         threads,
         cpu_workers: threads,
+        diagnose: args.diagnose,
     };
     let rows = run_eval(&opts, &mut |line| eprintln!("tandem: {line}"))?;
     print!("{}", report::markdown_table(&rows));
+    print!("{}", report::needle_table(&rows));
     print!("{}", report::per_layer_tables(&rows));
+    if let Some(top) = args.diagnose {
+        print!("{}", report::head_tables(&rows, top));
+    }
+    if args.doc_qa {
+        let questions = docqa::load_questions()?;
+        let qa = run_doc_qa(&opts, &questions, &mut |line| eprintln!("tandem: {line}"))?;
+        print!("{}", report::doc_qa_table(&qa));
+        if let Some(path) = &args.doc_qa_json {
+            std::fs::write(path, serde_json::to_string_pretty(&qa)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, report::to_json(&rows))
             .with_context(|| format!("writing {}", path.display()))?;

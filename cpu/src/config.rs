@@ -81,6 +81,9 @@ pub struct LayerConfig {
     pub layer: u32,
     /// Element type the K and V rows are stored in.
     pub kv_dtype: KvDtype,
+    /// Components of the key sketch that finds LSH's safety sets
+    /// ([`crate::LshParams::top`]), fitted at the prefill load; 0 keeps none.
+    pub sketch: usize,
 }
 
 impl Default for LayerConfig {
@@ -95,6 +98,7 @@ impl Default for LayerConfig {
             seed: 0,
             layer: 0,
             kv_dtype: KvDtype::Bf16,
+            sketch: 0,
         }
     }
 }
@@ -111,6 +115,12 @@ impl LayerConfig {
             return Err(CpuError::Config(format!(
                 "group {} not in 1..=8",
                 self.group
+            )));
+        }
+        if self.sketch >= self.head_dim {
+            return Err(CpuError::Config(format!(
+                "a key sketch of {} components for head_dim {} (fewer needed)",
+                self.sketch, self.head_dim
             )));
         }
         self.lsh.as_ref().map_or(Ok(()), LshIndexParams::validate)

@@ -79,6 +79,14 @@ impl LnUTable {
         table
     }
 
+    /// `ln u` at `cos` (clamped to [-1, 1]), interpolated as the kernel does.
+    pub(crate) fn at(&self, cos: f32) -> f32 {
+        let x = (cos.clamp(-1.0, 1.0) + 1.0) * 0.5 * LNU_POINTS as f32;
+        let i = (x as usize).min(LNU_POINTS - 1);
+        let f = x - i as f32;
+        self.vals[i] + f * (self.vals[i + 1] - self.vals[i])
+    }
+
     /// The tabulated values, at equal steps of cos over [-1, 1].
     pub(crate) fn values(&self) -> &[f32] {
         &self.vals

@@ -13,13 +13,14 @@
 //!
 //! Modules, each depending only on those above it: `error`, `config`,
 //! `policy`, `shared`, `estimator`, `rows`, `index`, `bounds`, `store`,
-//! `retrieval`, `attend`, `pool`.
+//! `sketch`, `retrieval`, `attend`, `pool`, `diagnose`.
 
 #![forbid(unsafe_code)]
 
 mod attend;
 mod bounds;
 mod config;
+mod diagnose;
 mod error;
 mod estimator;
 mod index;
@@ -28,14 +29,16 @@ mod pool;
 mod retrieval;
 mod rows;
 mod shared;
+mod sketch;
 mod store;
 
 pub use bounds::BOUND_BLOCK;
 pub use config::{KvDtype, LayerConfig, LshIndexParams};
+pub use diagnose::HeadMass;
 pub use error::CpuError;
 pub use estimator::ln_u_exact;
 pub use index::{MID_MIN, RAW_MAX};
-pub use policy::{LshParams, Policy, PolicySpec, ThresholdParams};
+pub use policy::{sketch_rank_for, LshParams, Policy, PolicySpec, ThresholdParams};
 pub use pool::{LayerOutput, WorkerPool};
 pub use store::{LayerStore, PrefillTimes};
 /// The log-sum-exp merge of partial results (the convention above).

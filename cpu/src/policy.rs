@@ -24,6 +24,12 @@ pub struct LshParams {
     /// of every retrieved key. [`LshParams::DEFAULT_VALUE_SKIP`] is one bf16
     /// rounding step, the error the bf16 store already makes.
     pub value_skip: u8,
+    /// The safety set: per query head, its `top` keys of largest logit,
+    /// found by scoring every key, are attended exactly (weight `exp(logit)`)
+    /// and LSH samples the rest (weight `exp(logit) / u`). The union is still
+    /// an unbiased estimate of each sum, with the heavy keys, which sampling
+    /// misses most costly, taken out of its variance. `0`: none.
+    pub top: usize,
 }
 
 impl LshParams {
@@ -78,11 +84,39 @@ pub enum Policy {
     Threshold(ThresholdParams),
 }
 
+/// Components of the key sketch for heads of dimension `d` (see
+/// [`Policy::sketch_rank`]): half the dimension rounded down to a multiple
+/// of 4, from 8 to 32; none for `d` up to 8.
+pub const fn sketch_rank_for(d: usize) -> usize {
+    let r = d / 8 * 4;
+    if d <= 8 {
+        0
+    } else if r < 8 {
+        8
+    } else if r > 32 {
+        32
+    } else {
+        r
+    }
+}
+
+impl Policy {
+    /// Components of the key sketch the policy's store needs
+    /// ([`crate::LayerConfig::sketch`]) for heads of dimension `d`: LSH with a
+    /// safety set finds it through the sketch; other policies need none.
+    pub fn sketch_rank(&self, d: usize) -> usize {
+        match self {
+            Policy::Lsh(p) if p.top > 0 => sketch_rank_for(d),
+            _ => 0,
+        }
+    }
+}
+
 /// A policy parsed from its string, with the store it needs.
 ///
 /// Accepted: `dense`, `topk:k=N`, `oracle:budget=N` (seed 7),
-/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]` (t 2 and vskip
-/// [`LshParams::DEFAULT_VALUE_SKIP`] by default), `threshold:eps=E` (E in
+/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S][,top=N]` (t 2, vskip
+/// [`LshParams::DEFAULT_VALUE_SKIP`] and no safety set by default), `threshold:eps=E` (E in
 /// (0, 1)) or `threshold:b=B` (B a finite logit; exactly one of eps and b),
 /// each with an optional
 /// `kbits=8|16|32`: the offloaded keys as int8 codes ([`KvDtype::K8`]), bf16
@@ -192,9 +226,11 @@ impl<'s> Params<'s> {
         if value_skip > 24 {
             return Err(self.err("vskip must be in 0..=24 (0 reads every V row)"));
         }
+        let top = self.take("top")?.unwrap_or(0);
         let policy = Policy::Lsh(LshParams {
             max_keys,
             value_skip: value_skip as u8,
+            top,
         });
         Ok((policy, LshIndexParams { k, l, t: t as u8 }))
     }
@@ -273,6 +309,9 @@ impl fmt::Display for PolicySpec {
                     params.push(format!("max_keys={m}"));
                 }
                 params.push(format!("vskip={}", p.value_skip));
+                if p.top > 0 {
+                    params.push(format!("top={}", p.top));
+                }
                 "lsh"
             }
             Policy::Threshold(ThresholdParams::Mass { eps }) => {
@@ -321,6 +360,7 @@ mod tests {
             Policy::Lsh(LshParams {
                 max_keys: None,
                 value_skip: 9,
+                top: 0,
             })
         );
         let p = parse_policy("lsh:k=10,l=150,t=3,max_keys=100,vskip=0").expect("ok");
@@ -337,6 +377,7 @@ mod tests {
             Policy::Lsh(LshParams {
                 max_keys: Some(100),
                 value_skip: 0,
+                top: 0,
             })
         );
         assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
@@ -389,6 +430,7 @@ mod tests {
                 "lsh:vskip=0,max_keys=100,t=3,l=150,k=10,kbits=8",
                 "lsh:k=10,l=150,t=3,max_keys=100,vskip=0,kbits=8",
             ),
+            ("lsh:top=64,k=8,l=75", "lsh:k=8,l=75,t=2,vskip=9,top=64"),
         ] {
             let spec = parse_policy(given).expect("parses");
             assert_eq!(spec.to_string(), canonical, "{given}");

@@ -427,6 +427,7 @@ mod tests {
             seed: 1,
             layer: 0,
             kv_dtype: crate::config::KvDtype::Bf16,
+            sketch: 0,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
         let kv: Vec<bf16> = (0..3 * 2 * 4)

@@ -47,6 +47,18 @@ impl Selection {
         n
     }
 
+    /// Adds the per-key head bits of `extra` (one entry per key) to the
+    /// first `nu` entries of `union`/`umask`; returns the new number of keys.
+    pub(crate) fn merge_mask(&mut self, nu: usize, extra: &[u8]) -> usize {
+        for (&i, &m) in self.union[..nu].iter().zip(&self.umask[..nu]) {
+            self.mask[i as usize] = m;
+        }
+        for (m, &e) in self.mask.iter_mut().zip(extra) {
+            *m |= e;
+        }
+        self.collect_mask(extra.len())
+    }
+
     /// Fills `union`/`umask` from the per-key head bits in `mask` (then
     /// cleared); returns the number of keys.
     pub(crate) fn collect_mask(&mut self, n: usize) -> usize {
@@ -463,6 +475,7 @@ mod tests {
             let p = LshParams {
                 max_keys: None,
                 value_skip: 0,
+                top: 0,
             };
             let nu = retrieve(ix, total, d, &queries, None, &p, &mut rs, &mut sel);
             let got: Vec<(u32, u8)> = sel.union[..nu]

@@ -20,6 +20,7 @@ use crate::config::LayerConfig;
 use crate::error::CpuError;
 use crate::index::{LshIndex, MAX_INDEXED_KEYS};
 use crate::rows::{Elem, Rows};
+use crate::sketch::KeySketch;
 use half::{bf16, f16};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -41,6 +42,11 @@ pub(crate) struct HeadStore {
     /// `2d + 1` floats per 64 keys: 16 bytes a key at d = 128, 6% of bf16
     /// keys, 12% of int8 keys.
     pub(crate) bounds: KeyBounds,
+    /// The keys' sketch, which finds LSH's safety sets, if the store was
+    /// configured with one and its prefill load fitted it.
+    pub(crate) sketch: Option<KeySketch>,
+    /// Components of the sketch to fit at the prefill load (0: none).
+    sketch_rank: usize,
     /// Reused buffers of [`HeadStore::append`]: centred keys (then the
     /// queries), their sign bits and one key's codes.
     centred: Vec<f32>,
@@ -62,6 +68,8 @@ impl HeadStore {
             knorm: Vec::new(),
             index,
             bounds: KeyBounds::new(cfg.head_dim),
+            sketch: None,
+            sketch_rank: cfg.sketch,
             centred: Vec::new(),
             bits: Vec::new(),
             codes: Vec::new(),
@@ -98,6 +106,9 @@ impl HeadStore {
         let m = self.len() - first;
         self.bounds.extend(&self.keys);
         self.centre_keys(first, m);
+        if let Some(sketch) = self.sketch.as_mut() {
+            sketch.push(&self.centred[..m * d])?;
+        }
         query_bits.clear();
         let Some(ix) = self.index.as_mut() else {
             return Ok(());
@@ -198,6 +209,9 @@ impl HeadStore {
         }
         let keeps_norms = self.keeps_norms();
         self.knorm = Vec::with_capacity(if keeps_norms { n } else { 0 });
+        if self.sketch_rank > 0 {
+            self.fit_sketch(n)?;
+        }
         if self.index.is_none() {
             return Ok(());
         }
@@ -208,6 +222,22 @@ impl HeadStore {
             Some(ix) => ix.load_bulk(&scratch.codes, n),
             None => Ok(()),
         }
+    }
+
+    /// Fits the key sketch to the `n` loaded keys, centred.
+    fn fit_sketch(&mut self, n: usize) -> Result<(), OutOfMemory> {
+        let d = self.d;
+        let mut centred = Vec::new();
+        centred
+            .try_reserve_exact(n * d)
+            .map_err(|_| OutOfMemory { bytes: n * d * 4 })?;
+        centred.resize(n * d, 0.0);
+        for (t, row) in centred.chunks_exact_mut(d).enumerate() {
+            self.keys.row_f32(t, row);
+            row.iter_mut().zip(&self.mean).for_each(|(x, m)| *x -= m);
+        }
+        self.sketch = KeySketch::fit(&centred, d, self.sketch_rank)?;
+        Ok(())
     }
 
     /// Centres and hashes keys `b0..b1` of the `n` loaded, writing their
@@ -379,6 +409,7 @@ impl LayerStore {
                 + h.knorm.len() * 2
                 + h.mean.len() * 4
                 + h.bounds.bytes()
+                + h.sketch.as_ref().map_or(0, KeySketch::bytes)
         })
     }
 

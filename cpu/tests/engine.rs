@@ -66,6 +66,67 @@ fn setup_with(
         .map(|_| round(rng.signed_f32()))
         .collect();
     let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
+    let shape = (n, nkv, g, d);
+    setup_from(dtype, shape, lsh, t, seed, 0, keys, values, q)
+}
+
+/// Keys near a 4-dimensional subspace (with appended ones), stored with a
+/// key sketch of `sketch` components.
+fn setup_low_rank(
+    n: usize,
+    nkv: usize,
+    g: usize,
+    d: usize,
+    lsh: (usize, usize),
+    appended: usize,
+    seed: u64,
+    sketch: usize,
+) -> Setup {
+    let mut rng = SplitMix64(seed);
+    let total = n + appended;
+    let dirs: Vec<f32> = (0..4 * d).map(|_| rng.signed_f32()).collect();
+    let mut keys = vec![0.0f32; total * nkv * d];
+    for key in keys.chunks_exact_mut(d) {
+        for (c, dir) in dirs.chunks_exact(d).enumerate() {
+            let a = rng.signed_f32() * (4 - c) as f32;
+            key.iter_mut().zip(dir).for_each(|(k, x)| *k += a * x);
+        }
+        key.iter_mut()
+            .for_each(|k| *k = bf16::from_f32(*k + 0.02 * rng.signed_f32()).to_f32());
+    }
+    let values: Vec<f32> = (0..total * nkv * d)
+        .map(|_| bf16::from_f32(rng.signed_f32()).to_f32())
+        .collect();
+    let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
+    let shape = (n, nkv, g, d);
+    setup_from(
+        KvDtype::Bf16,
+        shape,
+        Some(lsh),
+        2,
+        seed,
+        sketch,
+        keys,
+        values,
+        q,
+    )
+}
+
+/// A store of `shape = (prefill n, nkv, g, d)` loaded with the first `n`
+/// tokens of `keys`/`values` and appended the rest.
+fn setup_from(
+    dtype: KvDtype,
+    shape: (usize, usize, usize, usize),
+    lsh: Option<(usize, usize)>,
+    t: u8,
+    seed: u64,
+    sketch: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    q: Vec<f32>,
+) -> Setup {
+    let (n, nkv, g, d) = shape;
+    let total = keys.len() / (nkv * d);
     let cfg = LayerConfig {
         n_kv_heads: nkv,
         group: g,
@@ -74,6 +135,7 @@ fn setup_with(
         seed,
         layer: 3,
         kv_dtype: dtype,
+        sketch,
     };
     let mut st = LayerStore::new(cfg).expect("cfg");
     let w = nkv * d;
@@ -278,7 +340,54 @@ fn lsh_retrieval_and_estimate_equal_brute_force_and_f64_formula() {
             // Sparse buckets: many gaps >= 4095 take the escape path.
             (1, 2, 8, 10000, 3, 12, 4, 1),
         ],
+        0,
     );
+}
+
+/// On keys the sketch captures (near a low-rank subspace), the safety sets it
+/// finds, among prefilled and appended keys, are the exact top keys: the
+/// result is the union estimate over them.
+#[test]
+fn a_sketch_finds_the_exact_safety_sets_on_low_rank_keys() {
+    let (nkv, g, d, n) = (2, 4, 32, 3000);
+    let rank = tandem_cpu::sketch_rank_for(d);
+    let s = setup_low_rank(n, nkv, g, d, (6, 20), 45, 17, rank);
+    assert!(
+        s.store.index_bytes()
+            > setup_low_rank(n, nkv, g, d, (6, 20), 45, 17, 0)
+                .store
+                .index_bytes()
+    );
+    check_lsh_setup(&s, (nkv, g, d, n), (6, 20, 2), 17, 9);
+}
+
+/// The safety set joins the sample with exact weights; a safety set of every
+/// key is exact attention.
+#[test]
+fn lsh_with_a_safety_set_equals_the_f64_union_estimate() {
+    let cases: &[LshCase] = &[
+        (2, 4, 32, 500, 13, 3, 20, 2),
+        (1, 8, 33, 400, 1, 6, 64, 2),
+        (3, 3, 24, 257, 5, 4, 30, 3),
+    ];
+    check_lsh_against_brute_force(KvDtype::Bf16, cases, 7);
+    check_lsh_against_brute_force(KvDtype::F32, &cases[..1], 31);
+    let s = setup(300, 2, 3, 16, Some((8, 4)), 2, 0, 5);
+    let all = run(
+        &s,
+        Policy::Lsh(LshParams {
+            max_keys: None,
+            value_skip: 0,
+            top: 300,
+        }),
+    );
+    let dense = run(&s, Policy::Dense);
+    for (a, b) in all.out.iter().zip(&dense.out) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    for (a, b) in all.lse.iter().zip(&dense.lse) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
 }
 
 /// Appends enough tokens to cross several raw -> mid folds and one mid -> bulk
@@ -293,8 +402,9 @@ fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
             (2, 4, 8, 300, app, 5, 20, 2),
             (1, 6, 12, 40, app, 8, 300, 3),
         ],
+        0,
     );
-    check_lsh_against_brute_force(KvDtype::F32, &[(1, 3, 16, 500, 700, 6, 24, 1)]);
+    check_lsh_against_brute_force(KvDtype::F32, &[(1, 3, 16, 500, 700, 6, 24, 1)], 0);
     // The appended keys were folded into packed tables (~1.5 bytes per key and
     // table), not kept as 2-byte codes.
     let s = setup(300, 1, 1, 8, Some((5, 20)), 2, app, 3);
@@ -305,7 +415,7 @@ fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
         s.store.index_bytes()
     );
     // A store that was never prefilled: every key arrives by append (zero mean).
-    check_lsh_against_brute_force(KvDtype::Bf16, &[(1, 2, 8, 0, 1200, 4, 10, 2)]);
+    check_lsh_against_brute_force(KvDtype::Bf16, &[(1, 2, 8, 0, 1200, 4, 10, 2)], 0);
 }
 
 /// Dense over the store equals the naive f64 softmax attention of [`reference`].
@@ -326,6 +436,7 @@ fn lsh_and_dense_on_f32_rows_equal_references() {
     check_lsh_against_brute_force(
         KvDtype::F32,
         &[(2, 4, 32, 500, 13, 3, 20, 2), (1, 8, 33, 400, 1, 6, 64, 2)],
+        0,
     );
     let (nkv, g, d) = (2, 3, 20);
     let s = setup_with(KvDtype::F32, 301, nkv, g, d, None, 2, 7, 5);
@@ -348,6 +459,7 @@ fn int8_rows_equal_references_and_stay_near_bf16() {
                 // Never prefilled: the first appended rows fix the scales.
                 (1, 2, 16, 0, 300, 4, 10, 2),
             ],
+            0,
         );
         let (nkv, g, d) = (2, 3, 20);
         let s = setup_with(dtype, 301, nkv, g, d, None, 2, 7, 5);
@@ -437,64 +549,100 @@ fn int8_rows_equal_references_and_stay_near_bf16() {
 
 type LshCase = (usize, usize, usize, usize, usize, usize, usize, u8);
 
-fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase]) {
+/// The `top` keys of largest `q·k` for query head `qh`.
+fn exact_top(s: &Setup, nkv: usize, g: usize, d: usize, qh: usize, top: usize) -> Vec<usize> {
+    let kvh = qh / g;
+    let q = &s.q[qh * d..(qh + 1) * d];
+    let mut scored: Vec<(f64, usize)> = (0..s.n)
+        .map(|i| {
+            let k = &s.keys[(i * nkv + kvh) * d..(i * nkv + kvh + 1) * d];
+            let dot = k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum();
+            (dot, i)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.iter().take(top).map(|&(_, i)| i).collect()
+}
+
+/// LSH (with a safety set of `top` keys per head) against the f64 estimator
+/// over brute-force retrieval: the safety set's keys uncorrected, the other
+/// retrieved keys corrected by `ln u`.
+fn check_lsh_against_brute_force(dtype: KvDtype, cases: &[LshCase], top: usize) {
     for &(nkv, g, d, n, app, k, l, t) in cases {
         let seed = 11 + k as u64;
         let s = setup_with(dtype, n, nkv, g, d, Some((k, l)), t, app, seed);
-        let out = run(
-            &s,
-            Policy::Lsh(LshParams {
-                max_keys: None,
-                value_skip: 0,
-            }),
+        check_lsh_setup(&s, (nkv, g, d, n), (k, l, t), seed, top);
+    }
+}
+
+/// [`check_lsh_against_brute_force`] on one store of `shape = (nkv, g, d,
+/// prefill n)` and index `(k, l, t)`.
+fn check_lsh_setup(
+    s: &Setup,
+    shape: (usize, usize, usize, usize),
+    index: (usize, usize, u8),
+    seed: u64,
+    top: usize,
+) {
+    let (nkv, g, d, n) = shape;
+    let (k, l, t) = index;
+    let out = run(
+        s,
+        Policy::Lsh(LshParams {
+            max_keys: None,
+            value_skip: 0,
+            top,
+        }),
+    );
+    let mut bf = brute_force_retrieved(s, nkv, g, d, k, l, t as usize, seed, n);
+    for qh in 0..nkv * g {
+        let safe = exact_top(s, nkv, g, d, qh, top);
+        bf[qh].retain(|i| !safe.contains(i));
+        assert_eq!(
+            out.keys_touched[qh] as usize,
+            bf[qh].len() + safe.len(),
+            "K={k} L={l} t={t} qh={qh}"
         );
-        let bf = brute_force_retrieved(&s, nkv, g, d, k, l, t as usize, seed, n);
-        for qh in 0..nkv * g {
-            assert_eq!(
-                out.keys_touched[qh] as usize,
-                bf[qh].len(),
-                "K={k} L={l} t={t} qh={qh}"
-            );
-            // reference estimator in f64 over the brute-force set
-            let kvh = qh / g;
-            let q = &s.q[qh * d..(qh + 1) * d];
-            let mut mean = vec![0.0f64; d];
-            for i in 0..n {
-                for j in 0..d {
-                    mean[j] += s.mean_keys[(i * nkv + kvh) * d + j] as f64 / n as f64;
-                }
-            }
-            let qn = q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-            let subset: Vec<(usize, f64)> = bf[qh]
-                .iter()
-                .map(|&i| {
-                    let kc: Vec<f64> = (0..d)
-                        .map(|j| s.keys[(i * nkv + kvh) * d + j] as f64 - mean[j])
-                        .collect();
-                    // bf16 rows give |k - mean| with their dot products (f32).
-                    let kn = kc.iter().map(|x| x * x).sum::<f64>().sqrt();
-                    let dot: f64 = kc.iter().zip(q).map(|(a, b)| a * *b as f64).sum();
-                    let cos = if kn * qn > 0.0 { dot / (kn * qn) } else { 0.0 };
-                    (i, ln_u_exact(cos, k, l, t as usize))
-                })
-                .collect();
-            let (o, lse) = reference(&s, nkv, g, d, qh, &subset);
-            if subset.is_empty() {
-                assert_eq!(out.lse[qh], f32::NEG_INFINITY);
-                assert!(out.out[qh * d..(qh + 1) * d].iter().all(|x| *x == 0.0));
-                continue;
-            }
-            assert!(
-                (out.lse[qh] as f64 - lse).abs() < 2e-3,
-                "lse {} vs {lse} K={k} L={l}",
-                out.lse[qh]
-            );
+        // reference estimator in f64 over the brute-force set
+        let kvh = qh / g;
+        let q = &s.q[qh * d..(qh + 1) * d];
+        let mut mean = vec![0.0f64; d];
+        for i in 0..n {
             for j in 0..d {
-                assert!(
-                    (out.out[qh * d + j] as f64 - o[j]).abs() < 2e-3,
-                    "K={k} L={l} j={j}"
-                );
+                mean[j] += s.mean_keys[(i * nkv + kvh) * d + j] as f64 / n as f64;
             }
+        }
+        let qn = q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let subset: Vec<(usize, f64)> = bf[qh]
+            .iter()
+            .map(|&i| {
+                let kc: Vec<f64> = (0..d)
+                    .map(|j| s.keys[(i * nkv + kvh) * d + j] as f64 - mean[j])
+                    .collect();
+                // bf16 rows give |k - mean| with their dot products (f32).
+                let kn = kc.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let dot: f64 = kc.iter().zip(q).map(|(a, b)| a * *b as f64).sum();
+                let cos = if kn * qn > 0.0 { dot / (kn * qn) } else { 0.0 };
+                (i, ln_u_exact(cos, k, l, t as usize))
+            })
+            .chain(safe.iter().map(|&i| (i, 0.0)))
+            .collect();
+        let (o, lse) = reference(s, nkv, g, d, qh, &subset);
+        if subset.is_empty() {
+            assert_eq!(out.lse[qh], f32::NEG_INFINITY);
+            assert!(out.out[qh * d..(qh + 1) * d].iter().all(|x| *x == 0.0));
+            continue;
+        }
+        assert!(
+            (out.lse[qh] as f64 - lse).abs() < 2e-3,
+            "lse {} vs {lse} K={k} L={l}",
+            out.lse[qh]
+        );
+        for j in 0..d {
+            assert!(
+                (out.out[qh * d + j] as f64 - o[j]).abs() < 2e-3,
+                "K={k} L={l} j={j}"
+            );
         }
     }
 }
@@ -507,6 +655,7 @@ fn max_keys_caps_by_collision_count() {
         Policy::Lsh(LshParams {
             max_keys: None,
             value_skip: 0,
+            top: 0,
         }),
     );
     let capped = run(
@@ -514,6 +663,7 @@ fn max_keys_caps_by_collision_count() {
         Policy::Lsh(LshParams {
             max_keys: Some(10),
             value_skip: 0,
+            top: 0,
         }),
     );
     for h in 0..2 {
@@ -598,6 +748,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         seed: 1,
         layer: 0,
         kv_dtype: KvDtype::Bf16,
+        sketch: 0,
     };
     let st = Arc::new(LayerStore::new(cfg.clone()).expect("cfg"));
     let pool = WorkerPool::new(1).expect("pool");
@@ -609,6 +760,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         Policy::Lsh(LshParams {
             max_keys: None,
             value_skip: 0,
+            top: 0,
         }),
         &mut out,
     )
@@ -652,6 +804,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         Policy::Lsh(LshParams {
             max_keys: None,
             value_skip: 0,
+            top: 0,
         }),
         Policy::Oracle { budget: 4, seed: 1 },
     ] {
@@ -670,6 +823,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
             Policy::Lsh(LshParams {
                 max_keys: None,
                 value_skip: 0,
+                top: 0,
             }),
             &mut out
         )
@@ -740,6 +894,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             seed: 4,
             layer: 0,
             kv_dtype: KvDtype::Bf16,
+            sketch: 0,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
         st.load_prefill(&bf(&keys), &bf(&vals), 2).expect("load");
@@ -757,6 +912,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             Policy::Lsh(LshParams {
                 max_keys: None,
                 value_skip: 0,
+                top: 0,
             }),
             &mut out,
         )
@@ -805,6 +961,7 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
     let policy = Policy::Lsh(LshParams {
         max_keys: None,
         value_skip: 0,
+        top: 0,
     });
     pool.submit(&evicting, &queries, Some(evicted), policy, &mut out)
         .expect("submit");
@@ -849,6 +1006,7 @@ fn lsh(value_skip: u8) -> Policy {
     Policy::Lsh(LshParams {
         max_keys: None,
         value_skip,
+        top: 0,
     })
 }
 

@@ -40,7 +40,9 @@ fn solved(engine: &Engine, corpus: &str, context: usize, count: usize) -> usize 
             if !ok {
                 eprintln!(
                     "context {context}, depth {:.2}: wanted {} for {}, got {text:?}",
-                    case.depth, case.value, case.key
+                    case.depth,
+                    case.values.join(", "),
+                    case.key
                 );
             }
             ok

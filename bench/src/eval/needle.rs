@@ -1,12 +1,16 @@
-//! Needle in a haystack (RULER's single-needle task): a key-value fact hidden at a
-//! depth in real filler text, then a question asking for the value.
+//! Needle in a haystack, RULER's tasks: key-value facts hidden in real filler
+//! text, then a question asking for a value. [`NeedleTask::Single`] hides one
+//! fact; [`NeedleTask::MultiKey`] hides others about other keys besides (the
+//! distractors); [`NeedleTask::MultiValue`] hides several values of the same
+//! key and asks for all of them.
 //!
-//! Cases are deterministic given the seed, the context length and the case
-//! count. The depths of one context's cases are spread evenly over 0-100%; each
-//! case draws its own key (a common word), value (a 5-7 digit number) and the
-//! place in the corpus its filler is taken from. The filler is whole sentences,
-//! preceded by the end of one more sentence so that each prompt fills its context
-//! to within a few tokens; the needle goes between two sentences.
+//! Cases are deterministic given the seed, the task, the context length and
+//! the case count. The depths of one context's cases are spread evenly over
+//! 0-100% (the asked fact's; the others spread evenly from it); each case
+//! draws its own keys (common words), values (5-7 digit numbers) and the place
+//! in the corpus its filler is taken from. The filler is whole sentences,
+//! preceded by the end of one more sentence so that each prompt fills its
+//! context to within a few tokens; needles go between two sentences.
 
 use tandem_kernels::rng::SplitMix64;
 
@@ -20,6 +24,58 @@ use tandem_runtime::{Error, Result};
 /// so 16 would cut correct answers short.
 pub const ANSWER_TOKENS: usize = 32;
 
+/// Which RULER needle task a case poses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedleTask {
+    /// One fact; its value is asked.
+    Single,
+    /// The asked fact and `distractors` facts about other keys.
+    MultiKey {
+        /// Facts about other keys.
+        distractors: usize,
+    },
+    /// `values` facts about one key; all values are asked.
+    MultiValue {
+        /// Values of the key.
+        values: usize,
+    },
+}
+
+impl NeedleTask {
+    /// RULER's multi-key task with three distractors.
+    pub const MULTI_KEY: NeedleTask = NeedleTask::MultiKey { distractors: 3 };
+    /// RULER's multi-value task with four values.
+    pub const MULTI_VALUE: NeedleTask = NeedleTask::MultiValue { values: 4 };
+
+    /// The task's name in tables: `single`, `multikey` or `multivalue`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NeedleTask::Single => "single",
+            NeedleTask::MultiKey { .. } => "multikey",
+            NeedleTask::MultiValue { .. } => "multivalue",
+        }
+    }
+
+    /// Parses [`NeedleTask::name`] (with the default counts).
+    pub fn parse(name: &str) -> Option<NeedleTask> {
+        match name.trim() {
+            "single" => Some(NeedleTask::Single),
+            "multikey" => Some(NeedleTask::MULTI_KEY),
+            "multivalue" => Some(NeedleTask::MULTI_VALUE),
+            _ => None,
+        }
+    }
+
+    /// Facts hidden per case.
+    fn needles(self) -> usize {
+        match self {
+            NeedleTask::Single => 1,
+            NeedleTask::MultiKey { distractors } => 1 + distractors,
+            NeedleTask::MultiValue { values } => values.max(1),
+        }
+    }
+}
+
 /// How a case is worded. In every field `{key}` and `{value}` are replaced by the
 /// case's key and value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +88,20 @@ pub struct Wording {
     pub after: String,
     /// The start of the assistant's reply, appended to the rendered chat.
     pub answer_prefix: String,
+}
+
+impl Wording {
+    /// RULER's multi-value wording: the question asks for every number.
+    pub fn multi_value() -> Self {
+        Wording {
+            after:
+                "What are all the special magic numbers for {key} mentioned in the provided text?"
+                    .into(),
+            answer_prefix: "The special magic numbers for {key} mentioned in the provided text are"
+                .into(),
+            ..Wording::default()
+        }
+    }
 }
 
 impl Default for Wording {
@@ -55,37 +125,41 @@ impl Default for Wording {
 /// One question: the prompt tokens and the expected answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NeedleCase {
-    /// The word the fact is about.
+    /// The word the asked facts are about.
     pub key: String,
-    /// The number to retrieve.
-    pub value: String,
-    /// Where the fact sits in the filler: 0 at its start, 1 at its end.
+    /// The numbers to retrieve (one but for the multi-value task).
+    pub values: Vec<String>,
+    /// Where the asked fact sits in the filler: 0 at its start, 1 at its end.
     pub depth: f64,
     /// The rendered chat, ready to generate the answer from.
     pub prompt: Vec<u32>,
 }
 
 impl NeedleCase {
-    /// Whether a reply gives the value: the digits appear as a whole number (not
-    /// inside a longer one); thousands separators are ignored.
+    /// Whether a reply gives every value: each one's digits appear as a whole
+    /// number (not inside a longer one); thousands separators are ignored.
     pub fn is_answered_by(&self, reply: &str) -> bool {
         let reply: String = reply.chars().filter(|&c| c != ',').collect();
         let bytes = reply.as_bytes();
-        reply.match_indices(self.value.as_str()).any(|(at, m)| {
-            let before = at.checked_sub(1).map(|i| bytes[i]);
-            let after = bytes.get(at + m.len()).copied();
-            !before.is_some_and(|b| b.is_ascii_digit())
-                && !after.is_some_and(|b| b.is_ascii_digit())
-        })
+        let gives = |value: &str| {
+            reply.match_indices(value).any(|(at, m)| {
+                let before = at.checked_sub(1).map(|i| bytes[i]);
+                let after = bytes.get(at + m.len()).copied();
+                !before.is_some_and(|b| b.is_ascii_digit())
+                    && !after.is_some_and(|b| b.is_ascii_digit())
+            })
+        };
+        !self.values.is_empty() && self.values.iter().all(|v| gives(v))
     }
 }
 
 /// Builds needle cases from a corpus for one model's tokenizer and chat template.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NeedleBuilder<'a> {
     tokenizer: &'a Tokenizer,
     template: &'a ChatTemplate,
     wording: Wording,
+    task: NeedleTask,
     seed: u64,
     /// The corpus cut into sentences, each with its leading whitespace, and the
     /// token count of each on its own.
@@ -125,6 +199,7 @@ impl<'a> NeedleBuilder<'a> {
             tokenizer,
             template,
             wording: Wording::default(),
+            task: NeedleTask::Single,
             seed,
             sentences,
         })
@@ -136,10 +211,27 @@ impl<'a> NeedleBuilder<'a> {
         self
     }
 
+    /// The same builder for another task, with the task's default wording.
+    pub fn with_task(mut self, task: NeedleTask) -> Self {
+        self.task = task;
+        self.wording = match task {
+            NeedleTask::MultiValue { .. } => Wording::multi_value(),
+            _ => Wording::default(),
+        };
+        self
+    }
+
     /// `count` cases whose prompts fill `context` tokens less [`ANSWER_TOKENS`]
     /// (as nearly as whole sentences allow), at depths `i / (count - 1)`.
     pub fn cases(&self, context: usize, count: usize) -> Result<Vec<NeedleCase>> {
-        let mut rng = SplitMix64(self.seed ^ (context as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let task_seed = match self.task {
+            NeedleTask::Single => 0,
+            NeedleTask::MultiKey { distractors } => 0x6b00 + distractors as u64,
+            NeedleTask::MultiValue { values } => 0x7600 + values as u64,
+        };
+        let mut rng = SplitMix64(
+            self.seed ^ task_seed ^ (context as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         (0..count)
             .map(|i| {
                 let depth = if count > 1 {
@@ -157,49 +249,62 @@ impl<'a> NeedleBuilder<'a> {
         let key = KEYS[(rng.next_u64() % KEYS.len() as u64) as usize];
         let count = self.sentences.len();
         let last = (rng.next_u64() % count as u64) as usize;
-        let digits = 5 + (rng.next_u64() % 3) as u32;
-        let low = 10u64.pow(digits - 1);
-        let mut value = (low + rng.next_u64() % (9 * low)).to_string();
-
-        let fill = |s: &str, value: &str| s.replace("{key}", key).replace("{value}", value);
-        // The needle goes at the boundary between pieces nearest to `depth` of the
-        // haystack's tokens.
-        let render = |pieces: &[(&str, usize)], value: &str| -> Result<Vec<u32>> {
-            let target = depth * pieces.iter().map(|p| p.1).sum::<usize>() as f64;
-            let mut at = (0, target);
-            let mut tokens = 0;
-            for (k, &(_, n)) in pieces.iter().enumerate() {
-                tokens += n;
-                let miss = (tokens as f64 - target).abs();
-                if miss < at.1 {
-                    at = (k + 1, miss);
+        // The facts: (key, value, depth), the asked one first.
+        let n = self.task.needles();
+        let mut facts: Vec<(&str, String, f64)> = Vec::with_capacity(n);
+        for j in 0..n {
+            let fact_key = match self.task {
+                NeedleTask::MultiKey { .. } if j > 0 => loop {
+                    let other = KEYS[(rng.next_u64() % KEYS.len() as u64) as usize];
+                    if facts.iter().all(|f| f.0 != other) {
+                        break other;
+                    }
+                },
+                _ => key,
+            };
+            // The others spread evenly from the asked one, wrapping round.
+            let at = match j {
+                0 => depth,
+                _ => (depth + j as f64 / n as f64).fract(),
+            };
+            facts.push((fact_key, new_value(rng), at));
+        }
+        let fill =
+            |s: &str, key: &str, value: &str| s.replace("{key}", key).replace("{value}", value);
+        let w = &self.wording;
+        // Each needle goes at the boundary between pieces nearest to its depth
+        // of the haystack's tokens.
+        let render =
+            |pieces: &[(&str, usize)], facts: &[(&str, String, f64)]| -> Result<Vec<u32>> {
+                let total = pieces.iter().map(|p| p.1).sum::<usize>() as f64;
+                let mut slots: Vec<(usize, String)> = facts
+                    .iter()
+                    .map(|(k, v, d)| (nearest_boundary(pieces, d * total), fill(&w.needle, k, v)))
+                    .collect();
+                slots.sort_by_key(|s| s.0);
+                let mut haystack = String::new();
+                let mut next = slots.iter().peekable();
+                for k in 0..=pieces.len() {
+                    while let Some((_, needle)) = next.next_if(|s| s.0 == k) {
+                        haystack.push(' ');
+                        haystack.push_str(needle);
+                    }
+                    if let Some((piece, _)) = pieces.get(k) {
+                        haystack.push_str(piece);
+                    }
                 }
-            }
-            let mut haystack = String::new();
-            for (k, (piece, _)) in pieces.iter().enumerate() {
-                if k == at.0 {
-                    haystack.push(' ');
-                    haystack.push_str(&fill(&self.wording.needle, value));
-                }
-                haystack.push_str(piece);
-            }
-            if at.0 == pieces.len() {
-                haystack.push(' ');
-                haystack.push_str(&fill(&self.wording.needle, value));
-            }
-            let w = &self.wording;
-            let content = format!(
-                "{}\n\n{}\n\n{}",
-                fill(&w.before, value),
-                haystack.trim(),
-                fill(&w.after, value)
-            );
-            let mut text = self.template.render(&[Message::user(content)], true)?;
-            text.push_str(&fill(&w.answer_prefix, value));
-            self.tokenizer.encode(&text, false)
-        };
+                let content = format!(
+                    "{}\n\n{}\n\n{}",
+                    fill(&w.before, key, ""),
+                    haystack.trim(),
+                    fill(&w.after, key, "")
+                );
+                let mut text = self.template.render(&[Message::user(content)], true)?;
+                text.push_str(&fill(&w.answer_prefix, key, ""));
+                self.tokenizer.encode(&text, false)
+            };
 
-        let overhead = render(&[], &value)?.len();
+        let overhead = render(&[], &facts)?.len();
         if overhead >= budget {
             return Err(Error::InvalidRequest(format!(
                 "a needle case needs more than {overhead} + {ANSWER_TOKENS} tokens; context {context} is too small"
@@ -224,18 +329,27 @@ impl<'a> NeedleBuilder<'a> {
             pieces.push((s, n));
         }
         pieces.reverse();
-        // A value that already occurs in the filler would make the answer ambiguous.
-        while pieces.iter().any(|(s, _)| s.contains(value.as_str())) {
-            value = (low + rng.next_u64() % (9 * low)).to_string();
+        // A value that already occurs in the filler, or twice among the facts,
+        // would make the answer ambiguous.
+        for j in 0..facts.len() {
+            while pieces.iter().any(|(s, _)| s.contains(facts[j].1.as_str()))
+                || facts[..j].iter().any(|f| f.1 == facts[j].1)
+            {
+                facts[j].1 = new_value(rng);
+            }
         }
         // Cut words off the front until the rendered prompt fits.
         loop {
-            let prompt = render(&pieces, &value)?;
+            let prompt = render(&pieces, &facts)?;
             let over = prompt.len().saturating_sub(budget);
             if over == 0 {
+                let values = match self.task {
+                    NeedleTask::MultiValue { .. } => facts.iter().map(|f| f.1.clone()).collect(),
+                    _ => vec![facts[0].1.clone()],
+                };
                 return Ok(NeedleCase {
                     key: key.to_string(),
-                    value,
+                    values,
                     depth,
                     prompt,
                 });
@@ -274,6 +388,28 @@ impl<'a> NeedleBuilder<'a> {
         cuts.get(cuts.partition_point(too_long))
             .map_or("", |&cut| &s[cut..])
     }
+}
+
+/// A 5-7 digit number.
+fn new_value(rng: &mut SplitMix64) -> String {
+    let digits = 5 + (rng.next_u64() % 3) as u32;
+    let low = 10u64.pow(digits - 1);
+    (low + rng.next_u64() % (9 * low)).to_string()
+}
+
+/// The boundary between `pieces` (0 before the first, `pieces.len()` after
+/// the last) nearest to `target` tokens into them.
+fn nearest_boundary(pieces: &[(&str, usize)], target: f64) -> usize {
+    let mut best = (0, target);
+    let mut tokens = 0;
+    for (k, &(_, n)) in pieces.iter().enumerate() {
+        tokens += n;
+        let miss = (tokens as f64 - target).abs();
+        if miss < best.1 {
+            best = (k + 1, miss);
+        }
+    }
+    best.0
 }
 
 /// Cuts text after `.`, `?` or `!` followed by whitespace, and before blank
@@ -334,7 +470,7 @@ mod tests {
     fn answers_need_the_whole_number() {
         let case = NeedleCase {
             key: "apple".into(),
-            value: "123456".into(),
+            values: vec!["123456".into()],
             depth: 0.0,
             prompt: vec![],
         };
@@ -345,6 +481,12 @@ mod tests {
         assert!(!case.is_answered_by(" 0123456"));
         assert!(!case.is_answered_by(" 12345"));
         assert!(!case.is_answered_by(""));
+        let both = NeedleCase {
+            values: vec!["123456".into(), "98765".into()],
+            ..case
+        };
+        assert!(both.is_answered_by("98765 and 123456"));
+        assert!(!both.is_answered_by("123456 only"));
     }
 
     #[test]
@@ -365,14 +507,16 @@ mod tests {
                     n + ANSWER_TOKENS + 16 > context,
                     "only {n} tokens for {context}"
                 );
-                assert!((5..=7).contains(&case.value.len()));
+                assert_eq!(case.values.len(), 1);
+                let value = &case.values[0];
+                assert!((5..=7).contains(&value.len()));
                 let text = tok.decode(&case.prompt).unwrap();
                 let needle = format!(
                     "One of the special magic numbers for {} is: {}.",
-                    case.key, case.value
+                    case.key, value
                 );
                 assert_eq!(text.matches(&needle).count(), 1, "{text}");
-                assert_eq!(text.matches(&case.value).count(), 1);
+                assert_eq!(text.matches(value.as_str()).count(), 1);
                 assert!(text.starts_with("<|im_start|>user\nSome special magic numbers"));
                 assert!(text.ends_with(&format!(
                     "provided text?<|im_end|>\n<|im_start|>assistant\n\
@@ -395,5 +539,44 @@ mod tests {
             other.cases(1024, 3).unwrap()
         );
         assert!(builder.cases(40, 1).is_err());
+    }
+
+    #[test]
+    fn multi_key_and_multi_value_cases_hide_every_fact_once() {
+        let tok = smollm();
+        let template = ChatTemplate::new(None, "", "").unwrap();
+        let corpus = crate::eval::corpus::load().unwrap();
+        let builder = NeedleBuilder::new(&tok, &template, &corpus, 1).unwrap();
+        let facts = |text: &str| {
+            text.matches("One of the special magic numbers for ")
+                .count()
+        };
+        let keys = builder.clone().with_task(NeedleTask::MULTI_KEY);
+        for case in keys.cases(2048, 3).unwrap() {
+            let text = tok.decode(&case.prompt).unwrap();
+            assert_eq!(facts(&text), 4, "{text}");
+            assert_eq!(case.values.len(), 1);
+            let asked = format!("for {} is: {}.", case.key, case.values[0]);
+            assert_eq!(text.matches(&asked).count(), 1);
+            assert_eq!(text.matches(&format!("for {} is:", case.key)).count(), 1);
+            assert!(case.prompt.len() <= 2048 - ANSWER_TOKENS);
+        }
+        let values = builder.clone().with_task(NeedleTask::MULTI_VALUE);
+        for case in values.cases(2048, 3).unwrap() {
+            let text = tok.decode(&case.prompt).unwrap();
+            assert_eq!(case.values.len(), 4);
+            for v in &case.values {
+                let fact = format!("for {} is: {v}.", case.key);
+                assert_eq!(text.matches(&fact).count(), 1, "{text}");
+            }
+            assert_eq!(facts(&text), 4);
+            assert!(text.contains("What are all the special magic numbers for"));
+        }
+        assert_ne!(
+            keys.cases(1024, 2).unwrap(),
+            builder.cases(1024, 2).unwrap()
+        );
+        assert_eq!(NeedleTask::parse("multikey"), Some(NeedleTask::MULTI_KEY));
+        assert_eq!(NeedleTask::parse("nope"), None);
     }
 }

@@ -1,5 +1,6 @@
 //! Per-layer probes: each sparse layer's attention output under the policy,
-//! compared with exact attention over the same keys, as a split observer.
+//! compared with exact attention over the same keys, and optionally where
+//! LSH retrieval loses attention mass per kv head, as a split observer.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,34 +18,96 @@ pub struct LayerProbe {
     pub cosine: f64,
     /// Sum over the same of keys touched / keys in the context.
     pub touched_fraction: f64,
+    /// Sum over the same of offloaded keys touched / offloaded keys.
+    pub offloaded_touched_fraction: f64,
     /// (token, query head) pairs summed.
     pub samples: u64,
 }
 
-/// Accumulates [`LayerProbe`]s; clone the handle from [`Probes::shared`]
-/// before giving the observer to a sequence.
+/// Where one kv head's attention mass goes, summed over its query heads and
+/// the steps probed (see [`tandem_cpu::HeadMass`]); masses are fractions of
+/// the head's whole attention (device and offloaded keys).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HeadProbe {
+    /// Mass on the offloaded keys.
+    pub offloaded: f64,
+    /// Offloaded mass outside each query head's top keys.
+    pub tail: f64,
+    /// Offloaded mass LSH is expected to miss.
+    pub lsh_missed: f64,
+    /// The same with the top keys attended exactly besides.
+    pub lsh_missed_with_top: f64,
+    /// Missed mass times the missed keys' norm rank, and times their cosine.
+    pub missed_norm_rank: f64,
+    pub missed_cos: f64,
+    /// (token, query head) pairs summed.
+    pub samples: u64,
+}
+
+/// Accumulates [`LayerProbe`]s (and [`HeadProbe`]s when diagnosing); clone
+/// the handles before giving the observer to a sequence.
 pub struct Probes {
     layers: Arc<Mutex<Vec<LayerProbe>>>,
+    heads: Arc<Mutex<Vec<Vec<HeadProbe>>>>,
+    /// With `Some(top)`, diagnose each kv head with safety sets of `top` keys.
+    diagnose: Option<usize>,
     exact: LayerOutput,
 }
 
 impl Probes {
-    /// Probes for a model of `n_layers` layers.
-    pub fn new(n_layers: usize) -> Probes {
+    /// Probes for a model of `n_layers` layers; `diagnose` as in
+    /// [`crate::eval::EvalOptions::diagnose`].
+    pub fn new(n_layers: usize, diagnose: Option<usize>) -> Probes {
         Probes {
             layers: Arc::new(Mutex::new(vec![LayerProbe::default(); n_layers])),
+            heads: Arc::new(Mutex::new(vec![Vec::new(); n_layers])),
+            diagnose,
             exact: LayerOutput::default(),
         }
     }
 
-    /// The accumulated probes, readable while the observer is in use.
+    /// The accumulated layer probes, readable while the observer is in use.
     pub fn shared(&self) -> Arc<Mutex<Vec<LayerProbe>>> {
         Arc::clone(&self.layers)
+    }
+
+    /// The accumulated head probes, `[layer][kv head]` (empty unless
+    /// diagnosing).
+    pub fn shared_heads(&self) -> Arc<Mutex<Vec<Vec<HeadProbe>>>> {
+        Arc::clone(&self.heads)
+    }
+
+    fn diagnose(&self, step: &OffloadedStep<'_>, top: usize) -> Result<()> {
+        let masses = step.store.head_mass(step.queries, top)?;
+        let cfg = step.store.config();
+        let n_heads = cfg.n_kv_heads * cfg.group;
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(layer) = heads.get_mut(step.layer) else {
+            return Ok(());
+        };
+        layer.resize(cfg.n_kv_heads, HeadProbe::default());
+        for (r, (m, &device_lse)) in masses.iter().zip(step.device_lse).enumerate() {
+            // The offloaded keys' share of the head's whole softmax.
+            let share = 1.0 / (1.0 + f64::from(device_lse - m.lse).exp());
+            let probe = &mut layer[(r % n_heads) / cfg.group];
+            let missed = share * m.lsh_missed;
+            probe.offloaded += share;
+            probe.tail += share * m.tail;
+            probe.lsh_missed += missed;
+            probe.lsh_missed_with_top += share * m.lsh_missed_with_top;
+            probe.missed_norm_rank += missed * m.missed_norm_rank;
+            probe.missed_cos += missed * m.missed_cos;
+            probe.samples += 1;
+        }
+        Ok(())
     }
 }
 
 impl SplitObserver for Probes {
     fn observe(&mut self, step: &OffloadedStep<'_>) -> Result<()> {
+        if let Some(top) = self.diagnose {
+            self.diagnose(step, top)?;
+        }
         // Exact attention over the same offloaded keys, merged the same way.
         step.pool
             .run_layer(step.store, step.queries, Policy::Dense, &mut self.exact)?;
@@ -72,8 +135,10 @@ impl SplitObserver for Probes {
             }
             probe.rel_l2_error += (diff / norm.max(1e-30)).sqrt();
             probe.cosine += dot / (norm * norm_a).sqrt().max(1e-30);
-            probe.touched_fraction += (part.keys_touched[i] as usize + step.device_rows) as f64
-                / (offloaded_keys + step.device_rows) as f64;
+            let touched = part.keys_touched[i] as usize;
+            probe.touched_fraction +=
+                (touched + step.device_rows) as f64 / (offloaded_keys + step.device_rows) as f64;
+            probe.offloaded_touched_fraction += touched as f64 / offloaded_keys.max(1) as f64;
             probe.samples += 1;
         }
         Ok(())

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::eval::docqa::DocQaRow;
 use crate::eval::metrics::Agreement;
 
 /// Attention quality of one layer against dense.
@@ -20,6 +21,45 @@ pub struct LayerRow {
     pub cosine: f64,
     /// Fraction of the context's keys a query of this layer touched.
     pub keys_touched_fraction: f64,
+}
+
+/// One needle task's accuracy at one context.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NeedleScore {
+    /// The task: `single`, `multikey` or `multivalue`.
+    pub task: String,
+    /// Cases asked.
+    pub cases: usize,
+    /// Fraction the policy answered.
+    pub accuracy: f64,
+    /// Fraction dense answered.
+    pub dense_accuracy: f64,
+}
+
+/// Where one kv head's attention mass goes (`tandem eval --diagnose`),
+/// averaged over its query heads and the positions scored. Masses are
+/// fractions of the head's whole softmax (device and offloaded keys).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeadRow {
+    /// Layer index.
+    pub layer: usize,
+    /// Kv head of the layer.
+    pub kv_head: usize,
+    /// Mass on the offloaded keys.
+    pub offloaded_mass: f64,
+    /// Offloaded mass outside each query head's top keys (the diagnosis'
+    /// safety-set size).
+    pub tail_mass: f64,
+    /// Offloaded mass LSH retrieval is expected to miss under the store's
+    /// (K, L, t); 0 for a policy without an index.
+    pub lsh_missed: f64,
+    /// The same with the top keys attended exactly besides.
+    pub lsh_missed_with_top: f64,
+    /// Over the missed mass, the mean norm rank of the keys (0 smallest, 1
+    /// largest of the head's keys).
+    pub missed_norm_rank: f64,
+    /// Over the missed mass, the mean cosine of the keys with the query.
+    pub missed_cos: f64,
 }
 
 /// Everything measured for one policy at one context length.
@@ -59,8 +99,18 @@ pub struct Row {
     pub device_bytes_per_token: f64,
     /// KV bytes per context token held by the CPU workers.
     pub cpu_bytes_per_token: f64,
+    /// Fraction of the offloaded keys the CPU policy attended, over sparse
+    /// layers and query heads (the device window and dense layers left out).
+    #[serde(default)]
+    pub offloaded_touched_fraction: f64,
     /// Per-layer attention error.
     pub per_layer: Vec<LayerRow>,
+    /// Per (layer, kv head) diagnosis; empty unless asked for.
+    #[serde(default)]
+    pub per_head: Vec<HeadRow>,
+    /// Every needle task's accuracy (the single task's also above).
+    #[serde(default)]
+    pub needles: Vec<NeedleScore>,
 }
 
 impl Row {
@@ -93,15 +143,15 @@ impl Row {
 /// A markdown table with a header and one line per row.
 pub fn markdown_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| policy | context | top-1 | mean KL | max KL | ppl | dense ppl | needle | dense needle | keys touched | blocks scanned | device B/tok | CPU B/tok |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| policy | context | top-1 | mean KL | max KL | ppl | dense ppl | needle | dense needle | keys touched | offloaded keys touched | blocks scanned | device B/tok | CPU B/tok |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let pct = |x: f64| format!("{:.2}%", 100.0 * x);
     let needle = |x: Option<f64>| x.map_or_else(|| "–".into(), |x| format!("{:.0}%", 100.0 * x));
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.4} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.4} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {:.0} | {:.0} |",
             r.policy.replace('|', "\\|"),
             r.context,
             pct(r.top1_agreement),
@@ -112,6 +162,7 @@ pub fn markdown_table(rows: &[Row]) -> String {
             needle(r.needle_accuracy),
             needle(r.dense_needle_accuracy),
             pct(r.keys_touched_fraction),
+            pct(r.offloaded_touched_fraction),
             pct(r.blocks_scanned_fraction),
             r.device_bytes_per_token,
             r.cpu_bytes_per_token,
@@ -167,6 +218,108 @@ pub fn per_layer_tables(rows: &[Row]) -> String {
             }
             out.push('\n');
         }
+    }
+    out
+}
+
+/// Every needle task's accuracy, a line per (policy, context, task), dense
+/// beside; empty when no needle task ran.
+pub fn needle_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        for s in &r.needles {
+            if out.is_empty() {
+                out.push_str("\n| policy | context | needle task | cases | policy | dense |\n|---|---:|---|---:|---:|---:|\n");
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.0}% | {:.0}% |",
+                r.policy.replace('|', "\\|"),
+                r.context,
+                s.task,
+                s.cases,
+                100.0 * s.accuracy,
+                100.0 * s.dense_accuracy
+            );
+        }
+    }
+    out
+}
+
+/// The document questions' results: a line per policy with its accuracy,
+/// dense's, and the cases where the two differ.
+pub fn doc_qa_table(rows: &[DocQaRow]) -> String {
+    let mut out = String::from(
+        "\n| policy | document questions | policy | dense | policy right, dense wrong | dense right, policy wrong |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let count = |f: fn(bool, bool) -> bool| {
+            r.correct
+                .iter()
+                .zip(&r.dense_correct)
+                .filter(|(&a, &b)| f(a, b))
+                .count()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0}% | {:.0}% | {} | {} |",
+            r.policy.replace('|', "\\|"),
+            r.cases.len(),
+            100.0 * r.accuracy(),
+            100.0 * r.dense_accuracy(),
+            count(|a, b| a && !b),
+            count(|a, b| !a && b),
+        );
+    }
+    out
+}
+
+/// Where attention mass goes, one markdown table per diagnosed row: a line
+/// per (layer, kv head) and a last line of means. `top` is the diagnosis'
+/// safety-set size.
+pub fn head_tables(rows: &[Row], top: usize) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| !r.per_head.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nWhere attention mass goes, {} at {} tokens (fractions of each head's softmax, \
+             mean over query heads and positions; LSH's expected miss under its (K, L, t))\n",
+            r.policy.replace('|', "\\|"),
+            r.context
+        );
+        let _ = writeln!(
+            out,
+            "| layer | kv head | offloaded | beyond top {top} | LSH missed | LSH missed, top {top} exact | missed keys' norm rank | missed keys' cos |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let line = |out: &mut String, layer: &str, head: &str, h: &HeadRow| {
+            let _ = writeln!(
+                out,
+                "| {layer} | {head} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+                h.offloaded_mass,
+                h.tail_mass,
+                h.lsh_missed,
+                h.lsh_missed_with_top,
+                h.missed_norm_rank,
+                h.missed_cos
+            );
+        };
+        for h in &r.per_head {
+            line(&mut out, &h.layer.to_string(), &h.kv_head.to_string(), h);
+        }
+        let n = r.per_head.len() as f64;
+        let mean = |f: fn(&HeadRow) -> f64| r.per_head.iter().map(f).sum::<f64>() / n;
+        let all = HeadRow {
+            offloaded_mass: mean(|h| h.offloaded_mass),
+            tail_mass: mean(|h| h.tail_mass),
+            lsh_missed: mean(|h| h.lsh_missed),
+            lsh_missed_with_top: mean(|h| h.lsh_missed_with_top),
+            missed_norm_rank: mean(|h| h.missed_norm_rank),
+            missed_cos: mean(|h| h.missed_cos),
+            ..HeadRow::default()
+        };
+        line(&mut out, "mean", "", &all);
     }
     out
 }
@@ -443,6 +596,23 @@ mod tests {
                 rel_l2_error: 0.1,
                 cosine: 0.99,
                 keys_touched_fraction: touched,
+            }],
+            offloaded_touched_fraction: touched / 2.0,
+            per_head: vec![HeadRow {
+                layer: 1,
+                kv_head: 0,
+                offloaded_mass: 0.4,
+                tail_mass: 0.1,
+                lsh_missed: 0.2,
+                lsh_missed_with_top: 0.05,
+                missed_norm_rank: 0.7,
+                missed_cos: 0.1,
+            }],
+            needles: vec![NeedleScore {
+                task: "multikey".into(),
+                cases: 20,
+                accuracy: 0.8,
+                dense_accuracy: 0.9,
             }],
         };
         vec![

@@ -16,10 +16,12 @@ use tandem_gpu::CpuDevice;
 use tandem_kernels::ops::argmax;
 
 use crate::eval::corpus;
+use crate::eval::docqa::{self, DocQaRow, Question, REPLY_TOKENS};
 use crate::eval::metrics::AgreementAccumulator;
-use crate::eval::needle::{NeedleBuilder, ANSWER_TOKENS};
+use crate::eval::needle::{NeedleBuilder, NeedleTask, ANSWER_TOKENS};
+use crate::eval::probe::HeadProbe;
 use crate::eval::probe::Probes;
-use crate::eval::report::{LayerRow, Row};
+use crate::eval::report::{HeadRow, LayerRow, NeedleScore, Row};
 use tandem_runtime::model::Logits;
 use tandem_runtime::policy::{LayerAttention, PolicyConfig, PolicyTable};
 use tandem_runtime::split::SequenceKv;
@@ -37,8 +39,10 @@ pub struct EvalOptions {
     pub contexts: Vec<usize>,
     /// Teacher-forced positions scored at the end of each context.
     pub scored: usize,
-    /// Needle cases per context (0: skip the needle task).
+    /// Needle cases per context and task (0: skip the needle tasks).
     pub needle_cases: usize,
+    /// The needle tasks posed at each context.
+    pub needle_tasks: Vec<NeedleTask>,
     /// Window, sinks and dense layers shared by every policy. Its `dense_below`
     /// is ignored: the policies apply at every context measured.
     pub base: PolicyConfig,
@@ -46,6 +50,9 @@ pub struct EvalOptions {
     pub threads: usize,
     /// CPU attention workers.
     pub cpu_workers: usize,
+    /// With `Some(top)`, each sparse layer's kv heads are diagnosed (see
+    /// [`tandem_cpu::HeadMass`]) with safety sets of `top` keys.
+    pub diagnose: Option<usize>,
 }
 
 /// Runs every measure; `note` receives progress lines.
@@ -55,37 +62,10 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             "eval needs at least one policy, one context and one scored position".into(),
         ));
     }
-    let engine = Engine::load(
-        &opts.model,
-        &EngineOptions {
-            threads: opts.threads,
-            cpu_workers: opts.cpu_workers,
-            policy: PolicyConfig {
-                policy: "dense".into(),
-                ..opts.base.clone()
-            },
-        },
-    )?;
+    let (engine, tables) = load(opts)?;
     let model = engine.model();
     let c = model.config();
     let pool = Arc::new(WorkerPool::new(opts.cpu_workers)?);
-    // Tables first, so a bad policy fails before any long run.
-    let tables: Vec<Arc<PolicyTable>> = opts
-        .policies
-        .iter()
-        .map(|p| {
-            if p == "dense" {
-                return Ok(Arc::new(PolicyTable::dense(c.n_layers)));
-            }
-            PolicyConfig {
-                policy: p.clone(),
-                dense_below: opts.base.sinks + opts.base.window,
-                ..opts.base.clone()
-            }
-            .resolve(c.n_layers)
-            .map(Arc::new)
-        })
-        .collect::<Result<_>>()?;
     let text = corpus::load()?;
     let tokens = engine.tokenizer().encode(&text, false)?;
     let mut rows = Vec::new();
@@ -125,8 +105,9 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
         for (p, table) in opts.policies.iter().zip(&tables) {
             let mut kv = base.fork(Arc::clone(table), Some(Arc::clone(&pool)))?;
             kv.offload_if_due(opts.threads)?;
-            let probes = Probes::new(c.n_layers);
+            let probes = Probes::new(c.n_layers, opts.diagnose);
             let shared = probes.shared();
+            let shared_heads = probes.shared_heads();
             kv.set_observer(Some(Box::new(probes)));
             let logits = teacher_forced(&mut kv)?;
             let mut acc = AgreementAccumulator::new();
@@ -141,6 +122,8 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             kv.set_observer(None);
             let counters = kv.take_counters();
             let probes = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let heads = shared_heads.lock().unwrap_or_else(|e| e.into_inner());
+            row.per_head = head_rows(&heads);
             let (device_bytes, cpu_bytes) = kv.bytes();
             row.device_bytes_per_token = device_bytes as f64 / kv.positions() as f64;
             if counters.blocks_offloaded > 0 {
@@ -151,6 +134,7 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             // Keys touched over all layers: dense layers and the device window
             // count in full, offloaded keys as the workers report.
             let mut fractions = Vec::with_capacity(c.n_layers);
+            let mut offloaded = Vec::new();
             for (layer, probe) in probes.iter().enumerate() {
                 let source = table.source(layer);
                 let (device, cpu) = kv.layer_tokens(source);
@@ -162,6 +146,9 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                     1.0
                 };
                 fractions.push(f);
+                if probe.samples > 0 {
+                    offloaded.push(probe.offloaded_touched_fraction / probe.samples as f64);
+                }
                 row.per_layer.push(LayerRow {
                     layer,
                     rel_l2_error: if probe.samples > 0 {
@@ -178,6 +165,8 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                 });
             }
             row.keys_touched_fraction = fractions.iter().sum::<f64>() / fractions.len() as f64;
+            row.offloaded_touched_fraction =
+                offloaded.iter().sum::<f64>() / offloaded.len().max(1) as f64;
             note(&format!(
                 "context {n} {p}: top-1 {:.3}, mean KL {:.4}, ppl {:.2} (dense {:.2}), keys touched {:.2}%",
                 row.top1_agreement,
@@ -195,51 +184,233 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                 &text,
                 0x6e65_6564,
             )?;
-            let cases = builder.cases(n, opts.needle_cases)?;
             let first = rows.len() - opts.policies.len();
-            let mut dense_hits = 0;
-            let mut hits = vec![0usize; opts.policies.len()];
-            for (i, case) in cases.iter().enumerate() {
-                let mut prefill = model.new_cache()?;
-                let mut logits = Vec::new();
-                for chunk in case.prompt.chunks(PREFILL_CHUNK) {
-                    logits = model.forward(chunk, &mut prefill, Logits::Last)?;
-                }
-                let answer = |kv: &mut SequenceKv<CpuDevice>| -> Result<String> {
-                    let mut l = logits.clone();
-                    let mut ids = Vec::new();
-                    for _ in 0..ANSWER_TOKENS {
-                        let t = argmax(&l).unwrap_or(0) as u32;
-                        if engine.tokenizer().is_end_of_turn(t) {
-                            break;
-                        }
-                        ids.push(t);
-                        kv.offload_if_due(opts.threads)?;
-                        l = model.forward(&[t], kv, Logits::Last)?;
-                    }
-                    engine.tokenizer().decode(&ids)
+            for &task in &opts.needle_tasks {
+                let cases = builder
+                    .clone()
+                    .with_task(task)
+                    .cases(n, opts.needle_cases)?;
+                let prompts: Vec<&[u32]> = cases.iter().map(|c| &c.prompt[..]).collect();
+                let mut progress = |i: usize| {
+                    note(&format!(
+                        "context {n}: {} needle case {}/{}",
+                        task.name(),
+                        i + 1,
+                        cases.len()
+                    ))
                 };
-                let mut dense_kv = prefill.fork(Arc::new(PolicyTable::dense(c.n_layers)), None)?;
-                dense_hits += usize::from(case.is_answered_by(&answer(&mut dense_kv)?));
-                drop(dense_kv);
-                for (j, table) in tables.iter().enumerate() {
-                    let mut kv = prefill.fork(Arc::clone(table), Some(Arc::clone(&pool)))?;
-                    kv.offload_if_due(opts.threads)?;
-                    hits[j] += usize::from(case.is_answered_by(&answer(&mut kv)?));
+                let answers = answer_all(
+                    &engine,
+                    &tables,
+                    &pool,
+                    opts.threads,
+                    &prompts,
+                    ANSWER_TOKENS,
+                    &mut progress,
+                )?;
+                let hits = |replies: &[String]| {
+                    replies
+                        .iter()
+                        .zip(&cases)
+                        .filter(|(r, c)| c.is_answered_by(r))
+                        .count() as f64
+                        / cases.len() as f64
+                };
+                let dense = hits(&answers.dense);
+                for (row, replies) in rows[first..].iter_mut().zip(&answers.policies) {
+                    let score = NeedleScore {
+                        task: task.name().into(),
+                        cases: cases.len(),
+                        accuracy: hits(replies),
+                        dense_accuracy: dense,
+                    };
+                    if task == NeedleTask::Single {
+                        row.needle_cases = score.cases;
+                        row.needle_accuracy = Some(score.accuracy);
+                        row.dense_needle_accuracy = Some(score.dense_accuracy);
+                    }
+                    row.needles.push(score);
                 }
-                note(&format!(
-                    "context {n}: needle case {}/{}",
-                    i + 1,
-                    cases.len()
-                ));
-            }
-            let total = cases.len() as f64;
-            for (j, row) in rows[first..].iter_mut().enumerate() {
-                row.needle_cases = cases.len();
-                row.needle_accuracy = Some(hits[j] as f64 / total);
-                row.dense_needle_accuracy = Some(dense_hits as f64 / total);
             }
         }
     }
     Ok(rows)
+}
+
+/// The diagnosed kv heads' means, a row per (layer, kv head) probed.
+fn head_rows(heads: &[Vec<HeadProbe>]) -> Vec<HeadRow> {
+    let mut rows = Vec::new();
+    for (layer, probes) in heads.iter().enumerate() {
+        for (kv_head, p) in probes.iter().enumerate() {
+            if p.samples == 0 {
+                continue;
+            }
+            let n = p.samples as f64;
+            let per_missed = |x: f64| {
+                if p.lsh_missed > 0.0 {
+                    x / p.lsh_missed
+                } else {
+                    0.0
+                }
+            };
+            rows.push(HeadRow {
+                layer,
+                kv_head,
+                offloaded_mass: p.offloaded / n,
+                tail_mass: p.tail / n,
+                lsh_missed: p.lsh_missed / n,
+                lsh_missed_with_top: p.lsh_missed_with_top / n,
+                missed_norm_rank: per_missed(p.missed_norm_rank),
+                missed_cos: per_missed(p.missed_cos),
+            });
+        }
+    }
+    rows
+}
+
+/// The engine (dense) and each policy's table for `opts`; a bad policy fails
+/// here, before any long run.
+fn load(opts: &EvalOptions) -> Result<(Engine, Vec<Arc<PolicyTable>>)> {
+    let engine = Engine::load(
+        &opts.model,
+        &EngineOptions {
+            threads: opts.threads,
+            cpu_workers: opts.cpu_workers,
+            policy: PolicyConfig {
+                policy: "dense".into(),
+                ..opts.base.clone()
+            },
+        },
+    )?;
+    let n_layers = engine.model().config().n_layers;
+    let tables = opts
+        .policies
+        .iter()
+        .map(|p| {
+            if p == "dense" {
+                return Ok(Arc::new(PolicyTable::dense(n_layers)));
+            }
+            PolicyConfig {
+                policy: p.clone(),
+                dense_below: opts.base.sinks + opts.base.window,
+                ..opts.base.clone()
+            }
+            .resolve(n_layers)
+            .map(Arc::new)
+        })
+        .collect::<Result<_>>()?;
+    Ok((engine, tables))
+}
+
+/// Greedy replies to a set of prompts, by dense and by each policy.
+struct Replies {
+    dense: Vec<String>,
+    /// Per policy, per prompt.
+    policies: Vec<Vec<String>>,
+}
+
+/// Prefills each prompt once, densely, then replies greedily (at most
+/// `max_tokens`, up to the end of the turn) with dense and with each table
+/// from forks of that prefill. `progress` hears of each prompt done.
+fn answer_all(
+    engine: &Engine,
+    tables: &[Arc<PolicyTable>],
+    pool: &Arc<WorkerPool>,
+    threads: usize,
+    prompts: &[&[u32]],
+    max_tokens: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Replies> {
+    let model = engine.model();
+    let n_layers = model.config().n_layers;
+    let mut replies = Replies {
+        dense: Vec::new(),
+        policies: vec![Vec::new(); tables.len()],
+    };
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut prefill = model.new_cache()?;
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            logits = model.forward(chunk, &mut prefill, Logits::Last)?;
+        }
+        let answer = |kv: &mut SequenceKv<CpuDevice>| -> Result<String> {
+            let mut l = logits.clone();
+            let mut ids = Vec::new();
+            for _ in 0..max_tokens {
+                let t = argmax(&l).unwrap_or(0) as u32;
+                if engine.tokenizer().is_end_of_turn(t) {
+                    break;
+                }
+                ids.push(t);
+                kv.offload_if_due(threads)?;
+                l = model.forward(&[t], kv, Logits::Last)?;
+            }
+            engine.tokenizer().decode(&ids)
+        };
+        let mut dense_kv = prefill.fork(Arc::new(PolicyTable::dense(n_layers)), None)?;
+        replies.dense.push(answer(&mut dense_kv)?);
+        drop(dense_kv);
+        for (table, out) in tables.iter().zip(&mut replies.policies) {
+            let mut kv = prefill.fork(Arc::clone(table), Some(Arc::clone(pool)))?;
+            kv.offload_if_due(threads)?;
+            out.push(answer(&mut kv)?);
+        }
+        progress(i);
+    }
+    Ok(replies)
+}
+
+/// The document questions (`questions`, every wording) answered by dense and
+/// by each policy of `opts` (its contexts, needle and scoring options are not
+/// used); `note` receives progress lines.
+pub fn run_doc_qa(
+    opts: &EvalOptions,
+    questions: &[Question],
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<DocQaRow>> {
+    if opts.policies.is_empty() || questions.is_empty() {
+        return Err(Error::InvalidRequest(
+            "document questions need at least one policy and one question".into(),
+        ));
+    }
+    let (engine, tables) = load(opts)?;
+    let pool = Arc::new(WorkerPool::new(opts.cpu_workers)?);
+    let context = engine.model().config().context_length;
+    let cases = docqa::cases(
+        questions,
+        engine.tokenizer(),
+        engine.chat_template(),
+        context,
+    )?;
+    let prompts: Vec<&[u32]> = cases.iter().map(|c| &c.prompt[..]).collect();
+    let mut progress = |i: usize| note(&format!("document question {}/{}", i + 1, cases.len()));
+    let replies = answer_all(
+        &engine,
+        &tables,
+        &pool,
+        opts.threads,
+        &prompts,
+        REPLY_TOKENS,
+        &mut progress,
+    )?;
+    let check = |replies: &[String]| -> Vec<bool> {
+        replies
+            .iter()
+            .zip(&cases)
+            .map(|(r, c)| c.is_answered_by(r))
+            .collect()
+    };
+    let dense_correct = check(&replies.dense);
+    Ok(opts
+        .policies
+        .iter()
+        .zip(replies.policies)
+        .map(|(policy, replies)| DocQaRow {
+            policy: policy.clone(),
+            cases: cases.clone(),
+            correct: check(&replies),
+            dense_correct: dense_correct.clone(),
+            replies,
+        })
+        .collect())
 }

@@ -1,7 +1,9 @@
 //! LSH sampling (MagicPIG): the keys retrieved by the index, each logit
-//! corrected by `-ln u`, the log of the key's probability of being retrieved.
+//! corrected by `-ln u`, the log of the key's probability of being retrieved;
+//! with a safety set, each head's top keys are attended exactly besides.
 
-use super::passes::{attend_selected, Partials, Step};
+use super::passes::{attend_selected, ExactPairs, Partials, Step};
+use super::safety::mark_safety_sets;
 use super::scratch::Scratch;
 use crate::bounds::BOUND_BLOCK;
 use crate::error::CpuError;
@@ -10,9 +12,9 @@ use crate::retrieval::retrieve;
 use crate::store::HeadStore;
 use std::time::Instant;
 
-/// Attends the keys retrieved for each query head of `step`. `query_bits`,
-/// when given, are the queries' sign bits (else they are hashed here).
-/// Returns the nanoseconds spent in retrieval.
+/// Attends the keys retrieved for each query head of `step`, and its safety
+/// set if `p.top > 0`. `query_bits`, when given, are the queries' sign bits
+/// (else they are hashed here). Returns the nanoseconds spent in retrieval.
 pub(super) fn attend(
     head: &HeadStore,
     step: Step,
@@ -25,21 +27,35 @@ pub(super) fn attend(
         .index
         .as_ref()
         .ok_or_else(|| CpuError::Config("policy lsh on a store without an index".into()))?;
+    let (n, g) = (head.len(), step.queries.len() / step.d);
+    let scanned = match p.top {
+        0 => 0,
+        top => mark_safety_sets(head, &step, top, scratch)?,
+    };
     let t0 = Instant::now();
     let (rs, sel) = (&mut scratch.retrieval, &mut scratch.sel);
-    let nu = retrieve(ix, head.len(), step.d, step.queries, query_bits, p, rs, sel);
+    let mut nu = retrieve(ix, n, step.d, step.queries, query_bits, p, rs, sel);
     let retrieval_ns = t0.elapsed().as_nanos() as u64;
-    blocks_holding(
-        &scratch.sel.union[..nu],
-        &scratch.sel.umask[..nu],
-        &mut *parts.blocks,
-    );
+    blocks_holding(&sel.union[..nu], &sel.umask[..nu], &mut *parts.blocks);
+    if p.top > 0 {
+        nu = sel.merge_mask(nu, &scratch.safety[..n]);
+        // The search scanned its blocks for every head of the group.
+        for b in &mut parts.blocks[..g] {
+            *b = (*b).max(scanned as u32);
+        }
+    }
+    let exact = (p.top > 0).then_some(ExactPairs {
+        heads: &scratch.safety,
+        logits: &scratch.logits,
+    });
     let step = Step {
         ln_u: Some(&ix.ln_u),
         value_skip: p.value_skip,
+        exact,
         ..step
     };
     attend_selected(head, &step, &scratch.sel, nu, &mut scratch.pass1, parts);
+    scratch.safety[..n].fill(0);
     Ok(retrieval_ns)
 }
 

@@ -3,10 +3,12 @@
 //! (half-space) reporting over the keys' block bounds, and the dense, exact
 //! top-k and oracle-sampling baselines.
 
+mod blocks;
 mod dense;
 mod lsh;
 mod oracle;
 mod passes;
+mod safety;
 mod scratch;
 mod threshold;
 mod topk;
@@ -61,6 +63,7 @@ pub(crate) fn attend_group(
         scale: 1.0 / (d as f32).sqrt(),
         ln_u: None,
         value_skip: 0,
+        exact: None,
     };
     match policy {
         Policy::Dense => dense::attend(head, &step, scratch, parts),

@@ -117,6 +117,18 @@ pub(crate) struct Step<'a> {
     pub(crate) ln_u: Option<&'a LnUTable>,
     /// V rows left out, see [`crate::policy::LshParams::value_skip`].
     pub(crate) value_skip: u8,
+    /// Under LSH with a safety set, the pairs whose logits stay exact.
+    pub(crate) exact: Option<ExactPairs<'a>>,
+}
+
+/// The (key, head) pairs of a safety set ([`crate::policy::LshParams::top`]):
+/// attended with their exact logits, never the estimator's.
+#[derive(Clone, Copy)]
+pub(crate) struct ExactPairs<'a> {
+    /// Per key position, the heads (bits) whose safety set holds it.
+    pub(crate) heads: &'a [u8],
+    /// Per head, every key's exact logit.
+    pub(crate) logits: &'a [Vec<f32>],
 }
 
 /// One group's partial results: each head's output (normalised within the
@@ -187,6 +199,14 @@ fn pass1(
     match step.ln_u {
         Some(ln_u) => corrected_logits(logits, heads, norms, &qmu, &qnorm, scale, ln_u.values()),
         None => logits.iter_mut().for_each(|x| *x *= scale),
+    }
+    if let Some(exact) = step.exact {
+        for ((logit, &id), &h) in logits.iter_mut().zip(keys.iter()).zip(heads.iter()) {
+            let id = id as usize;
+            if (exact.heads[id] >> h) & 1 == 1 {
+                *logit = exact.logits[usize::from(h)][id];
+            }
+        }
     }
     np
 }

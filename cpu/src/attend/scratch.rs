@@ -18,6 +18,14 @@ pub(crate) struct Scratch {
     /// The threshold policy's per-block buffers, see [`BlockScratch`].
     pub(crate) blocks: BlockScratch,
     pub(crate) pass1: PairLists,
+    /// Per key, the heads whose LSH safety set holds it; all zero between
+    /// calls.
+    pub(crate) safety: Vec<u8>,
+    /// Key sketch scores, `[g][n]`, the queries projected for them, and the
+    /// safety sets' candidates.
+    pub(crate) sketch_scores: Vec<i32>,
+    pub(crate) sketch_queries: Vec<i8>,
+    pub(crate) candidates: Vec<u32>,
 }
 
 impl Scratch {
@@ -27,6 +35,9 @@ impl Scratch {
         self.retrieval.ensure(n);
         if self.tmp.len() < n {
             self.tmp.resize(n, 0.0);
+        }
+        if self.safety.len() < n {
+            self.safety.resize(n, 0);
         }
         while self.logits.len() < g {
             self.logits.push(Vec::new());

@@ -119,13 +119,17 @@ impl<D: DenseDevice> SequenceKv<D> {
     /// `Some(None)` drops what leaves the window, `Some(Some(config))` builds a
     /// store of that configuration.
     fn store_config(&self, layer: usize) -> Option<Option<LayerConfig>> {
-        let (lsh, kv_dtype) = match &self.table.layers[layer].attention {
+        let (policy, lsh, kv_dtype) = match &self.table.layers[layer].attention {
             // A sliding window and a shared layer never hold a long context.
             LayerAttention::Dense
             | LayerAttention::Window { size: Some(_) }
             | LayerAttention::Shared { .. } => return None,
             LayerAttention::Window { size: None } => return Some(None),
-            LayerAttention::Offloaded { lsh, kv_dtype, .. } => (*lsh, *kv_dtype),
+            LayerAttention::Offloaded {
+                policy,
+                lsh,
+                kv_dtype,
+            } => (policy, *lsh, *kv_dtype),
         };
         Some(Some(LayerConfig {
             n_kv_heads: self.shape.n_kv_heads,
@@ -135,6 +139,7 @@ impl<D: DenseDevice> SequenceKv<D> {
             seed: self.table.seed,
             layer: layer as u32,
             kv_dtype,
+            sketch: policy.sketch_rank(self.shape.head_dim),
         }))
     }
 }

@@ -1,0 +1,82 @@
+//! Per-block work shared by the policies that search the store's key bounds
+//! ([`crate::bounds`]): each block's upper bound on each head's logits, and
+//! the exact logits of a block's keys.
+
+// Index loops over heads read several per-head arrays at once.
+#![allow(clippy::needless_range_loop)]
+
+use super::passes::Step;
+use super::scratch::BlockScratch;
+use crate::bounds::BoundQueries;
+use crate::rows::{KeyQueries, Rows};
+use crate::store::HeadStore;
+
+/// Each block's upper bound on each head's logits into `blocks.upper`
+/// (`[nb][8]`; NaN, from non-finite keys, as +inf: such blocks are scanned)
+/// and the largest over the heads into `blocks.top`.
+pub(super) fn block_bounds(
+    head: &HeadStore,
+    step: &Step,
+    g: usize,
+    nb: usize,
+    blocks: &mut BlockScratch,
+) {
+    let d = step.d;
+    let abs = &mut blocks.abs_queries[..g * d];
+    for (a, q) in abs.iter_mut().zip(step.queries) {
+        *a = q.abs();
+    }
+    let mut l1 = [0.0f32; 8];
+    for (h, l) in l1.iter_mut().enumerate().take(g) {
+        *l = abs[h * d..(h + 1) * d].iter().sum();
+    }
+    let reach = match &head.keys {
+        Rows::I8(c) => c.offset.iter().fold(0.0f32, |m, x| m.max(x.abs())),
+        _ => 0.0,
+    };
+    let q = BoundQueries {
+        queries: &step.queries[..g * d],
+        abs,
+        l1,
+        reach,
+    };
+    for (j, (upper, top)) in blocks.upper[..nb * 8]
+        .chunks_exact_mut(8)
+        .zip(&mut blocks.top[..nb])
+        .enumerate()
+    {
+        let upper = &mut upper[..g];
+        head.bounds.upper(j, &q, upper);
+        *top = f32::NEG_INFINITY;
+        for u in upper.iter_mut() {
+            *u = if u.is_nan() {
+                f32::INFINITY
+            } else {
+                *u * step.scale
+            };
+            *top = top.max(*u);
+        }
+    }
+}
+
+/// The logits of `keys` for the `g` heads of `kq` into `logits[h]`, raising
+/// each head's `max` (NaN logits are ignored).
+pub(super) fn block_logits(
+    rows: &Rows,
+    kq: &KeyQueries,
+    scale: f32,
+    g: usize,
+    keys: std::ops::Range<usize>,
+    logits: &mut [Vec<f32>],
+    max: &mut [f32; 8],
+) {
+    let mut dots = [0.0f32; 8];
+    for i in keys {
+        rows.dots(i, kq, &mut dots[..g]);
+        for (h, (&x, m)) in dots[..g].iter().zip(max.iter_mut()).enumerate() {
+            let l = x * scale;
+            logits[h][i] = l;
+            *m = m.max(l);
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The safety set of LSH sampling ([`crate::policy::LshParams::top`]): per
+//! query head, its `top` keys of largest logit.
+//!
+//! A store with a key sketch ([`crate::sketch`]) scores every key through
+//! it, takes each head's [`CANDIDATES_PER_TOP`]` · top` best as candidates
+//! and keeps the `top` of largest exact logit among them: the set found is
+//! the exact top wherever the sketch ranks those keys within the candidates.
+//!
+//! Without a sketch, the set is found exactly by a
+//! best-first search over the store's key bounds. Blocks are visited by
+//! descending bound; a block is skipped when its bound is below the
+//! `top`-th largest logit found so far for every head, and the search ends
+//! at the first block whose bound is below that for every head (no later
+//! block holds a larger logit). Peaked heads end early; on flat heads, whose
+//! bounds all reach the top logits, the search scans every block.
+
+// Index loops over heads read several per-head arrays at once.
+#![allow(clippy::needless_range_loop)]
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use super::blocks::{block_bounds, block_logits};
+use super::passes::Step;
+use super::scratch::Scratch;
+use crate::bounds::BOUND_BLOCK;
+use crate::error::CpuError;
+use crate::sketch::KeySketch;
+use crate::store::HeadStore;
+use tandem_kernels::hash::collect_at_least;
+
+/// Candidates rescored per key of a safety set.
+pub(crate) const CANDIDATES_PER_TOP: usize = 4;
+
+/// Scores sampled to place the candidates' cutoff, about.
+const CUTOFF_SAMPLE: usize = 4096;
+/// How many more candidates than wanted a sampled cutoff lets through.
+const CUTOFF_MARGIN: f64 = 1.5;
+/// Candidate rows prefetched ahead of their rescoring.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Marks each head's `top` keys of largest logit in `scratch.safety` (bit
+/// `h` for head `h`), their logits in `scratch.logits`. Returns the number of
+/// blocks of keys read in full.
+pub(super) fn mark_safety_sets(
+    head: &HeadStore,
+    step: &Step,
+    top: usize,
+    scratch: &mut Scratch,
+) -> Result<usize, CpuError> {
+    match &head.sketch {
+        Some(sketch) if sketch.len() == head.len() => {
+            Ok(through_sketch(head, sketch, step, top, scratch))
+        }
+        _ => through_bounds(head, step, top, scratch),
+    }
+}
+
+/// The safety sets through the key sketch (see the module documentation).
+fn through_sketch(
+    head: &HeadStore,
+    sketch: &KeySketch,
+    step: &Step,
+    top: usize,
+    scratch: &mut Scratch,
+) -> usize {
+    let (n, g) = (head.len(), step.queries.len() / step.d);
+    let top = top.min(n);
+    let wanted = (CANDIDATES_PER_TOP * top).min(n);
+    scratch.ensure_logits(n, g);
+    let projected = &mut scratch.sketch_queries;
+    sketch.project(step.queries, projected);
+    let every = n.div_ceil(CUTOFF_SAMPLE);
+    let m = sketch.sample_scores(projected, every, &mut scratch.sketch_scores);
+    let mut cutoffs = [i32::MIN; 8];
+    for (h, c) in cutoffs[..g].iter_mut().enumerate() {
+        let sample = &mut scratch.sketch_scores[h * m..(h + 1) * m];
+        *c = cutoff(sample, wanted, n);
+    }
+    // Candidates of each head, marked in `sel.mask` (all zero between calls).
+    let mask = &mut scratch.sel.mask;
+    sketch.select(projected, &cutoffs[..g], &mut mask[..n]);
+    let candidates = &mut scratch.candidates;
+    candidates.resize(n, 0);
+    let nc = collect_at_least(&mask[..n], 1, 0, candidates);
+    let candidates = &candidates[..nc];
+    let mut dots = [0.0f32; 8];
+    let mut blocks = 0;
+    let mut last_block = usize::MAX;
+    for (p, &i) in candidates.iter().enumerate() {
+        if let Some(&next) = candidates.get(p + PREFETCH_AHEAD) {
+            head.keys.prefetch_row(next as usize);
+        }
+        let i = i as usize;
+        head.keys.dots(i, step.kq, &mut dots[..g]);
+        for h in 0..g {
+            scratch.logits[h][i] = dots[h] * step.scale;
+        }
+        blocks += usize::from(i / BOUND_BLOCK != last_block);
+        last_block = i / BOUND_BLOCK;
+    }
+    for h in 0..g {
+        let bit = 1u8 << h;
+        let logits = &scratch.logits[h];
+        let ranked = &mut scratch.tmp;
+        ranked.clear();
+        let own = candidates.iter().filter(|&&i| mask[i as usize] & bit != 0);
+        ranked.extend(own.map(|&i| logits[i as usize]));
+        if ranked.is_empty() {
+            continue;
+        }
+        let keep = top.min(ranked.len());
+        let at = ranked.len() - keep;
+        let kth = *ranked.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
+        let mut marked = 0;
+        for equal in [false, true] {
+            for &i in candidates {
+                let i = i as usize;
+                let hit = if equal {
+                    logits[i] == kth
+                } else {
+                    logits[i] > kth
+                };
+                if marked < keep && mask[i] & bit != 0 && hit {
+                    scratch.safety[i] |= bit;
+                    marked += 1;
+                }
+            }
+        }
+    }
+    for &i in candidates {
+        mask[i as usize] = 0;
+    }
+    blocks
+}
+
+/// The score above which about `wanted` of `n` keys lie, placed on `sample`
+/// (the scores of an even sample of them, reordered): exact when the sample
+/// is every key, else with [`CUTOFF_MARGIN`] times the share, so that fewer
+/// than `wanted` pass only by a sampling fluke.
+fn cutoff(sample: &mut [i32], wanted: usize, n: usize) -> i32 {
+    let m = sample.len();
+    let share = if m == n {
+        wanted
+    } else {
+        (wanted as f64 * CUTOFF_MARGIN * m as f64 / n as f64).ceil() as usize
+    };
+    if share == 0 {
+        return i32::MAX;
+    }
+    if share >= m {
+        return i32::MIN;
+    }
+    *sample.select_nth_unstable(m - share).1
+}
+
+/// The safety sets found exactly through the key bounds (see the module
+/// documentation).
+fn through_bounds(
+    head: &HeadStore,
+    step: &Step,
+    top: usize,
+    scratch: &mut Scratch,
+) -> Result<usize, CpuError> {
+    let (n, g) = (head.len(), step.queries.len() / step.d);
+    if head.bounds.covered() != n {
+        return Err(CpuError::Config("key bounds lag the stored keys".into()));
+    }
+    let nb = head.bounds.blocks();
+    scratch.ensure_logits(n, g);
+    scratch.ensure_blocks(nb, g * step.d);
+    let blocks = &mut scratch.blocks;
+    block_bounds(head, step, g, nb, blocks);
+    let order = &mut blocks.order[..nb];
+    for (j, o) in order.iter_mut().enumerate() {
+        *o = j as u32;
+    }
+    let bound = &blocks.top;
+    order.sort_unstable_by(|&a, &b| bound[b as usize].total_cmp(&bound[a as usize]));
+    let top = top.min(n);
+    let mut best: Vec<TopLogits> = (0..g).map(|_| TopLogits::new(top)).collect();
+    let mut max = [f32::NEG_INFINITY; 8];
+    let mut nv = 0;
+    for &j in order.iter() {
+        let j = j as usize;
+        let kth: Vec<f32> = best.iter().map(TopLogits::kth).collect();
+        let lowest = kth.iter().fold(f32::INFINITY, |a, &k| a.min(k));
+        if blocks.top[j] < lowest {
+            break;
+        }
+        let upper = &blocks.upper[j * 8..j * 8 + g];
+        if (0..g).all(|h| upper[h] < kth[h]) {
+            continue;
+        }
+        let keys = j * BOUND_BLOCK..((j + 1) * BOUND_BLOCK).min(n);
+        block_logits(
+            &head.keys,
+            step.kq,
+            step.scale,
+            g,
+            keys.clone(),
+            &mut scratch.logits,
+            &mut max,
+        );
+        for (h, b) in best.iter_mut().enumerate() {
+            keys.clone().for_each(|i| b.offer(scratch.logits[h][i]));
+        }
+        blocks.visited[nv] = j as u32;
+        nv += 1;
+    }
+    let visited = &mut blocks.visited[..nv];
+    visited.sort_unstable();
+    for (h, b) in best.iter().enumerate() {
+        mark(
+            visited,
+            n,
+            b.kth(),
+            top,
+            &scratch.logits[h],
+            1 << h,
+            &mut scratch.safety,
+        );
+    }
+    Ok(nv)
+}
+
+/// Sets `bit` in `mask` for the keys of the `visited` blocks whose logit is
+/// above `kth`, then for those equal to it (in position order) until `top`
+/// keys are marked.
+fn mark(visited: &[u32], n: usize, kth: f32, top: usize, logits: &[f32], bit: u8, mask: &mut [u8]) {
+    let keys = || {
+        visited
+            .iter()
+            .flat_map(move |&j| j as usize * BOUND_BLOCK..((j as usize + 1) * BOUND_BLOCK).min(n))
+    };
+    let mut marked = 0;
+    for i in keys().filter(|&i| logits[i] > kth) {
+        mask[i] |= bit;
+        marked += 1;
+    }
+    for i in keys().filter(|&i| logits[i] == kth) {
+        if marked == top {
+            break;
+        }
+        mask[i] |= bit;
+        marked += 1;
+    }
+}
+
+/// The `cap` largest logits offered so far (NaN ignored).
+struct TopLogits {
+    cap: usize,
+    heap: BinaryHeap<Reverse<Logit>>,
+}
+
+impl TopLogits {
+    fn new(cap: usize) -> Self {
+        TopLogits {
+            cap,
+            heap: BinaryHeap::with_capacity(cap + 1),
+        }
+    }
+
+    fn offer(&mut self, x: f32) {
+        if x.is_nan() || self.cap == 0 {
+            return;
+        }
+        if self.heap.len() < self.cap {
+            self.heap.push(Reverse(Logit(x)));
+        } else if x > self.kth() {
+            self.heap.pop();
+            self.heap.push(Reverse(Logit(x)));
+        }
+    }
+
+    /// The `cap`-th largest logit offered; −∞ until `cap` were offered
+    /// (+∞ with `cap` 0: nothing to find).
+    fn kth(&self) -> f32 {
+        match (self.cap, self.heap.peek()) {
+            (0, _) => f32::INFINITY,
+            (_, Some(Reverse(Logit(x)))) if self.heap.len() == self.cap => *x,
+            _ => f32::NEG_INFINITY,
+        }
+    }
+}
+
+/// A logit ordered by `total_cmp` (NaN never enters).
+#[derive(Clone, Copy, PartialEq)]
+struct Logit(f32);
+
+impl Eq for Logit {}
+
+impl PartialOrd for Logit {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Logit {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}

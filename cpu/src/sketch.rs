@@ -1,0 +1,319 @@
+//! A low-rank int8 sketch of one kv head's keys, to find each query head's
+//! keys of largest logit without reading every key (LSH's safety set,
+//! [`crate::LshParams::top`]): the centred keys' top principal components,
+//! fitted on the prefill keys, one int8 code per component, blocked for
+//! [`tandem_kernels::sketch::sketch_scores`].
+//!
+//! A key's sketch score is its logit's estimate up to a per-query constant
+//! (the query's product with the centring mean), so ranking by it needs no
+//! correction; keys appended after the fit are projected on the same basis.
+
+use tandem_kernels::mem::OutOfMemory;
+use tandem_kernels::rng::SplitMix64;
+use tandem_kernels::sketch::{
+    block_bytes, code_offset, sketch_scores, sketch_select, SKETCH_BLOCK,
+};
+use tandem_kernels::vector::dot_f32;
+
+/// Keys the covariance is estimated from, at most (evenly spaced).
+const FIT_SAMPLE: usize = 2048;
+/// Subspace iterations of the fit.
+const FIT_ITERATIONS: usize = 12;
+
+/// One kv head's key sketch.
+pub(crate) struct KeySketch {
+    d: usize,
+    r: usize,
+    /// `r` orthonormal rows of `d`: the principal directions.
+    basis: Vec<f32>,
+    /// Per component, the value of one code step.
+    step: Vec<f32>,
+    /// Blocks of [`SKETCH_BLOCK`] keys, codes offset to unsigned bytes, in
+    /// the kernel's layout ([`tandem_kernels::sketch`]).
+    codes: Vec<u8>,
+    len: usize,
+}
+
+impl KeySketch {
+    /// Fits an `r`-component sketch (`r` a positive multiple of 4 below
+    /// `d`) to the centred keys `centred` (rows of `d`) and sketches them;
+    /// `None` for fewer than `r` keys or another `r`.
+    pub(crate) fn fit(centred: &[f32], d: usize, r: usize) -> Result<Option<Self>, OutOfMemory> {
+        let n = centred.len() / d;
+        if r == 0 || !r.is_multiple_of(4) || r >= d || n < r {
+            return Ok(None);
+        }
+        let basis = principal_directions(centred, d, r);
+        let mut step = vec![0.0f32; r];
+        for key in centred.chunks_exact(d) {
+            for (s, b) in step.iter_mut().zip(basis.chunks_exact(d)) {
+                *s = s.max(dot_f32(key, b).abs());
+            }
+        }
+        step.iter_mut()
+            .for_each(|s| *s = (*s / 127.0).max(f32::MIN_POSITIVE));
+        let mut sketch = KeySketch {
+            d,
+            r,
+            basis,
+            step,
+            codes: Vec::new(),
+            len: 0,
+        };
+        sketch.push(centred)?;
+        Ok(Some(sketch))
+    }
+
+    /// Sketches the centred keys `centred` (rows of `d`), appended in order;
+    /// components beyond the fitted range saturate.
+    pub(crate) fn push(&mut self, centred: &[f32]) -> Result<(), OutOfMemory> {
+        let (d, r) = (self.d, self.r);
+        let n = centred.len() / d;
+        let blocks = (self.len + n).div_ceil(SKETCH_BLOCK);
+        let extra = (blocks * block_bytes(r)).saturating_sub(self.codes.len());
+        self.codes
+            .try_reserve(extra)
+            .map_err(|_| OutOfMemory { bytes: extra })?;
+        self.codes.resize(blocks * block_bytes(r), 0);
+        for key in centred.chunks_exact(d) {
+            let (block, lane) = (self.len / SKETCH_BLOCK, self.len % SKETCH_BLOCK);
+            let base = block * block_bytes(r);
+            for (c, (b, s)) in self.basis.chunks_exact(d).zip(&self.step).enumerate() {
+                let code = (dot_f32(key, b) / s).round().clamp(-127.0, 127.0);
+                self.codes[base + code_offset(r, lane, c)] = (code + 128.0) as u8;
+            }
+            self.len += 1;
+        }
+        Ok(())
+    }
+
+    /// Keys sketched.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.codes.len() + (self.basis.len() + self.step.len()) * 4
+    }
+
+    /// The `queries` (rows of `d`, at most 8) in the sketch's terms
+    /// (`[g][r]`: code steps folded in, each query scaled to int8), for
+    /// [`KeySketch::sample_scores`] and [`KeySketch::select`]. A query's
+    /// scores are its logits' estimates up to a positive factor and a
+    /// constant of its own.
+    pub(crate) fn project(&self, queries: &[f32], projected: &mut Vec<i8>) {
+        let (d, r) = (self.d, self.r);
+        projected.clear();
+        let mut row = vec![0.0f32; r];
+        for q in queries.chunks_exact(d) {
+            for ((x, b), s) in row
+                .iter_mut()
+                .zip(self.basis.chunks_exact(d))
+                .zip(&self.step)
+            {
+                *x = dot_f32(q, b) * s;
+            }
+            let top = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let scale = if top > 0.0 { 127.0 / top } else { 0.0 };
+            projected.extend(row.iter().map(|x| (x * scale).round() as i8));
+        }
+    }
+
+    /// The scores of the keys of every `every`-th block of
+    /// [`SKETCH_BLOCK`] keys for each projected query, head-major
+    /// (`[g][m]`) into `out`; returns `m`, the keys sampled.
+    pub(crate) fn sample_scores(
+        &self,
+        projected: &[i8],
+        every: usize,
+        out: &mut Vec<i32>,
+    ) -> usize {
+        let r = self.r;
+        let g = projected.len() / r;
+        let stride = block_bytes(r);
+        let blocks = (0..self.len.div_ceil(SKETCH_BLOCK)).step_by(every.max(1));
+        let lanes = |b: usize| (self.len - b * SKETCH_BLOCK).min(SKETCH_BLOCK);
+        let m: usize = blocks.clone().map(lanes).sum();
+        out.clear();
+        out.resize(g * m, 0);
+        let mut block_out = [0i32; 8 * SKETCH_BLOCK];
+        let mut at = 0;
+        for b in blocks {
+            let k = lanes(b);
+            sketch_scores(
+                &self.codes[b * stride..(b + 1) * stride],
+                r,
+                k,
+                projected,
+                &mut block_out,
+            );
+            for h in 0..g {
+                out[h * m + at..h * m + at + k].copy_from_slice(&block_out[h * k..(h + 1) * k]);
+            }
+            at += k;
+        }
+        m
+    }
+
+    /// Sets bit `h` of `mask[i]` for every key `i` whose score for projected
+    /// query `h` reaches `cutoffs[h]`.
+    pub(crate) fn select(&self, projected: &[i8], cutoffs: &[i32], mask: &mut [u8]) {
+        sketch_select(&self.codes, self.r, self.len, projected, cutoffs, mask);
+    }
+}
+
+/// The top `r` principal directions of the rows of `centred` (rows of `d`),
+/// as `r` orthonormal rows: subspace iteration on their covariance, from a
+/// sample of at most [`FIT_SAMPLE`] rows.
+fn principal_directions(centred: &[f32], d: usize, r: usize) -> Vec<f32> {
+    let n = centred.len() / d;
+    let stride = n.div_ceil(FIT_SAMPLE).max(1);
+    let mut cov = vec![0.0f64; d * d];
+    for key in centred.chunks_exact(d).step_by(stride) {
+        for (i, &a) in key.iter().enumerate() {
+            let row = &mut cov[i * d..(i + 1) * d];
+            for (c, &b) in row.iter_mut().zip(key) {
+                *c += f64::from(a) * f64::from(b);
+            }
+        }
+    }
+    let mut rng = SplitMix64(0x5ce7c4);
+    let mut basis: Vec<f64> = (0..r * d).map(|_| rng.normal()).collect();
+    orthonormalize(&mut basis, d);
+    let mut next = vec![0.0f64; r * d];
+    for _ in 0..FIT_ITERATIONS {
+        for (out, v) in next.chunks_exact_mut(d).zip(basis.chunks_exact(d)) {
+            for (o, row) in out.iter_mut().zip(cov.chunks_exact(d)) {
+                *o = row.iter().zip(v).map(|(a, b)| a * b).sum();
+            }
+        }
+        std::mem::swap(&mut basis, &mut next);
+        orthonormalize(&mut basis, d);
+    }
+    basis.iter().map(|&x| x as f32).collect()
+}
+
+/// Modified Gram-Schmidt over the rows of `v` (rows of `d`); a row that
+/// vanishes is replaced by a unit vector not yet spanned.
+fn orthonormalize(v: &mut [f64], d: usize) {
+    let r = v.len() / d;
+    for i in 0..r {
+        for j in 0..i {
+            let (done, rest) = v.split_at_mut(i * d);
+            let (prev, row) = (&done[j * d..(j + 1) * d], &mut rest[..d]);
+            let p: f64 = prev.iter().zip(row.iter()).map(|(a, b)| a * b).sum();
+            row.iter_mut().zip(prev).for_each(|(x, a)| *x -= p * a);
+        }
+        let row = &mut v[i * d..(i + 1) * d];
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 1e-12 {
+            row.iter_mut().for_each(|x| *x /= norm);
+        } else {
+            row.iter_mut().for_each(|x| *x = 0.0);
+            row[i % d] = 1.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys near a 4-dimensional subspace of 24 dimensions.
+    fn low_rank_keys(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64(seed);
+        let dirs: Vec<f32> = (0..4 * d).map(|_| rng.normal() as f32).collect();
+        let mut keys = vec![0.0f32; n * d];
+        for key in keys.chunks_exact_mut(d) {
+            for (c, dir) in dirs.chunks_exact(d).enumerate() {
+                let a = rng.normal() as f32 * (4 - c) as f32;
+                key.iter_mut().zip(dir).for_each(|(k, x)| *k += a * x);
+            }
+            key.iter_mut()
+                .for_each(|k| *k += 0.05 * rng.normal() as f32);
+        }
+        keys
+    }
+
+    #[test]
+    fn the_basis_is_orthonormal_and_scores_follow_the_logits() {
+        let (n, d, r) = (500, 24, 4);
+        let keys = low_rank_keys(n, d, 5);
+        let mut sketch = KeySketch::fit(&keys[..300 * d], d, r)
+            .expect("memory")
+            .expect("fits");
+        sketch.push(&keys[300 * d..]).expect("memory");
+        assert_eq!(sketch.len(), n);
+        for (i, a) in sketch.basis.chunks_exact(d).enumerate() {
+            for (j, b) in sketch.basis.chunks_exact(d).enumerate() {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((dot_f32(a, b) - want).abs() < 1e-4, "{i} {j}");
+            }
+        }
+        // The keys live in the sketched subspace: scores are q·k up to a
+        // positive factor and a constant, within a few code steps.
+        let mut rng = SplitMix64(9);
+        let q: Vec<f32> = (0..2 * d).map(|_| rng.normal() as f32).collect();
+        let mut projected = Vec::new();
+        sketch.project(&q, &mut projected);
+        let mut scores = Vec::new();
+        assert_eq!(sketch.sample_scores(&projected, 1, &mut scores), n);
+        for h in 0..2 {
+            let qh = &q[h * d..(h + 1) * d];
+            let exact: Vec<f64> = keys
+                .chunks_exact(d)
+                .map(|k| f64::from(dot_f32(k, qh)))
+                .collect();
+            let got: Vec<f64> = scores[h * n..(h + 1) * n]
+                .iter()
+                .map(|&s| f64::from(s))
+                .collect();
+            let (fit, worst) = affine_fit(&got, &exact);
+            assert!(fit > 0.0, "head {h}: scores fall as logits rise");
+            let spread = exact.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            assert!(worst < 0.05 * spread, "head {h}: {worst} vs {spread}");
+        }
+        // Sampling every other block scores its keys alike.
+        let mut sampled = Vec::new();
+        let m = sketch.sample_scores(&projected, 2, &mut sampled);
+        assert_eq!(
+            m,
+            (0..n.div_ceil(16))
+                .step_by(2)
+                .map(|b| (n - 16 * b).min(16))
+                .sum::<usize>()
+        );
+        assert_eq!(sampled[..16], scores[..16]);
+        assert_eq!(sampled[16..32], scores[32..48]);
+    }
+
+    /// The slope `a` of the least-squares fit `y ≈ a x + b`, and the largest
+    /// residual.
+    fn affine_fit(x: &[f64], y: &[f64]) -> (f64, f64) {
+        let n = x.len() as f64;
+        let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+        let sxy: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+        let sxx: f64 = x.iter().map(|a| (a - mx) * (a - mx)).sum();
+        let a = sxy / sxx;
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(a_, b)| (a * (a_ - mx) + my - b).abs())
+            .fold(0.0, f64::max);
+        (a, worst)
+    }
+
+    #[test]
+    fn too_few_keys_or_too_many_components_fit_nothing() {
+        let keys = low_rank_keys(3, 24, 1);
+        assert!(KeySketch::fit(&keys, 24, 4).expect("memory").is_none());
+        assert!(KeySketch::fit(&keys, 24, 24).expect("memory").is_none());
+        assert!(KeySketch::fit(&keys, 24, 0).expect("memory").is_none());
+        let more = low_rank_keys(50, 24, 1);
+        assert!(
+            KeySketch::fit(&more, 24, 6).expect("memory").is_none(),
+            "not a multiple of 4"
+        );
+    }
+}
