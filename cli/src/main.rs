@@ -696,6 +696,15 @@ fn eval(args: EvalArgs) -> Result<()> {
         diagnose: args.diagnose,
     };
     let rows = run_eval(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    // Written first: the document questions run long after.
+    if let Some(path) = &args.json {
+        std::fs::write(path, report::to_json(&rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report::svg_plot(&rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     print!("{}", report::markdown_table(&rows));
     print!("{}", report::needle_table(&rows));
     print!("{}", report::per_layer_tables(&rows));
@@ -710,14 +719,6 @@ fn eval(args: EvalArgs) -> Result<()> {
             std::fs::write(path, serde_json::to_string_pretty(&qa)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(path, report::to_json(&rows))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.plot {
-        std::fs::write(path, report::svg_plot(&rows))
-            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
