@@ -389,6 +389,20 @@ if legacy:
 out += ["| Figure | Value | Command | Machine | Date | Commit |",
         "| --- | --- | --- | --- | --- | --- |"]
 out += ["| " + " | ".join(r) + " |" for r in table]
+# Runs read whose directory holds a README: their own tables, verbatim.
+runs = [p for p in paths if os.path.isdir(p) and os.path.exists(os.path.join(p, "README.md"))]
+for run_dir in runs:
+    readme = os.path.join(run_dir, "README.md")
+    lines = open(readme).read().splitlines()
+    out += ["", "## " + lines[0].lstrip("# ").strip(), "",
+            f"From [{readme}]({readme}):", ""]
+    block = []
+    for l in lines[1:] + [""]:
+        if l.startswith("|"):
+            block.append(l)
+        elif block:
+            out += block + [""]
+            block = []
 # Before/after measurements of changes, each with its own README of figures.
 import glob
 ab = sorted(glob.glob("bench/results/*-vs-*/README.md"), reverse=True)
