@@ -6,21 +6,40 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::passes::Step;
-use super::scratch::BlockScratch;
+use super::scratch::{BlockScratch, Scratch};
 use crate::bounds::BoundQueries;
+use crate::error::CpuError;
 use crate::rows::{KeyQueries, Rows};
 use crate::store::HeadStore;
+
+/// Readies a search over the blocks of `head`: room for every key's logit,
+/// each block's bounds in `scratch.blocks` (see [`block_bounds`]) and
+/// `scratch.blocks.order` holding the blocks in position order. Returns the
+/// number of blocks; an error if the bounds lag the stored keys.
+pub(super) fn prepare_blocks(
+    head: &HeadStore,
+    step: &Step,
+    scratch: &mut Scratch,
+) -> Result<usize, CpuError> {
+    let (n, g) = (head.len(), step.queries.len() / step.d);
+    if head.bounds.covered() != n {
+        return Err(CpuError::Config("key bounds lag the stored keys".into()));
+    }
+    let nb = head.bounds.blocks();
+    scratch.ensure_logits(n, g);
+    scratch.ensure_blocks(nb, g * step.d);
+    let blocks = &mut scratch.blocks;
+    block_bounds(head, step, g, nb, blocks);
+    for (j, o) in blocks.order[..nb].iter_mut().enumerate() {
+        *o = j as u32;
+    }
+    Ok(nb)
+}
 
 /// Each block's upper bound on each head's logits into `blocks.upper`
 /// (`[nb][8]`; NaN, from non-finite keys, as +inf: such blocks are scanned)
 /// and the largest over the heads into `blocks.top`.
-pub(super) fn block_bounds(
-    head: &HeadStore,
-    step: &Step,
-    g: usize,
-    nb: usize,
-    blocks: &mut BlockScratch,
-) {
+fn block_bounds(head: &HeadStore, step: &Step, g: usize, nb: usize, blocks: &mut BlockScratch) {
     let d = step.d;
     let abs = &mut blocks.abs_queries[..g * d];
     for (a, q) in abs.iter_mut().zip(step.queries) {

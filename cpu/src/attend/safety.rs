@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::blocks::{block_bounds, block_logits};
+use super::blocks::{block_logits, prepare_blocks};
 use super::passes::Step;
 use super::scratch::Scratch;
 use crate::bounds::BOUND_BLOCK;
@@ -163,18 +163,9 @@ fn through_bounds(
     scratch: &mut Scratch,
 ) -> Result<usize, CpuError> {
     let (n, g) = (head.len(), step.queries.len() / step.d);
-    if head.bounds.covered() != n {
-        return Err(CpuError::Config("key bounds lag the stored keys".into()));
-    }
-    let nb = head.bounds.blocks();
-    scratch.ensure_logits(n, g);
-    scratch.ensure_blocks(nb, g * step.d);
+    let nb = prepare_blocks(head, step, scratch)?;
     let blocks = &mut scratch.blocks;
-    block_bounds(head, step, g, nb, blocks);
     let order = &mut blocks.order[..nb];
-    for (j, o) in order.iter_mut().enumerate() {
-        *o = j as u32;
-    }
     let bound = &blocks.top;
     order.sort_unstable_by(|&a, &b| bound[b as usize].total_cmp(&bound[a as usize]));
     let top = top.min(n);

@@ -15,7 +15,7 @@
 // Index loops over heads read several per-head arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-use super::blocks::{block_bounds, block_logits};
+use super::blocks::{block_logits, prepare_blocks};
 use super::passes::{attend_selected, Partials, Step};
 use super::scratch::{BlockScratch, Scratch};
 use crate::bounds::BOUND_BLOCK;
@@ -33,19 +33,10 @@ pub(super) fn attend(
     parts: Partials,
 ) -> Result<(), CpuError> {
     let (n, g) = (head.len(), step.queries.len() / step.d);
-    if head.bounds.covered() != n {
-        return Err(CpuError::Config("key bounds lag the stored keys".into()));
-    }
-    let nb = head.bounds.blocks();
-    scratch.ensure_logits(n, g);
-    scratch.ensure_blocks(nb, g * step.d);
+    let nb = prepare_blocks(head, step, scratch)?;
     let blocks = &mut scratch.blocks;
-    block_bounds(head, step, g, nb, blocks);
     let mut cut = Cut::new(p, n);
     let order = &mut blocks.order[..nb];
-    for (j, o) in order.iter_mut().enumerate() {
-        *o = j as u32;
-    }
     if cut.drop.is_some() {
         let top = &blocks.top;
         order.sort_unstable_by(|&a, &b| top[b as usize].total_cmp(&top[a as usize]));
