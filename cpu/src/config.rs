@@ -82,7 +82,8 @@ pub struct LayerConfig {
     /// Element type the K and V rows are stored in.
     pub kv_dtype: KvDtype,
     /// Components of the key sketch that finds LSH's safety sets
-    /// ([`crate::LshParams::top`]), fitted at the prefill load; 0 keeps none.
+    /// ([`crate::LshParams::top`]), fitted at the prefill load: 0 keeps none,
+    /// else a multiple of 4 below `head_dim`, at most 64.
     pub sketch: usize,
 }
 
@@ -117,10 +118,12 @@ impl LayerConfig {
                 self.group
             )));
         }
-        if self.sketch >= self.head_dim {
+        let r = self.sketch;
+        if r > 0 && (r >= self.head_dim || !r.is_multiple_of(4) || r > crate::sketch::MAX_RANK) {
             return Err(CpuError::Config(format!(
-                "a key sketch of {} components for head_dim {} (fewer needed)",
-                self.sketch, self.head_dim
+                "a key sketch of {r} components for head_dim {}: a multiple of 4, below head_dim, at most {}",
+                self.head_dim,
+                crate::sketch::MAX_RANK
             )));
         }
         self.lsh.as_ref().map_or(Ok(()), LshIndexParams::validate)

@@ -19,6 +19,8 @@ use tandem_kernels::vector::dot_f32;
 const FIT_SAMPLE: usize = 2048;
 /// Subspace iterations of the fit.
 const FIT_ITERATIONS: usize = 12;
+/// Most components a sketch holds.
+pub(crate) const MAX_RANK: usize = 64;
 
 /// One kv head's key sketch.
 pub(crate) struct KeySketch {
@@ -36,11 +38,11 @@ pub(crate) struct KeySketch {
 
 impl KeySketch {
     /// Fits an `r`-component sketch (`r` a positive multiple of 4 below
-    /// `d`) to the centred keys `centred` (rows of `d`) and sketches them;
+    /// `d`, at most [`MAX_RANK`]) to the centred keys `centred` (rows of `d`) and sketches them;
     /// `None` for fewer than `r` keys or another `r`.
     pub(crate) fn fit(centred: &[f32], d: usize, r: usize) -> Result<Option<Self>, OutOfMemory> {
         let n = centred.len() / d;
-        if r == 0 || !r.is_multiple_of(4) || r >= d || n < r {
+        if r == 0 || !r.is_multiple_of(4) || r > MAX_RANK || r >= d || n < r {
             return Ok(None);
         }
         let basis = principal_directions(centred, d, r);
@@ -105,7 +107,8 @@ impl KeySketch {
     pub(crate) fn project(&self, queries: &[f32], projected: &mut Vec<i8>) {
         let (d, r) = (self.d, self.r);
         projected.clear();
-        let mut row = vec![0.0f32; r];
+        let mut buf = [0.0f32; MAX_RANK];
+        let row = &mut buf[..r];
         for q in queries.chunks_exact(d) {
             for ((x, b), s) in row
                 .iter_mut()

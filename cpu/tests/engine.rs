@@ -834,7 +834,18 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         ..cfg.clone()
     })
     .is_err());
-    assert!(LayerStore::new(LayerConfig { group: 9, ..cfg }).is_err());
+    assert!(LayerStore::new(LayerConfig {
+        group: 9,
+        ..cfg.clone()
+    })
+    .is_err());
+    for bad_sketch in [6, 68, cfg.head_dim] {
+        let bad = LayerConfig {
+            sketch: bad_sketch,
+            ..cfg.clone()
+        };
+        assert!(LayerStore::new(bad).is_err(), "sketch {bad_sketch}");
+    }
 }
 
 #[test]
