@@ -102,31 +102,23 @@ fn through_sketch(
     for h in 0..g {
         let bit = 1u8 << h;
         let logits = &scratch.logits[h];
+        let heads = &*mask;
+        let own = || {
+            candidates
+                .iter()
+                .map(|&i| i as usize)
+                .filter(move |&i| heads[i] & bit != 0)
+        };
         let ranked = &mut scratch.tmp;
         ranked.clear();
-        let own = candidates.iter().filter(|&&i| mask[i as usize] & bit != 0);
-        ranked.extend(own.map(|&i| logits[i as usize]));
+        ranked.extend(own().map(|i| logits[i]));
         if ranked.is_empty() {
             continue;
         }
         let keep = top.min(ranked.len());
         let at = ranked.len() - keep;
         let kth = *ranked.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
-        let mut marked = 0;
-        for equal in [false, true] {
-            for &i in candidates {
-                let i = i as usize;
-                let hit = if equal {
-                    logits[i] == kth
-                } else {
-                    logits[i] > kth
-                };
-                if marked < keep && mask[i] & bit != 0 && hit {
-                    scratch.safety[i] |= bit;
-                    marked += 1;
-                }
-            }
-        }
+        mark(own, kth, keep, logits, bit, &mut scratch.safety);
     }
     for &i in candidates {
         mask[i as usize] = 0;
@@ -201,29 +193,29 @@ fn through_bounds(
     }
     let visited = &mut blocks.visited[..nv];
     visited.sort_unstable();
-    for (h, b) in best.iter().enumerate() {
-        mark(
-            visited,
-            n,
-            b.kth(),
-            top,
-            &scratch.logits[h],
-            1 << h,
-            &mut scratch.safety,
-        );
-    }
-    Ok(nv)
-}
-
-/// Sets `bit` in `mask` for the keys of the `visited` blocks whose logit is
-/// above `kth`, then for those equal to it (in position order) until `top`
-/// keys are marked.
-fn mark(visited: &[u32], n: usize, kth: f32, top: usize, logits: &[f32], bit: u8, mask: &mut [u8]) {
+    let visited = &*visited;
     let keys = || {
         visited
             .iter()
             .flat_map(move |&j| j as usize * BOUND_BLOCK..((j as usize + 1) * BOUND_BLOCK).min(n))
     };
+    for (h, b) in best.iter().enumerate() {
+        let logits = &scratch.logits[h];
+        mark(keys, b.kth(), top, logits, 1 << h, &mut scratch.safety);
+    }
+    Ok(nv)
+}
+
+/// Sets `bit` in `mask` for the `keys` (in position order) whose logit is
+/// above `kth`, then for those equal to it until `top` keys are marked.
+fn mark<I: Iterator<Item = usize>>(
+    keys: impl Fn() -> I,
+    kth: f32,
+    top: usize,
+    logits: &[f32],
+    bit: u8,
+    mask: &mut [u8],
+) {
     let mut marked = 0;
     for i in keys().filter(|&i| logits[i] > kth) {
         mask[i] |= bit;
