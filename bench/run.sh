@@ -17,9 +17,9 @@
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
 #                   policies   eval at 4096 of the threshold policy, MixAttention's
 #                              layouts and sliding windows (~30 minutes)
-#                   fidelity   eval of the default policy and lsh:k=10,l=150 vs dense
-#                              at 2048, 4096 and 8192: top-1, KL, single, multi-key
-#                              and multi-value needles, document questions (~45 minutes)
+#                   fidelity   eval of the default policy vs dense at 2048, 4096
+#                              and 8192: top-1, KL, single and multi-key needles,
+#                              document questions (~40 minutes)
 #   --from PATH     run nothing: rebuild the table from saved outputs, a run
 #                   directory of this script or single saved files (repeatable)
 #   --machine TEXT  the machine to name for saved files without a meta.json
@@ -51,7 +51,7 @@ wanted() { [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$1"; 
 
 THREADS=${THREADS:-2}
 SMOLLM2=models/SmolLM2-135M-Instruct.Q4_1.gguf
-DEFAULT_POLICY=lsh:k=10,l=75,t=2,top=64
+DEFAULT_POLICY=lsh:k=10,l=75,t=2,top=128,per=32
 
 if [ ${#FROM[@]} -eq 0 ]; then
   BIN=${TANDEM_BIN:-${CARGO_TARGET_DIR:-target}/release/tandem}
@@ -114,18 +114,14 @@ if [ ${#FROM[@]} -eq 0 ]; then
     done
     quality_eval policies-sliding 5 --policy window:w=1024 window:w=2048
   fi
- if wanted fidelity; then
-    fidelity() {
-      local file=$1; shift
-      local args="--policy $DEFAULT_POLICY lsh:k=10,l=150,t=2 --threads 2 $*"
-      printf '%s\t%s\n' "$file.json" "$BIN eval $args --json $DIR/$file.json" >> "$CMDS"
-      # shellcheck disable=SC2086
-      "$BIN" eval $args --json "$DIR/$file.json" > "$DIR/$file.txt"
-    }
-    fidelity fidelity-2k-4k --context 2048,4096 --needle-cases 10 \
-      --needle-tasks single,multikey,multivalue --doc-qa --doc-qa-json "$DIR/fidelity-docqa.json"
-    printf '%s\t%s\n' fidelity-docqa.json "(written by the fidelity-2k-4k.json command)" >> "$CMDS"
-    fidelity fidelity-8k --context 8192 --needle-cases 6 --needle-tasks single,multikey,multivalue
+  if wanted fidelity; then
+    args="--policy $DEFAULT_POLICY --threads 2 --context 2048,4096,8192 --scored 256"
+    args="$args --needle-cases 10 --needle-tasks single,multikey --doc-qa"
+    printf '%s\t%s\n' fidelity.json "$BIN eval $args --doc-qa-json $DIR/fidelity-docqa.json --json $DIR/fidelity.json" >> "$CMDS"
+    printf '%s\t%s\n' fidelity-docqa.json "(written by the fidelity.json command)" >> "$CMDS"
+    # shellcheck disable=SC2086
+    "$BIN" eval $args --doc-qa-json "$DIR/fidelity-docqa.json" --json "$DIR/fidelity.json" \
+      > "$DIR/fidelity.txt"
   fi
   python3 - "$DIR/meta.json" "$MACHINE_NOW" "$DATE" "$COMMIT" "$CMDS" <<'PY'
 import json, sys

@@ -129,14 +129,15 @@ struct ModelArgs {
 /// How each layer attends (see `PolicyConfig` in the library docs).
 #[derive(Args, Clone)]
 struct PolicyArgs {
-    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S][,top=N],
+    /// Attention policy of the sparse layers: lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S][,top=N[,per=P]],
     /// topk:k=N, oracle:budget=N, threshold:eps=E (keys within ln(n/E) of the
     /// largest logit) or threshold:b=B (keys of logit >= B), window (sinks +
     /// recent window only), exact
     /// (offloaded, every key attended: the split step's reference) or dense.
     /// lsh's top=N attends each head's N keys of largest logit exactly besides
-    /// the sample (found through a low-rank sketch of the keys; the default
-    /// takes 64). lsh's vskip leaves out the V rows of each head's smallest weights up to
+    /// the sample (found through a low-rank sketch of the keys); per=P caps
+    /// that set at one key in P of the offloaded context (the default: top=128,
+    /// per=32, so 64 keys at 2k, 128 from 4k on). lsh's vskip leaves out the V rows of each head's smallest weights up to
     /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row). Any
     /// offloading policy takes kbits=8|16|32: the offloaded keys as int8 codes
     /// with one scale per channel (values bf16), bf16 (default) or f32; with
@@ -361,7 +362,7 @@ struct BenchAttentionArgs {
     #[arg(long, default_value = "llama3.1-8b")]
     shape: String,
     /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
-    /// lsh also takes t=, max_keys=, vskip= and top=, and any policy kbits=8|16|32 (keys
+    /// lsh also takes t=, max_keys=, vskip=, top= and per=, and any policy kbits=8|16|32 (keys
     /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too).
     #[arg(long, num_args = 1.., default_values_t = [tandem_runtime::policy::DEFAULT_POLICY.to_string()])]
     policy: Vec<String>,

@@ -83,7 +83,7 @@ pub struct LayerConfig {
     pub kv_dtype: KvDtype,
     /// Components of the key sketch that finds LSH's safety sets
     /// ([`crate::LshParams::top`]), fitted at the prefill load: 0 keeps none,
-    /// else a multiple of 4 below `head_dim`, at most 64.
+    /// else a multiple of 8 below `head_dim`, at most 64.
     pub sketch: usize,
 }
 
@@ -119,9 +119,9 @@ impl LayerConfig {
             )));
         }
         let r = self.sketch;
-        if r > 0 && (r >= self.head_dim || !r.is_multiple_of(4) || r > crate::sketch::MAX_RANK) {
+        if r > 0 && (r >= self.head_dim || !r.is_multiple_of(8) || r > crate::sketch::MAX_RANK) {
             return Err(CpuError::Config(format!(
-                "a key sketch of {r} components for head_dim {}: a multiple of 4, below head_dim, at most {}",
+                "a key sketch of {r} components for head_dim {}: a multiple of 8, below head_dim, at most {}",
                 self.head_dim,
                 crate::sketch::MAX_RANK
             )));

@@ -30,11 +30,25 @@ pub struct LshParams {
     /// an unbiased estimate of each sum, with the heavy keys, which sampling
     /// misses most costly, taken out of its variance. `0`: none.
     pub top: usize,
+    /// With `per > 0`, the safety set holds at most one key in `per` of the
+    /// store (at least one): it grows with the context up to `top`, as
+    /// attention spreads over more keys, and stays a bounded share of it.
+    pub per: usize,
 }
 
 impl LshParams {
     /// `value_skip` of the default policy: 2^-9 of the mass.
     pub const DEFAULT_VALUE_SKIP: u8 = 9;
+
+    /// The safety set's size per query head over a store of `n` keys.
+    pub fn safety_size(&self, n: usize) -> usize {
+        let share = if self.per > 0 {
+            n.div_ceil(self.per)
+        } else {
+            n
+        };
+        self.top.min(share).min(n)
+    }
 }
 
 /// Which keys the threshold policy reports (half-space reporting, after
@@ -86,9 +100,9 @@ pub enum Policy {
 
 /// Components of the key sketch for heads of dimension `d` (see
 /// [`Policy::sketch_rank`]): half the dimension rounded down to a multiple
-/// of 4, from 8 to 32; none for `d` up to 8.
+/// of 8, from 8 to 32; none for `d` up to 8.
 pub const fn sketch_rank_for(d: usize) -> usize {
-    let r = d / 8 * 4;
+    let r = d / 16 * 8;
     if d <= 8 {
         0
     } else if r < 8 {
@@ -115,7 +129,7 @@ impl Policy {
 /// A policy parsed from its string, with the store it needs.
 ///
 /// Accepted: `dense`, `topk:k=N`, `oracle:budget=N` (seed 7),
-/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S][,top=N]` (t 2, vskip
+/// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S][,top=N[,per=P]]` (t 2, vskip
 /// [`LshParams::DEFAULT_VALUE_SKIP`] and no safety set by default), `threshold:eps=E` (E in
 /// (0, 1)) or `threshold:b=B` (B a finite logit; exactly one of eps and b),
 /// each with an optional
@@ -227,10 +241,15 @@ impl<'s> Params<'s> {
             return Err(self.err("vskip must be in 0..=24 (0 reads every V row)"));
         }
         let top = self.take("top")?.unwrap_or(0);
+        let per = self.take("per")?.unwrap_or(0);
+        if per > 0 && top == 0 {
+            return Err(self.err("per needs top=N (the safety set's largest size)"));
+        }
         let policy = Policy::Lsh(LshParams {
             max_keys,
             value_skip: value_skip as u8,
             top,
+            per,
         });
         Ok((policy, LshIndexParams { k, l, t: t as u8 }))
     }
@@ -312,6 +331,9 @@ impl fmt::Display for PolicySpec {
                 if p.top > 0 {
                     params.push(format!("top={}", p.top));
                 }
+                if p.per > 0 {
+                    params.push(format!("per={}", p.per));
+                }
                 "lsh"
             }
             Policy::Threshold(ThresholdParams::Mass { eps }) => {
@@ -345,6 +367,25 @@ mod tests {
     }
 
     #[test]
+    fn the_safety_set_grows_with_the_store_up_to_top() {
+        let p = |top, per| LshParams {
+            max_keys: None,
+            value_skip: 0,
+            top,
+            per,
+        };
+        assert_eq!(p(128, 64).safety_size(2048), 32);
+        assert_eq!(p(128, 64).safety_size(2049), 33);
+        assert_eq!(p(128, 64).safety_size(8192), 128);
+        assert_eq!(p(128, 64).safety_size(98304), 128);
+        assert_eq!(p(128, 64).safety_size(10), 1);
+        assert_eq!(p(128, 64).safety_size(0), 0);
+        assert_eq!(p(64, 0).safety_size(98304), 64);
+        assert_eq!(p(64, 0).safety_size(40), 40);
+        assert_eq!(p(0, 0).safety_size(98304), 0);
+    }
+
+    #[test]
     fn policy_parser_accepts_and_rejects() {
         let p = parse_policy("lsh:k=10,l=150").expect("ok");
         assert_eq!(
@@ -361,6 +402,7 @@ mod tests {
                 max_keys: None,
                 value_skip: 9,
                 top: 0,
+                per: 0,
             })
         );
         let p = parse_policy("lsh:k=10,l=150,t=3,max_keys=100,vskip=0").expect("ok");
@@ -378,6 +420,7 @@ mod tests {
                 max_keys: Some(100),
                 value_skip: 0,
                 top: 0,
+                per: 0,
             })
         );
         assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
@@ -431,6 +474,10 @@ mod tests {
                 "lsh:k=10,l=150,t=3,max_keys=100,vskip=0,kbits=8",
             ),
             ("lsh:top=64,k=8,l=75", "lsh:k=8,l=75,t=2,vskip=9,top=64"),
+            (
+                "lsh:per=64,top=128,k=8,l=75",
+                "lsh:k=8,l=75,t=2,vskip=9,top=128,per=64",
+            ),
         ] {
             let spec = parse_policy(given).expect("parses");
             assert_eq!(spec.to_string(), canonical, "{given}");
@@ -482,6 +529,7 @@ mod tests {
             "threshold:eps=0.1,eps=0.2",
             "threshold:eps=0.1,k=3",
             "topk:k=0.5",
+            "lsh:k=8,l=75,per=64",
         ] {
             assert!(parse_policy(bad).is_err(), "{bad}");
         }

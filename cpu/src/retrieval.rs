@@ -22,6 +22,8 @@ pub(crate) struct Selection {
     /// Per key position, the heads that selected it while a selection is
     /// gathered; all zero between calls.
     pub(crate) mask: Vec<u8>,
+    /// Room for a merge ([`Selection::merge_sorted`]).
+    spare: (Vec<u32>, Vec<u8>),
 }
 
 impl Selection {
@@ -47,16 +49,36 @@ impl Selection {
         n
     }
 
-    /// Adds the per-key head bits of `extra` (one entry per key) to the
-    /// first `nu` entries of `union`/`umask`; returns the new number of keys.
-    pub(crate) fn merge_mask(&mut self, nu: usize, extra: &[u8]) -> usize {
-        for (&i, &m) in self.union[..nu].iter().zip(&self.umask[..nu]) {
-            self.mask[i as usize] = m;
+    /// Adds `keys` (sorted, distinct), each for the heads `heads[key]`, to
+    /// the first `nu` keys selected; returns the number selected.
+    pub(crate) fn merge_sorted(&mut self, nu: usize, keys: &[u32], heads: &[u8]) -> usize {
+        let (mut ids, mut masks) = std::mem::take(&mut self.spare);
+        let total = nu + keys.len();
+        if ids.len() < total {
+            ids.resize(total, 0);
+            masks.resize(total, 0);
         }
-        for (m, &e) in self.mask.iter_mut().zip(extra) {
-            *m |= e;
+        let (mut a, mut b, mut w) = (0, 0, 0);
+        while a < nu || b < keys.len() {
+            let next_a = self.union[..nu].get(a).copied().unwrap_or(u32::MAX);
+            let next_b = keys.get(b).copied().unwrap_or(u32::MAX);
+            let id = next_a.min(next_b);
+            let mut m = 0;
+            if next_a == id {
+                m |= self.umask[a];
+                a += 1;
+            }
+            if next_b == id {
+                m |= heads[id as usize];
+                b += 1;
+            }
+            (ids[w], masks[w]) = (id, m);
+            w += 1;
         }
-        self.collect_mask(extra.len())
+        ids[..w].swap_with_slice(&mut self.union[..w]);
+        masks[..w].swap_with_slice(&mut self.umask[..w]);
+        self.spare = (ids, masks);
+        w
     }
 
     /// Fills `union`/`umask` from the per-key head bits in `mask` (then
@@ -476,6 +498,7 @@ mod tests {
                 max_keys: None,
                 value_skip: 0,
                 top: 0,
+                per: 0,
             };
             let nu = retrieve(ix, total, d, &queries, None, &p, &mut rs, &mut sel);
             let got: Vec<(u32, u8)> = sel.union[..nu]

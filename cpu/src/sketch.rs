@@ -1,8 +1,10 @@
-//! A low-rank int8 sketch of one kv head's keys, to find each query head's
+//! A low-rank 4-bit sketch of one kv head's keys, to find each query head's
 //! keys of largest logit without reading every key (LSH's safety set,
 //! [`crate::LshParams::top`]): the centred keys' top principal components,
-//! fitted on the prefill keys, one int8 code per component, blocked for
-//! [`tandem_kernels::sketch::sketch_scores`].
+//! fitted on the prefill keys, each divided by its standard deviation, then
+//! one scale per key and a 4-bit code per component, blocked for
+//! [`tandem_kernels::sketch::sketch_scores`]. The scale per key keeps the
+//! long keys, which matter most, as precise as the others.
 //!
 //! A key's sketch score is its logit's estimate up to a per-query constant
 //! (the query's product with the centring mean), so ranking by it needs no
@@ -11,7 +13,7 @@
 use tandem_kernels::mem::OutOfMemory;
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::sketch::{
-    block_bytes, code_offset, sketch_scores, sketch_select, SKETCH_BLOCK,
+    block_bytes, code_place, sketch_scores, sketch_select, Sketched, GROUP, SKETCH_BLOCK, ZERO_CODE,
 };
 use tandem_kernels::vector::dot_f32;
 
@@ -21,6 +23,15 @@ const FIT_SAMPLE: usize = 2048;
 const FIT_ITERATIONS: usize = 12;
 /// Most components a sketch holds.
 pub(crate) const MAX_RANK: usize = 64;
+/// The largest code of a component, less [`ZERO_CODE`].
+const CODE_MAX: f32 = 7.0;
+
+/// Room for the blocks [`KeySketch::sample_scores`] scores.
+#[derive(Default)]
+pub(crate) struct SketchSample {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+}
 
 /// One kv head's key sketch.
 pub(crate) struct KeySketch {
@@ -28,62 +39,84 @@ pub(crate) struct KeySketch {
     r: usize,
     /// `r` orthonormal rows of `d`: the principal directions.
     basis: Vec<f32>,
-    /// Per component, the value of one code step.
-    step: Vec<f32>,
-    /// Blocks of [`SKETCH_BLOCK`] keys, codes offset to unsigned bytes, in
-    /// the kernel's layout ([`tandem_kernels::sketch`]).
+    /// Per component, its standard deviation over the fitted keys.
+    spread: Vec<f32>,
+    /// Blocks of [`SKETCH_BLOCK`] keys' codes in the kernel's layout
+    /// ([`tandem_kernels::sketch`]), and each key's scale.
     codes: Vec<u8>,
+    scales: Vec<f32>,
     len: usize,
 }
 
 impl KeySketch {
-    /// Fits an `r`-component sketch (`r` a positive multiple of 4 below
-    /// `d`, at most [`MAX_RANK`]) to the centred keys `centred` (rows of `d`) and sketches them;
-    /// `None` for fewer than `r` keys or another `r`.
+    /// Fits an `r`-component sketch (`r` a positive multiple of
+    /// [`GROUP`] below `d`, at most [`MAX_RANK`]) to the centred keys
+    /// `centred` (rows of `d`) and sketches them; `None` for fewer than `r`
+    /// keys or another `r`.
     pub(crate) fn fit(centred: &[f32], d: usize, r: usize) -> Result<Option<Self>, OutOfMemory> {
         let n = centred.len() / d;
-        if r == 0 || !r.is_multiple_of(4) || r > MAX_RANK || r >= d || n < r {
+        if r == 0 || !r.is_multiple_of(GROUP) || r > MAX_RANK || r >= d || n < r {
             return Ok(None);
         }
         let basis = principal_directions(centred, d, r);
-        let mut step = vec![0.0f32; r];
+        let mut squares = vec![0.0f64; r];
         for key in centred.chunks_exact(d) {
-            for (s, b) in step.iter_mut().zip(basis.chunks_exact(d)) {
-                *s = s.max(dot_f32(key, b).abs());
+            for (s, b) in squares.iter_mut().zip(basis.chunks_exact(d)) {
+                *s += f64::from(dot_f32(key, b)).powi(2);
             }
         }
-        step.iter_mut()
-            .for_each(|s| *s = (*s / 127.0).max(f32::MIN_POSITIVE));
+        let spread = squares
+            .iter()
+            .map(|&s| ((s / n as f64).sqrt() as f32).max(f32::MIN_POSITIVE))
+            .collect();
         let mut sketch = KeySketch {
             d,
             r,
             basis,
-            step,
+            spread,
             codes: Vec::new(),
+            scales: Vec::new(),
             len: 0,
         };
         sketch.push(centred)?;
         Ok(Some(sketch))
     }
 
-    /// Sketches the centred keys `centred` (rows of `d`), appended in order;
-    /// components beyond the fitted range saturate.
+    /// Sketches the centred keys `centred` (rows of `d`), appended in order.
     pub(crate) fn push(&mut self, centred: &[f32]) -> Result<(), OutOfMemory> {
         let (d, r) = (self.d, self.r);
         let n = centred.len() / d;
         let blocks = (self.len + n).div_ceil(SKETCH_BLOCK);
         let extra = (blocks * block_bytes(r)).saturating_sub(self.codes.len());
-        self.codes
-            .try_reserve(extra)
-            .map_err(|_| OutOfMemory { bytes: extra })?;
+        let oom = |bytes| OutOfMemory { bytes };
+        self.codes.try_reserve(extra).map_err(|_| oom(extra))?;
+        self.scales.try_reserve(n).map_err(|_| oom(n * 4))?;
         self.codes.resize(blocks * block_bytes(r), 0);
+        let mut buf = [0.0f32; MAX_RANK];
+        let row = &mut buf[..r];
         for key in centred.chunks_exact(d) {
             let (block, lane) = (self.len / SKETCH_BLOCK, self.len % SKETCH_BLOCK);
             let base = block * block_bytes(r);
-            for (c, (b, s)) in self.basis.chunks_exact(d).zip(&self.step).enumerate() {
-                let code = (dot_f32(key, b) / s).round().clamp(-127.0, 127.0);
-                self.codes[base + code_offset(r, lane, c)] = (code + 128.0) as u8;
+            for ((y, b), s) in row
+                .iter_mut()
+                .zip(self.basis.chunks_exact(d))
+                .zip(&self.spread)
+            {
+                *y = dot_f32(key, b) / s;
             }
+            let top = row.iter().fold(0.0f32, |m, y| m.max(y.abs()));
+            let scale = if top > 0.0 { top / CODE_MAX } else { 0.0 };
+            for (c, &y) in row.iter().enumerate() {
+                let code = if scale > 0.0 {
+                    (y / scale).round()
+                } else {
+                    0.0
+                };
+                let code = (code.clamp(-CODE_MAX, CODE_MAX) + f32::from(ZERO_CODE)) as u8;
+                let (byte, shift) = code_place(lane, c);
+                self.codes[base + byte] |= code << shift;
+            }
+            self.scales.push(scale);
             self.len += 1;
         }
         Ok(())
@@ -96,11 +129,11 @@ impl KeySketch {
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.codes.len() + (self.basis.len() + self.step.len()) * 4
+        self.codes.len() + (self.scales.len() + self.basis.len() + self.spread.len()) * 4
     }
 
     /// The `queries` (rows of `d`, at most 8) in the sketch's terms
-    /// (`[g][r]`: code steps folded in, each query scaled to int8), for
+    /// (`[g][r]`: spreads folded in, each query scaled to int8), for
     /// [`KeySketch::sample_scores`] and [`KeySketch::select`]. A query's
     /// scores are its logits' estimates up to a positive factor and a
     /// constant of its own.
@@ -113,7 +146,7 @@ impl KeySketch {
             for ((x, b), s) in row
                 .iter_mut()
                 .zip(self.basis.chunks_exact(d))
-                .zip(&self.step)
+                .zip(&self.spread)
             {
                 *x = dot_f32(q, b) * s;
             }
@@ -125,44 +158,49 @@ impl KeySketch {
 
     /// The scores of the keys of every `every`-th block of
     /// [`SKETCH_BLOCK`] keys for each projected query, head-major
-    /// (`[g][m]`) into `out`; returns `m`, the keys sampled.
+    /// (`[g][m]`) into `out`, the blocks gathered in `sample`; returns `m`,
+    /// the keys sampled.
     pub(crate) fn sample_scores(
         &self,
         projected: &[i8],
         every: usize,
-        out: &mut Vec<i32>,
+        sample: &mut SketchSample,
+        out: &mut Vec<f32>,
     ) -> usize {
         let r = self.r;
         let g = projected.len() / r;
         let stride = block_bytes(r);
-        let blocks = (0..self.len.div_ceil(SKETCH_BLOCK)).step_by(every.max(1));
-        let lanes = |b: usize| (self.len - b * SKETCH_BLOCK).min(SKETCH_BLOCK);
-        let m: usize = blocks.clone().map(lanes).sum();
-        out.clear();
-        out.resize(g * m, 0);
-        let mut block_out = [0i32; 8 * SKETCH_BLOCK];
-        let mut at = 0;
-        for b in blocks {
-            let k = lanes(b);
-            sketch_scores(
-                &self.codes[b * stride..(b + 1) * stride],
-                r,
-                k,
-                projected,
-                &mut block_out,
-            );
-            for h in 0..g {
-                out[h * m + at..h * m + at + k].copy_from_slice(&block_out[h * k..(h + 1) * k]);
-            }
-            at += k;
+        let (codes, scales) = (&mut sample.codes, &mut sample.scales);
+        codes.clear();
+        scales.clear();
+        for b in (0..self.len.div_ceil(SKETCH_BLOCK)).step_by(every.max(1)) {
+            let keys = b * SKETCH_BLOCK..((b + 1) * SKETCH_BLOCK).min(self.len);
+            codes.extend_from_slice(&self.codes[b * stride..(b + 1) * stride]);
+            scales.extend_from_slice(&self.scales[keys]);
         }
+        let m = scales.len();
+        out.clear();
+        out.resize(g * m, 0.0);
+        let keys = Sketched {
+            codes,
+            scales,
+            r,
+            n: m,
+        };
+        sketch_scores(keys, projected, out);
         m
     }
 
     /// Sets bit `h` of `mask[i]` for every key `i` whose score for projected
     /// query `h` reaches `cutoffs[h]`.
-    pub(crate) fn select(&self, projected: &[i8], cutoffs: &[i32], mask: &mut [u8]) {
-        sketch_select(&self.codes, self.r, self.len, projected, cutoffs, mask);
+    pub(crate) fn select(&self, projected: &[i8], cutoffs: &[f32], mask: &mut [u8]) {
+        let keys = Sketched {
+            codes: &self.codes,
+            scales: &self.scales,
+            r: self.r,
+            n: self.len,
+        };
+        sketch_select(keys, projected, cutoffs, mask);
     }
 }
 
@@ -241,7 +279,7 @@ mod tests {
 
     #[test]
     fn the_basis_is_orthonormal_and_scores_follow_the_logits() {
-        let (n, d, r) = (500, 24, 4);
+        let (n, d, r) = (500, 24, 8);
         let keys = low_rank_keys(n, d, 5);
         let mut sketch = KeySketch::fit(&keys[..300 * d], d, r)
             .expect("memory")
@@ -260,8 +298,11 @@ mod tests {
         let q: Vec<f32> = (0..2 * d).map(|_| rng.normal() as f32).collect();
         let mut projected = Vec::new();
         sketch.project(&q, &mut projected);
-        let mut scores = Vec::new();
-        assert_eq!(sketch.sample_scores(&projected, 1, &mut scores), n);
+        let (mut sample, mut scores) = (SketchSample::default(), Vec::new());
+        assert_eq!(
+            sketch.sample_scores(&projected, 1, &mut sample, &mut scores),
+            n
+        );
         for h in 0..2 {
             let qh = &q[h * d..(h + 1) * d];
             let exact: Vec<f64> = keys
@@ -275,11 +316,11 @@ mod tests {
             let (fit, worst) = affine_fit(&got, &exact);
             assert!(fit > 0.0, "head {h}: scores fall as logits rise");
             let spread = exact.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            assert!(worst < 0.05 * spread, "head {h}: {worst} vs {spread}");
+            assert!(worst < 0.1 * spread, "head {h}: {worst} vs {spread}");
         }
         // Sampling every other block scores its keys alike.
         let mut sampled = Vec::new();
-        let m = sketch.sample_scores(&projected, 2, &mut sampled);
+        let m = sketch.sample_scores(&projected, 2, &mut sample, &mut sampled);
         assert_eq!(
             m,
             (0..n.div_ceil(16))
@@ -310,13 +351,13 @@ mod tests {
     #[test]
     fn too_few_keys_or_too_many_components_fit_nothing() {
         let keys = low_rank_keys(3, 24, 1);
-        assert!(KeySketch::fit(&keys, 24, 4).expect("memory").is_none());
+        assert!(KeySketch::fit(&keys, 24, 8).expect("memory").is_none());
         assert!(KeySketch::fit(&keys, 24, 24).expect("memory").is_none());
         assert!(KeySketch::fit(&keys, 24, 0).expect("memory").is_none());
         let more = low_rank_keys(50, 24, 1);
         assert!(
-            KeySketch::fit(&more, 24, 6).expect("memory").is_none(),
-            "not a multiple of 4"
+            KeySketch::fit(&more, 24, 12).expect("memory").is_none(),
+            "not a multiple of 8"
         );
     }
 }

@@ -379,6 +379,7 @@ fn lsh_with_a_safety_set_equals_the_f64_union_estimate() {
             max_keys: None,
             value_skip: 0,
             top: 300,
+            per: 0,
         }),
     );
     let dense = run(&s, Policy::Dense);
@@ -592,6 +593,7 @@ fn check_lsh_setup(
             max_keys: None,
             value_skip: 0,
             top,
+            per: 0,
         }),
     );
     let mut bf = brute_force_retrieved(s, nkv, g, d, k, l, t as usize, seed, n);
@@ -656,6 +658,7 @@ fn max_keys_caps_by_collision_count() {
             max_keys: None,
             value_skip: 0,
             top: 0,
+            per: 0,
         }),
     );
     let capped = run(
@@ -664,6 +667,7 @@ fn max_keys_caps_by_collision_count() {
             max_keys: Some(10),
             value_skip: 0,
             top: 0,
+            per: 0,
         }),
     );
     for h in 0..2 {
@@ -761,6 +765,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
             max_keys: None,
             value_skip: 0,
             top: 0,
+            per: 0,
         }),
         &mut out,
     )
@@ -805,6 +810,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
             max_keys: None,
             value_skip: 0,
             top: 0,
+            per: 0,
         }),
         Policy::Oracle { budget: 4, seed: 1 },
     ] {
@@ -824,6 +830,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
                 max_keys: None,
                 value_skip: 0,
                 top: 0,
+                per: 0,
             }),
             &mut out
         )
@@ -839,7 +846,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         ..cfg.clone()
     })
     .is_err());
-    for bad_sketch in [6, 68, cfg.head_dim] {
+    for bad_sketch in [6, 12, 68, cfg.head_dim] {
         let bad = LayerConfig {
             sketch: bad_sketch,
             ..cfg.clone()
@@ -924,6 +931,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
                 max_keys: None,
                 value_skip: 0,
                 top: 0,
+                per: 0,
             }),
             &mut out,
         )
@@ -973,6 +981,7 @@ fn eviction_on_workers_equals_direct_append_and_multi_token_steps_match() {
         max_keys: None,
         value_skip: 0,
         top: 0,
+        per: 0,
     });
     pool.submit(&evicting, &queries, Some(evicted), policy, &mut out)
         .expect("submit");
@@ -1018,6 +1027,7 @@ fn lsh(value_skip: u8) -> Policy {
         max_keys: None,
         value_skip,
         top: 0,
+        per: 0,
     })
 }
 

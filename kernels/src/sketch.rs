@@ -1,13 +1,16 @@
 //! Scores of a key sketch: each key projected onto `r` components (a
-//! multiple of 4) and stored as int8 codes, offset by 128 to unsigned bytes.
-//! Keys go [`SKETCH_BLOCK`] to a block; within a block, each group of four
-//! components is 64 bytes, the four codes of key 0, then of key 1, and so on,
-//! so that one VNNI instruction adds four components' products for 16 keys.
+//! multiple of 8) and stored as one scale and 4-bit codes, offset by 8 to
+//! `1..=15`: component `c` is `scale · (code_c − 8)`. Keys go
+//! [`SKETCH_BLOCK`] to a block; within a block, each group of eight
+//! components is 64 bytes, four of key 0, then four of key 1, and so on: the
+//! byte `b` of a key holds component `b` of the group in its low nibble and
+//! component `b + 4` in its high nibble, so that one mask and one shift give
+//! two vectors of which one VNNI instruction each adds four components'
+//! products for 16 keys.
 //!
-//! Queries come as int8 components; a key's score is `Σ_c q_c · (code_c +
-//! 128)`, the product with the signed codes plus `128 · Σ_c q_c`, the same
-//! constant for every key of a query, so scores rank keys as the signed
-//! products do.
+//! Queries come as int8 components; a key's score is
+//! `scale · Σ_c q_c · (code_c − 8)`, computed as the unsigned codes' product
+//! less `8 · Σ_c q_c`, then scaled.
 
 use crate::isa::effective;
 use crate::Isa;
@@ -15,49 +18,61 @@ use crate::Isa;
 /// Keys per block of a sketch.
 pub const SKETCH_BLOCK: usize = 16;
 
-/// Bytes of one block of a sketch of `r` components.
+/// Components per group of a block (the multiple `r` must be of).
+pub const GROUP: usize = 8;
+
+/// The code of a zero component.
+pub const ZERO_CODE: u8 = 8;
+
+/// Bytes of codes of one block of a sketch of `r` components.
 pub const fn block_bytes(r: usize) -> usize {
-    r * SKETCH_BLOCK
+    r * SKETCH_BLOCK / 2
 }
 
-/// Where key `lane` of a block holds component `c`, within the block.
-pub const fn code_offset(r: usize, lane: usize, c: usize) -> usize {
-    let _ = r;
-    (c / 4) * 64 + lane * 4 + c % 4
+/// Where key `lane` of a block holds component `c`, within the block: the
+/// byte and the shift of its nibble.
+pub const fn code_place(lane: usize, c: usize) -> (usize, u32) {
+    let within = c % GROUP;
+    let byte = (c / GROUP) * 64 + lane * 4 + within % 4;
+    (byte, if within < 4 { 0 } else { 4 })
 }
 
-/// Scores of `n` sketched keys for `g = qs.len() / r` queries (at most 8):
-/// `out[h * n + i] = Σ_c qs[h * r + c] · codes(i, c)` (see the module
-/// documentation for the layout and the offset).
+/// `n` sketched keys of `r` components: their codes, in blocks laid out as
+/// the module documentation says, and one scale per key.
+#[derive(Clone, Copy)]
+pub struct Sketched<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [f32],
+    pub r: usize,
+    pub n: usize,
+}
+
+/// Scores of the sketched `keys` for `g = qs.len() / r` queries (at most
+/// 8): `out[h * n + i]` is key `i`'s score for query `h` (see the module
+/// documentation).
 ///
 /// # Panics
-/// If `r` is not a positive multiple of 4, `codes` is shorter than
-/// `n.div_ceil(16)` blocks, `qs` is not 1 to 8 `r`-vectors, or `out` is
-/// shorter than `g * n`.
-pub fn sketch_scores(codes: &[u8], r: usize, n: usize, qs: &[i8], out: &mut [i32]) {
-    sketch_scores_with(Isa::detect(), codes, r, n, qs, out)
+/// If `r` is not a positive multiple of 8, `codes` is shorter than
+/// `n.div_ceil(16)` blocks, `scales` than `n`, `qs` is not 1 to 8
+/// `r`-vectors, or `out` is shorter than `g * n`.
+pub fn sketch_scores(keys: Sketched, qs: &[i8], out: &mut [f32]) {
+    sketch_scores_with(Isa::detect(), keys, qs, out)
 }
 
 /// [`sketch_scores`] with an explicit ISA (capped at what the CPU supports).
-pub(crate) fn sketch_scores_with(
-    isa: Isa,
-    codes: &[u8],
-    r: usize,
-    n: usize,
-    qs: &[i8],
-    out: &mut [i32],
-) {
-    let g = check(codes, r, n, qs);
+pub(crate) fn sketch_scores_with(isa: Isa, keys: Sketched, qs: &[i8], out: &mut [f32]) {
+    let g = check(keys, qs);
+    let n = keys.n;
     assert!(out.len() >= g * n, "out too short");
     match effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F/BW/VL/VNNI (the Avx512 level);
         // the lengths were checked above.
-        Isa::Avx512 => unsafe { x86::sketch_scores_avx512(codes, r, n, qs, out) },
+        Isa::Avx512 => unsafe { x86::sketch_scores_avx512(keys, qs, out) },
         _ => {
-            let mut scores = [0i32; 8];
+            let mut scores = [0.0f32; 8];
             for i in 0..n {
-                score_one(codes, r, i, qs, &mut scores[..g]);
+                score_one(keys, i, qs, &mut scores[..g]);
                 for h in 0..g {
                     out[h * n + i] = scores[h];
                 }
@@ -73,39 +88,30 @@ pub(crate) fn sketch_scores_with(
 /// # Panics
 /// As [`sketch_scores`], or if `mask` is shorter than `n` or `cutoffs` is
 /// not one per query.
-pub fn sketch_select(
-    codes: &[u8],
-    r: usize,
-    n: usize,
-    qs: &[i8],
-    cutoffs: &[i32],
-    mask: &mut [u8],
-) {
-    sketch_select_with(Isa::detect(), codes, r, n, qs, cutoffs, mask)
+pub fn sketch_select(keys: Sketched, qs: &[i8], cutoffs: &[f32], mask: &mut [u8]) {
+    sketch_select_with(Isa::detect(), keys, qs, cutoffs, mask)
 }
 
 /// [`sketch_select`] with an explicit ISA (capped at what the CPU supports).
 pub(crate) fn sketch_select_with(
     isa: Isa,
-    codes: &[u8],
-    r: usize,
-    n: usize,
+    keys: Sketched,
     qs: &[i8],
-    cutoffs: &[i32],
+    cutoffs: &[f32],
     mask: &mut [u8],
 ) {
-    let g = check(codes, r, n, qs);
+    let g = check(keys, qs);
     assert!(cutoffs.len() == g, "{g} queries, {} cutoffs", cutoffs.len());
-    assert!(mask.len() >= n, "mask too short");
+    assert!(mask.len() >= keys.n, "mask too short");
     match effective(isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F/BW/VL/VNNI (the Avx512 level);
         // the lengths were checked above.
-        Isa::Avx512 => unsafe { x86::sketch_select_avx512(codes, r, n, qs, cutoffs, mask) },
+        Isa::Avx512 => unsafe { x86::sketch_select_avx512(keys, qs, cutoffs, mask) },
         _ => {
-            let mut scores = [0i32; 8];
-            for (i, m) in mask[..n].iter_mut().enumerate() {
-                score_one(codes, r, i, qs, &mut scores[..g]);
+            let mut scores = [0.0f32; 8];
+            for (i, m) in mask[..keys.n].iter_mut().enumerate() {
+                score_one(keys, i, qs, &mut scores[..g]);
                 for (h, (&s, &c)) in scores[..g].iter().zip(cutoffs).enumerate() {
                     *m |= u8::from(s >= c) << h;
                 }
@@ -115,49 +121,87 @@ pub(crate) fn sketch_select_with(
 }
 
 /// Checks the shapes; returns the number of queries.
-fn check(codes: &[u8], r: usize, n: usize, qs: &[i8]) -> usize {
+fn check(keys: Sketched, qs: &[i8]) -> usize {
+    let r = keys.r;
     assert!(
-        r > 0 && r.is_multiple_of(4),
-        "{r} components (a positive multiple of 4)"
+        r > 0 && r.is_multiple_of(GROUP),
+        "{r} components (a positive multiple of {GROUP})"
     );
     assert!(qs.len().is_multiple_of(r), "queries are not {r}-vectors");
     let g = qs.len() / r;
     assert!(g <= 8, "{g} queries (at most 8)");
     assert!(
-        codes.len() >= n.div_ceil(SKETCH_BLOCK) * block_bytes(r),
+        keys.codes.len() >= keys.n.div_ceil(SKETCH_BLOCK) * block_bytes(r),
         "codes too short"
     );
+    assert!(keys.scales.len() >= keys.n, "scales too short");
     g
 }
 
+/// `8 · Σ_c q_c` of each query: what the offset codes add to its products.
+fn offsets(r: usize, qs: &[i8]) -> [i32; 8] {
+    let mut out = [0i32; 8];
+    for (o, q) in out.iter_mut().zip(qs.chunks_exact(r)) {
+        *o = i32::from(ZERO_CODE) * q.iter().map(|&x| i32::from(x)).sum::<i32>();
+    }
+    out
+}
+
 /// The scores of key `i` for each query of `qs` into `out`.
-fn score_one(codes: &[u8], r: usize, i: usize, qs: &[i8], out: &mut [i32]) {
+fn score_one(keys: Sketched, i: usize, qs: &[i8], out: &mut [f32]) {
+    let r = keys.r;
     let (block, lane) = (i / SKETCH_BLOCK, i % SKETCH_BLOCK);
     let base = block * block_bytes(r);
+    let offsets = offsets(r, qs);
     for (h, o) in out.iter_mut().enumerate() {
-        *o = (0..r)
-            .map(|c| i32::from(qs[h * r + c]) * i32::from(codes[base + code_offset(r, lane, c)]))
+        let dot: i32 = (0..r)
+            .map(|c| {
+                let (byte, shift) = code_place(lane, c);
+                let code = (keys.codes[base + byte] >> shift) & 0x0f;
+                i32::from(qs[h * r + c]) * i32::from(code)
+            })
             .sum();
+        *o = keys.scales[i] * (dot - offsets[h]) as f32;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{block_bytes, SKETCH_BLOCK};
+    use super::{block_bytes, offsets, Sketched, GROUP, SKETCH_BLOCK};
     use std::arch::x86_64::*;
 
-    /// One block's scores for each of the `G` queries.
+    /// One block's scores for each of the `G` queries: the scaled products
+    /// of the codes, less each query's offset.
     #[inline(always)]
-    unsafe fn block_scores<const G: usize>(pb: *const u8, r: usize, qs: &[i8]) -> [__m512i; G] {
+    unsafe fn block_scores<const G: usize>(
+        keys: Sketched,
+        block: usize,
+        qs: &[i8],
+        offsets: &[i32; 8],
+    ) -> [__m512; G] {
+        let r = keys.r;
+        let pb = keys.codes.as_ptr().add(block * block_bytes(r));
         let mut acc = [_mm512_setzero_si512(); G];
-        for grp in 0..r / 4 {
+        let nibble = _mm512_set1_epi8(0x0f);
+        for grp in 0..r / GROUP {
             let v = _mm512_loadu_si512(pb.add(grp * 64) as *const _);
+            let low = _mm512_and_si512(v, nibble);
+            let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
             for (h, a) in acc.iter_mut().enumerate() {
-                let q = (qs.as_ptr().add(h * r + grp * 4) as *const i32).read_unaligned();
-                *a = _mm512_dpbusd_epi32(*a, v, _mm512_set1_epi32(q));
+                let q = qs.as_ptr().add(h * r + grp * GROUP) as *const i32;
+                *a = _mm512_dpbusd_epi32(*a, low, _mm512_set1_epi32(q.read_unaligned()));
+                *a = _mm512_dpbusd_epi32(*a, high, _mm512_set1_epi32(q.add(1).read_unaligned()));
             }
         }
-        acc
+        let first = block * SKETCH_BLOCK;
+        let scales =
+            _mm512_maskz_loadu_ps(tail_mask(first, keys.n), keys.scales.as_ptr().add(first));
+        let mut out = [_mm512_setzero_ps(); G];
+        for (h, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            let dot = _mm512_sub_epi32(a, _mm512_set1_epi32(offsets[h]));
+            *o = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), scales);
+        }
+        out
     }
 
     /// The lanes of the block starting at key `first` of `n`, as a mask.
@@ -172,54 +216,42 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn sketch_scores_avx512_g<const G: usize>(
-        codes: &[u8],
-        r: usize,
-        n: usize,
-        qs: &[i8],
-        out: &mut [i32],
-    ) {
-        let po = out.as_mut_ptr();
+    unsafe fn sketch_scores_avx512_g<const G: usize>(keys: Sketched, qs: &[i8], out: &mut [f32]) {
+        let (n, po) = (keys.n, out.as_mut_ptr());
+        let offsets = offsets(keys.r, qs);
         for block in 0..n.div_ceil(SKETCH_BLOCK) {
-            let acc = block_scores::<G>(codes.as_ptr().add(block * block_bytes(r)), r, qs);
+            let scores = block_scores::<G>(keys, block, qs, &offsets);
             let first = block * SKETCH_BLOCK;
             let tail = tail_mask(first, n);
-            for (h, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_epi32(po.add(h * n + first) as *mut _, tail, *a);
+            for (h, s) in scores.iter().enumerate() {
+                _mm512_mask_storeu_ps(po.add(h * n + first), tail, *s);
             }
         }
     }
 
     /// # Safety
-    /// The CPU supports AVX-512F/BW/VL/VNNI; `codes` holds every block of
-    /// `n` keys, `qs` 1 to 8 `r`-vectors (`r` a multiple of 4) and `out`
-    /// their `g * n` scores.
+    /// The CPU supports AVX-512F/BW/VL/VNNI; `keys` holds every block and
+    /// scale of its `n` keys, `qs` 1 to 8 `r`-vectors (`r` a multiple of 8)
+    /// and `out` their `g * n` scores.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn sketch_scores_avx512(
-        codes: &[u8],
-        r: usize,
-        n: usize,
-        qs: &[i8],
-        out: &mut [i32],
-    ) {
-        dispatch_g!(qs.len() / r, sketch_scores_avx512_g, codes, r, n, qs, out)
+    pub(super) unsafe fn sketch_scores_avx512(keys: Sketched, qs: &[i8], out: &mut [f32]) {
+        dispatch_g!(qs.len() / keys.r, sketch_scores_avx512_g, keys, qs, out)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn sketch_select_avx512_g<const G: usize>(
-        codes: &[u8],
-        r: usize,
-        n: usize,
+        keys: Sketched,
         qs: &[i8],
-        cutoffs: &[i32],
+        cutoffs: &[f32],
         mask: &mut [u8],
     ) {
-        let pm = mask.as_mut_ptr();
+        let (n, pm) = (keys.n, mask.as_mut_ptr());
+        let offsets = offsets(keys.r, qs);
         for block in 0..n.div_ceil(SKETCH_BLOCK) {
-            let acc = block_scores::<G>(codes.as_ptr().add(block * block_bytes(r)), r, qs);
+            let scores = block_scores::<G>(keys, block, qs, &offsets);
             let mut bits = _mm_setzero_si128();
-            for (h, a) in acc.iter().enumerate() {
-                let hit = _mm512_cmpge_epi32_mask(*a, _mm512_set1_epi32(cutoffs[h]));
+            for (h, s) in scores.iter().enumerate() {
+                let hit = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(*s, _mm512_set1_ps(cutoffs[h]));
                 bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(hit, _mm_set1_epi8(1 << h)));
             }
             let first = block * SKETCH_BLOCK;
@@ -231,24 +263,20 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU supports AVX-512F/BW/VL/VNNI; `codes` holds every block of
-    /// `n` keys, `qs` 1 to 8 `r`-vectors (`r` a multiple of 4), `cutoffs` one
-    /// per query and `mask` at least `n` bytes.
+    /// The CPU supports AVX-512F/BW/VL/VNNI; `keys` holds every block and
+    /// scale of its `n` keys, `qs` 1 to 8 `r`-vectors (`r` a multiple of 8),
+    /// `cutoffs` one per query and `mask` at least `n` bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn sketch_select_avx512(
-        codes: &[u8],
-        r: usize,
-        n: usize,
+        keys: Sketched,
         qs: &[i8],
-        cutoffs: &[i32],
+        cutoffs: &[f32],
         mask: &mut [u8],
     ) {
         dispatch_g!(
-            qs.len() / r,
+            qs.len() / keys.r,
             sketch_select_avx512_g,
-            codes,
-            r,
-            n,
+            keys,
             qs,
             cutoffs,
             mask
@@ -265,42 +293,58 @@ mod tests {
     fn every_isa_selects_as_the_scalar_scores_on_odd_sizes() {
         let mut rng = SplitMix64(3);
         for &(n, r, g) in &[
-            (1usize, 4usize, 1usize),
+            (1usize, 8usize, 1usize),
             (15, 8, 2),
             (16, 16, 4),
-            (33, 12, 3),
+            (33, 24, 3),
             (1000, 16, 8),
             (40, 32, 5),
+            (77, 64, 7),
         ] {
             let codes: Vec<u8> = (0..n.div_ceil(SKETCH_BLOCK) * block_bytes(r))
                 .map(|_| rng.next_u64() as u8)
                 .collect();
+            let scales: Vec<f32> = (0..n)
+                .map(|_| rng.next_u64() as u16 as f32 / 4096.0)
+                .collect();
+            let keys = Sketched {
+                codes: &codes,
+                scales: &scales,
+                r,
+                n,
+            };
             let qs: Vec<i8> = (0..g * r).map(|_| rng.next_u64() as i8).collect();
-            let mut scores = vec![0i32; g * n];
-            sketch_scores(&codes, r, n, &qs, &mut scores);
+            let mut scores = vec![0.0f32; g * n];
+            sketch_scores(keys, &qs, &mut scores);
             // The scores follow the documented layout.
             for (i, h) in [(0, 0), (n - 1, g - 1), (n / 2, g / 2)] {
                 let (block, lane) = (i / SKETCH_BLOCK, i % SKETCH_BLOCK);
                 let want: i32 = (0..r)
                     .map(|c| {
-                        let at = block * block_bytes(r) + (c / 4) * 64 + lane * 4 + c % 4;
-                        i32::from(qs[h * r + c]) * i32::from(codes[at])
+                        let (group, within) = (c / 8, c % 8);
+                        let at = block * block_bytes(r) + group * 64 + lane * 4 + within % 4;
+                        let code = if within < 4 {
+                            codes[at] & 15
+                        } else {
+                            codes[at] >> 4
+                        };
+                        i32::from(qs[h * r + c]) * (i32::from(code) - 8)
                     })
                     .sum();
-                assert_eq!(scores[h * n + i], want);
+                assert_eq!(scores[h * n + i], scales[i] * want as f32);
             }
-            let cutoffs: Vec<i32> = (0..g).map(|h| scores[h * n + n / 2]).collect();
+            let cutoffs: Vec<f32> = (0..g).map(|h| scores[h * n + n / 2]).collect();
             for isa in Isa::all_supported() {
-                let mut got = vec![i32::MIN; g * n + 3];
-                sketch_scores_with(isa, &codes, r, n, &qs, &mut got);
+                let mut got = vec![f32::MIN; g * n + 3];
+                sketch_scores_with(isa, keys, &qs, &mut got);
                 assert_eq!(got[..g * n], scores[..], "{isa:?} n={n} r={r} g={g}");
                 assert!(
-                    got[g * n..].iter().all(|&x| x == i32::MIN),
+                    got[g * n..].iter().all(|&x| x == f32::MIN),
                     "wrote past g * n"
                 );
                 let mut mask: Vec<u8> = (0..n + 5).map(|i| (i as u8 & 1) << 7).collect();
                 let before = mask.clone();
-                sketch_select_with(isa, &codes, r, n, &qs, &cutoffs, &mut mask);
+                sketch_select_with(isa, keys, &qs, &cutoffs, &mut mask);
                 for i in 0..n + 5 {
                     let mut expect = before[i];
                     for h in 0..g {

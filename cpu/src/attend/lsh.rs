@@ -2,7 +2,7 @@
 //! corrected by `-ln u`, the log of the key's probability of being retrieved;
 //! with a safety set, each head's top keys are attended exactly besides.
 
-use super::passes::{attend_selected, ExactPairs, Partials, Step};
+use super::passes::{attend_selected, Partials, Step};
 use super::safety::mark_safety_sets;
 use super::scratch::Scratch;
 use crate::bounds::BOUND_BLOCK;
@@ -13,7 +13,7 @@ use crate::store::HeadStore;
 use std::time::Instant;
 
 /// Attends the keys retrieved for each query head of `step`, and its safety
-/// set if `p.top > 0`. `query_bits`, when given, are the queries' sign bits
+/// set ([`LshParams::safety_size`]). `query_bits`, when given, are the queries' sign bits
 /// (else they are hashed here). Returns the nanoseconds spent in retrieval.
 pub(super) fn attend(
     head: &HeadStore,
@@ -28,7 +28,8 @@ pub(super) fn attend(
         .as_ref()
         .ok_or_else(|| CpuError::Config("policy lsh on a store without an index".into()))?;
     let (n, g) = (head.len(), step.queries.len() / step.d);
-    let scanned = match p.top {
+    let top = p.safety_size(n);
+    let scanned = match top {
         0 => 0,
         top => mark_safety_sets(head, &step, top, scratch)?,
     };
@@ -37,17 +38,14 @@ pub(super) fn attend(
     let mut nu = retrieve(ix, n, step.d, step.queries, query_bits, p, rs, sel);
     let retrieval_ns = t0.elapsed().as_nanos() as u64;
     blocks_holding(&sel.union[..nu], &sel.umask[..nu], &mut *parts.blocks);
-    if p.top > 0 {
-        nu = sel.merge_mask(nu, &scratch.safety[..n]);
+    if top > 0 {
+        nu = sel.merge_sorted(nu, &scratch.safety_keys, &scratch.safety);
         // The search scanned its blocks for every head of the group.
         for b in &mut parts.blocks[..g] {
             *b = (*b).max(scanned as u32);
         }
     }
-    let exact = (p.top > 0).then_some(ExactPairs {
-        heads: &scratch.safety,
-        logits: &scratch.logits,
-    });
+    let exact = (top > 0).then_some(&scratch.safety[..n]);
     let step = Step {
         ln_u: Some(&ix.ln_u),
         value_skip: p.value_skip,
@@ -55,7 +53,10 @@ pub(super) fn attend(
         ..step
     };
     attend_selected(head, &step, &scratch.sel, nu, &mut scratch.pass1, parts);
-    scratch.safety[..n].fill(0);
+    for &i in &scratch.safety_keys {
+        scratch.safety[i as usize] = 0;
+    }
+    scratch.safety_keys.clear();
     Ok(retrieval_ns)
 }
 

@@ -49,6 +49,8 @@ pub(crate) struct PairLists {
     /// Key, head and normalised weight of each pair whose V row is read, for
     /// int8 values (summed by one kernel call).
     value_pairs: (Vec<u32>, Vec<u8>, Vec<f32>),
+    /// The pairs of a safety set and their exact logits.
+    exact: Vec<(u32, f32)>,
 }
 
 impl PairLists {
@@ -117,18 +119,10 @@ pub(crate) struct Step<'a> {
     pub(crate) ln_u: Option<&'a LnUTable>,
     /// V rows left out, see [`crate::policy::LshParams::value_skip`].
     pub(crate) value_skip: u8,
-    /// Under LSH with a safety set, the pairs whose logits stay exact.
-    pub(crate) exact: Option<ExactPairs<'a>>,
-}
-
-/// The (key, head) pairs of a safety set ([`crate::policy::LshParams::top`]):
-/// attended with their exact logits, never the estimator's.
-#[derive(Clone, Copy)]
-pub(crate) struct ExactPairs<'a> {
-    /// Per key position, the heads (bits) whose safety set holds it.
-    pub(crate) heads: &'a [u8],
-    /// Per head, every key's exact logit.
-    pub(crate) logits: &'a [Vec<f32>],
+    /// Under LSH with a safety set ([`crate::policy::LshParams::top`]), per
+    /// key position the heads (bits) whose set holds it: those pairs are
+    /// attended with their exact logits, never the estimator's.
+    pub(crate) exact: Option<&'a [u8]>,
 }
 
 /// One group's partial results: each head's output (normalised within the
@@ -185,6 +179,7 @@ fn pass1(
         heads,
         dots,
         norms,
+        exact,
         ..
     } = pairs;
     let (keys, heads, dots, norms) = (&keys[..np], &heads[..np], &mut dots[..np], &mut norms[..np]);
@@ -196,17 +191,18 @@ fn pass1(
     }
     // Logits, in place of the dot products.
     let (logits, scale) = (dots, step.scale);
+    exact.clear();
+    if let Some(safety) = step.exact {
+        let pairs = keys.iter().zip(heads).enumerate();
+        let held = pairs.filter(|(_, (&id, &h))| (safety[id as usize] >> h) & 1 == 1);
+        exact.extend(held.map(|(p, _)| (p as u32, logits[p] * scale)));
+    }
     match step.ln_u {
         Some(ln_u) => corrected_logits(logits, heads, norms, &qmu, &qnorm, scale, ln_u.values()),
         None => logits.iter_mut().for_each(|x| *x *= scale),
     }
-    if let Some(exact) = step.exact {
-        for ((logit, &id), &h) in logits.iter_mut().zip(keys.iter()).zip(heads.iter()) {
-            let id = id as usize;
-            if (exact.heads[id] >> h) & 1 == 1 {
-                *logit = exact.logits[usize::from(h)][id];
-            }
-        }
+    for &(p, logit) in exact.iter() {
+        logits[p as usize] = logit;
     }
     np
 }

@@ -40,8 +40,8 @@ const CUTOFF_MARGIN: f64 = 1.5;
 const PREFETCH_AHEAD: usize = 8;
 
 /// Marks each head's `top` keys of largest logit in `scratch.safety` (bit
-/// `h` for head `h`), their logits in `scratch.logits`. Returns the number of
-/// blocks of keys read in full.
+/// `h` for head `h`) and lists them, sorted, in `scratch.safety_keys`.
+/// Returns the number of blocks of keys read in full.
 pub(super) fn mark_safety_sets(
     head: &HeadStore,
     step: &Step,
@@ -67,15 +67,14 @@ fn through_sketch(
     let (n, g) = (head.len(), step.queries.len() / step.d);
     let top = top.min(n);
     let wanted = (CANDIDATES_PER_TOP * top).min(n);
-    scratch.ensure_logits(n, g);
     let projected = &mut scratch.sketch_queries;
     sketch.project(step.queries, projected);
     let every = n.div_ceil(CUTOFF_SAMPLE);
-    let m = sketch.sample_scores(projected, every, &mut scratch.sketch_scores);
-    let mut cutoffs = [i32::MIN; 8];
+    let sample = &mut scratch.sketch_sample;
+    let m = sketch.sample_scores(projected, every, sample, &mut scratch.sketch_scores);
+    let mut cutoffs = [f32::MIN; 8];
     for (h, c) in cutoffs[..g].iter_mut().enumerate() {
-        let sample = &mut scratch.sketch_scores[h * m..(h + 1) * m];
-        *c = cutoff(sample, wanted, n);
+        *c = cutoff(&scratch.sketch_scores[h * m..(h + 1) * m], wanted, n);
     }
     // Candidates of each head, marked in `sel.mask` (all zero between calls).
     let mask = &mut scratch.sel.mask;
@@ -84,7 +83,9 @@ fn through_sketch(
     candidates.resize(n, 0);
     let nc = collect_at_least(&mask[..n], 1, 0, candidates);
     let candidates = &candidates[..nc];
-    let mut dots = [0.0f32; 8];
+    let (logits, heads) = (&mut scratch.candidate_logits, &mut scratch.candidate_heads);
+    logits.resize(nc * g, 0.0);
+    heads.resize(nc, 0);
     let mut blocks = 0;
     let mut last_block = usize::MAX;
     for (p, &i) in candidates.iter().enumerate() {
@@ -92,45 +93,45 @@ fn through_sketch(
             head.keys.prefetch_row(next as usize);
         }
         let i = i as usize;
-        head.keys.dots(i, step.kq, &mut dots[..g]);
-        for h in 0..g {
-            scratch.logits[h][i] = dots[h] * step.scale;
-        }
+        let dots = &mut logits[p * g..(p + 1) * g];
+        head.keys.dots(i, step.kq, dots);
+        dots.iter_mut().for_each(|x| *x *= step.scale);
+        heads[p] = std::mem::take(&mut mask[i]);
         blocks += usize::from(i / BOUND_BLOCK != last_block);
         last_block = i / BOUND_BLOCK;
     }
     for h in 0..g {
         let bit = 1u8 << h;
-        let logits = &scratch.logits[h];
-        let heads = &*mask;
-        let own = || {
-            candidates
-                .iter()
-                .map(|&i| i as usize)
-                .filter(move |&i| heads[i] & bit != 0)
-        };
-        let ranked = &mut scratch.tmp;
+        let ranked = &mut scratch.ranked;
         ranked.clear();
-        ranked.extend(own().map(|i| logits[i]));
-        if ranked.is_empty() {
+        let own = candidates.iter().zip(heads.iter()).enumerate();
+        let own = own.filter(|(_, (_, &m))| m & bit != 0);
+        ranked.extend(own.map(|(p, (&i, _))| (logits[p * g + h], i)));
+        let keep = top.min(ranked.len());
+        if keep == 0 {
             continue;
         }
-        let keep = top.min(ranked.len());
-        let at = ranked.len() - keep;
-        let kth = *ranked.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
-        mark(own, kth, keep, logits, bit, &mut scratch.safety);
+        // By logit, then by position: the set `mark` would choose.
+        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if keep < ranked.len() {
+            ranked.select_nth_unstable_by(keep - 1, order);
+        }
+        for &(_, i) in &ranked[..keep] {
+            scratch.safety[i as usize] |= bit;
+        }
     }
-    for &i in candidates {
-        mask[i as usize] = 0;
-    }
+    let safety = &scratch.safety;
+    let held = candidates.iter().filter(|&&i| safety[i as usize] != 0);
+    scratch.safety_keys.clear();
+    scratch.safety_keys.extend(held);
     blocks
 }
 
 /// The score above which about `wanted` of `n` keys lie, placed on `sample`
-/// (the scores of an even sample of them, reordered): exact when the sample
+/// (the scores of an even sample of them): exact when the sample
 /// is every key, else with [`CUTOFF_MARGIN`] times the share, so that fewer
 /// than `wanted` pass only by a sampling fluke.
-fn cutoff(sample: &mut [i32], wanted: usize, n: usize) -> i32 {
+fn cutoff(sample: &[f32], wanted: usize, n: usize) -> f32 {
     let m = sample.len();
     let share = if m == n {
         wanted
@@ -138,12 +139,23 @@ fn cutoff(sample: &mut [i32], wanted: usize, n: usize) -> i32 {
         (wanted as f64 * CUTOFF_MARGIN * m as f64 / n as f64).ceil() as usize
     };
     if share == 0 {
-        return i32::MAX;
+        return f32::INFINITY;
     }
     if share >= m {
-        return i32::MIN;
+        return f32::NEG_INFINITY;
     }
-    *sample.select_nth_unstable(m - share).1
+    // The `share` largest scores; most are below the smallest kept.
+    let mut best: BinaryHeap<_> = sample[..share].iter().map(|&x| Reverse(Logit(x))).collect();
+    let lowest = |best: &BinaryHeap<Reverse<Logit>>| best.peek().map_or(f32::INFINITY, |l| l.0 .0);
+    let mut low = lowest(&best);
+    for &x in &sample[share..] {
+        if x > low {
+            best.pop();
+            best.push(Reverse(Logit(x)));
+            low = lowest(&best);
+        }
+    }
+    low
 }
 
 /// The safety sets found exactly through the key bounds (see the module
@@ -201,27 +213,33 @@ fn through_bounds(
     };
     for (h, b) in best.iter().enumerate() {
         let logits = &scratch.logits[h];
-        mark(keys, b.kth(), top, logits, 1 << h, &mut scratch.safety);
+        let pairs = || keys().map(|i| (i, logits[i]));
+        mark(pairs, b.kth(), top, 1 << h, &mut scratch.safety);
     }
+    let safety = &scratch.safety;
+    scratch.safety_keys.clear();
+    scratch
+        .safety_keys
+        .extend(keys().filter(|&i| safety[i] != 0).map(|i| i as u32));
     Ok(nv)
 }
 
-/// Sets `bit` in `mask` for the `keys` (in position order) whose logit is
-/// above `kth`, then for those equal to it until `top` keys are marked.
-fn mark<I: Iterator<Item = usize>>(
-    keys: impl Fn() -> I,
+/// Sets `bit` in `mask` for the keys of `pairs` (key, logit; in position
+/// order) whose logit is above `kth`, then for those equal to it until `top`
+/// keys are marked.
+fn mark<I: Iterator<Item = (usize, f32)>>(
+    pairs: impl Fn() -> I,
     kth: f32,
     top: usize,
-    logits: &[f32],
     bit: u8,
     mask: &mut [u8],
 ) {
     let mut marked = 0;
-    for i in keys().filter(|&i| logits[i] > kth) {
+    for (i, _) in pairs().filter(|&(_, logit)| logit > kth) {
         mask[i] |= bit;
         marked += 1;
     }
-    for i in keys().filter(|&i| logits[i] == kth) {
+    for (i, _) in pairs().filter(|&(_, logit)| logit == kth) {
         if marked == top {
             break;
         }
@@ -267,7 +285,7 @@ impl TopLogits {
     }
 }
 
-/// A logit ordered by `total_cmp` (NaN never enters).
+/// A logit or score ordered by `total_cmp` (NaN never enters).
 #[derive(Clone, Copy, PartialEq)]
 struct Logit(f32);
 

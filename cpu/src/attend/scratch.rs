@@ -2,6 +2,7 @@
 
 use super::passes::PairLists;
 use crate::retrieval::{RetrievalScratch, Selection};
+use crate::sketch::SketchSample;
 
 /// Per-worker scratch, grown only when the store grows past its previous size.
 #[derive(Default)]
@@ -23,9 +24,17 @@ pub(crate) struct Scratch {
     pub(crate) safety: Vec<u8>,
     /// Key sketch scores, `[g][n]`, the queries projected for them, and the
     /// safety sets' candidates.
-    pub(crate) sketch_scores: Vec<i32>,
+    pub(crate) sketch_scores: Vec<f32>,
+    pub(crate) sketch_sample: SketchSample,
     pub(crate) sketch_queries: Vec<i8>,
     pub(crate) candidates: Vec<u32>,
+    /// The candidates' exact logits, `[nc][g]`, and the heads of each.
+    pub(crate) candidate_logits: Vec<f32>,
+    pub(crate) candidate_heads: Vec<u8>,
+    /// One head's candidates, logit and position.
+    pub(crate) ranked: Vec<(f32, u32)>,
+    /// The keys of the safety sets, sorted.
+    pub(crate) safety_keys: Vec<u32>,
 }
 
 impl Scratch {

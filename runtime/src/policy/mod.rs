@@ -133,13 +133,13 @@ fn one_number(spec: &str, prefix: &str) -> Result<usize> {
 /// SmolLM2 the safety set took the teacher-forced top-1 agreement with dense
 /// at 4k from 95% (`lsh:k=10,l=150`, no safety set) to 99% and found every
 /// needle; it also halves the tables (L 75 for 150).
-pub const DEFAULT_POLICY: &str = "lsh:k=10,l=75,t=2,top=64";
+pub const DEFAULT_POLICY: &str = "lsh:k=10,l=75,t=2,top=128,per=32";
 
 /// What a user sets; [`PolicyConfig::resolve`] turns it into a [`PolicyTable`]
 /// for a model's layer count. Also the format of a TOML policy file:
 ///
 /// ```toml
-/// policy = "lsh:k=10,l=75,t=2,top=64"   # every layer not named below
+/// policy = "lsh:k=10,l=75,t=2,top=128,per=32"   # every layer not named below
 /// dense_layers = [0, 15]          # default: 0 and n_layers / 2
 /// sinks = 4
 /// window = 64
@@ -415,14 +415,18 @@ mod tests {
             t.layers[1].attention,
             LayerAttention::Offloaded {
                 lsh: Some(LshIndexParams { k: 10, l: 75, t: 2 }),
-                policy: Policy::Lsh(tandem_cpu::LshParams { top: 64, .. }),
+                policy: Policy::Lsh(tandem_cpu::LshParams {
+                    top: 128,
+                    per: 32,
+                    ..
+                }),
                 ..
             }
         ));
         assert_eq!((t.sinks, t.window), (4, 64));
         let shown = t.to_string();
         assert!(
-            shown.contains("layers 1-14,16-29: lsh:k=10,l=75,t=2,top=64"),
+            shown.contains("layers 1-14,16-29: lsh:k=10,l=75,t=2,top=128,per=32"),
             "{shown}"
         );
         assert!(shown.contains("layers 0,15: dense"), "{shown}");
