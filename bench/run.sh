@@ -11,7 +11,8 @@
 #                   attention  CPU attention per layer at 96k, llama3.1-8b shape,
 #                              the default policy beside MagicPIG's lsh:k=10,l=150
 #                   decode96k  decode step at 96k, llama3.1-8b shape (~20 GB, minutes),
-#                              int8 and bf16 stores, and the ma-pairs layout
+#                              the default policy on int8 and bf16 stores, and on the
+#                              ma-pairs layout
 #                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
 #                              when LLAMA_BENCH points at llama-bench)
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
@@ -76,14 +77,14 @@ if [ ${#FROM[@]} -eq 0 ]; then
       lsh:k=10,l=150,kbits=8,vbits=8 threshold:eps=0.01 dense --json
   fi
   if wanted decode96k; then
-    for p in "$DEFAULT_POLICY,kbits=8,vbits=8" "$DEFAULT_POLICY" lsh:k=10,l=150,kbits=8,vbits=8 lsh:k=10,l=150; do
+    for p in "$DEFAULT_POLICY,kbits=8,vbits=8" "$DEFAULT_POLICY"; do
       run "decode96k-$(echo "$p" | tr ':=,' '---').json" "$BIN" bench decode --shape llama3.1-8b \
         --context 98304 --tokens 12 --threads 2 --cpu-workers 2 --policy "$p" --json
     done
     # MixAttention's layout: global layers split, the rest sliding windows or shared.
     run decode96k-ma-pairs.json "$BIN" bench decode --shape llama3.1-8b --context 98304 \
       --tokens 12 --threads 2 --cpu-workers 2 --layout ma-pairs \
-      --policy lsh:k=10,l=150,kbits=8,vbits=8 --json
+      --policy "$DEFAULT_POLICY,kbits=8,vbits=8" --json
   fi
   if wanted smollm2; then
     run smollm2-tandem.json "$BIN" bench decode --context 0,8192 \
