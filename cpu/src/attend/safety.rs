@@ -144,18 +144,9 @@ fn cutoff(sample: &[f32], wanted: usize, n: usize) -> f32 {
     if share >= m {
         return f32::NEG_INFINITY;
     }
-    // The `share` largest scores; most are below the smallest kept.
-    let mut best: BinaryHeap<_> = sample[..share].iter().map(|&x| Reverse(Logit(x))).collect();
-    let lowest = |best: &BinaryHeap<Reverse<Logit>>| best.peek().map_or(f32::INFINITY, |l| l.0 .0);
-    let mut low = lowest(&best);
-    for &x in &sample[share..] {
-        if x > low {
-            best.pop();
-            best.push(Reverse(Logit(x)));
-            low = lowest(&best);
-        }
-    }
-    low
+    let mut best = TopLogits::new(share);
+    sample.iter().for_each(|&x| best.offer(x));
+    best.kth()
 }
 
 /// The safety sets found exactly through the key bounds (see the module
@@ -252,6 +243,9 @@ fn mark<I: Iterator<Item = (usize, f32)>>(
 struct TopLogits {
     cap: usize,
     heap: BinaryHeap<Reverse<Logit>>,
+    /// The smallest of them once `cap` were offered (see [`TopLogits::kth`]),
+    /// so that most offers are one comparison.
+    kth: f32,
 }
 
 impl TopLogits {
@@ -259,6 +253,11 @@ impl TopLogits {
         TopLogits {
             cap,
             heap: BinaryHeap::with_capacity(cap + 1),
+            kth: if cap == 0 {
+                f32::INFINITY
+            } else {
+                f32::NEG_INFINITY
+            },
         }
     }
 
@@ -268,20 +267,21 @@ impl TopLogits {
         }
         if self.heap.len() < self.cap {
             self.heap.push(Reverse(Logit(x)));
-        } else if x > self.kth() {
+        } else if x > self.kth {
             self.heap.pop();
             self.heap.push(Reverse(Logit(x)));
+        } else {
+            return;
+        }
+        if self.heap.len() == self.cap {
+            self.kth = self.heap.peek().map_or(f32::NEG_INFINITY, |low| low.0 .0);
         }
     }
 
     /// The `cap`-th largest logit offered; −∞ until `cap` were offered
     /// (+∞ with `cap` 0: nothing to find).
     fn kth(&self) -> f32 {
-        match (self.cap, self.heap.peek()) {
-            (0, _) => f32::INFINITY,
-            (_, Some(Reverse(Logit(x)))) if self.heap.len() == self.cap => *x,
-            _ => f32::NEG_INFINITY,
-        }
+        self.kth
     }
 }
 
