@@ -22,8 +22,8 @@ pub(crate) struct Scratch {
     /// Per key, the heads whose LSH safety set holds it; all zero between
     /// calls.
     pub(crate) safety: Vec<u8>,
-    /// Key sketch scores, `[g][n]`, the queries projected for them, and the
-    /// safety sets' candidates.
+    /// The sketch scores of the sampled keys, `[g][m]`, the blocks sampled,
+    /// the queries projected for them, and the safety sets' candidates.
     pub(crate) sketch_scores: Vec<f32>,
     pub(crate) sketch_sample: SketchSample,
     pub(crate) sketch_queries: Vec<i8>,
