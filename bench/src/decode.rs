@@ -99,18 +99,9 @@ pub struct DecodeBenchResult {
 /// The known generated shapes.
 pub fn shape_config(name: &str) -> Result<Config> {
     match name {
-        "llama3.1-8b" => Ok(Config {
-            n_layers: 32,
-            dim: 4096,
-            ffn_dim: 14336,
-            n_heads: 32,
-            n_kv_heads: 8,
-            head_dim: 128,
-            vocab_size: 128_256,
-            rope_base: 500_000.0,
-            rms_eps: 1e-5,
-            context_length: 131_072,
-        }),
+        "llama3.1-8b" => Ok(Config::llama(
+            32, 4096, 14336, 32, 8, 128_256, 500_000.0, 131_072,
+        )),
         _ => Err(Error::InvalidRequest(format!(
             "unknown shape {name:?} (known: llama3.1-8b)"
         ))),
@@ -198,7 +189,11 @@ pub fn run_decode_bench(
                 let prefill_s = start.elapsed().as_secs_f64();
                 note(&format!("context of {n} tokens built in {prefill_s:.1} s"));
                 for p in &policies {
-                    let table = Arc::new(table_for(&opts.policy, p, model.config().n_layers)?);
+                    let table = Arc::new(table_for(
+                        &opts.policy,
+                        p,
+                        &model.config().sliding_windows(),
+                    )?);
                     let start = Instant::now();
                     let mut seqs = Vec::with_capacity(opts.batch);
                     for _ in 0..opts.batch {
@@ -226,7 +221,7 @@ pub fn run_decode_bench(
             let c = model.config().clone();
             for &n in &opts.contexts {
                 for p in &policies {
-                    let table = Arc::new(table_for(&opts.policy, p, c.n_layers)?);
+                    let table = Arc::new(table_for(&opts.policy, p, &c.sliding_windows())?);
                     let start = Instant::now();
                     let mut seqs = Vec::with_capacity(opts.batch);
                     for b in 0..opts.batch {
@@ -273,11 +268,11 @@ fn ratio(part: u64, whole: u64) -> f64 {
 
 /// The table of a configuration named as in `run_decode_bench`: `dense` is
 /// the baseline, anything else the measured configuration.
-fn table_for(base: &PolicyConfig, name: &str, n_layers: usize) -> Result<PolicyTable> {
+fn table_for(base: &PolicyConfig, name: &str, windows: &[Option<usize>]) -> Result<PolicyTable> {
     if name == "dense" {
-        return Ok(PolicyTable::dense(n_layers));
+        return Ok(PolicyTable::dense(windows));
     }
-    base.resolve(n_layers)
+    base.resolve(windows)
 }
 
 fn summary(r: &DecodeBenchResult) -> String {

@@ -17,7 +17,7 @@ use tandem_bench::eval::corpus;
 use tandem_runtime::chat::Message;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
-    default_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
+    resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
 };
 
 /// tandem: a long-context LLM decoder.
@@ -50,7 +50,8 @@ enum Command {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Model: a GGUF file or a Hugging Face Llama directory (default: the set-up model).
+    /// Model: a GGUF file (llama, gemma3, qwen2), a Hugging Face Llama directory, or a
+    /// name set-up fetches: smollm2, gemma3 (default: the set-up SmolLM2).
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// Policies to compare with dense, comma- or space-separated, e.g.
@@ -116,7 +117,9 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model: a GGUF file or a Hugging Face Llama directory. Default: $TANDEM_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf.
+    /// Model: a GGUF file (llama, gemma3, qwen2), a Hugging Face Llama directory, or a
+    /// name set-up fetches: smollm2, gemma3. Default: $TANDEM_MODEL, else
+    /// models/SmolLM2-135M-Instruct.Q4_1.gguf.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// Threads for the dense device (default: all cores).
@@ -207,7 +210,7 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<Engine> {
-        let path = self.model.clone().unwrap_or_else(default_model_path);
+        let path = resolve_model_path(self.model.as_deref());
         if let Err(why) = tandem_gpu::cuda_status() {
             eprintln!("tandem: {why}");
         }
@@ -591,7 +594,7 @@ fn chat(args: ChatArgs) -> Result<()> {
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let path = args.model.model.clone().unwrap_or_else(default_model_path);
+    let path = resolve_model_path(args.model.model.as_deref());
     let file = tandem_runtime::model::gguf::GgufFile::open(&path)?;
     let tokenizer = tandem_runtime::tokenizer::Tokenizer::from_gguf(&file)?;
     let ids = tokenizer.encode(&args.text, args.bos)?;
@@ -609,7 +612,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
     let options = args.model.options()?;
     let source = match &args.shape {
         Some(shape) => ModelSource::Shape(shape.clone()),
-        None => ModelSource::Model(args.model.model.clone().unwrap_or_else(default_model_path)),
+        None => ModelSource::Model(resolve_model_path(args.model.model.as_deref())),
     };
     let opts = DecodeBenchOptions {
         source,
@@ -678,7 +681,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = EvalOptions {
-        model: args.model.clone().unwrap_or_else(default_model_path),
+        model: resolve_model_path(args.model.as_deref()),
         policies,
         contexts: args.context.clone(),
         scored: args.scored,

@@ -21,6 +21,26 @@ pub trait DeviceBuffer: Send + Sync {
     }
 }
 
+/// How a rotary embedding pairs a head's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(x[2i], x[2i+1])`: llama GGUFs, whose q/k rows llama.cpp's
+    /// converter permutes into this layout.
+    Interleaved,
+    /// The halves `(x[i], x[i + d/2])`: GPT-NeoX's layout, kept by Gemma and
+    /// Qwen2 GGUFs and by Hugging Face checkpoints.
+    Halves,
+}
+
+/// The activation of a gated feed-forward block, `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Qwen2).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+}
+
 /// The keys one [`DenseDevice::attention`] call attends: layer `layer` of a
 /// sequence's cache, every row or, with a sliding `window` of `W`, each
 /// query's last `W` rows.
@@ -119,21 +139,33 @@ pub trait DenseDevice: Send + Sync {
         out: &mut Self::Buffer,
     ) -> Result<(), DeviceError>;
 
-    /// Rotary embedding of every head (of `head_dim`) of every row of `xs`, the
-    /// pairs `(x[2i], x[2i+1])` rotated by row `t`'s angles: `angles` holds
+    /// Rotary embedding of every head (of `head_dim`) of every row of `xs`, its
+    /// pairs (as `style` says) rotated by row `t`'s angles: `angles` holds
     /// `head_dim / 2` pairs `(cos, sin)` per row.
     fn rope(
         &self,
         xs: &mut Self::Buffer,
         head_dim: usize,
         angles: &Self::Buffer,
+        style: RopeStyle,
     ) -> Result<(), DeviceError>;
 
-    /// SwiGLU: `gate = silu(gate) · up`.
-    fn silu_mul(&self, gate: &mut Self::Buffer, up: &Self::Buffer) -> Result<(), DeviceError>;
+    /// A gated activation: `gate = act(gate) · up`.
+    fn glu(
+        &self,
+        activation: Activation,
+        gate: &mut Self::Buffer,
+        up: &Self::Buffer,
+    ) -> Result<(), DeviceError>;
 
     /// `x += y`.
     fn add(&self, x: &mut Self::Buffer, y: &Self::Buffer) -> Result<(), DeviceError>;
+
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Buffer, s: f32) -> Result<(), DeviceError>;
+
+    /// `row += bias` for every row of `xs` (rows of `bias.len()`).
+    fn add_bias(&self, xs: &mut Self::Buffer, bias: &Self::Buffer) -> Result<(), DeviceError>;
 
     // ---- one sequence's window -----------------------------------------------
 

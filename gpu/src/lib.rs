@@ -17,7 +17,7 @@ mod error;
 mod host;
 
 pub use cpu::{CpuDevice, CpuKv};
-pub use device::{DenseDevice, DeviceBuffer, KvLayer};
+pub use device::{Activation, DenseDevice, DeviceBuffer, KvLayer, RopeStyle};
 pub use error::DeviceError;
 pub use host::{AttentionShape, HostMatrix};
 

@@ -32,6 +32,74 @@ pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`):
+/// `gate = gelu(gate) * up`.
+pub fn gelu_tanh_mul_in_place(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gelu_mul: length mismatch");
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+        *g = 0.5 * x * (1.0 + inner.tanh()) * u;
+    }
+}
+
+/// `x *= s`.
+pub fn scale_in_place(x: &mut [f32], s: f32) {
+    for v in x {
+        *v *= s;
+    }
+}
+
+/// `row += bias` for every row of `x` (rows of `bias.len()`).
+pub fn add_bias_in_place(x: &mut [f32], bias: &[f32]) {
+    assert!(
+        !bias.is_empty() && x.len().is_multiple_of(bias.len()),
+        "add_bias: length mismatch"
+    );
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+/// Llama 3.1's frequency scaling (`rope_scaling.rope_type = "llama3"`): long
+/// wavelengths are slowed by `factor`, short ones kept, those between blended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    /// How much longer the context is than the one pre-trained on.
+    pub factor: f32,
+    /// Wavelengths above `original_context / low_freq_factor` are divided by `factor`.
+    pub low_freq_factor: f32,
+    /// Wavelengths below `original_context / high_freq_factor` are kept.
+    pub high_freq_factor: f32,
+    /// The pre-training context length.
+    pub original_context: f32,
+}
+
+impl Llama3Scaling {
+    /// The per-frequency divisors, as llama.cpp's converter writes them into
+    /// `rope_freqs.weight` (one per rotated pair).
+    pub fn factors(&self, dim: usize, base: f32) -> Vec<f32> {
+        let low_wavelen = self.original_context / self.low_freq_factor;
+        let high_wavelen = self.original_context / self.high_freq_factor;
+        (0..dim / 2)
+            .map(|i| {
+                let freq = (base as f64).powf(-(2.0 * i as f64) / dim as f64) as f32;
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    self.factor
+                } else {
+                    let smooth = (self.original_context / wavelen - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / self.factor + smooth)
+                }
+            })
+            .collect()
+    }
+}
+
 /// Rotary position embedding tables: `cos`/`sin` of `position · base^(-2i/dim)`.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -41,8 +109,17 @@ pub struct Rope {
 impl Rope {
     /// Frequencies for heads of `dim` rotated dimensions with the given base.
     pub fn new(dim: usize, base: f32) -> Rope {
+        Rope::with_factors(dim, base, &[])
+    }
+
+    /// As [`Rope::new`], each frequency divided by its factor (llama.cpp's
+    /// `rope_freqs.weight`, see [`Llama3Scaling::factors`]); no factors, none divided.
+    pub fn with_factors(dim: usize, base: f32, factors: &[f32]) -> Rope {
         let inv_freq = (0..dim / 2)
-            .map(|i| (base as f64).powf(-(2.0 * i as f64) / dim as f64) as f32)
+            .map(|i| {
+                let f = (base as f64).powf(-(2.0 * i as f64) / dim as f64);
+                (f / factors.get(i).copied().unwrap_or(1.0) as f64) as f32
+            })
             .collect();
         Rope { inv_freq }
     }
@@ -78,6 +155,19 @@ pub fn rotate_interleaved(head: &mut [f32], angles: &[f32]) {
         let (a, b, cos, sin) = (pair[0], pair[1], cs[0], cs[1]);
         pair[0] = a * cos - b * sin;
         pair[1] = a * sin + b * cos;
+    }
+}
+
+/// Rotates one head in place by precomputed angles, pairing each element of
+/// the first half with its twin in the second, `(x[i], x[i + d/2])`: GPT-NeoX's
+/// layout (llama.cpp's `LLAMA_ROPE_TYPE_NEOX`), which Gemma and Qwen2 GGUFs keep.
+pub fn rotate_halves(head: &mut [f32], angles: &[f32]) {
+    let half = head.len() / 2;
+    let (lo, hi) = head.split_at_mut(half);
+    for ((a, b), cs) in lo.iter_mut().zip(hi.iter_mut()).zip(angles.chunks_exact(2)) {
+        let (x, y, cos, sin) = (*a, *b, cs[0], cs[1]);
+        *a = x * cos - y * sin;
+        *b = x * sin + y * cos;
     }
 }
 
@@ -129,6 +219,65 @@ mod tests {
         for (o, w) in out.iter().zip([1.0, 2.0, 3.0, 4.0]) {
             assert!((o - w).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn rotate_halves_is_interleaved_rotation_of_permuted_head() {
+        let rope = Rope::new(8, 10000.0);
+        let mut angles = Vec::new();
+        rope.push_angles(13, &mut angles);
+        let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut halves = x.clone();
+        rotate_halves(&mut halves, &angles);
+        // Interleave the halves, rotate adjacent pairs, split back.
+        let mut pairs: Vec<f32> = (0..4).flat_map(|i| [x[i], x[i + 4]]).collect();
+        rotate_interleaved(&mut pairs, &angles);
+        let back: Vec<f32> = (0..8)
+            .map(|j| {
+                if j < 4 {
+                    pairs[2 * j]
+                } else {
+                    pairs[2 * (j - 4) + 1]
+                }
+            })
+            .collect();
+        assert_eq!(halves, back);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_known_values() {
+        let mut g = [-3.0, -1.0, 0.0, 0.5, 2.0];
+        gelu_tanh_mul_in_place(&mut g, &[1.0, 1.0, 1.0, 1.0, 2.0]);
+        // torch.nn.functional.gelu(x, approximate="tanh")
+        let want = [
+            -0.003_637_392,
+            -0.158_808,
+            0.0,
+            0.345_714,
+            2.0 * 1.954_597_7,
+        ];
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn llama3_factors_keep_short_and_stretch_long_wavelengths() {
+        let s = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 8192.0,
+        };
+        let f = s.factors(128, 500000.0);
+        assert_eq!(f.len(), 64);
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[63], 8.0);
+        assert!(f.windows(2).all(|w| w[0] <= w[1]));
+        let rope = Rope::with_factors(128, 500000.0, &f);
+        let plain = Rope::new(128, 500000.0);
+        assert_eq!(rope.inv_freq[0], plain.inv_freq[0]);
+        assert!((rope.inv_freq[63] * 8.0 - plain.inv_freq[63]).abs() < 1e-12);
     }
 
     #[test]

@@ -18,6 +18,11 @@ use crate::{Error, Result};
 /// `<|im_start|>assistant\n` when a generation prompt is asked for.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// The template of a base model, which has no chat format: the messages'
+/// texts one after another, separated by a blank line, for the model to
+/// continue (completion-style prompts).
+pub const COMPLETION_TEMPLATE: &str = "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endfor %}";
+
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -250,6 +255,16 @@ impl ChatTemplate {
     /// ([`CHATML_TEMPLATE`]). `bos_token`/`eos_token` are the texts templates see
     /// as `bos_token`/`eos_token`. A syntax error is an [`Error::ChatTemplate`].
     pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        Self::with_fallback(source, CHATML_TEMPLATE, bos_token, eos_token)
+    }
+
+    /// As [`ChatTemplate::new`], with `fallback` when the model has no template.
+    pub fn with_fallback(
+        source: Option<&str>,
+        fallback: &str,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<ChatTemplate> {
         let mut env = Environment::new();
         // Hugging Face renders with trim_blocks and lstrip_blocks on.
         env.set_trim_blocks(true);
@@ -257,7 +272,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.set_unknown_method_callback(unknown_method);
-        let source = source.unwrap_or(CHATML_TEMPLATE).to_string();
+        let source = source.unwrap_or(fallback).to_string();
         env.add_template_owned(NAME, source).map_err(template_err)?;
         Ok(ChatTemplate {
             env,

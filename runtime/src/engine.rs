@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tandem_cpu::WorkerPool;
 use tandem_gpu::{CpuDevice, DenseDevice};
 
-use crate::chat::{ChatTemplate, Message};
+use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE, COMPLETION_TEMPLATE};
 use crate::error::{Error, Result};
 use crate::model::{load_gguf, Llama};
 use crate::policy::{PolicyConfig, PolicyTable};
@@ -17,17 +17,45 @@ use crate::tokenizer::Tokenizer;
 /// Where the set-up script puts the default model, relative to the repository.
 pub const DEFAULT_MODEL_RELATIVE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The models `scripts/setup.sh` fetches, by the short names `--model` takes.
+pub const NAMED_MODELS: [(&str, &str); 2] = [
+    ("smollm2", DEFAULT_MODEL_RELATIVE),
+    ("gemma3", "models/gemma-3-270m-q4_k_m.gguf"),
+];
+
 /// The default model: `$TANDEM_MODEL` if set, else the set-up script's copy next to
 /// the executable's repository or the current directory.
 pub fn default_model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("TANDEM_MODEL") {
         return PathBuf::from(p);
     }
-    let mut candidates = vec![PathBuf::from(DEFAULT_MODEL_RELATIVE)];
+    set_up_copy(DEFAULT_MODEL_RELATIVE)
+}
+
+/// The model a `--model` argument names: a path, or a name of [`NAMED_MODELS`]
+/// (where no file of that name exists); none, the default model.
+pub fn resolve_model_path(arg: Option<&Path>) -> PathBuf {
+    let Some(arg) = arg else {
+        return default_model_path();
+    };
+    if arg.exists() {
+        return arg.to_path_buf();
+    }
+    let name = arg.to_str().unwrap_or_default().to_ascii_lowercase();
+    match NAMED_MODELS.iter().find(|(n, _)| *n == name) {
+        Some((_, relative)) => set_up_copy(relative),
+        None => arg.to_path_buf(),
+    }
+}
+
+/// `relative` (a path under the repository) in the current directory or
+/// beside the executable's repository, whichever exists (else the first).
+fn set_up_copy(relative: &str) -> PathBuf {
+    let mut candidates = vec![PathBuf::from(relative)];
     if let Ok(exe) = std::env::current_exe() {
         // target/release/tandem -> repository root.
         if let Some(root) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-            candidates.push(root.join(DEFAULT_MODEL_RELATIVE));
+            candidates.push(root.join(relative));
         }
     }
     candidates
@@ -106,8 +134,16 @@ impl<D: DenseDevice> Engine<D> {
                 .and_then(|id| tokenizer.token_text(id as u32))
                 .unwrap_or_default()
         };
-        let template = ChatTemplate::new(
+        // Without a template of its own, a vocabulary that knows ChatML's markers
+        // gets ChatML; any other model is a base model, prompted by completion.
+        let fallback = if tokenizer.token_id("<|im_start|>").is_some() {
+            CHATML_TEMPLATE
+        } else {
+            COMPLETION_TEMPLATE
+        };
+        let template = ChatTemplate::with_fallback(
             file.get_str("tokenizer.chat_template"),
+            fallback,
             &token("tokenizer.ggml.bos_token_id"),
             &token("tokenizer.ggml.eos_token_id"),
         )?;
@@ -121,7 +157,7 @@ impl<D: DenseDevice> Engine<D> {
         path: &Path,
         options: &EngineOptions,
     ) -> Result<Engine<D>> {
-        let table = options.policy.resolve(model.config().n_layers)?;
+        let table = options.policy.resolve(&model.config().sliding_windows())?;
         let workers = if table.needs_workers() {
             let pool = WorkerPool::new(options.cpu_workers.max(1))?;
             Some(Arc::new(pool))

@@ -28,7 +28,9 @@ mod session;
 pub mod split;
 pub mod tokenizer;
 
-pub use engine::{default_model_path, Engine, EngineOptions, PREFILL_CHUNK};
+pub use engine::{
+    default_model_path, resolve_model_path, Engine, EngineOptions, NAMED_MODELS, PREFILL_CHUNK,
+};
 pub use error::{Error, Result};
 pub use generate::{Flow, GenerationStats};
 pub use sampling::SamplingConfig;

@@ -11,7 +11,14 @@ Usage:
         [--seed N] [--tied] [--truncate] [--arch NAME] [--wrong-shape]
   --tied      omit output.weight (LM head = token_embd.weight)
   --truncate  cut the finished file to 60% of its size (a "truncated file" case)
-  --arch      write general.architecture NAME instead of llama (unsupported-arch case)
+  --arch      write general.architecture NAME instead of llama: qwen2 adds q/k/v
+              biases; gemma3 has 6 layers (5 local with a sliding window of 4
+              tokens, then a global one), heads of 32 (attention.key_length),
+              per-head q/k norms and post-norms; any other name is the
+              unsupported-architecture case
+  --rope-freqs  add rope_freqs.weight: Llama 3.1's scaling (factor 8, low 1,
+              high 4; an original context of 64 so that it
+              matters within a few tokens) as llama.cpp's converter writes it
 Reference logits for the result: tests/reference/llama_ref.py --model OUT.gguf --tokens ...
 """
 import argparse
@@ -48,15 +55,19 @@ def main():
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--truncate", action="store_true")
     ap.add_argument("--arch", default="llama")
+    ap.add_argument("--rope-freqs", action="store_true")
     ap.add_argument("--wrong-shape", action="store_true",
                     help="declare feed_forward_length 96 while the ffn tensors have 128 (a wrong-shape case)")
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
     qt = Q[a.type]
 
+    gemma = a.arch == "gemma3"
+    n_layer = 6 if gemma else N_LAYER
+    head_dim = 32 if gemma else HEAD_DIM
     w = gguf.GGUFWriter(a.out, a.arch)
     p = a.arch + "."
-    w.add_uint32(p + "block_count", N_LAYER)
+    w.add_uint32(p + "block_count", n_layer)
     w.add_uint32(p + "context_length", 512)
     w.add_uint32(p + "embedding_length", D)
     w.add_uint32(p + "feed_forward_length", 96 if a.wrong_shape else FFN)
@@ -64,7 +75,11 @@ def main():
     w.add_uint32(p + "attention.head_count_kv", N_KV)
     w.add_float32(p + "rope.freq_base", 10000.0)
     w.add_float32(p + "attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_uint32(p + "rope.dimension_count", HEAD_DIM)
+    w.add_uint32(p + "rope.dimension_count", head_dim)
+    if gemma:
+        w.add_uint32(p + "attention.key_length", head_dim)
+        w.add_uint32(p + "attention.value_length", head_dim)
+        w.add_uint32(p + "attention.sliding_window", 4)
     w.add_uint32(p + "vocab_size", VOCAB)
     w.add_uint32("general.file_type", {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}[a.type])
     w.add_tokenizer_model("gpt2")
@@ -82,17 +97,37 @@ def main():
         else:
             w.add_tensor(name, quantize(x, qt), raw_dtype=qt)  # byte shape -> element shape
 
-    def norm(name):
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+    def norm(name, n=D):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    def bias(name, n):
+        w.add_tensor(name, (0.1 * rng.standard_normal(n)).astype(np.float32))
 
     mat("token_embd.weight", VOCAB, D)
-    for l in range(N_LAYER):
+    if a.rope_freqs:
+        factor, low, high, orig = 8.0, 1.0, 4.0, 64.0
+        freqs = 10000.0 ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        wavelen = 2 * np.pi / freqs
+        smooth = (orig / wavelen - low) / (high - low)
+        f = np.where(wavelen < orig / high, 1.0,
+                     np.where(wavelen > orig / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        w.add_tensor("rope_freqs.weight", f.astype(np.float32))
+    for l in range(n_layer):
         b = f"blk.{l}."
         norm(b + "attn_norm.weight")
-        mat(b + "attn_q.weight", N_HEAD * HEAD_DIM, D)
-        mat(b + "attn_k.weight", N_KV * HEAD_DIM, D)
-        mat(b + "attn_v.weight", N_KV * HEAD_DIM, D)
-        mat(b + "attn_output.weight", D, N_HEAD * HEAD_DIM)
+        mat(b + "attn_q.weight", N_HEAD * head_dim, D)
+        mat(b + "attn_k.weight", N_KV * head_dim, D)
+        mat(b + "attn_v.weight", N_KV * head_dim, D)
+        if a.arch == "qwen2":
+            bias(b + "attn_q.bias", N_HEAD * head_dim)
+            bias(b + "attn_k.bias", N_KV * head_dim)
+            bias(b + "attn_v.bias", N_KV * head_dim)
+        if gemma:
+            norm(b + "attn_q_norm.weight", head_dim)
+            norm(b + "attn_k_norm.weight", head_dim)
+            norm(b + "post_attention_norm.weight")
+            norm(b + "post_ffw_norm.weight")
+        mat(b + "attn_output.weight", D, N_HEAD * head_dim)
         norm(b + "ffn_norm.weight")
         mat(b + "ffn_gate.weight", FFN, D)
         mat(b + "ffn_up.weight", FFN, D)

@@ -20,3 +20,15 @@ pub fn model_path() -> PathBuf {
     );
     p
 }
+
+/// Gemma 3 270M (a 32k-context base model with sliding-window layers), fetched
+/// by `scripts/setup.sh`.
+pub fn gemma3_path() -> PathBuf {
+    let p = root().join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        p.display()
+    );
+    p
+}

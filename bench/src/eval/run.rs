@@ -99,7 +99,7 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             }
             Ok(out)
         };
-        let mut dense_kv = base.fork(Arc::new(PolicyTable::dense(c.n_layers)), None)?;
+        let mut dense_kv = base.fork(Arc::new(PolicyTable::dense(&c.sliding_windows())), None)?;
         let dense_logits = teacher_forced(&mut dense_kv)?;
         drop(dense_kv);
         for (p, table) in opts.policies.iter().zip(&tables) {
@@ -282,20 +282,20 @@ fn load(opts: &EvalOptions) -> Result<(Engine, Vec<Arc<PolicyTable>>)> {
             },
         },
     )?;
-    let n_layers = engine.model().config().n_layers;
+    let windows = engine.model().config().sliding_windows();
     let tables = opts
         .policies
         .iter()
         .map(|p| {
             if p == "dense" {
-                return Ok(Arc::new(PolicyTable::dense(n_layers)));
+                return Ok(Arc::new(PolicyTable::dense(&windows)));
             }
             PolicyConfig {
                 policy: p.clone(),
                 dense_below: opts.base.sinks + opts.base.window,
                 ..opts.base.clone()
             }
-            .resolve(n_layers)
+            .resolve(&windows)
             .map(Arc::new)
         })
         .collect::<Result<_>>()?;
@@ -322,7 +322,7 @@ fn answer_all(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Replies> {
     let model = engine.model();
-    let n_layers = model.config().n_layers;
+    let windows = model.config().sliding_windows();
     let mut replies = Replies {
         dense: Vec::new(),
         policies: vec![Vec::new(); tables.len()],
@@ -347,7 +347,7 @@ fn answer_all(
             }
             engine.tokenizer().decode(&ids)
         };
-        let mut dense_kv = prefill.fork(Arc::new(PolicyTable::dense(n_layers)), None)?;
+        let mut dense_kv = prefill.fork(Arc::new(PolicyTable::dense(&windows)), None)?;
         replies.dense.push(answer(&mut dense_kv)?);
         drop(dense_kv);
         for (table, out) in tables.iter().zip(&mut replies.policies) {

@@ -9,14 +9,15 @@ use std::ops::Range;
 
 use half::bf16;
 use tandem_kernels::ops::{
-    add_in_place, merge_partials, rms_norm, rotate_interleaved, silu_mul_in_place,
+    add_bias_in_place, add_in_place, gelu_tanh_mul_in_place, merge_partials, rms_norm,
+    rotate_halves, rotate_interleaved, scale_in_place, silu_mul_in_place,
 };
 use tandem_kernels::parallel::ThreadPool;
 use tandem_kernels::Isa;
 
 pub use kv::CpuKv;
 
-use crate::device::{DenseDevice, DeviceBuffer, KvLayer};
+use crate::device::{Activation, DenseDevice, DeviceBuffer, KvLayer, RopeStyle};
 
 use crate::error::DeviceError;
 
@@ -150,6 +151,7 @@ impl DenseDevice for CpuDevice {
         xs: &mut Vec<f32>,
         head_dim: usize,
         angles: &Vec<f32>,
+        style: RopeStyle,
     ) -> Result<(), DeviceError> {
         if head_dim == 0 || !head_dim.is_multiple_of(2) || !angles.len().is_multiple_of(head_dim) {
             return Err(shape_error("rope angles", angles.len(), head_dim));
@@ -164,15 +166,37 @@ impl DenseDevice for CpuDevice {
             .zip(angles.chunks_exact(head_dim))
         {
             for head in row.chunks_exact_mut(head_dim) {
-                rotate_interleaved(head, a);
+                match style {
+                    RopeStyle::Interleaved => rotate_interleaved(head, a),
+                    RopeStyle::Halves => rotate_halves(head, a),
+                }
             }
         }
         Ok(())
     }
 
-    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), DeviceError> {
-        same_rows("silu", gate.len(), up.len(), 1)?;
-        silu_mul_in_place(gate, up);
+    fn glu(
+        &self,
+        activation: Activation,
+        gate: &mut Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<(), DeviceError> {
+        same_rows("gated activation", gate.len(), up.len(), 1)?;
+        match activation {
+            Activation::Silu => silu_mul_in_place(gate, up),
+            Activation::GeluTanh => gelu_tanh_mul_in_place(gate, up),
+        }
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<(), DeviceError> {
+        scale_in_place(x, s);
+        Ok(())
+    }
+
+    fn add_bias(&self, xs: &mut Vec<f32>, bias: &Vec<f32>) -> Result<(), DeviceError> {
+        same_rows("bias", xs.len(), xs.len(), bias.len())?;
+        add_bias_in_place(xs, bias);
         Ok(())
     }
 
@@ -351,7 +375,9 @@ mod tests {
         }
         let x = random(positions.len() * heads * head_dim, 1);
         let mut rotated = x.clone();
-        device.rope(&mut rotated, head_dim, &angles).expect("rope");
+        device
+            .rope(&mut rotated, head_dim, &angles, RopeStyle::Interleaved)
+            .expect("rope");
         for (t, &p) in positions.iter().enumerate() {
             for h in 0..heads {
                 let at = (t * heads + h) * head_dim..(t * heads + h + 1) * head_dim;
@@ -360,7 +386,9 @@ mod tests {
                 assert_eq!(&rotated[at], &want[..], "row {t} head {h}");
             }
         }
-        assert!(device.rope(&mut rotated, 5, &angles).is_err());
+        assert!(device
+            .rope(&mut rotated, 5, &angles, RopeStyle::Interleaved)
+            .is_err());
     }
 
     #[test]

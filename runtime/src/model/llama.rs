@@ -1,6 +1,8 @@
-//! The Llama architecture's forward pass, written once against the dense
-//! device trait: embedding, then per layer an attention block and a
-//! feed-forward block, then the head.
+//! The forward pass, written once against the dense device trait for every
+//! family tandem runs: embedding, then per layer an attention block and a
+//! feed-forward block, then the head. What differs between families (RoPE
+//! style and bases, activation, the extra norms, biases, sliding windows) is
+//! data in [`Config`] and optional weights in [`Layer`].
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -18,11 +20,21 @@ pub(super) struct Layer<D: DenseDevice> {
     pub(super) wq: D::Matrix,
     pub(super) wk: D::Matrix,
     pub(super) wv: D::Matrix,
+    /// Projection biases (Qwen2): q, k, v.
+    pub(super) qkv_bias: Option<[D::Buffer; 3]>,
+    /// Per-head norms of queries and keys (Gemma 3): q, k.
+    pub(super) qk_norm: Option<[D::Buffer; 2]>,
     pub(super) wo: D::Matrix,
+    /// Norm of the attention output before the residual add (Gemma).
+    pub(super) post_attn_norm: Option<D::Buffer>,
     pub(super) ffn_norm: D::Buffer,
     pub(super) w_gate: D::Matrix,
     pub(super) w_up: D::Matrix,
     pub(super) w_down: D::Matrix,
+    /// Norm of the feed-forward output before the residual add (Gemma).
+    pub(super) post_ffn_norm: Option<D::Buffer>,
+    /// Which of the model's RoPE tables the layer rotates with.
+    pub(super) rope: usize,
 }
 
 /// A Llama model with its weights resident on a dense device.
@@ -34,7 +46,8 @@ pub struct Llama<D: DenseDevice> {
     pub(super) layers: Vec<Arc<Layer<D>>>,
     pub(super) output_norm: D::Buffer,
     pub(super) lm_head: D::Matrix,
-    pub(super) rope: Rope,
+    /// RoPE tables: the global layers' first, then the local layers' if they differ.
+    pub(super) ropes: Vec<Rope>,
     pub(super) weight_bytes: usize,
 }
 
@@ -66,28 +79,42 @@ struct Activations<D: DenseDevice> {
     q: D::Buffer,
     k: D::Buffer,
     v: D::Buffer,
+    /// Where per-head norms of `q` and `k` land before they swap in (empty
+    /// without such norms).
+    q_normed: D::Buffer,
+    k_normed: D::Buffer,
     attn: D::Buffer,
     lse: D::Buffer,
     gate: D::Buffer,
     up: D::Buffer,
-    /// Rotary (cos, sin) pairs per row.
-    angles: D::Buffer,
+    /// A block's output, normed (empty without post-norms).
+    post: D::Buffer,
+    /// Rotary (cos, sin) pairs per row, one buffer per RoPE table.
+    angles: Vec<D::Buffer>,
 }
 
 impl<D: DenseDevice> Activations<D> {
-    fn new(device: &D, c: &Config, rows: usize, angles: &[f32]) -> Result<Activations<D>> {
-        let kv_dim = c.n_kv_heads * c.head_dim;
+    fn new(device: &D, c: &Config, rows: usize, angles: &[Vec<f32>]) -> Result<Activations<D>> {
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let f = &c.family;
+        let if_used = |used: bool, len: usize| device.zeros(if used { len } else { 0 });
         Ok(Activations {
             x: device.zeros(rows * c.dim)?,
             h: device.zeros(rows * c.dim)?,
-            q: device.zeros(rows * c.dim)?,
+            q: device.zeros(rows * q_dim)?,
             k: device.zeros(rows * kv_dim)?,
             v: device.zeros(rows * kv_dim)?,
-            attn: device.zeros(rows * c.dim)?,
+            q_normed: if_used(f.qk_norm, rows * q_dim)?,
+            k_normed: if_used(f.qk_norm, rows * kv_dim)?,
+            attn: device.zeros(rows * q_dim)?,
             lse: device.zeros(rows * c.n_heads)?,
             gate: device.zeros(rows * c.ffn_dim)?,
             up: device.zeros(rows * c.ffn_dim)?,
-            angles: device.upload_vector(angles)?,
+            post: if_used(f.post_norms, rows * c.dim)?,
+            angles: angles
+                .iter()
+                .map(|a| device.upload_vector(a))
+                .collect::<std::result::Result<_, _>>()?,
         })
     }
 }
@@ -111,7 +138,11 @@ impl<D: DenseDevice> Llama<D> {
     /// A new, empty sequence with every layer dense on the device.
     pub fn new_cache(&self) -> Result<SequenceKv<D>> {
         let c = &self.config;
-        SequenceKv::dense(Arc::clone(&self.device), c.n_layers, c.attention_shape())
+        SequenceKv::dense(
+            Arc::clone(&self.device),
+            &c.sliding_windows(),
+            c.attention_shape(),
+        )
     }
 
     /// Runs `tokens` of one sequence through the model (see [`Llama::forward_batch`]).
@@ -138,6 +169,10 @@ impl<D: DenseDevice> Llama<D> {
         let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens).copied().collect();
         let mut a = Activations::new(&*self.device, &self.config, rows, &self.angles(steps))?;
         self.device.embed(&self.embedding, &tokens, &mut a.x)?;
+        if self.config.family.embed_scale != 1.0 {
+            self.device
+                .scale(&mut a.x, self.config.family.embed_scale)?;
+        }
         let mut seqs: Vec<_> = steps
             .iter_mut()
             .map(|s| &mut *s.kv)
@@ -185,22 +220,56 @@ impl<D: DenseDevice> Llama<D> {
         d.matmul(&layer.wq, &a.h, &mut a.q)?;
         d.matmul(&layer.wk, &a.h, &mut a.k)?;
         d.matmul(&layer.wv, &a.h, &mut a.v)?;
-        d.rope(&mut a.q, c.head_dim, &a.angles)?;
-        d.rope(&mut a.k, c.head_dim, &a.angles)?;
+        if let Some([bq, bk, bv]) = &layer.qkv_bias {
+            d.add_bias(&mut a.q, bq)?;
+            d.add_bias(&mut a.k, bk)?;
+            d.add_bias(&mut a.v, bv)?;
+        }
+        if let Some([q_norm, k_norm]) = &layer.qk_norm {
+            // Norms of each head's row (the weights are `head_dim` long).
+            d.rms_norm(&a.q, q_norm, c.rms_eps, &mut a.q_normed)?;
+            d.rms_norm(&a.k, k_norm, c.rms_eps, &mut a.k_normed)?;
+            std::mem::swap(&mut a.q, &mut a.q_normed);
+            std::mem::swap(&mut a.k, &mut a.k_normed);
+        }
+        let angles = &a.angles[layer.rope];
+        d.rope(&mut a.q, c.head_dim, angles, c.family.rope_style)?;
+        d.rope(&mut a.k, c.head_dim, angles, c.family.rope_style)?;
+        if c.family.query_scale != 1.0 {
+            d.scale(&mut a.q, c.family.query_scale)?;
+        }
         split::attend(d, li, seqs, &a.q, &a.k, &a.v, &mut a.attn, &mut a.lse)?;
         d.matmul(&layer.wo, &a.attn, &mut a.h)?;
-        Ok(d.add(&mut a.x, &a.h)?)
+        self.residual(&mut a.x, &a.h, layer.post_attn_norm.as_ref(), &mut a.post)
     }
 
-    /// `x += w_down · (silu(w_gate · h) ⊙ w_up · h)`, `h = rms_norm(x)`.
+    /// `x += w_down · (act(w_gate · h) ⊙ w_up · h)`, `h = rms_norm(x)`.
     fn ffn_block(&self, layer: &Layer<D>, a: &mut Activations<D>) -> Result<()> {
         let (d, c) = (&*self.device, &self.config);
         d.rms_norm(&a.x, &layer.ffn_norm, c.rms_eps, &mut a.h)?;
         d.matmul(&layer.w_gate, &a.h, &mut a.gate)?;
         d.matmul(&layer.w_up, &a.h, &mut a.up)?;
-        d.silu_mul(&mut a.gate, &a.up)?;
+        d.glu(c.family.activation, &mut a.gate, &a.up)?;
         d.matmul(&layer.w_down, &a.gate, &mut a.h)?;
-        Ok(d.add(&mut a.x, &a.h)?)
+        self.residual(&mut a.x, &a.h, layer.post_ffn_norm.as_ref(), &mut a.post)
+    }
+
+    /// `x += out`, or `x += rms_norm(out)` with a post-norm.
+    fn residual(
+        &self,
+        x: &mut D::Buffer,
+        out: &D::Buffer,
+        post_norm: Option<&D::Buffer>,
+        normed: &mut D::Buffer,
+    ) -> Result<()> {
+        let d = &*self.device;
+        match post_norm {
+            Some(w) => {
+                d.rms_norm(out, w, self.config.rms_eps, normed)?;
+                Ok(d.add(x, normed)?)
+            }
+            None => Ok(d.add(x, out)?),
+        }
     }
 
     /// Logits of rows `rows` of the residual stream.
@@ -216,16 +285,22 @@ impl<D: DenseDevice> Llama<D> {
         Ok(d.download(logits)?)
     }
 
-    /// Rotary (cos, sin) pairs of every row, at each sequence's next positions:
-    /// once per token, shared by every head and layer.
-    fn angles(&self, steps: &[Step<'_, D>]) -> Vec<f32> {
-        let mut flat = Vec::with_capacity(self.config.head_dim * steps.len());
-        for step in steps {
-            for t in 0..step.tokens.len() {
-                self.rope.push_angles(step.kv.positions() + t, &mut flat);
-            }
-        }
-        flat
+    /// Rotary (cos, sin) pairs of every row, at each sequence's next positions,
+    /// per RoPE table: once per token, shared by every head and layer.
+    fn angles(&self, steps: &[Step<'_, D>]) -> Vec<Vec<f32>> {
+        let rows: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        self.ropes
+            .iter()
+            .map(|rope| {
+                let mut flat = Vec::with_capacity(self.config.head_dim * rows);
+                for step in steps {
+                    for t in 0..step.tokens.len() {
+                        rope.push_angles(step.kv.positions() + t, &mut flat);
+                    }
+                }
+                flat
+            })
+            .collect()
     }
 
     fn check_steps(&self, steps: &[Step<'_, D>]) -> Result<()> {

@@ -10,7 +10,7 @@ use tandem_kernels::ops::Rope;
 use tandem_kernels::quant::AffineMatrix;
 use tandem_kernels::rng::SplitMix64;
 
-use super::config::Config;
+use super::config::{Config, Family};
 use super::gguf::GgufFile;
 use super::llama::{Layer, Llama};
 use super::safetensors as hf;
@@ -18,7 +18,7 @@ use super::weights::{dequantize, host_matrix};
 use crate::error::{Error, Result};
 
 impl<D: DenseDevice> Llama<D> {
-    /// Loads a Llama GGUF file onto `device`.
+    /// Loads a GGUF file (llama, gemma3 or qwen2) onto `device`.
     pub fn from_gguf(file: &GgufFile, device: D) -> Result<Llama<D>> {
         let config = Config::from_gguf(file)?;
         let path = file.path().to_path_buf();
@@ -97,7 +97,7 @@ impl<D: DenseDevice> Llama<D> {
             Ok(m)
         };
         let c = &config;
-        let kv_dim = c.n_kv_heads * c.head_dim;
+        let (q_dim, kv_dim, f) = (c.q_dim(), c.kv_dim(), &c.family);
         let upload = |m: HostMatrix| -> Result<D::Matrix> { Ok(device.upload(m)?) };
         let vector = |name: &str, len: usize| -> Result<D::Buffer> {
             Ok(device.upload_vector(&vector(name, len)?)?)
@@ -105,16 +105,40 @@ impl<D: DenseDevice> Llama<D> {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let bias = |s: &str, len: usize| vector(&format!("blk.{i}.{s}.bias"), len);
+            let post_norm = |s: &str| f.post_norms.then(|| vector(&p(s), c.dim)).transpose();
             layers.push(Arc::new(Layer {
                 attn_norm: vector(&p("attn_norm"), c.dim)?,
-                wq: upload(matrix(&p("attn_q"), c.dim, c.dim)?)?,
+                wq: upload(matrix(&p("attn_q"), q_dim, c.dim)?)?,
                 wk: upload(matrix(&p("attn_k"), kv_dim, c.dim)?)?,
                 wv: upload(matrix(&p("attn_v"), kv_dim, c.dim)?)?,
-                wo: upload(matrix(&p("attn_output"), c.dim, c.dim)?)?,
+                qkv_bias: f
+                    .qkv_bias
+                    .then(|| -> Result<_> {
+                        Ok([
+                            bias("attn_q", q_dim)?,
+                            bias("attn_k", kv_dim)?,
+                            bias("attn_v", kv_dim)?,
+                        ])
+                    })
+                    .transpose()?,
+                qk_norm: f
+                    .qk_norm
+                    .then(|| -> Result<_> {
+                        Ok([
+                            vector(&p("attn_q_norm"), c.head_dim)?,
+                            vector(&p("attn_k_norm"), c.head_dim)?,
+                        ])
+                    })
+                    .transpose()?,
+                wo: upload(matrix(&p("attn_output"), c.dim, q_dim)?)?,
+                post_attn_norm: post_norm("post_attention_norm")?,
                 ffn_norm: vector(&p("ffn_norm"), c.dim)?,
                 w_gate: upload(matrix(&p("ffn_gate"), c.ffn_dim, c.dim)?)?,
                 w_up: upload(matrix(&p("ffn_up"), c.ffn_dim, c.dim)?)?,
                 w_down: upload(matrix(&p("ffn_down"), c.dim, c.ffn_dim)?)?,
+                post_ffn_norm: post_norm("post_ffw_norm")?,
+                rope: usize::from(c.layer_rope_base(i) != c.rope_base),
             }));
         }
         let embedding = matrix("token_embd.weight", c.vocab_size, c.dim)?;
@@ -126,7 +150,7 @@ impl<D: DenseDevice> Llama<D> {
         };
         let output_norm = vector("output_norm.weight", c.dim)?;
         Ok(Llama {
-            rope: Rope::new(c.head_dim, c.rope_base),
+            ropes: ropes(c),
             embedding: upload(embedding)?,
             config,
             device: Arc::new(device),
@@ -161,7 +185,12 @@ impl<D: DenseDevice> Llama<D> {
                     .map_err(|e| Error::InvalidRequest(format!("generated weights: {e}")))?;
             Ok(HostMatrix::Affine(m))
         };
-        let kv_dim = c.n_kv_heads * c.head_dim;
+        if c.family != Family::llama() || c.local.is_some() {
+            return Err(Error::InvalidRequest(
+                "generated weights are built for the plain Llama family only".into(),
+            ));
+        }
+        let kv_dim = c.kv_dim();
         let upload = |m: HostMatrix| -> Result<D::Matrix> { Ok(device.upload(m)?) };
         let ones = || -> Result<D::Buffer> { Ok(device.upload_vector(&vec![1.0; c.dim])?) };
         let layer = Arc::new(Layer {
@@ -169,11 +198,16 @@ impl<D: DenseDevice> Llama<D> {
             wq: upload(random(c.dim, c.dim)?)?,
             wk: upload(random(kv_dim, c.dim)?)?,
             wv: upload(random(kv_dim, c.dim)?)?,
+            qkv_bias: None,
+            qk_norm: None,
             wo: upload(random(c.dim, c.dim)?)?,
+            post_attn_norm: None,
             ffn_norm: ones()?,
             w_gate: upload(random(c.ffn_dim, c.dim)?)?,
             w_up: upload(random(c.ffn_dim, c.dim)?)?,
             w_down: upload(random(c.dim, c.ffn_dim)?)?,
+            post_ffn_norm: None,
+            rope: 0,
         });
         let layer_bytes =
             2 * c.dim * c.dim / 2 + 2 * kv_dim * c.dim / 2 + 3 * c.ffn_dim * c.dim / 2;
@@ -181,7 +215,7 @@ impl<D: DenseDevice> Llama<D> {
         let weight_bytes = c.n_layers * layer_bytes * 9 / 8 + embedding.size_bytes();
         let lm_head = upload(embedding.clone())?;
         Ok(Llama {
-            rope: Rope::new(c.head_dim, c.rope_base),
+            ropes: ropes(c),
             layers: vec![layer; c.n_layers],
             output_norm: ones()?,
             embedding: upload(embedding)?,
@@ -193,7 +227,17 @@ impl<D: DenseDevice> Llama<D> {
     }
 }
 
-/// Opens a model file for a Llama model on `device`.
+/// The model's RoPE tables: the global layers', then the local layers' if
+/// their base differs (scaling applies to the global layers only, as in Gemma 3).
+fn ropes(c: &Config) -> Vec<Rope> {
+    let mut ropes = vec![Rope::with_factors(c.head_dim, c.rope_base, &c.rope_factors)];
+    if let Some(local) = c.local.as_ref().filter(|l| l.rope_base != c.rope_base) {
+        ropes.push(Rope::new(c.head_dim, local.rope_base));
+    }
+    ropes
+}
+
+/// Opens a model file on `device`.
 pub fn load_gguf<D: DenseDevice>(path: &Path, device: D) -> Result<(GgufFile, Llama<D>)> {
     let file = GgufFile::open(path)?;
     let model = Llama::from_gguf(&file, device)?;

@@ -15,8 +15,9 @@ use half::{bf16, f16};
 use serde_json::Value;
 use tandem_gpu::HostMatrix;
 use tandem_kernels::mem::MappedFile;
+use tandem_kernels::ops::Llama3Scaling;
 
-use super::config::Config;
+use super::config::{Config, Family};
 use crate::error::{Error, Result};
 
 /// Element types of a safetensors tensor.
@@ -352,12 +353,6 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
             format!("architectures {archs:?} (only `LlamaForCausalLM` is supported)"),
         ));
     }
-    if json.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-        return Err(Error::unsupported(
-            &path,
-            format!("`rope_scaling` {}", json["rope_scaling"]),
-        ));
-    }
     let get = |k: &str| -> Result<usize> {
         json.get(k)
             .and_then(Value::as_u64)
@@ -401,6 +396,7 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
             )),
         }
     };
+    let rope_base = float("rope_theta", Some(10000.0))?;
     Ok(Config {
         n_layers: get("num_hidden_layers")?,
         dim,
@@ -409,10 +405,54 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
         n_kv_heads,
         head_dim,
         vocab_size: get("vocab_size")?,
-        rope_base: float("rope_theta", Some(10000.0))?,
+        rope_base,
+        rope_factors: hf_rope_factors(&json, &path, head_dim, rope_base)?,
         rms_eps: float("rms_norm_eps", None)?,
         context_length: get("max_position_embeddings")?,
+        family: Family::llama(),
+        local: None,
     })
+}
+
+/// The RoPE frequency divisors of a `rope_scaling` entry: none, or Llama 3.1's
+/// (`rope_type = "llama3"`, as `transformers`' `_compute_llama3_parameters`).
+fn hf_rope_factors(json: &Value, path: &Path, head_dim: usize, base: f32) -> Result<Vec<f32>> {
+    let scaling = match json.get("rope_scaling") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(s) => s,
+    };
+    let kind = scaling
+        .get("rope_type")
+        .or_else(|| scaling.get("type"))
+        .and_then(Value::as_str);
+    if kind != Some("llama3") {
+        return Err(Error::unsupported(
+            path,
+            format!("`rope_scaling` {scaling}"),
+        ));
+    }
+    let number = |k: &str| -> Result<f32> {
+        match scaling.get(k).and_then(Value::as_f64) {
+            Some(v) if v.is_finite() && v > 0.0 => Ok(v as f32),
+            _ => Err(Error::bad_model(
+                path,
+                format!("`rope_scaling.{k}` is missing or not a positive number"),
+            )),
+        }
+    };
+    let s = Llama3Scaling {
+        factor: number("factor")?,
+        low_freq_factor: number("low_freq_factor")?,
+        high_freq_factor: number("high_freq_factor")?,
+        original_context: number("original_max_position_embeddings")?,
+    };
+    if s.high_freq_factor <= s.low_freq_factor {
+        return Err(Error::bad_model(
+            path,
+            "`rope_scaling.high_freq_factor` must exceed `low_freq_factor`",
+        ));
+    }
+    Ok(s.factors(head_dim, base))
 }
 
 /// Permutes the rows of a Hugging Face q/k projection (half-split RoPE pairs) into

@@ -98,6 +98,14 @@ impl LayerPolicy {
         })
     }
 
+    /// A layer the model itself trained with a sliding window of `size`.
+    pub fn model_window(size: usize) -> LayerPolicy {
+        LayerPolicy {
+            attention: LayerAttention::Window { size: Some(size) },
+            name: format!("window:w={size} (the model's local layers)"),
+        }
+    }
+
     /// Whether the layer moves tokens off the device once the context
     /// reaches the table's `dense_below` (offloaded, or dropped).
     pub fn is_sparse(&self) -> bool {
@@ -204,8 +212,18 @@ impl PolicyConfig {
         })
     }
 
-    /// The table for a model with `n_layers` layers.
-    pub fn resolve(&self, n_layers: usize) -> Result<PolicyTable> {
+    /// The table for a model whose layers have these trained sliding windows
+    /// (`None` for a global layer; see `Config::sliding_windows`). A local
+    /// layer attends its window whatever the policy says: naming it in
+    /// `dense_layers` or `layers` is an error, and so is a layout.
+    pub fn resolve(&self, windows: &[Option<usize>]) -> Result<PolicyTable> {
+        let n_layers = windows.len();
+        if self.layout.is_some() && windows.iter().any(Option::is_some) {
+            return Err(Error::InvalidRequest(
+                "the model has sliding-window layers of its own; a layout cannot be applied to it"
+                    .into(),
+            ));
+        }
         let mut layers = self.base_layers(n_layers)?;
         let dense = match (&self.dense_layers, &self.layout) {
             (Some(d), _) => d.clone(),
@@ -226,6 +244,21 @@ impl PolicyConfig {
         }
         for (&l, spec) in &self.layers {
             set(l, spec, "")?;
+        }
+        let named = |l: usize| {
+            self.layers.contains_key(&l)
+                || self.dense_layers.as_ref().is_some_and(|d| d.contains(&l))
+        };
+        for (l, w) in windows.iter().enumerate() {
+            if let Some(w) = *w {
+                if named(l) {
+                    return Err(Error::InvalidRequest(format!(
+                        "layer {l} is one of the model's sliding-window layers ({w} tokens); \
+                         its attention cannot be changed"
+                    )));
+                }
+                layers[l] = LayerPolicy::model_window(w);
+            }
         }
         check_shared(&layers)?;
         self.check_window(&layers)?;
@@ -310,16 +343,20 @@ pub struct PolicyTable {
 }
 
 impl PolicyTable {
-    /// Every layer dense: the plain decode.
-    pub fn dense(n_layers: usize) -> PolicyTable {
+    /// Every layer dense but the model's own sliding-window layers (`windows`,
+    /// see [`PolicyConfig::resolve`]): the plain decode.
+    pub fn dense(windows: &[Option<usize>]) -> PolicyTable {
         PolicyTable {
-            layers: vec![
-                LayerPolicy {
-                    attention: LayerAttention::Dense,
-                    name: "dense".into(),
-                };
-                n_layers
-            ],
+            layers: windows
+                .iter()
+                .map(|w| match w {
+                    Some(w) => LayerPolicy::model_window(*w),
+                    None => LayerPolicy {
+                        attention: LayerAttention::Dense,
+                        name: "dense".into(),
+                    },
+                })
+                .collect(),
             sinks: 0,
             window: 0,
             dense_below: usize::MAX,
@@ -408,7 +445,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_magicpig() {
-        let t = PolicyConfig::default().resolve(30).expect("table");
+        let t = PolicyConfig::default().resolve(&[None; 30]).expect("table");
         assert_eq!(t.layers[0].attention, LayerAttention::Dense);
         assert_eq!(t.layers[15].attention, LayerAttention::Dense);
         assert!(matches!(
@@ -437,7 +474,7 @@ mod tests {
         let c: PolicyConfig =
             toml::from_str("layout = \"ma-pairs\"\nlayout_window = 512\n[layers]\n4 = \"dense\"\n")
                 .expect("toml");
-        let t = c.resolve(24).expect("table");
+        let t = c.resolve(&[None; 24]).expect("table");
         assert!(matches!(
             t.layers[0].attention,
             LayerAttention::Offloaded { .. }
@@ -461,19 +498,75 @@ mod tests {
             layers: layers.iter().map(|(l, p)| (*l, p.to_string())).collect(),
             ..PolicyConfig::default()
         };
-        assert!(bad(&[(3, "shared:from=5")]).resolve(8).is_err(), "forward");
-        assert!(bad(&[(3, "shared:from=3")]).resolve(8).is_err(), "itself");
+        assert!(
+            bad(&[(3, "shared:from=5")]).resolve(&[None; 8]).is_err(),
+            "forward"
+        );
+        assert!(
+            bad(&[(3, "shared:from=3")]).resolve(&[None; 8]).is_err(),
+            "itself"
+        );
         assert!(bad(&[(2, "shared:from=1"), (3, "shared:from=2")])
-            .resolve(8)
+            .resolve(&[None; 8])
             .is_err());
-        assert!(bad(&[(3, "shared:from=1")]).resolve(8).is_ok());
-        assert!(bad(&[(3, "window:w=0")]).resolve(8).is_err());
-        assert!(bad(&[(3, "shared:frm=1")]).resolve(8).is_err());
+        assert!(bad(&[(3, "shared:from=1")]).resolve(&[None; 8]).is_ok());
+        assert!(bad(&[(3, "window:w=0")]).resolve(&[None; 8]).is_err());
+        assert!(bad(&[(3, "shared:frm=1")]).resolve(&[None; 8]).is_err());
         let unknown = PolicyConfig {
             layout: Some("ma-triples".into()),
             ..PolicyConfig::default()
         };
-        assert!(unknown.resolve(8).is_err());
+        assert!(unknown.resolve(&[None; 8]).is_err());
+    }
+
+    #[test]
+    fn the_models_sliding_window_layers_keep_their_window() {
+        // Gemma 3's pattern: five local layers of 512, then a global one.
+        let windows: Vec<Option<usize>> =
+            (0..12).map(|l| ((l + 1) % 6 != 0).then_some(512)).collect();
+        let t = PolicyConfig::default().resolve(&windows).expect("table");
+        for (l, w) in windows.iter().enumerate() {
+            if w.is_some() {
+                assert_eq!(t.sliding_window(l), Some(512), "layer {l}");
+            } else {
+                assert!(matches!(
+                    t.layers[l].attention,
+                    LayerAttention::Offloaded { .. }
+                ));
+            }
+        }
+        let shown = t.to_string();
+        assert!(
+            shown.contains("layers 0-4,6-10: window:w=512 (the model's local layers)"),
+            "{shown}"
+        );
+        assert_eq!(PolicyTable::dense(&windows).sliding_window(3), Some(512));
+        assert!(!PolicyTable::dense(&windows).is_sparse());
+        let naming = |c: PolicyConfig| c.resolve(&windows).map_err(|e| e.to_string());
+        let err = naming(PolicyConfig {
+            dense_layers: Some(vec![2]),
+            ..PolicyConfig::default()
+        })
+        .expect_err("a local layer named dense");
+        assert!(
+            err.contains("layer 2 is one of the model's sliding-window layers"),
+            "{err}"
+        );
+        assert!(naming(PolicyConfig {
+            layers: [(3, "topk:k=8".to_string())].into(),
+            ..PolicyConfig::default()
+        })
+        .is_err());
+        assert!(naming(PolicyConfig {
+            layers: [(5, "topk:k=8".to_string())].into(),
+            ..PolicyConfig::default()
+        })
+        .is_ok());
+        assert!(naming(PolicyConfig {
+            layout: Some("ma-pairs".into()),
+            ..PolicyConfig::default()
+        })
+        .is_err());
     }
 
     #[test]
@@ -482,7 +575,7 @@ mod tests {
             "policy = \"topk:k=32\"\ndense_layers = [1]\nwindow = 16\n[layers]\n3 = \"window\"\n",
         )
         .expect("toml");
-        let t = c.resolve(4).expect("table");
+        let t = c.resolve(&[None; 4]).expect("table");
         assert_eq!(t.layers[1].attention, LayerAttention::Dense);
         assert_eq!(t.layers[3].attention, LayerAttention::Window { size: None });
         assert!(matches!(
@@ -494,12 +587,12 @@ mod tests {
             dense_layers: Some(vec![9]),
             ..PolicyConfig::default()
         };
-        assert!(bad_layer.resolve(4).is_err());
+        assert!(bad_layer.resolve(&[None; 4]).is_err());
         let tiny = PolicyConfig {
             dense_below: 10,
             ..PolicyConfig::default()
         };
-        assert!(tiny.resolve(4).is_err());
+        assert!(tiny.resolve(&[None; 4]).is_err());
         assert!(LayerPolicy::parse("lsh:k=99,l=2").is_err());
         assert!(LayerPolicy::parse("fast").is_err());
     }

@@ -100,10 +100,15 @@ impl<D: DenseDevice> SequenceKv<D> {
         })
     }
 
-    /// Every layer dense, no workers: the plain decode.
-    pub fn dense(device: Arc<D>, n_layers: usize, shape: AttentionShape) -> Result<SequenceKv<D>> {
-        let table = Arc::new(PolicyTable::dense(n_layers));
-        SequenceKv::new(device, n_layers, shape, table, None)
+    /// Every layer dense but the model's sliding-window layers (`windows`, one
+    /// per layer), no workers: the plain decode.
+    pub fn dense(
+        device: Arc<D>,
+        windows: &[Option<usize>],
+        shape: AttentionShape,
+    ) -> Result<SequenceKv<D>> {
+        let table = Arc::new(PolicyTable::dense(windows));
+        SequenceKv::new(device, windows.len(), shape, table, None)
     }
 
     /// A copy of this sequence under another policy table, before anything was

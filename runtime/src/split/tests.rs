@@ -38,7 +38,7 @@ fn sequence(device: &Arc<CpuDevice>, layers: &[&str]) -> SequenceKv<CpuDevice> {
             .collect(),
         ..PolicyConfig::default()
     };
-    let table = Arc::new(config.resolve(layers.len()).expect("table"));
+    let table = Arc::new(config.resolve(&vec![None; layers.len()]).expect("table"));
     let pool = WorkerPool::new(1).expect("pool");
     let device = Arc::clone(device);
     SequenceKv::new(device, layers.len(), SHAPE, table, Some(Arc::new(pool))).expect("sequence")
@@ -187,7 +187,7 @@ fn a_fork_keeps_only_the_rows_its_table_keeps() {
         .into(),
         ..PolicyConfig::default()
     };
-    let table = Arc::new(table.resolve(3).expect("table"));
+    let table = Arc::new(table.resolve(&[None; 3]).expect("table"));
     let fork = dense.fork(table, None).expect("fork");
     assert_eq!(fork.layer_tokens(0), (n, 0));
     assert_eq!(
