@@ -7,7 +7,7 @@ use tandem_kernels::quant::AffineMatrix;
 /// A weight matrix in host memory, as loaded from a model file.
 #[derive(Debug, Clone)]
 pub enum HostMatrix {
-    /// Block-quantized weights (from Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
+    /// Block-quantized weights (from Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
     Affine(AffineMatrix),
     /// Full-precision weights, row-major.
     F32 {

@@ -1,9 +1,10 @@
 //! Quantized matrices and their products with quantized activation vectors.
 //!
-//! Every quantized weight format tandem reads (ggml's Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
-//! is repacked at load time into one *affine* form: blocks of 32 weights sharing a
-//! scale `d` and an offset `m`, each weight `w = d·q + m` with an unsigned code `q`
-//! of 4 or 8 bits. Activations are quantized to signed 8-bit codes per block of 32
+//! Every quantized weight format tandem reads (ggml's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+//! Q4_K, Q5_K, Q6_K) is repacked at load time into one *affine* form: blocks of 32
+//! weights sharing a scale `d` and an offset `m`, each weight `w = d·q + m` with an
+//! unsigned code `q` of 4 or 8 bits (Q5's 5-bit codes take a byte each; which
+//! formats are repacked exactly is listed in `tandem_runtime::model::weights`). Activations are quantized to signed 8-bit codes per block of 32
 //! (`x ≈ s·a`, 16 bits: 8-bit activations, as llama.cpp uses, visibly change greedy
 //! output on small models with outlier channels), so that a block's contribution is
 //!

@@ -2,7 +2,8 @@
 """Dequantize a file of raw ggml blocks with the `gguf` package (the reference).
 
 Usage: python3 tests/reference/dequant_ref.py TYPE FILE
-  TYPE: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K (any GGMLQuantizationType name)
+  TYPE: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (any
+        GGMLQuantizationType name)
   FILE: concatenated raw blocks exactly as stored in a GGUF tensor
 Prints a JSON array of the dequantized values as float32 (row-major, block order).
 """

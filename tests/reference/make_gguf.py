@@ -7,7 +7,7 @@ Matrices (attn_q/k/v/output, ffn_gate/up/down, token_embd, output) are in
 --type; norms are always F32. Values are random (seeded), scaled 0.02.
 
 Usage:
-  python3 tests/reference/make_gguf.py OUT.gguf [--type F32|F16|BF16|Q8_0|Q4_0|Q4_1]
+  python3 tests/reference/make_gguf.py OUT.gguf [--type F32|F16|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1]
         [--seed N] [--tied] [--truncate] [--arch NAME] [--wrong-shape]
   --tied      omit output.weight (LM head = token_embd.weight)
   --truncate  cut the finished file to 60% of its size (a "truncated file" case)
@@ -50,7 +50,7 @@ def byte_tokens():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--type", default="F32", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+    ap.add_argument("--type", default="F32", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--truncate", action="store_true")
@@ -81,7 +81,7 @@ def main():
         w.add_uint32(p + "attention.value_length", head_dim)
         w.add_uint32(p + "attention.sliding_window", 4)
     w.add_uint32(p + "vocab_size", VOCAB)
-    w.add_uint32("general.file_type", {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}[a.type])
+    w.add_uint32("general.file_type", {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[a.type])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(byte_tokens())

@@ -92,8 +92,11 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
     /// A type tandem does not read; the number is ggml's.
     Other(u32),
@@ -106,8 +109,11 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
             12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::BF16,
             other => GgmlType::Other(other),
@@ -121,8 +127,11 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
             GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
             GgmlType::Other(_) => return None,
         })
@@ -136,8 +145,11 @@ impl GgmlType {
             GgmlType::BF16 => "BF16".into(),
             GgmlType::Q4_0 => "Q4_0".into(),
             GgmlType::Q4_1 => "Q4_1".into(),
+            GgmlType::Q5_0 => "Q5_0".into(),
+            GgmlType::Q5_1 => "Q5_1".into(),
             GgmlType::Q8_0 => "Q8_0".into(),
             GgmlType::Q4K => "Q4_K".into(),
+            GgmlType::Q5K => "Q5_K".into(),
             GgmlType::Q6K => "Q6_K".into(),
             GgmlType::Other(id) => format!("ggml type #{id}"),
         }
@@ -481,6 +493,30 @@ mod tests {
                 "prefix of {len} bytes was accepted"
             );
         }
+    }
+
+    #[test]
+    fn knows_ggml_type_ids_and_block_layouts() {
+        // (id, name, elements per block, bytes per block), as ggml defines them.
+        for (id, name, block, bytes) in [
+            (0, "F32", 1, 4),
+            (1, "F16", 1, 2),
+            (2, "Q4_0", 32, 18),
+            (3, "Q4_1", 32, 20),
+            (6, "Q5_0", 32, 22),
+            (7, "Q5_1", 32, 24),
+            (8, "Q8_0", 32, 34),
+            (12, "Q4_K", 256, 144),
+            (13, "Q5_K", 256, 176),
+            (14, "Q6_K", 256, 210),
+            (30, "BF16", 1, 2),
+        ] {
+            let t = GgmlType::from_id(id);
+            assert_eq!(t.name(), name, "id {id}");
+            assert_eq!(t.block_layout(), Some((block, bytes)), "{name}");
+        }
+        assert_eq!(GgmlType::from_id(10), GgmlType::Other(10));
+        assert_eq!(GgmlType::Other(10).block_layout(), None);
     }
 
     #[test]
