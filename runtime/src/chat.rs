@@ -19,9 +19,9 @@ use crate::{Error, Result};
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// The template of a base model, which has no chat format: the messages'
-/// texts one after another, separated by a blank line, for the model to
-/// continue (completion-style prompts).
-pub const COMPLETION_TEMPLATE: &str = "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endfor %}";
+/// texts one after another, each followed by a blank line when a reply is to
+/// follow, for the model to continue (completion-style prompts).
+pub const COMPLETION_TEMPLATE: &str = "{% for message in messages %}{{ message['content'] }}{% if not loop.last or add_generation_prompt %}{{ '\n\n' }}{% endif %}{% endfor %}";
 
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -381,6 +381,21 @@ mod tests {
         assert!(matches!(err, Error::ChatTemplate(_)));
         assert!(err.to_string().contains("first must be user"), "{err}");
         assert_eq!(t.render(&[Message::user("x")], true).unwrap(), "ok");
+    }
+
+    #[test]
+    fn base_models_get_completion_prompts() {
+        let t = ChatTemplate::with_fallback(None, COMPLETION_TEMPLATE, "<bos>", "<eos>")
+            .expect("template");
+        let messages = [Message::user("Text."), Message::user("Question?")];
+        assert_eq!(
+            t.render(&messages, true).expect("render"),
+            "Text.\n\nQuestion?\n\n"
+        );
+        assert_eq!(
+            t.render(&messages, false).expect("render"),
+            "Text.\n\nQuestion?"
+        );
     }
 
     #[test]
