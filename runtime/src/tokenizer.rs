@@ -3,9 +3,11 @@
 //!
 //! GGUF support covers `tokenizer.ggml.model = "gpt2"` (byte-level BPE) with the
 //! pre-tokenizers `smollm`, `gpt2` (also the default when `tokenizer.ggml.pre` is
-//! missing) and `llama-bpe`. Any other `tokenizer.ggml.pre` value is an error naming
-//! it (rather than a silent fallback that would produce wrong ids); any other
-//! `tokenizer.ggml.model` (e.g. `llama` SentencePiece) is an `Unsupported` error.
+//! missing) and `llama-bpe`, and `tokenizer.ggml.model = "llama"` (SentencePiece
+//! BPE with byte fallback, e.g. Llama 2 and Gemma 3; see `tokenizer/spm.rs`). Any other
+//! `tokenizer.ggml.pre` value of a `gpt2` vocabulary is an error naming it (rather
+//! than a silent fallback that would produce wrong ids); any other
+//! `tokenizer.ggml.model` is an `Unsupported` error.
 
 use std::path::Path;
 
@@ -21,13 +23,23 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use crate::model::gguf::GgufFile;
 use crate::{Error, Result};
 
+mod spm;
+
 /// Llama 3's pre-tokenizer regex (`tokenizer.ggml.pre = "llama-bpe"`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token texts that end a chat turn when they exist in the vocabulary.
-const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end_of_text|>"];
+const END_OF_TURN_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+];
 
-/// GGUF `tokenizer.ggml.token_type` values.
+/// GGUF `tokenizer.ggml.token_type` values (5 is unused, 6 byte).
+const TOKEN_TYPE_UNDEFINED: i64 = 0;
+const TOKEN_TYPE_NORMAL: i64 = 1;
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
@@ -41,9 +53,20 @@ pub struct Tokenizer {
     add_bos: bool,
     /// One more than the largest id (cached: `get_vocab_size` clones the vocab).
     vocab_size: usize,
-    /// Bytes that no token of a byte-level vocabulary can represent (`None` for
-    /// tokenizers loaded from `tokenizer.json`, which are not checked).
-    unencodable: Option<Box<[bool; 256]>>,
+    coverage: Coverage,
+}
+
+/// Which characters a vocabulary cannot represent, checked before encoding so that
+/// such text is refused rather than encoded with characters dropped or replaced.
+#[derive(Clone)]
+enum Coverage {
+    /// Not checked (tokenizers loaded from `tokenizer.json`), or nothing is missing.
+    Unchecked,
+    /// A byte-level vocabulary without tokens for the marked bytes.
+    ByteLevel(Box<[bool; 256]>),
+    /// A SentencePiece vocabulary without `<0xNN>` tokens for the marked bytes: a
+    /// character that is not itself a piece needs all its bytes.
+    ByteFallback(Box<[bool; 256]>),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -81,15 +104,22 @@ impl Tokenizer {
     /// Builds the tokenizer embedded in a GGUF file (`tokenizer.ggml.*` metadata).
     ///
     /// Tokens of type control (3) and user-defined (4) become added tokens, so
-    /// their text (e.g. `<|im_start|>`) encodes to their single id.
+    /// their text (e.g. `<|im_start|>`, `<start_of_turn>`) encodes to their single
+    /// id.
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
         let path = file.path();
         let model = file.get_str("tokenizer.ggml.model").unwrap_or("gpt2");
-        if model != "gpt2" {
-            return Err(Error::unsupported(
-                path,
-                format!("tokenizer model {model:?} (only \"gpt2\" byte-level BPE is supported)"),
-            ));
+        match model {
+            "gpt2" => {}
+            "llama" => return Tokenizer::from_sentencepiece(path, file.metadata()),
+            _ => {
+                return Err(Error::unsupported(
+                    path,
+                    format!(
+                        "tokenizer model {model:?} (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece)"
+                    ),
+                ))
+            }
         }
         let tokens = file
             .get("tokenizer.ggml.tokens")
@@ -200,7 +230,30 @@ impl Tokenizer {
             unencodable[b as usize] = inner.token_to_id(&byte_to_char(b).to_string()).is_none();
         }
         let mut t = Tokenizer::assemble(inner, bos, eos, add_bos);
-        t.unencodable = Some(unencodable);
+        t.coverage = Coverage::ByteLevel(unencodable);
+        Ok(t)
+    }
+
+    /// A SentencePiece (`tokenizer.ggml.model = "llama"`) tokenizer from GGUF metadata.
+    fn from_sentencepiece(
+        path: &Path,
+        meta: &std::collections::BTreeMap<String, crate::model::gguf::Value>,
+    ) -> Result<Tokenizer> {
+        let parts = spm::build(path, meta)?;
+        // Every added token is a piece of the vocabulary, so this is the size
+        // without cloning the vocabulary to find its largest id.
+        let vocab_size = parts
+            .inner
+            .get_added_vocabulary()
+            .get_vocab()
+            .values()
+            .map(|&id| id as usize + 1)
+            .fold(parts.n_vocab, usize::max);
+        let mut t =
+            Tokenizer::assemble_sized(parts.inner, parts.bos, parts.eos, parts.add_bos, vocab_size);
+        if let Some(missing) = parts.missing_bytes {
+            t.coverage = Coverage::ByteFallback(missing);
+        }
         Ok(t)
     }
 
@@ -277,21 +330,30 @@ impl Tokenizer {
         eos: Vec<u32>,
         add_bos: bool,
     ) -> Self {
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        Tokenizer::assemble_sized(inner, bos, eos, add_bos, vocab_size)
+    }
+
+    fn assemble_sized(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Vec<u32>,
+        add_bos: bool,
+        vocab_size: usize,
+    ) -> Self {
         let mut t = Tokenizer {
             inner,
             bos,
             eos,
             end_of_turn: Vec::new(),
             add_bos,
-            unencodable: None,
-            vocab_size: 0,
+            coverage: Coverage::Unchecked,
+            vocab_size,
         };
-        t.vocab_size = t
-            .inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as usize + 1);
         t.refresh_end_of_turn();
         t
     }
@@ -326,18 +388,18 @@ impl Tokenizer {
     /// U+001D, nor for lead bytes 0xF1/0xF2, i.e. the unassigned planes 4-11), text
     /// containing such a character is an error naming it, rather than being
     /// encoded with the character silently dropped. So `decode(encode(s)) == s`
-    /// whenever `encode` succeeds.
+    /// whenever `encode` succeeds. A SentencePiece vocabulary lacking some `<0xNN>`
+    /// byte tokens likewise refuses a character that is not a piece and has such a
+    /// byte. (Exceptions: a SentencePiece vocabulary writes spaces as `▁`, so a
+    /// `▁` in the text decodes as a space; and one that prepends a space, such as
+    /// Llama 2's, adds it to each stretch of text after a special token, as
+    /// Hugging Face's tokenizers do.)
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        if let Some(bad) = &self.unencodable {
-            if let Some((pos, c)) = text
-                .char_indices()
-                .find(|(_, c)| c.to_string().bytes().any(|b| bad[b as usize]))
-            {
-                return Err(Error::Tokenizer(format!(
-                    "character {:?} (U+{:04X}) at byte {pos} cannot be encoded: the vocabulary has no token for one of its bytes",
-                    c, c as u32
-                )));
-            }
+        if let Some((pos, c)) = self.first_unencodable(text) {
+            return Err(Error::Tokenizer(format!(
+                "character {:?} (U+{:04X}) at byte {pos} cannot be encoded: the vocabulary has no token for one of its bytes",
+                c, c as u32
+            )));
         }
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
@@ -346,6 +408,22 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    fn first_unencodable(&self, text: &str) -> Option<(usize, char)> {
+        let mut buf = [0u8; 4];
+        match &self.coverage {
+            Coverage::Unchecked => None,
+            Coverage::ByteLevel(bad) => text
+                .char_indices()
+                .find(|&(_, c)| c.encode_utf8(&mut buf).bytes().any(|b| bad[b as usize])),
+            Coverage::ByteFallback(missing) => text.char_indices().find(|&(_, c)| {
+                // Spaces reach the vocabulary as `▁`.
+                let c = if c == ' ' { '\u{2581}' } else { c };
+                let s = c.encode_utf8(&mut buf);
+                self.inner.token_to_id(s).is_none() && s.bytes().any(|b| missing[b as usize])
+            }),
+        }
     }
 
     /// Decodes ids to text, special tokens included. An id outside the
@@ -376,13 +454,14 @@ impl Tokenizer {
         &self.eos
     }
 
-    /// True for an EOS id and for `<|im_end|>`, `<|eot_id|>`, `<|end_of_text|>`
-    /// when present in the vocabulary: generation should stop there.
+    /// True for an EOS id and for `<|im_end|>`, `<|eot_id|>`, `<|end_of_text|>`,
+    /// `<end_of_turn>` when present in the vocabulary: generation should stop there.
     pub fn is_end_of_turn(&self, id: u32) -> bool {
         self.end_of_turn.contains(&id)
     }
 
-    /// The vocabulary string of one token (byte-level encoded, e.g. `Ġthe`).
+    /// The vocabulary string of one token (byte-level encoded, e.g. `Ġthe`, or
+    /// SentencePiece's, e.g. `▁the`).
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
