@@ -15,6 +15,10 @@
 #                              ma-pairs layout
 #                   smollm2    SmolLM2 decode at depth 0 and 8192 (and llama.cpp
 #                              when LLAMA_BENCH points at llama-bench)
+#                   gemma3     Gemma 3 270M decode at depth 32768, its prefill real
+#                              (and llama.cpp when LLAMA_BENCH is set; ~20 minutes)
+#                   gemma3-quality  Gemma 3 at 8k, 16k and 32k: the default policy and
+#                              window-only on its global layers against dense (~1 hour)
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
 #                   policies   eval at 4096 of the threshold policy, MixAttention's
 #                              layouts and sliding windows (~30 minutes)
@@ -44,14 +48,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 for f in "${ONLY[@]}"; do
-  case "$f" in attention|decode96k|smollm2|quality|policies|fidelity) ;; *)
-    echo "run.sh: --only takes attention, decode96k, smollm2, quality, policies or fidelity, not $f" >&2; exit 2 ;;
+  case "$f" in attention|decode96k|smollm2|gemma3|gemma3-quality|quality|policies|fidelity) ;; *)
+    echo "run.sh: --only takes attention, decode96k, smollm2, gemma3, gemma3-quality, quality, policies or fidelity, not $f" >&2; exit 2 ;;
   esac
 done
 wanted() { [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$1"; }
 
 THREADS=${THREADS:-2}
 SMOLLM2=models/SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA3=models/gemma-3-270m-q4_k_m.gguf
 DEFAULT_POLICY=lsh:k=10,l=75,t=2,top=128,per=32
 
 if [ ${#FROM[@]} -eq 0 ]; then
@@ -94,6 +99,27 @@ if [ ${#FROM[@]} -eq 0 ]; then
     else
       echo "run.sh: LLAMA_BENCH is not set: no llama.cpp figures" >&2
     fi
+  fi
+  if wanted gemma3; then
+    run gemma3-tandem.json "$BIN" bench decode --model "$GEMMA3" --context 32768 \
+      --prefill-max 32768 --tokens 32 --threads "$THREADS" --cpu-workers "$THREADS" --json
+    if [ -n "${LLAMA_BENCH:-}" ]; then
+      THREADS=$THREADS REPS=1 run gemma3-llamacpp.txt bench/llamacpp.sh "$GEMMA3" 32768
+    else
+      echo "run.sh: LLAMA_BENCH is not set: no llama.cpp figures" >&2
+    fi
+  fi
+  if wanted gemma3-quality; then
+    # A base model: the needle prompts are completions (no chat template).
+    for ctx in 8192,16384 32768; do
+      cases=3; [ "$ctx" = 32768 ] && cases=2
+      args="--model $GEMMA3 --policy $DEFAULT_POLICY window --threads 2 --context $ctx"
+      args="$args --scored 128 --needle-cases $cases --needle-tasks single,multikey"
+      file="gemma3-quality-${ctx%%,*}.json"
+      printf '%s\t%s\n' "$file" "$BIN eval $args --json $DIR/$file" >> "$CMDS"
+      # shellcheck disable=SC2086
+      "$BIN" eval $args --json "$DIR/$file" > "$DIR/${file%.json}.txt"
+    done
   fi
   if wanted quality; then
     printf '%s\t%s\n' quality.json "$BIN eval --policy lsh:k=10,l=150,t=2 --context 4096 --json $DIR/quality.json" >> "$CMDS"
@@ -200,8 +226,16 @@ def records(text):
         return out
 
 
+def model_label(name):
+    """The model a record names, as the table's figures name it."""
+    name = (name or "").lower()
+    if "gemma" in name:
+        return "Gemma 3 270M"
+    return "SmolLM2-135M"
+
+
 def llama_rows(text):
-    """(depth, tokens/s, fa) of each llama-bench decode (tgN) row."""
+    """(model, depth, tokens/s, fa) of each llama-bench decode (tgN) row."""
     header, rows = None, []
     for line in text.splitlines():
         if not line.startswith("|"):
@@ -216,13 +250,14 @@ def llama_rows(text):
         m = re.match(r"tg\d+(?: @ d(\d+))?$", r.get("test", ""))
         if m:
             tps = float(r["t/s"].split("±")[0])
-            rows.append((int(m.group(1) or 0), tps, r.get("fa", "")))
+            rows.append((model_label(r.get("model")), int(m.group(1) or 0), tps,
+                         r.get("fa", "")))
     return rows
 
 
 table, sources = [], []
-smollm2 = {}   # depth -> [(record, value text, command, provenance)]
-llamacpp = {}  # depth -> (tokens/s, fa, command, provenance), the faster setting
+smollm2 = {}   # (model, depth) -> [(record, value text, command, provenance)]
+llamacpp = {}  # (model, depth) -> (tokens/s, fa, command, provenance), the faster setting
 
 
 def row(figure, value, cmd, prov):
@@ -287,7 +322,7 @@ for path in files:
                 row(f"Decode step, 96k, llama3.1-8b shape{kv}, `{r['policy']}`",
                     v, cmd or CANON["decode96k"].format(policy=r["policy"]), prov)
             used = True
-        if short and want("smollm2"):
+        if short and (want("smollm2") or want("gemma3")):
             for r, d in short:
                 for x, base in ((r, d), (d, None)):
                     if x is None:
@@ -296,15 +331,17 @@ for path in files:
                     if base:
                         v += (f"; dense {base['tokens_per_s']:.1f} tokens/s "
                               f"({x['tokens_per_s'] / base['tokens_per_s']:.2f}×)")
-                    smollm2.setdefault(x["context"], []).append((x, v, cmd, prov))
+                    key = (model_label(x.get("model")), x["context"])
+                    smollm2.setdefault(key, []).append((x, v, cmd, prov))
             used = True
-    if llama and want("smollm2"):
-        for depth, tps, fa in llama:
-            best = llamacpp.get(depth)
+    if llama and (want("smollm2") or want("gemma3")):
+        for model, depth, tps, fa in llama:
+            best = llamacpp.get((model, depth))
             if best is None or tps > best[0]:
-                llamacpp[depth] = (tps, fa, cmd, prov)
+                llamacpp[(model, depth)] = (tps, fa, cmd, prov)
         used = True
-    if qual and (want("quality") or want("policies") or want("fidelity")):
+    if qual and (want("quality") or want("policies") or want("fidelity")
+                 or want("gemma3-quality")):
         for r in qual:
             if r["policy"] == "dense":
                 continue
@@ -317,7 +354,8 @@ for path in files:
             elif r.get("needle_accuracy") is not None:
                 needles = (f"; needles {pct(r['needle_accuracy'])} "
                            f"(dense {pct(r['dense_needle_accuracy'])})")
-            row(f"Quality, SmolLM2-135M at {r['context']}, `{r['policy']}` vs dense",
+            row(f"Quality, {model_label(r.get('model'))} at {r['context']}, "
+                f"`{r['policy']}` vs dense",
                 f"top-1 agreement {pct(r['top1_agreement'])}; mean KL {r['mean_kl']:.4f} "
                 f"(max {r['max_kl']:.3f}){needles}; keys touched "
                 f"{pct(r['keys_touched_fraction'])}"
@@ -343,23 +381,23 @@ for path in files:
     if used:
         sources.append((path, prov[4]))
 
-# SmolLM2 decode rows, each also against llama.cpp at the same depth.
-for depth in sorted(smollm2):
-    for x, v, cmd, prov in smollm2[depth]:
-        if depth in llamacpp:
-            tps, fa, lcmd, _ = llamacpp[depth]
+# Real-model decode rows, each also against llama.cpp at the same depth.
+for model, depth in sorted(smollm2):
+    for x, v, cmd, prov in smollm2[(model, depth)]:
+        if (model, depth) in llamacpp:
+            tps, fa, lcmd, _ = llamacpp[(model, depth)]
             fa = f", fa {fa}" if fa else ""
             v += (f"; llama.cpp {tps:.1f} tokens/s{fa} "
                   f"({x['tokens_per_s'] / tps:.2f}×)")
         kv = ", generated KV" if x.get("synthetic_kv") else ""
-        row(f"SmolLM2-135M decode at depth {depth}{kv}, `{x['policy']}`",
+        row(f"{model} decode at depth {depth}{kv}, `{x['policy']}`",
             v, cmd or CANON["smollm2"], prov)
-for depth in sorted(set(llamacpp) - set(smollm2)):
-    tps, fa, cmd, prov = llamacpp[depth]
-    row(f"llama.cpp SmolLM2-135M decode at depth {depth}", f"{tps:.1f} tokens/s",
+for model, depth in sorted(set(llamacpp) - set(smollm2)):
+    tps, fa, cmd, prov = llamacpp[(model, depth)]
+    row(f"llama.cpp {model} decode at depth {depth}", f"{tps:.1f} tokens/s",
         cmd or CANON["llamacpp"], prov)
 
-order = ["CPU attention", "Decode step", "SmolLM2", "llama.cpp", "Quality"]
+order = ["CPU attention", "Decode step", "SmolLM2", "Gemma", "llama.cpp", "Quality"]
 table.sort(key=lambda r: next(i for i, o in enumerate(order) if r[0].startswith(o)))
 if not table:
     sys.exit("run.sh: no benchmark outputs recognised in " + " ".join(paths))

@@ -59,6 +59,8 @@ pub struct DecodeBenchOptions {
 /// sequence of the batch gets one token per step.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeBenchResult {
+    /// The model (`general.name`) or generated shape.
+    pub model: String,
     pub policy: String,
     pub context: usize,
     pub batch: usize,
@@ -356,6 +358,7 @@ fn time_decode(
     let (device_bytes, cpu_bytes) = seqs[0].bytes();
     let tokens_held = seqs[0].positions() as f64;
     Ok(DecodeBenchResult {
+        model: model.config().name.clone(),
         policy: policy.to_string(),
         context,
         batch: seqs.len(),

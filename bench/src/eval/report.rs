@@ -67,6 +67,9 @@ pub struct HeadRow {
 /// In JSON a non-finite number (e.g. an infinite KL) is written as `null`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Row {
+    /// The model (`general.name`); empty in rows written before it was recorded.
+    #[serde(default)]
+    pub model: String,
     /// The policy as given on the command line, e.g. `lsh:K=8,L=75`.
     pub policy: String,
     /// Context length in tokens.

@@ -119,6 +119,7 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                 _ => p.clone(),
             };
             let mut row = Row::new(label, n, &acc.finish()?);
+            row.model = c.name.clone();
             kv.set_observer(None);
             let counters = kv.take_counters();
             let probes = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -87,6 +87,8 @@ impl Family {
 /// The shape and constants of a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// What the file calls the model (`general.name`), else its architecture.
+    pub name: String,
     pub n_layers: usize,
     pub dim: usize,
     pub ffn_dim: usize,
@@ -172,6 +174,7 @@ impl Config {
         context_length: usize,
     ) -> Config {
         Config {
+            name: format!("llama shape {n_layers}x{dim}"),
             n_layers,
             dim,
             ffn_dim,
@@ -261,6 +264,10 @@ impl Config {
         let n_layers = get("block_count")?;
         let rope_base = float("rope.freq_base", 10000.0)?;
         let mut config = Config {
+            name: file
+                .get_str("general.name")
+                .unwrap_or(arch_name)
+                .to_string(),
             n_layers,
             dim,
             ffn_dim: get("feed_forward_length")?,

@@ -398,6 +398,9 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
     };
     let rope_base = float("rope_theta", Some(10000.0))?;
     Ok(Config {
+        name: dir
+            .file_name()
+            .map_or_else(|| "llama".into(), |n| n.to_string_lossy().into_owned()),
         n_layers: get("num_hidden_layers")?,
         dim,
         ffn_dim: get("intermediate_size")?,
