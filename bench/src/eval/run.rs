@@ -179,6 +179,9 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             rows.push(row);
         }
         if opts.needle_cases > 0 {
+            if engine.chat_template().is_completion() {
+                note("the model has no chat template: needle prompts are completions");
+            }
             let builder = NeedleBuilder::new(
                 engine.tokenizer(),
                 engine.chat_template(),
