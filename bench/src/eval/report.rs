@@ -579,6 +579,7 @@ mod tests {
 
     fn rows() -> Vec<Row> {
         let row = |policy: &str, top1: f64, kl: f64, touched: f64| Row {
+            model: "SmolLM2 135M Instruct".into(),
             policy: policy.into(),
             context: 8192,
             positions: 100,
