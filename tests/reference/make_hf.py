@@ -107,7 +107,13 @@ def main():
     tensors = []
     names = set()
     embd_shape = None
+    rope_scaling = None
     for t in r.tensors:
+        if t.name == "rope_freqs.weight":
+            # make_gguf.py --rope-freqs: Llama 3.1's scaling, as config.json states it.
+            rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+            continue
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                  gguf.GGMLQuantizationType.BF16):
             raise SystemExit(f"{t.name}: only float GGUFs can be converted, found {t.tensor_type.name}")
@@ -136,7 +142,7 @@ def main():
         "num_hidden_layers": int(get("llama.block_count")),
         "rms_norm_eps": float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling,
         "vocab_size": int(embd_shape[0]),
         "max_position_embeddings": int(get("llama.context_length", 2048)),
         "tie_word_embeddings": tied,

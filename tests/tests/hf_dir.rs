@@ -83,6 +83,22 @@ fn f32_checkpoint_matches_gguf() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Llama 3.1's `rope_scaling` in config.json gives the frequencies that
+/// `rope_freqs.weight` gives in GGUF.
+#[test]
+fn llama3_rope_scaling_matches_gguf_rope_freqs() {
+    let dir = scratch("llama31");
+    let (gguf, hf) = make(
+        &dir,
+        &["--type", "F32", "--rope-freqs"],
+        &["--dtype", "f32"],
+    );
+    let config = std::fs::read_to_string(hf.join("config.json")).expect("config");
+    assert!(config.contains("\"llama3\""), "{config}");
+    assert_close(&logits_gguf(&gguf), &logits_hf(&hf), 1e-3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bf16_checkpoint_matches_bf16_gguf() {
     let dir = scratch("bf16");
@@ -162,18 +178,27 @@ fn damaged_directories_fail_naming_the_file() {
         "{msg}"
     );
 
-    // rope_scaling is not supported.
-    std::fs::write(
-        hf.join("config.json"),
-        config.replace(
-            "\"rope_scaling\": null",
-            "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}",
-        ),
-    )
-    .unwrap();
-    let e = load_err(&hf);
+    // Only Llama 3.1's rope_scaling is supported, and it needs all its parameters.
+    let with_scaling = |scaling: &str| {
+        std::fs::write(
+            hf.join("config.json"),
+            config.replace(
+                "\"rope_scaling\": null",
+                &format!("\"rope_scaling\": {scaling}"),
+            ),
+        )
+        .unwrap();
+        load_err(&hf)
+    };
+    let e = with_scaling("{\"rope_type\": \"yarn\", \"factor\": 4.0}");
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("rope_scaling"), "{e}");
+    let e = with_scaling("{\"rope_type\": \"llama3\", \"factor\": 8.0}");
+    assert!(matches!(e, Error::BadModel { .. }), "{e}");
+    assert!(
+        e.to_string().contains("rope_scaling.low_freq_factor"),
+        "{e}"
+    );
 
     // Missing config.json (also through the engine).
     std::fs::remove_file(hf.join("config.json")).unwrap();
