@@ -4,23 +4,10 @@
 //! trustworthy real weights of Qwen2 or Llama 3.1 are at hand here.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use tandem_gpu::CpuDevice;
 use tandem_runtime::model::{load_gguf, Logits};
-use tandem_tests::root;
-
-fn python(args: &[&str]) {
-    let out = Command::new("python3")
-        .args(args)
-        .output()
-        .expect("python3 runs (installed by scripts/setup.sh)");
-    assert!(
-        out.status.success(),
-        "python3 {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use tandem_tests::{python, root};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-families-{}", std::process::id()));
@@ -43,32 +30,7 @@ fn all_three(name: &str, options: &[&str], tokens: &[u32]) -> (Vec<f32>, Vec<f32
     let mut args = vec![make.to_str().expect("utf-8"), path_s];
     args.extend_from_slice(options);
     python(&args);
-    let json_path = scratch(&format!("{name}.json"));
-    let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let reference = root().join("tests/reference/llama_ref.py");
-    python(&[
-        reference.to_str().expect("utf-8"),
-        "--model",
-        path_s,
-        "--tokens",
-        &ids.join(","),
-        "--out",
-        json_path.to_str().expect("utf-8"),
-    ]);
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).expect("json")).expect("json");
-    let want = json["logits"]
-        .as_array()
-        .expect("logits")
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|v| v.as_f64().expect("f") as f32)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let want = tandem_tests::reference(&path, tokens, &[]).logits.concat();
     let (_, model) = load_gguf(&path, CpuDevice::new(2)).expect("tiny model loads");
     let mut cache = model.new_cache().expect("cache");
     let got = model

@@ -3,7 +3,6 @@
 //! files and bad tensor data.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tandem_gpu::{CpuDevice, HostMatrix};
 use tandem_runtime::model::gguf::{GgmlType, TensorInfo};
@@ -15,19 +14,6 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-formats-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir.join(name)
-}
-
-fn python(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("python3")
-        .args(args)
-        .output()
-        .expect("python3 runs (installed by scripts/setup.sh)");
-    assert!(
-        out.status.success(),
-        "python3 {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 fn make_gguf(name: &str, extra: &[&str]) -> PathBuf {
@@ -60,33 +46,7 @@ fn every_tensor_type_matches_the_reference() {
             extra.push("--tied");
         }
         let path = make_gguf(&format!("tiny-{dtype}.gguf"), &extra);
-        let json_path = scratch(&format!("tiny-{dtype}.json"));
-        let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-        let ids = ids.join(",");
-        let script = root().join("tests/reference/llama_ref.py");
-        python(&[
-            script.to_str().expect("utf-8"),
-            "--model",
-            path.to_str().expect("utf-8"),
-            "--tokens",
-            &ids,
-            "--out",
-            json_path.to_str().expect("utf-8"),
-        ]);
-        let json: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json_path).expect("json")).expect("json");
-        let want: Vec<f32> = json["logits"]
-            .as_array()
-            .expect("logits")
-            .iter()
-            .flat_map(|r| {
-                r.as_array()
-                    .expect("row")
-                    .iter()
-                    .map(|v| v.as_f64().expect("f") as f32)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let want = tandem_tests::reference(&path, &tokens, &[]).logits.concat();
         let (_, model) = load_gguf(&path, CpuDevice::new(2)).expect("tiny model loads");
         let mut cache = model.new_cache().expect("cache");
         let got = model
@@ -110,7 +70,7 @@ fn every_tensor_type_matches_the_reference() {
 use half::f16;
 use tandem_kernels::quant::QuantizedVector;
 use tandem_kernels::rng::SplitMix64 as Rng;
-use tandem_tests::root;
+use tandem_tests::{python, root};
 
 /// A random f16 scale, finite and moderate, of either sign.
 fn random_scale(rng: &mut Rng) -> f16 {

@@ -1,8 +1,6 @@
 //! Gemma 3 270M (sliding-window layers, per-head q/k norms, sandwich norms,
 //! GeGLU, NEOX RoPE with two bases) against the independent NumPy reference.
 
-use std::process::Command;
-
 use tandem_gpu::CpuDevice;
 use tandem_runtime::model::{load_gguf, Llama, Logits};
 use tandem_runtime::{Engine, EngineOptions};
@@ -11,46 +9,13 @@ use tandem_tests::{gemma3_path, root};
 /// The reference's logits of the last `last` positions of `tokens`, and its
 /// greedy continuation of `greedy` tokens.
 fn reference(tokens: &[u32], last: usize, greedy: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let out = std::env::temp_dir().join(format!(
-        "tandem-gemma3-ref-{}-{}.json",
-        std::process::id(),
-        tokens.len()
-    ));
-    let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let status = Command::new("python3")
-        .arg(root().join("tests/reference/llama_ref.py"))
-        .arg("--model")
-        .arg(gemma3_path())
-        .arg("--tokens")
-        .arg(ids.join(","))
-        .args(["--last", &last.to_string(), "--greedy", &greedy.to_string()])
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .expect("python3 runs (installed by scripts/setup.sh)");
-    assert!(status.success(), "the NumPy reference failed");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&out).expect("reference output")).expect("json");
-    let _ = std::fs::remove_file(&out);
-    let floats = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array()
-            .expect("row")
-            .iter()
-            .map(|x| x.as_f64().expect("float") as f32)
-            .collect()
-    };
-    let logits = json["logits"]
-        .as_array()
-        .expect("logits")
-        .iter()
-        .map(floats)
-        .collect();
-    let greedy = json
-        .get("greedy")
-        .and_then(|g| g.as_array())
-        .map(|g| g.iter().map(|t| t.as_u64().expect("id") as u32).collect())
-        .unwrap_or_default();
-    (logits, greedy)
+    let (last, greedy) = (last.to_string(), greedy.to_string());
+    let r = tandem_tests::reference(
+        &gemma3_path(),
+        tokens,
+        &["--last", &last, "--greedy", &greedy],
+    );
+    (r.logits, r.greedy)
 }
 
 fn argmax(r: &[f32]) -> usize {

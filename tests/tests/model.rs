@@ -1,42 +1,13 @@
 //! End-to-end checks of the default model against an independent NumPy reference.
 
-use std::process::Command;
-
 use tandem_gpu::CpuDevice;
 use tandem_runtime::chat::Message;
 use tandem_runtime::model::{load_gguf, Logits};
 use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
-use tandem_tests::{model_path, root};
+use tandem_tests::model_path;
 
 fn reference_logits(tokens: &[u32]) -> Vec<Vec<f32>> {
-    let out = std::env::temp_dir().join(format!("tandem-ref-{}.json", std::process::id()));
-    let ids: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let status = Command::new("python3")
-        .arg(root().join("tests/reference/llama_ref.py"))
-        .arg("--model")
-        .arg(model_path())
-        .arg("--tokens")
-        .arg(ids.join(","))
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .expect("python3 runs (installed by scripts/setup.sh)");
-    assert!(status.success(), "the NumPy reference failed");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&out).expect("reference output")).expect("json");
-    let _ = std::fs::remove_file(&out);
-    json["logits"]
-        .as_array()
-        .expect("logits")
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .expect("row")
-                .iter()
-                .map(|v| v.as_f64().expect("float") as f32)
-                .collect()
-        })
-        .collect()
+    tandem_tests::reference(&model_path(), tokens, &[]).logits
 }
 
 /// The first 8 positions' logits agree with the NumPy float64 reference over the
