@@ -60,7 +60,9 @@ fn assert_close(name: &str, got: &[f32], want: &[f32]) {
     );
 }
 
-const TOKENS: [u32; 11] = [72, 101, 108, 108, 111, 32, 33, 10, 87, 111, 114];
+const TOKENS: [u32; 20] = [
+    72, 101, 108, 108, 111, 32, 33, 10, 87, 111, 114, 108, 100, 32, 97, 103, 97, 105, 110, 46,
+];
 
 #[test]
 fn qwen2_biases_and_neox_rope_match_the_reference() {
@@ -68,7 +70,8 @@ fn qwen2_biases_and_neox_rope_match_the_reference() {
     assert_close("qwen2", &got, &want);
 }
 
-/// Eleven tokens through a window of four: the local layers' mask matters.
+/// Twenty tokens through a window of four: the local layers' mask matters, and
+/// one at a time their oldest rows are dropped.
 #[test]
 fn gemma3_conventions_and_sliding_windows_match_the_reference() {
     let (got, want) = both("gemma3", &["--arch", "gemma3"], &TOKENS);

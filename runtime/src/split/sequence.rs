@@ -217,9 +217,11 @@ impl<D: DenseDevice> SequenceKv<D> {
             let held = self.device.kv_len(&self.window, layer);
             let recent = match self.table.layers[layer].attention {
                 LayerAttention::Shared { .. } => continue,
-                // A sliding window forgot its oldest rows: dropping newer
-                // ones would leave its queries short of their window.
-                LayerAttention::Window { size: Some(_) } if held < self.positions => 0,
+                // A sliding window forgot its oldest rows: the next query
+                // must still find its w - 1 predecessors.
+                LayerAttention::Window { size: Some(w) } if held < self.positions => {
+                    held.saturating_sub(w - 1)
+                }
                 _ if self.layers[layer].store.is_some() || self.offloaded => {
                     held.saturating_sub(self.table.sinks)
                 }

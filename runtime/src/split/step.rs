@@ -98,10 +98,12 @@ impl<D: DenseDevice> SequenceKv<D> {
         let held = self.device.kv_len(&self.window, layer);
         let (sinks, keep) = (self.table.sinks, self.table.sinks + self.table.window);
         match self.table.layers[layer].attention {
-            // Keep the w - 1 rows that the first new query still sees.
-            LayerAttention::Window { size: Some(w) } => {
-                let excess = held.saturating_sub(w - 1);
-                self.device.kv_discard(&mut self.window, layer, 0, excess)?;
+            // The first new query sees the last w - 1 rows; a window more is
+            // kept so that the last reply can be undone (`truncate`), and rows
+            // then move once per w steps rather than at every step.
+            LayerAttention::Window { size: Some(w) } if held + 1 >= 3 * w => {
+                self.device
+                    .kv_discard(&mut self.window, layer, 0, held + 1 - 2 * w)?;
             }
             LayerAttention::Window { size: None } if self.offloaded => {
                 let excess = held.saturating_sub(keep);

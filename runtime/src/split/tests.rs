@@ -142,27 +142,46 @@ fn a_sliding_window_sees_exactly_its_last_w_tokens() {
     let w = 5;
     let mut seq = sequence(&device, &["window:w=5", "shared:from=0"]);
     let (mut ks, mut vs) = (Vec::new(), Vec::new());
-    for t in 0..12usize {
-        let (k, v, q) = (
-            random(KV, &mut rng),
-            random(KV, &mut rng),
-            random(Q, &mut rng),
-        );
-        ks.extend_from_slice(&k);
-        vs.extend_from_slice(&v);
-        let out = step(&device, &mut seq, 0, [&q, &k, &v]);
-        let shared = step(&device, &mut seq, 1, [&q, &k, &v]);
-        let from = (t + 1).saturating_sub(w) * KV;
-        let want = reference(&device, &q, &ks[from..], &vs[from..]);
-        assert_close(&out, &want, &format!("token {t}"));
-        assert_close(&shared, &want, &format!("shared, token {t}"));
-        assert!(
-            seq.layer_tokens(0).0 <= w,
-            "the window holds at most W rows"
-        );
-        seq.advance(1);
+    let mut check_step =
+        |seq: &mut SequenceKv<CpuDevice>, t: usize, ks: &mut Vec<f32>, vs: &mut Vec<f32>| {
+            let (k, v, q) = (
+                random(KV, &mut rng),
+                random(KV, &mut rng),
+                random(Q, &mut rng),
+            );
+            ks.truncate(t * KV);
+            vs.truncate(t * KV);
+            ks.extend_from_slice(&k);
+            vs.extend_from_slice(&v);
+            let out = step(&device, seq, 0, [&q, &k, &v]);
+            let shared = step(&device, seq, 1, [&q, &k, &v]);
+            let from = (t + 1).saturating_sub(w) * KV;
+            let want = reference(&device, &q, &ks[from..], &vs[from..]);
+            assert_close(&out, &want, &format!("token {t}"));
+            assert_close(&shared, &want, &format!("shared, token {t}"));
+            assert!(
+                seq.layer_tokens(0).0 < 3 * w,
+                "the window holds fewer than 3 W rows"
+            );
+            seq.advance(1);
+        };
+    for t in 0..31usize {
+        check_step(&mut seq, t, &mut ks, &mut vs);
     }
-    assert!(seq.truncate(10).is_err(), "forgotten rows cannot come back");
+    // Up to held - (w - 1) tokens can be undone, and the window then sees
+    // the tokens before them; more cannot.
+    let held = seq.layer_tokens(0).0;
+    assert!(held < 31, "old rows were dropped");
+    let undo = held - (w - 1);
+    assert!(
+        seq.truncate(31 - undo - 1).is_err(),
+        "forgotten rows cannot come back"
+    );
+    seq.truncate(31 - undo)
+        .expect("the last tokens can be undone");
+    for t in 31 - undo..31 - undo + 3 {
+        check_step(&mut seq, t, &mut ks, &mut vs);
+    }
 }
 
 #[test]
