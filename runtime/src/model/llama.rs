@@ -37,7 +37,8 @@ pub(super) struct Layer<D: DenseDevice> {
     pub(super) rope: usize,
 }
 
-/// A Llama model with its weights resident on a dense device.
+/// A model of any family tandem runs (Llama, Gemma 3, Qwen2; named for the
+/// architecture the others vary) with its weights resident on a dense device.
 pub struct Llama<D: DenseDevice> {
     pub(super) config: Config,
     pub(super) device: Arc<D>,
@@ -135,7 +136,8 @@ impl<D: DenseDevice> Llama<D> {
         self.weight_bytes
     }
 
-    /// A new, empty sequence with every layer dense on the device.
+    /// A new, empty sequence with every layer dense on the device, but the
+    /// model's sliding-window layers, which keep their window.
     pub fn new_cache(&self) -> Result<SequenceKv<D>> {
         let c = &self.config;
         SequenceKv::dense(
