@@ -15,10 +15,13 @@ use crate::eval::metrics::Agreement;
 pub struct LayerRow {
     /// Layer index.
     pub layer: usize,
-    /// ‖o − o_dense‖ / ‖o_dense‖ of the attention output, averaged over queries.
-    pub rel_l2_error: f64,
-    /// Cosine of the attention output with dense, averaged over queries.
-    pub cosine: f64,
+    /// ‖o − o_dense‖ / ‖o_dense‖ of the attention output, averaged over
+    /// queries; `None` where the layer's attention is not observed (it does
+    /// not offload).
+    pub rel_l2_error: Option<f64>,
+    /// Cosine of the attention output with dense, averaged over queries (`None`
+    /// as above).
+    pub cosine: Option<f64>,
     /// Fraction of the context's keys a query of this layer touched.
     pub keys_touched_fraction: f64,
 }
@@ -176,7 +179,8 @@ pub fn markdown_table(rows: &[Row]) -> String {
 
 /// Per-layer attention error, one markdown table per context: a line per
 /// layer, a column per policy with the relative L2 error of the attention
-/// output against dense and, in brackets, the keys its queries touched. Policies
+/// output against dense (`–` where the layer does not offload, so its error is
+/// not observed) and, in brackets, the keys its queries touched. Policies
 /// without per-layer figures are left out.
 pub fn per_layer_tables(rows: &[Row]) -> String {
     let mut out = String::new();
@@ -209,12 +213,8 @@ pub fn per_layer_tables(rows: &[Row]) -> String {
             for r in &cols {
                 match r.per_layer.iter().find(|l| l.layer == layer) {
                     Some(l) => {
-                        let _ = write!(
-                            out,
-                            " {:.4} ({:.1}%) |",
-                            l.rel_l2_error,
-                            100.0 * l.keys_touched_fraction
-                        );
+                        let error = l.rel_l2_error.map_or("–".into(), |e| format!("{e:.4}"));
+                        let _ = write!(out, " {error} ({:.1}%) |", 100.0 * l.keys_touched_fraction);
                     }
                     None => out.push_str(" – |"),
                 }
@@ -597,8 +597,8 @@ mod tests {
             cpu_bytes_per_token: 8192.0,
             per_layer: vec![LayerRow {
                 layer: 0,
-                rel_l2_error: 0.1,
-                cosine: 0.99,
+                rel_l2_error: Some(0.1),
+                cosine: Some(0.99),
                 keys_touched_fraction: touched,
             }],
             offloaded_touched_fraction: touched / 2.0,
@@ -674,8 +674,8 @@ mod tests {
         let mut rows = rows();
         rows[1].per_layer.push(LayerRow {
             layer: 3,
-            rel_l2_error: 0.25,
-            cosine: 0.9,
+            rel_l2_error: Some(0.25),
+            cosine: Some(0.9),
             keys_touched_fraction: 0.05,
         });
         rows[2].per_layer.clear();

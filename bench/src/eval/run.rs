@@ -150,18 +150,11 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                 if probe.samples > 0 {
                     offloaded.push(probe.offloaded_touched_fraction / probe.samples as f64);
                 }
+                let mean = |sum: f64| (probe.samples > 0).then(|| sum / probe.samples as f64);
                 row.per_layer.push(LayerRow {
                     layer,
-                    rel_l2_error: if probe.samples > 0 {
-                        probe.rel_l2_error / probe.samples as f64
-                    } else {
-                        0.0
-                    },
-                    cosine: if probe.samples > 0 {
-                        probe.cosine / probe.samples as f64
-                    } else {
-                        1.0
-                    },
+                    rel_l2_error: mean(probe.rel_l2_error),
+                    cosine: mean(probe.cosine),
                     keys_touched_fraction: f,
                 });
             }
