@@ -6,6 +6,10 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use tandem_gpu::DenseDevice;
+use tandem_runtime::model::{Llama, Logits};
+use tandem_runtime::split::SequenceKv;
+
 /// The repository's root directory.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -95,4 +99,24 @@ pub fn reference(model: &Path, tokens: &[u32], extra: &[&str]) -> Reference {
             .map(|g| g.iter().map(|t| t.as_u64().expect("id") as u32).collect())
             .unwrap_or_default(),
     }
+}
+
+/// `model`'s logits for every position of `tokens`, once through the prefill
+/// path (all positions in one pass) and once through the decode path (one
+/// position at a time); also the decode path's cache, to continue from.
+pub fn prefill_and_decode<D: DenseDevice>(
+    model: &Llama<D>,
+    tokens: &[u32],
+) -> (Vec<f32>, Vec<f32>, SequenceKv<D>) {
+    let mut cache = model.new_cache().expect("cache");
+    let all = model
+        .forward(tokens, &mut cache, Logits::All)
+        .expect("forward");
+    let mut cache = model.new_cache().expect("cache");
+    let mut one_by_one = Vec::new();
+    for &t in tokens {
+        let logits = model.forward(&[t], &mut cache, Logits::Last);
+        one_by_one.extend(logits.expect("forward"));
+    }
+    (all, one_by_one, cache)
 }

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use tandem_gpu::CpuDevice;
-use tandem_runtime::model::{load_gguf, Logits};
-use tandem_tests::{python, root};
+use tandem_runtime::model::load_gguf;
+use tandem_tests::{prefill_and_decode, python, root};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-families-{}", std::process::id()));
@@ -32,16 +32,7 @@ fn all_three(name: &str, options: &[&str], tokens: &[u32]) -> (Vec<f32>, Vec<f32
     python(&args);
     let want = tandem_tests::reference(&path, tokens, &[]).logits.concat();
     let (_, model) = load_gguf(&path, CpuDevice::new(2)).expect("tiny model loads");
-    let mut cache = model.new_cache().expect("cache");
-    let got = model
-        .forward(tokens, &mut cache, Logits::All)
-        .expect("forward");
-    let mut cache = model.new_cache().expect("cache");
-    let mut one_by_one = Vec::new();
-    for &t in tokens {
-        let logits = model.forward(&[t], &mut cache, Logits::Last);
-        one_by_one.extend(logits.expect("forward"));
-    }
+    let (got, one_by_one, _) = prefill_and_decode(&model, tokens);
     (got, one_by_one, want)
 }
 

@@ -62,15 +62,7 @@ fn short_prompt_matches_the_numpy_reference() {
     let (want, want_greedy) = reference(&tokens, tokens.len(), 8);
     let m = model();
     let vocab = m.config().vocab_size;
-    let mut cache = m.new_cache().expect("cache");
-    let all = m
-        .forward(&tokens, &mut cache, Logits::All)
-        .expect("forward");
-    let mut cache = m.new_cache().expect("cache");
-    let mut one_by_one = Vec::new();
-    for &t in &tokens {
-        one_by_one.extend(m.forward(&[t], &mut cache, Logits::Last).expect("forward"));
-    }
+    let (all, one_by_one, mut cache) = tandem_tests::prefill_and_decode(&m, &tokens);
     for (name, got) in [("prefill", &all), ("decode", &one_by_one)] {
         for (pos, want_row) in want.iter().enumerate() {
             let row = &got[pos * vocab..(pos + 1) * vocab];

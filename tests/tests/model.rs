@@ -2,7 +2,7 @@
 
 use tandem_gpu::CpuDevice;
 use tandem_runtime::chat::Message;
-use tandem_runtime::model::{load_gguf, Logits};
+use tandem_runtime::model::load_gguf;
 use tandem_runtime::{Engine, EngineOptions, Flow, SamplingConfig};
 use tandem_tests::model_path;
 
@@ -21,19 +21,7 @@ fn forward_matches_the_numpy_reference() {
     let (_, model) = load_gguf(&model_path(), CpuDevice::new(2)).expect("model loads");
     let vocab = model.config().vocab_size;
     // All positions at once (prefill path) and one at a time (decode path).
-    let mut cache = model.new_cache().expect("cache");
-    let all = model
-        .forward(&tokens, &mut cache, Logits::All)
-        .expect("forward");
-    let mut cache = model.new_cache().expect("cache");
-    let mut one_by_one = Vec::new();
-    for &t in &tokens {
-        one_by_one.extend(
-            model
-                .forward(&[t], &mut cache, Logits::Last)
-                .expect("forward"),
-        );
-    }
+    let (all, one_by_one, _) = tandem_tests::prefill_and_decode(&model, &tokens);
     for (name, got) in [("prefill", &all), ("decode", &one_by_one)] {
         for (pos, want_row) in want.iter().enumerate() {
             let row = &got[pos * vocab..(pos + 1) * vocab];
