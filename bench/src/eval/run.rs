@@ -22,7 +22,7 @@ use crate::eval::needle::{NeedleBuilder, NeedleTask, ANSWER_TOKENS};
 use crate::eval::probe::HeadProbe;
 use crate::eval::probe::Probes;
 use crate::eval::report::{HeadRow, LayerRow, NeedleScore, Row};
-use tandem_runtime::model::Logits;
+use tandem_runtime::model::{Llama, Logits};
 use tandem_runtime::policy::{LayerAttention, PolicyConfig, PolicyTable};
 use tandem_runtime::split::SequenceKv;
 use tandem_runtime::{Engine, EngineOptions, PREFILL_CHUNK};
@@ -324,12 +324,10 @@ fn answer_all(
         dense: Vec::new(),
         policies: vec![Vec::new(); tables.len()],
     };
+    let mut prefill = PrefixPrefill::new(model)?;
     for (i, prompt) in prompts.iter().enumerate() {
-        let mut prefill = model.new_cache()?;
-        let mut logits = Vec::new();
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = model.forward(chunk, &mut prefill, Logits::Last)?;
-        }
+        let logits = prefill.run(model, prompt)?;
+        let prefill = &prefill.kv;
         let answer = |kv: &mut SequenceKv<CpuDevice>| -> Result<String> {
             let mut l = logits.clone();
             let mut ids = Vec::new();
@@ -355,6 +353,46 @@ fn answer_all(
         progress(i);
     }
     Ok(replies)
+}
+
+/// A dense prefill that keeps the previous prompt's cache: prompts that open
+/// alike (the wordings of one document's questions) prefill only where they
+/// differ.
+struct PrefixPrefill {
+    kv: SequenceKv<CpuDevice>,
+    tokens: Vec<u32>,
+}
+
+impl PrefixPrefill {
+    fn new(model: &Llama<CpuDevice>) -> Result<Self> {
+        Ok(PrefixPrefill {
+            kv: model.new_cache()?,
+            tokens: Vec::new(),
+        })
+    }
+
+    /// Prefills `prompt`, reusing the rows of the longest prefix it shares
+    /// with the previous one; returns the last position's logits.
+    fn run(&mut self, model: &Llama<CpuDevice>, prompt: &[u32]) -> Result<Vec<f32>> {
+        let shared = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the last token runs again: its logits are the answer's start.
+        let keep = shared.min(prompt.len().saturating_sub(1));
+        if self.kv.truncate(keep).is_err() {
+            self.kv.reset();
+        }
+        let done = self.kv.positions();
+        let mut logits = Vec::new();
+        for chunk in prompt[done..].chunks(PREFILL_CHUNK) {
+            logits = model.forward(chunk, &mut self.kv, Logits::Last)?;
+        }
+        self.tokens = prompt.to_vec();
+        Ok(logits)
+    }
 }
 
 /// The document questions (`questions`, every wording) answered by dense and
