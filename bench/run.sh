@@ -4,7 +4,10 @@
 # Runs each figure's command with the release binary, saves the raw output
 # under bench/results/<YYYY-MM-DD>-<short commit>/ (with meta.json: machine,
 # date, commit and the command behind each file), then rewrites BENCHMARKS.md
-# from those outputs.
+# from those outputs. Reliability runs (long fuzz runs, the server soak) are
+# not run here; their scripts save a README under
+# bench/results/<date>-<commit>-reliability-<what>/, whose tables the
+# rewritten file's Reliability section shows.
 #
 # Usage: bench/run.sh [--only FIGURE]... [--from PATH]... [--machine TEXT]
 #   --only FIGURE   run (or, with --from, tabulate) only this figure; repeatable:
@@ -447,6 +450,15 @@ if ab:
         lines = open(readme).read().splitlines()
         title = lines[0].lstrip("# ").strip()
         out += [f"[{title}]({readme}), both binaries alternated on one machine:", ""]
+        out += [l for l in lines if l.startswith("|")] + [""]
+# Reliability runs (fuzzing, the server soak), each with its own README.
+rel = sorted(glob.glob("bench/results/*-reliability-*/README.md"), reverse=True)
+if rel:
+    out += ["", "## Reliability", ""]
+    for readme in rel:
+        lines = open(readme).read().splitlines()
+        title = lines[0].lstrip("# ").strip()
+        out += [f"[{title}]({readme}):", ""]
         out += [l for l in lines if l.startswith("|")] + [""]
 open("BENCHMARKS.md", "w").write("\n".join(out) + "\n")
 print(f"run.sh: BENCHMARKS.md: {len(table)} rows from {len(sources)} files", file=sys.stderr)
