@@ -73,7 +73,8 @@ TandemStatus tandem_engine_load(const char *model_path,
 // sessions of it are alive. NULL is allowed and does nothing.
 //
 // # Safety
-// `engine` is NULL or came from `tandem_engine_load` and was not freed yet.
+// `engine` is NULL or came from `tandem_engine_load` and was not freed yet,
+// and no other thread is calling a function on it meanwhile.
 TandemStatus tandem_engine_free(TandemEngine *engine);
 
 // Starts a conversation with `engine`; `*out_session` receives it.

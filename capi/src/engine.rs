@@ -79,7 +79,8 @@ fn load(path: &str, device: &str, policy: Option<&str>) -> Result<TandemEngine, 
 /// sessions of it are alive. NULL is allowed and does nothing.
 ///
 /// # Safety
-/// `engine` is NULL or came from `tandem_engine_load` and was not freed yet.
+/// `engine` is NULL or came from `tandem_engine_load` and was not freed yet,
+/// and no other thread is calling a function on it meanwhile.
 #[no_mangle]
 pub unsafe extern "C" fn tandem_engine_free(engine: *mut TandemEngine) -> TandemStatus {
     guard(|| {
