@@ -1,7 +1,7 @@
 //! The C entry points called from Rust: status codes and messages for bad
 //! arguments, cancellation before and during work, and damaged session files.
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::{null, null_mut};
 
 use tandem::*;
@@ -111,6 +111,15 @@ fn bad_arguments_give_their_status_and_message() {
     }
 }
 
+/// A progress callback that cancels its session (passed as `user_data`) once
+/// the first chunk is done.
+unsafe extern "C" fn cancel_after_first_chunk(done: usize, total: usize, user_data: *mut c_void) {
+    if done < total {
+        // SAFETY: `user_data` is the live session being prefilled.
+        unsafe { tandem_session_cancel(user_data as *const TandemSession) };
+    }
+}
+
 #[test]
 fn sessions_cancel_refuse_and_restore() {
     let model = c(MODEL);
@@ -157,6 +166,22 @@ fn sessions_cancel_refuse_and_restore() {
             TandemStatus::TandemOk
         );
         assert_eq!(count, 0, "a cancelled prefill leaves nothing behind");
+        let long = c(&"one two three four five six seven eight ".repeat(80));
+        assert_eq!(
+            tandem_session_prefill(
+                session,
+                long.as_ptr(),
+                Some(cancel_after_first_chunk),
+                session.cast()
+            ),
+            TandemStatus::TandemErrCancelled,
+            "a cancel during the prefill stops it between chunks"
+        );
+        assert_eq!(
+            tandem_session_token_count(session, &mut count),
+            TandemStatus::TandemOk
+        );
+        assert_eq!(count, 0, "and drops the chunks already run");
         assert_eq!(
             tandem_session_prefill(session, prompt.as_ptr(), None, null_mut()),
             TandemStatus::TandemOk
