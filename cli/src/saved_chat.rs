@@ -45,7 +45,8 @@ impl SavedChat {
             .filter(|m| m.role == Role::Assistant)
             .count();
         eprintln!(
-            "tandem: restored {turns} turns ({} tokens) from {}",
+            "tandem: restored {turns} turn{} ({} tokens) from {}",
+            if turns == 1 { "" } else { "s" },
             saved.tokens.len(),
             self.path.display()
         );

@@ -62,9 +62,14 @@ fn a_chat_resumes_from_its_session_file() {
     let second = chat(&file, "And of Italy?\n");
     assert!(second.status.success(), "{}", stderr(&second));
     assert!(
-        stderr(&second).contains("restored 1 turns"),
+        stderr(&second).contains("restored 1 turn ("),
         "{}",
         stderr(&second)
+    );
+    let reply = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        reply.contains("Rome"),
+        "the follow-up is answered in the restored context: {reply}"
     );
 
     let third = chat(&file, "");
