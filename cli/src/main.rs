@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+mod saved_chat;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -17,8 +19,10 @@ use tandem_bench::eval::corpus;
 use tandem_runtime::chat::Message;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
-    resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
+    resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig, Session,
 };
+
+use crate::saved_chat::SavedChat;
 
 /// tandem: a long-context LLM decoder.
 ///
@@ -298,6 +302,10 @@ struct ChatArgs {
     /// Maximum tokens per reply.
     #[arg(long, short = 'n', default_value_t = 512)]
     max_tokens: usize,
+    /// Save the conversation to FILE after every reply, and resume it from
+    /// FILE when it exists (with the same model and policy).
+    #[arg(long, value_name = "FILE")]
+    session: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -517,6 +525,24 @@ fn chat(args: ChatArgs) -> Result<()> {
     eprintln!("tandem chat: type a message; /reset clears the conversation, /exit quits, Ctrl-C stops a reply.");
     let stdin = std::io::stdin();
     let mut session = engine.session()?;
+    let saved_chat = args.session.as_deref().map(SavedChat::new);
+    if let Some(resumed) = saved_chat
+        .as_ref()
+        .map(|s| s.resume(&engine, &mut |_, _| {}))
+        .transpose()?
+        .flatten()
+    {
+        history = resumed.messages;
+        session = resumed.session;
+    }
+    let save = |session: &Session, history: &[Message]| {
+        if let Some(Err(e)) = saved_chat
+            .as_ref()
+            .map(|s| s.save(&engine, session, history))
+        {
+            eprintln!("tandem: error: {e:#}");
+        }
+    };
     loop {
         eprint!("> ");
         let mut line = String::new();
@@ -530,6 +556,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             "/reset" => {
                 history.retain(|m| m.role == tandem_runtime::chat::Role::System);
                 session.reset();
+                save(&session, &history);
                 eprintln!("(conversation cleared)");
                 continue;
             }
@@ -583,6 +610,7 @@ fn chat(args: ChatArgs) -> Result<()> {
                     stats.decode_tokens_per_s()
                 );
                 history.push(Message::assistant(reply));
+                save(&session, &history);
             }
             Err(e) => {
                 eprintln!("tandem: error: {e}");

@@ -35,6 +35,12 @@ pub enum Error {
     /// The CPU attention engine failed (its workers, or an offloaded store).
     #[error("CPU attention: {0}")]
     Cpu(#[from] tandem_cpu::CpuError),
+    /// A saved session file is damaged, or was saved with another model or policy.
+    #[error("{path}: {problem}")]
+    SessionFile { path: PathBuf, problem: String },
+    /// The work was stopped by its cancel flag.
+    #[error("cancelled")]
+    Cancelled,
     /// A step failed half-way through this sequence earlier; it must be reset.
     #[error("this sequence was left inconsistent by a failed step; reset it")]
     BrokenSequence,

@@ -18,12 +18,14 @@
 #![forbid(unsafe_code)]
 
 pub mod chat;
+mod durable;
 pub mod engine;
 pub mod error;
 mod generate;
 pub mod model;
 pub mod policy;
 pub mod sampling;
+mod saved;
 mod session;
 pub mod split;
 pub mod tokenizer;
@@ -34,4 +36,5 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use generate::{Flow, GenerationStats};
 pub use sampling::SamplingConfig;
+pub use saved::SavedSession;
 pub use session::Session;

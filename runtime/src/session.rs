@@ -1,5 +1,6 @@
 //! One conversation: its tokens so far and their keys and values.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tandem_gpu::{CpuDevice, DenseDevice};
@@ -86,12 +87,30 @@ impl<'e, D: DenseDevice> Session<'e, D> {
         tokens: &[u32],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>> {
+        self.prefill_cancellable(tokens, None, progress)
+    }
+
+    /// As [`Session::prefill`], checking `cancel` before each chunk: once it is
+    /// true, the tokens of this call are dropped again and the result is
+    /// [`Error::Cancelled`].
+    pub fn prefill_cancellable(
+        &mut self,
+        tokens: &[u32],
+        cancel: Option<&AtomicBool>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
         self.check_room(tokens.len())?;
+        let start = self.tokens.len();
         let mut logits = Vec::new();
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                // Nothing was offloaded yet, so the truncation cannot fail.
+                self.truncate(start)?;
+                return Err(Error::Cancelled);
+            }
             logits = self
                 .engine
                 .model()

@@ -1,0 +1,69 @@
+//! `tandem chat --session FILE`: the conversation is saved to FILE after
+//! every completed turn (crash-safely) and resumed from it on the next start.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tandem_runtime::chat::{Message, Role};
+use tandem_runtime::{Engine, SavedSession, Session};
+
+/// The chat's session file.
+pub struct SavedChat {
+    path: PathBuf,
+}
+
+/// A conversation resumed from its file.
+pub struct Resumed<'e> {
+    pub messages: Vec<Message>,
+    pub session: Session<'e>,
+}
+
+impl SavedChat {
+    pub fn new(path: &Path) -> SavedChat {
+        SavedChat {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The saved conversation, its tokens run through a prefill again
+    /// (`None` when the file does not exist yet).
+    pub fn resume<'e>(
+        &self,
+        engine: &'e Engine,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Option<Resumed<'e>>> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let saved = engine
+            .load_session(&self.path)
+            .context("resuming the conversation (move the file away to start anew)")?;
+        let (session, _) = engine.restore_session(&saved, None, progress)?;
+        let turns = saved
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        eprintln!(
+            "tandem: restored {turns} turn{} ({} tokens) from {}",
+            if turns == 1 { "" } else { "s" },
+            saved.tokens.len(),
+            self.path.display()
+        );
+        Ok(Some(Resumed {
+            messages: saved.messages,
+            session,
+        }))
+    }
+
+    /// Writes the conversation so far, replacing the file atomically.
+    pub fn save(&self, engine: &Engine, session: &Session, messages: &[Message]) -> Result<()> {
+        let saved = SavedSession {
+            tokens: session.tokens().to_vec(),
+            messages: messages.to_vec(),
+        };
+        engine
+            .save_session(&self.path, &saved)
+            .context("saving the conversation")
+    }
+}
