@@ -29,6 +29,21 @@ pub enum Error {
     /// A request that cannot be served as asked (bad token id, context full, ...).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A context or batch that would not fit in the memory budget
+    /// ([`crate::memory::MemoryBudget`]); refused before allocating.
+    #[error(
+        "{what} needs about {need} of memory, more than the {limit} allowed ({origin}); \
+         a shorter context, the int8 store (a policy with kbits=8,vbits=8) or fewer sequences need less"
+    )]
+    OutOfMemory {
+        what: String,
+        need: String,
+        limit: String,
+        origin: String,
+    },
+    /// The caller's cancel flag stopped the work; what it had added was undone.
+    #[error("cancelled")]
+    Cancelled,
     /// The dense device failed.
     #[error("dense device: {0}")]
     Device(#[from] tandem_gpu::DeviceError),
