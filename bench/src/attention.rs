@@ -412,7 +412,7 @@ mod tests {
             layers: 100_000,
             memory_limit: Some(64 << 30),
         };
-        let err = run_attention_bench(&opts).err().expect("refused");
+        let err = run_attention_bench(&opts).expect_err("refused");
         let text = err.to_string();
         assert!(
             text.contains("100000 layers") && text.contains("68.7 GB"),

@@ -32,7 +32,7 @@ pub enum Error {
     /// A context or batch that would not fit in the memory budget
     /// ([`crate::memory::MemoryBudget`]); refused before allocating.
     #[error(
-        "{what} needs about {need} of memory, more than the {limit} allowed ({origin}); \
+        "{what} needs {need} of memory, more than the {limit} allowed ({origin}); \
          a shorter context, the int8 store (a policy with kbits=8,vbits=8) or fewer sequences need less"
     )]
     OutOfMemory {

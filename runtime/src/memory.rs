@@ -67,7 +67,10 @@ impl MemoryBudget {
             Some(need) if need <= self.limit => Ok(()),
             _ => Err(Error::OutOfMemory {
                 what: what.to_string(),
-                need: need.map_or_else(|| "more than 2^64 bytes".into(), |n| Bytes(n).to_string()),
+                need: need.map_or_else(
+                    || "more than 2^64 bytes".into(),
+                    |n| format!("about {}", Bytes(n)),
+                ),
                 limit: Bytes(self.limit).to_string(),
                 origin: self.origin.to_string(),
             }),
