@@ -1,0 +1,116 @@
+//! The conversation: an optional system prompt, an optional document, and
+//! the turns since.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tandem_runtime::chat::Message;
+use tandem_runtime::Engine;
+
+/// A document put into the conversation (`--file`).
+pub struct Document {
+    /// The user message that carries it and the reply that acknowledges it.
+    messages: [Message; 2],
+    /// Tokens of the conversation up to and including the document.
+    pub tokens: usize,
+}
+
+/// What the model is shown, oldest first.
+#[derive(Default)]
+pub struct Conversation {
+    system: Option<Message>,
+    document: Option<Document>,
+    turns: Vec<Message>,
+}
+
+impl Conversation {
+    /// A conversation with an optional system prompt.
+    pub fn new(system: Option<String>) -> Conversation {
+        Conversation {
+            system: system.map(Message::system),
+            ..Conversation::default()
+        }
+    }
+
+    /// Every message, ready to render.
+    pub fn messages(&self) -> Vec<Message> {
+        let document = self.document.iter().flat_map(|d| d.messages.iter());
+        self.system
+            .iter()
+            .chain(document)
+            .chain(&self.turns)
+            .cloned()
+            .collect()
+    }
+
+    /// The document, if any.
+    pub fn document(&self) -> Option<&Document> {
+        self.document.as_ref()
+    }
+
+    /// Adds a turn.
+    pub fn push(&mut self, message: Message) {
+        self.turns.push(message);
+    }
+
+    /// Takes back the last turn (a message that got no reply).
+    pub fn pop(&mut self) {
+        self.turns.pop();
+    }
+
+    /// Forgets the turns; `all` forgets the document too.
+    pub fn reset(&mut self, all: bool) {
+        self.turns.clear();
+        if all {
+            self.document = None;
+        }
+    }
+
+    /// Reads `path` into the conversation as a document. Refused, with the
+    /// numbers, when it would not leave `reply` tokens of room in the
+    /// engine's context or would not fit in its memory budget.
+    pub fn load_document(&mut self, engine: &Engine, path: &Path, reply: usize) -> Result<()> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let limit = engine.context_limit();
+        // A token covers at most the longest token's bytes: a file that
+        // long cannot fit, whatever its text, and is not tokenized.
+        let fewest = bytes.len() / longest_token_bytes(engine).max(1);
+        if fewest > limit {
+            bail!(
+                "{} is {} bytes, at least {fewest} tokens; the context holds {limit} tokens",
+                path.display(),
+                bytes.len()
+            );
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let messages = [
+            Message::user(format!("Here is a document:\n\n{text}")),
+            Message::assistant("I have read the document. What would you like to know?"),
+        ];
+        let mut shown: Vec<Message> = self.system.iter().cloned().collect();
+        shown.extend(messages.iter().cloned());
+        let rendered = engine.chat_template().render(&shown, false)?;
+        let tokens = engine.tokenizer().encode(&rendered, false)?.len();
+        if tokens.saturating_add(reply) > limit {
+            bail!(
+                "{} is {tokens} tokens (with the conversation around it); with {reply} tokens \
+                 for a reply that is more than the context's {limit} tokens \
+                 (a shorter file, or fewer --max-tokens)",
+                path.display()
+            );
+        }
+        engine.check_memory(tokens.saturating_add(reply))?;
+        self.document = Some(Document { messages, tokens });
+        Ok(())
+    }
+}
+
+/// Bytes of the vocabulary's longest token.
+fn longest_token_bytes(engine: &Engine) -> usize {
+    let tokenizer = engine.tokenizer();
+    (0..tokenizer.vocab_size() as u32)
+        .filter_map(|id| tokenizer.token_text(id))
+        .map(|t| t.len())
+        .max()
+        .unwrap_or(1)
+}
