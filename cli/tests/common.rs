@@ -10,12 +10,16 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
-pub fn tandem() -> Command {
-    let bin = std::env::var_os("TANDEM_BIN").map_or_else(
+pub fn bin() -> PathBuf {
+    std::env::var_os("TANDEM_BIN").map_or_else(
         || PathBuf::from(env!("CARGO_BIN_EXE_tandem")),
         PathBuf::from,
-    );
-    let mut command = Command::new(bin);
+    )
+}
+
+/// The binary under test, on the default model.
+pub fn tandem() -> Command {
+    let mut command = Command::new(bin());
     command.env("TANDEM_MODEL", model());
     command
 }
