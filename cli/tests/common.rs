@@ -74,9 +74,9 @@ pub fn run(args: &[&str], stdin: &str, limit: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
-/// `tandem chat` on the default model, greedy, with replies of 6 tokens.
+/// `tandem chat` on the default model, greedy, with replies of 3 tokens.
 pub fn chat(extra: &[&str], stdin: &str) -> Output {
-    chat_n(6, extra, stdin)
+    chat_n(3, extra, stdin)
 }
 
 /// `tandem chat` on the default model, greedy, with replies of `n` tokens.

@@ -111,11 +111,11 @@ fn a_prefill_cancelled_after_its_first_chunk_leaves_the_session_as_it_was() {
     let long = engine
         .tokenizer()
         .encode(
-            &"The quick brown fox jumps over the lazy dog. ".repeat(60),
+            &"The quick brown fox jumps over the lazy dog. ".repeat(30),
             false,
         )
         .expect("encode");
-    assert!(long.len() > 2 * tandem_runtime::PREFILL_CHUNK);
+    assert!(long.len() > tandem_runtime::PREFILL_CHUNK);
 
     let mut session = engine.session().expect("session");
     text(&mut session, &hello);
