@@ -34,8 +34,9 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt; the text goes to stdout, statistics to stderr.
     Generate(GenerateArgs),
-    /// Chat with the model: line editing and history at a terminal, one
-    /// message per line from a pipe (a trailing \ continues the line);
+    /// Chat with the model.
+    ///
+    /// Line editing and history at a terminal, one message per line from a pipe (a trailing \ continues the line);
     /// /reset clears the conversation but the --file document, /reset all
     /// clears both; Ctrl-C stops a reply, twice at the prompt leaves, as do
     /// Ctrl-D and /exit.
