@@ -13,6 +13,7 @@ fn main() {
         seed: 42,
         iterations: 5,
         layers: 1,
+        memory_limit: None,
     };
     let mut json = false;
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -14,10 +14,11 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_cpu::{
-    KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, PolicySpec, PrefillTimes, WorkerPool,
-    BOUND_BLOCK,
+    store_bytes_per_key, KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, PolicySpec,
+    PrefillTimes, WorkerPool, BOUND_BLOCK,
 };
 use tandem_kernels::rng::SplitMix64;
+use tandem_runtime::memory::MemoryBudget;
 
 /// Benchmark errors.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,9 @@ pub enum BenchError {
     /// The engine failed.
     #[error(transparent)]
     Cpu(#[from] tandem_cpu::CpuError),
+    /// Refused by the memory budget.
+    #[error(transparent)]
+    Runtime(#[from] tandem_runtime::Error),
 }
 
 /// Options of [`run_attention_bench`].
@@ -54,6 +58,9 @@ pub struct AttentionBenchOptions {
     /// exceed the last-level cache (8 at 96k with llama3.1-8b, ~600 MB each)
     /// every layer is read cold, as in a decode step.
     pub layers: usize,
+    /// The memory the generated layers may take (default: the memory
+    /// available, see [`MemoryBudget::system`]).
+    pub memory_limit: Option<u64>,
 }
 
 /// One policy's per-layer figures.
@@ -196,6 +203,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Refuses generated layers (f32 keys and values, and the stores of the
+/// largest policy) beyond the memory budget.
+fn check_memory(
+    opts: &AttentionBenchOptions,
+    specs: &[(&String, PolicySpec)],
+    nkv: usize,
+    d: usize,
+) -> Result<(), BenchError> {
+    let store = specs
+        .iter()
+        .map(|(_, s)| store_bytes_per_key(s.kv_dtype, s.lsh, d))
+        .max()
+        .unwrap_or(0);
+    let per_key = (8 * d + store) as u64 * nkv as u64;
+    let need = per_key
+        .checked_mul(opts.context as u64)
+        .and_then(|n| n.checked_mul(opts.layers as u64));
+    let budget = opts
+        .memory_limit
+        .map_or_else(MemoryBudget::system, MemoryBudget::given);
+    let what = format!("{} layers of {} keys", opts.layers, opts.context);
+    Ok(budget.check(&what, need)?)
+}
+
 /// Runs the attention benchmark for every policy on one generated layer.
 pub fn run_attention_bench(
     opts: &AttentionBenchOptions,
@@ -214,6 +245,7 @@ pub fn run_attention_bench(
         .iter()
         .map(|p| Ok((p, p.parse()?)))
         .collect::<Result<_, BenchError>>()?;
+    check_memory(opts, &specs, nkv, d)?;
     let data: Vec<_> = (0..opts.layers as u64)
         .map(|layer| generate(opts.context, nkv, g, d, opts.seed.wrapping_add(layer)))
         .collect();
@@ -369,6 +401,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn layers_beyond_the_memory_budget_are_refused_before_generating() {
+        let opts = AttentionBenchOptions {
+            context: 98304,
+            shape: "llama3.1-8b".into(),
+            policies: vec!["lsh:k=10,l=75".into()],
+            threads: 1,
+            seed: 1,
+            iterations: 1,
+            layers: 100_000,
+            memory_limit: Some(64 << 30),
+        };
+        let err = run_attention_bench(&opts).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("100000 layers") && text.contains("68.7 GB"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn small_bench_runs_and_serializes() {
         let opts = AttentionBenchOptions {
             context: 3000,
@@ -383,6 +435,7 @@ mod tests {
             seed: 1,
             iterations: 2,
             layers: 2,
+            memory_limit: None,
         };
         let r = run_attention_bench(&opts).expect("bench");
         assert_eq!(r.len(), 4);

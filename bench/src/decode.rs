@@ -13,6 +13,7 @@ use tandem_gpu::CpuDevice;
 use tandem_kernels::ops::argmax;
 use tandem_kernels::rng::SplitMix64;
 
+use tandem_runtime::memory::{context_bytes, MemoryBudget};
 use tandem_runtime::model::{Config, Llama, Logits, Step};
 use tandem_runtime::policy::{PolicyConfig, PolicyTable};
 use tandem_runtime::split::{SequenceKv, StepCounters};
@@ -53,6 +54,9 @@ pub struct DecodeBenchOptions {
     /// With a model, contexts longer than this are filled with generated keys
     /// and values instead of a prefill (which grows quadratically).
     pub prefill_max: usize,
+    /// The memory the contexts may take (default: the memory available, see
+    /// [`MemoryBudget::system`]).
+    pub memory_limit: Option<u64>,
 }
 
 /// One (policy, context) measurement. Times are per decode step; every
@@ -144,16 +148,19 @@ pub fn run_decode_bench(
                         policy: "dense".into(),
                         ..opts.policy.clone()
                     },
+                    memory_limit: opts.memory_limit,
+                    ..EngineOptions::default()
                 },
             )?;
             let model = engine.model();
+            check_memory(opts, model.config(), true)?;
             let pool = Arc::new(worker_pool(opts.cpu_workers)?);
             let fill = engine.tokenizer().encode(&opts.fill_text, false)?;
             if fill.is_empty() {
                 return Err(Error::InvalidRequest("the fill text is empty".into()));
             }
             for &n in &opts.contexts {
-                if n + opts.tokens + 1 > model.config().context_length {
+                if n.saturating_add(opts.tokens) >= model.config().context_length {
                     note(&format!(
                         "context {n} + {} tokens is beyond the model's trained {}: speed only, the text it writes is meaningless",
                         opts.tokens,
@@ -214,6 +221,7 @@ pub fn run_decode_bench(
         }
         ModelSource::Shape(name) => {
             let config = shape_config(name)?;
+            check_memory(opts, &config, false)?;
             note(&format!(
                 "{name}: generating weights (synthetic: one 4-bit layer shared by all {} layers)",
                 config.n_layers
@@ -253,6 +261,35 @@ pub fn run_decode_bench(
         }
     }
     Ok(results)
+}
+
+/// Refuses contexts beyond the memory budget: the batch's sequences at
+/// their longest under the measured table or dense, whichever holds more,
+/// and, `with_base`, the dense context they are forked from.
+fn check_memory(opts: &DecodeBenchOptions, config: &Config, with_base: bool) -> Result<()> {
+    let budget = opts
+        .memory_limit
+        .map_or_else(MemoryBudget::system, MemoryBudget::given);
+    let windows = config.sliding_windows();
+    let measured = opts.policy.resolve(&windows)?;
+    let dense = PolicyTable::dense(&windows);
+    let shape = config.attention_shape();
+    for &n in &opts.contexts {
+        let longest = n.saturating_add(opts.tokens).saturating_add(1);
+        let need = (|| {
+            let sequences = context_bytes(&measured, shape, longest, opts.batch)?
+                .max(context_bytes(&dense, shape, longest, opts.batch)?);
+            let base = if with_base {
+                context_bytes(&dense, shape, n, 1)?
+            } else {
+                0
+            };
+            sequences.checked_add(base)
+        })();
+        let what = format!("a context of {n} tokens for {} sequence(s)", opts.batch);
+        budget.check(&what, need)?;
+    }
+    Ok(())
 }
 
 fn worker_pool(threads: usize) -> Result<WorkerPool> {

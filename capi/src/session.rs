@@ -172,11 +172,11 @@ pub unsafe extern "C" fn tandem_session_prefill(
                 return Ok(());
             };
             if !run.is_empty() {
-                state
-                    .session
-                    .prefill_cancellable(run, Some(&s.cancel), &mut |done, _| {
-                        progress(done, all.len())
-                    })?;
+                state.session.prefill_cancellable(
+                    run,
+                    &mut |done, _| progress(done, all.len()),
+                    Some(&s.cancel),
+                )?;
             }
             state.pending = vec![last];
             progress(all.len(), all.len());
@@ -339,9 +339,11 @@ pub unsafe extern "C" fn tandem_session_restore(
             let total = saved.tokens.len();
             let pending = match saved.tokens.split_last() {
                 Some((&last, run)) if !run.is_empty() => {
-                    session.prefill_cancellable(run, Some(&s.cancel), &mut |done, _| {
-                        progress(done, total)
-                    })?;
+                    session.prefill_cancellable(
+                        run,
+                        &mut |done, _| progress(done, total),
+                        Some(&s.cancel),
+                    )?;
                     vec![last]
                 }
                 Some((&last, _)) => vec![last],

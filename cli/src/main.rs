@@ -2,13 +2,11 @@
 
 #![forbid(unsafe_code)]
 
-mod saved_chat;
+mod chat;
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -19,10 +17,8 @@ use tandem_bench::eval::corpus;
 use tandem_runtime::chat::Message;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
-    resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig, Session,
+    resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
 };
-
-use crate::saved_chat::SavedChat;
 
 /// tandem: a long-context LLM decoder.
 ///
@@ -38,9 +34,13 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt; the text goes to stdout, statistics to stderr.
     Generate(GenerateArgs),
-    /// Chat with the model interactively (/reset clears the conversation, /exit quits,
-    /// Ctrl-C stops the current reply).
-    Chat(ChatArgs),
+    /// Chat with the model.
+    ///
+    /// Line editing and history at a terminal, one message per line from a pipe (a trailing \ continues the line);
+    /// /reset clears the conversation but the --file document, /reset all
+    /// clears both; Ctrl-C stops a reply, twice at the prompt leaves, as do
+    /// Ctrl-D and /exit.
+    Chat(chat::ChatArgs),
     /// Print the token ids of a text.
     Tokenize(TokenizeArgs),
     /// Benchmarks.
@@ -126,9 +126,14 @@ struct ModelArgs {
     /// models/SmolLM2-135M-Instruct.Q4_1.gguf.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
-    /// Threads for the dense device (default: all cores).
+    /// Threads for the dense device (default and at most: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,
+    /// The memory a context may take, e.g. 8G or 512M (default: MemAvailable
+    /// from /proc/meminfo once the model has loaded). Longer contexts are
+    /// refused before anything is allocated.
+    #[arg(long, value_parser = parse_size)]
+    memory_limit: Option<u64>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -171,16 +176,25 @@ struct PolicyArgs {
     #[arg(long, default_value_t = 1024)]
     layout_window: usize,
     /// A TOML policy file (policy, dense_layers, sinks, window, dense_below,
-    /// seed, layout, layout_window, [layers] overrides); replaces the flags above.
-    #[arg(long)]
+    /// seed, layout, layout_window, [layers] overrides); it cannot be
+    /// combined with the flags above.
+    #[arg(long, conflicts_with_all = [
+        "policy", "dense_layers", "window", "sinks", "dense_below", "layout", "layout_window",
+    ])]
     policy_file: Option<PathBuf>,
-    /// CPU attention worker threads (default: all cores).
+    /// CPU attention worker threads (default and at most: all cores).
     #[arg(long)]
     cpu_workers: Option<NonZeroUsize>,
 }
 
 impl PolicyArgs {
     fn config(&self) -> Result<PolicyConfig> {
+        let config = self.read_config()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn read_config(&self) -> Result<PolicyConfig> {
         if let Some(path) = &self.policy_file {
             return Ok(PolicyConfig::from_toml_file(path)?);
         }
@@ -197,30 +211,52 @@ impl PolicyArgs {
     }
 
     fn cpu_workers(&self) -> usize {
-        self.cpu_workers
-            .map_or(EngineOptions::default().cpu_workers, NonZeroUsize::get)
+        threads_or_cores(self.cpu_workers, "--cpu-workers")
     }
 }
 
-impl ModelArgs {
-    fn options(&self) -> Result<EngineOptions> {
-        let mut options = EngineOptions::default();
-        if let Some(t) = self.threads {
-            options.threads = t.get();
+/// `requested` threads, at most the machine's cores (more only contend for
+/// them; a warning says so); none, all cores.
+fn threads_or_cores(requested: Option<NonZeroUsize>, flag: &str) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    match requested.map(NonZeroUsize::get) {
+        Some(n) if n > cores => {
+            eprintln!("tandem: {flag} {n} is more than the {cores} cores; using {cores}");
+            cores
         }
-        options.policy = self.policy.config()?;
-        options.cpu_workers = self.policy.cpu_workers();
-        Ok(options)
+        Some(n) => n,
+        None => cores,
+    }
+}
+
+/// A `--memory-limit` value.
+fn parse_size(text: &str) -> Result<u64, String> {
+    tandem_runtime::memory::parse_size(text).map_err(|e| e.to_string())
+}
+
+impl ModelArgs {
+    /// The engine options, the policy checked (before any model loads).
+    fn options(&self) -> Result<EngineOptions> {
+        Ok(EngineOptions {
+            threads: threads_or_cores(self.threads, "--threads"),
+            cpu_workers: self.policy.cpu_workers(),
+            policy: self.policy.config()?,
+            memory_limit: self.memory_limit,
+            ..EngineOptions::default()
+        })
     }
 
     fn load(&self) -> Result<Engine> {
+        self.load_with(&self.options()?)
+    }
+
+    fn load_with(&self, options: &EngineOptions) -> Result<Engine> {
         let path = resolve_model_path(self.model.as_deref());
         if let Err(why) = tandem_gpu::cuda_status() {
             eprintln!("tandem: {why}");
         }
-        let options = self.options()?;
         let start = Instant::now();
-        let engine = Engine::load(&path, &options)?;
+        let engine = Engine::load(&path, options)?;
         eprintln!(
             "tandem: loaded {} ({} layers, {:.0} MB of weights) on {} in {:.2} s",
             path.display(),
@@ -285,27 +321,6 @@ struct GenerateArgs {
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
-    #[command(flatten)]
-    sampling: SamplingArgs,
-}
-
-#[derive(Args)]
-struct ChatArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// A system prompt.
-    #[arg(long)]
-    system: Option<String>,
-    /// A text file to put into the conversation as a document.
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Maximum tokens per reply.
-    #[arg(long, short = 'n', default_value_t = 512)]
-    max_tokens: usize,
-    /// Save the conversation to FILE after every reply, and resume it from
-    /// FILE when it exists (with the same model and policy).
-    #[arg(long, value_name = "FILE")]
-    session: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -377,9 +392,9 @@ struct BenchAttentionArgs {
     /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too).
     #[arg(long, num_args = 1.., default_values_t = [tandem_runtime::policy::DEFAULT_POLICY.to_string()])]
     policy: Vec<String>,
-    /// Worker threads.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    /// Worker threads (at most the machine's cores).
+    #[arg(long, default_value = "2")]
+    threads: NonZeroUsize,
     /// Timed iterations (median reported; a median of 10 still moved by ~15%
     /// between runs on a shared 2-core VM).
     #[arg(long, default_value_t = 30)]
@@ -393,6 +408,10 @@ struct BenchAttentionArgs {
     /// Seed of the generated data.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The memory the generated layers may take, e.g. 8G (default:
+    /// MemAvailable from /proc/meminfo).
+    #[arg(long, value_parser = parse_size)]
+    memory_limit: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -402,7 +421,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
-        Command::Chat(args) => chat(args),
+        Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => tokenize(args),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
         Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
@@ -410,8 +429,21 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("tandem: error: {e:#}");
+        if is_out_of_memory(&e) {
+            eprintln!("tandem: --memory-limit sets the limit");
+        }
         std::process::exit(1);
     }
+}
+
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    use tandem_bench::BenchError;
+    use tandem_runtime::Error;
+    matches!(e.downcast_ref::<Error>(), Some(Error::OutOfMemory { .. }))
+        || matches!(
+            e.downcast_ref::<BenchError>(),
+            Some(BenchError::Runtime(Error::OutOfMemory { .. }))
+        )
 }
 
 fn progress_reporter(total_hint: usize) -> (ProgressBar, impl FnMut(usize, usize)) {
@@ -488,139 +520,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn chat(args: ChatArgs) -> Result<()> {
-    let sampling = args.sampling.config()?;
-    let engine = args.model.load()?;
-    let mut history: Vec<Message> = Vec::new();
-    if let Some(system) = &args.system {
-        history.push(Message::system(system.clone()));
-    }
-    if let Some(path) = &args.file {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let doc = String::from_utf8_lossy(&bytes).into_owned();
-        history.push(Message::user(format!("Here is a document:\n\n{doc}")));
-        history.push(Message::assistant(
-            "I have read the document. What would you like to know?",
-        ));
-        eprintln!(
-            "tandem: loaded {} ({} bytes) into the conversation",
-            path.display(),
-            bytes.len()
-        );
-    }
-    let cancel = Arc::new(AtomicBool::new(false));
-    let in_reply = Arc::new(AtomicBool::new(false));
-    {
-        let (cancel, in_reply) = (cancel.clone(), in_reply.clone());
-        ctrlc::set_handler(move || {
-            if in_reply.load(Ordering::SeqCst) {
-                cancel.store(true, Ordering::SeqCst);
-            } else {
-                eprintln!();
-                std::process::exit(0);
-            }
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
-    eprintln!("tandem chat: type a message; /reset clears the conversation, /exit quits, Ctrl-C stops a reply.");
-    let stdin = std::io::stdin();
-    let mut session = engine.session()?;
-    let saved_chat = args.session.as_deref().map(SavedChat::new);
-    if let Some(resumed) = saved_chat
-        .as_ref()
-        .map(|s| s.resume(&engine, &mut |_, _| {}))
-        .transpose()?
-        .flatten()
-    {
-        history = resumed.messages;
-        session = resumed.session;
-    }
-    let save = |session: &Session, history: &[Message]| {
-        if let Some(Err(e)) = saved_chat
-            .as_ref()
-            .map(|s| s.save(&engine, session, history))
-        {
-            eprintln!("tandem: error: {e:#}");
-        }
-    };
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
-        }
-        let line = line.trim();
-        match line {
-            "" => continue,
-            "/exit" | "/quit" => break,
-            "/reset" => {
-                history.retain(|m| m.role == tandem_runtime::chat::Role::System);
-                session.reset();
-                save(&session, &history);
-                eprintln!("(conversation cleared)");
-                continue;
-            }
-            _ => {}
-        }
-        history.push(Message::user(line.to_string()));
-        // Re-render the whole conversation and feed only what the session lacks.
-        let rendered = engine.render_chat(&history)?;
-        let ids = engine.tokenizer().encode(&rendered, false)?;
-        let common = session
-            .tokens()
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // Offloaded tokens cannot be dropped; then the conversation is run anew.
-        let common = if session.truncate(common).is_ok() {
-            common
-        } else {
-            session.reset();
-            0
-        };
-        let (bar, mut progress) = progress_reporter(ids.len() - common);
-        cancel.store(false, Ordering::SeqCst);
-        in_reply.store(true, Ordering::SeqCst);
-        let mut reply = String::new();
-        let result = session.generate(
-            &ids[common..],
-            args.max_tokens,
-            &sampling,
-            Some(&cancel),
-            &mut progress,
-            &mut |piece| {
-                bar.finish_and_clear();
-                print!("{piece}");
-                let _ = std::io::stdout().flush();
-                reply.push_str(piece);
-                Flow::Continue
-            },
-        );
-        in_reply.store(false, Ordering::SeqCst);
-        let _ = writeln!(std::io::stdout());
-        match result {
-            Ok(stats) => {
-                if cancel.load(Ordering::SeqCst) {
-                    eprintln!("(reply stopped)");
-                }
-                eprintln!(
-                    "({} tokens, {:.1} tokens/s)",
-                    stats.generated_tokens,
-                    stats.decode_tokens_per_s()
-                );
-                history.push(Message::assistant(reply));
-                save(&session, &history);
-            }
-            Err(e) => {
-                eprintln!("tandem: error: {e}");
-                history.pop();
-            }
-        }
-    }
-    Ok(())
-}
-
 fn tokenize(args: TokenizeArgs) -> Result<()> {
     let path = resolve_model_path(args.model.model.as_deref());
     let file = tandem_runtime::model::gguf::GgufFile::open(&path)?;
@@ -656,6 +555,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         },
         seed: args.seed,
         prefill_max: args.prefill_max,
+        memory_limit: options.memory_limit,
     };
     let results = run_decode_bench(&opts, &mut |line| eprintln!("tandem: {line}"))?;
     for r in &results {
@@ -688,9 +588,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
 fn eval(args: EvalArgs) -> Result<()> {
     use tandem_bench::eval::needle::NeedleTask;
     use tandem_bench::eval::{docqa, report, run_doc_qa, run_eval, EvalOptions};
-    let threads = args
-        .threads
-        .map_or(EngineOptions::default().threads, NonZeroUsize::get);
+    let threads = threads_or_cores(args.threads, "--threads");
     // Policies contain commas themselves (lsh:k=8,l=75): separate by spaces or ';'.
     let policies: Vec<String> = args
         .policy
@@ -760,10 +658,11 @@ fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
         context: args.context,
         shape: args.shape,
         policies: args.policy,
-        threads: args.threads,
+        threads: threads_or_cores(Some(args.threads), "--threads"),
         seed: args.seed,
         iterations: args.iterations,
         layers: args.layers,
+        memory_limit: args.memory_limit,
     };
     let results = tandem_bench::run_attention_bench(&opts)?;
     if args.json {

@@ -32,6 +32,29 @@ pub enum KvDtype {
     K8V8,
 }
 
+impl KvDtype {
+    /// Bytes of one stored key and its value, each of dimension `d`.
+    pub fn pair_bytes(self, d: usize) -> usize {
+        match self {
+            KvDtype::Bf16 => 4 * d,
+            KvDtype::F32 => 8 * d,
+            KvDtype::K8 => 3 * d,
+            KvDtype::K8V8 => 2 * d,
+        }
+    }
+}
+
+/// Bytes an offloaded store holds per key of one kv head of dimension `d`:
+/// its key and value rows and, with `lsh`, its index (each table's gap-coded
+/// bucket entry and raw code, counted at 4 bytes), the key norm and the key
+/// sketch. An upper estimate for checking a budget before building a store.
+pub fn store_bytes_per_key(dtype: KvDtype, lsh: Option<LshIndexParams>, d: usize) -> usize {
+    let index = lsh.map_or(0, |p| {
+        4 * p.l + 2 + crate::policy::sketch_rank_for(d) / 2 + 4
+    });
+    dtype.pair_bytes(d) + index
+}
+
 /// The SimHash index of a store: `l` tables of `k`-bit codes, and the
 /// collision threshold `t` that both retrieval (a key is retrieved when it
 /// collides with the query in at least `t` tables) and the estimator's

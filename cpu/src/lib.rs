@@ -33,7 +33,7 @@ mod sketch;
 mod store;
 
 pub use bounds::BOUND_BLOCK;
-pub use config::{KvDtype, LayerConfig, LshIndexParams};
+pub use config::{store_bytes_per_key, KvDtype, LayerConfig, LshIndexParams};
 pub use diagnose::HeadMass;
 pub use error::CpuError;
 pub use estimator::ln_u_exact;

@@ -10,6 +10,7 @@ use tandem_gpu::{CpuDevice, DenseDevice};
 
 use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE, COMPLETION_TEMPLATE};
 use crate::error::{Error, Result};
+use crate::memory::{context_bytes, MemoryBudget};
 use crate::model::{load_gguf, Llama};
 use crate::policy::{PolicyConfig, PolicyTable};
 use crate::tokenizer::Tokenizer;
@@ -77,6 +78,12 @@ pub struct EngineOptions {
     pub cpu_workers: usize,
     /// Per-layer attention policies.
     pub policy: PolicyConfig,
+    /// The most tokens a session holds (default and at most: the model's
+    /// trained context).
+    pub context: Option<usize>,
+    /// The memory a session's context may take (default: the memory
+    /// available when the model has loaded, see [`MemoryBudget::system`]).
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -86,6 +93,8 @@ impl Default for EngineOptions {
             threads: cores,
             cpu_workers: cores,
             policy: PolicyConfig::default(),
+            context: None,
+            memory_limit: None,
         }
     }
 }
@@ -100,6 +109,8 @@ pub struct Engine<D: DenseDevice = CpuDevice> {
     table: Arc<PolicyTable>,
     workers: Option<Arc<WorkerPool>>,
     build_threads: usize,
+    context_limit: usize,
+    budget: MemoryBudget,
 }
 
 impl Engine<CpuDevice> {
@@ -164,6 +175,19 @@ impl<D: DenseDevice> Engine<D> {
         } else {
             None
         };
+        let trained = model.config().context_length;
+        let context_limit = match options.context {
+            Some(n) if n > trained => {
+                return Err(Error::InvalidRequest(format!(
+                    "a context of {n} tokens is more than the model's {trained}"
+                )))
+            }
+            Some(n) => n,
+            None => trained,
+        };
+        let budget = options
+            .memory_limit
+            .map_or_else(MemoryBudget::system, MemoryBudget::given);
         Ok(Engine {
             model,
             tokenizer,
@@ -172,6 +196,8 @@ impl<D: DenseDevice> Engine<D> {
             table: Arc::new(table),
             workers,
             build_threads: options.threads.max(1),
+            context_limit,
+            budget,
         })
     }
 
@@ -246,6 +272,25 @@ impl<D: DenseDevice> Engine<D> {
     /// The policy table, shared with every session.
     pub(crate) fn shared_table(&self) -> &Arc<PolicyTable> {
         &self.table
+    }
+
+    /// The most tokens a session holds.
+    pub fn context_limit(&self) -> usize {
+        self.context_limit
+    }
+
+    /// The memory a session's context may take.
+    pub fn memory_budget(&self) -> MemoryBudget {
+        self.budget
+    }
+
+    /// Refuses a context of `tokens` tokens that would not fit in the budget.
+    pub fn check_memory(&self, tokens: usize) -> Result<()> {
+        let shape = self.model.config().attention_shape();
+        self.budget.check(
+            &format!("a context of {tokens} tokens"),
+            context_bytes(&self.table, shape, tokens, 1),
+        )
     }
 
     /// Dense-device threads that build offloaded stores.

@@ -29,6 +29,21 @@ pub enum Error {
     /// A request that cannot be served as asked (bad token id, context full, ...).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A context or batch that would not fit in the memory budget
+    /// ([`crate::memory::MemoryBudget`]); refused before allocating.
+    #[error(
+        "{what} needs {need} of memory, more than the {limit} allowed ({origin}); \
+         a shorter context, the int8 store (a policy with kbits=8,vbits=8) or fewer sequences need less"
+    )]
+    OutOfMemory {
+        what: String,
+        need: String,
+        limit: String,
+        origin: String,
+    },
+    /// The caller's cancel flag stopped the work; what it had added was undone.
+    #[error("cancelled")]
+    Cancelled,
     /// The dense device failed.
     #[error("dense device: {0}")]
     Device(#[from] tandem_gpu::DeviceError),
@@ -38,9 +53,6 @@ pub enum Error {
     /// A saved session file is damaged, or was saved with another model or policy.
     #[error("{path}: {problem}")]
     SessionFile { path: PathBuf, problem: String },
-    /// The work was stopped by its cancel flag.
-    #[error("cancelled")]
-    Cancelled,
     /// A step failed half-way through this sequence earlier; it must be reset.
     #[error("this sequence was left inconsistent by a failed step; reset it")]
     BrokenSequence,

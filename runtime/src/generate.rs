@@ -22,6 +22,24 @@ pub struct GenerationStats {
     pub decode_time: Duration,
     /// Where the decode steps' time went (device vs CPU workers).
     pub split: StepCounters,
+    /// Why the generation stopped.
+    pub stop: StopReason,
+}
+
+/// Why a generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopReason {
+    /// It generated the tokens asked for.
+    #[default]
+    MaxTokens,
+    /// The model ended its turn.
+    EndOfTurn,
+    /// The context is full.
+    ContextFull,
+    /// The cancel flag was raised.
+    Cancelled,
+    /// The text callback said [`Flow::Stop`].
+    Stopped,
 }
 
 impl GenerationStats {
@@ -47,7 +65,10 @@ impl<'e, D: DenseDevice> Session<'e, D> {
     /// Adds `prompt` to the context and generates up to `max_tokens` tokens, calling
     /// `on_text` with each piece of decoded text. Stops at an end-of-turn token
     /// (which stays in the context, so a conversation continues correctly), at
-    /// the context limit, when `on_text` says so, or when `cancel` becomes true.
+    /// the context limit, when `on_text` says so, or when `cancel` becomes true
+    /// ([`GenerationStats::stop`] says which). A `cancel` raised during the
+    /// prompt's prefill fails the call with [`Error::Cancelled`] and leaves
+    /// the session without the prompt (see [`Session::prefill_cancellable`]).
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -119,12 +140,26 @@ impl<D: DenseDevice> Engine<D> {
         progress: &mut dyn FnMut(usize, usize, usize),
         on_text: &mut dyn FnMut(usize, &str) -> Flow,
     ) -> Result<Vec<GenerationStats>> {
-        self.check_sessions(sessions, prompts, request.sampling)?;
+        self.check_sessions(sessions, prompts, &request)?;
         let mut stats = Vec::with_capacity(sessions.len());
         let mut logits = Vec::with_capacity(sessions.len());
+        let starts: Vec<usize> = sessions.iter().map(|s| s.tokens.len()).collect();
         for (i, (s, p)) in sessions.iter_mut().zip(prompts).enumerate() {
             let start = Instant::now();
-            logits.push(s.prefill(p, &mut |done, total| progress(i, done, total))?);
+            match s.prefill_cancellable(
+                p,
+                &mut |done, total| progress(i, done, total),
+                request.cancel,
+            ) {
+                Ok(l) => logits.push(l),
+                Err(e) => {
+                    // No session keeps its prompt when one could not take it.
+                    for (s, &len) in sessions.iter_mut().zip(&starts).take(i) {
+                        s.undo_to(len);
+                    }
+                    return Err(e);
+                }
+            }
             stats.push(GenerationStats {
                 prompt_tokens: p.len(),
                 prompt_time: start.elapsed(),
@@ -141,6 +176,9 @@ impl<D: DenseDevice> Engine<D> {
         let mut live = vec![request.max_tokens > 0; sessions.len()];
         for _ in 0..request.max_tokens {
             if request.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                for (i, _) in live.iter().enumerate().filter(|(_, &l)| l) {
+                    stats[i].stop = StopReason::Cancelled;
+                }
                 break;
             }
             let mut feed = Vec::with_capacity(sessions.len());
@@ -153,6 +191,7 @@ impl<D: DenseDevice> Engine<D> {
                 if self.tokenizer().is_end_of_turn(next) {
                     // The end of turn stays in the context, if it fits.
                     live[i] = false;
+                    stats[i].stop = StopReason::EndOfTurn;
                     if sessions[i].has_room(1) {
                         feed.push((i, next));
                     }
@@ -162,6 +201,11 @@ impl<D: DenseDevice> Engine<D> {
                 let stop = !text.is_empty() && on_text(i, &text) == Flow::Stop;
                 if stop || !sessions[i].has_room(2) {
                     live[i] = false;
+                    stats[i].stop = if stop {
+                        StopReason::Stopped
+                    } else {
+                        StopReason::ContextFull
+                    };
                     continue;
                 }
                 feed.push((i, next));
@@ -216,9 +260,9 @@ impl<D: DenseDevice> Engine<D> {
         &self,
         sessions: &[&mut Session<'_, D>],
         prompts: &[&[u32]],
-        sampling: &SamplingConfig,
+        request: &Request<'_>,
     ) -> Result<()> {
-        sampling.validate().map_err(Error::InvalidRequest)?;
+        request.sampling.validate().map_err(Error::InvalidRequest)?;
         if sessions.len() != prompts.len() {
             return Err(Error::InvalidRequest(format!(
                 "{} sessions but {} prompts",
@@ -231,6 +275,16 @@ impl<D: DenseDevice> Engine<D> {
                 "every session must belong to this engine".into(),
             ));
         }
-        Ok(())
+        // Every session at its longest: its context, prompt and reply.
+        let tokens = sessions
+            .iter()
+            .zip(prompts)
+            .map(|(s, p)| {
+                let most = s.tokens.len().saturating_add(p.len());
+                most.saturating_add(request.max_tokens)
+                    .min(self.context_limit().max(most))
+            })
+            .fold(0usize, usize::saturating_add);
+        self.check_memory(tokens)
     }
 }

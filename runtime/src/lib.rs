@@ -22,6 +22,7 @@ mod durable;
 pub mod engine;
 pub mod error;
 mod generate;
+pub mod memory;
 pub mod model;
 pub mod policy;
 pub mod sampling;
@@ -34,7 +35,7 @@ pub use engine::{
     default_model_path, resolve_model_path, Engine, EngineOptions, NAMED_MODELS, PREFILL_CHUNK,
 };
 pub use error::{Error, Result};
-pub use generate::{Flow, GenerationStats};
+pub use generate::{Flow, GenerationStats, StopReason};
 pub use sampling::SamplingConfig;
 pub use saved::SavedSession;
 pub use session::Session;

@@ -100,13 +100,20 @@ impl Sampler {
         if c.temperature == 0.0 {
             return tandem_kernels::ops::argmax(logits).unwrap_or(0) as u32;
         }
+        // Shifted by the largest logit before dividing: a tiny temperature
+        // then gives 0 and -inf, never inf - inf.
+        let top = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
         self.candidates.clear();
         self.candidates.extend(
             logits
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.is_finite())
-                .map(|(i, &l)| (i as u32, l / c.temperature)),
+                .map(|(i, &l)| (i as u32, (l - top) / c.temperature)),
         );
         if self.candidates.is_empty() {
             return 0;
@@ -171,6 +178,18 @@ mod tests {
     fn greedy_picks_the_max() {
         let mut s = Sampler::new(SamplingConfig::default());
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
+    }
+
+    #[test]
+    fn a_tiny_temperature_samples_the_max() {
+        let cfg = SamplingConfig {
+            temperature: 1e-38,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(cfg);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [10.0, 30.0, 29.0, -5.0], &[]), 1);
+        }
     }
 
     #[test]

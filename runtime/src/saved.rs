@@ -125,7 +125,7 @@ impl<D: DenseDevice> Engine<D> {
         if saved.tokens.is_empty() {
             return Ok((session, None));
         }
-        let logits = session.prefill_cancellable(&saved.tokens, cancel, progress)?;
+        let logits = session.prefill_cancellable(&saved.tokens, progress, cancel)?;
         Ok((session, Some(logits)))
     }
 

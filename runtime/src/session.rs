@@ -87,56 +87,82 @@ impl<'e, D: DenseDevice> Session<'e, D> {
         tokens: &[u32],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>> {
-        self.prefill_cancellable(tokens, None, progress)
+        self.prefill_cancellable(tokens, progress, None)
     }
 
-    /// As [`Session::prefill`], checking `cancel` before each chunk: once it is
-    /// true, the tokens of this call are dropped again and the result is
-    /// [`Error::Cancelled`].
+    /// [`Session::prefill`], stopping soon after `cancel` becomes true (it is
+    /// read before every layer of every chunk). Then the call fails with
+    /// [`Error::Cancelled`] and the session holds what it held before; where
+    /// the interrupted chunk could not be taken back (it had moved rows off
+    /// the device), the session is reset.
     pub fn prefill_cancellable(
         &mut self,
         tokens: &[u32],
-        cancel: Option<&AtomicBool>,
         progress: &mut dyn FnMut(usize, usize),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<f32>> {
+        let start = self.tokens.len();
+        let result = self.prefill_chunks(tokens, progress, cancel);
+        if matches!(result, Err(Error::Cancelled)) {
+            self.undo_to(start);
+        }
+        result
+    }
+
+    fn prefill_chunks(
+        &mut self,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+        cancel: Option<&AtomicBool>,
     ) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
         self.check_room(tokens.len())?;
-        let start = self.tokens.len();
+        self.engine.check_memory(self.tokens.len() + tokens.len())?;
+        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
         let mut logits = Vec::new();
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                // Nothing was offloaded yet, so the truncation cannot fail.
-                self.truncate(start)?;
-                return Err(Error::Cancelled);
-            }
-            logits = self
-                .engine
-                .model()
-                .forward(chunk, &mut self.kv, Logits::Last)?;
+            logits =
+                self.engine
+                    .model()
+                    .forward_until(chunk, &mut self.kv, Logits::Last, &cancelled)?;
             self.tokens.extend_from_slice(chunk);
             progress(
                 (i * PREFILL_CHUNK + chunk.len()).min(tokens.len()),
                 tokens.len(),
             );
         }
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
         // A prompt runs dense on the device; then the long context moves out.
         self.kv.offload_if_due(self.engine.build_threads())?;
         Ok(logits)
     }
 
-    /// Whether `more` tokens still fit in the model's context.
+    /// Goes back to the first `len` tokens, or, where that cannot be done,
+    /// to an empty context.
+    pub(crate) fn undo_to(&mut self, len: usize) {
+        if self.kv.check_usable().is_err() || self.truncate(len).is_err() {
+            self.reset();
+        }
+    }
+
+    /// Whether `more` tokens still fit in the context.
     pub(crate) fn has_room(&self, more: usize) -> bool {
-        self.tokens.len() + more <= self.engine.model().config().context_length
+        self.tokens
+            .len()
+            .checked_add(more)
+            .is_some_and(|n| n <= self.engine.context_limit())
     }
 
     fn check_room(&self, more: usize) -> Result<()> {
         if !self.has_room(more) {
             return Err(Error::InvalidRequest(format!(
-                "the context would hold {} tokens, more than the model's {}",
-                self.tokens.len() + more,
-                self.engine.model().config().context_length
+                "the context would hold {} tokens, more than its {}",
+                self.tokens.len().saturating_add(more),
+                self.engine.context_limit()
             )));
         }
         Ok(())

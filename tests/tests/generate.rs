@@ -89,3 +89,55 @@ fn a_reply_stopped_by_its_reader_leaves_the_same_context_alone_and_in_a_batch() 
     assert_eq!(batched.tokens(), alone.tokens());
     assert!(alone.tokens().len() > prompt.len());
 }
+
+#[test]
+fn a_prefill_cancelled_after_its_first_chunk_leaves_the_session_as_it_was() {
+    let engine = engine();
+    let greedy = SamplingConfig::default();
+    let text = |session: &mut tandem_runtime::Session, prompt: &[u32]| {
+        let mut out = String::new();
+        let stats = session
+            .generate(prompt, 8, &greedy, None, &mut |_, _| {}, &mut |t| {
+                out.push_str(t);
+                Flow::Continue
+            })
+            .expect("generate");
+        (out, stats.stop)
+    };
+    let hello = engine
+        .tokenizer()
+        .encode("Hello there.", false)
+        .expect("encode");
+    let long = engine
+        .tokenizer()
+        .encode(
+            &"The quick brown fox jumps over the lazy dog. ".repeat(30),
+            false,
+        )
+        .expect("encode");
+    assert!(long.len() > tandem_runtime::PREFILL_CHUNK);
+
+    let mut session = engine.session().expect("session");
+    text(&mut session, &hello);
+    let before = session.tokens().to_vec();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let stopped = session.generate(
+        &long,
+        8,
+        &greedy,
+        Some(&cancel),
+        &mut |_, _| cancel.store(true, std::sync::atomic::Ordering::Relaxed),
+        &mut |_| Flow::Continue,
+    );
+    assert!(
+        matches!(stopped, Err(tandem_runtime::Error::Cancelled)),
+        "{stopped:?}"
+    );
+    assert_eq!(session.tokens(), before.as_slice());
+
+    let mut fresh = engine.session().expect("session");
+    text(&mut fresh, &hello);
+    let resumed = text(&mut session, &hello);
+    assert_eq!(resumed, text(&mut fresh, &hello));
+    assert_eq!(resumed.1, tandem_runtime::StopReason::MaxTokens);
+}

@@ -18,6 +18,7 @@ fn engine_with(policy: &str) -> Engine {
             policy: policy.into(),
             ..PolicyConfig::default()
         },
+        ..EngineOptions::default()
     };
     Engine::load(&model_path(), &options).expect("load")
 }
@@ -121,10 +122,11 @@ fn a_cancelled_prefill_drops_its_tokens() {
         .collect();
     let cancel = AtomicBool::new(false);
     let mut reports = 0;
-    let result = session.prefill_cancellable(&long, Some(&cancel), &mut |_, _| {
+    let mut on_progress = |_, _| {
         reports += 1;
         cancel.store(true, Ordering::Relaxed);
-    });
+    };
+    let result = session.prefill_cancellable(&long, &mut on_progress, Some(&cancel));
     assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
     assert_eq!(
         reports, 1,

@@ -34,6 +34,7 @@ fn engine(policy: PolicyConfig) -> Engine {
             threads: 2,
             cpu_workers: 2,
             policy,
+            ..EngineOptions::default()
         },
     )
     .expect("load")

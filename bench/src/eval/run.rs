@@ -277,6 +277,7 @@ fn load(opts: &EvalOptions) -> Result<(Engine, Vec<Arc<PolicyTable>>)> {
                 policy: "dense".into(),
                 ..opts.base.clone()
             },
+            ..EngineOptions::default()
         },
     )?;
     let windows = engine.model().config().sliding_windows();

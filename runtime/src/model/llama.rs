@@ -154,8 +154,20 @@ impl<D: DenseDevice> Llama<D> {
         kv: &mut SequenceKv<D>,
         want: Logits,
     ) -> Result<Vec<f32>> {
+        self.forward_until(tokens, kv, want, &|| false)
+    }
+
+    /// [`Llama::forward`], asking `stop` before every layer (see
+    /// [`Llama::forward_batch_until`]).
+    pub fn forward_until(
+        &self,
+        tokens: &[u32],
+        kv: &mut SequenceKv<D>,
+        want: Logits,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<f32>> {
         let mut steps = [Step { tokens, kv, want }];
-        let mut logits = self.forward_batch(&mut steps)?;
+        let mut logits = self.forward_batch_until(&mut steps, stop)?;
         Ok(logits.pop().unwrap_or_default())
     }
 
@@ -165,6 +177,19 @@ impl<D: DenseDevice> Llama<D> {
     /// product (the weights are read once per batch) and each attends its own
     /// keys.
     pub fn forward_batch(&self, steps: &mut [Step<'_, D>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_batch_until(steps, &|| false)
+    }
+
+    /// [`Llama::forward_batch`], asking `stop` before every layer. When it
+    /// says so, the rows the step added are taken back and the step fails
+    /// with [`Error::Cancelled`]; a sequence whose rows cannot be taken back
+    /// (the step moved rows off the device) is left broken, as after any
+    /// failed step.
+    pub fn forward_batch_until(
+        &self,
+        steps: &mut [Step<'_, D>],
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
         self.check_steps(steps)?;
         let spans = stacked_rows(steps);
         let rows = spans.last().map_or(0, |r| r.end);
@@ -180,19 +205,30 @@ impl<D: DenseDevice> Llama<D> {
             .map(|s| &mut *s.kv)
             .zip(spans.clone())
             .collect();
+        let before: Vec<Vec<usize>> = seqs.iter().map(|(kv, _)| kv.device_rows()).collect();
+        let mut done = 0;
         let layers = (|| -> Result<()> {
             for (li, layer) in self.layers.iter().enumerate() {
+                if stop() {
+                    return Err(Error::Cancelled);
+                }
                 self.attention_block(li, layer, &mut a, &mut seqs)?;
                 self.ffn_block(layer, &mut a)?;
+                done = li + 1;
             }
             Ok(())
         })();
         if let Err(e) = layers {
-            // A half-run step leaves rows in some layers only: no sequence of
-            // this batch is usable until reset.
-            for (kv, _) in &mut seqs {
-                kv.settle();
-                kv.mark_broken();
+            for ((kv, r), before) in seqs.iter_mut().zip(&before) {
+                match e {
+                    Error::Cancelled => kv.undo_step(before, done, r.len()),
+                    // A half-run step leaves rows in some layers only: no
+                    // sequence of this batch is usable until reset.
+                    _ => {
+                        kv.settle();
+                        kv.mark_broken();
+                    }
+                }
             }
             return Err(e);
         }

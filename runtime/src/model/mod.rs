@@ -20,3 +20,6 @@ pub(crate) fn map_file(path: &std::path::Path) -> crate::Result<MappedFile> {
         cause,
     })
 }
+
+#[cfg(test)]
+mod tests;

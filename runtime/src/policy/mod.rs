@@ -290,14 +290,33 @@ impl PolicyConfig {
             .collect()
     }
 
+    /// Checks what needs no model: the policy strings, the layout, sinks and
+    /// window, so that a mistake is told before a model loads.
+    pub fn validate(&self) -> Result<()> {
+        let mut layers = vec![LayerPolicy::parse(&self.policy)?];
+        for spec in self.layers.values() {
+            layers.push(LayerPolicy::parse(spec)?);
+        }
+        if let Some(name) = &self.layout {
+            name.parse::<Layout>()?;
+            LayerPolicy::parse(&format!("window:w={}", self.layout_window))?;
+        }
+        self.check_window(&layers)
+    }
+
     fn check_window(&self, layers: &[LayerPolicy]) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         let any_sparse = layers.iter().any(LayerPolicy::is_sparse);
-        if any_sparse && self.dense_below < self.sinks + self.window {
+        let Some(kept) = self.sinks.checked_add(self.window) else {
             return bad(format!(
-                "dense_below ({}) must be at least sinks + window ({})",
-                self.dense_below,
-                self.sinks + self.window
+                "sinks ({}) + window ({}) is beyond any context",
+                self.sinks, self.window
+            ));
+        };
+        if any_sparse && self.dense_below < kept {
+            return bad(format!(
+                "dense_below ({}) must be at least sinks + window ({kept})",
+                self.dense_below
             ));
         }
         if any_sparse && self.window == 0 {
@@ -442,6 +461,24 @@ fn ranges(ids: &[usize]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sinks_and_window_near_the_top_of_usize_are_refused() {
+        let huge = PolicyConfig {
+            sinks: 4,
+            window: usize::MAX - 2,
+            ..PolicyConfig::default()
+        };
+        let err = huge.resolve(&[None; 30]).unwrap_err().to_string();
+        assert!(err.contains("beyond any context"), "{err}");
+        assert!(huge.validate().is_err());
+        assert!(PolicyConfig::default().validate().is_ok());
+        let bad = PolicyConfig {
+            policy: "lsh:k=99".into(),
+            ..PolicyConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
 
     #[test]
     fn defaults_follow_magicpig() {

@@ -270,6 +270,34 @@ impl<D: DenseDevice> SequenceKv<D> {
         }
     }
 
+    /// The rows each layer holds on the device.
+    pub(crate) fn device_rows(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .map(|layer| self.device.kv_len(&self.window, layer))
+            .collect()
+    }
+
+    /// Takes back a step stopped after its first `layers` layers, each of
+    /// which appended `rows` rows to the `before` it held; a layer that did
+    /// anything else (moved rows off the device) leaves the sequence broken.
+    pub(crate) fn undo_step(&mut self, before: &[usize], layers: usize, rows: usize) {
+        self.settle();
+        for (layer, &held) in before.iter().enumerate().take(layers) {
+            if self.table.source(layer) != layer {
+                continue;
+            }
+            let now = self.device.kv_len(&self.window, layer);
+            let undone = now == held + rows
+                && self
+                    .device
+                    .kv_discard(&mut self.window, layer, held, rows)
+                    .is_ok();
+            if !undone && now != held {
+                self.broken = true;
+            }
+        }
+    }
+
     /// Marks the sequence inconsistent (a step failed part-way).
     pub(crate) fn mark_broken(&mut self) {
         self.broken = true;

@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use tandem_runtime::chat::{Message, Role};
 use tandem_runtime::{Engine, SavedSession, Session};
 
+use crate::progress_reporter;
+
 /// The chat's session file.
 pub struct SavedChat {
     path: PathBuf,
@@ -27,18 +29,17 @@ impl SavedChat {
 
     /// The saved conversation, its tokens run through a prefill again
     /// (`None` when the file does not exist yet).
-    pub fn resume<'e>(
-        &self,
-        engine: &'e Engine,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Option<Resumed<'e>>> {
+    pub fn resume<'e>(&self, engine: &'e Engine) -> Result<Option<Resumed<'e>>> {
         if !self.path.exists() {
             return Ok(None);
         }
         let saved = engine
             .load_session(&self.path)
             .context("resuming the conversation (move the file away to start anew)")?;
-        let (session, _) = engine.restore_session(&saved, None, progress)?;
+        let (bar, mut progress) = progress_reporter(saved.tokens.len());
+        let restored = engine.restore_session(&saved, None, &mut progress);
+        bar.finish_and_clear();
+        let (session, _) = restored?;
         let turns = saved
             .messages
             .iter()
