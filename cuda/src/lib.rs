@@ -5,3 +5,6 @@ mod sources;
 
 pub use error::CudaError;
 pub use sources::{nvrtc_present, KernelSource, SOURCES};
+mod geometry;
+pub mod twin;
+pub use geometry::{Geometry, BLOCK, MAX_HEAD_DIM, SPLIT};

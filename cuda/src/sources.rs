@@ -57,6 +57,8 @@ impl KernelSource {
         let options = CompileOptions {
             arch: Some(arch),
             name: Some(format!("{}.cu", self.name)),
+            // Uncontracted, the arithmetic follows the CPU twins step by step.
+            fmad: Some(false),
             ..Default::default()
         };
         compile_ptx_with_opts(self.text(), options).map_err(|e| CudaError::Compile {

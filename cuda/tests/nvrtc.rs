@@ -47,7 +47,11 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         }
         let exe = std::env::current_exe().expect("the test binary's path");
         let status = Command::new(exe)
-            .args(["--exact", "every_kernel_compiles_for_sm80_and_sm90", "--nocapture"])
+            .args([
+                "--exact",
+                "every_kernel_compiles_for_sm80_and_sm90",
+                "--nocapture",
+            ])
             .env("LD_LIBRARY_PATH", path)
             .env(RERUN, "1")
             .status()
