@@ -80,9 +80,19 @@ pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `to_bf16`: round to nearest even.
+/// `to_bf16`: round to nearest even on the bits, NaNs kept quiet.
 pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
+    x.iter()
+        .map(|&v| {
+            let u = v.to_bits();
+            let bits = if u & 0x7fff_ffff > 0x7f80_0000 {
+                (u >> 16) | 0x0040
+            } else {
+                u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16
+            };
+            bf16::from_bits(bits as u16)
+        })
+        .collect()
 }
 
 /// One split's running state: max, sum of `exp(score - max)`, un-normalised output.

@@ -69,9 +69,26 @@ fn element_kernels_match_the_cpu_device() {
         }
         assert_eq!(got, want, "{activation:?}");
     }
-    let bf = twin::to_bf16(&[1.0, 1.00390625, 1.01171875, -3.3e38, f32::NAN]);
-    assert_eq!(bf[1], bf16::from_f32(1.00390625), "ties go to even");
-    assert!(bf[4].is_nan());
+    // Ties both ways, the largest finite values, infinities, NaNs, subnormals.
+    let mut specials: Vec<f32> = [
+        0x3f80_8000u32,
+        0x3f81_8000,
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0x7f80_0000,
+        0x7fc0_0001,
+        0xff80_0001,
+        0x0000_8001,
+    ]
+    .iter()
+    .map(|&b| f32::from_bits(b))
+    .collect();
+    specials.extend(random(1000, 13).iter().map(|x| x * 1e3));
+    for (got, x) in twin::to_bf16(&specials).iter().zip(&specials) {
+        let want = bf16::from_f32(*x);
+        let same = got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
+        assert!(same, "{x:e}: {got} vs {want}");
+    }
 }
 
 #[test]
