@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+mod device;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -12,13 +14,16 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tandem_bench::decode::{run_decode_bench, DecodeBenchOptions, ModelSource};
+use tandem_bench::decode::{run_decode_bench_on, DecodeBenchOptions, ModelSource};
 use tandem_bench::eval::corpus;
+use tandem_gpu::DenseDevice;
 use tandem_runtime::chat::Message;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
     resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
 };
+
+use device::{run_on, DeviceChoice, DeviceTask};
 
 /// tandem: a long-context LLM decoder.
 ///
@@ -46,6 +51,9 @@ enum Command {
     /// top-1 agreement, KL and perplexity, needle retrieval, per-layer attention
     /// error and keys touched. Prints a markdown table.
     Eval(EvalArgs),
+    /// The dense devices this machine offers: the CPU's SIMD and cores, and a
+    /// CUDA GPU or why there is none.
+    Devices,
 }
 
 #[derive(Args)]
@@ -125,6 +133,10 @@ struct ModelArgs {
     /// Threads for the dense device (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,
+    /// The dense device: auto (CUDA when a driver and a GPU are present, else
+    /// the CPU), cpu or cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -209,14 +221,16 @@ impl ModelArgs {
         Ok(options)
     }
 
-    fn load(&self) -> Result<Engine> {
+    /// Runs `task` on the device `--device` selects.
+    fn run(&self, task: impl DeviceTask) -> Result<()> {
+        run_on(self.device, self.options()?.threads, task)
+    }
+
+    fn load<D: DenseDevice>(&self, device: D) -> Result<Engine<D>> {
         let path = resolve_model_path(self.model.as_deref());
-        if let Err(why) = tandem_gpu::cuda_status() {
-            eprintln!("tandem: {why}");
-        }
         let options = self.options()?;
         let start = Instant::now();
-        let engine = Engine::load(&path, &options)?;
+        let engine = Engine::load_on(&path, device, &options)?;
         eprintln!(
             "tandem: loaded {} ({} layers, {:.0} MB of weights) on {} in {:.2} s",
             path.display(),
@@ -393,12 +407,16 @@ struct BenchAttentionArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
-        Command::Chat(args) => chat(args),
+        Command::Generate(args) => args.model.run(Generate(&args)),
+        Command::Chat(args) => args.model.run(Chat(&args)),
         Command::Tokenize(args) => tokenize(args),
-        Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
+        Command::Bench(BenchCommand::Decode(args)) => args.model.run(BenchDecode(&args)),
         Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
         Command::Eval(args) => eval(args),
+        Command::Devices => {
+            print!("{}", device::describe());
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("tandem: error: {e:#}");
@@ -436,9 +454,17 @@ fn print_stats(stats: &GenerationStats) {
     );
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
+struct Generate<'a>(&'a GenerateArgs);
+
+impl DeviceTask for Generate<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        generate(self.0, device)
+    }
+}
+
+fn generate<D: DenseDevice>(args: &GenerateArgs, device: D) -> Result<()> {
     let sampling = args.sampling.config()?;
-    let engine = args.model.load()?;
+    let engine = args.model.load(device)?;
     let text = if args.chat {
         engine.render_chat(&[Message::user(args.prompt.clone())])?
     } else {
@@ -480,9 +506,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn chat(args: ChatArgs) -> Result<()> {
+struct Chat<'a>(&'a ChatArgs);
+
+impl DeviceTask for Chat<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        chat(self.0, device)
+    }
+}
+
+fn chat<D: DenseDevice>(args: &ChatArgs, device: D) -> Result<()> {
     let sampling = args.sampling.config()?;
-    let engine = args.model.load()?;
+    let engine = args.model.load(device)?;
     let mut history: Vec<Message> = Vec::new();
     if let Some(system) = &args.system {
         history.push(Message::system(system.clone()));
@@ -608,7 +642,15 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
+struct BenchDecode<'a>(&'a BenchDecodeArgs);
+
+impl DeviceTask for BenchDecode<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        bench_decode(self.0, device)
+    }
+}
+
+fn bench_decode<D: DenseDevice>(args: &BenchDecodeArgs, device: D) -> Result<()> {
     let options = args.model.options()?;
     let source = match &args.shape {
         Some(shape) => ModelSource::Shape(shape.clone()),
@@ -629,7 +671,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         seed: args.seed,
         prefill_max: args.prefill_max,
     };
-    let results = run_decode_bench(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    let results = run_decode_bench_on(&opts, device, &mut |line| eprintln!("tandem: {line}"))?;
     for r in &results {
         if args.json {
             println!("{}", serde_json::to_string(r)?);
