@@ -110,6 +110,17 @@ pub(crate) fn check_usable(info: &GpuInfo) -> Result<(), CudaError> {
                 .into(),
         ));
     }
+    // SAFETY: this only tries to open the shared library and keeps the handle.
+    let blas = guarded("loading cuBLAS", || {
+        Ok(unsafe { cudarc::cublas::sys::is_culib_present() })
+    })?;
+    if !blas {
+        return Err(CudaError::Unavailable(
+            "cuBLAS (libcublas.so.12) does not load; install it with scripts/setup.sh --cuda-gpu \
+             and put its directory on LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
