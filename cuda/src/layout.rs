@@ -87,6 +87,18 @@ impl WindowLayout {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// After a bulk move out (a context offloaded to the CPU workers), a
+    /// smaller capacity to move the held rows into, giving the memory back;
+    /// `None` while the arrays are at most four times what they hold.
+    pub fn shrink(&mut self) -> Option<usize> {
+        let target = (2 * self.len).max(MIN_CAPACITY);
+        if self.capacity <= 2 * target {
+            return None;
+        }
+        self.capacity = target;
+        Some(target)
+    }
 }
 
 #[cfg(test)]
@@ -125,5 +137,19 @@ mod tests {
         assert_eq!(w.len(), 1);
         w.truncate(0);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_bulk_move_out_gives_memory_back_but_one_evicted_row_does_not() {
+        let mut w = WindowLayout::default();
+        w.reserve(10_000);
+        w.push(10_000);
+        w.remove(5, 1).expect("remove");
+        assert_eq!(w.shrink(), None);
+        w.remove(4, 9_900).expect("remove");
+        assert_eq!(w.shrink(), Some(MIN_CAPACITY));
+        assert_eq!((w.len(), w.capacity()), (99, MIN_CAPACITY));
+        assert_eq!(w.shrink(), None);
+        assert_eq!(w.reserve(MIN_CAPACITY - 99), None);
     }
 }

@@ -20,17 +20,17 @@
 //! uninitialised allocations, loading libraries, the cuBLAS call), each block
 //! with a `// SAFETY:` comment.
 
-mod error;
-mod sources;
-
-pub use error::CudaError;
-pub use sources::{nvrtc_present, KernelSource, SOURCES};
-mod geometry;
-pub mod twin;
-pub use geometry::{Geometry, BLOCK, MAX_HEAD_DIM, SPLIT};
-mod layout;
-pub use layout::{Shift, WindowLayout};
-mod probe;
-pub use probe::{driver_present, probe, GpuInfo};
 mod device;
+mod error;
+mod geometry;
+mod layout;
+mod probe;
+mod sources;
+pub mod twin;
+
 pub use device::{CudaBuffer, CudaDevice, CudaKv, CudaMatrix};
+pub use error::CudaError;
+pub use geometry::{Geometry, BLOCK, MAX_HEAD_DIM, SPLIT};
+pub use layout::{Shift, WindowLayout};
+pub use probe::{driver_present, probe, GpuInfo};
+pub use sources::{nvrtc_present, KernelSource, SOURCES};

@@ -111,9 +111,20 @@ impl LayerKv {
             .layout
             .remove(start, count)
             .map_err(|e| CudaError::Unavailable(e.to_string()))?;
-        let Some(shift) = shift else { return Ok(()) };
-        for array in [&mut self.keys, &mut self.values].into_iter().flatten() {
-            move_rows(stream, array, &shift, width)?;
+        if let Some(shift) = shift {
+            for array in [&mut self.keys, &mut self.values].into_iter().flatten() {
+                move_rows(stream, array, &shift, width)?;
+            }
+        }
+        if let Some(capacity) = self.layout.shrink() {
+            let held = self.layout.len() * width;
+            for array in [&mut self.keys, &mut self.values].into_iter().flatten() {
+                let mut smaller = stream.alloc_zeros::<u16>(capacity * width)?;
+                if held > 0 {
+                    stream.memcpy_dtod(&array.slice(..held), &mut smaller.slice_mut(..held))?;
+                }
+                *array = smaller;
+            }
         }
         Ok(())
     }
