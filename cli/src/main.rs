@@ -25,11 +25,18 @@ use tandem_runtime::{
 
 use device::{run_on, DeviceChoice, DeviceTask};
 
+/// The version, and whether the CUDA device is built in.
+const VERSION: &str = if cfg!(feature = "cuda") {
+    concat!(env!("CARGO_PKG_VERSION"), " (with the CUDA device)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (CPU device only)")
+};
+
 /// tandem: a long-context LLM decoder.
 ///
 /// The default model (SmolLM2-135M-Instruct, Q4_1) is installed by `scripts/setup.sh`.
 #[derive(Parser)]
-#[command(name = "tandem", version, about, long_about = None)]
+#[command(name = "tandem", version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -36,6 +36,18 @@ fn devices_names_the_cpu_and_why_there_is_no_gpu() {
 }
 
 #[test]
+fn the_version_says_whether_the_cuda_device_is_built_in() {
+    let out = tandem(&["--version"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let built = if cfg!(feature = "cuda") {
+        "(with the CUDA device)"
+    } else {
+        "(CPU device only)"
+    };
+    assert!(text.trim_end().ends_with(built), "{text}");
+}
+
+#[test]
 fn cuda_without_a_gpu_is_an_error_not_a_panic() {
     for args in [
         &["generate", "--device", "cuda", "-p", "hi", "-n", "1"][..],
