@@ -54,7 +54,10 @@ impl WindowLayout {
         if needed <= self.capacity {
             return None;
         }
-        self.capacity = needed.max(2 * self.capacity).max(MIN_CAPACITY);
+        // A quarter more: a long dense context's arrays are GPU memory's largest users.
+        self.capacity = needed
+            .max(self.capacity + self.capacity / 4)
+            .max(MIN_CAPACITY);
         Some(self.capacity)
     }
 
@@ -106,13 +109,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn growth_doubles_from_a_floor_and_only_when_needed() {
+    fn growth_adds_a_quarter_from_a_floor_and_only_when_needed() {
         let mut w = WindowLayout::default();
         assert_eq!(w.reserve(3), Some(MIN_CAPACITY));
         w.push(3);
         assert_eq!(w.reserve(MIN_CAPACITY - 3), None);
         w.push(MIN_CAPACITY - 3);
-        assert_eq!(w.reserve(1), Some(2 * MIN_CAPACITY));
+        assert_eq!(w.reserve(1), Some(MIN_CAPACITY * 5 / 4));
         assert_eq!(w.reserve(5 * MIN_CAPACITY), Some(6 * MIN_CAPACITY));
         assert_eq!(w.len(), MIN_CAPACITY);
     }
