@@ -19,6 +19,8 @@ cd "$(dirname "$0")/.."
 OUT=target/gpu-check
 mkdir -p "$OUT"
 ROWS=()
+# Every step's limit is cut to what is left of 7m50s.
+DEADLINE=$((SECONDS + 470))
 
 pkg_dir() {
     python3 -c "import $1 as m; print(list(m.__path__)[0])" 2>/dev/null
@@ -38,6 +40,8 @@ echo "gpu-check: ${gpu_name:-no nvidia-smi}; LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >
 step() {
     local name=$1 limit=$2
     shift 2
+    local left=$((DEADLINE - SECONDS))
+    [ "$limit" -le "$left" ] || limit=$((left > 1 ? left : 1))
     echo "gpu-check: $name" >&2
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -80,13 +84,13 @@ print("; ".join(rows) or "no result")
 PY
 }
 
-step bench-8b 130 target/release/tandem bench decode --device cuda --shape llama3.1-8b \
-    --context 98304 --tokens 16 --json
-record "bench decode llama3.1-8b, 96k" "$(bench_summary "$OUT/bench-8b.log")"
-
 step bench-smollm2 60 target/release/tandem bench decode --device cuda \
     -m models/SmolLM2-135M-Instruct.Q4_1.gguf --context 8192 --tokens 32 --json
 record "bench decode SmolLM2, 8k" "$(bench_summary "$OUT/bench-smollm2.log")"
+
+step bench-8b 300 target/release/tandem bench decode --device cuda --shape llama3.1-8b \
+    --context 98304 --tokens 16 --json
+record "bench decode llama3.1-8b, 96k (goal: <= 40 ms/token)" "$(bench_summary "$OUT/bench-8b.log")"
 
 {
     echo "GPU: ${gpu_name:-unknown}; $(nproc) cores; commit $(git rev-parse --short HEAD 2>/dev/null)"
