@@ -472,7 +472,11 @@ impl DenseDevice for CudaDevice {
             return Err(shape_error("attention", rows.end * width, q.len()));
         };
         let (Some(k), Some(v)) = (&l.keys, &l.values) else {
-            return Err(shape_error("attention rows", rows.len(), 0));
+            // Nothing appended yet: only an empty call is valid.
+            return match rows.is_empty() {
+                true => Ok(()),
+                false => Err(shape_error("attention rows", rows.len(), 0)),
+            };
         };
         let window_rows = held * kv.width();
         let g = Geometry::new(shape, first, rows.len(), keys.window);
