@@ -80,6 +80,27 @@ pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `add`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `scale`.
+pub fn scale(x: &mut [f32], s: f32) {
+    for a in x {
+        *a *= s;
+    }
+}
+
+/// `add_bias`: element `i` gets `bias[i % width]`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for (i, a) in x.iter_mut().enumerate() {
+        *a += bias[i % bias.len()];
+    }
+}
+
 /// `to_bf16`: round to nearest even on the bits, NaNs kept quiet.
 pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
     x.iter()

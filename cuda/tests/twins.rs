@@ -69,6 +69,22 @@ fn element_kernels_match_the_cpu_device() {
         }
         assert_eq!(got, want, "{activation:?}");
     }
+    let bias = random(13, 14);
+    let mut want = gate
+        .iter()
+        .take(1001 / 13 * 13)
+        .copied()
+        .collect::<Vec<_>>();
+    let mut got = want.clone();
+    device
+        .add(&mut want, &up[..got.len()].to_vec())
+        .expect("add");
+    device.scale(&mut want, -0.3).expect("scale");
+    device.add_bias(&mut want, &bias).expect("bias");
+    twin::add(&mut got, &up);
+    twin::scale(&mut got, -0.3);
+    twin::add_bias(&mut got, &bias);
+    assert_eq!(got, want, "add, scale, add_bias");
     // Ties both ways, the largest finite values, infinities, NaNs, subnormals.
     let mut specials: Vec<f32> = [
         0x3f80_8000u32,
