@@ -115,6 +115,10 @@ struct EvalArgs {
     /// Dense-device threads and CPU workers (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,
+    /// The dense device: auto (CUDA when a driver and a GPU are present, else
+    /// the CPU), cpu or cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -419,7 +423,7 @@ fn main() {
         Command::Tokenize(args) => tokenize(args),
         Command::Bench(BenchCommand::Decode(args)) => args.model.run(BenchDecode(&args)),
         Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
-        Command::Eval(args) => eval(args),
+        Command::Eval(args) => run_on(args.device, eval_threads(&args), Eval(&args)),
         Command::Devices => {
             print!("{}", device::describe());
             Ok(())
@@ -706,12 +710,25 @@ fn bench_decode<D: DenseDevice>(args: &BenchDecodeArgs, device: D) -> Result<()>
     Ok(())
 }
 
-fn eval(args: EvalArgs) -> Result<()> {
+fn eval_threads(args: &EvalArgs) -> usize {
+    args.threads
+        .map_or(EngineOptions::default().threads, NonZeroUsize::get)
+}
+
+struct Eval<'a>(&'a EvalArgs);
+
+impl DeviceTask for Eval<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        eval(self.0, device)
+    }
+}
+
+fn eval<D: DenseDevice>(args: &EvalArgs, device: D) -> Result<()> {
     use tandem_bench::eval::needle::NeedleTask;
-    use tandem_bench::eval::{docqa, report, run_doc_qa, run_eval, EvalOptions};
-    let threads = args
-        .threads
-        .map_or(EngineOptions::default().threads, NonZeroUsize::get);
+    use tandem_bench::eval::{
+        docqa, load_engine, report, run_doc_qa_with, run_eval_with, EvalOptions,
+    };
+    let threads = eval_threads(args);
     // Policies contain commas themselves (lsh:k=8,l=75): separate by spaces or ';'.
     let policies: Vec<String> = args
         .policy
@@ -748,7 +765,8 @@ fn eval(args: EvalArgs) -> Result<()> {
         cpu_workers: threads,
         diagnose: args.diagnose,
     };
-    let rows = run_eval(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    let engine = load_engine(&opts, device)?;
+    let rows = run_eval_with(&opts, &engine, &mut |line| eprintln!("tandem: {line}"))?;
     // Written first: the document questions run long after.
     if let Some(path) = &args.json {
         std::fs::write(path, report::to_json(&rows))
@@ -766,7 +784,9 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     if args.doc_qa {
         let questions = docqa::load_questions()?;
-        let qa = run_doc_qa(&opts, &questions, &mut |line| eprintln!("tandem: {line}"))?;
+        let qa = run_doc_qa_with(&opts, &engine, &questions, &mut |line| {
+            eprintln!("tandem: {line}")
+        })?;
         print!("{}", report::doc_qa_table(&qa));
         if let Some(path) = &args.doc_qa_json {
             std::fs::write(path, serde_json::to_string_pretty(&qa)?)

@@ -51,6 +51,7 @@ fn the_version_says_whether_the_cuda_device_is_built_in() {
 fn cuda_without_a_gpu_is_an_error_not_a_panic() {
     for args in [
         &["generate", "--device", "cuda", "-p", "hi", "-n", "1"][..],
+        &["eval", "--device", "cuda", "--policy", "window"][..],
         &[
             "bench",
             "decode",
