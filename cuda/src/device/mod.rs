@@ -194,6 +194,9 @@ impl DenseDevice for CudaDevice {
             ))
         })?;
         staging.resize(range.len(), 0.0);
+        if range.is_empty() {
+            return Ok(staging);
+        }
         self.stream
             .memcpy_dtoh(&view, staging.as_mut_slice())
             .map_err(failed)?;
