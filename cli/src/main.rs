@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod chat;
+mod device;
 
 use std::io::{IsTerminal, Write};
 use std::num::NonZeroUsize;
@@ -12,19 +13,29 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tandem_bench::decode::{run_decode_bench, DecodeBenchOptions, ModelSource};
+use tandem_bench::decode::{run_decode_bench_on, DecodeBenchOptions, ModelSource};
 use tandem_bench::eval::corpus;
+use tandem_gpu::DenseDevice;
 use tandem_runtime::chat::Message;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{
     resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
 };
 
+use device::{run_on, DeviceChoice, DeviceTask};
+
+/// The version, and whether the CUDA device is built in.
+const VERSION: &str = if cfg!(feature = "cuda") {
+    concat!(env!("CARGO_PKG_VERSION"), " (with the CUDA device)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (CPU device only)")
+};
+
 /// tandem: a long-context LLM decoder.
 ///
 /// The default model (SmolLM2-135M-Instruct, Q4_1) is installed by `scripts/setup.sh`.
 #[derive(Parser)]
-#[command(name = "tandem", version, about, long_about = None)]
+#[command(name = "tandem", version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +61,9 @@ enum Command {
     /// top-1 agreement, KL and perplexity, needle retrieval, per-layer attention
     /// error and keys touched. Prints a markdown table.
     Eval(EvalArgs),
+    /// The dense devices this machine offers: the CPU's SIMD and cores, and a
+    /// CUDA GPU or why there is none.
+    Devices,
 }
 
 #[derive(Args)]
@@ -104,6 +118,10 @@ struct EvalArgs {
     /// Dense-device threads and CPU workers (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,
+    /// The dense device: auto (CUDA when a driver and a GPU are present, else
+    /// the CPU), cpu or cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -134,6 +152,10 @@ struct ModelArgs {
     /// refused before anything is allocated.
     #[arg(long, value_parser = parse_size)]
     memory_limit: Option<u64>,
+    /// The dense device: auto (CUDA when a driver and a GPU are present, else
+    /// the CPU), cpu or cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -246,17 +268,19 @@ impl ModelArgs {
         })
     }
 
-    fn load(&self) -> Result<Engine> {
-        self.load_with(&self.options()?)
+    /// Runs `task` on the device `--device` selects.
+    fn run(&self, task: impl DeviceTask) -> Result<()> {
+        run_on(self.device, self.options()?.threads, task)
     }
 
-    fn load_with(&self, options: &EngineOptions) -> Result<Engine> {
+    fn load<D: DenseDevice>(&self, device: D) -> Result<Engine<D>> {
+        self.load_with(device, &self.options()?)
+    }
+
+    fn load_with<D: DenseDevice>(&self, device: D, options: &EngineOptions) -> Result<Engine<D>> {
         let path = resolve_model_path(self.model.as_deref());
-        if let Err(why) = tandem_gpu::cuda_status() {
-            eprintln!("tandem: {why}");
-        }
         let start = Instant::now();
-        let engine = Engine::load(&path, options)?;
+        let engine = Engine::load_on(&path, device, options)?;
         eprintln!(
             "tandem: loaded {} ({} layers, {:.0} MB of weights) on {} in {:.2} s",
             path.display(),
@@ -420,12 +444,16 @@ struct BenchAttentionArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
-        Command::Chat(args) => chat::run(args),
+        Command::Generate(args) => args.model.run(Generate(&args)),
+        Command::Chat(args) => args.model.run(Chat(&args)),
         Command::Tokenize(args) => tokenize(args),
-        Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
+        Command::Bench(BenchCommand::Decode(args)) => args.model.run(BenchDecode(&args)),
         Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
-        Command::Eval(args) => eval(args),
+        Command::Eval(args) => run_on(args.device, eval_threads(&args), Eval(&args)),
+        Command::Devices => {
+            print!("{}", device::describe());
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("tandem: error: {e:#}");
@@ -476,9 +504,17 @@ fn print_stats(stats: &GenerationStats) {
     );
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
+struct Generate<'a>(&'a GenerateArgs);
+
+impl DeviceTask for Generate<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        generate(self.0, device)
+    }
+}
+
+fn generate<D: DenseDevice>(args: &GenerateArgs, device: D) -> Result<()> {
     let sampling = args.sampling.config()?;
-    let engine = args.model.load()?;
+    let engine = args.model.load(device)?;
     let text = if args.chat {
         engine.render_chat(&[Message::user(args.prompt.clone())])?
     } else {
@@ -520,6 +556,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+struct Chat<'a>(&'a chat::ChatArgs);
+
+impl DeviceTask for Chat<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        chat::run(self.0, device)
+    }
+}
+
 fn tokenize(args: TokenizeArgs) -> Result<()> {
     let path = resolve_model_path(args.model.model.as_deref());
     let file = tandem_runtime::model::gguf::GgufFile::open(&path)?;
@@ -535,7 +579,15 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
+struct BenchDecode<'a>(&'a BenchDecodeArgs);
+
+impl DeviceTask for BenchDecode<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        bench_decode(self.0, device)
+    }
+}
+
+fn bench_decode<D: DenseDevice>(args: &BenchDecodeArgs, device: D) -> Result<()> {
     let options = args.model.options()?;
     let source = match &args.shape {
         Some(shape) => ModelSource::Shape(shape.clone()),
@@ -557,7 +609,7 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         prefill_max: args.prefill_max,
         memory_limit: options.memory_limit,
     };
-    let results = run_decode_bench(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    let results = run_decode_bench_on(&opts, device, &mut |line| eprintln!("tandem: {line}"))?;
     for r in &results {
         if args.json {
             println!("{}", serde_json::to_string(r)?);
@@ -585,10 +637,24 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(args: EvalArgs) -> Result<()> {
+fn eval_threads(args: &EvalArgs) -> usize {
+    threads_or_cores(args.threads, "--threads")
+}
+
+struct Eval<'a>(&'a EvalArgs);
+
+impl DeviceTask for Eval<'_> {
+    fn run<D: DenseDevice + 'static>(self, device: D) -> Result<()> {
+        eval(self.0, device)
+    }
+}
+
+fn eval<D: DenseDevice>(args: &EvalArgs, device: D) -> Result<()> {
     use tandem_bench::eval::needle::NeedleTask;
-    use tandem_bench::eval::{docqa, report, run_doc_qa, run_eval, EvalOptions};
-    let threads = threads_or_cores(args.threads, "--threads");
+    use tandem_bench::eval::{
+        docqa, load_engine, report, run_doc_qa_with, run_eval_with, EvalOptions,
+    };
+    let threads = eval_threads(args);
     // Policies contain commas themselves (lsh:k=8,l=75): separate by spaces or ';'.
     let policies: Vec<String> = args
         .policy
@@ -625,7 +691,8 @@ fn eval(args: EvalArgs) -> Result<()> {
         cpu_workers: threads,
         diagnose: args.diagnose,
     };
-    let rows = run_eval(&opts, &mut |line| eprintln!("tandem: {line}"))?;
+    let engine = load_engine(&opts, device)?;
+    let rows = run_eval_with(&opts, &engine, &mut |line| eprintln!("tandem: {line}"))?;
     // Written first: the document questions run long after.
     if let Some(path) = &args.json {
         std::fs::write(path, report::to_json(&rows))
@@ -643,7 +710,9 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     if args.doc_qa {
         let questions = docqa::load_questions()?;
-        let qa = run_doc_qa(&opts, &questions, &mut |line| eprintln!("tandem: {line}"))?;
+        let qa = run_doc_qa_with(&opts, &engine, &questions, &mut |line| {
+            eprintln!("tandem: {line}")
+        })?;
         print!("{}", report::doc_qa_table(&qa));
         if let Some(path) = &args.doc_qa_json {
             std::fs::write(path, serde_json::to_string_pretty(&qa)?)

@@ -71,12 +71,12 @@ pub struct KvLayer<'a, K> {
 ///    log-sum-exps come back and merge into the device's own partial.
 ///
 /// Everything else (norms, rotary embedding, matrix products, window attention)
-/// runs on the device over device buffers. A CUDA implementation maps each
-/// method to a cuBLAS call or a small kernel on one stream, with `Buffer` a
-/// device slice, `Kv` per-layer device arrays with a ring of window rows, and
-/// `to_host`/`kv_take` staged through pinned host memory; the trait needs no
-/// change for it. Calls are synchronous as seen by the caller: a GPU
-/// implementation synchronises inside the methods that return host data.
+/// runs on the device over device buffers. The CUDA implementation
+/// (`tandem-cuda`) maps each method to a cuBLAS call or a small kernel on one
+/// stream, with `Buffer` a device slice and `Kv` per-layer device arrays of
+/// window rows; `to_host` and `kv_take` copy to the host. Calls are
+/// synchronous as seen by the caller: a GPU implementation synchronises inside
+/// the methods that return host data, and only there.
 pub trait DenseDevice: Send + Sync {
     /// A weight matrix resident on the device.
     type Matrix: Send + Sync;

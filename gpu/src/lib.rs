@@ -6,8 +6,8 @@
 //! says where data crosses to the host (see the trait's documentation). The
 //! model's forward pass (in `tandem-runtime`) is written once against it.
 //!
-//! Implementations: [`CpuDevice`]. A CUDA implementation is not built yet;
-//! [`cuda_status`] says so at run time, so callers can fall back with a clear message.
+//! Implementations: [`CpuDevice`] here; the CUDA device is `tandem-cuda`'s
+//! `CudaDevice` (a separate crate, as it needs `unsafe` for its launches).
 
 #![forbid(unsafe_code)]
 
@@ -20,10 +20,3 @@ pub use cpu::{CpuDevice, CpuKv};
 pub use device::{Activation, DenseDevice, DeviceBuffer, KvLayer, RopeStyle};
 pub use error::DeviceError;
 pub use host::{AttentionShape, HostMatrix};
-
-/// Whether a CUDA device can be used, and if not, why, for a clear fallback message.
-pub fn cuda_status() -> Result<(), DeviceError> {
-    Err(DeviceError::Unavailable(
-        "the CUDA device is not implemented yet in this build; using the CPU".into(),
-    ))
-}

@@ -22,4 +22,4 @@ pub use docqa::DocQaRow;
 pub use metrics::{Agreement, AgreementAccumulator};
 pub use needle::{NeedleBuilder, NeedleCase};
 pub use report::{HeadRow, LayerRow, Row};
-pub use run::{run_doc_qa, run_eval, EvalOptions};
+pub use run::{load_engine, run_doc_qa, run_doc_qa_with, run_eval, run_eval_with, EvalOptions};

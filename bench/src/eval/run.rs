@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tandem_cpu::WorkerPool;
-use tandem_gpu::CpuDevice;
+use tandem_gpu::{CpuDevice, DenseDevice};
 use tandem_kernels::ops::argmax;
 
 use crate::eval::corpus;
@@ -55,14 +55,30 @@ pub struct EvalOptions {
     pub diagnose: Option<usize>,
 }
 
-/// Runs every measure; `note` receives progress lines.
+/// Runs every measure on the CPU device; `note` receives progress lines.
 pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
+    check_eval(opts)?;
+    let engine = load_engine(opts, CpuDevice::new(opts.threads.max(1)))?;
+    run_eval_with(opts, &engine, note)
+}
+
+fn check_eval(opts: &EvalOptions) -> Result<()> {
     if opts.policies.is_empty() || opts.contexts.is_empty() || opts.scored == 0 {
         return Err(Error::InvalidRequest(
             "eval needs at least one policy, one context and one scored position".into(),
         ));
     }
-    let (engine, tables) = load(opts)?;
+    Ok(())
+}
+
+/// Runs every measure with `engine` (from [`load_engine`]).
+pub fn run_eval_with<D: DenseDevice>(
+    opts: &EvalOptions,
+    engine: &Engine<D>,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<Row>> {
+    check_eval(opts)?;
+    let tables = tables(opts, engine)?;
     let model = engine.model();
     let c = model.config();
     let pool = Arc::new(WorkerPool::new(opts.cpu_workers)?);
@@ -91,7 +107,7 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
             last = model.forward(chunk, &mut base, Logits::Last)?;
         }
         // Logits predicting scored[i] come after scored[i - 1] (or the prefix).
-        let teacher_forced = |kv: &mut SequenceKv<CpuDevice>| -> Result<Vec<Vec<f32>>> {
+        let teacher_forced = |kv: &mut SequenceKv<D>| -> Result<Vec<Vec<f32>>> {
             let mut out = vec![last.clone()];
             for &t in &scored[..scored.len() - 1] {
                 kv.offload_if_due(opts.threads)?;
@@ -197,7 +213,7 @@ pub fn run_eval(opts: &EvalOptions, note: &mut dyn FnMut(&str)) -> Result<Vec<Ro
                     ))
                 };
                 let answers = answer_all(
-                    &engine,
+                    engine,
                     &tables,
                     &pool,
                     opts.threads,
@@ -265,11 +281,11 @@ fn head_rows(heads: &[Vec<HeadProbe>]) -> Vec<HeadRow> {
     rows
 }
 
-/// The engine (dense) and each policy's table for `opts`; a bad policy fails
-/// here, before any long run.
-fn load(opts: &EvalOptions) -> Result<(Engine, Vec<Arc<PolicyTable>>)> {
-    let engine = Engine::load(
+/// The engine of `opts` (its model, dense) on `device`.
+pub fn load_engine<D: DenseDevice>(opts: &EvalOptions, device: D) -> Result<Engine<D>> {
+    Engine::load_on(
         &opts.model,
+        device,
         &EngineOptions {
             threads: opts.threads,
             cpu_workers: opts.cpu_workers,
@@ -279,10 +295,13 @@ fn load(opts: &EvalOptions) -> Result<(Engine, Vec<Arc<PolicyTable>>)> {
             },
             ..EngineOptions::default()
         },
-    )?;
+    )
+}
+
+/// Each policy's table for `opts`; a bad policy fails here, before any long run.
+fn tables<D: DenseDevice>(opts: &EvalOptions, engine: &Engine<D>) -> Result<Vec<Arc<PolicyTable>>> {
     let windows = engine.model().config().sliding_windows();
-    let tables = opts
-        .policies
+    opts.policies
         .iter()
         .map(|p| {
             if p == "dense" {
@@ -296,8 +315,7 @@ fn load(opts: &EvalOptions) -> Result<(Engine, Vec<Arc<PolicyTable>>)> {
             .resolve(&windows)
             .map(Arc::new)
         })
-        .collect::<Result<_>>()?;
-    Ok((engine, tables))
+        .collect::<Result<_>>()
 }
 
 /// Greedy replies to a set of prompts, by dense and by each policy.
@@ -310,8 +328,8 @@ struct Replies {
 /// Prefills each prompt once, densely, then replies greedily (at most
 /// `max_tokens`, up to the end of the turn) with dense and with each table
 /// from forks of that prefill. `progress` hears of each prompt done.
-fn answer_all(
-    engine: &Engine,
+fn answer_all<D: DenseDevice>(
+    engine: &Engine<D>,
     tables: &[Arc<PolicyTable>],
     pool: &Arc<WorkerPool>,
     threads: usize,
@@ -329,7 +347,7 @@ fn answer_all(
     for (i, prompt) in prompts.iter().enumerate() {
         let logits = prefill.run(model, prompt)?;
         let prefill = &prefill.kv;
-        let answer = |kv: &mut SequenceKv<CpuDevice>| -> Result<String> {
+        let answer = |kv: &mut SequenceKv<D>| -> Result<String> {
             let mut l = logits.clone();
             let mut ids = Vec::new();
             for _ in 0..max_tokens {
@@ -359,13 +377,13 @@ fn answer_all(
 /// A dense prefill that keeps the previous prompt's cache: prompts that open
 /// alike (the wordings of one document's questions) prefill only where they
 /// differ.
-struct PrefixPrefill {
-    kv: SequenceKv<CpuDevice>,
+struct PrefixPrefill<D: DenseDevice> {
+    kv: SequenceKv<D>,
     tokens: Vec<u32>,
 }
 
-impl PrefixPrefill {
-    fn new(model: &Llama<CpuDevice>) -> Result<Self> {
+impl<D: DenseDevice> PrefixPrefill<D> {
+    fn new(model: &Llama<D>) -> Result<Self> {
         Ok(PrefixPrefill {
             kv: model.new_cache()?,
             tokens: Vec::new(),
@@ -374,7 +392,7 @@ impl PrefixPrefill {
 
     /// Prefills `prompt`, reusing the rows of the longest prefix it shares
     /// with the previous one; returns the last position's logits.
-    fn run(&mut self, model: &Llama<CpuDevice>, prompt: &[u32]) -> Result<Vec<f32>> {
+    fn run(&mut self, model: &Llama<D>, prompt: &[u32]) -> Result<Vec<f32>> {
         let shared = self
             .tokens
             .iter()
@@ -398,18 +416,35 @@ impl PrefixPrefill {
 
 /// The document questions (`questions`, every wording) answered by dense and
 /// by each policy of `opts` (its contexts, needle and scoring options are not
-/// used); `note` receives progress lines.
+/// used), on the CPU device; `note` receives progress lines.
 pub fn run_doc_qa(
     opts: &EvalOptions,
     questions: &[Question],
     note: &mut dyn FnMut(&str),
 ) -> Result<Vec<DocQaRow>> {
+    check_doc_qa(opts, questions)?;
+    let engine = load_engine(opts, CpuDevice::new(opts.threads.max(1)))?;
+    run_doc_qa_with(opts, &engine, questions, note)
+}
+
+fn check_doc_qa(opts: &EvalOptions, questions: &[Question]) -> Result<()> {
     if opts.policies.is_empty() || questions.is_empty() {
         return Err(Error::InvalidRequest(
             "document questions need at least one policy and one question".into(),
         ));
     }
-    let (engine, tables) = load(opts)?;
+    Ok(())
+}
+
+/// [`run_doc_qa`] with `engine` (from [`load_engine`]).
+pub fn run_doc_qa_with<D: DenseDevice>(
+    opts: &EvalOptions,
+    engine: &Engine<D>,
+    questions: &[Question],
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<DocQaRow>> {
+    check_doc_qa(opts, questions)?;
+    let tables = tables(opts, engine)?;
     let pool = Arc::new(WorkerPool::new(opts.cpu_workers)?);
     let context = engine.model().config().context_length;
     let cases = docqa::cases(
@@ -421,7 +456,7 @@ pub fn run_doc_qa(
     let prompts: Vec<&[u32]> = cases.iter().map(|c| &c.prompt[..]).collect();
     let mut progress = |i: usize| note(&format!("document question {}/{}", i + 1, cases.len()));
     let replies = answer_all(
-        &engine,
+        engine,
         &tables,
         &pool,
         opts.threads,

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use tandem_gpu::DenseDevice;
 use tandem_runtime::chat::{Message, Role};
 use tandem_runtime::Engine;
 
@@ -69,7 +70,12 @@ impl Conversation {
     /// Reads `path` into the conversation as a document. Refused, with the
     /// numbers, when it would not leave `reply` tokens of room in the
     /// engine's context or would not fit in its memory budget.
-    pub fn load_document(&mut self, engine: &Engine, path: &Path, reply: usize) -> Result<()> {
+    pub fn load_document<D: DenseDevice>(
+        &mut self,
+        engine: &Engine<D>,
+        path: &Path,
+        reply: usize,
+    ) -> Result<()> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let limit = engine.context_limit();
         // A token covers at most the longest token's bytes: a file that
@@ -104,7 +110,10 @@ impl Conversation {
     /// The conversation `messages` held, as saved: a leading system message
     /// and a document (as [`Conversation::load_document`] puts it) are told
     /// apart from the turns, so that `/reset` keeps them as before.
-    pub fn restore(engine: &Engine, messages: Vec<Message>) -> Result<Conversation> {
+    pub fn restore<D: DenseDevice>(
+        engine: &Engine<D>,
+        messages: Vec<Message>,
+    ) -> Result<Conversation> {
         let mut rest = messages.into_iter().peekable();
         let system = rest.next_if(|m| m.role == Role::System);
         let mut conversation = Conversation {
@@ -127,7 +136,11 @@ impl Conversation {
     }
 
     /// Tokens of the system prompt followed by `messages`.
-    fn tokens_with(&self, engine: &Engine, messages: &[Message]) -> Result<usize> {
+    fn tokens_with<D: DenseDevice>(
+        &self,
+        engine: &Engine<D>,
+        messages: &[Message],
+    ) -> Result<usize> {
         let mut shown: Vec<Message> = self.system.iter().cloned().collect();
         shown.extend(messages.iter().cloned());
         let rendered = engine.chat_template().render(&shown, false)?;
@@ -141,7 +154,7 @@ const DOCUMENT_OPENING: &str = "Here is a document:\n\n";
 const DOCUMENT_ACKNOWLEDGED: &str = "I have read the document. What would you like to know?";
 
 /// Bytes of the vocabulary's longest token.
-fn longest_token_bytes(engine: &Engine) -> usize {
+fn longest_token_bytes<D: DenseDevice>(engine: &Engine<D>) -> usize {
     let tokenizer = engine.tokenizer();
     (0..tokenizer.vocab_size() as u32)
         .filter_map(|id| tokenizer.token_text(id))

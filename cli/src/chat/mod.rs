@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use tandem_gpu::DenseDevice;
 use tandem_runtime::chat::Message;
 use tandem_runtime::{Engine, Error, Flow, SamplingConfig, Session, StopReason};
 
@@ -23,7 +24,7 @@ use saved::SavedChat;
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// A system prompt.
     #[arg(long)]
     system: Option<String>,
@@ -50,8 +51,8 @@ const HELP: &str = "tandem chat: type a message (end a line with \\ to continue 
 Ctrl-C stops a reply.";
 
 /// What a chat runs with and does not change.
-pub struct Settings<'a> {
-    pub engine: &'a Engine,
+pub struct Settings<'a, D: DenseDevice> {
+    pub engine: &'a Engine<D>,
     pub sampling: SamplingConfig,
     pub max_tokens: usize,
     pub interrupts: Interrupts,
@@ -60,17 +61,17 @@ pub struct Settings<'a> {
 }
 
 /// What a chat changes: the conversation and the session holding its keys.
-pub struct ChatState<'e> {
+pub struct ChatState<'e, D: DenseDevice> {
     pub conversation: Conversation,
-    pub session: Session<'e>,
+    pub session: Session<'e, D>,
 }
 
-/// Runs `tandem chat`.
-pub fn run(args: ChatArgs) -> Result<()> {
+/// Runs `tandem chat` on `device`.
+pub fn run<D: DenseDevice>(args: &ChatArgs, device: D) -> Result<()> {
     let sampling = args.sampling.config()?;
     let mut options = args.model.options()?;
     options.context = args.context;
-    let engine = args.model.load_with(&options)?;
+    let engine = args.model.load_with(device, &options)?;
     let mut conversation = Conversation::new(args.system.clone());
     if let Some(path) = &args.file {
         conversation.load_document(&engine, path, args.max_tokens)?;
@@ -110,7 +111,11 @@ pub fn run(args: ChatArgs) -> Result<()> {
 }
 
 /// Reads messages and replies until the user leaves.
-pub fn chat_loop(settings: &Settings, state: &mut ChatState, lines: &mut Lines) -> Result<()> {
+pub fn chat_loop<D: DenseDevice>(
+    settings: &Settings<D>,
+    state: &mut ChatState<D>,
+    lines: &mut Lines,
+) -> Result<()> {
     loop {
         let message = match lines.read()? {
             Input::Message(m) => m,
@@ -141,7 +146,7 @@ pub fn chat_loop(settings: &Settings, state: &mut ChatState, lines: &mut Lines) 
 
 /// Sends one message and streams the reply; a message that cannot be sent
 /// is reported and left out of the conversation.
-fn reply(settings: &Settings, state: &mut ChatState, message: &str) {
+fn reply<D: DenseDevice>(settings: &Settings<D>, state: &mut ChatState<D>, message: &str) {
     state.conversation.push(Message::user(message));
     match generate(settings, state) {
         Ok(Some(text)) => {
@@ -158,7 +163,7 @@ fn reply(settings: &Settings, state: &mut ChatState, message: &str) {
 
 /// Saves the conversation where `--session` asks; a failure is reported and
 /// the chat goes on.
-fn save(settings: &Settings, state: &ChatState) {
+fn save<D: DenseDevice>(settings: &Settings<D>, state: &ChatState<D>) {
     let Some(saved) = &settings.saved else {
         return;
     };
@@ -169,7 +174,10 @@ fn save(settings: &Settings, state: &ChatState) {
 }
 
 /// The reply to the conversation, `None` if stopped before it began.
-fn generate(settings: &Settings, state: &mut ChatState) -> Result<Option<String>> {
+fn generate<D: DenseDevice>(
+    settings: &Settings<D>,
+    state: &mut ChatState<D>,
+) -> Result<Option<String>> {
     let engine = settings.engine;
     let rendered = engine.render_chat(&state.conversation.messages())?;
     let ids = engine.tokenizer().encode(&rendered, false)?;
@@ -227,7 +235,7 @@ fn generate(settings: &Settings, state: &mut ChatState) -> Result<Option<String>
 
 /// Keeps what the session shares with `ids` and returns its length; where
 /// that cannot be kept (offloaded tokens cannot be dropped), starts anew.
-fn continue_from(session: &mut Session, ids: &[u32]) -> usize {
+fn continue_from<D: DenseDevice>(session: &mut Session<D>, ids: &[u32]) -> usize {
     let common = session
         .tokens()
         .iter()

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use tandem_gpu::DenseDevice;
 use tandem_runtime::chat::{Message, Role};
 use tandem_runtime::{Engine, SavedSession, Session};
 
@@ -15,9 +16,9 @@ pub struct SavedChat {
 }
 
 /// A conversation resumed from its file.
-pub struct Resumed<'e> {
+pub struct Resumed<'e, D: DenseDevice> {
     pub messages: Vec<Message>,
-    pub session: Session<'e>,
+    pub session: Session<'e, D>,
 }
 
 impl SavedChat {
@@ -29,7 +30,10 @@ impl SavedChat {
 
     /// The saved conversation, its tokens run through a prefill again
     /// (`None` when the file does not exist yet).
-    pub fn resume<'e>(&self, engine: &'e Engine) -> Result<Option<Resumed<'e>>> {
+    pub fn resume<'e, D: DenseDevice>(
+        &self,
+        engine: &'e Engine<D>,
+    ) -> Result<Option<Resumed<'e, D>>> {
         if !self.path.exists() {
             return Ok(None);
         }
@@ -58,7 +62,12 @@ impl SavedChat {
     }
 
     /// Writes the conversation so far, replacing the file atomically.
-    pub fn save(&self, engine: &Engine, session: &Session, messages: &[Message]) -> Result<()> {
+    pub fn save<D: DenseDevice>(
+        &self,
+        engine: &Engine<D>,
+        session: &Session<'_, D>,
+        messages: &[Message],
+    ) -> Result<()> {
         let saved = SavedSession {
             tokens: session.tokens().to_vec(),
             messages: messages.to_vec(),
