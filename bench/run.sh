@@ -448,6 +448,12 @@ if ab:
         title = lines[0].lstrip("# ").strip()
         out += [f"[{title}]({readme}), both binaries alternated on one machine:", ""]
         out += [l for l in lines if l.startswith("|")] + [""]
+# The newest soak of the server (bench/soak.py), with its own README of figures.
+soaks = sorted(glob.glob("bench/results/*-soak/README.md"), reverse=True)
+if soaks:
+    lines = open(soaks[0]).read().splitlines()
+    out += ["", "## Reliability", "", f"From [{soaks[0]}]({soaks[0]}):", ""]
+    out += [l for l in lines if l.startswith("|")] + [""]
 open("BENCHMARKS.md", "w").write("\n".join(out) + "\n")
 print(f"run.sh: BENCHMARKS.md: {len(table)} rows from {len(sources)} files", file=sys.stderr)
 PY
