@@ -451,8 +451,8 @@ if ab:
         title = lines[0].lstrip("# ").strip()
         out += [f"[{title}]({readme}), both binaries alternated on one machine:", ""]
         out += [l for l in lines if l.startswith("|")] + [""]
-# Reliability runs (fuzzing, the server soak), each with its own README.
-rel = sorted(glob.glob("bench/results/*-reliability-*/README.md"), reverse=True)
+# Reliability runs (fuzzing, the server soak of bench/soak.py), each with its own README.
+rel = sorted(glob.glob("bench/results/*-reliability-*/README.md") + glob.glob("bench/results/*-soak/README.md"), reverse=True)
 if rel:
     out += ["", "## Reliability", ""]
     for readme in rel:

@@ -42,9 +42,9 @@ pip_install() {
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
 }
 
-echo "setup: Python packages for the reference tests (numpy, gguf)" >&2
-if ! python3 -c "import numpy, gguf" 2>/dev/null; then
-    pip_install "numpy>=1.26" "gguf>=0.10"
+echo "setup: Python packages for the reference and server tests (numpy, gguf, openai)" >&2
+if ! python3 -c "import numpy, gguf, openai" 2>/dev/null; then
+    pip_install "numpy>=1.26" "gguf>=0.10" "openai>=1.0"
 fi
 
 if [ "$CUDA" != none ]; then

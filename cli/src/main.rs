@@ -4,6 +4,7 @@
 
 mod chat;
 mod device;
+mod serve;
 
 use std::io::{IsTerminal, Write};
 use std::num::NonZeroUsize;
@@ -64,6 +65,41 @@ enum Command {
     /// The dense devices this machine offers: the CPU's SIMD and cores, and a
     /// CUDA GPU or why there is none.
     Devices,
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /// /v1/completions, /v1/models, /health), every request in flight decoded in
+    /// one batch.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Ask every /v1/ request for `Authorization: Bearer KEY` (default: $TANDEM_API_KEY;
+    /// none: no key asked).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Requests decoded together in one batch.
+    #[arg(long, default_value_t = 8)]
+    max_sequences: usize,
+    /// Requests waiting for a place in the batch; more are refused with 503.
+    #[arg(long, default_value_t = 32)]
+    max_queue: usize,
+    /// Tokens generated for a request that gives no max_tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// The most tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_limit: usize,
+    /// Prompt plus reply tokens of one request (default: the model's context).
+    #[arg(long)]
+    max_context: Option<usize>,
 }
 
 #[derive(Args)]
@@ -454,6 +490,7 @@ fn main() {
             print!("{}", device::describe());
             Ok(())
         }
+        Command::Serve(args) => args.model.run(serve::Serve(&args)),
     };
     if let Err(e) = result {
         eprintln!("tandem: error: {e:#}");

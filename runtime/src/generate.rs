@@ -228,6 +228,35 @@ impl<D: DenseDevice> Engine<D> {
         Ok(stats)
     }
 
+    /// One decode step of several sessions together, for callers that let
+    /// sessions join and leave between steps: session `i` takes `tokens[i]`,
+    /// and its logits for the next token come back at `i`. The weights are
+    /// read once for all. Fails before stepping any session if the counts
+    /// differ, a session belongs to another engine or its context is full.
+    pub fn step_batch(
+        &self,
+        sessions: &mut [&mut Session<'_, D>],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        if sessions.len() != tokens.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} sessions but {} tokens",
+                sessions.len(),
+                tokens.len()
+            )));
+        }
+        self.check_owned(sessions)?;
+        if let Some(full) = sessions.iter().find(|s| !s.has_room(1)) {
+            return Err(Error::InvalidRequest(format!(
+                "a session's context is full ({} tokens)",
+                full.tokens.len()
+            )));
+        }
+        let feed: Vec<(usize, u32)> = tokens.iter().copied().enumerate().collect();
+        let out = self.step_sessions(sessions, &feed)?;
+        Ok(out.into_iter().map(|(_, logits)| logits).collect())
+    }
+
     /// One decode step of sessions `feed[..].0`, each with its token; returns
     /// each one's logits.
     fn step_sessions(
@@ -270,11 +299,7 @@ impl<D: DenseDevice> Engine<D> {
                 prompts.len()
             )));
         }
-        if sessions.iter().any(|s| !std::ptr::eq(s.engine, self)) {
-            return Err(Error::InvalidRequest(
-                "every session must belong to this engine".into(),
-            ));
-        }
+        self.check_owned(sessions)?;
         // Every session at its longest: its context, prompt and reply.
         let tokens = sessions
             .iter()
@@ -286,5 +311,14 @@ impl<D: DenseDevice> Engine<D> {
             })
             .fold(0usize, usize::saturating_add);
         self.check_memory(tokens)
+    }
+
+    fn check_owned(&self, sessions: &[&mut Session<'_, D>]) -> Result<()> {
+        if sessions.iter().any(|s| !std::ptr::eq(s.engine, self)) {
+            return Err(Error::InvalidRequest(
+                "every session must belong to this engine".into(),
+            ));
+        }
+        Ok(())
     }
 }

@@ -141,3 +141,63 @@ fn a_prefill_cancelled_after_its_first_chunk_leaves_the_session_as_it_was() {
     assert_eq!(resumed, text(&mut fresh, &hello));
     assert_eq!(resumed.1, tandem_runtime::StopReason::MaxTokens);
 }
+
+/// Greedy tokens after `prompt`, one `Session::step` at a time.
+fn greedy_alone(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut session = engine.session().expect("session");
+    let mut logits = session.prefill(prompt, &mut |_, _| {}).expect("prefill");
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = argmax(&logits);
+        out.push(next);
+        logits = session.step(next).expect("step");
+    }
+    out
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let best = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .expect("logits");
+    best.0 as u32
+}
+
+#[test]
+fn sessions_joining_a_batch_between_steps_decode_as_they_do_alone() {
+    let engine = engine();
+    let encode = |text: &str| {
+        let chat = engine
+            .render_chat(&[Message::user(text)])
+            .expect("template");
+        engine.tokenizer().encode(&chat, false).expect("encode")
+    };
+    let (p1, p2) = (encode("Name three colours."), encode("What is 2 + 2?"));
+    let steps = 6;
+    let (want1, want2) = (
+        greedy_alone(&engine, &p1, steps),
+        greedy_alone(&engine, &p2, steps),
+    );
+
+    let mut first = engine.session().expect("session");
+    let mut second = engine.session().expect("session");
+    let mut l1 = first.prefill(&p1, &mut |_, _| {}).expect("prefill");
+    let (mut got1, mut got2) = (vec![argmax(&l1)], Vec::new());
+    l1 = first.step(got1[0]).expect("step");
+    // The second session joins after the first has taken a step alone.
+    let mut l2 = second.prefill(&p2, &mut |_, _| {}).expect("prefill");
+    while got2.len() < steps - 1 {
+        let (t1, t2) = (argmax(&l1), argmax(&l2));
+        got1.push(t1);
+        got2.push(t2);
+        let out = engine
+            .step_batch(&mut [&mut first, &mut second], &[t1, t2])
+            .expect("batch step");
+        (l1, l2) = (out[0].clone(), out[1].clone());
+    }
+    got2.push(argmax(&l2));
+    assert_eq!(got1, want1);
+    assert_eq!(got2, want2);
+    assert!(engine.step_batch(&mut [&mut first], &[1, 2]).is_err());
+}

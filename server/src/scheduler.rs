@@ -1,0 +1,226 @@
+//! The engine thread: prefills new requests between decode steps and steps
+//! every sequence in flight as one batch.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use tandem_gpu::DenseDevice;
+use tandem_runtime::{Engine, Session};
+
+use crate::error::ApiError;
+use crate::job::{Event, Job, Prompt};
+use crate::metrics::{Metrics, Outcome};
+use crate::sequence::{Next, Sequence};
+
+/// Limits the engine thread applies to each request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Sequences in one batch.
+    pub max_sequences: usize,
+    /// Prompt plus reply tokens.
+    pub context: usize,
+}
+
+/// A request whose prompt is tokenized, waiting for a place in the batch.
+struct Waiting {
+    job: Job,
+    ids: Vec<u32>,
+}
+
+struct Scheduler<'e, D: DenseDevice> {
+    engine: &'e Engine<D>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Sequence<'e, D>>,
+}
+
+/// Serves `jobs` until their channel closes and nothing is left in flight.
+pub(crate) fn run<D: DenseDevice>(
+    engine: &Engine<D>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    jobs: Receiver<Job>,
+) {
+    let mut s = Scheduler {
+        engine,
+        limits,
+        metrics,
+        waiting: VecDeque::new(),
+        active: Vec::new(),
+    };
+    while s.receive(&jobs) {
+        s.admit_one();
+        s.step();
+        s.metrics.set_active(s.active.len());
+    }
+}
+
+impl<'e, D: DenseDevice> Scheduler<'e, D> {
+    /// Takes the jobs sent so far, waiting for one when idle; false once the
+    /// channel has closed and nothing is in flight.
+    fn receive(&mut self, jobs: &Receiver<Job>) -> bool {
+        if self.active.is_empty() && self.waiting.is_empty() {
+            match jobs.recv() {
+                Ok(job) => self.prepare(job),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => self.prepare(job),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    return !(self.active.is_empty() && self.waiting.is_empty())
+                }
+            }
+        }
+    }
+
+    /// Tokenizes a job's prompt and queues it, or refuses it.
+    fn prepare(&mut self, job: Job) {
+        match self.tokenize(&job) {
+            Ok(ids) => {
+                let _ = job.events.send(Event::Started {
+                    prompt_tokens: ids.len(),
+                });
+                self.waiting.push_back(Waiting { job, ids });
+            }
+            Err(e) => self.end(&job, Outcome::Failed, 0, 0, Some(e)),
+        }
+    }
+
+    fn tokenize(&self, job: &Job) -> Result<Vec<u32>, ApiError> {
+        let tokenizer = self.engine.tokenizer();
+        let ids = match &job.prompt {
+            Prompt::Chat(messages) => {
+                let text = self
+                    .engine
+                    .render_chat(messages)
+                    .map_err(|e| ApiError::bad_request(format!("chat template: {e}")))?;
+                tokenizer.encode(&text, false)
+            }
+            Prompt::Text(text) => tokenizer.encode(text, tokenizer.add_bos_by_default()),
+        }
+        .map_err(|e| ApiError::bad_request(format!("tokenizer: {e}")))?;
+        if ids.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty"));
+        }
+        if ids.len() >= self.limits.context {
+            return Err(ApiError::too_long(
+                "context_length_exceeded",
+                format!(
+                    "the prompt has {} tokens; this server's context holds {} (prompt and reply)",
+                    ids.len(),
+                    self.limits.context
+                ),
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// Prefills the first waiting request whose client is still there, if
+    /// the batch has room.
+    fn admit_one(&mut self) {
+        while self.active.len() < self.limits.max_sequences {
+            let Some(w) = self.waiting.pop_front() else {
+                return;
+            };
+            if w.job.events.is_closed() {
+                self.end(&w.job, Outcome::Cancelled, w.ids.len(), 0, None);
+                continue;
+            }
+            match self.prefill(&w.ids) {
+                Ok((session, logits)) => {
+                    let context = self.limits.context;
+                    let seq = Sequence::new(self.engine, w.job, session, logits, context);
+                    self.active.push(seq);
+                }
+                Err(e) => {
+                    let e = ApiError::internal(format!("prefill: {e}"));
+                    self.end(&w.job, Outcome::Failed, w.ids.len(), 0, Some(e));
+                }
+            }
+            return;
+        }
+    }
+
+    fn prefill(&self, ids: &[u32]) -> tandem_runtime::Result<(Session<'e, D>, Vec<f32>)> {
+        let mut session = self.engine.session()?;
+        let logits = session.prefill(ids, &mut |_, _| {})?;
+        Ok((session, logits))
+    }
+
+    /// Samples every sequence's next token, then feeds the continuing ones
+    /// in one batched step.
+    fn step(&mut self) {
+        let mut feed = Vec::with_capacity(self.active.len());
+        let mut over = Vec::new();
+        for (i, seq) in self.active.iter_mut().enumerate() {
+            match seq.advance(self.engine) {
+                Ok(Next::Feed(token)) => feed.push((i, token)),
+                Ok(Next::Finished) => over.push((i, Outcome::Completed, None)),
+                Ok(Next::Cancelled) => over.push((i, Outcome::Cancelled, None)),
+                Err(e) => {
+                    let e = ApiError::internal(format!("decoding: {e}"));
+                    over.push((i, Outcome::Failed, Some(e)));
+                }
+            }
+        }
+        if let Err(e) = self.step_batch(&feed) {
+            for &(i, _) in &feed {
+                let e = ApiError::internal(format!("decode step: {e}"));
+                over.push((i, Outcome::Failed, Some(e)));
+            }
+        }
+        over.sort_by_key(|o| std::cmp::Reverse(o.0));
+        for (i, outcome, error) in over {
+            let seq = self.active.swap_remove(i);
+            self.end(&seq.job, outcome, seq.prompt_tokens, seq.generated(), error);
+        }
+    }
+
+    fn step_batch(&mut self, feed: &[(usize, u32)]) -> tandem_runtime::Result<()> {
+        if feed.is_empty() {
+            return Ok(());
+        }
+        let mut fed = feed.iter().map(|f| f.0).peekable();
+        let mut sessions: Vec<&mut Session<'e, D>> = Vec::with_capacity(feed.len());
+        for (i, seq) in self.active.iter_mut().enumerate() {
+            if fed.next_if_eq(&i).is_some() {
+                sessions.push(&mut seq.session);
+            }
+        }
+        let tokens: Vec<u32> = feed.iter().map(|f| f.1).collect();
+        let logits = self.engine.step_batch(&mut sessions, &tokens)?;
+        for (&(i, _), l) in feed.iter().zip(logits) {
+            self.active[i].set_logits(l);
+        }
+        Ok(())
+    }
+
+    /// Counts, logs and, for an error, tells the client how a request ended.
+    fn end(
+        &self,
+        job: &Job,
+        outcome: Outcome,
+        prompt: usize,
+        reply: usize,
+        error: Option<ApiError>,
+    ) {
+        self.metrics.record(outcome, prompt, reply);
+        let how = match (&outcome, &error) {
+            (_, Some(e)) => format!("failed ({}): {}", e.status.as_u16(), e.message),
+            (Outcome::Cancelled, None) => "cancelled: the client went away".to_string(),
+            _ => "completed".to_string(),
+        };
+        eprintln!(
+            "tandem serve: {} {how} after {prompt} prompt and {reply} reply tokens",
+            job.id
+        );
+        if let Some(e) = error {
+            let _ = job.events.send(Event::Failed(e));
+        }
+    }
+}
