@@ -127,7 +127,10 @@ impl SafetensorsFile {
     }
 }
 
-fn parse_header(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
+/// Parses and validates the header of a safetensors file held in `bytes` (the
+/// whole file: every tensor's data is checked to lie inside it). The error is
+/// the problem, in words; [`SafetensorsFile::open`] adds the path.
+pub fn parse_header(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
     if bytes.len() < 8 {
         return Err(format!(
             "not a safetensors file: {} bytes, too short for the header length",
@@ -397,7 +400,7 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
         }
     };
     let rope_base = float("rope_theta", Some(10000.0))?;
-    Ok(Config {
+    let mut config = Config {
         name: dir
             .file_name()
             .map_or_else(|| "llama".into(), |n| n.to_string_lossy().into_owned()),
@@ -409,12 +412,18 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
         head_dim,
         vocab_size: get("vocab_size")?,
         rope_base,
-        rope_factors: hf_rope_factors(&json, &path, head_dim, rope_base)?,
+        rope_factors: Vec::new(),
         rms_eps: float("rms_norm_eps", None)?,
         context_length: get("max_position_embeddings")?,
         family: Family::llama(),
         local: None,
-    })
+    };
+    config
+        .validate()
+        .map_err(|problem| Error::bad_model(&path, problem))?;
+    // After validation: the factors' length is the (now bounded) head size.
+    config.rope_factors = hf_rope_factors(&json, &path, head_dim, rope_base)?;
+    Ok(config)
 }
 
 /// The RoPE frequency divisors of a `rope_scaling` entry: none, or Llama 3.1's
