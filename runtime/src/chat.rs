@@ -98,6 +98,36 @@ impl std::fmt::Debug for ChatTemplate {
 
 const NAME: &str = "chat";
 
+/// Template instructions one rendering may run: thousands of messages need
+/// far fewer, and a template stuck in nested loops stops within a second.
+const FUEL: u64 = 5_000_000;
+
+/// The longest prompt a template may render: far beyond any context window
+/// (a million tokens is a few megabytes of text).
+pub const MAX_PROMPT_BYTES: usize = 64 << 20;
+
+/// The rendered prompt, refusing to grow past [`MAX_PROMPT_BYTES`].
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_PROMPT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("prompt too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn template_err(e: minijinja::Error) -> Error {
     // Show the whole chain: minijinja puts the location and cause in sources.
     let mut msg = e.to_string();
@@ -270,6 +300,7 @@ impl ChatTemplate {
         // Hugging Face renders with trim_blocks and lstrip_blocks on.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.set_unknown_method_callback(unknown_method);
@@ -296,14 +327,27 @@ impl ChatTemplate {
     /// `raise_exception`) are [`Error::ChatTemplate`].
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(NAME).map_err(template_err)?;
-        template
-            .render(minijinja::context! {
+        let mut out = BoundedOutput::default();
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
-            })
-            .map_err(template_err)
+            },
+            &mut out,
+        );
+        match rendered {
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::ChatTemplate(format!(
+                "the template ran more than {FUEL} instructions (a loop that does not end?)"
+            ))),
+            Err(_) if out.overflowed => Err(Error::ChatTemplate(format!(
+                "the rendered prompt exceeds {MAX_PROMPT_BYTES} bytes"
+            ))),
+            Err(e) => Err(template_err(e)),
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| Error::ChatTemplate("the template rendered invalid UTF-8".into())),
+        }
     }
 }
 
@@ -418,6 +462,22 @@ mod tests {
         // Unknown function at render time is also a clean error.
         let t = ChatTemplate::new(Some("{{ no_such_fn() }}"), "", "").unwrap();
         assert!(matches!(t.render(&[], false), Err(Error::ChatTemplate(_))));
+    }
+
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        let src = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "", "").unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("more than 5000000 instructions"), "{err}");
+    }
+
+    #[test]
+    fn huge_prompts_are_refused() {
+        let src = "{% for i in range(100) %}{{ 'x' * 100000000 }}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "", "").unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("exceeds 67108864 bytes"), "{err}");
     }
 
     #[test]
