@@ -454,7 +454,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
                         dtype.name()
                     ));
                 }
-                n_elements / block as u64 * block_bytes as u64
+                (n_elements / block as u64)
+                    .checked_mul(block_bytes as u64)
+                    .ok_or_else(|| format!("tensor `{name}`: dimensions {dims:?} overflow"))?
             }
             None => 0,
         };
@@ -623,6 +625,15 @@ mod tests {
         let err = parse_header(&b).unwrap_err();
         assert!(
             err.contains("metadata `general.name` appears twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tensor_too_large_to_count_in_bytes_is_an_error() {
+        let err = parse_header(&gguf_with(&[], &[("t", u64::MAX - 3, 0)])).unwrap_err();
+        assert!(
+            err.contains("tensor `t`: dimensions [18446744073709551612] overflow"),
             "{err}"
         );
     }
