@@ -448,6 +448,11 @@ if ab:
         title = lines[0].lstrip("# ").strip()
         out += [f"[{title}]({readme}), both binaries alternated on one machine:", ""]
         out += [l for l in lines if l.startswith("|")] + [""]
+# Fuzzing figures, recorded by hand from scripts/fuzz.sh runs.
+reliability = "bench/results/reliability.md"
+if os.path.exists(reliability):
+    body = open(reliability).read().split("\n", 1)[1].strip("\n")
+    out += ["", "## Reliability", ""] + body.splitlines()
 open("BENCHMARKS.md", "w").write("\n".join(out) + "\n")
 print(f"run.sh: BENCHMARKS.md: {len(table)} rows from {len(sources)} files", file=sys.stderr)
 PY

@@ -2,7 +2,8 @@
 # Fuzzes one parser with libFuzzer on stable Rust, e.g. `scripts/fuzz.sh gguf_header 1000000`.
 # Targets: gguf_header, safetensors_header, tokenizer, chat_template, policy.
 # RUNS (default 1000000) is the number of inputs; extra arguments go to libFuzzer
-# (`-max_total_time=10`). New interesting inputs land in fuzz/target/corpus/TARGET;
+# (`-max_total_time=10`; `-fork=1 -ignore_crashes=1` keeps going past a
+# crash). New interesting inputs land in fuzz/target/corpus/TARGET;
 # crashes in fuzz/artifacts/TARGET.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
