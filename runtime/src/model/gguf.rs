@@ -17,6 +17,8 @@ const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 /// The fewest bytes a tensor description takes: name length, dimension count,
 /// one dimension, type and offset.
 const MIN_TENSOR_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+/// The most entries reserved ahead from a count the file states.
+const PREALLOCATE_MAX: u64 = 1 << 16;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -335,7 +337,8 @@ impl<'a> Reader<'a> {
                         "metadata `{key}`: array of {count} elements cannot fit in the file (truncated?)"
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                // Parsed values are larger than their bytes: grow as they are read.
+                let mut items = Vec::with_capacity(count.min(PREALLOCATE_MAX) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_type, key, depth + 1)?);
                 }
@@ -416,7 +419,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
         },
     };
 
-    let mut infos = Vec::with_capacity(tensor_count as usize);
+    let mut infos = Vec::with_capacity(tensor_count.min(PREALLOCATE_MAX) as usize);
     let mut names = BTreeSet::new();
     for _ in 0..tensor_count {
         let name = r.string("a tensor name")?;
