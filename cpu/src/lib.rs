@@ -38,7 +38,7 @@ pub use diagnose::HeadMass;
 pub use error::CpuError;
 pub use estimator::ln_u_exact;
 pub use index::{MID_MIN, RAW_MAX};
-pub use policy::{sketch_rank_for, LshParams, Policy, PolicySpec, ThresholdParams};
+pub use policy::{policy_kinds, sketch_rank_for, LshParams, Policy, PolicySpec, ThresholdParams};
 pub use pool::{LayerOutput, WorkerPool};
 pub use store::{LayerStore, PrefillTimes};
 /// The log-sum-exp merge of partial results (the convention above).

@@ -272,6 +272,34 @@ fn policy_error(spec: &str, problem: &str) -> CpuError {
     }
 }
 
+/// Parses one kind's parameters into its policy and the index it needs.
+type KindParser = fn(&mut Params<'_>) -> Result<(Policy, Option<LshIndexParams>), CpuError>;
+
+/// Every policy kind [`PolicySpec`] parses, by name.
+const KINDS: [(&str, KindParser); 5] = [
+    ("dense", |_| Ok((Policy::Dense, None))),
+    ("topk", |p| {
+        Ok((Policy::TopK(p.require("k", "topk needs k=N")?), None))
+    }),
+    ("oracle", |p| {
+        let budget = p.require("budget", "oracle needs budget=N")?;
+        let seed = ORACLE_SEED;
+        Ok((Policy::Oracle { budget, seed }, None))
+    }),
+    ("lsh", |p| {
+        let (policy, index) = p.lsh()?;
+        Ok((policy, Some(index)))
+    }),
+    ("threshold", |p| {
+        Ok((Policy::Threshold(p.threshold()?), None))
+    }),
+];
+
+/// The names of the policy kinds [`PolicySpec`] parses (`dense`, `topk`, ...).
+pub fn policy_kinds() -> impl Iterator<Item = &'static str> {
+    KINDS.iter().map(|(name, _)| *name)
+}
+
 impl FromStr for PolicySpec {
     type Err = CpuError;
 
@@ -279,23 +307,11 @@ impl FromStr for PolicySpec {
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
         let mut params = Params::parse(s, rest)?;
         let kv_dtype = params.kv_dtype()?;
-        let (policy, lsh) = match kind {
-            "dense" => (Policy::Dense, None),
-            "topk" => (Policy::TopK(params.require("k", "topk needs k=N")?), None),
-            "oracle" => {
-                let budget = params.require("budget", "oracle needs budget=N")?;
-                let seed = ORACLE_SEED;
-                (Policy::Oracle { budget, seed }, None)
-            }
-            "lsh" => {
-                let (policy, index) = params.lsh()?;
-                (policy, Some(index))
-            }
-            "threshold" => (Policy::Threshold(params.threshold()?), None),
-            _ => {
-                return Err(params.err("unknown policy kind (dense, topk, oracle, lsh, threshold)"))
-            }
+        let Some((_, parse_kind)) = KINDS.iter().find(|(name, _)| *name == kind) else {
+            let known = policy_kinds().collect::<Vec<_>>().join(", ");
+            return Err(params.err(&format!("unknown policy kind (kinds: {known})")));
         };
+        let (policy, lsh) = parse_kind(&mut params)?;
         if let Some(k) = params.values.keys().next() {
             return Err(params.err(&format!("unknown parameter {k:?}")));
         }

@@ -2,12 +2,13 @@
 //!
 //! Templates are the Jinja sources Hugging Face models ship (`tokenizer.chat_template`
 //! in GGUF, `chat_template` in `tokenizer_config.json`), rendered with `minijinja`.
-//! Besides the Jinja builtins, templates get `raise_exception(msg)`,
+//! Besides the Jinja builtins, templates get `tojson` (Hugging Face's: no HTML
+//! escaping, an optional `indent`), `raise_exception(msg)`,
 //! `strftime_now(format)` (UTC; `%Y %m %d %H %M %S %B %b %A %a %%`) and the common
 //! Python string methods `strip`, `lstrip`, `rstrip`, `startswith`, `endswith`,
 //! `upper`, `lower`, `title`, `replace`, `split`, and `get` on maps.
 
-use minijinja::value::Value;
+use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,36 @@ impl std::fmt::Debug for ChatTemplate {
 
 const NAME: &str = "chat";
 
+/// Template instructions one rendering may run: thousands of messages need
+/// far fewer, and a template stuck in nested loops stops within a second.
+const FUEL: u64 = 5_000_000;
+
+/// The longest prompt a template may render: far beyond any context window
+/// (a million tokens is a few megabytes of text).
+pub const MAX_PROMPT_BYTES: usize = 64 << 20;
+
+/// The rendered prompt, refusing to grow past [`MAX_PROMPT_BYTES`].
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_PROMPT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("prompt too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn template_err(e: minijinja::Error) -> Error {
     // Show the whole chain: minijinja puts the location and cause in sources.
     let mut msg = e.to_string();
@@ -108,6 +139,102 @@ fn template_err(e: minijinja::Error) -> Error {
         src = s.source();
     }
     Error::ChatTemplate(msg)
+}
+
+/// The deepest nesting of lists and maps a template may print or turn into a
+/// string: printing walks values recursively, and a namespace holding itself
+/// (`{% set ns.x = ns %}`) would otherwise overflow the stack.
+const MAX_PRINTED_DEPTH: usize = 32;
+
+/// The most values (of every level) a template may print at once.
+const MAX_PRINTED_VALUES: usize = 100_000;
+
+/// Refuses a value too deep or too large to print: the check walks at most
+/// [`MAX_PRINTED_VALUES`] values, [`MAX_PRINTED_DEPTH`] levels deep.
+fn check_printable(value: &Value) -> std::result::Result<(), minijinja::Error> {
+    fn walk(value: &Value, depth: usize, budget: &mut usize) -> bool {
+        if !matches!(value.kind(), ValueKind::Seq | ValueKind::Map) {
+            return true;
+        }
+        if depth >= MAX_PRINTED_DEPTH {
+            return false;
+        }
+        let Ok(items) = value.try_iter() else {
+            return true;
+        };
+        let is_map = value.kind() == ValueKind::Map;
+        for item in items {
+            if *budget == 0 {
+                return false;
+            }
+            *budget -= 1;
+            let child = if is_map {
+                value.get_item(&item).unwrap_or_default()
+            } else {
+                item
+            };
+            if !walk(&child, depth + 1, budget) {
+                return false;
+            }
+        }
+        true
+    }
+    let mut budget = MAX_PRINTED_VALUES;
+    if walk(value, 0, &mut budget) {
+        return Ok(());
+    }
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!(
+            "a value nested deeper than {MAX_PRINTED_DEPTH} levels or holding more than \
+             {MAX_PRINTED_VALUES} values (one that holds itself?) cannot be printed"
+        ),
+    ))
+}
+
+/// Prints a value as minijinja does, once [`check_printable`] allows it.
+fn bounded_formatter(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> std::result::Result<(), minijinja::Error> {
+    check_printable(value)?;
+    minijinja::escape_formatter(out, state, value)
+}
+
+/// The `string` filter, refusing what [`check_printable`] refuses.
+fn bounded_string(value: Value) -> std::result::Result<Value, minijinja::Error> {
+    check_printable(&value)?;
+    Ok(match value.as_str() {
+        Some(_) => value,
+        None => Value::from(value.to_string()),
+    })
+}
+
+/// The `tojson` filter (as Hugging Face defines it: no HTML escaping, an
+/// optional `indent`), refusing what [`check_printable`] refuses.
+fn bounded_tojson(
+    value: Value,
+    indent: Option<usize>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let indent = indent.or(kwargs.get::<Option<usize>>("indent")?);
+    kwargs.assert_all_used()?;
+    check_printable(&value)?;
+    let json = match indent {
+        None => serde_json::to_vec(&value),
+        Some(n) => {
+            let spaces = vec![b' '; n.min(16)];
+            let mut out = Vec::new();
+            let format = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, format);
+            serde::Serialize::serialize(&value, &mut ser).map(|()| out)
+        }
+    };
+    let invalid = |e: String| minijinja::Error::new(ErrorKind::InvalidOperation, e);
+    let text = String::from_utf8(json.map_err(|e| invalid(e.to_string()))?)
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(Value::from_safe_string(text))
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
@@ -270,9 +397,13 @@ impl ChatTemplate {
         // Hugging Face renders with trim_blocks and lstrip_blocks on.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.set_unknown_method_callback(unknown_method);
+        env.set_formatter(bounded_formatter);
+        env.add_filter("string", bounded_string);
+        env.add_filter("tojson", bounded_tojson);
         let source = source.unwrap_or(fallback);
         let completion = source == COMPLETION_TEMPLATE;
         env.add_template_owned(NAME, source.to_string())
@@ -296,14 +427,27 @@ impl ChatTemplate {
     /// `raise_exception`) are [`Error::ChatTemplate`].
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(NAME).map_err(template_err)?;
-        template
-            .render(minijinja::context! {
+        let mut out = BoundedOutput::default();
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
-            })
-            .map_err(template_err)
+            },
+            &mut out,
+        );
+        match rendered {
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::ChatTemplate(format!(
+                "the template ran more than {FUEL} instructions (a loop that does not end?)"
+            ))),
+            Err(_) if out.overflowed => Err(Error::ChatTemplate(format!(
+                "the rendered prompt exceeds {MAX_PROMPT_BYTES} bytes"
+            ))),
+            Err(e) => Err(template_err(e)),
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| Error::ChatTemplate("the template rendered invalid UTF-8".into())),
+        }
     }
 }
 
@@ -418,6 +562,47 @@ mod tests {
         // Unknown function at render time is also a clean error.
         let t = ChatTemplate::new(Some("{{ no_such_fn() }}"), "", "").unwrap();
         assert!(matches!(t.render(&[], false), Err(Error::ChatTemplate(_))));
+    }
+
+    #[test]
+    fn a_namespace_holding_itself_is_refused_not_printed() {
+        for body in [
+            "{{ ns }}",
+            "{{ ns|string }}",
+            "{{ ns|tojson }}",
+            "{{ [ns] }}",
+        ] {
+            let source = format!("{{% set ns = namespace() %}}{{% set ns.x = ns %}}{body}");
+            let t = ChatTemplate::new(Some(&source), "", "").expect("compiles");
+            let err = t.render(&[Message::user("hi")], true).expect_err(body);
+            assert!(
+                err.to_string().contains("cannot be printed"),
+                "{body}: {err}"
+            );
+        }
+        let source =
+            "{{ {'a': [1, {'b': 2}]} }}|{{ [1, 2]|tojson }}|{{ {'k': 'v'}|tojson(indent=2) }}";
+        let t = ChatTemplate::new(Some(source), "", "").expect("compiles");
+        assert_eq!(
+            t.render(&[], false).expect("renders"),
+            "{\"a\": [1, {\"b\": 2}]}|[1,2]|{\n  \"k\": \"v\"\n}"
+        );
+    }
+
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        let src = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "", "").unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("more than 5000000 instructions"), "{err}");
+    }
+
+    #[test]
+    fn huge_prompts_are_refused() {
+        let src = "{% for i in range(100) %}{{ 'x' * 100000000 }}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "", "").unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("exceeds 67108864 bytes"), "{err}");
     }
 
     #[test]

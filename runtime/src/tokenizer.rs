@@ -9,6 +9,7 @@
 //! than a silent fallback that would produce wrong ids); any other
 //! `tokenizer.ggml.model` is an `Unsupported` error.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -20,7 +21,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use crate::model::gguf::GgufFile;
+use crate::model::gguf::{GgufFile, Value};
 use crate::{Error, Result};
 
 mod spm;
@@ -133,8 +134,8 @@ fn byte_to_char(b: u8) -> char {
     char::from_u32(256 + rank).unwrap_or('\u{FFFD}')
 }
 
-fn get_id(file: &GgufFile, key: &str, n_vocab: usize) -> Option<u32> {
-    let v = file.get(key)?.as_u64()?;
+fn get_id(meta: &BTreeMap<String, Value>, key: &str, n_vocab: usize) -> Option<u32> {
+    let v = meta.get(key)?.as_u64()?;
     u32::try_from(v).ok().filter(|&id| (id as usize) < n_vocab)
 }
 
@@ -145,11 +146,17 @@ impl Tokenizer {
     /// their text (e.g. `<|im_start|>`, `<start_of_turn>`) encodes to their single
     /// id.
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
-        let path = file.path();
-        let model = file.get_str("tokenizer.ggml.model").unwrap_or("gpt2");
+        Tokenizer::from_metadata(file.path(), file.metadata())
+    }
+
+    /// Builds a tokenizer from GGUF `tokenizer.ggml.*` metadata, as
+    /// [`Tokenizer::from_gguf`] does; `path` names the file in errors.
+    pub fn from_metadata(path: &Path, meta: &BTreeMap<String, Value>) -> Result<Tokenizer> {
+        let get_str = |key: &str| meta.get(key).and_then(Value::as_str);
+        let model = get_str("tokenizer.ggml.model").unwrap_or("gpt2");
         match model {
             "gpt2" => {}
-            "llama" => return Tokenizer::from_sentencepiece(path, file.metadata()),
+            "llama" => return Tokenizer::from_sentencepiece(path, meta),
             _ => {
                 return Err(Error::unsupported(
                     path,
@@ -159,7 +166,7 @@ impl Tokenizer {
                 ))
             }
         }
-        let tokens = file
+        let tokens = meta
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())
             .ok_or_else(|| Error::bad_model(path, "missing tokenizer.ggml.tokens"))?;
@@ -174,14 +181,14 @@ impl Tokenizer {
                 "tokenizer.ggml.tokens has a bad length",
             ));
         }
-        let types: Vec<i64> = match file
+        let types: Vec<i64> = match meta
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.as_array())
         {
             Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             None => Vec::new(),
         };
-        let merges_v = file
+        let merges_v = meta
             .get("tokenizer.ggml.merges")
             .and_then(|v| v.as_array())
             .ok_or_else(|| Error::bad_model(path, "missing tokenizer.ggml.merges"))?;
@@ -204,10 +211,10 @@ impl Tokenizer {
             .map_err(|e| Error::bad_model(path, format!("tokenizer: {e}")))?;
 
         let add_prefix_space = matches!(
-            file.get("tokenizer.ggml.add_space_prefix"),
-            Some(crate::model::gguf::Value::Bool(true))
+            meta.get("tokenizer.ggml.add_space_prefix"),
+            Some(Value::Bool(true))
         );
-        let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
+        let pre = get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
         let pre_tokenizer = byte_level_pre_tokenizer(pre, add_prefix_space)
             .map_err(|problem| Error::unsupported(path, problem))?;
 
@@ -229,14 +236,14 @@ impl Tokenizer {
         inner.add_tokens(&user);
 
         let n = tokens.len();
-        let bos = get_id(file, "tokenizer.ggml.bos_token_id", n);
-        let eos: Vec<u32> = get_id(file, "tokenizer.ggml.eos_token_id", n)
+        let bos = get_id(meta, "tokenizer.ggml.bos_token_id", n);
+        let eos: Vec<u32> = get_id(meta, "tokenizer.ggml.eos_token_id", n)
             .into_iter()
-            .chain(get_id(file, "tokenizer.ggml.eot_token_id", n))
+            .chain(get_id(meta, "tokenizer.ggml.eot_token_id", n))
             .collect();
         let add_bos = matches!(
-            file.get("tokenizer.ggml.add_bos_token"),
-            Some(crate::model::gguf::Value::Bool(true))
+            meta.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
         );
         let mut unencodable = Box::new([false; 256]);
         for b in 0..=255u8 {
@@ -248,10 +255,7 @@ impl Tokenizer {
     }
 
     /// A SentencePiece (`tokenizer.ggml.model = "llama"`) tokenizer from GGUF metadata.
-    fn from_sentencepiece(
-        path: &Path,
-        meta: &std::collections::BTreeMap<String, crate::model::gguf::Value>,
-    ) -> Result<Tokenizer> {
+    fn from_sentencepiece(path: &Path, meta: &BTreeMap<String, Value>) -> Result<Tokenizer> {
         let parts = spm::build(path, meta)?;
         // Every added token is a piece of the vocabulary, so this is the size
         // without cloning the vocabulary to find its largest id.

@@ -191,6 +191,45 @@ impl Config {
         }
     }
 
+    /// Checks what the forward pass relies on, whatever the file format:
+    /// sizes in `1..=MAX_DIM`, whole and even heads, query heads a multiple of
+    /// kv heads, a positive finite RoPE base and RMS epsilon. The error is the
+    /// problem, in words.
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        for (what, v) in [
+            ("layer count", self.n_layers),
+            ("width", self.dim),
+            ("feed-forward width", self.ffn_dim),
+            ("head count", self.n_heads),
+            ("kv head count", self.n_kv_heads),
+            ("head size", self.head_dim),
+            ("vocabulary size", self.vocab_size),
+            ("context length", self.context_length),
+        ] {
+            if v == 0 || v as u64 > MAX_DIM {
+                return Err(format!("{what} {v} is out of range (1 to {MAX_DIM})"));
+            }
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head size {} is odd: RoPE rotates pairs of elements",
+                self.head_dim
+            ));
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(format!(
+                "{} query heads cannot share {} kv heads evenly",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        for (what, v) in [("RoPE base", self.rope_base), ("RMS epsilon", self.rms_eps)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("{what} {v} must be a positive number"));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn from_gguf(file: &GgufFile) -> Result<Config> {
         let path = file.path();
         let arch_name = file
@@ -296,6 +335,9 @@ impl Config {
             }
             Architecture::Gemma3 => config.family_gemma3(file, &key)?,
         }
+        config
+            .validate()
+            .map_err(|problem| Error::bad_model(path, problem))?;
         Ok(config)
     }
 

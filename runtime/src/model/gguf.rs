@@ -3,7 +3,7 @@
 //! Only the container is parsed here: metadata and tensor descriptions. Turning
 //! tensors into weights is the job of [`crate::model::weights`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use tandem_kernels::mem::MappedFile;
@@ -12,6 +12,13 @@ use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// The fewest bytes a metadata entry takes: key length, value type, a one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// The fewest bytes a tensor description takes: name length, dimension count,
+/// one dimension, type and offset.
+const MIN_TENSOR_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+/// The most entries reserved ahead from a count the file states.
+const PREALLOCATE_MAX: u64 = 1 << 16;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,8 +208,8 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
         let mmap = super::map_file(&path)?;
-        let (metadata, tensors) =
-            parse(&mmap).map_err(|problem| Error::bad_model(&path, problem))?;
+        let Header { metadata, tensors } =
+            parse_header(&mmap).map_err(|problem| Error::bad_model(&path, problem))?;
         Ok(GgufFile {
             path,
             mmap,
@@ -324,14 +331,14 @@ impl<'a> Reader<'a> {
                 }
                 let elem_type = self.u32(key)?;
                 let count = self.u64(key)?;
-                // Every element takes at least one byte: a count beyond the file is corrupt.
                 let remaining = (self.bytes.len() - self.pos) as u64;
-                if count > remaining {
+                if count.saturating_mul(min_value_bytes(elem_type)) > remaining {
                     return Err(format!(
                         "metadata `{key}`: array of {count} elements cannot fit in the file (truncated?)"
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                // Parsed values are larger than their bytes: grow as they are read.
+                let mut items = Vec::with_capacity(count.min(PREALLOCATE_MAX) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_type, key, depth + 1)?);
                 }
@@ -345,9 +352,30 @@ impl<'a> Reader<'a> {
     }
 }
 
-type Parsed = (BTreeMap<String, Value>, Vec<TensorInfo>);
+/// The fewest bytes a value of GGUF type `type_id` takes in the file.
+fn min_value_bytes(type_id: u32) -> u64 {
+    match type_id {
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
 
-fn parse(bytes: &[u8]) -> Result<Parsed, String> {
+/// A GGUF file's metadata and tensor table.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// All metadata, by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// All tensors, in file order, each validated to lie inside the file.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// Parses and validates the header of a GGUF file held in `bytes` (the whole
+/// file: tensor data is checked to lie inside it). The error is the problem,
+/// in words; [`GgufFile::open`] adds the path.
+pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     let mut r = Reader { bytes, pos: 0 };
     let magic = r
         .take(4, "the file magic")
@@ -364,8 +392,13 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
     let limit = bytes.len() as u64;
-    if tensor_count > limit || kv_count > limit {
-        return Err("header counts are larger than the file (corrupt or truncated)".into());
+    let least = tensor_count
+        .saturating_mul(MIN_TENSOR_BYTES)
+        .saturating_add(kv_count.saturating_mul(MIN_KV_BYTES));
+    if least > limit - r.pos as u64 {
+        return Err(format!(
+            "header counts ({tensor_count} tensors, {kv_count} metadata entries) cannot fit in the file of {limit} bytes (corrupt or truncated)"
+        ));
     }
 
     let mut metadata = BTreeMap::new();
@@ -373,7 +406,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
         let key = r.string("a metadata key")?;
         let type_id = r.u32(&key)?;
         let value = r.value(type_id, &key, 0)?;
-        metadata.insert(key, value);
+        if metadata.insert(key.clone(), value).is_some() {
+            return Err(format!("metadata `{key}` appears twice"));
+        }
     }
 
     let alignment = match metadata.get("general.alignment") {
@@ -384,9 +419,13 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
         },
     };
 
-    let mut infos = Vec::with_capacity(tensor_count as usize);
+    let mut infos = Vec::with_capacity(tensor_count.min(PREALLOCATE_MAX) as usize);
+    let mut names = BTreeSet::new();
     for _ in 0..tensor_count {
         let name = r.string("a tensor name")?;
+        if !names.insert(name.clone()) {
+            return Err(format!("tensor `{name}` appears twice"));
+        }
         let n_dims = r.u32(&name)?;
         if n_dims == 0 || n_dims > 4 {
             return Err(format!(
@@ -418,10 +457,17 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
                         dtype.name()
                     ));
                 }
-                n_elements / block as u64 * block_bytes as u64
+                (n_elements / block as u64)
+                    .checked_mul(block_bytes as u64)
+                    .ok_or_else(|| format!("tensor `{name}`: dimensions {dims:?} overflow"))?
             }
             None => 0,
         };
+        if rel_offset % alignment != 0 {
+            return Err(format!(
+                "tensor `{name}`: data offset {rel_offset} is not a multiple of the alignment {alignment}"
+            ));
+        }
         let offset = data_start
             .checked_add(rel_offset)
             .ok_or_else(|| format!("tensor `{name}`: offset overflows"))?;
@@ -439,7 +485,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, String> {
             n_bytes,
         });
     }
-    Ok((metadata, tensors))
+    Ok(Header { metadata, tensors })
 }
 
 #[cfg(test)]
@@ -477,7 +523,10 @@ mod tests {
 
     #[test]
     fn parses_a_minimal_file() {
-        let (meta, tensors) = parse(&tiny_gguf()).expect("parses");
+        let Header {
+            metadata: meta,
+            tensors,
+        } = parse_header(&tiny_gguf()).expect("parses");
         assert_eq!(meta["general.architecture"].as_str(), Some("llama"));
         assert_eq!(tensors.len(), 1);
         assert_eq!(tensors[0].n_bytes, 16);
@@ -489,7 +538,7 @@ mod tests {
         let full = tiny_gguf();
         for len in 0..full.len() {
             assert!(
-                parse(&full[..len]).is_err(),
+                parse_header(&full[..len]).is_err(),
                 "prefix of {len} bytes was accepted"
             );
         }
@@ -519,13 +568,96 @@ mod tests {
         assert_eq!(GgmlType::Other(10).block_layout(), None);
     }
 
+    /// A GGUF of `n_kv` string metadata entries `k0`, `k1`, ... and F32
+    /// tensors `(name, elements, offset)`, with 64 bytes of data.
+    fn gguf_with(keys: &[&str], tensors: &[(&str, u64, u64)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        b.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+        for key in keys {
+            push_str(&mut b, key);
+            b.extend_from_slice(&8u32.to_le_bytes());
+            push_str(&mut b, "v");
+        }
+        for (name, elements, offset) in tensors {
+            push_str(&mut b, name);
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.extend_from_slice(&elements.to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+        }
+        b.resize(b.len().next_multiple_of(32) + 64, 0);
+        b
+    }
+
+    #[test]
+    fn header_counts_beyond_the_file_fail_before_parsing() {
+        let mut b = gguf_with(&[], &[]);
+        let near_size = b.len() as u64 - 30;
+        b[8..16].copy_from_slice(&near_size.to_le_bytes());
+        let err = parse_header(&b).unwrap_err();
+        assert!(err.contains("cannot fit in the file"), "{err}");
+        let mut b = gguf_with(&[], &[]);
+        b[16..24].copy_from_slice(&near_size.to_le_bytes());
+        let err = parse_header(&b).unwrap_err();
+        assert!(err.contains("cannot fit in the file"), "{err}");
+    }
+
+    #[test]
+    fn an_array_count_is_checked_against_its_elements_size() {
+        let mut b = gguf_with(&["k"], &[]);
+        // Turn `k` into an array of u64 with more elements than the file holds eights.
+        let at = 24 + 8 + 1;
+        b[at..at + 4].copy_from_slice(&9u32.to_le_bytes());
+        b.splice(
+            at + 4..at + 4,
+            [10u32.to_le_bytes().as_slice(), &40u64.to_le_bytes()].concat(),
+        );
+        let err = parse_header(&b).unwrap_err();
+        assert!(err.contains("array of 40 elements cannot fit"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_are_errors_naming_them() {
+        let b = gguf_with(&[], &[("blk.0.w", 4, 0), ("blk.0.w", 4, 32)]);
+        let err = parse_header(&b).unwrap_err();
+        assert!(err.contains("tensor `blk.0.w` appears twice"), "{err}");
+        let b = gguf_with(&["general.name", "general.name"], &[]);
+        let err = parse_header(&b).unwrap_err();
+        assert!(
+            err.contains("metadata `general.name` appears twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tensor_too_large_to_count_in_bytes_is_an_error() {
+        let err = parse_header(&gguf_with(&[], &[("t", u64::MAX - 3, 0)])).unwrap_err();
+        assert!(
+            err.contains("tensor `t`: dimensions [18446744073709551612] overflow"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_misaligned_data_offset_is_an_error_naming_the_tensor() {
+        assert!(parse_header(&gguf_with(&[], &[("a", 4, 0), ("b", 4, 32)])).is_ok());
+        let err = parse_header(&gguf_with(&[], &[("a", 4, 0), ("b", 4, 20)])).unwrap_err();
+        assert!(
+            err.contains("tensor `b`: data offset 20 is not a multiple of the alignment 32"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn rejects_wrong_magic_and_version() {
         let mut b = tiny_gguf();
         b[0] = b'X';
-        assert!(parse(&b).unwrap_err().contains("not a GGUF file"));
+        assert!(parse_header(&b).unwrap_err().contains("not a GGUF file"));
         let mut b = tiny_gguf();
         b[4] = 9;
-        assert!(parse(&b).unwrap_err().contains("version 9"));
+        assert!(parse_header(&b).unwrap_err().contains("version 9"));
     }
 }

@@ -127,7 +127,10 @@ impl SafetensorsFile {
     }
 }
 
-fn parse_header(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
+/// Parses and validates the header of a safetensors file held in `bytes` (the
+/// whole file: every tensor's data is checked to lie inside it). The error is
+/// the problem, in words; [`SafetensorsFile::open`] adds the path.
+pub fn parse_header(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
     if bytes.len() < 8 {
         return Err(format!(
             "not a safetensors file: {} bytes, too short for the header length",
@@ -145,7 +148,7 @@ fn parse_header(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
                 bytes.len()
             )
         })?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..header_end])
+    let Entries(header) = serde_json::from_slice(&bytes[8..header_end])
         .map_err(|e| format!("the header is not a JSON object: {e}"))?;
     let data_len = bytes.len() - header_end;
     let mut tensors = HashMap::new();
@@ -197,17 +200,46 @@ fn parse_header(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
                 dtype.name()
             )));
         }
-        tensors.insert(
-            name,
-            TensorEntry {
-                dtype,
-                shape,
-                start: header_end + begin,
-                end: header_end + end,
-            },
-        );
+        let entry = TensorEntry {
+            dtype,
+            shape,
+            start: header_end + begin,
+            end: header_end + end,
+        };
+        if tensors.insert(name.clone(), entry).is_some() {
+            return Err(format!("tensor `{name}` appears twice"));
+        }
     }
     Ok(tensors)
+}
+
+/// A JSON object's entries in file order, repeated keys kept (a map would
+/// silently keep only the last).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Entries;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 /// All `*.safetensors` files of a directory, with a name index over them.
@@ -397,7 +429,7 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
         }
     };
     let rope_base = float("rope_theta", Some(10000.0))?;
-    Ok(Config {
+    let mut config = Config {
         name: dir
             .file_name()
             .map_or_else(|| "llama".into(), |n| n.to_string_lossy().into_owned()),
@@ -409,12 +441,18 @@ pub fn read_hf_config(dir: &Path) -> Result<Config> {
         head_dim,
         vocab_size: get("vocab_size")?,
         rope_base,
-        rope_factors: hf_rope_factors(&json, &path, head_dim, rope_base)?,
+        rope_factors: Vec::new(),
         rms_eps: float("rms_norm_eps", None)?,
         context_length: get("max_position_embeddings")?,
         family: Family::llama(),
         local: None,
-    })
+    };
+    config
+        .validate()
+        .map_err(|problem| Error::bad_model(&path, problem))?;
+    // After validation: the factors' length is the (now bounded) head size.
+    config.rope_factors = hf_rope_factors(&json, &path, head_dim, rope_base)?;
+    Ok(config)
 }
 
 /// The RoPE frequency divisors of a `rope_scaling` entry: none, or Llama 3.1's
@@ -519,4 +557,29 @@ pub fn hf_tensor_name(gguf: &str) -> String {
         _ => return gguf.to_string(),
     };
     format!("model.layers.{layer}.{part}.weight")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data_len, 0);
+        b
+    }
+
+    #[test]
+    fn a_tensor_named_twice_is_an_error_naming_it() {
+        let one = r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#;
+        assert_eq!(
+            parse_header(&file(one, 8)).expect("parses")["a"].end,
+            8 + one.len() + 8
+        );
+        let twice = r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}"#;
+        let err = parse_header(&file(twice, 12)).unwrap_err();
+        assert!(err.contains("tensor `a` appears twice"), "{err}");
+    }
 }

@@ -63,33 +63,15 @@ impl LayerPolicy {
     /// reference: it must give dense's results).
     pub fn parse(spec: &str) -> Result<LayerPolicy> {
         let spec = spec.trim();
-        let attention = match spec {
-            "dense" => LayerAttention::Dense,
-            "window" => LayerAttention::Window { size: None },
-            _ if spec.starts_with("window:") => LayerAttention::Window {
-                size: Some(one_number(spec, "window:w=")?),
-            },
-            _ if spec.starts_with("shared:") => LayerAttention::Shared {
-                from: one_number(spec, "shared:from=")?,
-            },
-            "exact" => LayerAttention::Offloaded {
-                policy: Policy::Dense,
-                lsh: None,
-                kv_dtype: KvDtype::Bf16,
-            },
-            _ => {
-                let parsed: PolicySpec = spec
-                    .parse()
-                    .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))?;
-                if parsed.policy == Policy::Dense {
-                    LayerAttention::Dense
-                } else {
-                    LayerAttention::Offloaded {
-                        policy: parsed.policy,
-                        lsh: parsed.lsh,
-                        kv_dtype: parsed.kv_dtype,
-                    }
-                }
+        let kind = spec.split_once(':').map_or(spec, |(kind, _)| kind);
+        let attention = match LAYER_KINDS.iter().find(|(name, _)| *name == kind) {
+            Some((_, parse_kind)) => parse_kind(spec)?,
+            None if tandem_cpu::policy_kinds().any(|k| k == kind) => offloaded(spec)?,
+            None => {
+                return Err(Error::InvalidRequest(format!(
+                    "policy {spec:?}: unknown kind {kind:?} (kinds: {})",
+                    policy_kinds().join(", ")
+                )))
             }
         };
         Ok(LayerPolicy {
@@ -114,6 +96,70 @@ impl LayerPolicy {
             LayerAttention::Window { size: None } | LayerAttention::Offloaded { .. }
         )
     }
+}
+
+/// Parses a policy string of one kind.
+type KindParser = fn(&str) -> Result<LayerAttention>;
+
+/// The kinds the table adds to the CPU engine's, with their parsers.
+const LAYER_KINDS: [(&str, KindParser); 3] = [
+    ("window", |spec| {
+        Ok(LayerAttention::Window {
+            size: match spec {
+                "window" => None,
+                _ => Some(one_number(spec, "window:w=")?),
+            },
+        })
+    }),
+    ("shared", |spec| {
+        Ok(LayerAttention::Shared {
+            from: one_number(spec, "shared:from=")?,
+        })
+    }),
+    ("exact", |spec| match spec {
+        "exact" => Ok(LayerAttention::Offloaded {
+            policy: Policy::Dense,
+            lsh: None,
+            kv_dtype: KvDtype::Bf16,
+        }),
+        _ => Err(Error::InvalidRequest(format!(
+            "policy {spec:?}: `exact` takes no parameters"
+        ))),
+    }),
+];
+
+/// Every policy kind [`LayerPolicy::parse`] accepts, by name.
+pub fn policy_kinds() -> Vec<&'static str> {
+    let engine = tandem_cpu::policy_kinds();
+    engine
+        .chain(LAYER_KINDS.iter().map(|(name, _)| *name))
+        .collect()
+}
+
+/// A policy of the CPU engine's: dense on the device, else offloaded.
+fn offloaded(spec: &str) -> Result<LayerAttention> {
+    let parsed: PolicySpec = spec
+        .parse()
+        .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))?;
+    Ok(if parsed.policy == Policy::Dense {
+        LayerAttention::Dense
+    } else {
+        LayerAttention::Offloaded {
+            policy: parsed.policy,
+            lsh: parsed.lsh,
+            kv_dtype: parsed.kv_dtype,
+        }
+    })
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 /// The number of a one-parameter policy such as `window:w=1024`.
@@ -207,8 +253,18 @@ impl PolicyConfig {
             path: path.to_path_buf(),
             cause,
         })?;
-        toml::from_str(&text).map_err(|e| {
-            Error::InvalidRequest(format!("policy file {}: {}", path.display(), e.message()))
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses a TOML policy; errors name `origin` (the file) and the line and
+    /// column of the problem.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<PolicyConfig> {
+        toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or_else(String::new, |span| {
+                let (line, column) = line_column(text, span.start);
+                format!(", line {line}, column {column}")
+            });
+            Error::InvalidRequest(format!("policy file {origin}{at}: {}", e.message()))
         })
     }
 
@@ -604,6 +660,56 @@ mod tests {
             ..PolicyConfig::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn an_unknown_kind_lists_every_kind_and_every_listed_kind_parses() {
+        let err = LayerPolicy::parse("sparse:k=4").unwrap_err().to_string();
+        let kinds = policy_kinds();
+        for kind in [
+            "dense",
+            "topk",
+            "oracle",
+            "lsh",
+            "threshold",
+            "window",
+            "shared",
+            "exact",
+        ] {
+            assert!(kinds.contains(&kind), "{kind} is not listed");
+            assert!(err.contains(kind), "{kind} is missing from: {err}");
+        }
+        for spec in [
+            "dense",
+            "topk:k=8",
+            "oracle:budget=8",
+            "lsh:k=10,l=75",
+            "threshold:eps=0.1",
+            "window",
+            "shared:from=0",
+            "exact",
+        ] {
+            let kind = spec.split(':').next().unwrap_or(spec);
+            assert!(kinds.contains(&kind), "{spec} parses but is not listed");
+            assert!(LayerPolicy::parse(spec).is_ok(), "{spec}");
+        }
+        assert_eq!(kinds.len(), 8);
+        assert!(LayerPolicy::parse("exact:kbits=8").is_err());
+    }
+
+    #[test]
+    fn toml_errors_name_the_line_and_column() {
+        let text = "policy = \"dense\"\nsinks = 4\n  window = \"wide\"\n";
+        let err = PolicyConfig::from_toml_str(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("policy file p.toml, line 3, column 12:"),
+            "{err}"
+        );
+        let err = PolicyConfig::from_toml_str("sinks = 1\npolcy = 2", "p.toml").unwrap_err();
+        assert!(err.to_string().contains("line 2, column 1"), "{err}");
+        assert_eq!(line_column("a\néb", 4), (2, 2));
     }
 
     #[test]
