@@ -25,8 +25,9 @@ impl SavedChat {
         }
     }
 
-    /// The saved conversation, its tokens run through a prefill again
-    /// (`None` when the file does not exist yet).
+    /// The saved conversation, its keys and values loaded from the file (or,
+    /// from a file without them, its tokens run through a prefill again);
+    /// `None` when the file does not exist yet.
     pub fn resume<'e>(
         &self,
         engine: &'e Engine,
@@ -61,9 +62,10 @@ impl SavedChat {
         let saved = SavedSession {
             tokens: session.tokens().to_vec(),
             messages: messages.to_vec(),
+            state: None,
         };
         engine
-            .save_session(&self.path, &saved)
+            .save_session_state(&self.path, &saved, session)
             .context("saving the conversation")
     }
 }
