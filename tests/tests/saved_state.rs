@@ -3,7 +3,7 @@
 //! next-token logits and decodes the same tokens; damaged or foreign files
 //! are refused.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tandem_runtime::policy::{PolicyConfig, DEFAULT_POLICY};
@@ -137,7 +137,7 @@ fn a_dense_session_resumes_without_a_prefill() {
     check_resumes_exactly("dense", "dense.tandem");
 }
 
-fn refusal(engine: &Engine, path: &PathBuf) -> String {
+fn refusal(engine: &Engine, path: &Path) -> String {
     match engine.load_session(path) {
         Err(e @ Error::SessionFile { .. }) => e.to_string(),
         other => panic!("expected a session-file error, got {other:?}"),
