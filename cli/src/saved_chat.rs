@@ -45,8 +45,9 @@ impl SavedChat {
             .iter()
             .filter(|m| m.role == Role::Assistant)
             .count();
+        let prefilled = saved.tokens.len() - saved.state.as_ref().map_or(0, |s| s.tokens());
         eprintln!(
-            "tandem: restored {turns} turn{} ({} tokens) from {}",
+            "tandem: restored {turns} turn{} ({} tokens, {prefilled} of them prefilled) from {}",
             if turns == 1 { "" } else { "s" },
             saved.tokens.len(),
             self.path.display()
