@@ -132,16 +132,18 @@ TandemStatus tandem_session_cancel(const TandemSession *session);
 // `session` is NULL or a live session handle; `out_count` is NULL or writable.
 TandemStatus tandem_session_token_count(const TandemSession *session, size_t *out_count);
 
-// Saves the session's tokens to `path` crash-safely (a temporary file,
-// flushed, renamed over `path`), tied to the engine's model and policy.
+// Saves the session's tokens, keys and values to `path` crash-safely (a
+// temporary file, flushed, renamed over `path`), tied to the engine's model
+// and policy.
 //
 // # Safety
 // `session` is NULL or a live session handle; `path` is NULL or NUL-terminated.
 TandemStatus tandem_session_save(const TandemSession *session, const char *path);
 
-// Replaces the session's conversation with the one saved in `path`, running
-// its tokens through a prefill (reporting to `progress`, which may be NULL;
-// cancellable). A damaged file, or one saved with another model or policy,
+// Replaces the session's conversation with the one saved in `path`, loading
+// its saved keys and values without running the model (a file without them
+// runs its tokens through a prefill, reporting to `progress`, which may be
+// NULL; cancellable). A damaged file, or one saved with another model or policy,
 // gives `TANDEM_ERR_SESSION_FILE`. On any failure the session is unchanged.
 //
 // # Safety

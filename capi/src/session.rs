@@ -288,8 +288,9 @@ pub unsafe extern "C" fn tandem_session_token_count(
     })
 }
 
-/// Saves the session's tokens to `path` crash-safely (a temporary file,
-/// flushed, renamed over `path`), tied to the engine's model and policy.
+/// Saves the session's tokens, keys and values to `path` crash-safely (a
+/// temporary file, flushed, renamed over `path`), tied to the engine's model
+/// and policy.
 ///
 /// # Safety
 /// `session` is NULL or a live session handle; `path` is NULL or NUL-terminated.
@@ -306,16 +307,18 @@ pub unsafe extern "C" fn tandem_session_save(
             tokens.extend(&state.pending);
             let saved = SavedSession {
                 tokens,
-                messages: Vec::new(),
+                ..SavedSession::default()
             };
-            Ok(s.engine().save_session(Path::new(path), &saved)?)
+            let engine = s.engine();
+            Ok(engine.save_session_state(Path::new(path), &saved, &state.session)?)
         })
     })
 }
 
-/// Replaces the session's conversation with the one saved in `path`, running
-/// its tokens through a prefill (reporting to `progress`, which may be NULL;
-/// cancellable). A damaged file, or one saved with another model or policy,
+/// Replaces the session's conversation with the one saved in `path`, loading
+/// its saved keys and values without running the model (a file without them
+/// runs its tokens through a prefill, reporting to `progress`, which may be
+/// NULL; cancellable). A damaged file, or one saved with another model or policy,
 /// gives `TANDEM_ERR_SESSION_FILE`. On any failure the session is unchanged.
 ///
 /// # Safety
@@ -334,21 +337,22 @@ pub unsafe extern "C" fn tandem_session_restore(
             let engine = s.engine();
             let saved = engine.load_session(Path::new(path))?;
             s.check_cancel()?;
-            let mut session = engine.session()?;
             let mut progress = progress_fn(progress, user_data);
             let total = saved.tokens.len();
-            let pending = match saved.tokens.split_last() {
-                Some((&last, run)) if !run.is_empty() => {
-                    session.prefill_cancellable(
-                        run,
-                        &mut |done, _| progress(done, total),
-                        Some(&s.cancel),
-                    )?;
-                    vec![last]
-                }
-                Some((&last, _)) => vec![last],
-                None => Vec::new(),
+            let covered = saved.state.as_ref().map_or(0, |state| state.tokens());
+            // The last token not in the saved state waits, as after a prefill.
+            let (run, pending) = match saved.tokens.split_last() {
+                Some((&last, run)) if total > covered => (run.to_vec(), vec![last]),
+                _ => (saved.tokens.clone(), Vec::new()),
             };
+            let saved = SavedSession {
+                tokens: run,
+                ..saved
+            };
+            let (session, _) =
+                engine.restore_session(&saved, Some(&s.cancel), &mut |done, _| {
+                    progress(done, total)
+                })?;
             progress(total, total);
             *state = State { session, pending };
             Ok(())

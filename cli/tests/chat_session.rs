@@ -62,8 +62,9 @@ fn a_chat_resumes_from_its_session_file() {
     let second = chat(&file, "And of Italy?\n");
     assert!(second.status.success(), "{}", stderr(&second));
     assert!(
-        stderr(&second).contains("restored 1 turn ("),
-        "{}",
+        stderr(&second).contains("restored 1 turn (")
+            && stderr(&second).contains(" tokens, 0 of them prefilled)"),
+        "the saved keys and values are resumed: {}",
         stderr(&second)
     );
     let reply = String::from_utf8_lossy(&second.stdout);

@@ -8,7 +8,9 @@
 //! code`) of int8 rows. Logits use the raw (uncentred) keys, so the box is of
 //! the raw keys too.
 
+use crate::error::CpuError;
 use crate::rows::Rows;
+use crate::snapshot::{count, ArrayReader, ArrayWriter};
 use tandem_kernels::vector::dot_f32_multi;
 
 /// Keys per bounded block.
@@ -60,6 +62,34 @@ impl KeyBounds {
     /// Bytes held, counted in the store's index bytes.
     pub(crate) fn bytes(&self) -> usize {
         (self.boxes.len() + self.mags.len() + self.lo.len() + self.hi.len()) * 4
+    }
+
+    /// Writes the boxes, the last block's extent and the keys covered.
+    pub(crate) fn save(&self, out: &mut ArrayWriter) {
+        out.put(&[self.covered as u64]);
+        out.put(&self.boxes);
+        out.put(&self.mags);
+        out.put(&self.lo);
+        out.put(&self.hi);
+    }
+
+    /// Replaces these (empty) bounds by those [`KeyBounds::save`] wrote, of
+    /// at most `max_keys` keys.
+    pub(crate) fn load(
+        &mut self,
+        max_keys: usize,
+        input: &mut ArrayReader,
+    ) -> Result<(), CpuError> {
+        let d = self.d;
+        let covered = input.get::<u64>("bounded keys", 1)?[0];
+        let covered = count("bounded keys", covered, max_keys)?;
+        let blocks = covered.div_ceil(BOUND_BLOCK);
+        self.boxes = input.get("key bounds", 2 * d * blocks)?;
+        self.mags = input.get("key bound magnitudes", blocks)?;
+        self.lo = input.get("last block minima", d)?;
+        self.hi = input.get("last block maxima", d)?;
+        self.covered = covered;
+        Ok(())
     }
 
     /// Widens the boxes to the keys of `keys` not yet covered (every key at a

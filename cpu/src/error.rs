@@ -26,6 +26,9 @@ pub enum CpuError {
     /// The LSH hyperplanes could not be built.
     #[error("hyperplanes: {0}")]
     Hyperplanes(#[from] ProjectorError),
+    /// A saved store's state does not fit its configuration.
+    #[error("saved store: {0}")]
+    Snapshot(String),
     /// The store could not grow.
     #[error("offloaded KV store: {0}")]
     OutOfMemory(#[from] OutOfMemory),

@@ -30,6 +30,7 @@ use crate::config::{LayerConfig, LshIndexParams};
 use crate::error::CpuError;
 use crate::estimator::LnUTable;
 use crate::shared::{shared, SharedCache};
+use crate::snapshot::{count, ArrayReader, ArrayWriter};
 use std::sync::{Arc, OnceLock};
 use tandem_kernels::gaps::{count_pairs, decode_gaps, Bucket, GapWriter};
 use tandem_kernels::hash::{table_code, Projector};
@@ -211,6 +212,22 @@ impl Csr {
     fn bytes(&self) -> usize {
         self.offsets.len() * 4 + self.packed.len()
     }
+
+    /// Writes each key's code into `codes`, table-major over `n` keys
+    /// (`codes[t * n + key]`), the inverse of [`Csr::build`].
+    fn codes_into(&self, k: usize, l: usize, n: usize, codes: &mut [u16]) {
+        let mut ids = Vec::new();
+        for t in 0..l {
+            for c in 0..1usize << k {
+                let (u, end) = self.bucket(t, c);
+                for &id in self.decode_units(u, end, &mut ids) {
+                    if let Some(code) = codes.get_mut(t * n + self.base as usize + id as usize) {
+                        *code = c as u16;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The index of one kv head: its hyperplanes, its three levels and the
@@ -349,6 +366,59 @@ impl LshIndex {
         codes.clear();
         codes.extend((0..self.params.l).map(|t| self.code(bits, t)));
         self.push_codes(codes)
+    }
+
+    /// Writes the levels as their keys' codes (a level is a function of
+    /// its keys' codes, so [`LshIndex::load`] rebuilds it exactly), then the
+    /// raw codes.
+    pub(crate) fn save(&self, out: &mut ArrayWriter) {
+        let (k, l) = (self.params.k, self.params.l);
+        let levels = [&self.bulk, &self.mid].map(|c| c.as_ref().map_or(0, |c| c.n));
+        out.put(&levels.map(|n| n as u64));
+        let n = self.n_bucketed();
+        let mut codes = vec![0u16; n * l];
+        for level in self.levels() {
+            level.codes_into(k, l, n, &mut codes);
+        }
+        out.put(&codes);
+        out.put(&self.raw_codes);
+    }
+
+    /// Replaces this (empty) index by the one [`LshIndex::save`] wrote over
+    /// `n_keys` keys.
+    pub(crate) fn load(&mut self, n_keys: usize, input: &mut ArrayReader) -> Result<(), CpuError> {
+        let (k, l) = (self.params.k, self.params.l);
+        let levels = input.get::<u64>("index levels", 2)?;
+        let n_bulk = count("keys in the bulk level", levels[0], n_keys)?;
+        let n_mid = count("keys in the mid level", levels[1], n_keys - n_bulk)?;
+        let n = n_bulk + n_mid;
+        let codes: Vec<u16> = input.get("index codes", n * l)?;
+        let raw_codes: Vec<u16> = input.get("raw index codes", (n_keys - n) * l)?;
+        if codes
+            .iter()
+            .chain(&raw_codes)
+            .any(|&c| usize::from(c) >> k != 0)
+        {
+            return Err(CpuError::Snapshot(format!(
+                "an index code of over {k} bits"
+            )));
+        }
+        // Level `[first, last)` of the table-major codes, its own table-major codes.
+        let level = |first: usize, last: usize| -> Result<Option<Csr>, CpuError> {
+            if first == last {
+                return Ok(None);
+            }
+            let m = last - first;
+            let mut own = Vec::with_capacity(m * l);
+            for t in 0..l {
+                own.extend_from_slice(&codes[t * n + first..t * n + last]);
+            }
+            Ok(Some(Csr::build(&own, m, first as u32, k, l)?))
+        };
+        self.bulk = level(0, n_bulk)?;
+        self.mid = level(n_bulk, n)?;
+        self.raw_codes = raw_codes;
+        Ok(())
     }
 
     /// Bytes of the levels and raw codes.

@@ -13,7 +13,8 @@
 //!
 //! Modules, each depending only on those above it: `error`, `config`,
 //! `policy`, `shared`, `estimator`, `rows`, `index`, `bounds`, `store`,
-//! `sketch`, `retrieval`, `attend`, `pool`, `diagnose`.
+//! `sketch`, `retrieval`, `attend`, `pool`, `diagnose`, with `snapshot` (a
+//! store's state as arrays, for saved sessions) right after `error`.
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ mod retrieval;
 mod rows;
 mod shared;
 mod sketch;
+mod snapshot;
 mod store;
 
 pub use bounds::BOUND_BLOCK;
@@ -40,6 +42,7 @@ pub use estimator::ln_u_exact;
 pub use index::{MID_MIN, RAW_MAX};
 pub use policy::{policy_kinds, sketch_rank_for, LshParams, Policy, PolicySpec, ThresholdParams};
 pub use pool::{LayerOutput, WorkerPool};
+pub use snapshot::{ArrayReader, ArrayWriter, LeElem};
 pub use store::{LayerStore, PrefillTimes};
 /// The log-sum-exp merge of partial results (the convention above).
 pub use tandem_kernels::ops::merge_partials;

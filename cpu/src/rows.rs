@@ -3,6 +3,8 @@
 //! copying.
 
 use crate::config::KvDtype;
+use crate::error::CpuError;
+use crate::snapshot::{ArrayReader, ArrayWriter, LeElem};
 use half::bf16;
 use std::borrow::Cow;
 use tandem_kernels::int8::{axpy_i8_multi, dot_i8_f32_multi};
@@ -89,6 +91,22 @@ impl<T: Plain> Blocks<T> {
             self.rows += taken / self.d;
             rest = &rest[taken..];
         }
+        Ok(())
+    }
+}
+
+impl<T: Plain + LeElem> Blocks<T> {
+    /// Writes the rows as one array, `[rows][d]`.
+    fn save(&self, out: &mut ArrayWriter) {
+        let values = (0..self.rows).flat_map(|i| self.row(i).iter().copied());
+        out.put_iter(self.rows * self.d, values);
+    }
+
+    /// Appends the `n` rows of the next array (written by [`Blocks::save`]).
+    fn load(&mut self, n: usize, what: &str, input: &mut ArrayReader) -> Result<(), CpuError> {
+        let flat: Vec<T> = input.get(what, n.saturating_mul(self.d))?;
+        self.reserve(n)?;
+        self.extend(&flat, |x| x)?;
         Ok(())
     }
 }
@@ -257,6 +275,44 @@ impl Rows {
                 for r in src.chunks_exact(c.codes.d) {
                     c.push(r)?;
                 }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the rows as stored (int8 codes with their scales and offsets).
+    pub(crate) fn save(&self, out: &mut ArrayWriter) {
+        match self {
+            Rows::Bf16(b) => b.save(out),
+            Rows::F32(b) => b.save(out),
+            Rows::I8(c) => {
+                c.codes.save(out);
+                out.put(&c.scales);
+                out.put(&c.inverse);
+                out.put(&c.offset);
+            }
+        }
+    }
+
+    /// Loads `n` rows written by [`Rows::save`] into these empty rows.
+    pub(crate) fn load(&mut self, n: usize, input: &mut ArrayReader) -> Result<(), CpuError> {
+        match self {
+            Rows::Bf16(b) => b.load(n, "bf16 rows", input),
+            Rows::F32(b) => b.load(n, "f32 rows", input),
+            Rows::I8(c) => {
+                let d = c.codes.d;
+                c.codes.load(n, "int8 rows", input)?;
+                let scales: Vec<f32> = input.get_at_most("int8 scales", d)?;
+                // Rows fix their scales: only a store without rows has none.
+                if scales.len() != d && !(scales.is_empty() && n == 0) {
+                    return Err(CpuError::Snapshot(format!(
+                        "{} int8 scales for {n} rows of {d}",
+                        scales.len()
+                    )));
+                }
+                c.inverse = input.get("int8 inverse scales", scales.len())?;
+                c.offset = input.get("int8 offsets", scales.len())?;
+                c.scales = scales;
                 Ok(())
             }
         }

@@ -10,6 +10,8 @@
 //! (the query's product with the centring mean), so ranking by it needs no
 //! correction; keys appended after the fit are projected on the same basis.
 
+use crate::error::CpuError;
+use crate::snapshot::{count, ArrayReader, ArrayWriter};
 use tandem_kernels::mem::OutOfMemory;
 use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::sketch::{
@@ -120,6 +122,43 @@ impl KeySketch {
             self.len += 1;
         }
         Ok(())
+    }
+
+    /// Writes the sketch: its rank and keys, basis, spreads, codes and scales.
+    pub(crate) fn save(&self, out: &mut ArrayWriter) {
+        out.put(&[self.r as u64, self.len as u64]);
+        out.put(&self.basis);
+        out.put(&self.spread);
+        out.put(&self.codes);
+        out.put(&self.scales);
+    }
+
+    /// The sketch [`KeySketch::save`] wrote, which must be of rank `r` over
+    /// keys of `d` and hold at most `max_keys` keys.
+    pub(crate) fn load(
+        d: usize,
+        r: usize,
+        max_keys: usize,
+        input: &mut ArrayReader,
+    ) -> Result<KeySketch, CpuError> {
+        let header = input.get::<u64>("sketch size", 2)?;
+        if header[0] != r as u64 {
+            return Err(CpuError::Snapshot(format!(
+                "a key sketch of {} components, configured {r}",
+                header[0]
+            )));
+        }
+        let len = count("sketched keys", header[1], max_keys)?;
+        let blocks = len.div_ceil(SKETCH_BLOCK);
+        Ok(KeySketch {
+            d,
+            r,
+            basis: input.get("sketch basis", r * d)?,
+            spread: input.get("sketch spreads", r)?,
+            codes: input.get("sketch codes", blocks * block_bytes(r))?,
+            scales: input.get("sketch scales", len)?,
+            len,
+        })
     }
 
     /// Keys sketched.

@@ -21,6 +21,7 @@ use crate::error::CpuError;
 use crate::index::{LshIndex, MAX_INDEXED_KEYS};
 use crate::rows::{Elem, Rows};
 use crate::sketch::KeySketch;
+use crate::snapshot::{count, ArrayReader, ArrayWriter};
 use half::{bf16, f16};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -144,6 +145,67 @@ impl HeadStore {
                 let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
                 self.knorm.push(f16::from_f32(norm));
             }
+        }
+    }
+
+    /// Writes the head's state: rows, centring mean, key norms, bounds,
+    /// sketch and index.
+    fn save(&self, out: &mut ArrayWriter) {
+        out.put(&[self.len() as u64]);
+        self.keys.save(out);
+        self.values.save(out);
+        out.put(&self.mean);
+        out.put(&self.knorm);
+        self.bounds.save(out);
+        out.put(&[u64::from(self.sketch.is_some())]);
+        if let Some(sketch) = &self.sketch {
+            sketch.save(out);
+        }
+        if let Some(index) = &self.index {
+            index.save(out);
+        }
+    }
+
+    /// Loads the state [`HeadStore::save`] wrote into this empty head, of
+    /// at most `max_keys` keys.
+    fn load(&mut self, max_keys: usize, input: &mut ArrayReader) -> Result<(), CpuError> {
+        let d = self.d;
+        let n = count(
+            "stored keys",
+            input.get::<u64>("stored keys", 1)?[0],
+            max_keys,
+        )?;
+        if self.index.is_some() && n > MAX_INDEXED_KEYS {
+            return Err(CpuError::Snapshot(format!(
+                "{n} keys, over the {MAX_INDEXED_KEYS} an indexed store holds"
+            )));
+        }
+        self.keys.load(n, input)?;
+        self.values.load(n, input)?;
+        self.mean = input.get("key mean", d)?;
+        let norms = if self.keeps_norms() { n } else { 0 };
+        self.knorm = input.get("key norms", norms)?;
+        self.bounds.load(n, input)?;
+        let sketched = input.get::<u64>("sketch flag", 1)?[0];
+        self.sketch = match (sketched, self.sketch_rank) {
+            (0, _) => None,
+            (1, r) if r > 0 => Some(KeySketch::load(d, r, n, input)?),
+            _ => {
+                return Err(CpuError::Snapshot(
+                    "a key sketch the store does not keep".into(),
+                ))
+            }
+        };
+        let sketched = self.sketch.as_ref().map_or(n, KeySketch::len);
+        if self.bounds.covered() != n || sketched != n {
+            return Err(CpuError::Snapshot(format!(
+                "{n} keys, but bounds of {} and a sketch of {sketched}",
+                self.bounds.covered()
+            )));
+        }
+        match self.index.as_mut() {
+            Some(index) => index.load(n, input),
+            None => Ok(()),
         }
     }
 
@@ -413,6 +475,36 @@ impl LayerStore {
         })
     }
 
+    /// Writes the store's state (every kv head's rows as stored, centring
+    /// mean, key norms, index, bounds and sketch) for [`LayerStore::load`].
+    pub fn save(&self, out: &mut ArrayWriter) -> Result<(), CpuError> {
+        for h in 0..self.heads.len() {
+            self.head(h)?.save(out);
+        }
+        Ok(())
+    }
+
+    /// A store of `cfg` holding the state [`LayerStore::save`] wrote, of at
+    /// most `max_keys` tokens; every array is checked against `cfg` before
+    /// it is copied in.
+    pub fn load(
+        cfg: LayerConfig,
+        max_keys: usize,
+        input: &mut ArrayReader,
+    ) -> Result<LayerStore, CpuError> {
+        let mut store = LayerStore::new(cfg)?;
+        for head in store.heads_mut() {
+            head.load(max_keys, input)?;
+        }
+        let n = store.len();
+        if (0..store.heads.len()).any(|h| store.head(h).map_or(true, |g| g.len() != n)) {
+            return Err(CpuError::Snapshot(
+                "kv heads holding different numbers of keys".into(),
+            ));
+        }
+        Ok(store)
+    }
+
     /// Bulk-loads the prompt keys and values after prefill: `keys` and `values`
     /// are `[n_tokens][n_kv_heads][head_dim]`. Must be called on an empty store.
     /// Fixes the centring mean and builds the LSH tables with `threads` threads
@@ -585,6 +677,81 @@ mod tests {
     use crate::config::LshIndexParams;
     use tandem_kernels::hash::table_code;
     use tandem_kernels::rng::SplitMix64;
+
+    /// A store of `dtype` with an index and a sketch, prefilled with 300 keys
+    /// and then given `appended` more one at a time.
+    fn store_with(dtype: crate::KvDtype, appended: usize) -> LayerStore {
+        let (d, nh) = (32, 2);
+        let cfg = LayerConfig {
+            n_kv_heads: nh,
+            group: 2,
+            head_dim: d,
+            lsh: Some(LshIndexParams { k: 4, l: 6, t: 2 }),
+            seed: 3,
+            kv_dtype: dtype,
+            sketch: 8,
+            ..LayerConfig::default()
+        };
+        let mut rng = SplitMix64(11);
+        let mut rows = |n: usize| -> Vec<f32> {
+            (0..n * nh * d)
+                .map(|_| rng.next_u64() as i32 as f32 / 1e9)
+                .collect()
+        };
+        let mut store = LayerStore::new(cfg).expect("config");
+        let prefill = rows(300);
+        store
+            .load_prefill_f32(&prefill, &prefill, 2)
+            .expect("prefill");
+        for _ in 0..appended {
+            let row = rows(1);
+            store.append_f32(&row, &row).expect("append");
+        }
+        store
+    }
+
+    fn saved(store: &LayerStore) -> Vec<Vec<u8>> {
+        let mut out = ArrayWriter::new();
+        store.save(&mut out).expect("save");
+        out.into_arrays()
+    }
+
+    #[test]
+    fn a_loaded_store_is_the_saved_one() {
+        use crate::KvDtype::{F32, K8V8};
+        for (dtype, appended) in [(crate::KvDtype::Bf16, 700), (F32, 20), (K8V8, 600)] {
+            let store = store_with(dtype, appended);
+            let arrays = saved(&store);
+            let slices: Vec<&[u8]> = arrays.iter().map(Vec::as_slice).collect();
+            let mut input = ArrayReader::new(&slices);
+            let loaded = LayerStore::load(store.config().clone(), 1000, &mut input).expect("load");
+            assert_eq!(input.remaining(), 0);
+            assert_eq!(saved(&loaded), arrays, "{dtype:?}");
+            for h in 0..2 {
+                let (a, b) = (store.head(h).expect("head"), loaded.head(h).expect("head"));
+                let (ia, ib) = (
+                    a.index.as_ref().expect("index"),
+                    b.index.as_ref().expect("index"),
+                );
+                assert_eq!(ia.bytes(), ib.bytes());
+                assert_eq!(ia.levels().count(), ib.levels().count());
+                let (mut bx, mut by) = (Vec::new(), Vec::new());
+                for (x, y) in ia.levels().zip(ib.levels()) {
+                    assert_eq!((x.base, x.n), (y.base, y.n));
+                    for (t, c) in (0..6).flat_map(|t| (0..16).map(move |c| (t, c))) {
+                        let ((u, e), (v, f)) = (x.bucket(t, c), y.bucket(t, c));
+                        assert_eq!((u, e), (v, f));
+                        assert_eq!(x.decode_units(u, e, &mut bx), y.decode_units(v, f, &mut by));
+                    }
+                }
+            }
+
+            let mut short = ArrayReader::new(&slices[..slices.len() - 1]);
+            assert!(LayerStore::load(store.config().clone(), 1000, &mut short).is_err());
+            let mut few = ArrayReader::new(&slices);
+            assert!(LayerStore::load(store.config().clone(), 100, &mut few).is_err());
+        }
+    }
 
     #[test]
     fn keys_hashed_with_queries_get_the_codes_they_get_alone() {

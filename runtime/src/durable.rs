@@ -3,17 +3,13 @@
 //! power while writing.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
-/// Replaces `path` with `bytes`: writes a temporary file in the same directory,
-/// flushes it to disk, renames it over `path` and flushes the directory.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_atomically_with(path, |file| file.write_all(bytes))
-}
-
-/// As [`write_atomically`], with `write` filling the temporary file. If
-/// `write` fails, the temporary file is removed and `path` is left as it was.
+/// Replaces `path` with what `write` writes: fills a temporary file in the
+/// same directory, flushes it to disk, renames it over `path` and flushes
+/// the directory. If `write` fails, the temporary file is removed and `path`
+/// is left as it was.
 pub(crate) fn write_atomically_with(
     path: &Path,
     write: impl FnOnce(&mut File) -> io::Result<()>,
@@ -64,6 +60,11 @@ fn sync_directory(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+        write_atomically_with(path, |file| file.write_all(bytes))
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir =

@@ -270,6 +270,7 @@ impl<D: DenseDevice> Engine<D> {
             let Some((_, token)) = fed.next_if(|(j, _)| *j == i) else {
                 continue;
             };
+            s.last_logits = None;
             s.kv.offload_if_due(self.build_threads())?;
             steps.push(Step {
                 tokens: std::slice::from_ref(token),
@@ -279,8 +280,9 @@ impl<D: DenseDevice> Engine<D> {
         }
         let out = self.model().forward_batch(&mut steps)?;
         drop(steps);
-        for &(i, token) in feed {
+        for (&(i, token), logits) in feed.iter().zip(&out) {
             sessions[i].tokens.push(token);
+            sessions[i].last_logits = Some(logits.clone());
         }
         Ok(feed.iter().map(|&(i, _)| i).zip(out).collect())
     }

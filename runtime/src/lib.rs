@@ -28,6 +28,7 @@ pub mod policy;
 pub mod sampling;
 mod saved;
 mod session;
+mod session_file;
 pub mod split;
 pub mod tokenizer;
 
@@ -37,5 +38,5 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use generate::{Flow, GenerationStats, StopReason};
 pub use sampling::SamplingConfig;
-pub use saved::SavedSession;
+pub use saved::{SavedSession, SavedState};
 pub use session::Session;

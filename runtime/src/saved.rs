@@ -1,29 +1,30 @@
 //! Saved conversations: a versioned, checksummed file holding a session's
-//! token ids and chat messages, tied to the model and policy that made them.
+//! token ids and chat messages, tied to the model and policy that made them,
+//! and (when saved from a live session) the session's keys and values, so
+//! that resuming it runs no prefill.
 //!
-//! Layout (little-endian): the magic `TANDEMSS`, the format version (u32), the
-//! body's length (u64), the body's CRC-32 (u32), then the body, JSON:
-//! `{"model": {...}, "policy": "...", "tokens": [...], "messages": [...]}`.
-//! Only the tokens are saved, not their keys and values: restoring runs the
-//! tokens through a prefill again.
+//! The file (`session_file.rs`) holds a JSON body,
+//! `{"model": {...}, "policy": "...", "tokens": [...], "messages": [...],
+//! "state": {...}}`, then the state's arrays: the logits after the last
+//! token, the device window's rows per layer and each offloaded store's
+//! rows, index, bounds and sketch. A file without a state (or of format
+//! version 1) is resumed by running its tokens through a prefill.
 
+use std::fmt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tandem_cpu::{ArrayReader, ArrayWriter};
 use tandem_gpu::DenseDevice;
 
 use crate::chat::Message;
-use crate::durable::write_atomically;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::session::Session;
-
-const MAGIC: &[u8; 8] = b"TANDEMSS";
-const VERSION: u32 = 1;
-const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
-/// Larger files are refused before they are read.
-const MAX_FILE_BYTES: u64 = 1 << 30;
+use crate::session_file::{self, crc32, SessionFile};
+use crate::split::SequenceCounts;
 
 /// A conversation as saved: the session's tokens and the messages behind them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -32,6 +33,45 @@ pub struct SavedSession {
     pub tokens: Vec<u32>,
     /// The chat messages (empty for sessions driven by tokens alone).
     pub messages: Vec<Message>,
+    /// The keys and values of the first tokens, as a loaded file holds them
+    /// (`None`: resuming runs every token through a prefill).
+    pub state: Option<SavedState>,
+}
+
+/// The keys and values of a saved session's first [`SavedState::tokens`]
+/// tokens, read from its file (mapped; the file is replaced by renaming, never
+/// rewritten in place, so the map stays valid).
+#[derive(Clone)]
+pub struct SavedState {
+    file: Arc<SessionFile>,
+    header: StateHeader,
+}
+
+impl SavedState {
+    /// Tokens whose keys and values are saved.
+    pub fn tokens(&self) -> usize {
+        self.header.sequence.positions
+    }
+
+    /// Whether the logits after the last saved token are saved too.
+    pub fn has_logits(&self) -> bool {
+        self.header.logits
+    }
+}
+
+impl fmt::Debug for SavedState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SavedState")
+            .field("tokens", &self.tokens())
+            .field("logits", &self.header.logits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for SavedState {
+    fn eq(&self, other: &SavedState) -> bool {
+        self.header == other.header && self.file.arrays() == other.file.arrays()
+    }
 }
 
 /// What identifies a model: a session saved with one is refused by another.
@@ -43,78 +83,125 @@ struct ModelIdentity {
     fingerprint: u32,
 }
 
+/// What the arrays of a saved state hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StateHeader {
+    /// Whether the first array is the logits after the last saved token.
+    logits: bool,
+    sequence: SequenceCounts,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Body {
     model: ModelIdentity,
     policy: String,
     tokens: Vec<u32>,
     messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<StateHeader>,
 }
 
 impl<D: DenseDevice> Engine<D> {
-    /// Writes `saved` to `path` crash-safely (a temporary file, flushed, then
-    /// renamed over `path`), with this engine's model and policy.
+    /// Writes `saved`'s tokens and messages to `path` crash-safely (a
+    /// temporary file, flushed, then renamed over `path`), with this engine's
+    /// model and policy; resuming it runs the tokens through a prefill.
     pub fn save_session(&self, path: &Path, saved: &SavedSession) -> Result<()> {
+        self.write_session(path, saved, None, Vec::new())
+    }
+
+    /// As [`Engine::save_session`], with `session`'s keys and values (and the
+    /// logits after its last token, if its last call computed them), so that
+    /// resuming runs no prefill. `session`'s tokens must open `saved.tokens`;
+    /// the tokens after them are run by a prefill on resuming.
+    pub fn save_session_state(
+        &self,
+        path: &Path,
+        saved: &SavedSession,
+        session: &Session<'_, D>,
+    ) -> Result<()> {
+        if !saved.tokens.starts_with(session.tokens()) {
+            return Err(Error::InvalidRequest(
+                "the saved tokens must begin with the session's".into(),
+            ));
+        }
+        let mut out = ArrayWriter::new();
+        if let Some(logits) = &session.last_logits {
+            out.put(logits);
+        }
+        let sequence = session.kv.save_state(&mut out)?;
+        let header = StateHeader {
+            logits: session.last_logits.is_some(),
+            sequence,
+        };
+        self.write_session(path, saved, Some(header), out.into_arrays())
+    }
+
+    fn write_session(
+        &self,
+        path: &Path,
+        saved: &SavedSession,
+        state: Option<StateHeader>,
+        arrays: Vec<Vec<u8>>,
+    ) -> Result<()> {
         let body = Body {
             model: self.identity(),
             policy: self.policy_table().to_string(),
             tokens: saved.tokens.clone(),
             messages: saved.messages.clone(),
+            state,
         };
-        let body = serde_json::to_vec(&body)
+        let json = serde_json::to_vec(&body)
             .map_err(|e| Error::InvalidRequest(format!("encoding the session: {e}")))?;
-        let mut bytes = Vec::with_capacity(HEADER_BYTES + body.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&crc32(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        write_atomically(path, &bytes).map_err(|cause| Error::Io {
-            path: path.to_path_buf(),
-            cause,
-        })
+        session_file::write(path, &json, &arrays)
     }
 
-    /// Reads a session file written by [`Engine::save_session`], refusing a
-    /// damaged file or one saved with another model or policy.
+    /// Reads a session file written by [`Engine::save_session`] or
+    /// [`Engine::save_session_state`], refusing a damaged file or one saved
+    /// with another model or policy.
     pub fn load_session(&self, path: &Path) -> Result<SavedSession> {
-        let bad = |problem: String| Error::SessionFile {
-            path: path.to_path_buf(),
-            problem,
-        };
-        let body = read_body(path)?;
-        let body: Body = serde_json::from_slice(&body).map_err(|e| {
-            bad(format!(
+        let file = session_file::read(path)?;
+        let body: Body = serde_json::from_slice(file.json()).map_err(|e| {
+            file.error(format!(
                 "the checksum matches but the contents do not parse: {e}"
             ))
         })?;
         let model = self.identity();
         if body.model != model {
-            return Err(bad(format!(
+            return Err(file.error(format!(
                 "saved with another model ({}, {} bytes), not {} ({} bytes)",
                 body.model.name, body.model.file_bytes, model.name, model.file_bytes
             )));
         }
         let policy = self.policy_table().to_string();
         if body.policy != policy {
-            return Err(bad(format!(
+            return Err(file.error(format!(
                 "saved with another attention policy; pass the same one:\n{}",
                 body.policy
             )));
         }
         let vocab = self.model().config().vocab_size;
         if let Some(t) = body.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(bad(format!("token id {t} is outside the vocabulary")));
+            return Err(file.error(format!("token id {t} is outside the vocabulary")));
         }
+        if let Some(header) = &body.state {
+            if header.sequence.positions > body.tokens.len() {
+                return Err(file.error("the saved state covers more tokens than saved".into()));
+            }
+        }
+        let file = Arc::new(file);
         Ok(SavedSession {
             tokens: body.tokens,
             messages: body.messages,
+            state: body.state.map(|header| SavedState { file, header }),
         })
     }
 
-    /// A session holding `saved`'s tokens (run through a prefill, reporting
-    /// progress and checking `cancel` like [`Session::prefill_cancellable`]),
-    /// with the logits after its last token (`None` when it has none).
+    /// A session holding `saved`'s tokens, with the logits after its last
+    /// token (`None` when it has none, or when its state was saved without
+    /// them and no token follows it). A saved state is loaded without running
+    /// the model; the tokens after it (all of them, without one) are run
+    /// through a prefill, reporting progress and checking `cancel` like
+    /// [`Session::prefill_cancellable`].
     pub fn restore_session(
         &self,
         saved: &SavedSession,
@@ -122,11 +209,47 @@ impl<D: DenseDevice> Engine<D> {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Session<'_, D>, Option<Vec<f32>>)> {
         let mut session = self.session()?;
-        if saved.tokens.is_empty() {
-            return Ok((session, None));
+        if let Some(state) = &saved.state {
+            self.load_state(&mut session, state, &saved.tokens)?;
+            progress(session.tokens.len(), saved.tokens.len());
         }
-        let logits = session.prefill_cancellable(&saved.tokens, progress, cancel)?;
-        Ok((session, Some(logits)))
+        let rest = &saved.tokens[session.tokens.len()..];
+        if !rest.is_empty() {
+            let done = session.tokens.len();
+            let total = saved.tokens.len();
+            session.prefill_cancellable(rest, &mut |n, _| progress(done + n, total), cancel)?;
+        }
+        let logits = session.last_logits.clone();
+        Ok((session, logits))
+    }
+
+    /// Loads `state` into the empty `session` (`tokens` the saved tokens).
+    fn load_state(
+        &self,
+        session: &mut Session<'_, D>,
+        state: &SavedState,
+        tokens: &[u32],
+    ) -> Result<()> {
+        let file = &state.file;
+        let arrays = file.arrays();
+        let mut input = ArrayReader::new(&arrays);
+        let config = self.model().config();
+        let logits = match state.header.logits {
+            true => Some(
+                input
+                    .get::<f32>("logits", config.vocab_size)
+                    .map_err(|e| file.error(e.to_string()))?,
+            ),
+            false => None,
+        };
+        let positions = tokens.len().min(config.context_length);
+        session
+            .kv
+            .load_state(&state.header.sequence, positions, &mut input)
+            .map_err(|e| file.error(format!("its keys and values do not fit: {e}")))?;
+        session.tokens = tokens[..state.tokens()].to_vec();
+        session.last_logits = logits;
+        Ok(())
     }
 
     fn identity(&self) -> ModelIdentity {
@@ -144,81 +267,5 @@ impl<D: DenseDevice> Engine<D> {
                 .unwrap_or(0),
             fingerprint: crc32(text.as_bytes()),
         }
-    }
-}
-
-/// The body of a session file, its header and checksum checked.
-fn read_body(path: &Path) -> Result<Vec<u8>> {
-    let io = |cause| Error::Io {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let bad = |problem: &str| Error::SessionFile {
-        path: path.to_path_buf(),
-        problem: problem.to_string(),
-    };
-    let size = std::fs::metadata(path).map_err(io)?.len();
-    if size > MAX_FILE_BYTES {
-        return Err(bad("larger than any session file (over 1 GiB)"));
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
-    if bytes.len() < HEADER_BYTES || &bytes[..8] != MAGIC {
-        return Err(bad("not a tandem session file"));
-    }
-    let field = |at: usize, n: usize| -> u64 {
-        let mut word = [0u8; 8];
-        word[..n].copy_from_slice(&bytes[at..at + n]);
-        u64::from_le_bytes(word)
-    };
-    let version = field(8, 4);
-    if version != u64::from(VERSION) {
-        return Err(bad(&format!(
-            "format version {version}; this tandem reads version {VERSION}"
-        )));
-    }
-    let body = &bytes[HEADER_BYTES..];
-    if field(12, 8) != body.len() as u64 {
-        return Err(bad("truncated or damaged (its length does not match)"));
-    }
-    if field(20, 4) != u64::from(crc32(body)) {
-        return Err(bad("damaged (checksum mismatch)"));
-    }
-    Ok(body.to_vec())
-}
-
-/// CRC-32 (IEEE 802.3, as zlib and PNG use).
-fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    !bytes.iter().fold(!0u32, |c, &b| {
-        TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(crc32(b""), 0);
     }
 }

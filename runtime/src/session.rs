@@ -16,6 +16,9 @@ pub struct Session<'e, D: DenseDevice = CpuDevice> {
     pub(crate) engine: &'e Engine<D>,
     pub(crate) kv: SequenceKv<D>,
     pub(crate) tokens: Vec<u32>,
+    /// The logits after the last token, when the last call computed them
+    /// (a saved session keeps them, so its resumption needs no forward pass).
+    pub(crate) last_logits: Option<Vec<f32>>,
 }
 
 impl<D: DenseDevice> Engine<D> {
@@ -39,6 +42,7 @@ impl<'e, D: DenseDevice> Session<'e, D> {
             engine,
             kv,
             tokens: Vec::new(),
+            last_logits: None,
         }
     }
 
@@ -56,12 +60,16 @@ impl<'e, D: DenseDevice> Session<'e, D> {
     pub fn reset(&mut self) {
         self.kv.reset();
         self.tokens.clear();
+        self.last_logits = None;
     }
 
     /// Drops tokens from `len` on (e.g. to undo an interrupted reply). Fails,
     /// changing nothing, if some of them were already offloaded.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.kv.truncate(len)?;
+        if len < self.tokens.len() {
+            self.last_logits = None;
+        }
         self.tokens.truncate(len);
         Ok(())
     }
@@ -71,12 +79,14 @@ impl<'e, D: DenseDevice> Session<'e, D> {
     /// context has grown long enough).
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         self.check_room(1)?;
+        self.last_logits = None;
         self.kv.offload_if_due(self.engine.build_threads())?;
         let logits = self
             .engine
             .model()
             .forward(&[token], &mut self.kv, Logits::Last)?;
         self.tokens.push(token);
+        self.last_logits = Some(logits.clone());
         Ok(logits)
     }
 
@@ -121,6 +131,7 @@ impl<'e, D: DenseDevice> Session<'e, D> {
         self.check_room(tokens.len())?;
         self.engine.check_memory(self.tokens.len() + tokens.len())?;
         let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        self.last_logits = None;
         let mut logits = Vec::new();
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             logits =
@@ -138,6 +149,7 @@ impl<'e, D: DenseDevice> Session<'e, D> {
         }
         // A prompt runs dense on the device; then the long context moves out.
         self.kv.offload_if_due(self.engine.build_threads())?;
+        self.last_logits = Some(logits.clone());
         Ok(logits)
     }
 

@@ -37,7 +37,11 @@ fn conversation(engine: &Engine) -> SavedSession {
     ];
     let text = engine.render_chat(&messages).expect("template");
     let tokens = engine.tokenizer().encode(&text, false).expect("encode");
-    SavedSession { tokens, messages }
+    SavedSession {
+        tokens,
+        messages,
+        state: None,
+    }
 }
 
 fn session_error(result: tandem_runtime::Result<SavedSession>) -> String {

@@ -28,8 +28,9 @@ impl SavedChat {
         }
     }
 
-    /// The saved conversation, its tokens run through a prefill again
-    /// (`None` when the file does not exist yet).
+    /// The saved conversation, its keys and values loaded from the file (or,
+    /// from a file without them, its tokens run through a prefill again);
+    /// `None` when the file does not exist yet.
     pub fn resume<'e, D: DenseDevice>(
         &self,
         engine: &'e Engine<D>,
@@ -49,8 +50,9 @@ impl SavedChat {
             .iter()
             .filter(|m| m.role == Role::Assistant)
             .count();
+        let prefilled = saved.tokens.len() - saved.state.as_ref().map_or(0, |s| s.tokens());
         eprintln!(
-            "tandem: restored {turns} turn{} ({} tokens) from {}",
+            "tandem: restored {turns} turn{} ({} tokens, {prefilled} of them prefilled) from {}",
             if turns == 1 { "" } else { "s" },
             saved.tokens.len(),
             self.path.display()
@@ -71,9 +73,10 @@ impl SavedChat {
         let saved = SavedSession {
             tokens: session.tokens().to_vec(),
             messages: messages.to_vec(),
+            state: None,
         };
         engine
-            .save_session(&self.path, &saved)
+            .save_session_state(&self.path, &saved, session)
             .context("saving the conversation")
     }
 }

@@ -5,15 +5,18 @@
 //! rest of its context in an offloaded store on the CPU workers; a dense
 //! layer keeps everything on the device. [`attend`] runs one layer's
 //! attention for a batch of sequences (the split protocol, in `step.rs`);
-//! `offload.rs` moves a long context off the device and builds its stores.
+//! `offload.rs` moves a long context off the device and builds its stores;
+//! `snapshot.rs` saves a sequence's state and loads it back.
 
 mod observer;
 mod offload;
 mod sequence;
+mod snapshot;
 mod step;
 #[cfg(test)]
 mod tests;
 
 pub use observer::{OffloadedStep, SplitObserver};
 pub use sequence::{SequenceKv, StepCounters};
+pub(crate) use snapshot::SequenceCounts;
 pub use step::attend;

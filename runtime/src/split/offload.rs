@@ -118,7 +118,7 @@ impl<D: DenseDevice> SequenceKv<D> {
     /// What offloading does to `layer`: `None` keeps it whole on the device,
     /// `Some(None)` drops what leaves the window, `Some(Some(config))` builds a
     /// store of that configuration.
-    fn store_config(&self, layer: usize) -> Option<Option<LayerConfig>> {
+    pub(super) fn store_config(&self, layer: usize) -> Option<Option<LayerConfig>> {
         let (policy, lsh, kv_dtype) = match &self.table.layers[layer].attention {
             // A sliding window and a shared layer never hold a long context.
             LayerAttention::Dense

@@ -1,5 +1,6 @@
 //! The split step's layer kinds on generated rows: shared layers read their
-//! producer's rows, sliding windows see exactly their last `W` tokens.
+//! producer's rows, sliding windows see exactly their last `W` tokens, and a
+//! saved state loads back into the same sequence.
 
 use std::sync::Arc;
 
@@ -216,4 +217,62 @@ fn a_fork_keeps_only_the_rows_its_table_keeps() {
     );
     assert_eq!(fork.layer_tokens(2), (0, 0), "a shared layer holds nothing");
     assert_eq!(fork.bytes().0, (n + 5) * KV * 2 * 2);
+}
+
+#[test]
+fn a_loaded_state_attends_as_the_saved_sequence_and_foreign_counts_are_refused() {
+    use tandem_cpu::{ArrayReader, ArrayWriter};
+    let device = Arc::new(CpuDevice::new(1));
+    let mut rng = SplitMix64(5);
+    let n = 48;
+    let layers = ["exact", "window:w=4", "dense", "shared:from=0"];
+    let mut saved = sequence(&device, &layers);
+    saved
+        .fill(n, 1, |_, k, v| {
+            k.extend(random(n * KV, &mut rng));
+            v.extend(random(n * KV, &mut rng));
+        })
+        .expect("fill");
+    let mut out = ArrayWriter::new();
+    let counts = saved.save_state(&mut out).expect("save");
+    let arrays = out.into_arrays();
+    let slices: Vec<&[u8]> = arrays.iter().map(Vec::as_slice).collect();
+
+    let mut loaded = sequence(&device, &layers);
+    loaded
+        .load_state(&counts, n, &mut ArrayReader::new(&slices))
+        .expect("load");
+    assert!(loaded.is_offloaded());
+    assert_eq!(loaded.positions(), n);
+    let (q, k, v) = (
+        random(Q, &mut rng),
+        random(KV, &mut rng),
+        random(KV, &mut rng),
+    );
+    for layer in 0..layers.len() {
+        assert_eq!(loaded.layer_tokens(layer), saved.layer_tokens(layer));
+        let a = step(&device, &mut saved, layer, [&q, &k, &v]);
+        let b = step(&device, &mut loaded, layer, [&q, &k, &v]);
+        assert_eq!(a, b, "layer {layer}");
+    }
+
+    let refused = |counts: &super::SequenceCounts, max: usize| {
+        let mut fresh = sequence(&device, &layers);
+        let result = fresh.load_state(counts, max, &mut ArrayReader::new(&slices));
+        assert!(result.is_err(), "{counts:?}");
+        assert_eq!((fresh.positions(), fresh.layer_tokens(0)), (0, (0, 0)));
+    };
+    refused(&counts, n - 1);
+    let mut dense_with_store = counts.clone();
+    dense_with_store.stored[2] = Some(1);
+    refused(&dense_with_store, n);
+    let mut more_rows = counts.clone();
+    more_rows.device_rows[2] += 1;
+    refused(&more_rows, n);
+    let mut fewer_rows = counts.clone();
+    fewer_rows.device_rows[2] -= 1;
+    refused(&fewer_rows, n);
+    let mut fewer_layers = counts.clone();
+    fewer_layers.stored.pop();
+    refused(&fewer_layers, n);
 }

@@ -1,0 +1,170 @@
+//! Saved sessions with their keys and values: a context long enough to
+//! offload is resumed in a fresh engine without a prefill, gives bit-identical
+//! next-token logits and decodes the same tokens; damaged or foreign files
+//! are refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tandem_runtime::policy::{PolicyConfig, DEFAULT_POLICY};
+use tandem_runtime::{Engine, EngineOptions, Error, SavedSession, Session};
+use tandem_tests::model_path;
+
+/// Tokens of the test context: past `dense_below`, so the sparse layers offload.
+const CONTEXT: usize = 320;
+
+fn engine_with(policy: &str) -> Engine {
+    let options = EngineOptions {
+        threads: 2,
+        cpu_workers: 2,
+        policy: PolicyConfig {
+            policy: policy.into(),
+            sinks: 4,
+            window: 64,
+            dense_below: 256,
+            ..PolicyConfig::default()
+        },
+        ..EngineOptions::default()
+    };
+    Engine::load(&model_path(), &options).expect("load")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tandem-saved-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir.join(name)
+}
+
+fn context() -> Vec<u32> {
+    (0..CONTEXT as u32)
+        .map(|i| 200 + (i * 7919) % 20000)
+        .collect()
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in logits.iter().enumerate() {
+        if *x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Greedy decoding of `n` tokens after `logits`, each step's logits compared.
+fn decode(session: &mut Session<'_>, mut logits: Vec<f32>, n: usize) -> Vec<Vec<f32>> {
+    let mut all = Vec::new();
+    for _ in 0..n {
+        logits = session.step(argmax(&logits)).expect("step");
+        all.push(logits.clone());
+    }
+    all
+}
+
+/// Prefills the context, saves it with its state, and returns the logits,
+/// the prefill's seconds and the file.
+fn saved_after_prefill(policy: &str, name: &str) -> (Vec<f32>, f64, PathBuf, Vec<Vec<f32>>) {
+    let engine = engine_with(policy);
+    let mut original = engine.session().expect("session");
+    let start = Instant::now();
+    let logits = original
+        .prefill(&context(), &mut |_, _| {})
+        .expect("prefill");
+    let prefill_s = start.elapsed().as_secs_f64();
+    assert_eq!(
+        original.kv().is_offloaded(),
+        policy != "dense",
+        "the context offloads"
+    );
+    let path = scratch(name);
+    let saved = SavedSession {
+        tokens: original.tokens().to_vec(),
+        ..SavedSession::default()
+    };
+    engine
+        .save_session_state(&path, &saved, &original)
+        .expect("save");
+    let decoded = decode(&mut original, logits.clone(), 8);
+    (logits, prefill_s, path, decoded)
+}
+
+fn check_resumes_exactly(policy: &str, name: &str) {
+    let (logits, prefill_s, path, decoded) = saved_after_prefill(policy, name);
+
+    let engine = engine_with(policy);
+    let start = Instant::now();
+    let loaded = engine.load_session(&path).expect("load");
+    assert_eq!(loaded.state.as_ref().map(|s| s.tokens()), Some(CONTEXT));
+    let mut reports = Vec::new();
+    let (mut restored, restored_logits) = engine
+        .restore_session(&loaded, None, &mut |done, total| {
+            reports.push((done, total))
+        })
+        .expect("restore");
+    let restore_s = start.elapsed().as_secs_f64();
+    assert_eq!(reports, [(CONTEXT, CONTEXT)], "no prefill chunk ran");
+    assert!(
+        restore_s < prefill_s / 4.0,
+        "{policy}: restoring took {restore_s:.3} s, the prefill {prefill_s:.3} s"
+    );
+    assert_eq!(restored.tokens(), context().as_slice());
+    let restored_logits = restored_logits.expect("logits");
+    assert!(
+        same_bits(&logits, &restored_logits),
+        "{policy}: next-token logits"
+    );
+    let again = decode(&mut restored, restored_logits, 8);
+    for (step, (a, b)) in decoded.iter().zip(&again).enumerate() {
+        assert!(same_bits(a, b), "{policy}: decode step {step}");
+    }
+}
+
+#[test]
+fn an_offloaded_session_resumes_without_a_prefill() {
+    check_resumes_exactly(DEFAULT_POLICY, "default.tandem");
+}
+
+#[test]
+fn an_int8_store_resumes_without_a_prefill() {
+    check_resumes_exactly(&format!("{DEFAULT_POLICY},kbits=8,vbits=8"), "int8.tandem");
+}
+
+#[test]
+fn a_dense_session_resumes_without_a_prefill() {
+    check_resumes_exactly("dense", "dense.tandem");
+}
+
+fn refusal(engine: &Engine, path: &Path) -> String {
+    match engine.load_session(path) {
+        Err(e @ Error::SessionFile { .. }) => e.to_string(),
+        other => panic!("expected a session-file error, got {other:?}"),
+    }
+}
+
+#[test]
+fn damaged_and_foreign_state_files_are_refused() {
+    let (_, _, path, _) = saved_after_prefill(DEFAULT_POLICY, "damaged.tandem");
+    let bytes = std::fs::read(&path).expect("read");
+    let engine = engine_with(DEFAULT_POLICY);
+
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).expect("write");
+    assert!(refusal(&engine, &path).contains("truncated"));
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
+    assert!(refusal(&engine, &path).contains("truncated"));
+
+    for at in [bytes.len() / 3, bytes.len() - 3] {
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x10;
+        std::fs::write(&path, &flipped).expect("write");
+        let err = refusal(&engine, &path);
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    std::fs::write(&path, &bytes).expect("write");
+    let err = refusal(&engine_with("exact"), &path);
+    assert!(err.contains("another attention policy"), "{err}");
+}
