@@ -15,6 +15,7 @@ mod cpu;
 mod device;
 mod error;
 mod host;
+pub mod shape;
 
 pub use cpu::{CpuDevice, CpuKv};
 pub use device::{Activation, DenseDevice, DeviceBuffer, KvLayer, RopeStyle};

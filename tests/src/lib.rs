@@ -39,6 +39,14 @@ pub fn gemma3_path() -> PathBuf {
     p
 }
 
+/// A path for file `name` in a temporary directory of this process, one per
+/// `suite` (created if missing).
+pub fn scratch(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tandem-{suite}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir.join(name)
+}
+
 /// Runs `python3 args...`, panicking with its stderr if it fails; returns its stdout.
 pub fn python<S: AsRef<OsStr>>(args: &[S]) -> Vec<u8> {
     let out = Command::new("python3")

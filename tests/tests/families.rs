@@ -10,9 +10,7 @@ use tandem_runtime::model::load_gguf;
 use tandem_tests::{prefill_and_decode, python, root};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-families-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    tandem_tests::scratch("families", name)
 }
 
 /// tandem's logits (all positions in one pass, then one position at a time,

@@ -11,9 +11,7 @@ use tandem_runtime::model::{load_gguf, Logits};
 use tandem_runtime::{Engine, EngineOptions};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-formats-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    tandem_tests::scratch("formats", name)
 }
 
 fn make_gguf(name: &str, extra: &[&str]) -> PathBuf {

@@ -8,9 +8,7 @@ use tandem_gpu::CpuDevice;
 use tandem_runtime::model::{load_gguf, safetensors::read_hf_config};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    tandem_tests::scratch("hostile", name)
 }
 
 #[derive(Clone)]

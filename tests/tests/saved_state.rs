@@ -30,9 +30,7 @@ fn engine_with(policy: &str) -> Engine {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-saved-state-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir.join(name)
+    tandem_tests::scratch("saved-state", name)
 }
 
 fn context() -> Vec<u32> {

@@ -24,9 +24,7 @@ fn engine_with(policy: &str) -> Engine {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-sessions-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir.join(name)
+    tandem_tests::scratch("sessions", name)
 }
 
 fn conversation(engine: &Engine) -> SavedSession {

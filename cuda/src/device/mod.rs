@@ -11,6 +11,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result::gemm_ex, sys as blas, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
+use tandem_gpu::shape::{check_rows, same_rows, shape_error, PartialSpan};
 use tandem_gpu::{
     Activation, AttentionShape, DenseDevice, DeviceBuffer, DeviceError, HostMatrix, KvLayer,
     RopeStyle,
@@ -52,18 +53,6 @@ impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
     }
-}
-
-fn shape_error(what: &str, a: usize, b: usize) -> DeviceError {
-    DeviceError::Shape(format!("{what}: {a} and {b} elements do not fit"))
-}
-
-/// Checks that `xs` is whole rows of `width` and `out` as long as `xs`.
-fn same_rows(what: &str, xs: usize, out: usize, width: usize) -> Result<(), DeviceError> {
-    if width == 0 || !xs.is_multiple_of(width) || xs != out {
-        return Err(shape_error(what, xs, out));
-    }
-    Ok(())
 }
 
 impl CudaDevice {
@@ -405,15 +394,7 @@ impl DenseDevice for CudaDevice {
     ) -> Result<(), DeviceError> {
         let width = kv.width();
         let l = kv.layer_mut(layer)?;
-        if start
-            .checked_add(count)
-            .is_none_or(|end| end > l.layout.len())
-        {
-            return Err(DeviceError::Shape(format!(
-                "rows {start}..+{count} of layer {layer}, which holds {}",
-                l.layout.len()
-            )));
-        }
+        check_rows(layer, start, count, l.layout.len())?;
         l.read_rows(&self.stream, start, count, width, keys, values)
             .map_err(failed)?;
         l.remove(&self.stream, start, count, width).map_err(failed)
@@ -428,15 +409,7 @@ impl DenseDevice for CudaDevice {
     ) -> Result<(), DeviceError> {
         let width = kv.width();
         let l = kv.layer_mut(layer)?;
-        if start
-            .checked_add(count)
-            .is_none_or(|end| end > l.layout.len())
-        {
-            return Err(DeviceError::Shape(format!(
-                "rows {start}..+{count} of layer {layer}, which holds {}",
-                l.layout.len()
-            )));
-        }
+        check_rows(layer, start, count, l.layout.len())?;
         l.remove(&self.stream, start, count, width).map_err(failed)
     }
 
@@ -504,16 +477,10 @@ impl DenseDevice for CudaDevice {
         part_out: &[f32],
         part_lse: &[f32],
     ) -> Result<(), DeviceError> {
-        let pairs = part_lse.len();
-        let whole = |n: usize, unit: usize| unit > 0 && n.is_multiple_of(unit);
-        if !whole(pairs, rows.len()) || !whole(part_out.len(), pairs) {
-            return Err(shape_error("merge", part_out.len(), pairs));
-        }
-        let first = rows.start * (pairs / rows.len());
-        let d = part_out.len() / pairs;
+        let span = PartialSpan::new(&rows, part_out.len(), part_lse.len())?;
         let (Some(mut dev_out), Some(dev_lse)) = (
-            out.0.try_slice_mut(first * d..(first + pairs) * d),
-            lse.0.try_slice(first..first + pairs),
+            out.0.try_slice_mut(span.outputs()),
+            lse.0.try_slice(span.lses()),
         ) else {
             return Err(shape_error("merge", part_out.len(), lse.len()));
         };

@@ -5,6 +5,7 @@ use half::bf16;
 use crate::error::DeviceError;
 
 use crate::host::AttentionShape;
+use crate::shape::check_rows;
 
 /// Keys and values of one sequence, per layer and key/value head, in bf16.
 ///
@@ -123,12 +124,13 @@ impl CpuKv {
 
     fn check_rows(&self, layer: usize, start: usize, count: usize) -> Result<(), DeviceError> {
         let held = self.lens.get(layer).copied().unwrap_or(0);
-        if layer >= self.n_layers || start.checked_add(count).is_none_or(|end| end > held) {
+        if layer >= self.n_layers {
             return Err(DeviceError::Shape(format!(
-                "rows {start}..+{count} of layer {layer}, which holds {held}"
+                "layer {layer} of a cache of {} layers",
+                self.n_layers
             )));
         }
-        Ok(())
+        check_rows(layer, start, count, held)
     }
 
     /// Drops every row from `len` on, in every layer.

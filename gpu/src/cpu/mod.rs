@@ -22,6 +22,7 @@ use crate::device::{Activation, DenseDevice, DeviceBuffer, KvLayer, RopeStyle};
 use crate::error::DeviceError;
 
 use crate::host::{AttentionShape, HostMatrix};
+use crate::shape::{same_rows, shape_error, PartialSpan};
 
 /// The CPU as dense device.
 pub struct CpuDevice {
@@ -56,18 +57,6 @@ impl DeviceBuffer for Vec<f32> {
 
 fn job_failed(e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Job(e.to_string())
-}
-
-fn shape_error(what: &str, a: usize, b: usize) -> DeviceError {
-    DeviceError::Shape(format!("{what}: {a} and {b} elements do not fit"))
-}
-
-/// Checks that `xs` is whole rows of `width` and `out` as long as `xs`.
-fn same_rows(what: &str, xs: usize, out: usize, width: usize) -> Result<(), DeviceError> {
-    if width == 0 || !xs.is_multiple_of(width) || xs != out {
-        return Err(shape_error(what, xs, out));
-    }
-    Ok(())
 }
 
 impl DenseDevice for CpuDevice {
@@ -307,17 +296,10 @@ impl DenseDevice for CpuDevice {
         part_out: &[f32],
         part_lse: &[f32],
     ) -> Result<(), DeviceError> {
-        let pairs = part_lse.len();
-        let whole = |n: usize, unit: usize| unit > 0 && n.is_multiple_of(unit);
-        if !whole(pairs, rows.len()) || !whole(part_out.len(), pairs) {
-            return Err(shape_error("merge", part_out.len(), pairs));
-        }
-        let first = rows.start * (pairs / rows.len());
-        let d = part_out.len() / pairs;
-        let (Some(dev_out), Some(dev_lse)) = (
-            out.get_mut(first * d..(first + pairs) * d),
-            lse.get(first..first + pairs),
-        ) else {
+        let span = PartialSpan::new(&rows, part_out.len(), part_lse.len())?;
+        let d = span.head_dim;
+        let (Some(dev_out), Some(dev_lse)) = (out.get_mut(span.outputs()), lse.get(span.lses()))
+        else {
             return Err(shape_error("merge", part_out.len(), lse.len()));
         };
         let mut merged = [0f32; MAX_HEAD_DIM];
