@@ -49,7 +49,11 @@ fn at_a_terminal_keys_edit_a_paste_is_one_message_and_two_ctrl_c_leave() {
     wait_for("> ", 1);
     // A paste of two lines with an arrow key before it: one message.
     press(b"\x1b[A\x1b[200~Name a colour.\nOne word.\x1b[201~\r");
-    wait_for("tokens/s", 1);
+    let after_reply = wait_for("tokens/s", 1);
+    // Ctrl-C is a key only once the line editor holds the terminal again:
+    // wait for the next prompt.
+    let reply_end = after_reply.find("tokens/s").unwrap_or(after_reply.len());
+    wait_for("> ", after_reply[..reply_end].matches("> ").count() + 1);
     press(b"\x03");
     let screen_now = wait_for("Ctrl-C again", 1);
     assert_eq!(screen_now.matches("tokens/s").count(), 1, "{screen_now}");
