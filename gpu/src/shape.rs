@@ -18,6 +18,19 @@ pub fn same_rows(what: &str, xs: usize, out: usize, width: usize) -> Result<(), 
     Ok(())
 }
 
+/// The tokens a rotary embedding covers: `angles` holds `head_dim / 2`
+/// (cos, sin) pairs per token, and `xs` whole heads of those tokens.
+pub fn rope_tokens(xs: usize, angles: usize, head_dim: usize) -> Result<usize, DeviceError> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !angles.is_multiple_of(head_dim) {
+        return Err(shape_error("rope angles", angles, head_dim));
+    }
+    let tokens = angles / head_dim;
+    if tokens == 0 || !xs.is_multiple_of(tokens * head_dim) {
+        return Err(shape_error("rope", xs, angles));
+    }
+    Ok(tokens)
+}
+
 /// Where a partial from elsewhere lands in the device's partial
 /// ([`crate::DenseDevice::merge_partials`]): its (row, head) pairs start at
 /// pair `first`, `pairs` of them, each `head_dim` wide.

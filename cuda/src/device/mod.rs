@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result::gemm_ex, sys as blas, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
-use tandem_gpu::shape::{check_rows, same_rows, shape_error, PartialSpan};
+use tandem_gpu::shape::{check_rows, rope_tokens, same_rows, shape_error, PartialSpan};
 use tandem_gpu::{
     Activation, AttentionShape, DenseDevice, DeviceBuffer, DeviceError, HostMatrix, KvLayer,
     RopeStyle,
@@ -266,13 +266,7 @@ impl DenseDevice for CudaDevice {
         angles: &CudaBuffer,
         style: RopeStyle,
     ) -> Result<(), DeviceError> {
-        if head_dim == 0 || !head_dim.is_multiple_of(2) || !angles.len().is_multiple_of(head_dim) {
-            return Err(shape_error("rope angles", angles.len(), head_dim));
-        }
-        let tokens = angles.len() / head_dim;
-        if tokens == 0 || !xs.len().is_multiple_of(tokens * head_dim) {
-            return Err(shape_error("rope", xs.len(), angles.len()));
-        }
+        rope_tokens(xs.len(), angles.len(), head_dim)?;
         let halves = style == RopeStyle::Halves;
         self.kernels
             .rope(&self.stream, &mut xs.0, &angles.0, head_dim, halves)

@@ -22,7 +22,7 @@ use crate::device::{Activation, DenseDevice, DeviceBuffer, KvLayer, RopeStyle};
 use crate::error::DeviceError;
 
 use crate::host::{AttentionShape, HostMatrix};
-use crate::shape::{same_rows, shape_error, PartialSpan};
+use crate::shape::{rope_tokens, same_rows, shape_error, PartialSpan};
 
 /// The CPU as dense device.
 pub struct CpuDevice {
@@ -142,13 +142,7 @@ impl DenseDevice for CpuDevice {
         angles: &Vec<f32>,
         style: RopeStyle,
     ) -> Result<(), DeviceError> {
-        if head_dim == 0 || !head_dim.is_multiple_of(2) || !angles.len().is_multiple_of(head_dim) {
-            return Err(shape_error("rope angles", angles.len(), head_dim));
-        }
-        let tokens = angles.len() / head_dim;
-        if tokens == 0 || !xs.len().is_multiple_of(tokens * head_dim) {
-            return Err(shape_error("rope", xs.len(), angles.len()));
-        }
+        let tokens = rope_tokens(xs.len(), angles.len(), head_dim)?;
         let width = xs.len() / tokens;
         for (row, a) in xs
             .chunks_exact_mut(width)
