@@ -255,8 +255,8 @@ impl Kernels {
         stream: &CudaStream,
         out: &mut CudaViewMut<'_, f32>,
         lse: &CudaView<'_, f32>,
-        part_out: &CudaSlice<f32>,
-        part_lse: &CudaSlice<f32>,
+        part_out: &CudaView<'_, f32>,
+        part_lse: &CudaView<'_, f32>,
     ) -> Result<(), CudaError> {
         let pairs = part_lse.len();
         if pairs == 0 {

@@ -1,12 +1,14 @@
 //! One sequence's keys and values on the GPU: per layer, bf16 arrays of rows
 //! `n_kv_heads × head_dim`, row-major, with their [`WindowLayout`].
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use tandem_gpu::{AttentionShape, DeviceError};
 
+use super::staging::Pinned;
 use crate::error::CudaError;
 use crate::layout::{Shift, WindowLayout};
 
@@ -78,23 +80,27 @@ impl LayerKv {
         Ok(())
     }
 
-    /// Copies rows `start..start + count` of both arrays to the host as bf16.
+    /// Copies `rows` of both arrays to the host as bf16, through `pinned` on
+    /// the copy stream `copies`.
     pub(crate) fn read_rows(
         &self,
-        stream: &Arc<CudaStream>,
-        start: usize,
-        count: usize,
+        copies: &Arc<CudaStream>,
+        pinned: &mut Pinned<u16>,
+        rows: Range<usize>,
         width: usize,
         keys: &mut Vec<bf16>,
         values: &mut Vec<bf16>,
     ) -> Result<(), CudaError> {
-        let span = start * width..(start + count) * width;
+        let span = rows.start * width..rows.end * width;
+        let mut bits = Vec::with_capacity(span.len());
         for (array, dst) in [(&self.keys, keys), (&self.values, values)] {
             let Some(array) = array else { continue };
-            let mut staging = vec![0u16; span.len()];
-            stream.memcpy_dtoh(&array.slice(span.clone()), &mut staging)?;
-            stream.synchronize()?;
-            dst.extend(staging.into_iter().map(bf16::from_bits));
+            if span.is_empty() {
+                continue;
+            }
+            bits.clear();
+            pinned.download(copies, &array.slice(span.clone()), &mut bits)?;
+            dst.extend(bits.iter().map(|&b| bf16::from_bits(b)));
         }
         Ok(())
     }

@@ -4,9 +4,10 @@
 
 mod kernels;
 mod kv;
+mod staging;
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{result::gemm_ex, sys as blas, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -23,6 +24,7 @@ use crate::error::CudaError;
 use crate::geometry::{Geometry, MAX_HEAD_DIM};
 use crate::probe::{check_usable, guarded, open_gpu, target_arch, GpuInfo};
 use kernels::Kernels;
+use staging::Staging;
 
 /// A weight matrix on the GPU: `rows × cols` bf16, row-major.
 pub struct CudaMatrix {
@@ -40,11 +42,15 @@ impl DeviceBuffer for CudaBuffer {
     }
 }
 
-/// The dense device on the driver's first GPU.
+/// The dense device on the driver's first GPU. Kernels run on one stream;
+/// the split step's transfers to and from the host run on a second, through
+/// page-locked buffers, so the host waits for each transfer alone.
 pub struct CudaDevice {
     info: GpuInfo,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    copies: Arc<CudaStream>,
+    staging: Mutex<Staging>,
     blas: CudaBlas,
     kernels: Kernels,
 }
@@ -63,12 +69,17 @@ impl CudaDevice {
         check_usable(&info)?;
         guarded("starting the CUDA device", || {
             let stream = ctx.default_stream();
+            // A second stream turns on cudarc's tracking of each buffer's
+            // last read and write, which orders the two streams' work.
+            let copies = ctx.new_stream()?;
             let blas = CudaBlas::new(stream.clone())?;
             let kernels = Kernels::compile(&ctx, target_arch(info.compute_capability))?;
             Ok(CudaDevice {
                 info: info.clone(),
                 ctx: ctx.clone(),
                 stream,
+                copies,
+                staging: Mutex::new(Staging::new(&ctx)),
                 blas,
                 kernels,
             })
@@ -83,6 +94,12 @@ impl CudaDevice {
     /// Waits for every queued operation.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         Ok(self.ctx.synchronize()?)
+    }
+
+    fn staging(&self) -> Result<MutexGuard<'_, Staging>, CudaError> {
+        self.staging
+            .lock()
+            .map_err(|_| CudaError::Unavailable("a transfer failed before this one".into()))
     }
 
     fn upload_bf16(&self, values: &[bf16]) -> Result<CudaSlice<u16>, CudaError> {
@@ -182,14 +199,15 @@ impl DenseDevice for CudaDevice {
                 buf.0.len()
             ))
         })?;
-        staging.resize(range.len(), 0.0);
+        staging.clear();
         if range.is_empty() {
             return Ok(staging);
         }
-        self.stream
-            .memcpy_dtoh(&view, staging.as_mut_slice())
+        let mut pinned = self.staging().map_err(failed)?;
+        pinned
+            .activations
+            .download(&self.copies, &view, staging)
             .map_err(failed)?;
-        self.stream.synchronize().map_err(failed)?;
         Ok(staging)
     }
 
@@ -389,8 +407,16 @@ impl DenseDevice for CudaDevice {
         let width = kv.width();
         let l = kv.layer_mut(layer)?;
         check_rows(layer, start, count, l.layout.len())?;
-        l.read_rows(&self.stream, start, count, width, keys, values)
-            .map_err(failed)?;
+        let mut pinned = self.staging().map_err(failed)?;
+        l.read_rows(
+            &self.copies,
+            &mut pinned.rows,
+            start..start + count,
+            width,
+            keys,
+            values,
+        )
+        .map_err(failed)?;
         l.remove(&self.stream, start, count, width).map_err(failed)
     }
 
@@ -478,10 +504,27 @@ impl DenseDevice for CudaDevice {
         ) else {
             return Err(shape_error("merge", part_out.len(), lse.len()));
         };
-        let part_out = self.stream.clone_htod(part_out).map_err(failed)?;
-        let part_lse = self.stream.clone_htod(part_lse).map_err(failed)?;
+        let mut pinned = self.staging().map_err(failed)?;
+        let pinned = &mut *pinned;
+        let n_out = pinned
+            .outputs
+            .upload(&self.copies, part_out, &mut pinned.device_outputs)
+            .map_err(failed)?;
+        let n_lse = pinned
+            .lses
+            .upload(&self.copies, part_lse, &mut pinned.device_lses)
+            .map_err(failed)?;
+        let (Some(outs), Some(lses)) = (&pinned.device_outputs, &pinned.device_lses) else {
+            return Err(DeviceError::Shape("partials were not staged".into()));
+        };
         self.kernels
-            .merge(&self.stream, &mut dev_out, &dev_lse, &part_out, &part_lse)
+            .merge(
+                &self.stream,
+                &mut dev_out,
+                &dev_lse,
+                &outs.slice(..n_out),
+                &lses.slice(..n_lse),
+            )
             .map_err(failed)
     }
 }
