@@ -117,8 +117,7 @@ pub fn sas_output_bound(dropped_mass: f64) -> f64 {
 #[inline]
 pub fn sas_exp(x: f32, cutoff: u8) -> f32 {
     let t = -x;
-    // Also false for NaN and +inf.
-    if !(t < f32::from(cutoff.min(SAS_MAX_CUTOFF))) {
+    if t.is_nan() || t >= f32::from(cutoff.min(SAS_MAX_CUTOFF)) {
         return 0.0;
     }
     let t = t.max(0.0);
