@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_cpu::{
-    store_bytes_per_key, KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, PolicySpec,
+    store_bytes_per_key, Attend, KvDtype, LayerConfig, LayerOutput, LayerStore, Policy, PolicySpec,
     PrefillTimes, WorkerPool, BOUND_BLOCK,
 };
 use tandem_kernels::rng::SplitMix64;
@@ -282,7 +282,7 @@ pub fn run_attention_bench(
     // One warm-up round, then `iterations` rounds over every layer; each
     // call's wall time, the retrieval share of it and the keys touched.
     let time = |stores: &[Arc<LayerStore>],
-                policy: Policy,
+                policy: Attend,
                 out: &mut LayerOutput|
      -> Result<Timings, BenchError> {
         let (mut wall, mut ret, mut touched) = (Vec::new(), Vec::new(), Vec::new());
@@ -311,7 +311,7 @@ pub fn run_attention_bench(
     let (dense_stores, _) = build(&base_cfg)?;
     let mut results = Vec::new();
     for (name, spec) in specs {
-        let dense_ms = median(time(&dense_stores, Policy::Dense, &mut out)?.0);
+        let dense_ms = median(time(&dense_stores, Policy::Dense.into(), &mut out)?.0);
         let cfg = LayerConfig {
             lsh: spec.lsh,
             kv_dtype: spec.kv_dtype,
@@ -321,7 +321,11 @@ pub fn run_attention_bench(
         let (stores, times) = build(&cfg)?;
         let index_bytes = stores[0].index_bytes() as f64 / n;
         let kv_bytes = stores[0].kv_bytes() as f64 / n;
-        let (wall, ret, touched, scanned) = time(&stores, spec.policy, &mut out)?;
+        let attend = Attend {
+            policy: spec.policy,
+            softmax: spec.softmax,
+        };
+        let (wall, ret, touched, scanned) = time(&stores, attend, &mut out)?;
         drop(stores);
         let wall_m = median(wall);
         let ret_m = median(ret).min(wall_m);

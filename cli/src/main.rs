@@ -212,6 +212,9 @@ struct PolicyArgs {
     /// offloading policy takes kbits=8|16|32: the offloaded keys as int8 codes
     /// with one scale per channel (values bf16), bf16 (default) or f32; with
     /// kbits=8, vbits=8 makes the values int8 codes too (half the memory).
+    /// Dense and offloading policies take softmax=sas[,sas_n=N]: TurboAttention's
+    /// SAS weights (a table and a cubic for exp; scores N or more below the max,
+    /// 1 to 16, default 8, dropped) on the CPU device and workers.
     #[arg(long, default_value = tandem_runtime::policy::DEFAULT_POLICY)]
     policy: String,
     /// Layers kept dense, comma-separated (default: 0 and n_layers/2).
@@ -449,7 +452,8 @@ struct BenchAttentionArgs {
     shape: String,
     /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
     /// lsh also takes t=, max_keys=, vskip=, top= and per=, and any policy kbits=8|16|32 (keys
-    /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too).
+    /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too), and
+    /// softmax=sas[,sas_n=N] (TurboAttention's SAS weights, cut-off N in 1..=16, default 8).
     #[arg(long, num_args = 1.., default_values_t = [tandem_runtime::policy::DEFAULT_POLICY.to_string()])]
     policy: Vec<String>,
     /// Worker threads (at most the machine's cores).

@@ -40,9 +40,13 @@ pub use diagnose::HeadMass;
 pub use error::CpuError;
 pub use estimator::ln_u_exact;
 pub use index::{MID_MIN, RAW_MAX};
-pub use policy::{policy_kinds, sketch_rank_for, LshParams, Policy, PolicySpec, ThresholdParams};
+pub use policy::{
+    policy_kinds, sketch_rank_for, Attend, LshParams, Policy, PolicySpec, ThresholdParams,
+};
 pub use pool::{LayerOutput, WorkerPool};
 pub use snapshot::{ArrayReader, ArrayWriter, LeElem};
 pub use store::{LayerStore, PrefillTimes};
 /// The log-sum-exp merge of partial results (the convention above).
 pub use tandem_kernels::ops::merge_partials;
+/// The softmax modes of the attention passes (exact, or TurboAttention's SAS).
+pub use tandem_kernels::sas::Softmax;

@@ -1,6 +1,7 @@
 //! How a layer's offloaded part is attended, and the policy strings
 //! (`dense`, `topk:k=N`, `oracle:budget=N`, `lsh:k=K,l=L,...`,
-//! `threshold:eps=E`, `threshold:b=B`) that name it.
+//! `threshold:eps=E`, `threshold:b=B`, each with an optional
+//! `softmax=exact|sas[,sas_n=N]`) that name it.
 
 use crate::config::{KvDtype, LshIndexParams};
 use crate::config::{LSH_K, LSH_L};
@@ -8,6 +9,7 @@ use crate::error::CpuError;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use tandem_kernels::sas::{Softmax, SAS_DEFAULT_CUTOFF, SAS_MAX_CUTOFF};
 
 /// Query-time parameters of LSH sampling; the index itself (K, L and the
 /// collision threshold t) is fixed by the store ([`LshIndexParams`]).
@@ -98,6 +100,26 @@ pub enum Policy {
     Threshold(ThresholdParams),
 }
 
+/// What a worker step runs over a layer's offloaded part: the policy and
+/// how it turns logits into softmax weights. A bare [`Policy`] uses the
+/// exact softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attend {
+    /// Which keys are attended, and how.
+    pub policy: Policy,
+    /// The softmax's weights: exact, or SAS (see [`tandem_kernels::sas`]).
+    pub softmax: Softmax,
+}
+
+impl From<Policy> for Attend {
+    fn from(policy: Policy) -> Attend {
+        Attend {
+            policy,
+            softmax: Softmax::Exact,
+        }
+    }
+}
+
 /// Components of the key sketch for heads of dimension `d` (see
 /// [`Policy::sketch_rank`]): half the dimension rounded down to a multiple
 /// of 8, from 8 to 32; none for `d` up to 8.
@@ -135,8 +157,11 @@ impl Policy {
 /// each with an optional
 /// `kbits=8|16|32`: the offloaded keys as int8 codes ([`KvDtype::K8`]), bf16
 /// (the default) or f32; with `kbits=8`, `vbits=8` makes the values int8
-/// codes too ([`KvDtype::K8V8`]). [`fmt::Display`] writes the canonical form
-/// (every lsh parameter, in that order; the oracle's seed is not written).
+/// codes too ([`KvDtype::K8V8`]); and an optional `softmax=exact|sas` with,
+/// for `sas`, `sas_n=N` (the cut-off, 1 to 16, default 8: see
+/// [`tandem_kernels::sas`]). [`fmt::Display`] writes the canonical form
+/// (every lsh parameter, in that order, then the storage, then
+/// `softmax=sas,sas_n=N` unless exact; the oracle's seed is not written).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
     /// The engine policy.
@@ -145,6 +170,8 @@ pub struct PolicySpec {
     pub lsh: Option<LshIndexParams>,
     /// How the offloaded keys and values are stored.
     pub kv_dtype: KvDtype,
+    /// How the policy's passes compute softmax weights.
+    pub softmax: Softmax,
 }
 
 /// Seed of the oracle policies parsed from strings.
@@ -218,6 +245,21 @@ impl<'s> Params<'s> {
             }
             (Some(_), _) => return Err(self.err("kbits must be 8, 16 or 32")),
         })
+    }
+
+    fn softmax(&mut self) -> Result<Softmax, CpuError> {
+        let cutoff = self.take("sas_n")?;
+        match (self.values.remove("softmax").as_deref(), cutoff) {
+            (None | Some("exact"), None) => Ok(Softmax::Exact),
+            (Some("sas"), cutoff) => match cutoff.unwrap_or(SAS_DEFAULT_CUTOFF.into()) {
+                n if (1..=usize::from(SAS_MAX_CUTOFF)).contains(&n) => {
+                    Ok(Softmax::Sas { cutoff: n as u8 })
+                }
+                _ => Err(self.err(&format!("sas_n must be in 1..={SAS_MAX_CUTOFF}"))),
+            },
+            (None | Some("exact"), Some(_)) => Err(self.err("sas_n needs softmax=sas")),
+            (Some(_), _) => Err(self.err("softmax must be exact or sas")),
+        }
     }
 
     fn lsh(&mut self) -> Result<(Policy, LshIndexParams), CpuError> {
@@ -307,6 +349,7 @@ impl FromStr for PolicySpec {
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
         let mut params = Params::parse(s, rest)?;
         let kv_dtype = params.kv_dtype()?;
+        let softmax = params.softmax()?;
         let Some((_, parse_kind)) = KINDS.iter().find(|(name, _)| *name == kind) else {
             let known = policy_kinds().collect::<Vec<_>>().join(", ");
             return Err(params.err(&format!("unknown policy kind (kinds: {known})")));
@@ -319,6 +362,7 @@ impl FromStr for PolicySpec {
             policy,
             lsh,
             kv_dtype,
+            softmax,
         })
     }
 }
@@ -366,6 +410,9 @@ impl fmt::Display for PolicySpec {
             KvDtype::F32 => params.push("kbits=32".into()),
             KvDtype::K8 => params.push("kbits=8".into()),
             KvDtype::K8V8 => params.push("kbits=8,vbits=8".into()),
+        }
+        if let Softmax::Sas { cutoff } = self.softmax {
+            params.push(format!("softmax=sas,sas_n={cutoff}"));
         }
         match params.is_empty() {
             true => write!(f, "{kind}"),
@@ -548,6 +595,55 @@ mod tests {
             "lsh:k=8,l=75,per=64",
         ] {
             assert!(parse_policy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn softmax_modes_parse_print_canonically_and_reject_bad_cutoffs() {
+        let sas = |cutoff| Softmax::Sas { cutoff };
+        for (given, softmax, canonical) in [
+            ("dense:softmax=exact", Softmax::Exact, "dense"),
+            ("dense:softmax=sas", sas(8), "dense:softmax=sas,sas_n=8"),
+            (
+                "topk:sas_n=3,softmax=sas,k=9",
+                sas(3),
+                "topk:k=9,softmax=sas,sas_n=3",
+            ),
+            (
+                "lsh:k=10,l=75,top=128,per=32,softmax=sas,kbits=8",
+                sas(8),
+                "lsh:k=10,l=75,t=2,vskip=9,top=128,per=32,kbits=8,softmax=sas,sas_n=8",
+            ),
+            (
+                "oracle:budget=4,softmax=sas,sas_n=16",
+                sas(16),
+                "oracle:budget=4,softmax=sas,sas_n=16",
+            ),
+            (
+                "threshold:eps=0.1,softmax=sas,sas_n=1",
+                sas(1),
+                "threshold:eps=0.1,softmax=sas,sas_n=1",
+            ),
+        ] {
+            let spec = parse_policy(given).expect(given);
+            assert_eq!(spec.softmax, softmax, "{given}");
+            assert_eq!(spec.to_string(), canonical, "{given}");
+            assert_eq!(parse_policy(canonical).expect("parses"), spec, "{given}");
+        }
+        for bad in [
+            "dense:softmax=sas,sas_n=0",
+            "dense:softmax=sas,sas_n=17",
+            "dense:softmax=sas,sas_n=-1",
+            "dense:softmax=sas,sas_n=2.5",
+            "dense:sas_n=8",
+            "dense:softmax=exact,sas_n=8",
+            "dense:softmax=fast",
+            "dense:softmax=sas,softmax=sas",
+        ] {
+            assert!(
+                matches!(parse_policy(bad), Err(CpuError::Policy { .. })),
+                "{bad}"
+            );
         }
     }
 }

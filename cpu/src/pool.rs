@@ -7,7 +7,7 @@
 use crate::attend::{attend_group, Partials, Scratch};
 use crate::config::LayerConfig;
 use crate::error::CpuError;
-use crate::policy::Policy;
+use crate::policy::{Attend, Policy};
 use crate::store::LayerStore;
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use half::bf16;
@@ -95,7 +95,7 @@ struct Task {
     slot: usize,
     store: Arc<LayerStore>,
     kv_head: usize,
-    policy: Policy,
+    attend: Attend,
     buf: GroupBuf,
     reply: Sender<Reply>,
     panic_for_test: bool,
@@ -215,13 +215,14 @@ impl WorkerPool {
 
     /// Attends the offloaded part of one (sequence, layer) and waits: `queries`
     /// is `[tokens][n_kv_heads * group][head_dim]` (query head `h` belongs to kv
-    /// head `h / group`). Any worker failure (error or panic) becomes the
-    /// returned error.
+    /// head `h / group`), with `policy` (a [`Policy`] alone takes the exact
+    /// softmax; an [`Attend`] names its own). Any worker failure (error or
+    /// panic) becomes the returned error.
     pub fn run_layer(
         &self,
         store: &Arc<LayerStore>,
         queries: &[f32],
-        policy: Policy,
+        policy: impl Into<Attend>,
         output: &mut LayerOutput,
     ) -> Result<(), CpuError> {
         self.submit(store, queries, None, policy, output)?;
@@ -238,13 +239,13 @@ impl WorkerPool {
         store: &Arc<LayerStore>,
         queries: &[f32],
         evicted: Option<(&[bf16], &[bf16])>,
-        policy: Policy,
+        policy: impl Into<Attend>,
         output: &mut LayerOutput,
     ) -> Result<(), CpuError> {
         let inject = self
             .panic_next
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        self.submit_inner(store, queries, evicted, policy, output, inject)
+        self.submit_inner(store, queries, evicted, policy.into(), output, inject)
     }
 
     fn submit_inner(
@@ -252,7 +253,7 @@ impl WorkerPool {
         store: &Arc<LayerStore>,
         queries: &[f32],
         evicted: Option<(&[bf16], &[bf16])>,
-        policy: Policy,
+        attend: Attend,
         output: &mut LayerOutput,
         panic_for_test: bool,
     ) -> Result<(), CpuError> {
@@ -264,7 +265,7 @@ impl WorkerPool {
         let cfg = store.config();
         let (nkv, g, d) = (cfg.n_kv_heads, cfg.group, cfg.head_dim);
         let (ek, ev) = evicted.unwrap_or((&[], &[]));
-        let tokens = check_step(cfg, queries, ek, ev, policy)?;
+        let tokens = check_step(cfg, queries, ek, ev, attend.policy)?;
         let tx = self
             .tx
             .as_ref()
@@ -278,7 +279,7 @@ impl WorkerPool {
                 slot: h,
                 store: Arc::clone(store),
                 kv_head: h,
-                policy,
+                attend,
                 buf,
                 reply: output.reply_tx.clone(),
                 panic_for_test: panic_for_test && h == 0,
@@ -344,7 +345,7 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
     buf.query_bits.clear();
     if !buf.evict_keys.is_empty() {
         // With LSH, the evicted keys and the queries are hashed in one pass.
-        let queries = match task.policy {
+        let queries = match task.attend.policy {
             Policy::Lsh(_) => &buf.q[..],
             _ => &[],
         };
@@ -377,7 +378,7 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
             touched,
             blocks,
         };
-        buf.retrieval_ns += attend_group(&head, d, q, query_bits, &task.policy, scratch, parts)?;
+        buf.retrieval_ns += attend_group(&head, d, q, query_bits, &task.attend, scratch, parts)?;
     }
     Ok(())
 }
@@ -439,7 +440,7 @@ mod tests {
         let q = vec![0.5f32; 16];
         let mut out = LayerOutput::default();
         let r = pool
-            .submit_inner(&st, &q, None, Policy::Dense, &mut out, true)
+            .submit_inner(&st, &q, None, Policy::Dense.into(), &mut out, true)
             .and_then(|()| pool.wait(&mut out));
         assert!(
             matches!(r, Err(CpuError::Worker(ref m)) if m.contains("panicked")),

@@ -14,6 +14,7 @@ use tandem_gpu::{
 };
 use tandem_kernels::ops::{argmax, Rope};
 use tandem_kernels::rng::SplitMix64;
+use tandem_kernels::sas::Softmax;
 use tandem_runtime::model::Logits;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{Engine, EngineOptions};
@@ -151,6 +152,7 @@ fn the_window_and_its_attention_match_the_cpu_device() {
                 kv: &ckv,
                 layer: 0,
                 window,
+                softmax: Softmax::Exact,
             },
             &q,
             0..tokens,
@@ -167,6 +169,7 @@ fn the_window_and_its_attention_match_the_cpu_device() {
                 kv: &gkv,
                 layer: 0,
                 window,
+                softmax: Softmax::Exact,
             },
             &on_gpu(&gpu, &q),
             0..tokens,

@@ -7,6 +7,7 @@ use tandem_gpu::{
 };
 use tandem_kernels::ops::Rope;
 use tandem_kernels::rng::SplitMix64;
+use tandem_kernels::sas::Softmax;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64(seed);
@@ -153,6 +154,7 @@ fn attention_matches_the_cpu_device_over_several_splits() {
             kv: &kv,
             layer: 0,
             window,
+            softmax: Softmax::Exact,
         };
         device
             .attention(at, &q, 0..tokens, &mut want, &mut want_lse)

@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use half::bf16;
+use tandem_kernels::sas::Softmax;
 
 use crate::error::DeviceError;
 
@@ -43,7 +44,7 @@ pub enum Activation {
 
 /// The keys one [`DenseDevice::attention`] call attends: layer `layer` of a
 /// sequence's cache, every row or, with a sliding `window` of `W`, each
-/// query's last `W` rows.
+/// query's last `W` rows, and how their scores become softmax weights.
 #[derive(Debug, Clone, Copy)]
 pub struct KvLayer<'a, K> {
     /// The sequence's cache.
@@ -52,6 +53,10 @@ pub struct KvLayer<'a, K> {
     pub layer: usize,
     /// The sliding window, if any.
     pub window: Option<usize>,
+    /// The softmax's weights: exact, or TurboAttention's SAS
+    /// ([`tandem_kernels::sas`]). The CPU device follows it; the CUDA device
+    /// computes exact weights whatever it says.
+    pub softmax: Softmax,
 }
 
 /// The dense side of a decode step.

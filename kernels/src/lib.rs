@@ -37,6 +37,7 @@ pub mod ops;
 pub mod parallel;
 pub mod quant;
 pub mod rng;
+pub mod sas;
 pub mod sketch;
 pub mod vector;
 

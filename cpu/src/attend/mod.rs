@@ -18,7 +18,7 @@ pub(crate) use scratch::Scratch;
 
 use crate::bounds::BOUND_BLOCK;
 use crate::error::CpuError;
-use crate::policy::Policy;
+use crate::policy::{Attend, Policy};
 use crate::rows::KeyQueries;
 use crate::store::HeadStore;
 use passes::Step;
@@ -30,13 +30,16 @@ use passes::Step;
 /// holding a key it retrieved for the head.
 /// `query_bits`, when given, are the queries' sign bits for the head's LSH
 /// tables (as `HeadStore::append_hashing` writes them), else they are computed.
+/// Every policy turns logits into weights with `attend.softmax`, and its
+/// log-sum-exp is the log of the sum of those weights (times `e^max`), so
+/// partials merge as parts of one softmax of the same approximate weights.
 /// Returns the nanoseconds spent in LSH retrieval.
 pub(crate) fn attend_group(
     head: &HeadStore,
     d: usize,
     queries: &[f32],
     query_bits: Option<&[u64]>,
-    policy: &Policy,
+    attend: &Attend,
     scratch: &mut Scratch,
     parts: Partials,
 ) -> Result<u64, CpuError> {
@@ -64,8 +67,9 @@ pub(crate) fn attend_group(
         ln_u: None,
         value_skip: 0,
         exact: None,
+        softmax: attend.softmax,
     };
-    match policy {
+    match &attend.policy {
         Policy::Dense => dense::attend(head, &step, scratch, parts),
         Policy::TopK(k) => topk::attend(head, &step, *k, scratch, parts),
         Policy::Oracle { budget, seed } => {

@@ -4,9 +4,11 @@ use super::passes::{every_logit, Partials, Step};
 use super::scratch::Scratch;
 use crate::store::HeadStore;
 use tandem_kernels::rng::SplitMix64;
+use tandem_kernels::sas::Softmax;
 
-/// Per query head `h` of `step`, `budget` keys drawn from its exact softmax
-/// (seed `seed ^ h`): the output is their mean value, the lse is exact.
+/// Per query head `h` of `step`, `budget` keys drawn from its softmax (exact,
+/// or SAS's weights under `step.softmax`; seed `seed ^ h`): the output is
+/// their mean value, the lse that of the weights drawn from.
 pub(super) fn attend(
     head: &HeadStore,
     step: &Step,
@@ -25,16 +27,18 @@ pub(super) fn attend(
         let draws = Draws {
             budget,
             seed: seed ^ h as u64,
+            softmax: step.softmax,
         };
         let seen = &mut scratch.sel.mask;
         (parts.lse[h], parts.touched[h]) = sample(head, logits, draws, &mut scratch.cdf, seen, out);
     }
 }
 
-/// How many keys one head draws, and from which seed.
+/// How many keys one head draws, from which seed and which softmax.
 struct Draws {
     budget: usize,
     seed: u64,
+    softmax: Softmax,
 }
 
 /// Draws `budget` keys from the softmax of `logits` (not empty) and sums their
@@ -54,7 +58,10 @@ fn sample(
     cdf.clear();
     let mut acc = 0.0f64;
     for &x in logits {
-        acc += ((x - mx) as f64).exp();
+        acc += match draws.softmax {
+            Softmax::Exact => ((x - mx) as f64).exp(),
+            sas => f64::from(sas.weight(x - mx)),
+        };
         cdf.push(acc);
     }
     let budget = draws.budget;

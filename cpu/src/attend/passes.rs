@@ -13,9 +13,8 @@ use crate::store::HeadStore;
 use half::f16;
 use tandem_kernels::heads::add_per_head;
 use tandem_kernels::int8::{axpy_rows_i8, dot_rows_i8};
-use tandem_kernels::vector::{
-    corrected_logits, dot_f32, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
-};
+use tandem_kernels::sas::Softmax;
+use tandem_kernels::vector::{corrected_logits, dot_f32, dot_rows_bf16, prefetch, prefetch_at};
 
 /// How many cache lines of K rows are prefetched ahead of the dot products:
 /// 8 bf16 rows of d=128. Rows of a cold store come from DRAM at random: 8 rows
@@ -123,6 +122,8 @@ pub(crate) struct Step<'a> {
     /// key position the heads (bits) whose set holds it: those pairs are
     /// attended with their exact logits, never the estimator's.
     pub(crate) exact: Option<&'a [u8]>,
+    /// How logits become softmax weights.
+    pub(crate) softmax: Softmax,
 }
 
 /// One group's partial results: each head's output (normalised within the
@@ -146,7 +147,7 @@ pub(crate) fn attend_selected(
 ) {
     let g = step.queries.len() / step.d;
     let np = pass1(head, step, sel, nu, pairs);
-    let (inv, needed) = softmax(pairs, np, g, step.value_skip, parts.lse, parts.touched);
+    let (inv, needed) = softmax(pairs, np, g, step, parts.lse, parts.touched);
     pass2(head, step.d, g, np, nu, &inv, &needed, pairs, parts.out);
 }
 
@@ -255,14 +256,14 @@ fn dot_products(
 }
 
 /// The softmax of the `np` logits of pass 1, in place: weights relative to
-/// each head's max. Writes each head's log-sum-exp and pairs; returns per
-/// head the inverse of its weights' sum and the weight below which it does
-/// not need a key's V row.
+/// each head's max, by `step.softmax`. Writes each head's log-sum-exp (of
+/// those weights) and pairs; returns per head the inverse of its weights' sum
+/// and the weight below which it does not need a key's V row.
 fn softmax(
     pairs: &mut PairLists,
     np: usize,
     g: usize,
-    value_skip: u8,
+    step: &Step,
     lse: &mut [f32],
     touched: &mut [u32],
 ) -> ([f32; 8], [f32; 8]) {
@@ -273,7 +274,8 @@ fn softmax(
     touched[..g].copy_from_slice(&counts[..g]);
     let weights = logits;
     add_per_head(weights, heads, &run_max.map(|m| -m));
-    exp_inplace(weights);
+    step.softmax.weights_inplace(weights);
+    let value_skip = step.value_skip;
     let sums = per_head(weights, heads, 0.0f32, |a, w| a + w, |a, b| a + b);
     let mut inv = [0.0f32; 8];
     let mut needed = [NEGLIGIBLE_WEIGHT; 8];

@@ -4,7 +4,8 @@ use std::sync::Mutex;
 
 use half::bf16;
 use tandem_kernels::parallel::ThreadPool;
-use tandem_kernels::vector::{axpy_bf16_multi, dot_bf16_f32_multi, exp_inplace};
+use tandem_kernels::sas::Softmax;
+use tandem_kernels::vector::{axpy_bf16_multi, dot_bf16_f32_multi};
 
 use super::{job_failed, matmul::even_bounds, CpuKv};
 use crate::error::DeviceError;
@@ -27,13 +28,16 @@ impl Span {
 }
 
 /// Causal attention of `q.len() / (n_heads·head_dim)` queries over `layer` of
-/// `cache`, query `t` seeing `span.rows(t)`; see [`crate::DenseDevice::attention`].
+/// `cache`, query `t` seeing `span.rows(t)`, with weights by `softmax`; see
+/// [`crate::DenseDevice::attention`].
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     pool: &ThreadPool,
     cache: &CpuKv,
     layer: usize,
     q: &[f32],
     span: Span,
+    softmax: Softmax,
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), DeviceError> {
@@ -61,7 +65,7 @@ pub(super) fn attention(
         if seen.len() <= SMALL_ATTENTION_ROWS {
             // A device window: waking the pool would cost more than the work,
             // and its spinning thread would take a core from the CPU workers.
-            let mut p = Partial::new(shape.n_heads, shape.head_dim);
+            let mut p = Partial::new(shape.n_heads, shape.head_dim, softmax);
             attend(cache, layer, q, seen, &mut p);
             p.normalise_into(out, lse);
             return Ok(());
@@ -72,14 +76,14 @@ pub(super) fn attention(
             .map(|b| b + seen.start)
             .collect();
         let partials: Vec<Mutex<Partial>> = (0..threads)
-            .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim)))
+            .map(|_| Mutex::new(Partial::new(shape.n_heads, shape.head_dim, softmax)))
             .collect();
         pool.run(&|i| {
             let mut p = partials[i].lock().unwrap_or_else(|e| e.into_inner());
             attend(cache, layer, q, bounds[i]..bounds[i + 1], &mut p);
         })
         .map_err(job_failed)?;
-        let mut merged = Partial::new(shape.n_heads, shape.head_dim);
+        let mut merged = Partial::new(shape.n_heads, shape.head_dim, softmax);
         for p in &partials {
             merged.merge(&p.lock().unwrap_or_else(|e| e.into_inner()));
         }
@@ -112,7 +116,7 @@ pub(super) fn attention(
     pool.run(&|i| {
         let mut guard = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
         let (chunk, chunk_lse) = &mut *guard;
-        let mut p = Partial::new(shape.n_heads, shape.head_dim);
+        let mut p = Partial::new(shape.n_heads, shape.head_dim, softmax);
         for (j, t) in (bounds[i]..bounds[i + 1]).enumerate() {
             p.reset();
             attend(
@@ -136,9 +140,11 @@ pub(super) fn attention(
 const SMALL_ATTENTION_ROWS: usize = 512;
 
 /// Un-normalised attention over part of the positions, per query head:
-/// `out = Σ exp(s - max)·v`, `sum = Σ exp(s - max)`.
+/// `out = Σ w·v`, `sum = Σ w`, with `w` the weight of `s - max` by `softmax`
+/// (exp, or SAS's approximation of it).
 struct Partial {
     head_dim: usize,
+    softmax: Softmax,
     max: Vec<f32>,
     sum: Vec<f32>,
     out: Vec<f32>,
@@ -146,9 +152,10 @@ struct Partial {
 }
 
 impl Partial {
-    fn new(n_heads: usize, head_dim: usize) -> Partial {
+    fn new(n_heads: usize, head_dim: usize, softmax: Softmax) -> Partial {
         Partial {
             head_dim,
+            softmax,
             max: vec![f32::NEG_INFINITY; n_heads],
             sum: vec![0.0; n_heads],
             out: vec![0.0; n_heads * head_dim],
@@ -284,7 +291,7 @@ fn attend_group(
     for j in 0..g {
         let scores = &mut p.scores[j * n..(j + 1) * n];
         scores.iter_mut().for_each(|s| *s -= max[j]);
-        exp_inplace(scores);
+        p.softmax.weights_inplace(scores);
         sum[j] = scores.iter().sum();
     }
     let mut ws = [0.0f32; MAX_SHARED_GROUP];
@@ -313,6 +320,7 @@ mod tests {
             kv,
             layer: 0,
             window,
+            softmax: Softmax::Exact,
         }
     }
 
@@ -462,6 +470,50 @@ mod tests {
         let want = reference(&tail, 0, &q[..64], 599);
         for (a, b) in one.iter().zip(&want) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    /// The window under SAS (cut-off 16) stays within the bound stated in
+    /// `tandem_kernels::sas` of exact attention, for one query split over the
+    /// pool and for a prefill, and its lse within that bound's shift.
+    #[test]
+    fn sas_window_attention_stays_within_its_bound_of_exact() {
+        use tandem_kernels::sas::{sas_output_bound, SAS_MAX_REL_ERROR};
+        let shape = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
+        let n = 1500;
+        let mut cache = CpuKv::new(1, shape);
+        let k: Vec<f32> = (0..n * 32).map(|i| pseudo(i) * 4.0).collect();
+        let v: Vec<f32> = (0..n * 32).map(|i| pseudo(i + 31)).collect();
+        cache.append(0, &k, &v).expect("append");
+        let device = CpuDevice::new(2);
+        let worst = (n - 1) as f64 * (-16f64).exp() / (1.0 + (n - 1) as f64 * (-16f64).exp());
+        let bound = sas_output_bound(worst) as f32 + 1e-5;
+        let lse_bound = -(1.0 - f64::from(SAS_MAX_REL_ERROR) - worst).ln() as f32 + 1e-5;
+        for tokens in [1usize, 9] {
+            let q: Vec<f32> = (0..tokens * 64).map(|i| pseudo(i + 3)).collect();
+            let run = |softmax| {
+                let (mut out, mut lse) = (vec![0f32; q.len()], vec![0f32; tokens * 4]);
+                let keys = KvLayer {
+                    softmax,
+                    ..at(&cache, None)
+                };
+                device
+                    .attention(keys, &q, 0..tokens, &mut out, &mut lse)
+                    .expect("attention");
+                (out, lse)
+            };
+            let (exact, exact_lse) = run(Softmax::Exact);
+            let (sas, sas_lse) = run(Softmax::Sas { cutoff: 16 });
+            let moved = exact.iter().zip(&sas).map(|(a, b)| (a - b).abs());
+            let moved = moved.fold(0.0f32, f32::max);
+            assert!(moved <= bound && moved > 1e-6, "tokens {tokens}: {moved}");
+            for (a, b) in exact_lse.iter().zip(&sas_lse) {
+                assert!((a - b).abs() <= lse_bound, "tokens {tokens}: {a} vs {b}");
+            }
         }
     }
 

@@ -276,7 +276,8 @@ impl DenseDevice for CpuDevice {
                     first,
                     window: keys.window,
                 };
-                attention::attention(&self.pool, kv, layer, q, span, out, lse)
+                let softmax = keys.softmax;
+                attention::attention(&self.pool, kv, layer, q, span, softmax, out, lse)
             }
             _ => Err(shape_error("attention", rows.end * width, q.len())),
         }

@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec};
+use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec, Softmax};
 
 use crate::error::{Error, Result};
 pub use layout::{Layout, Role};
@@ -51,6 +51,9 @@ pub struct LayerPolicy {
     pub attention: LayerAttention,
     /// The policy as written (`dense`, `lsh:k=10,l=150`, ...).
     pub name: String,
+    /// How the layer's attention turns scores into softmax weights, on the
+    /// CPU device's window and the CPU workers alike (`softmax=sas`).
+    pub softmax: Softmax,
 }
 
 impl LayerPolicy {
@@ -58,14 +61,15 @@ impl LayerPolicy {
     /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`, `topk:k=N`, `oracle:budget=N`,
     /// `threshold:eps=E` or `threshold:b=B`; the offloading ones take `kbits=8|16|32`
     /// (offloaded keys as int8 codes, bf16 or f32) and, with `kbits=8`,
-    /// `vbits=8` (values as int8 codes too). `exact` offloads like the sparse
-    /// policies but attends every offloaded key exactly (the split step's
-    /// reference: it must give dense's results).
+    /// `vbits=8` (values as int8 codes too), and `softmax=sas[,sas_n=N]`
+    /// (TurboAttention's SAS weights, [`tandem_kernels::sas`]). `exact`
+    /// offloads like the sparse policies but attends every offloaded key
+    /// exactly (the split step's reference: it must give dense's results).
     pub fn parse(spec: &str) -> Result<LayerPolicy> {
         let spec = spec.trim();
         let kind = spec.split_once(':').map_or(spec, |(kind, _)| kind);
-        let attention = match LAYER_KINDS.iter().find(|(name, _)| *name == kind) {
-            Some((_, parse_kind)) => parse_kind(spec)?,
+        let (attention, softmax) = match LAYER_KINDS.iter().find(|(name, _)| *name == kind) {
+            Some((_, parse_kind)) => (parse_kind(spec)?, Softmax::Exact),
             None if tandem_cpu::policy_kinds().any(|k| k == kind) => offloaded(spec)?,
             None => {
                 return Err(Error::InvalidRequest(format!(
@@ -77,6 +81,7 @@ impl LayerPolicy {
         Ok(LayerPolicy {
             attention,
             name: spec.to_string(),
+            softmax,
         })
     }
 
@@ -85,6 +90,7 @@ impl LayerPolicy {
         LayerPolicy {
             attention: LayerAttention::Window { size: Some(size) },
             name: format!("window:w={size} (the model's local layers)"),
+            softmax: Softmax::Exact,
         }
     }
 
@@ -136,12 +142,13 @@ pub fn policy_kinds() -> Vec<&'static str> {
         .collect()
 }
 
-/// A policy of the CPU engine's: dense on the device, else offloaded.
-fn offloaded(spec: &str) -> Result<LayerAttention> {
+/// A policy of the CPU engine's: dense on the device, else offloaded; and
+/// its softmax.
+fn offloaded(spec: &str) -> Result<(LayerAttention, Softmax)> {
     let parsed: PolicySpec = spec
         .parse()
         .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))?;
-    Ok(if parsed.policy == Policy::Dense {
+    let attention = if parsed.policy == Policy::Dense {
         LayerAttention::Dense
     } else {
         LayerAttention::Offloaded {
@@ -149,7 +156,8 @@ fn offloaded(spec: &str) -> Result<LayerAttention> {
             lsh: parsed.lsh,
             kv_dtype: parsed.kv_dtype,
         }
-    })
+    };
+    Ok((attention, parsed.softmax))
 }
 
 /// The 1-based line and column (in characters) of byte `offset` of `text`.
@@ -429,6 +437,7 @@ impl PolicyTable {
                     None => LayerPolicy {
                         attention: LayerAttention::Dense,
                         name: "dense".into(),
+                        softmax: Softmax::Exact,
                     },
                 })
                 .collect(),
@@ -458,6 +467,12 @@ impl PolicyTable {
             LayerAttention::Shared { from } => from,
             _ => layer,
         }
+    }
+
+    /// The softmax `layer` attends with (its source's: a shared layer
+    /// attends as its producer does).
+    pub fn softmax(&self, layer: usize) -> Softmax {
+        self.layers[self.source(layer)].softmax
     }
 
     /// The sliding window `layer` attends with, if any (its source's).
@@ -660,6 +675,34 @@ mod tests {
             ..PolicyConfig::default()
         })
         .is_err());
+    }
+
+    #[test]
+    fn the_softmax_mode_reaches_each_layer_and_shared_layers_take_their_producers() {
+        let c = PolicyConfig {
+            policy: "lsh:k=10,l=75,softmax=sas".into(),
+            layers: [
+                (2, "dense:softmax=sas,sas_n=4".to_string()),
+                (3, "shared:from=1".to_string()),
+                (4, "topk:k=8".to_string()),
+            ]
+            .into(),
+            ..PolicyConfig::default()
+        };
+        let t = c.resolve(&[None; 8]).expect("table");
+        let sas = |cutoff| Softmax::Sas { cutoff };
+        let modes: Vec<Softmax> = (0..8).map(|l| t.softmax(l)).collect();
+        let exact = Softmax::Exact;
+        assert_eq!(
+            modes,
+            [exact, sas(8), sas(4), sas(8), exact, sas(8), sas(8), sas(8)]
+        );
+        assert_eq!(t.layers[2].attention, LayerAttention::Dense);
+        assert!(t
+            .to_string()
+            .contains("layers 1,5-7: lsh:k=10,l=75,softmax=sas"));
+        assert!(LayerPolicy::parse("window:softmax=sas").is_err());
+        assert!(LayerPolicy::parse("dense:softmax=sas,sas_n=17").is_err());
     }
 
     #[test]

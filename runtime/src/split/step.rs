@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use tandem_cpu::BOUND_BLOCK;
+use tandem_cpu::{Attend, BOUND_BLOCK};
 use tandem_gpu::{DenseDevice, KvLayer};
 
 use super::observer::OffloadedStep;
@@ -45,6 +45,7 @@ pub fn attend<D: DenseDevice>(
             kv: &kv.window,
             layer: kv.table.source(layer),
             window: kv.table.sliding_window(layer),
+            softmax: kv.table.softmax(layer),
         };
         device.attention(keys, q, rows.clone(), out, lse)?;
     }
@@ -149,7 +150,11 @@ impl<D: DenseDevice> SequenceKv<D> {
                 .to_host(q, rows.start * width..rows.end * width, &mut self.staging)?;
         let state = &mut self.layers[layer];
         let evicted = (source == layer).then_some((&state.evict_keys[..], &state.evict_values[..]));
-        pool.submit(&store, queries, evicted, *policy, &mut state.output)?;
+        let attend = Attend {
+            policy: *policy,
+            softmax: self.table.softmax(source),
+        };
+        pool.submit(&store, queries, evicted, attend, &mut state.output)?;
         state.in_flight = true;
         Ok(())
     }

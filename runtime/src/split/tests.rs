@@ -82,6 +82,7 @@ fn reference(device: &CpuDevice, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                 kv: &kv,
                 layer: 0,
                 window: None,
+                softmax: tandem_cpu::Softmax::Exact,
             },
             &q.to_vec(),
             0..1,
