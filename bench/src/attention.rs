@@ -260,7 +260,7 @@ pub fn run_attention_bench(
         lsh: None,
         seed: opts.seed,
         layer: 0,
-        kv_dtype: KvDtype::Bf16,
+        kv_dtype: KvDtype::BF16,
         sketch: 0,
     };
     // Every layer's stores of one policy, and the time to build the first.

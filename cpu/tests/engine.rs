@@ -37,7 +37,7 @@ fn setup(
     appended: usize,
     seed: u64,
 ) -> Setup {
-    setup_with(KvDtype::Bf16, n, nkv, g, d, lsh, t, appended, seed)
+    setup_with(KvDtype::BF16, n, nkv, g, d, lsh, t, appended, seed)
 }
 
 /// [`setup`] with a row type: f32 stores get unrounded f32 rows through
@@ -100,7 +100,7 @@ fn setup_low_rank(
     let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
     let shape = (n, nkv, g, d);
     setup_from(
-        KvDtype::Bf16,
+        KvDtype::BF16,
         shape,
         Some(lsh),
         2,
@@ -140,14 +140,14 @@ fn setup_from(
     let mut st = LayerStore::new(cfg).expect("cfg");
     let w = nkv * d;
     match dtype {
-        KvDtype::Bf16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
+        KvDtype::BF16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
         _ => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
     }
     .expect("load");
     for i in n..total {
         let (k, v) = (&keys[i * w..(i + 1) * w], &values[i * w..(i + 1) * w]);
         match dtype {
-            KvDtype::Bf16 => st.append(&bf(k), &bf(v)),
+            KvDtype::BF16 => st.append(&bf(k), &bf(v)),
             _ => st.append_f32(k, v),
         }
         .expect("append");
@@ -162,7 +162,7 @@ fn setup_from(
             held_values[o..o + d].copy_from_slice(&hv[i * d..(i + 1) * d]);
         }
     }
-    if matches!(dtype, KvDtype::Bf16 | KvDtype::F32) {
+    if matches!(dtype, KvDtype::BF16 | KvDtype::F32) {
         assert_eq!(
             held_keys, keys,
             "bf16 and f32 stores hold their rows exactly"
@@ -328,7 +328,7 @@ fn brute_force_retrieved(
 #[test]
 fn lsh_retrieval_and_estimate_equal_brute_force_and_f64_formula() {
     check_lsh_against_brute_force(
-        KvDtype::Bf16,
+        KvDtype::BF16,
         &[
             (
                 2usize, 4usize, 32usize, 500usize, 13usize, 3usize, 20usize, 2u8,
@@ -370,7 +370,7 @@ fn lsh_with_a_safety_set_equals_the_f64_union_estimate() {
         (1, 8, 33, 400, 1, 6, 64, 2),
         (3, 3, 24, 257, 5, 4, 30, 3),
     ];
-    check_lsh_against_brute_force(KvDtype::Bf16, cases, 7);
+    check_lsh_against_brute_force(KvDtype::BF16, cases, 7);
     check_lsh_against_brute_force(KvDtype::F32, &cases[..1], 31);
     let s = setup(300, 2, 3, 16, Some((8, 4)), 2, 0, 5);
     let all = run(
@@ -398,7 +398,7 @@ fn lsh_with_a_safety_set_equals_the_f64_union_estimate() {
 fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
     let app = tandem_cpu::MID_MIN + 2 * tandem_cpu::RAW_MAX + 37;
     check_lsh_against_brute_force(
-        KvDtype::Bf16,
+        KvDtype::BF16,
         &[
             (2, 4, 8, 300, app, 5, 20, 2),
             (1, 6, 12, 40, app, 8, 300, 3),
@@ -416,7 +416,7 @@ fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
         s.store.index_bytes()
     );
     // A store that was never prefilled: every key arrives by append (zero mean).
-    check_lsh_against_brute_force(KvDtype::Bf16, &[(1, 2, 8, 0, 1200, 4, 10, 2)], 0);
+    check_lsh_against_brute_force(KvDtype::BF16, &[(1, 2, 8, 0, 1200, 4, 10, 2)], 0);
 }
 
 /// Dense over the store equals the naive f64 softmax attention of [`reference`].
@@ -515,7 +515,7 @@ fn int8_rows_equal_references_and_stay_near_bf16() {
             }
         }
         // The same bf16 keys and values in a bf16 store and an int8 store.
-        let b = setup_with(KvDtype::Bf16, 2000, nkv, g, 64, None, 2, 0, 9);
+        let b = setup_with(KvDtype::BF16, 2000, nkv, g, 64, None, 2, 0, 9);
         let cfg = LayerConfig {
             kv_dtype: dtype,
             ..b.store.config().clone()
@@ -751,7 +751,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         lsh: Some(LshIndexParams { k: 4, l: 8, t: 2 }),
         seed: 1,
         layer: 0,
-        kv_dtype: KvDtype::Bf16,
+        kv_dtype: KvDtype::BF16,
         sketch: 0,
     };
     let st = Arc::new(LayerStore::new(cfg.clone()).expect("cfg"));
@@ -911,7 +911,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             lsh: Some(LshIndexParams { k: 8, l, t: 2 }),
             seed: 4,
             layer: 0,
-            kv_dtype: KvDtype::Bf16,
+            kv_dtype: KvDtype::BF16,
             sketch: 0,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");

@@ -120,7 +120,7 @@ const LAYER_KINDS: [(&str, KindParser); 3] = [
         "exact" => Ok(LayerAttention::Offloaded {
             policy: Policy::Dense,
             lsh: None,
-            kv_dtype: KvDtype::Bf16,
+            kv_dtype: KvDtype::BF16,
         }),
         _ => Err(Error::InvalidRequest(format!(
             "policy {spec:?}: `exact` takes no parameters"
@@ -754,7 +754,7 @@ mod tests {
         assert!(matches!(
             plain.attention,
             LayerAttention::Offloaded {
-                kv_dtype: KvDtype::Bf16,
+                kv_dtype: KvDtype::BF16,
                 ..
             }
         ));
