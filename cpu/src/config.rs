@@ -60,6 +60,17 @@ impl Precision {
     }
 }
 
+/// `f32`, `bf16`, `int8`, `int4`, `int2`.
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Precision::F32 => write!(f, "f32"),
+            Precision::Bf16 => write!(f, "bf16"),
+            other => write!(f, "int{}", other.bits()),
+        }
+    }
+}
+
 /// Channels per group of an int4 or int2 value row (or the whole row when
 /// it is shorter): each group has its own range.
 pub const VALUE_GROUP: usize = 32;

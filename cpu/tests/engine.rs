@@ -1055,3 +1055,141 @@ fn value_skip_stays_within_its_bound() {
         "no V row was left out: the test data is not peaked"
     );
 }
+
+/// Keys with two outlier channels and, per query head, one needle key
+/// aligned with its query (half of them among the appended tokens), so that
+/// attention is peaked as on real text; values in [-1, 1).
+fn needle_rows(
+    rng: &mut SplitMix64,
+    total: usize,
+    nkv: usize,
+    g: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let round = |x: f32| bf16::from_f32(x).to_f32();
+    let mut keys: Vec<f32> = (0..total * nkv * d)
+        .map(|_| rng.signed_f32() + 0.3)
+        .collect();
+    for k in keys.chunks_exact_mut(d) {
+        k[1] = 12.0 * k[1] + 4.0;
+        k[d - 3] *= 9.0;
+    }
+    let values: Vec<f32> = (0..total * nkv * d)
+        .map(|_| round(rng.signed_f32()))
+        .collect();
+    let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
+    for qh in 0..nkv * g {
+        let (kvh, pos) = (qh / g, (qh * 977 + 13) % total);
+        let qv = &q[qh * d..(qh + 1) * d];
+        let norm = qv.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let key = &mut keys[(pos * nkv + kvh) * d..(pos * nkv + kvh + 1) * d];
+        for (k, x) in key.iter_mut().zip(qv) {
+            *k = 8.0 * x / norm * (d as f32).sqrt() / 3.0;
+        }
+    }
+    keys.iter_mut().for_each(|k| *k = round(*k));
+    (keys, values, q)
+}
+
+/// int4 and int2 stores (keys and values, and each beside bf16) under every
+/// policy stay near the bf16 store under the same policy. Per output value
+/// the bound is the values' largest quantization error plus what the keys'
+/// logit errors `δ` can move a softmax-weighted mean, `(e^{2δ} - 1) ·
+/// max|v|`, with `δ` measured on the rows as stored plus 2% of the largest
+/// |logit| for the int8 query; sampled policies (oracle, lsh) get 0.05 more
+/// for their samples, which follow the perturbed weights.
+#[test]
+fn int4_and_int2_stores_stay_near_bf16_under_every_policy() {
+    use tandem_cpu::{Precision::*, ThresholdParams};
+    let (n, appended, nkv, g, d) = (1500, 300, 2, 3, 64);
+    let mut rng = SplitMix64(21);
+    let (keys, values, q) = needle_rows(&mut rng, n + appended, nkv, g, d);
+    let shape = (n, nkv, g, d);
+    let make = |dtype| {
+        setup_from(
+            dtype,
+            shape,
+            Some((8, 75)),
+            2,
+            4,
+            16,
+            keys.clone(),
+            values.clone(),
+            q.clone(),
+        )
+    };
+    let lsh = |top| {
+        Policy::Lsh(LshParams {
+            max_keys: None,
+            value_skip: 0,
+            top,
+            per: 0,
+        })
+    };
+    let policies = [
+        (Policy::Dense, 0.0),
+        (Policy::TopK(64), 0.0),
+        (
+            Policy::Oracle {
+                budget: 3000,
+                seed: 5,
+            },
+            0.05,
+        ),
+        (lsh(0), 0.05),
+        (lsh(16), 0.05),
+        (Policy::Threshold(ThresholdParams::Mass { eps: 0.01 }), 0.0),
+    ];
+    let bf = make(KvDtype::BF16);
+    let scale = 1.0 / (d as f64).sqrt();
+    for dtype in [
+        KvDtype::new(Int4, Int4),
+        KvDtype::new(Int2, Int2),
+        KvDtype::new(Int4, Int2),
+        KvDtype::new(Int4, Bf16),
+        KvDtype::new(Bf16, Int2),
+    ] {
+        let s = make(dtype);
+        let max_v = values
+            .iter()
+            .fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+        let value_err = s
+            .values
+            .iter()
+            .zip(&values)
+            .fold(0.0f64, |m, (a, b)| m.max(f64::from(a - b).abs()));
+        for (policy, sampling) in policies {
+            let (want, got) = (run(&bf, policy), run(&s, policy));
+            for qh in 0..nkv * g {
+                let (kvh, qv) = (qh / g, &q[qh * d..(qh + 1) * d]);
+                let logit = |rows: &[f32], i: usize| -> f64 {
+                    let k = &rows[(i * nkv + kvh) * d..(i * nkv + kvh + 1) * d];
+                    k.iter()
+                        .zip(qv)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                        * scale
+                };
+                let (mut key_err, mut top) = (0.0f64, 0.0f64);
+                for i in 0..s.n {
+                    let exact = logit(&keys, i);
+                    key_err = key_err.max((logit(&s.keys, i) - exact).abs());
+                    top = top.max(exact.abs());
+                }
+                let delta = key_err + 0.02 * top;
+                let bound = value_err + ((2.0 * delta).exp() - 1.0) * max_v + sampling;
+                for j in 0..d {
+                    let (a, b) = (got.out[qh * d + j], want.out[qh * d + j]);
+                    assert!(
+                        f64::from(a - b).abs() <= bound,
+                        "{dtype:?} {policy:?} qh {qh} j {j}: {a} vs {b} (bound {bound})"
+                    );
+                }
+                assert!(
+                    f64::from(got.lse[qh] - want.lse[qh]).abs() <= delta + sampling,
+                    "{dtype:?} {policy:?} qh {qh}"
+                );
+            }
+        }
+    }
+}
