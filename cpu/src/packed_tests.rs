@@ -229,3 +229,38 @@ fn appends_across_block_boundaries_keep_every_row_once() {
         assert_eq!(held, row(t), "row {t}");
     }
 }
+
+#[test]
+fn a_row_takes_the_bytes_its_dtype_reports() {
+    use crate::config::{KvDtype, Precision::*};
+    let mut rng = SplitMix64(9);
+    for (keys, values) in [(Int4, Int4), (Int2, Int2), (Int4, Int2), (Int2, Int4)] {
+        let dtype = KvDtype::new(keys, values);
+        for d in [64, 80, 128, 7] {
+            let rows = rows_with_outliers(&mut rng, 10, d);
+            let mut k = Rows::keys(dtype, d);
+            let mut v = Rows::values(dtype, d);
+            k.extend(&rows).expect("keys");
+            v.extend(&rows).expect("values");
+            // The keys' channel scales and offsets are per head, not per row.
+            assert_eq!(
+                k.bytes() - 8 * d,
+                10 * dtype.key_bytes(d),
+                "{dtype:?} d={d}"
+            );
+            assert_eq!(v.bytes(), 10 * dtype.value_bytes(d), "{dtype:?} d={d}");
+        }
+    }
+    let pair = |k, v| KvDtype::new(k, v).pair_bytes(128);
+    assert_eq!(
+        [
+            pair(Bf16, Bf16),
+            pair(Int8, Int8),
+            pair(Int4, Int4),
+            pair(Int4, Int2),
+            pair(Int2, Int2)
+        ],
+        [512, 256, 148, 116, 84]
+    );
+    assert_eq!(KvDtype::F32.pair_bytes(128), 1024);
+}
