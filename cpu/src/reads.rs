@@ -127,6 +127,7 @@ impl Rows {
                     packed_axpy(p, i, out, w);
                 }
             }
+            // Key rows are never values.
             Rows::PackedKeys(_) => {}
         }
     }
@@ -139,6 +140,7 @@ impl Rows {
             Rows::F32(b) => axpy_f32(out, w, b.row(i)),
             Rows::I8(c) => axpy_i8_multi(out, &[w], c.codes.row(i)),
             Rows::PackedValues(p) => packed_axpy(p, i, out, w),
+            // Key rows are never values.
             Rows::PackedKeys(_) => {}
         }
     }

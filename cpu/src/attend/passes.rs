@@ -16,6 +16,7 @@ use crate::store::HeadStore;
 use half::f16;
 use tandem_kernels::heads::add_per_head;
 use tandem_kernels::int8::{axpy_rows_i8, dot_rows_i8};
+use tandem_kernels::packed::axpy_packed;
 use tandem_kernels::vector::{
     corrected_logits, dot_f32, dot_rows_bf16, exp_inplace, prefetch, prefetch_at,
 };
@@ -450,11 +451,11 @@ fn sum_packed(p: &PackedValues, d: usize, kept: &Kept, out: &mut [f32]) {
             lo_sums[h][g] += w * lo;
         }
         let dst = &mut out[h * d..(h + 1) * d];
-        tandem_kernels::packed::axpy_packed(p.bits, p.codes(key), group, &muls[..groups], dst);
+        axpy_packed(p.bits, p.codes(key), group, &muls[..groups], dst);
     }
     for (o, sums) in out.chunks_exact_mut(d.max(1)).zip(&lo_sums) {
         for (c, x) in o.iter_mut().enumerate() {
-            *x += sums[(c / group).min(MAX_VALUE_GROUPS - 1)];
+            *x += sums[c / group];
         }
     }
 }
