@@ -89,7 +89,7 @@ pub(crate) const RANGE_BYTES: usize = 4;
 /// int8 rows (either side) have one scale per channel, fixed at the prefill.
 /// int4 and int2 rows are asymmetric per row, so every token is quantized on
 /// arrival: no staging buffer, any number of appended tokens, nothing
-/// clamped (sampled attention reads scattered rows, where per-block scales
+/// clamped within f16's range (sampled attention reads scattered rows, where per-block scales
 /// would cost more bytes per touched block than the codes they serve).
 /// - Keys: `k ≈ m + s ⊙ (lo + step · code)`, with the channel centring `m`
 ///   and scales `s` fixed per head as int8 keys fix theirs (they equalise
