@@ -93,7 +93,7 @@ pub struct AttentionBenchResult {
     pub blocks_scanned_fraction: f64,
     /// Index bytes per token per layer.
     pub index_bytes_per_token: f64,
-    /// bf16 K+V bytes per token per layer.
+    /// K+V bytes per token per layer, as the store holds them.
     pub kv_bytes_per_token: f64,
     /// Bulk index build seconds for one layer: centring, hashing and
     /// bucketing the keys already in the store (what MagicPIG's "hashing +
@@ -260,7 +260,7 @@ pub fn run_attention_bench(
         lsh: None,
         seed: opts.seed,
         layer: 0,
-        kv_dtype: KvDtype::Bf16,
+        kv_dtype: KvDtype::BF16,
         sketch: 0,
     };
     // Every layer's stores of one policy, and the time to build the first.

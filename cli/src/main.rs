@@ -209,9 +209,10 @@ struct PolicyArgs {
     /// that set at one key in P of the offloaded context (the default: top=128,
     /// per=32, so 64 keys at 2k, 128 from 4k on). lsh's vskip leaves out the V rows of each head's smallest weights up to
     /// 2^-S of its softmax mass (default 9; 0 reads every retrieved row). Any
-    /// offloading policy takes kbits=8|16|32: the offloaded keys as int8 codes
-    /// with one scale per channel (values bf16), bf16 (default) or f32; with
-    /// kbits=8, vbits=8 makes the values int8 codes too (half the memory).
+    /// offloading policy takes kbits=2|4|8|16|32 and vbits=2|4|8|16: the bits
+    /// of the offloaded keys and values (int8 with one scale per channel,
+    /// int4 and int2 with a range per row, bf16 by default; kbits=32 makes
+    /// both f32).
     /// Dense and offloading policies take softmax=sas[,sas_n=N]: TurboAttention's
     /// SAS weights (a table and a cubic for exp; scores N or more below the max,
     /// 1 to 16, default 8, dropped) on the CPU device and workers.
@@ -451,8 +452,8 @@ struct BenchAttentionArgs {
     #[arg(long, default_value = "llama3.1-8b")]
     shape: String,
     /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
-    /// lsh also takes t=, max_keys=, vskip=, top= and per=, and any policy kbits=8|16|32 (keys
-    /// stored as int8, bf16 or f32) and, with kbits=8, vbits=8 (values int8 too), and
+    /// lsh also takes t=, max_keys=, vskip=, top= and per=, and any policy kbits=2|4|8|16|32
+    /// and vbits=2|4|8|16 (the bits of the stored keys and values; bf16 by default), and
     /// softmax=sas[,sas_n=N] (TurboAttention's SAS weights, cut-off N in 1..=16, default 8).
     #[arg(long, num_args = 1.., default_values_t = [tandem_runtime::policy::DEFAULT_POLICY.to_string()])]
     policy: Vec<String>,

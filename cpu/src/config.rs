@@ -2,45 +2,165 @@
 
 use crate::error::CpuError;
 use std::ops::RangeInclusive;
+use tandem_kernels::packed::{packed_len, CodeBits};
 
 /// Bits per table code an index may have.
 pub(crate) const LSH_K: RangeInclusive<usize> = 1..=16;
 /// Tables an index may have.
 pub(crate) const LSH_L: RangeInclusive<usize> = 1..=512;
 
-/// Element type of the stored K and V rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KvDtype {
-    /// bf16 rows (2 bytes per value).
-    #[default]
-    Bf16,
-    /// f32 rows (4 bytes per value).
+/// How one side (keys or values) of an offloaded store holds its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 values (4 bytes each).
     F32,
-    /// Keys as int8 codes with one scale per channel, as KIVI quantizes keys
-    /// (`k ≈ mean + scales ⊙ code`, around the head's centring mean), values
-    /// bf16: DESIGN's `k8v16`. A key of head dimension 128 is then two cache
-    /// lines and nothing else, where a bf16 key is four: sampled attention
-    /// reads one key row per retrieved key from memory at random. The scales
-    /// are fixed by the first rows stored (the prefill) with a quarter of
-    /// headroom; later keys beyond that range are clamped. A store that was
-    /// never prefilled fixes them from its first appended rows with 4 times
-    /// more room, a coarser grid.
-    K8,
-    /// Keys as in [`KvDtype::K8`], and values too as int8 codes with one scale
-    /// per channel around their mean (`k8v8`): half the bytes of bf16 rows for
-    /// both, so a retrieved key and its value are two cache lines each.
-    K8V8,
+    /// bf16 values (2 bytes each).
+    Bf16,
+    /// int8 codes with one scale per channel around the head's mean, fixed by
+    /// the first rows stored (the prefill) with a quarter of headroom; later
+    /// rows beyond that range are clamped.
+    Int8,
+    /// int4 codes, see [`KvDtype`].
+    Int4,
+    /// int2 codes, see [`KvDtype`].
+    Int2,
+}
+
+impl Precision {
+    /// Bits per value, as the policy strings' `kbits`/`vbits` write it.
+    pub fn bits(self) -> usize {
+        match self {
+            Precision::F32 => 32,
+            Precision::Bf16 => 16,
+            Precision::Int8 => 8,
+            Precision::Int4 => 4,
+            Precision::Int2 => 2,
+        }
+    }
+
+    /// The precision of `bits` bits per value, if there is one.
+    pub fn from_bits(bits: usize) -> Option<Self> {
+        Some(match bits {
+            32 => Precision::F32,
+            16 => Precision::Bf16,
+            8 => Precision::Int8,
+            4 => Precision::Int4,
+            2 => Precision::Int2,
+            _ => return None,
+        })
+    }
+
+    /// The packed code width of int4 and int2 rows.
+    pub(crate) fn code_bits(self) -> Option<CodeBits> {
+        match self {
+            Precision::Int4 => Some(CodeBits::Four),
+            Precision::Int2 => Some(CodeBits::Two),
+            _ => None,
+        }
+    }
+}
+
+/// `f32`, `bf16`, `int8`, `int4`, `int2`.
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Precision::F32 => write!(f, "f32"),
+            Precision::Bf16 => write!(f, "bf16"),
+            other => write!(f, "int{}", other.bits()),
+        }
+    }
+}
+
+/// Channels per group of an int4 or int2 value row (or the whole row when
+/// it is shorter): each group has its own range.
+pub const VALUE_GROUP: usize = 32;
+
+/// Groups an int4 or int2 value row may have (head dimensions up to 2048):
+/// pass 2 keeps a weight per group on the stack.
+pub(crate) const MAX_VALUE_GROUPS: usize = 64;
+
+/// Bytes of the range (`lo` and `step`, two f16) beside each int4 or int2
+/// key row, and beside each group of an int4 or int2 value row.
+pub(crate) const RANGE_BYTES: usize = 4;
+
+/// How the K and V rows of an offloaded store are held: one [`Precision`]
+/// for the keys, one for the values (the policy strings' `kbits`, `vbits`).
+///
+/// int8 rows (either side) have one scale per channel, fixed at the prefill.
+/// int4 and int2 rows are asymmetric per row, so every token is quantized on
+/// arrival: no staging buffer, any number of appended tokens, nothing
+/// clamped within f16's range (sampled attention reads scattered rows, where per-block scales
+/// would cost more bytes per touched block than the codes they serve).
+/// - Keys: `k ≈ m + s ⊙ (lo + step · code)`, with the channel centring `m`
+///   and scales `s` fixed per head as int8 keys fix theirs (they equalise
+///   the outlier channels) and `lo`, `step` per row over the normalised
+///   values `(k - m) / s`, stored as f16 beside the codes; `q · k` is then
+///   `q · m + lo Σ q' + step (q' · code)` with `q' = q ⊙ s`, the last term on
+///   integers.
+/// - Values: per row and group of [`VALUE_GROUP`] channels, `v ≈ lo + step ·
+///   code` (KIVI's per-token groups), f16 ranges beside the codes.
+///
+/// A key of head dimension 128 is then 68 bytes at int4 and 36 at int2 where
+/// a bf16 key is 256: sampled attention reads one row per retrieved key from
+/// memory at random.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvDtype {
+    /// How the keys are held.
+    pub keys: Precision,
+    /// How the values are held.
+    pub values: Precision,
+}
+
+impl Default for KvDtype {
+    fn default() -> Self {
+        KvDtype::BF16
+    }
 }
 
 impl KvDtype {
+    /// bf16 keys and values (the default).
+    pub const BF16: KvDtype = KvDtype::new(Precision::Bf16, Precision::Bf16);
+    /// f32 keys and values.
+    pub const F32: KvDtype = KvDtype::new(Precision::F32, Precision::F32);
+    /// int8 keys, bf16 values (`kbits=8`).
+    pub const K8: KvDtype = KvDtype::new(Precision::Int8, Precision::Bf16);
+    /// int8 keys and values (`kbits=8,vbits=8`).
+    pub const K8V8: KvDtype = KvDtype::new(Precision::Int8, Precision::Int8);
+
+    /// Keys and values of the given precisions.
+    pub const fn new(keys: Precision, values: Precision) -> Self {
+        KvDtype { keys, values }
+    }
+
+    /// The values' precision when a policy string gives only `kbits`: f32
+    /// beside f32 keys, else bf16.
+    pub fn default_values(keys: Precision) -> Precision {
+        match keys {
+            Precision::F32 => Precision::F32,
+            _ => Precision::Bf16,
+        }
+    }
+
+    /// Bytes of one stored key row of dimension `d` (per-head parameters,
+    /// such as int8 channel scales, not counted).
+    pub fn key_bytes(self, d: usize) -> usize {
+        match self.keys.code_bits() {
+            Some(bits) => packed_len(d, bits) + RANGE_BYTES,
+            None => self.keys.bits() / 8 * d,
+        }
+    }
+
+    /// Bytes of one stored value row of dimension `d`.
+    pub fn value_bytes(self, d: usize) -> usize {
+        match self.values.code_bits() {
+            Some(bits) => packed_len(d, bits) + RANGE_BYTES * d.div_ceil(VALUE_GROUP),
+            None => self.values.bits() / 8 * d,
+        }
+    }
+
     /// Bytes of one stored key and its value, each of dimension `d`.
     pub fn pair_bytes(self, d: usize) -> usize {
-        match self {
-            KvDtype::Bf16 => 4 * d,
-            KvDtype::F32 => 8 * d,
-            KvDtype::K8 => 3 * d,
-            KvDtype::K8V8 => 2 * d,
-        }
+        self.key_bytes(d) + self.value_bytes(d)
     }
 }
 
@@ -121,7 +241,7 @@ impl Default for LayerConfig {
             lsh: None,
             seed: 0,
             layer: 0,
-            kv_dtype: KvDtype::Bf16,
+            kv_dtype: KvDtype::BF16,
             sketch: 0,
         }
     }
@@ -139,6 +259,14 @@ impl LayerConfig {
             return Err(CpuError::Config(format!(
                 "group {} not in 1..=8",
                 self.group
+            )));
+        }
+        let packed_values = self.kv_dtype.values.code_bits().is_some();
+        if packed_values && self.head_dim > VALUE_GROUP * MAX_VALUE_GROUPS {
+            return Err(CpuError::Config(format!(
+                "int4 and int2 values need head_dim <= {}, not {}",
+                VALUE_GROUP * MAX_VALUE_GROUPS,
+                self.head_dim
             )));
         }
         let r = self.sketch;

@@ -12,7 +12,8 @@
 //! union.
 //!
 //! Modules, each depending only on those above it: `error`, `config`,
-//! `policy`, `shared`, `estimator`, `rows`, `index`, `bounds`, `store`,
+//! `policy`, `shared`, `estimator`, `row_blocks`, `channels`, `packed`,
+//! `rows`, `reads`, `index`, `bounds`, `store`,
 //! `sketch`, `retrieval`, `attend`, `pool`, `diagnose`, with `snapshot` (a
 //! store's state as arrays, for saved sessions) right after `error`.
 
@@ -20,14 +21,18 @@
 
 mod attend;
 mod bounds;
+mod channels;
 mod config;
 mod diagnose;
 mod error;
 mod estimator;
 mod index;
+mod packed;
 mod policy;
 mod pool;
+mod reads;
 mod retrieval;
+mod row_blocks;
 mod rows;
 mod shared;
 mod sketch;
@@ -35,7 +40,9 @@ mod snapshot;
 mod store;
 
 pub use bounds::BOUND_BLOCK;
-pub use config::{store_bytes_per_key, KvDtype, LayerConfig, LshIndexParams};
+pub use config::{
+    store_bytes_per_key, KvDtype, LayerConfig, LshIndexParams, Precision, VALUE_GROUP,
+};
 pub use diagnose::HeadMass;
 pub use error::CpuError;
 pub use estimator::ln_u_exact;

@@ -3,7 +3,7 @@
 //! `threshold:eps=E`, `threshold:b=B`, each with an optional
 //! `softmax=exact|sas[,sas_n=N]`) that name it.
 
-use crate::config::{KvDtype, LshIndexParams};
+use crate::config::{KvDtype, LshIndexParams, Precision};
 use crate::config::{LSH_K, LSH_L};
 use crate::error::CpuError;
 use std::collections::BTreeMap;
@@ -155,12 +155,11 @@ impl Policy {
 /// [`LshParams::DEFAULT_VALUE_SKIP`] and no safety set by default), `threshold:eps=E` (E in
 /// (0, 1)) or `threshold:b=B` (B a finite logit; exactly one of eps and b),
 /// each with an optional
-/// `kbits=8|16|32`: the offloaded keys as int8 codes ([`KvDtype::K8`]), bf16
-/// (the default) or f32; with `kbits=8`, `vbits=8` makes the values int8
-/// codes too ([`KvDtype::K8V8`]); and an optional `softmax=exact|sas` with,
-/// for `sas`, `sas_n=N` (the cut-off, 1 to 16, default 8: see
-/// [`tandem_kernels::sas`]). [`fmt::Display`] writes the canonical form
-/// (every lsh parameter, in that order, then the storage, then
+/// `kbits=2|4|8|16|32` and `vbits=2|4|8|16`: the offloaded keys' and values'
+/// bits ([`KvDtype`]; 16, bf16, by default; `kbits=32` makes both f32); and an
+/// optional `softmax=exact|sas` with, for `sas`, `sas_n=N` (the cut-off, 1 to
+/// 16, default 8: see [`tandem_kernels::sas`]). [`fmt::Display`] writes the
+/// canonical form (every lsh parameter, in that order, then the storage, then
 /// `softmax=sas,sas_n=N` unless exact; the oracle's seed is not written).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
@@ -233,18 +232,25 @@ impl<'s> Params<'s> {
     }
 
     fn kv_dtype(&mut self) -> Result<KvDtype, CpuError> {
-        Ok(match (self.take("kbits")?, self.take("vbits")?) {
-            (None | Some(16), None | Some(16)) => KvDtype::Bf16,
-            (Some(8), None | Some(16)) => KvDtype::K8,
-            (Some(8), Some(8)) => KvDtype::K8V8,
-            (Some(32), None | Some(32)) => KvDtype::F32,
-            (Some(8 | 16 | 32) | None, Some(_)) => {
-                return Err(self.err(
-                    "vbits must be 16 (bf16, the default) or 8 with kbits=8 (f32 with kbits=32)",
-                ))
-            }
-            (Some(_), _) => return Err(self.err("kbits must be 8, 16 or 32")),
-        })
+        let keys = match self.take("kbits")? {
+            None => Precision::Bf16,
+            Some(b) => Precision::from_bits(b)
+                .ok_or_else(|| self.err("kbits must be 2, 4, 8, 16 or 32"))?,
+        };
+        let values = match self.take("vbits")? {
+            None => KvDtype::default_values(keys),
+            Some(b) => match Precision::from_bits(b) {
+                Some(Precision::F32) if keys != Precision::F32 => {
+                    return Err(self.err("vbits=32 only with kbits=32"))
+                }
+                Some(p) => p,
+                None => return Err(self.err("vbits must be 2, 4, 8 or 16")),
+            },
+        };
+        if keys == Precision::F32 && values != Precision::F32 {
+            return Err(self.err("kbits=32 holds the values as f32 too"));
+        }
+        Ok(KvDtype::new(keys, values))
     }
 
     fn softmax(&mut self) -> Result<Softmax, CpuError> {
@@ -405,11 +411,12 @@ impl fmt::Display for PolicySpec {
                 "threshold"
             }
         };
-        match self.kv_dtype {
-            KvDtype::Bf16 => {}
-            KvDtype::F32 => params.push("kbits=32".into()),
-            KvDtype::K8 => params.push("kbits=8".into()),
-            KvDtype::K8V8 => params.push("kbits=8,vbits=8".into()),
+        let KvDtype { keys, values } = self.kv_dtype;
+        if keys != Precision::Bf16 {
+            params.push(format!("kbits={}", keys.bits()));
+        }
+        if values != KvDtype::default_values(keys) {
+            params.push(format!("vbits={}", values.bits()));
         }
         if let Softmax::Sas { cutoff } = self.softmax {
             params.push(format!("softmax=sas,sas_n={cutoff}"));
@@ -489,7 +496,7 @@ mod tests {
         assert!(parse_policy("lsh:k=10,l=150,vskip=25").is_err());
         assert_eq!(
             parse_policy("lsh:k=10,l=150").expect("ok").kv_dtype,
-            KvDtype::Bf16
+            KvDtype::BF16
         );
         assert_eq!(
             parse_policy("topk:k=8,kbits=8").expect("ok").kv_dtype,
@@ -499,7 +506,9 @@ mod tests {
             parse_policy("dense,kbits=32").map(|p| p.kv_dtype).ok(),
             None
         );
-        assert!(parse_policy("lsh:k=10,l=150,kbits=4").is_err());
+        assert!(parse_policy("lsh:k=10,l=150,kbits=3").is_err());
+        assert!(parse_policy("lsh:k=10,l=150,vbits=32").is_err());
+        assert!(parse_policy("dense:kbits=32,vbits=4").is_err());
         assert_eq!(parse_policy("dense").expect("ok").policy, Policy::Dense);
         assert_eq!(
             parse_policy("topk:k=2048").expect("ok").policy,
@@ -550,6 +559,31 @@ mod tests {
             parse_policy("lsh:k=0,l=1"),
             Err(CpuError::Policy { ref spec, .. }) if spec == "lsh:k=0,l=1"
         ));
+    }
+
+    #[test]
+    fn every_key_and_value_precision_pair_round_trips() {
+        let ints = [2, 4, 8, 16];
+        let pairs = ints.iter().flat_map(|&k| ints.iter().map(move |&v| (k, v)));
+        for (k, v) in pairs.chain([(32, 32)]) {
+            let given = format!("topk:k=8,kbits={k},vbits={v}");
+            let spec = parse_policy(&given).expect("parses");
+            assert_eq!(spec.kv_dtype.keys.bits(), k, "{given}");
+            assert_eq!(spec.kv_dtype.values.bits(), v, "{given}");
+            let canonical = spec.to_string();
+            assert_eq!(
+                parse_policy(&canonical).expect("parses"),
+                spec,
+                "{canonical}"
+            );
+        }
+        let spec = parse_policy("lsh:k=10,l=75,kbits=4,vbits=2").expect("parses");
+        assert_eq!(
+            spec.to_string(),
+            "lsh:k=10,l=75,t=2,vskip=9,kbits=4,vbits=2"
+        );
+        let spec = parse_policy("dense:vbits=4").expect("parses");
+        assert_eq!(spec.to_string(), "dense:vbits=4");
     }
 
     #[test]

@@ -427,7 +427,7 @@ mod tests {
             lsh: None,
             seed: 1,
             layer: 0,
-            kv_dtype: crate::config::KvDtype::Bf16,
+            kv_dtype: crate::config::KvDtype::BF16,
             sketch: 0,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");

@@ -19,7 +19,8 @@ use crate::bounds::KeyBounds;
 use crate::config::LayerConfig;
 use crate::error::CpuError;
 use crate::index::{LshIndex, MAX_INDEXED_KEYS};
-use crate::rows::{Elem, Rows};
+use crate::row_blocks::Elem;
+use crate::rows::Rows;
 use crate::sketch::KeySketch;
 use crate::snapshot::{count, ArrayReader, ArrayWriter};
 use half::{bf16, f16};
@@ -217,7 +218,7 @@ impl HeadStore {
     /// Whether `knorm` is kept: only LSH reads it, and bf16 and int8 rows
     /// give their norms with their dot products instead.
     pub(crate) fn keeps_norms(&self) -> bool {
-        self.index.is_some() && matches!(self.keys, Rows::F32(_))
+        self.index.is_some() && matches!(self.keys, Rows::F32(_) | Rows::PackedKeys(_))
     }
 
     /// Copies the prefill rows of this head (`keys`/`values` of every head,
@@ -233,15 +234,15 @@ impl HeadStore {
         let n = keys.len() / (nh * d);
         let key = |t: usize| &keys[(t * nh + h) * d..(t * nh + h + 1) * d];
         let value = |t: usize| &values[(t * nh + h) * d..(t * nh + h + 1) * d];
-        if let Rows::I8(codes) = &mut self.keys {
-            // int8 keys are quantized around the centring mean, so it is
-            // fixed first, from the rows as given.
+        if let Some(channels) = self.keys.channels_mut() {
+            // Quantized keys are quantized around the centring mean, so it
+            // is fixed first, from the rows as given.
             self.mean = column_mean((0..n).map(key), d);
-            codes.fix_range(&self.mean, true, (0..n).map(key));
+            channels.fix(d, &self.mean, true, (0..n).map(key));
         }
         if let Rows::I8(codes) = &mut self.values {
             let mean = column_mean((0..n).map(value), d);
-            codes.fix_range(&mean, false, (0..n).map(value));
+            codes.channels.fix(d, &mean, false, (0..n).map(value));
         }
         self.keys.reserve(n)?;
         self.values.reserve(n)?;
@@ -257,8 +258,8 @@ impl HeadStore {
     /// index.
     fn build_index(&mut self, n: usize, scratch: &mut BuildScratch) -> Result<(), OutOfMemory> {
         let d = self.d;
-        // int8 keys fixed their mean before they were quantized.
-        if n > 0 && !matches!(self.keys, Rows::I8(_)) {
+        // Quantized keys fixed their mean before they were quantized.
+        if n > 0 && self.keys.key_offset().is_none() {
             let mut row = vec![0.0f32; d];
             let mut sum = vec![0.0f64; d];
             for t in 0..n {
@@ -718,8 +719,15 @@ mod tests {
 
     #[test]
     fn a_loaded_store_is_the_saved_one() {
-        use crate::KvDtype::{F32, K8V8};
-        for (dtype, appended) in [(crate::KvDtype::Bf16, 700), (F32, 20), (K8V8, 600)] {
+        use crate::{KvDtype, Precision::*};
+        for (dtype, appended) in [
+            (KvDtype::BF16, 700),
+            (KvDtype::F32, 20),
+            (KvDtype::K8V8, 600),
+            (KvDtype::new(Int4, Int4), 600),
+            (KvDtype::new(Int2, Int8), 30),
+            (KvDtype::new(Bf16, Int2), 30),
+        ] {
             let store = store_with(dtype, appended);
             let arrays = saved(&store);
             let slices: Vec<&[u8]> = arrays.iter().map(Vec::as_slice).collect();

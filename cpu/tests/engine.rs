@@ -37,7 +37,7 @@ fn setup(
     appended: usize,
     seed: u64,
 ) -> Setup {
-    setup_with(KvDtype::Bf16, n, nkv, g, d, lsh, t, appended, seed)
+    setup_with(KvDtype::BF16, n, nkv, g, d, lsh, t, appended, seed)
 }
 
 /// [`setup`] with a row type: f32 stores get unrounded f32 rows through
@@ -100,7 +100,7 @@ fn setup_low_rank(
     let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
     let shape = (n, nkv, g, d);
     setup_from(
-        KvDtype::Bf16,
+        KvDtype::BF16,
         shape,
         Some(lsh),
         2,
@@ -140,14 +140,14 @@ fn setup_from(
     let mut st = LayerStore::new(cfg).expect("cfg");
     let w = nkv * d;
     match dtype {
-        KvDtype::Bf16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
+        KvDtype::BF16 => st.load_prefill(&bf(&keys[..n * w]), &bf(&values[..n * w]), 2),
         _ => st.load_prefill_f32(&keys[..n * w], &values[..n * w], 2),
     }
     .expect("load");
     for i in n..total {
         let (k, v) = (&keys[i * w..(i + 1) * w], &values[i * w..(i + 1) * w]);
         match dtype {
-            KvDtype::Bf16 => st.append(&bf(k), &bf(v)),
+            KvDtype::BF16 => st.append(&bf(k), &bf(v)),
             _ => st.append_f32(k, v),
         }
         .expect("append");
@@ -162,7 +162,7 @@ fn setup_from(
             held_values[o..o + d].copy_from_slice(&hv[i * d..(i + 1) * d]);
         }
     }
-    if matches!(dtype, KvDtype::Bf16 | KvDtype::F32) {
+    if matches!(dtype, KvDtype::BF16 | KvDtype::F32) {
         assert_eq!(
             held_keys, keys,
             "bf16 and f32 stores hold their rows exactly"
@@ -328,7 +328,7 @@ fn brute_force_retrieved(
 #[test]
 fn lsh_retrieval_and_estimate_equal_brute_force_and_f64_formula() {
     check_lsh_against_brute_force(
-        KvDtype::Bf16,
+        KvDtype::BF16,
         &[
             (
                 2usize, 4usize, 32usize, 500usize, 13usize, 3usize, 20usize, 2u8,
@@ -370,7 +370,7 @@ fn lsh_with_a_safety_set_equals_the_f64_union_estimate() {
         (1, 8, 33, 400, 1, 6, 64, 2),
         (3, 3, 24, 257, 5, 4, 30, 3),
     ];
-    check_lsh_against_brute_force(KvDtype::Bf16, cases, 7);
+    check_lsh_against_brute_force(KvDtype::BF16, cases, 7);
     check_lsh_against_brute_force(KvDtype::F32, &cases[..1], 31);
     let s = setup(300, 2, 3, 16, Some((8, 4)), 2, 0, 5);
     let all = run(
@@ -398,7 +398,7 @@ fn lsh_with_a_safety_set_equals_the_f64_union_estimate() {
 fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
     let app = tandem_cpu::MID_MIN + 2 * tandem_cpu::RAW_MAX + 37;
     check_lsh_against_brute_force(
-        KvDtype::Bf16,
+        KvDtype::BF16,
         &[
             (2, 4, 8, 300, app, 5, 20, 2),
             (1, 6, 12, 40, app, 8, 300, 3),
@@ -416,7 +416,7 @@ fn lsh_retrieval_equals_brute_force_across_incremental_merges() {
         s.store.index_bytes()
     );
     // A store that was never prefilled: every key arrives by append (zero mean).
-    check_lsh_against_brute_force(KvDtype::Bf16, &[(1, 2, 8, 0, 1200, 4, 10, 2)], 0);
+    check_lsh_against_brute_force(KvDtype::BF16, &[(1, 2, 8, 0, 1200, 4, 10, 2)], 0);
 }
 
 /// Dense over the store equals the naive f64 softmax attention of [`reference`].
@@ -515,7 +515,7 @@ fn int8_rows_equal_references_and_stay_near_bf16() {
             }
         }
         // The same bf16 keys and values in a bf16 store and an int8 store.
-        let b = setup_with(KvDtype::Bf16, 2000, nkv, g, 64, None, 2, 0, 9);
+        let b = setup_with(KvDtype::BF16, 2000, nkv, g, 64, None, 2, 0, 9);
         let cfg = LayerConfig {
             kv_dtype: dtype,
             ..b.store.config().clone()
@@ -751,7 +751,7 @@ fn edge_cases_empty_single_zero_and_huge_gaps() {
         lsh: Some(LshIndexParams { k: 4, l: 8, t: 2 }),
         seed: 1,
         layer: 0,
-        kv_dtype: KvDtype::Bf16,
+        kv_dtype: KvDtype::BF16,
         sketch: 0,
     };
     let st = Arc::new(LayerStore::new(cfg.clone()).expect("cfg"));
@@ -911,7 +911,7 @@ fn sampled_estimate_converges_to_dense_as_l_grows_on_peaked_attention() {
             lsh: Some(LshIndexParams { k: 8, l, t: 2 }),
             seed: 4,
             layer: 0,
-            kv_dtype: KvDtype::Bf16,
+            kv_dtype: KvDtype::BF16,
             sketch: 0,
         };
         let mut st = LayerStore::new(cfg).expect("cfg");
@@ -1054,4 +1054,158 @@ fn value_skip_stays_within_its_bound() {
         moved_any,
         "no V row was left out: the test data is not peaked"
     );
+}
+
+/// Keys with two outlier channels and, per query head, one needle key
+/// aligned with its query (half of them among the appended tokens), so that
+/// attention is peaked as on real text; values in [-1, 1).
+fn needle_rows(
+    rng: &mut SplitMix64,
+    total: usize,
+    nkv: usize,
+    g: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let round = |x: f32| bf16::from_f32(x).to_f32();
+    let mut keys: Vec<f32> = (0..total * nkv * d)
+        .map(|_| rng.signed_f32() + 0.3)
+        .collect();
+    for k in keys.chunks_exact_mut(d) {
+        k[1] = 12.0 * k[1] + 4.0;
+        k[d - 3] *= 9.0;
+    }
+    let values: Vec<f32> = (0..total * nkv * d)
+        .map(|_| round(rng.signed_f32()))
+        .collect();
+    let q: Vec<f32> = (0..nkv * g * d).map(|_| rng.signed_f32() * 3.0).collect();
+    for qh in 0..nkv * g {
+        let (kvh, pos) = (qh / g, (qh * 977 + 13) % total);
+        let qv = &q[qh * d..(qh + 1) * d];
+        let norm = qv.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let key = &mut keys[(pos * nkv + kvh) * d..(pos * nkv + kvh + 1) * d];
+        for (k, x) in key.iter_mut().zip(qv) {
+            *k = 6.0 * x / norm;
+        }
+    }
+    keys.iter_mut().for_each(|k| *k = round(*k));
+    (keys, values, q)
+}
+
+/// int4 and int2 stores (keys and values, and each beside bf16): dense and
+/// top-k of every key equal the f64 reference over the rows as stored, but
+/// for the int8 query of int4 and int2 keys (its rounding moves a logit here
+/// by about 0.05; its worst case, `0.51 · s_q · Σ|u|`, is checked by the
+/// rows' unit tests), and every policy stays near the bf16 store under the
+/// same policy. Per output value that bound is the values' largest
+/// quantization error plus what the keys' logit errors `δ` can move a
+/// softmax-weighted mean, `(e^{2δ} - 1) · max|v|`, with `δ` measured on the
+/// rows as stored plus 0.1 for the int8 query; sampled policies (oracle, lsh)
+/// get 0.05 more for their samples, which follow the perturbed weights.
+#[test]
+fn int4_and_int2_stores_stay_near_bf16_under_every_policy() {
+    use tandem_cpu::{Precision::*, ThresholdParams};
+    let (n, appended, nkv, g, d) = (1500, 300, 2, 3, 64);
+    let mut rng = SplitMix64(21);
+    let (keys, values, q) = needle_rows(&mut rng, n + appended, nkv, g, d);
+    let shape = (n, nkv, g, d);
+    let make = |dtype| {
+        setup_from(
+            dtype,
+            shape,
+            Some((8, 75)),
+            2,
+            4,
+            16,
+            keys.clone(),
+            values.clone(),
+            q.clone(),
+        )
+    };
+    let lsh = |top| {
+        Policy::Lsh(LshParams {
+            max_keys: None,
+            value_skip: 0,
+            top,
+            per: 0,
+        })
+    };
+    let policies = [
+        (Policy::Dense, 0.0),
+        (Policy::TopK(64), 0.0),
+        (
+            Policy::Oracle {
+                budget: 3000,
+                seed: 5,
+            },
+            0.05,
+        ),
+        (lsh(0), 0.05),
+        (lsh(16), 0.05),
+        (Policy::Threshold(ThresholdParams::Mass { eps: 0.01 }), 0.0),
+    ];
+    let bf = make(KvDtype::BF16);
+    let scale = 1.0 / (d as f64).sqrt();
+    for dtype in [
+        KvDtype::new(Int4, Int4),
+        KvDtype::new(Int2, Int2),
+        KvDtype::new(Int4, Int2),
+        KvDtype::new(Int4, Bf16),
+        KvDtype::new(Bf16, Int2),
+    ] {
+        let s = make(dtype);
+        for policy in [Policy::Dense, Policy::TopK(s.n)] {
+            let out = run(&s, policy);
+            for qh in 0..nkv * g {
+                let all: Vec<(usize, f64)> = (0..s.n).map(|i| (i, 0.0)).collect();
+                let (o, lse) = reference(&s, nkv, g, d, qh, &all);
+                let err = (out.lse[qh] as f64 - lse).abs();
+                assert!(err < 0.1, "{dtype:?} {policy:?} qh {qh}: lse off by {err}");
+                for j in 0..d {
+                    let err = (out.out[qh * d + j] as f64 - o[j]).abs();
+                    assert!(
+                        err < 0.02,
+                        "{dtype:?} {policy:?} qh {qh} j {j}: off by {err}"
+                    );
+                }
+            }
+        }
+        let max_v = values
+            .iter()
+            .fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+        let value_err = s
+            .values
+            .iter()
+            .zip(&values)
+            .fold(0.0f64, |m, (a, b)| m.max(f64::from(a - b).abs()));
+        for (policy, sampling) in policies {
+            let (want, got) = (run(&bf, policy), run(&s, policy));
+            for qh in 0..nkv * g {
+                let (kvh, qv) = (qh / g, &q[qh * d..(qh + 1) * d]);
+                let logit = |rows: &[f32], i: usize| -> f64 {
+                    let k = &rows[(i * nkv + kvh) * d..(i * nkv + kvh + 1) * d];
+                    k.iter()
+                        .zip(qv)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                        * scale
+                };
+                let key_err = (0..s.n)
+                    .map(|i| (logit(&s.keys, i) - logit(&keys, i)).abs())
+                    .fold(0.0f64, f64::max);
+                let delta = key_err + 0.1;
+                let bound = value_err + ((2.0 * delta).exp() - 1.0) * max_v + sampling;
+                for j in 0..d {
+                    let (a, b) = (got.out[qh * d + j], want.out[qh * d + j]);
+                    assert!(
+                        f64::from(a - b).abs() <= bound,
+                        "{dtype:?} {policy:?} qh {qh} j {j}: {a} vs {b} (bound {bound})"
+                    );
+                }
+                assert!(
+                    f64::from(got.lse[qh] - want.lse[qh]).abs() <= delta + sampling,
+                    "{dtype:?} {policy:?} qh {qh}"
+                );
+            }
+        }
+    }
 }

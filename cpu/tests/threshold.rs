@@ -13,7 +13,7 @@ use tandem_cpu::{
 };
 use tandem_kernels::rng::SplitMix64;
 
-const DTYPES: [KvDtype; 4] = [KvDtype::Bf16, KvDtype::F32, KvDtype::K8, KvDtype::K8V8];
+const DTYPES: [KvDtype; 4] = [KvDtype::BF16, KvDtype::F32, KvDtype::K8, KvDtype::K8V8];
 
 /// One store and its group queries, with the rows as the store holds them.
 struct Case {
@@ -79,14 +79,14 @@ fn build(s: Shape) -> Case {
     let p = s.prefill * w;
     let bf = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
     match s.dtype {
-        KvDtype::Bf16 => st.load_prefill(&bf(&keys[..p]), &bf(&values[..p]), 2),
+        KvDtype::BF16 => st.load_prefill(&bf(&keys[..p]), &bf(&values[..p]), 2),
         _ => st.load_prefill_f32(&keys[..p], &values[..p], 2),
     }
     .expect("prefill");
     // Appended in odd-sized chunks.
     for (k, v) in keys[p..].chunks(3 * w).zip(values[p..].chunks(3 * w)) {
         match s.dtype {
-            KvDtype::Bf16 => st.append(&bf(k), &bf(v)),
+            KvDtype::BF16 => st.append(&bf(k), &bf(v)),
             _ => st.append_f32(k, v),
         }
         .expect("append");
@@ -190,7 +190,7 @@ fn assert_close(
 
 fn shapes() -> Vec<Shape> {
     let base = Shape {
-        dtype: KvDtype::Bf16,
+        dtype: KvDtype::BF16,
         nkv: 2,
         g: 3,
         d: 17,

@@ -34,6 +34,7 @@ pub mod int8;
 pub mod isa;
 pub mod mem;
 pub mod ops;
+pub mod packed;
 pub mod parallel;
 pub mod quant;
 pub mod rng;

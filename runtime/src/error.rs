@@ -33,7 +33,7 @@ pub enum Error {
     /// ([`crate::memory::MemoryBudget`]); refused before allocating.
     #[error(
         "{what} needs {need} of memory, more than the {limit} allowed ({origin}); \
-         a shorter context, the int8 store (a policy with kbits=8,vbits=8) or fewer sequences need less"
+         a shorter context, a quantized store (a policy with kbits=4,vbits=4, say) or fewer sequences need less"
     )]
     OutOfMemory {
         what: String,

@@ -132,6 +132,11 @@ fn an_int8_store_resumes_without_a_prefill() {
 }
 
 #[test]
+fn an_int4_and_int2_store_resumes_without_a_prefill() {
+    check_resumes_exactly(&format!("{DEFAULT_POLICY},kbits=4,vbits=2"), "int4.tandem");
+}
+
+#[test]
 fn a_dense_session_resumes_without_a_prefill() {
     check_resumes_exactly("dense", "dense.tandem");
 }

@@ -9,7 +9,8 @@ use super::passes::Step;
 use super::scratch::{BlockScratch, Scratch};
 use crate::bounds::BoundQueries;
 use crate::error::CpuError;
-use crate::rows::{KeyQueries, Rows};
+use crate::reads::KeyQueries;
+use crate::rows::Rows;
 use crate::store::HeadStore;
 
 /// Readies a search over the blocks of `head`: room for every key's logit,
@@ -49,10 +50,9 @@ fn block_bounds(head: &HeadStore, step: &Step, g: usize, nb: usize, blocks: &mut
     for (h, l) in l1.iter_mut().enumerate().take(g) {
         *l = abs[h * d..(h + 1) * d].iter().sum();
     }
-    let reach = match &head.keys {
-        Rows::I8(c) => c.offset.iter().fold(0.0f32, |m, x| m.max(x.abs())),
-        _ => 0.0,
-    };
+    let reach = head.keys.key_offset().map_or(0.0, |offset| {
+        offset.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+    });
     let q = BoundQueries {
         queries: &step.queries[..g * d],
         abs,
@@ -67,7 +67,9 @@ fn block_bounds(head: &HeadStore, step: &Step, g: usize, nb: usize, blocks: &mut
         let upper = &mut upper[..g];
         head.bounds.upper(j, &q, upper);
         *top = f32::NEG_INFINITY;
-        for u in upper.iter_mut() {
+        for (u, slack) in upper.iter_mut().zip(step.kq.int_slack) {
+            // int4 and int2 keys' dot products use an int8 query.
+            *u += slack;
             *u = if u.is_nan() {
                 f32::INFINITY
             } else {

@@ -19,7 +19,7 @@ pub(crate) use scratch::Scratch;
 use crate::bounds::BOUND_BLOCK;
 use crate::error::CpuError;
 use crate::policy::{Attend, Policy};
-use crate::rows::KeyQueries;
+use crate::reads::KeyQueries;
 use crate::store::HeadStore;
 use passes::Step;
 

@@ -6,13 +6,17 @@
 // Index loops over heads and keys read several parallel arrays at once.
 #![allow(clippy::needless_range_loop)]
 
+use crate::config::MAX_VALUE_GROUPS;
 use crate::estimator::LnUTable;
+use crate::packed::{PackedKeys, PackedValues};
+use crate::reads::{packed_key_dots, KeyQueries};
 use crate::retrieval::Selection;
-use crate::rows::{CodeRows, KeyQueries, Rows};
+use crate::rows::{CodeRows, Rows};
 use crate::store::HeadStore;
 use half::f16;
 use tandem_kernels::heads::add_per_head;
 use tandem_kernels::int8::{axpy_rows_i8, dot_rows_i8};
+use tandem_kernels::packed::axpy_packed;
 use tandem_kernels::sas::Softmax;
 use tandem_kernels::vector::{corrected_logits, dot_f32, dot_rows_bf16, prefetch, prefetch_at};
 
@@ -239,10 +243,13 @@ fn dot_products(
                 &step.kq.scaled,
                 k_ahead,
                 dots,
-                lsh.then_some((&c.scales[..], norms)),
+                lsh.then_some((&c.channels.scales[..], norms)),
             );
             add_per_head(dots, heads, &step.kq.offsets);
         }
+        Rows::PackedKeys(p) => packed_dot_products(p, step.kq, keys, heads, k_ahead, dots),
+        // Value rows are never keys.
+        Rows::PackedValues(_) => dots.fill(0.0),
         Rows::F32(b) => {
             for (p, ((&id, &h), dot)) in keys.iter().zip(heads).zip(dots.iter_mut()).enumerate() {
                 if let Some(&next) = keys.get(p + k_ahead) {
@@ -252,6 +259,31 @@ fn dot_products(
                 *dot = dot_f32(b.row(id as usize), &queries[h * d..(h + 1) * d]);
             }
         }
+    }
+}
+
+/// [`dot_products`] over int4 or int2 keys: each key's row is read once for
+/// all the heads of the group, on integers.
+fn packed_dot_products(
+    p: &PackedKeys,
+    kq: &KeyQueries,
+    keys: &[u32],
+    heads: &[u8],
+    k_ahead: usize,
+    dots: &mut [f32],
+) {
+    let g = (kq.scaled.len() / p.d.max(1)).min(8);
+    let mut all = [0.0f32; 8];
+    let mut last = None;
+    for (k, (&id, &h)) in keys.iter().zip(heads).enumerate() {
+        if let Some(&next) = keys.get(k + k_ahead) {
+            prefetch(p.rows.row(next as usize));
+        }
+        if last != Some(id) {
+            packed_key_dots(p, id as usize, kq, &mut all[..g]);
+            last = Some(id);
+        }
+        dots[k] = all[usize::from(h) & 7];
     }
 }
 
@@ -344,6 +376,7 @@ fn pass2(
             let weight_sums = sum_codes(c, &kept, value_pairs, out);
             head.values.finish_sums(out, &weight_sums[..g]);
         }
+        Rows::PackedValues(p) => sum_packed(p, d, &kept, out),
         _ => sum_rows(&head.values, d, g, &kept, out),
     }
 }
@@ -399,6 +432,34 @@ fn sum_codes(
         out,
     );
     weight_sums
+}
+
+/// Pass 2 over int4 or int2 value rows: per pair, the codes times `w ·
+/// step` of each group, decoded in registers; each head's `Σ w · lo` per
+/// group is added once at the end.
+fn sum_packed(p: &PackedValues, d: usize, kept: &Kept, out: &mut [f32]) {
+    let (group, groups) = (p.group(), p.groups().min(MAX_VALUE_GROUPS));
+    let mut lo_sums = [[0.0f32; MAX_VALUE_GROUPS]; 8];
+    let mut muls = [0.0f32; MAX_VALUE_GROUPS];
+    for (k, &pair) in kept.vlist.iter().enumerate() {
+        if let Some(&next) = kept.vlist.get(k + kept.v_ahead) {
+            prefetch(p.rows.row(kept.keys[next as usize] as usize));
+        }
+        let key = kept.keys[pair as usize] as usize;
+        let (w, h) = kept.weight(pair);
+        for (g, m) in muls[..groups].iter_mut().enumerate() {
+            let (lo, step) = p.range(key, g);
+            *m = w * step;
+            lo_sums[h][g] += w * lo;
+        }
+        let dst = &mut out[h * d..(h + 1) * d];
+        axpy_packed(p.bits, p.codes(key), group, &muls[..groups], dst);
+    }
+    for (o, sums) in out.chunks_exact_mut(d.max(1)).zip(&lo_sums) {
+        for (c, x) in o.iter_mut().enumerate() {
+            *x += sums[c / group];
+        }
+    }
 }
 
 /// Pass 2 over bf16 and f32 value rows, summed as they are; each run of

@@ -59,12 +59,13 @@ pub struct LayerPolicy {
 impl LayerPolicy {
     /// Parses `dense`, `window`, `window:w=W`, `shared:from=J`, `exact`,
     /// `lsh:k=K,l=L[,t=T][,max_keys=M][,vskip=S]`, `topk:k=N`, `oracle:budget=N`,
-    /// `threshold:eps=E` or `threshold:b=B`; the offloading ones take `kbits=8|16|32`
-    /// (offloaded keys as int8 codes, bf16 or f32) and, with `kbits=8`,
-    /// `vbits=8` (values as int8 codes too), and `softmax=sas[,sas_n=N]`
-    /// (TurboAttention's SAS weights, [`tandem_kernels::sas`]). `exact`
-    /// offloads like the sparse policies but attends every offloaded key
-    /// exactly (the split step's reference: it must give dense's results).
+    /// `threshold:eps=E` or `threshold:b=B`; the offloading ones take
+    /// `kbits=2|4|8|16|32` and `vbits=2|4|8|16`, how the offloaded keys and
+    /// values are held ([`KvDtype`]: int codes, bf16, the default, or f32), and
+    /// `softmax=sas[,sas_n=N]` (TurboAttention's SAS weights,
+    /// [`tandem_kernels::sas`]). `exact` offloads like the sparse policies but
+    /// attends every offloaded key exactly (the split step's reference: it
+    /// must give dense's results).
     pub fn parse(spec: &str) -> Result<LayerPolicy> {
         let spec = spec.trim();
         let kind = spec.split_once(':').map_or(spec, |(kind, _)| kind);
@@ -126,7 +127,7 @@ const LAYER_KINDS: [(&str, KindParser); 3] = [
         "exact" => Ok(LayerAttention::Offloaded {
             policy: Policy::Dense,
             lsh: None,
-            kv_dtype: KvDtype::Bf16,
+            kv_dtype: KvDtype::BF16,
         }),
         _ => Err(Error::InvalidRequest(format!(
             "policy {spec:?}: `exact` takes no parameters"
@@ -495,7 +496,11 @@ impl fmt::Display for PolicyTable {
             }
         }
         for (name, ids) in &groups {
-            writeln!(f, "  layers {}: {name}", ranges(ids))?;
+            write!(f, "  layers {}: {name}", ranges(ids))?;
+            if let LayerAttention::Offloaded { kv_dtype, .. } = &self.layers[ids[0]].attention {
+                write!(f, " (keys {}, values {})", kv_dtype.keys, kv_dtype.values)?;
+            }
+            writeln!(f)?;
         }
         if self.is_sparse() {
             write!(
@@ -532,6 +537,7 @@ fn ranges(ids: &[usize]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_cpu::Precision;
 
     #[test]
     fn sinks_and_window_near_the_top_of_usize_are_refused() {
@@ -574,7 +580,18 @@ mod tests {
             shown.contains("layers 1-14,16-29: lsh:k=10,l=75,t=2,top=128,per=32"),
             "{shown}"
         );
-        assert!(shown.contains("layers 0,15: dense"), "{shown}");
+        assert!(shown.contains("layers 0,15: dense\n"), "{shown}");
+        assert!(
+            shown.contains("per=32 (keys bf16, values bf16)\n"),
+            "{shown}"
+        );
+        let c: PolicyConfig =
+            toml::from_str("policy = \"topk:k=64,kbits=4,vbits=2\"").expect("toml");
+        let shown = c.resolve(&[None; 30]).expect("table").to_string();
+        assert!(
+            shown.contains("kbits=4,vbits=2 (keys int4, values int2)"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -797,11 +814,22 @@ mod tests {
         assert!(matches!(
             plain.attention,
             LayerAttention::Offloaded {
-                kv_dtype: KvDtype::Bf16,
+                kv_dtype: KvDtype::BF16,
                 ..
             }
         ));
-        assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=4").is_err());
+        let int4 = LayerPolicy::parse("lsh:k=10,l=150,kbits=4,vbits=2").expect("parses");
+        assert!(matches!(
+            int4.attention,
+            LayerAttention::Offloaded {
+                kv_dtype: KvDtype {
+                    keys: Precision::Int4,
+                    values: Precision::Int2
+                },
+                ..
+            }
+        ));
+        assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=3").is_err());
         let both = LayerPolicy::parse("lsh:k=10,l=150,kbits=8,vbits=8").expect("parses");
         assert!(matches!(
             both.attention,
@@ -810,7 +838,7 @@ mod tests {
                 ..
             }
         ));
-        assert!(LayerPolicy::parse("lsh:k=10,l=150,vbits=8").is_err());
-        assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=8,vbits=4").is_err());
+        assert!(LayerPolicy::parse("lsh:k=10,l=150,vbits=32").is_err());
+        assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=8,vbits=1").is_err());
     }
 }

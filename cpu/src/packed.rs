@@ -1,0 +1,246 @@
+//! int4 and int2 rows of one kv head: keys normalised per channel, then
+//! quantized over each row's own range; values quantized per row and group
+//! of channels. Every row is quantized when it arrives, so appends need no
+//! staging buffer and have no cap (see [`crate::KvDtype`]).
+
+use crate::channels::ChannelScales;
+use crate::config::{RANGE_BYTES, VALUE_GROUP};
+use crate::error::CpuError;
+use crate::row_blocks::{Blocks, Elem};
+use crate::snapshot::{ArrayReader, ArrayWriter};
+use half::f16;
+use tandem_kernels::mem::OutOfMemory;
+use tandem_kernels::packed::{code_at, pack, packed_len, CodeBits};
+
+/// The largest |lo| and step a range holds (f16's largest finite value).
+const RANGE_LIMIT: f32 = 65504.0;
+
+/// Quantizes `xs` over their own range to codes of `bits`, returning the
+/// range `(lo, step)` as stored: `x ≈ lo + step · code`. Non-finite values
+/// count as 0.
+fn quantize_range(bits: CodeBits, xs: &mut [f32], codes: &mut [u8]) -> [f16; 2] {
+    xs.iter_mut()
+        .filter(|x| !x.is_finite())
+        .for_each(|x| *x = 0.0);
+    let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lo = f16::from_f32(lo.clamp(-RANGE_LIMIT, RANGE_LIMIT));
+    let span = (hi - lo.to_f32()).max(0.0) / f32::from(bits.max_code());
+    let step = f16::from_f32(span.min(RANGE_LIMIT));
+    let inv = if step.to_f32() > 0.0 {
+        1.0 / step.to_f32()
+    } else {
+        0.0
+    };
+    for (c, x) in codes.iter_mut().zip(xs.iter()) {
+        let code = ((x - lo.to_f32()) * inv).round();
+        *c = code.clamp(0.0, f32::from(bits.max_code())) as u8;
+    }
+    [lo, step]
+}
+
+/// The f16 at byte `at` of `row`.
+#[inline(always)]
+fn f16_at(row: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
+}
+
+/// Writes `range` at byte `at` of `row`.
+fn put_range(row: &mut [u8], at: usize, range: [f16; 2]) {
+    row[at..at + 2].copy_from_slice(&range[0].to_le_bytes());
+    row[at + 2..at + 4].copy_from_slice(&range[1].to_le_bytes());
+}
+
+/// int4 or int2 key rows: `k ≈ m + s ⊙ (lo + step · code)`, the channel
+/// offsets `m` and scales `s` fixed per head as int8 keys fix theirs, `lo`
+/// and `step` per row. A row is its packed codes, then `lo` and `step` (f16).
+pub(crate) struct PackedKeys {
+    pub(crate) rows: Blocks<u8>,
+    pub(crate) bits: CodeBits,
+    /// Channels.
+    pub(crate) d: usize,
+    pub(crate) channels: ChannelScales,
+    /// The largest `Σ_c |lo + step · code_c|` of a stored row, which bounds
+    /// what quantizing a query to int8 changes of its dot products.
+    pub(crate) max_l1: f32,
+    /// One row being quantized (appends allocate nothing per row).
+    normalised: Vec<f32>,
+    codes: Vec<u8>,
+    row: Vec<u8>,
+}
+
+impl PackedKeys {
+    pub(crate) fn new(bits: CodeBits, d: usize) -> Self {
+        PackedKeys {
+            rows: Blocks::new(packed_len(d, bits) + RANGE_BYTES),
+            bits,
+            d,
+            channels: ChannelScales::default(),
+            max_l1: 0.0,
+            normalised: vec![0.0; d],
+            codes: vec![0; d],
+            row: vec![0; packed_len(d, bits) + RANGE_BYTES],
+        }
+    }
+
+    /// Bytes of a row's codes.
+    fn code_len(&self) -> usize {
+        self.rows.d - RANGE_BYTES
+    }
+
+    /// The packed codes of row `i`.
+    #[inline(always)]
+    pub(crate) fn codes(&self, i: usize) -> &[u8] {
+        &self.rows.row(i)[..self.code_len()]
+    }
+
+    /// `(lo, step)` of row `i`.
+    #[inline(always)]
+    pub(crate) fn range(&self, i: usize) -> (f32, f32) {
+        let (row, at) = (self.rows.row(i), self.code_len());
+        (f16_at(row, at), f16_at(row, at + 2))
+    }
+
+    pub(crate) fn push<T: Elem>(&mut self, src: &[T]) -> Result<(), OutOfMemory> {
+        let len = self.code_len();
+        for r in src.chunks_exact(self.d) {
+            self.channels.normalise(r, &mut self.normalised);
+            let range = quantize_range(self.bits, &mut self.normalised, &mut self.codes);
+            pack(self.bits, &self.codes, &mut self.row[..len]);
+            put_range(&mut self.row, len, range);
+            let (lo, step) = (range[0].to_f32(), range[1].to_f32());
+            let l1: f32 = self
+                .codes
+                .iter()
+                .map(|&c| (lo + step * f32::from(c)).abs())
+                .sum();
+            self.max_l1 = self.max_l1.max(l1);
+            self.rows.extend(&self.row, |x| x)?;
+        }
+        Ok(())
+    }
+
+    /// Row `i` dequantized into `dst`.
+    pub(crate) fn row_f32(&self, i: usize, dst: &mut [f32]) {
+        let (codes, (lo, step)) = (self.codes(i), self.range(i));
+        let ChannelScales { scales, offset, .. } = &self.channels;
+        for (c, ((o, s), m)) in dst.iter_mut().zip(scales).zip(offset).enumerate() {
+            *o = m + s * (lo + step * f32::from(code_at(self.bits, codes, c)));
+        }
+    }
+
+    pub(crate) fn save(&self, out: &mut ArrayWriter) {
+        self.rows.save(out);
+        self.channels.save(out);
+    }
+
+    pub(crate) fn load(&mut self, n: usize, input: &mut ArrayReader) -> Result<(), CpuError> {
+        self.rows.load(n, "packed key rows", input)?;
+        self.channels.load(self.d, n, input)?;
+        self.max_l1 = (0..n).map(|i| self.row_l1(i)).fold(0.0, f32::max);
+        Ok(())
+    }
+
+    fn row_l1(&self, i: usize) -> f32 {
+        let (codes, (lo, step)) = (self.codes(i), self.range(i));
+        (0..self.d)
+            .map(|c| (lo + step * f32::from(code_at(self.bits, codes, c))).abs())
+            .sum()
+    }
+}
+
+/// int4 or int2 value rows, per row and group of [`VALUE_GROUP`] channels
+/// (or the whole row, if shorter) `v ≈ lo_g + step_g · code`. A row is its
+/// packed codes, then each group's `lo` and `step` (f16).
+pub(crate) struct PackedValues {
+    pub(crate) rows: Blocks<u8>,
+    pub(crate) bits: CodeBits,
+    /// Channels.
+    pub(crate) d: usize,
+    /// One row being quantized.
+    values: Vec<f32>,
+    codes: Vec<u8>,
+    row: Vec<u8>,
+}
+
+impl PackedValues {
+    pub(crate) fn new(bits: CodeBits, d: usize) -> Self {
+        let width = packed_len(d, bits) + RANGE_BYTES * d.div_ceil(VALUE_GROUP);
+        PackedValues {
+            rows: Blocks::new(width),
+            bits,
+            d,
+            values: vec![0.0; d],
+            codes: vec![0; d],
+            row: vec![0; width],
+        }
+    }
+
+    /// Channels per group.
+    pub(crate) fn group(&self) -> usize {
+        VALUE_GROUP.min(self.d)
+    }
+
+    /// Groups per row.
+    pub(crate) fn groups(&self) -> usize {
+        self.d.div_ceil(self.group())
+    }
+
+    fn code_len(&self) -> usize {
+        packed_len(self.d, self.bits)
+    }
+
+    /// The packed codes of row `i`.
+    #[inline(always)]
+    pub(crate) fn codes(&self, i: usize) -> &[u8] {
+        &self.rows.row(i)[..self.code_len()]
+    }
+
+    /// `(lo, step)` of group `g` of row `i`.
+    #[inline(always)]
+    pub(crate) fn range(&self, i: usize, g: usize) -> (f32, f32) {
+        let (row, at) = (self.rows.row(i), self.code_len() + RANGE_BYTES * g);
+        (f16_at(row, at), f16_at(row, at + 2))
+    }
+
+    pub(crate) fn push<T: Elem>(&mut self, src: &[T]) -> Result<(), OutOfMemory> {
+        let (len, group) = (self.code_len(), self.group());
+        for r in src.chunks_exact(self.d) {
+            for (v, x) in self.values.iter_mut().zip(r) {
+                *v = x.to_f32();
+            }
+            let groups = self
+                .values
+                .chunks_mut(group)
+                .zip(self.codes.chunks_mut(group));
+            for (g, (xs, codes)) in groups.enumerate() {
+                let range = quantize_range(self.bits, xs, codes);
+                put_range(&mut self.row, len + RANGE_BYTES * g, range);
+            }
+            pack(self.bits, &self.codes, &mut self.row[..len]);
+            self.rows.extend(&self.row, |x| x)?;
+        }
+        Ok(())
+    }
+
+    /// Row `i` dequantized into `dst`.
+    pub(crate) fn row_f32(&self, i: usize, dst: &mut [f32]) {
+        let (codes, group) = (self.codes(i), self.group());
+        for (c, o) in dst.iter_mut().enumerate().take(self.d) {
+            let (lo, step) = self.range(i, c / group);
+            *o = lo + step * f32::from(code_at(self.bits, codes, c));
+        }
+    }
+
+    pub(crate) fn save(&self, out: &mut ArrayWriter) {
+        self.rows.save(out);
+    }
+
+    pub(crate) fn load(&mut self, n: usize, input: &mut ArrayReader) -> Result<(), CpuError> {
+        self.rows.load(n, "packed value rows", input)
+    }
+}
+
+#[cfg(test)]
+#[path = "packed_tests.rs"]
+mod tests;
