@@ -16,7 +16,7 @@ use tandem_cpu::{KvDtype, LayerOutput, LayerStore, Policy, WorkerPool};
 use tandem_gpu::DenseDevice;
 use tandem_runtime::model::{Llama, Logits};
 use tandem_runtime::policy::{LayerAttention, PolicyTable};
-use tandem_runtime::split::{OffloadedStep, SplitObserver};
+use tandem_runtime::split::{OffloadedStep, SequenceKv, SplitObserver};
 use tandem_runtime::Result;
 
 use crate::calibrate::pairs::BitPair;
@@ -126,6 +126,7 @@ pub fn measure<D: DenseDevice>(
         queries,
         pairs,
         threads,
+        ..
     } = *input;
     let (prefix, decoded) = tokens.split_at(tokens.len().saturating_sub(queries));
     note(&format!("dense prefill of {} tokens", prefix.len()));
@@ -135,26 +136,7 @@ pub fn measure<D: DenseDevice>(
     let mut measured: Vec<(usize, Vec<Candidate>)> =
         layers.iter().map(|&(l, _)| (l, Vec::new())).collect();
     for &(pair, kv_dtype) in pairs {
-        let mut kv = base.fork(Arc::clone(table), Some(Arc::clone(&pool)))?;
-        kv.offload_if_due(threads)?;
-        let mut copies = vec![None; table.layers.len()];
-        for &(layer, policy) in &layers {
-            if let Some(store) = kv.store(layer) {
-                copies[layer] = Some((Arc::new(copy_store(store, kv_dtype, threads)?), policy));
-            }
-        }
-        let sums = Arc::new(Mutex::new(vec![ErrorSum::default(); table.layers.len()]));
-        kv.set_observer(Some(Box::new(PairObserver {
-            copies,
-            output: LayerOutput::default(),
-            sums: Arc::clone(&sums),
-        })));
-        for &t in decoded {
-            kv.offload_if_due(threads)?;
-            model.forward(&[t], &mut kv, Logits::Last)?;
-        }
-        kv.set_observer(None);
-        let sums = sums.lock().unwrap_or_else(|e| e.into_inner());
+        let sums = measure_pair(input, &base, &pool, kv_dtype, decoded)?;
         for (layer, candidates) in &mut measured {
             let sum = sums[*layer];
             if sum.samples == 0 {
@@ -176,6 +158,39 @@ pub fn measure<D: DenseDevice>(
         ));
     }
     Ok(measured)
+}
+
+/// Per layer, the summed errors of the base policy over stores of `kv_dtype`
+/// against the bf16 stores, while `decoded` runs through a fork of `base`.
+fn measure_pair<D: DenseDevice>(
+    input: &MeasureInput<'_, D>,
+    base: &SequenceKv<D>,
+    pool: &Arc<WorkerPool>,
+    kv_dtype: KvDtype,
+    decoded: &[u32],
+) -> Result<Vec<ErrorSum>> {
+    let (table, threads) = (input.table, input.threads);
+    let mut kv = base.fork(Arc::clone(table), Some(Arc::clone(pool)))?;
+    kv.offload_if_due(threads)?;
+    let mut copies = vec![None; table.layers.len()];
+    for (layer, policy) in offloaded_layers(table) {
+        if let Some(store) = kv.store(layer) {
+            copies[layer] = Some((Arc::new(copy_store(store, kv_dtype, threads)?), policy));
+        }
+    }
+    let sums = Arc::new(Mutex::new(vec![ErrorSum::default(); table.layers.len()]));
+    kv.set_observer(Some(Box::new(PairObserver {
+        copies,
+        output: LayerOutput::default(),
+        sums: Arc::clone(&sums),
+    })));
+    for &t in decoded {
+        kv.offload_if_due(threads)?;
+        input.model.forward(&[t], &mut kv, Logits::Last)?;
+    }
+    kv.set_observer(None);
+    let sums = sums.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(sums)
 }
 
 /// The layers that offload under `table`, with their policies.

@@ -52,12 +52,14 @@ pub enum CalibrateError {
     #[error("none of the pairs is supported by the offloaded store: {0}")]
     NoPair(String),
     /// The budget is below what the pairs allow.
-    #[error("no assignment keeps the mean within {budget} bits: the measured pairs allow {fewest} at the fewest")]
+    #[error("no assignment keeps the mean within {budget} bits: the pairs allow {fewest} at the fewest{skipped}")]
     NoAssignment {
         /// The budget asked for.
         budget: f64,
         /// The fewest mean bits of any assignment.
         fewest: f64,
+        /// The pairs skipped, as a clause of the message (or empty).
+        skipped: String,
     },
     /// A context the model or the text cannot give.
     #[error("{0}")]
@@ -142,6 +144,24 @@ pub fn check_options(opts: &CalibrateOptions) -> Result<CheckedPairs, CalibrateE
             .map(|s| format!("{} ({})", s.pair, s.reason))
             .collect();
         return Err(CalibrateError::NoPair(why.join("; ")));
+    }
+    let fewest = supported
+        .iter()
+        .map(|p| p.mean_bits())
+        .fold(f64::INFINITY, f64::min);
+    if fewest > opts.budget_bits {
+        let names: Vec<String> = skipped.iter().map(|s| s.pair.to_string()).collect();
+        return Err(CalibrateError::NoAssignment {
+            budget: opts.budget_bits,
+            fewest,
+            skipped: match names.is_empty() {
+                true => String::new(),
+                false => format!(
+                    " (skipped, the store does not hold them: {})",
+                    names.join(", ")
+                ),
+            },
+        });
     }
     let supported = supported
         .into_iter()

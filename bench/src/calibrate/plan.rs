@@ -105,6 +105,7 @@ pub fn choose(
         return Err(CalibrateError::NoAssignment {
             budget: budget_bits,
             fewest,
+            skipped: String::new(),
         });
     };
     let layers = fronts

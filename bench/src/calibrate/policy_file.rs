@@ -33,7 +33,8 @@ impl Calibration {
         let c = self.policy_config();
         let mut out = String::new();
         for line in self.summary() {
-            let _ = writeln!(out, "# {line}");
+            // A name with a line break must not end the comment.
+            let _ = writeln!(out, "# {}", line.replace(['\n', '\r'], " "));
         }
         let _ = writeln!(out, "policy = {}", quoted(&c.policy));
         let dense: Vec<String> = self.dense_layers.iter().map(usize::to_string).collect();
@@ -62,10 +63,7 @@ impl Calibration {
             format!("model: {}", self.model),
             format!(
                 "text: {}, tokens {}..{} (seed {})",
-                self.text.replace('\n', " "),
-                self.span.0,
-                self.span.1,
-                self.seed
+                self.text, self.span.0, self.span.1, self.seed
             ),
             format!(
                 "context: {} tokens; the last {} decoded, their queries compared",
@@ -192,4 +190,102 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<(), CalibrateError> {
         return Err(io(path)(e));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibrate::pairs::{every_supported_pair, BitPair};
+    use crate::calibrate::pareto::Candidate;
+    use crate::calibrate::plan::choose;
+    use tandem_runtime::policy::{LayerAttention, LayerPolicy};
+
+    /// A calibration of a 6-layer model over every pair the store holds,
+    /// layer 0 and 3 dense.
+    fn calibration(base: &str) -> Calibration {
+        let pairs: Vec<BitPair> = every_supported_pair(base)
+            .into_iter()
+            .filter(|p| p.mean_bits() <= 16.0)
+            .collect();
+        let measured: Vec<(usize, Vec<Candidate>)> = [1, 2, 4, 5]
+            .iter()
+            .map(|&l| {
+                let errors = pairs
+                    .iter()
+                    .map(|&pair| Candidate {
+                        pair,
+                        error: l as f64 / (f64::from(pair.key) * 4.0 + f64::from(pair.value)),
+                    })
+                    .collect();
+                (l, errors)
+            })
+            .collect();
+        Calibration {
+            plan: choose(&measured, 10.0).expect("plan"),
+            skipped: Vec::new(),
+            dense_layers: vec![0, 3],
+            base: PolicyConfig {
+                policy: base.into(),
+                ..PolicyConfig::default()
+            },
+            model: "test\nmodel".into(),
+            text: "a text".into(),
+            span: (10, 1034),
+            queries: 8,
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn the_written_policy_loads_and_resolves_to_the_chosen_pairs() {
+        let base = "topk:k=64";
+        let c = calibration(base);
+        let dir = std::env::temp_dir().join(format!("tandem-calibrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("policy.toml");
+        write_atomically(&path, &c.to_toml()).expect("written");
+        let config = PolicyConfig::from_toml_file(&path).expect("loads");
+        assert_eq!(config, c.policy_config());
+        let table = config.resolve(&[None; 6]).expect("resolves");
+        for l in [0, 3] {
+            assert_eq!(
+                table.layers[l].attention,
+                LayerAttention::Dense,
+                "layer {l}"
+            );
+        }
+        for l in &c.plan.layers {
+            let expected = LayerPolicy::parse(&l.chosen.pair.policy_string(base)).expect("parses");
+            assert_eq!(table.layers[l.layer], expected, "layer {}", l.layer);
+            assert!(matches!(
+                table.layers[l.layer].attention,
+                LayerAttention::Offloaded { kv_dtype, .. }
+                    if Ok(kv_dtype) == l.chosen.pair.kv_dtype(base)
+            ));
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# Per-layer key/value bits"), "{text}");
+        assert!(text.contains("# model: test model\n"), "{text}");
+        assert!(text.contains("predicted error"), "{text}");
+        std::fs::remove_dir_all(&dir).expect("cleaned");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_and_a_good_one_replaces_the_whole_file() {
+        let dir = std::env::temp_dir().join(format!("tandem-calibrate-w-{}", std::process::id()));
+        let missing = dir.join("no-such-dir").join("p.toml");
+        assert!(check_writable(&missing).is_err());
+        assert!(write_atomically(&missing, "x").is_err());
+        assert!(!missing.exists());
+        std::fs::create_dir_all(&dir).expect("dir");
+        assert!(check_writable(&dir).is_err(), "a directory");
+        let path = dir.join("p.toml");
+        std::fs::write(&path, "old and longer").expect("old");
+        check_writable(&path).expect("writable");
+        write_atomically(&path, "new").expect("written");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        let left: Vec<_> = std::fs::read_dir(&dir).expect("list").collect();
+        assert_eq!(left.len(), 1, "no temporary file is left");
+        std::fs::remove_dir_all(&dir).expect("cleaned");
+    }
 }
