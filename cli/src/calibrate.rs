@@ -48,6 +48,7 @@ impl DeviceTask for Calibrate<'_> {
         let options = EngineOptions {
             threads: self.opts.threads,
             cpu_workers: self.opts.threads,
+            memory_limit: self.args.memory_limit,
             policy: PolicyConfig {
                 policy: "dense".into(),
                 ..PolicyConfig::default()

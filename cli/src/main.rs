@@ -226,6 +226,11 @@ struct CalibrateArgs {
     /// Written to the policy file: contexts shorter than this stay dense.
     #[arg(long, default_value_t = 2048)]
     dense_below: usize,
+    /// The memory the calibration's context may take (its prefill, one
+    /// policy's stores and their copies), e.g. 8G (default: MemAvailable once
+    /// the model has loaded).
+    #[arg(long, value_parser = parse_size)]
+    memory_limit: Option<u64>,
     /// Dense-device threads and CPU workers (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,

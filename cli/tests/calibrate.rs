@@ -92,7 +92,11 @@ fn bad_input_is_refused_and_writes_nothing() {
     let out = scratch_file("refused.toml", b"");
     std::fs::remove_file(&out).expect("no file yet");
     let path = out.to_str().expect("utf-8 path");
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--budget-bits", "8", "--memory-limit", "1M"],
+            "a calibration at 300 tokens",
+        ),
         (&["--budget-bits", "1.5"], "outside [2, 16]"),
         (&["--budget-bits", "17"], "outside [2, 16]"),
         (

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use tandem_cpu::KvDtype;
 use tandem_gpu::DenseDevice;
+use tandem_runtime::memory::context_bytes;
 use tandem_runtime::policy::{LayerAttention, LayerPolicy, PolicyConfig, PolicyTable};
 use tandem_runtime::Engine;
 
@@ -239,6 +240,7 @@ pub fn calibrate<D: DenseDevice>(
             opts.context, opts.queries
         )));
     }
+    check_memory(engine, &table, &pairs, opts.context)?;
     let (text, label) = read_text(opts)?;
     let tokens = engine.tokenizer().encode(&text, false)?;
     let span = context_span(tokens.len(), opts.context, opts.seed).ok_or_else(|| {
@@ -274,6 +276,53 @@ pub fn calibrate<D: DenseDevice>(
         queries: opts.queries,
         seed: opts.seed,
     })
+}
+
+/// Refuses a context whose dense prefill, fork under `table` and copies in
+/// the largest pair's format would not fit the engine's memory budget.
+fn check_memory<D: DenseDevice>(
+    engine: &Engine<D>,
+    table: &PolicyTable,
+    pairs: &[(BitPair, KvDtype)],
+    context: usize,
+) -> Result<(), CalibrateError> {
+    let c = engine.model().config();
+    let shape = c.attention_shape();
+    let (heads, d) = (shape.n_kv_heads, shape.head_dim);
+    let copy_per_token: usize = offloaded_lsh(table)
+        .iter()
+        .map(|&lsh| {
+            let widest = pairs
+                .iter()
+                .map(|&(_, dtype)| tandem_cpu::store_bytes_per_key(dtype, lsh, d))
+                .max()
+                .unwrap_or(0);
+            widest * heads
+        })
+        .sum();
+    let dense = PolicyTable::dense(&c.sliding_windows());
+    let need = (|| {
+        let copies = (copy_per_token as u64).checked_mul(context as u64)?;
+        context_bytes(&dense, shape, context, 1)?
+            .checked_add(context_bytes(table, shape, context, 1)?)?
+            .checked_add(copies)
+    })();
+    engine
+        .memory_budget()
+        .check(&format!("a calibration at {context} tokens"), need)?;
+    Ok(())
+}
+
+/// The LSH index of each offloaded layer of `table`.
+fn offloaded_lsh(table: &PolicyTable) -> Vec<Option<tandem_cpu::LshIndexParams>> {
+    table
+        .layers
+        .iter()
+        .filter_map(|l| match l.attention {
+            LayerAttention::Offloaded { lsh, .. } => Some(lsh),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The text and its name.
