@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attention;
+pub mod calibrate;
 pub mod decode;
 pub mod eval;
 

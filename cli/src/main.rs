@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod calibrate;
 mod chat;
 mod device;
 mod serve;
@@ -62,6 +63,12 @@ enum Command {
     /// top-1 agreement, KL and perplexity, needle retrieval, per-layer attention
     /// error and keys touched. Prints a markdown table.
     Eval(EvalArgs),
+    /// Choose each offloaded layer's key and value bits (KVTuner): measure every
+    /// layer's attention-output error per (key bits, value bits) pair on real
+    /// text, keep each layer's Pareto-optimal pairs, and search the table of
+    /// least total error within a mean-bits budget. Writes a policy file for
+    /// --policy-file and prints the table.
+    Calibrate(CalibrateArgs),
     /// The dense devices this machine offers: the CPU's SIMD and cores, and a
     /// CUDA GPU or why there is none.
     Devices,
@@ -171,6 +178,66 @@ struct EvalArgs {
     /// key of every head at every position.
     #[arg(long, value_name = "TOP", num_args = 0..=1, default_missing_value = "64")]
     diagnose: Option<usize>,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Model: a GGUF file (llama, gemma3, qwen2), a Hugging Face Llama directory, or a
+    /// name set-up fetches: smollm2, gemma3 (default: the set-up SmolLM2).
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// A text file to calibrate on (default: the evaluation corpus in tests/data).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of context.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Tokens decoded at the end of the context whose queries are compared.
+    #[arg(long, default_value_t = 32)]
+    queries: usize,
+    /// The budget: mean bits per offloaded key and value element, (K + V) / 2
+    /// averaged over the offloaded layers, in [2, 16].
+    #[arg(long)]
+    budget_bits: f64,
+    /// The policy file to write (through a temporary file, then renamed).
+    #[arg(long)]
+    out: PathBuf,
+    /// Places the context in the text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Candidate pairs, key bits/value bits, comma-separated (KVTuner's {2,4,8}²
+    /// by default). Pairs the offloaded store does not hold are skipped, each
+    /// with a line saying so.
+    #[arg(long, default_value = tandem_bench::calibrate::pairs::DEFAULT_PAIRS)]
+    pairs: String,
+    /// The base policy of the offloaded layers, without kbits or vbits.
+    #[arg(long, default_value = tandem_runtime::policy::DEFAULT_POLICY)]
+    policy: String,
+    /// Layers kept dense on the device, in bf16, comma-separated (default: 0
+    /// and n_layers/2).
+    #[arg(long, value_delimiter = ',')]
+    dense_layers: Option<Vec<usize>>,
+    /// Most recent tokens kept on the device by offloaded layers.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// First tokens kept on the device by offloaded layers.
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Written to the policy file: contexts shorter than this stay dense.
+    #[arg(long, default_value_t = 2048)]
+    dense_below: usize,
+    /// The memory the calibration's context may take (its prefill, one
+    /// policy's stores and their copies), e.g. 8G (default: MemAvailable once
+    /// the model has loaded).
+    #[arg(long, value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Dense-device threads and CPU workers (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<NonZeroUsize>,
+    /// The dense device: auto (CUDA when a driver and a GPU are present, else
+    /// the CPU), cpu or cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
 }
 
 #[derive(Args)]
@@ -491,6 +558,7 @@ fn main() {
         Command::Bench(BenchCommand::Decode(args)) => args.model.run(BenchDecode(&args)),
         Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
         Command::Eval(args) => run_on(args.device, eval_threads(&args), Eval(&args)),
+        Command::Calibrate(args) => calibrate::run(&args),
         Command::Devices => {
             print!("{}", device::describe());
             Ok(())

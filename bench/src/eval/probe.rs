@@ -116,26 +116,12 @@ impl SplitObserver for Probes {
             return Ok(());
         };
         let part = step.offloaded;
-        let d = step.queries.len() / step.device_lse.len().max(1);
         let offloaded_keys = step.store.len();
-        let (mut exact, mut approx) = (vec![0f32; d], vec![0f32; d]);
-        for (i, dev_lse) in step.device_lse.iter().enumerate() {
-            let dev = (&step.device_out[i * d..(i + 1) * d], *dev_lse);
-            let cpu = (&part.out[i * d..(i + 1) * d], part.lse[i]);
-            let ex = (&self.exact.out[i * d..(i + 1) * d], self.exact.lse[i]);
-            merge_partials(&[dev, cpu], &mut approx);
-            merge_partials(&[dev, ex], &mut exact);
-            let (mut diff, mut norm, mut dot, mut norm_a) = (0f64, 0f64, 0f64, 0f64);
-            for (a, e) in approx.iter().zip(&exact) {
-                let (a, e) = (f64::from(*a), f64::from(*e));
-                diff += (a - e) * (a - e);
-                norm += e * e;
-                dot += a * e;
-                norm_a += a * a;
-            }
-            probe.rel_l2_error += (diff / norm.max(1e-30)).sqrt();
-            probe.cosine += dot / (norm * norm_a).sqrt().max(1e-30);
-            let touched = part.keys_touched[i] as usize;
+        let errors = merged_row_errors(step, part, &self.exact);
+        for (e, &touched) in errors.iter().zip(&part.keys_touched) {
+            probe.rel_l2_error += e.rel_l2;
+            probe.cosine += e.cosine;
+            let touched = touched as usize;
             probe.touched_fraction +=
                 (touched + step.device_rows) as f64 / (offloaded_keys + step.device_rows) as f64;
             probe.offloaded_touched_fraction += touched as f64 / offloaded_keys.max(1) as f64;
@@ -143,4 +129,48 @@ impl SplitObserver for Probes {
         }
         Ok(())
     }
+}
+
+/// How far one query row's attention output is from a reference's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowError {
+    /// |o - o_ref| / |o_ref|.
+    pub rel_l2: f64,
+    /// cos(o, o_ref).
+    pub cosine: f64,
+}
+
+/// Per query row of `step`, the output of `approx` and of `reference`
+/// (partials over the offloaded keys), each merged with the device's partial
+/// by log-sum-exp, compared: the layer's whole attention output, as the
+/// decode step would see it.
+pub fn merged_row_errors(
+    step: &OffloadedStep<'_>,
+    approx: &LayerOutput,
+    reference: &LayerOutput,
+) -> Vec<RowError> {
+    let d = step.queries.len() / step.device_lse.len().max(1);
+    let (mut exact, mut merged) = (vec![0f32; d], vec![0f32; d]);
+    let mut errors = Vec::with_capacity(step.device_lse.len());
+    for (i, dev_lse) in step.device_lse.iter().enumerate() {
+        let rows = i * d..(i + 1) * d;
+        let dev = (&step.device_out[rows.clone()], *dev_lse);
+        let cpu = (&approx.out[rows.clone()], approx.lse[i]);
+        let ex = (&reference.out[rows], reference.lse[i]);
+        merge_partials(&[dev, cpu], &mut merged);
+        merge_partials(&[dev, ex], &mut exact);
+        let (mut diff, mut norm, mut dot, mut norm_a) = (0f64, 0f64, 0f64, 0f64);
+        for (a, e) in merged.iter().zip(&exact) {
+            let (a, e) = (f64::from(*a), f64::from(*e));
+            diff += (a - e) * (a - e);
+            norm += e * e;
+            dot += a * e;
+            norm_a += a * a;
+        }
+        errors.push(RowError {
+            rel_l2: (diff / norm.max(1e-30)).sqrt(),
+            cosine: dot / (norm * norm_a).sqrt().max(1e-30),
+        });
+    }
+    errors
 }

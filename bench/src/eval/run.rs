@@ -101,20 +101,9 @@ pub fn run_eval_with<D: DenseDevice>(
         }
         note(&format!("context {n}: dense prefill and reference"));
         let (prefix, scored) = tokens[..n].split_at(n - opts.scored);
-        let mut base = model.new_cache()?;
-        let mut last = Vec::new();
-        for chunk in prefix.chunks(PREFILL_CHUNK) {
-            last = model.forward(chunk, &mut base, Logits::Last)?;
-        }
-        // Logits predicting scored[i] come after scored[i - 1] (or the prefix).
-        let teacher_forced = |kv: &mut SequenceKv<D>| -> Result<Vec<Vec<f32>>> {
-            let mut out = vec![last.clone()];
-            for &t in &scored[..scored.len() - 1] {
-                kv.offload_if_due(opts.threads)?;
-                out.push(model.forward(&[t], kv, Logits::Last)?);
-            }
-            Ok(out)
-        };
+        let (base, last) = prefill_dense(model, prefix)?;
+        let teacher_forced =
+            |kv: &mut SequenceKv<D>| teacher_force(model, kv, &last, scored, opts.threads);
         let mut dense_kv = base.fork(Arc::new(PolicyTable::dense(&c.sliding_windows())), None)?;
         let dense_logits = teacher_forced(&mut dense_kv)?;
         drop(dense_kv);
@@ -248,6 +237,36 @@ pub fn run_eval_with<D: DenseDevice>(
         }
     }
     Ok(rows)
+}
+
+/// `prefix` prefilled densely, in chunks, with the logits after its last token.
+pub(crate) fn prefill_dense<D: DenseDevice>(
+    model: &Llama<D>,
+    prefix: &[u32],
+) -> Result<(SequenceKv<D>, Vec<f32>)> {
+    let mut kv = model.new_cache()?;
+    let mut last = Vec::new();
+    for chunk in prefix.chunks(PREFILL_CHUNK) {
+        last = model.forward(chunk, &mut kv, Logits::Last)?;
+    }
+    Ok((kv, last))
+}
+
+/// Decodes `scored` teacher-forced through `kv`, offloading when due: the
+/// logits predicting each of its tokens, `last` (the prefill's) first.
+pub(crate) fn teacher_force<D: DenseDevice>(
+    model: &Llama<D>,
+    kv: &mut SequenceKv<D>,
+    last: &[f32],
+    scored: &[u32],
+    threads: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![last.to_vec()];
+    for &t in scored.iter().take(scored.len().saturating_sub(1)) {
+        kv.offload_if_due(threads)?;
+        out.push(model.forward(&[t], kv, Logits::Last)?);
+    }
+    Ok(out)
 }
 
 /// The diagnosed kv heads' means, a row per (layer, kv head) probed.

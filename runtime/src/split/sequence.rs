@@ -169,6 +169,12 @@ impl<D: DenseDevice> SequenceKv<D> {
         (self.device.kv_len(&self.window, layer), cpu)
     }
 
+    /// Layer `layer`'s offloaded store, once the context has been offloaded
+    /// (none for a dense, window or shared layer).
+    pub fn store(&self, layer: usize) -> Option<&Arc<LayerStore>> {
+        self.layers.get(layer).and_then(|l| l.store.as_ref())
+    }
+
     /// Bytes held on the device and by the CPU workers (K/V rows and index).
     pub fn bytes(&self) -> (usize, usize) {
         let cpu = self
