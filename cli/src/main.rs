@@ -116,7 +116,9 @@ struct EvalArgs {
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// Policies to compare with dense, comma- or space-separated, e.g.
-    /// dense window topk:k=64 oracle:budget=64 lsh:k=8,l=75 (';' also separates).
+    /// dense window topk:k=64 oracle:budget=64 lsh:k=8,l=75 (';' also separates),
+    /// or a policy file (a path ending in .toml, e.g. one tandem calibrate wrote:
+    /// its whole table, with its own sinks, window and dense layers).
     #[arg(long, num_args = 1.., required = true)]
     policy: Vec<String>,
     /// Context lengths in tokens, comma-separated.

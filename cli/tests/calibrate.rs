@@ -50,11 +50,7 @@ fn calibrate_writes_a_policy_file_that_generate_loads() {
     let err = stderr(&run_out);
     assert!(run_out.status.success(), "{err}");
     let table = String::from_utf8_lossy(&run_out.stdout);
-    // Skipped with a line until the store holds int4, measured after.
-    assert!(
-        err.contains("K4V4: skipped") || table.contains("K4V4 "),
-        "{err}"
-    );
+    assert!(table.contains("K4V4 "), "int4 is measured: {table}\n{err}");
     assert!(table.contains("| 1 | "), "{table}");
     assert!(
         table.contains("dense layers 0,15: on the device in bf16"),
@@ -85,6 +81,30 @@ fn calibrate_writes_a_policy_file_that_generate_loads() {
         err.contains("kbits="),
         "the table is printed at start: {err}"
     );
+    // `tandem eval` compares the file's whole table with dense.
+    let evaluated = run(
+        &[
+            "eval",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--context",
+            "300",
+            "--scored",
+            "4",
+            "--needle-cases",
+            "0",
+            "--policy",
+            path,
+        ],
+        "",
+        LIMIT,
+    );
+    let err = stderr(&evaluated);
+    assert!(evaluated.status.success(), "{err}");
+    let report = String::from_utf8_lossy(&evaluated.stdout);
+    assert!(report.contains(&format!("| {path} | 300 |")), "{report}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! exact attention over the same keys. Needle cases are prefilled once each
 //! and answered greedily by dense and by every policy.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tandem_cpu::WorkerPool;
@@ -33,7 +33,8 @@ use tandem_runtime::{Error, Result};
 pub struct EvalOptions {
     /// Model file or directory.
     pub model: PathBuf,
-    /// Policies compared with dense (`dense` itself may be listed).
+    /// Policies compared with dense (`dense` itself may be listed), each a
+    /// policy string or the path of a TOML policy file (ending in `.toml`).
     pub policies: Vec<String>,
     /// Context lengths.
     pub contexts: Vec<usize>,
@@ -326,10 +327,18 @@ fn tables<D: DenseDevice>(opts: &EvalOptions, engine: &Engine<D>) -> Result<Vec<
             if p == "dense" {
                 return Ok(Arc::new(PolicyTable::dense(&windows)));
             }
+            let config = match p.ends_with(".toml") {
+                // A whole table (e.g. one `tandem calibrate` wrote), with its own
+                // sinks, window and dense layers.
+                true => PolicyConfig::from_toml_file(Path::new(p))?,
+                false => PolicyConfig {
+                    policy: p.clone(),
+                    ..opts.base.clone()
+                },
+            };
             PolicyConfig {
-                policy: p.clone(),
-                dense_below: opts.base.sinks + opts.base.window,
-                ..opts.base.clone()
+                dense_below: config.sinks + config.window,
+                ..config
             }
             .resolve(&windows)
             .map(Arc::new)
