@@ -18,7 +18,9 @@ use tandem_kernels::heads::add_per_head;
 use tandem_kernels::int8::{axpy_rows_i8, dot_rows_i8};
 use tandem_kernels::packed::axpy_packed;
 use tandem_kernels::sas::Softmax;
-use tandem_kernels::vector::{corrected_logits, dot_f32, dot_rows_bf16, prefetch, prefetch_at};
+use tandem_kernels::vector::{
+    axpy_f32, axpy_f32_multi, corrected_logits, dot_f32, dot_rows_bf16, prefetch, prefetch_at,
+};
 
 /// How many cache lines of K rows are prefetched ahead of the dot products:
 /// 8 bf16 rows of d=128. Rows of a cold store come from DRAM at random: 8 rows
@@ -376,7 +378,7 @@ fn pass2(
             let weight_sums = sum_codes(c, &kept, value_pairs, out);
             head.values.finish_sums(out, &weight_sums[..g]);
         }
-        Rows::PackedValues(p) => sum_packed(p, d, &kept, out),
+        Rows::PackedValues(p) => sum_packed(p, d, g, &kept, out),
         _ => sum_rows(&head.values, d, g, &kept, out),
     }
 }
@@ -434,26 +436,48 @@ fn sum_codes(
     weight_sums
 }
 
-/// Pass 2 over int4 or int2 value rows: per pair, the codes times `w ·
-/// step` of each group, decoded in registers; each head's `Σ w · lo` per
-/// group is added once at the end.
-fn sum_packed(p: &PackedValues, d: usize, kept: &Kept, out: &mut [f32]) {
+/// Pass 2 over int4 or int2 value rows. Each run of pairs of one key decodes
+/// its row once, as `step_g · code` per channel, and adds it to each of its
+/// heads with that head's weight; each head's `Σ w · lo` per group is added
+/// once at the end.
+fn sum_packed(p: &PackedValues, d: usize, g: usize, kept: &Kept, out: &mut [f32]) {
     let (group, groups) = (p.group(), p.groups().min(MAX_VALUE_GROUPS));
     let mut lo_sums = [[0.0f32; MAX_VALUE_GROUPS]; 8];
-    let mut muls = [0.0f32; MAX_VALUE_GROUPS];
-    for (k, &pair) in kept.vlist.iter().enumerate() {
-        if let Some(&next) = kept.vlist.get(k + kept.v_ahead) {
-            prefetch(p.rows.row(kept.keys[next as usize] as usize));
+    let mut steps = [0.0f32; MAX_VALUE_GROUPS];
+    let mut los = [0.0f32; MAX_VALUE_GROUPS];
+    let mut decoded = vec![0.0f32; d];
+    let (vlist, keys) = (kept.vlist, kept.keys);
+    let mut k = 0;
+    while k < vlist.len() {
+        if let Some(&next) = vlist.get(k + kept.v_ahead) {
+            prefetch(p.rows.row(keys[next as usize] as usize));
         }
-        let key = kept.keys[pair as usize] as usize;
-        let (w, h) = kept.weight(pair);
-        for (g, m) in muls[..groups].iter_mut().enumerate() {
-            let (lo, step) = p.range(key, g);
-            *m = w * step;
-            lo_sums[h][g] += w * lo;
+        let key = keys[vlist[k] as usize];
+        let run = vlist[k..]
+            .iter()
+            .take_while(|&&pair| keys[pair as usize] == key)
+            .count();
+        for (j, (s, l)) in steps[..groups].iter_mut().zip(&mut los).enumerate() {
+            (*l, *s) = p.range(key as usize, j);
         }
-        let dst = &mut out[h * d..(h + 1) * d];
-        axpy_packed(p.bits, p.codes(key), group, &muls[..groups], dst);
+        decoded.fill(0.0);
+        axpy_packed(p.bits, p.codes(key as usize), group, &steps[..groups], &mut decoded);
+        let mut ws = [0.0f32; 8];
+        for &pair in &vlist[k..k + run] {
+            let (w, h) = kept.weight(pair);
+            ws[h] = w;
+            for (sum, lo) in lo_sums[h][..groups].iter_mut().zip(&los) {
+                *sum += w * lo;
+            }
+        }
+        match run {
+            1 => {
+                let h = usize::from(kept.heads[vlist[k] as usize]) & 7;
+                axpy_f32(&mut out[h * d..(h + 1) * d], ws[h], &decoded);
+            }
+            _ => axpy_f32_multi(out, &ws[..g], &decoded),
+        }
+        k += run;
     }
     for (o, sums) in out.chunks_exact_mut(d.max(1)).zip(&lo_sums) {
         for (c, x) in o.iter_mut().enumerate() {
