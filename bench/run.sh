@@ -25,6 +25,11 @@
 #                   quality    eval on SmolLM2 at 4096: top-1, KL, needles vs dense
 #                   policies   eval at 4096 of the threshold policy, MixAttention's
 #                              layouts and sliding windows (~30 minutes)
+#                   quant      the quantized stores on SmolLM2 at 4096 and 8192:
+#                              tandem calibrate (KVTuner) at 4 and 3.25 mean bits,
+#                              then eval of the default policy over bf16, K8V8,
+#                              K8V4, K4V4, K4V2, K2V2 and both calibrated files
+#                              (~45 minutes)
 #                   fidelity   eval of the default policy vs dense at 2048, 4096
 #                              and 8192: top-1, KL, single and multi-key needles,
 #                              document questions (~40 minutes)
@@ -51,8 +56,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for f in "${ONLY[@]}"; do
-  case "$f" in attention|decode96k|smollm2|gemma3|gemma3-quality|quality|policies|fidelity) ;; *)
-    echo "run.sh: --only takes attention, decode96k, smollm2, gemma3, gemma3-quality, quality, policies or fidelity, not $f" >&2; exit 2 ;;
+  case "$f" in attention|decode96k|smollm2|gemma3|gemma3-quality|quality|policies|quant|fidelity) ;; *)
+    echo "run.sh: --only takes attention, decode96k, smollm2, gemma3, gemma3-quality, quality, policies, quant or fidelity, not $f" >&2; exit 2 ;;
   esac
 done
 wanted() { [ ${#ONLY[@]} -eq 0 ] || printf '%s\n' "${ONLY[@]}" | grep -qx "$1"; }
@@ -81,11 +86,12 @@ if [ ${#FROM[@]} -eq 0 ]; then
   }
   if wanted attention; then
     run attention.json "$BIN" bench attention --context 98304 --shape llama3.1-8b \
-      --policy "$DEFAULT_POLICY" "$DEFAULT_POLICY,kbits=8,vbits=8" lsh:k=10,l=150 \
-      lsh:k=10,l=150,kbits=8,vbits=8 threshold:eps=0.01 dense --json
+      --policy "$DEFAULT_POLICY" "$DEFAULT_POLICY,kbits=8,vbits=8" "$DEFAULT_POLICY,kbits=4,vbits=4" \
+      "$DEFAULT_POLICY,kbits=4,vbits=2" lsh:k=10,l=150 lsh:k=10,l=150,kbits=8,vbits=8 \
+      lsh:k=10,l=150,kbits=4,vbits=4 threshold:eps=0.01 dense dense:kbits=4,vbits=4 --json
   fi
   if wanted decode96k; then
-    for p in "$DEFAULT_POLICY,kbits=8,vbits=8" "$DEFAULT_POLICY"; do
+    for p in "$DEFAULT_POLICY,kbits=8,vbits=8" "$DEFAULT_POLICY" "$DEFAULT_POLICY,kbits=4,vbits=4"; do
       run "decode96k-$(echo "$p" | tr ':=,' '---').json" "$BIN" bench decode --shape llama3.1-8b \
         --context 98304 --tokens 12 --threads 2 --cpu-workers 2 --policy "$p" --json
     done
@@ -143,6 +149,19 @@ if [ ${#FROM[@]} -eq 0 ]; then
       quality_eval "policies-$layout" 5 --layout "$layout" --policy exact lsh:k=10,l=150
     done
     quality_eval policies-sliding 5 --policy window:w=1024 window:w=2048
+  fi
+  if wanted quant; then
+    for bits in 4 3.25; do
+      run "calibrate-$bits.txt" "$BIN" calibrate --context 4096 --budget-bits "$bits" \
+        --threads 2 --out "$DIR/calibrated-$bits.toml"
+    done
+    P=$DEFAULT_POLICY
+    args="--policy $P $P,kbits=8,vbits=8 $P,kbits=8,vbits=4 $P,kbits=4,vbits=4 $P,kbits=4,vbits=2"
+    args="$args $P,kbits=2,vbits=2 $DIR/calibrated-4.toml $DIR/calibrated-3.25.toml"
+    args="$args --threads 2 --context 4096,8192 --scored 128 --needle-cases 5"
+    printf '%s\t%s\n' quant.json "$BIN eval $args --json $DIR/quant.json" >> "$CMDS"
+    # shellcheck disable=SC2086
+    "$BIN" eval $args --json "$DIR/quant.json" > "$DIR/quant.txt"
   fi
   if wanted fidelity; then
     args="--policy $DEFAULT_POLICY --threads 2 --context 2048,4096,8192 --scored 256"
