@@ -295,7 +295,7 @@ fn bad_requests_get_openai_errors_with_their_status() {
     let (status, body) = server.post("/v1/chat/completions", &long, &[key]);
     assert_eq!(
         (status, error_code(&body).as_str()),
-        (413, "context_length_exceeded"),
+        (400, "context_length_exceeded"),
         "{body}"
     );
     assert!(body.contains("64"), "the error names the limit: {body}");
@@ -311,4 +311,34 @@ fn bad_requests_get_openai_errors_with_their_status() {
         "{body}"
     );
     assert_eq!(server.curl("/v1/nothing", &["-H", key]).0, 404);
+}
+
+#[test]
+fn max_tokens_beyond_the_context_is_refused_and_the_default_fits_in_it() {
+    let server = Server::start(&["--max-context", "64"], &[]);
+    let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+    let default = json!({"prompt": counting, "temperature": 0});
+    let (status, body) = server.post("/v1/completions", &default, &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("reply JSON");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert_eq!(v["usage"]["completion_tokens"], 64 - prompt, "{body}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{body}");
+
+    let ask = json!({"prompt": counting, "max_tokens": 60, "temperature": 0});
+    let (status, body) = server.post("/v1/completions", &ask, &[]);
+    let v: Value = serde_json::from_str(&body).expect("error JSON");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded")),
+        "{body}"
+    );
+    let message = v["error"]["message"].as_str().expect("message");
+    let numbers = [64, 60, prompt, prompt + 60, 64 - prompt];
+    for n in numbers.map(|n| n.to_string()) {
+        assert!(message.contains(&n), "{n} missing: {message}");
+    }
+
+    let fits = json!({"prompt": counting, "max_tokens": 64 - prompt, "temperature": 0});
+    assert_eq!(server.post("/v1/completions", &fits, &[]).0, 200);
 }

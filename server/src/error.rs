@@ -72,7 +72,19 @@ impl ApiError {
         )
     }
 
-    /// 413: the body or the prompt is too long.
+    /// 400 `context_length_exceeded`: the prompt and the reply asked for do
+    /// not fit in the context (OpenAI's status and code).
+    pub fn context_exceeded(message: impl Into<String>) -> Self {
+        let m = message.into();
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "context_length_exceeded",
+            m,
+        )
+    }
+
+    /// 413: the body is too long.
     pub fn too_long(code: &'static str, message: impl Into<String>) -> Self {
         let m = message.into();
         Self::new(

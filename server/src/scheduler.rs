@@ -20,12 +20,17 @@ pub(crate) struct Limits {
     pub max_sequences: usize,
     /// Prompt plus reply tokens.
     pub context: usize,
+    /// Reply tokens of a request that names no `max_tokens` (less where the
+    /// context has less room left).
+    pub default_max_tokens: usize,
 }
 
 /// A request whose prompt is tokenized, waiting for a place in the batch.
 struct Waiting {
     job: Job,
     ids: Vec<u32>,
+    /// Reply tokens, within the context's room.
+    max_tokens: usize,
 }
 
 struct Scheduler<'e, D: DenseDevice> {
@@ -80,14 +85,45 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
 
     /// Tokenizes a job's prompt and queues it, or refuses it.
     fn prepare(&mut self, job: Job) {
-        match self.tokenize(&job) {
-            Ok(ids) => {
+        let checked = self
+            .tokenize(&job)
+            .and_then(|ids| Ok((self.reply_budget(&job, ids.len())?, ids)));
+        match checked {
+            Ok((max_tokens, ids)) => {
                 let _ = job.events.send(Event::Started {
                     prompt_tokens: ids.len(),
                 });
-                self.waiting.push_back(Waiting { job, ids });
+                self.waiting.push_back(Waiting {
+                    job,
+                    ids,
+                    max_tokens,
+                });
             }
             Err(e) => self.end(&job, Outcome::Failed, 0, 0, Some(e)),
+        }
+    }
+
+    /// The reply tokens a request gets: what it asked if that fits beside
+    /// its prompt (else 400, as OpenAI answers), or the default within the
+    /// room left.
+    fn reply_budget(&self, job: &Job, prompt: usize) -> Result<usize, ApiError> {
+        let context = self.limits.context;
+        if prompt >= context {
+            return Err(ApiError::context_exceeded(format!(
+                "this server's context holds {context} tokens (prompt and reply); \
+                 the prompt has {prompt}, which leaves no room for a reply"
+            )));
+        }
+        let room = context - prompt;
+        match job.max_tokens {
+            None => Ok(self.limits.default_max_tokens.min(room)),
+            Some(asked) if asked <= room => Ok(asked),
+            Some(asked) => Err(ApiError::context_exceeded(format!(
+                "this server's context holds {context} tokens (prompt and reply); \
+                 {} were asked: {prompt} in the prompt and {asked} in max_tokens. \
+                 Ask for at most {room} tokens or shorten the prompt",
+                prompt + asked
+            ))),
         }
     }
 
@@ -107,16 +143,6 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
         if ids.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty"));
         }
-        if ids.len() >= self.limits.context {
-            return Err(ApiError::too_long(
-                "context_length_exceeded",
-                format!(
-                    "the prompt has {} tokens; this server's context holds {} (prompt and reply)",
-                    ids.len(),
-                    self.limits.context
-                ),
-            ));
-        }
         Ok(ids)
     }
 
@@ -133,8 +159,7 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
             }
             match self.prefill(&w.ids) {
                 Ok((session, logits)) => {
-                    let context = self.limits.context;
-                    let seq = Sequence::new(self.engine, w.job, session, logits, context);
+                    let seq = Sequence::new(self.engine, w.job, session, logits, w.max_tokens);
                     self.active.push(seq);
                 }
                 Err(e) => {

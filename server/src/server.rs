@@ -36,7 +36,6 @@ pub fn serve<D: DenseDevice + 'static>(
         model: model_name(&engine),
         api_key: options.api_key.clone(),
         limits: RequestLimits {
-            default_max_tokens: options.default_max_tokens,
             max_tokens_limit: options.max_tokens_limit,
         },
         max_in_flight: options.max_sequences + options.max_queue,
@@ -70,11 +69,11 @@ fn check<D: DenseDevice>(
     engine: &Engine<D>,
     options: &ServerOptions,
 ) -> Result<Limits, ServeError> {
-    let model_context = engine.model().config().context_length;
-    let context = options.max_context.unwrap_or(model_context);
-    if context < 2 || context > model_context {
+    let engine_context = engine.context_limit();
+    let context = options.max_context.unwrap_or(engine_context);
+    if context < 2 || context > engine_context {
         return Err(ServeError::Options(format!(
-            "the context limit must be between 2 and the model's {model_context} tokens, got {context}"
+            "the context limit must be between 2 and the engine's {engine_context} tokens, got {context}"
         )));
     }
     if options.max_sequences == 0 || options.default_max_tokens == 0 {
@@ -91,6 +90,7 @@ fn check<D: DenseDevice>(
     Ok(Limits {
         max_sequences: options.max_sequences,
         context,
+        default_max_tokens: options.default_max_tokens,
     })
 }
 
