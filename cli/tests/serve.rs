@@ -342,3 +342,63 @@ fn max_tokens_beyond_the_context_is_refused_and_the_default_fits_in_it() {
     let fits = json!({"prompt": counting, "max_tokens": 64 - prompt, "temperature": 0});
     assert_eq!(server.post("/v1/completions", &fits, &[]).0, 200);
 }
+
+/// Reads from `stream` until the server closes it; returns what came and
+/// how long it took (the read fails the test after 20 s).
+fn read_until_closed(mut stream: TcpStream) -> (String, Duration) {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server kept the connection open: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&seen).into_owned(), start.elapsed())
+}
+
+#[test]
+fn slow_headers_and_unfinished_bodies_are_cut_off_and_connections_capped() {
+    let server = Server::start(
+        &[
+            "--header-timeout",
+            "1",
+            "--body-timeout",
+            "1",
+            "--max-connections",
+            "1",
+        ],
+        &[],
+    );
+    let mut slow = TcpStream::connect(&server.addr).expect("connect");
+    write!(slow, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n").expect("send");
+    let start = Instant::now();
+    // The one connection allowed is taken: this request waits for it.
+    assert_eq!(server.curl("/health", &[]).0, 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "served beside the slow connection after {:?}",
+        start.elapsed()
+    );
+    let (_, held) = read_until_closed(slow);
+    assert!(held < Duration::from_secs(5), "closed after {held:?}");
+
+    let mut unfinished = TcpStream::connect(&server.addr).expect("connect");
+    write!(
+        unfinished,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"prompt\": \"Hi\""
+    )
+    .expect("send");
+    let (reply, held) = read_until_closed(unfinished);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(held < Duration::from_secs(5), "closed after {held:?}");
+    assert_eq!(server.curl("/health", &[]).0, 200);
+}

@@ -84,6 +84,17 @@ impl ApiError {
         )
     }
 
+    /// 408: the request's body did not arrive in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        let m = message.into();
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            m,
+        )
+    }
+
     /// 413: the body is too long.
     pub fn too_long(code: &'static str, message: impl Into<String>) -> Self {
         let m = message.into();
