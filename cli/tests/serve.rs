@@ -402,3 +402,84 @@ fn slow_headers_and_unfinished_bodies_are_cut_off_and_connections_capped() {
     assert!(held < Duration::from_secs(5), "closed after {held:?}");
     assert_eq!(server.curl("/health", &[]).0, 200);
 }
+
+/// The first `bytes` bytes (at most) of a real document, cut at a line.
+fn document(bytes: usize) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/gpl-2.0.txt");
+    let text = std::fs::read_to_string(path).expect("tests/data/gpl-2.0.txt");
+    let cut = text[..bytes.min(text.len())].rfind('\n').unwrap_or(0);
+    text[..cut].to_string()
+}
+
+/// Starts a streamed completion and, on a thread, notes when each read of
+/// its events arrives and whether it held the end; returns the socket (to
+/// hang up) and the notes.
+fn stream_with_arrivals(addr: &str, body: &Value) -> (TcpStream, mpsc::Receiver<(Instant, bool)>) {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut reader = stream.try_clone().expect("clone");
+    reader
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.contains("data: ") {
+                let _ = tx.send((Instant::now(), text.contains("[DONE]")));
+            }
+        }
+    });
+    (stream, rx)
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_other_streams_go_on() {
+    let server = Server::start(&[], &[]);
+    let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+    let short = json!({"prompt": counting, "max_tokens": 400, "temperature": 0, "stream": true});
+    let (socket, arrivals) = stream_with_arrivals(&server.addr, &short);
+    for _ in 0..3 {
+        arrivals
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the short stream starts");
+    }
+    let long = json!({"prompt": document(5000), "max_tokens": 1, "temperature": 0});
+    let start = Instant::now();
+    let (status, body) = server.post("/v1/completions", &long, &[]);
+    let end = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("reply JSON");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert!(prompt > 4 * 256, "{prompt} tokens is not a long prompt");
+    socket.shutdown(std::net::Shutdown::Both).expect("hang up");
+
+    let during: Vec<(Instant, bool)> = arrivals
+        .try_iter()
+        .filter(|&(t, _)| t >= start && t <= end)
+        .collect();
+    assert!(
+        !during.iter().any(|&(_, done)| done),
+        "the short stream ended during the long prefill; it cannot show the gaps"
+    );
+    let mut times: Vec<Instant> = during.iter().map(|&(t, _)| t).collect();
+    times.insert(0, start);
+    let longest = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let prefill = end - start;
+    assert!(
+        times.len() > 3 && longest < prefill / 2,
+        "{} arrivals during the {prefill:?} prefill of {prompt} tokens, the longest gap {longest:?}",
+        times.len() - 1
+    );
+}

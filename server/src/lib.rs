@@ -1,8 +1,8 @@
 //! tandem's OpenAI-compatible HTTP server.
 //!
 //! One engine thread owns the model and steps every conversation in flight
-//! together (a new request's prompt is prefilled between decode steps, then
-//! it joins the batch); the HTTP layer (axum on a single-threaded tokio
+//! together (a new request's prompt is prefilled a chunk at a time between
+//! decode steps, then it joins the batch); the HTTP layer (axum on a single-threaded tokio
 //! runtime) parses requests, checks the bearer key and streams each reply
 //! from its channel. A client that goes away drops its channel, and the
 //! engine thread frees its sequence at the next step. Connections are
@@ -22,6 +22,7 @@ mod error;
 mod job;
 mod metrics;
 mod options;
+mod prefill;
 mod reply;
 mod routes;
 mod scheduler;
