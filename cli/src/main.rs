@@ -107,6 +107,17 @@ struct ServeArgs {
     /// Prompt plus reply tokens of one request (default: the model's context).
     #[arg(long)]
     max_context: Option<usize>,
+    /// Connections served at once; further ones wait until one closes.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
+    /// Seconds a client has to send a request's headers (from connecting, or
+    /// from the previous reply on a kept-alive connection); then it is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout: u64,
+    /// Seconds a client has to send a request's body after its headers; then
+    /// it gets 408 and the connection is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    body_timeout: u64,
 }
 
 #[derive(Args)]

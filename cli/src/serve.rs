@@ -1,5 +1,7 @@
 //! `tandem serve`: loads the model and hands it to the HTTP server.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use tandem_gpu::DenseDevice;
 use tandem_server::ServerOptions;
@@ -24,6 +26,9 @@ pub(crate) fn serve<D: DenseDevice + 'static>(args: &ServeArgs, device: D) -> Re
         default_max_tokens: args.max_tokens,
         max_tokens_limit: args.max_tokens_limit,
         max_context: args.max_context,
+        max_connections: args.max_connections as usize,
+        header_timeout: Duration::from_secs(args.header_timeout),
+        body_timeout: Duration::from_secs(args.body_timeout),
         ..ServerOptions::default()
     };
     let engine = args.model.load(device)?;

@@ -139,3 +139,13 @@ fn a_tiny_temperature_samples_as_greedy() {
     assert_eq!(tiny.status.code(), Some(0), "{}", stderr(&tiny));
     assert_eq!(greedy.stdout, tiny.stdout);
 }
+
+#[test]
+fn the_weights_count_in_the_memory_budget() {
+    // SmolLM2's weights are 98 MB; a two-token context needs a few kilobytes.
+    let text = refused(&["generate", "-p", "hi", "-n", "1", "--memory-limit", "64M"]);
+    assert!(
+        text.contains("with the model's weights") && text.contains("67.1 MB allowed"),
+        "{text}"
+    );
+}

@@ -295,7 +295,7 @@ fn bad_requests_get_openai_errors_with_their_status() {
     let (status, body) = server.post("/v1/chat/completions", &long, &[key]);
     assert_eq!(
         (status, error_code(&body).as_str()),
-        (413, "context_length_exceeded"),
+        (400, "context_length_exceeded"),
         "{body}"
     );
     assert!(body.contains("64"), "the error names the limit: {body}");
@@ -311,4 +311,175 @@ fn bad_requests_get_openai_errors_with_their_status() {
         "{body}"
     );
     assert_eq!(server.curl("/v1/nothing", &["-H", key]).0, 404);
+}
+
+#[test]
+fn max_tokens_beyond_the_context_is_refused_and_the_default_fits_in_it() {
+    let server = Server::start(&["--max-context", "64"], &[]);
+    let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+    let default = json!({"prompt": counting, "temperature": 0});
+    let (status, body) = server.post("/v1/completions", &default, &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("reply JSON");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert_eq!(v["usage"]["completion_tokens"], 64 - prompt, "{body}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{body}");
+
+    let ask = json!({"prompt": counting, "max_tokens": 60, "temperature": 0});
+    let (status, body) = server.post("/v1/completions", &ask, &[]);
+    let v: Value = serde_json::from_str(&body).expect("error JSON");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded")),
+        "{body}"
+    );
+    let message = v["error"]["message"].as_str().expect("message");
+    let numbers = [64, 60, prompt, prompt + 60, 64 - prompt];
+    for n in numbers.map(|n| n.to_string()) {
+        assert!(message.contains(&n), "{n} missing: {message}");
+    }
+
+    let fits = json!({"prompt": counting, "max_tokens": 64 - prompt, "temperature": 0});
+    assert_eq!(server.post("/v1/completions", &fits, &[]).0, 200);
+}
+
+/// Reads from `stream` until the server closes it; returns what came and
+/// how long it took (the read fails the test after 20 s).
+fn read_until_closed(mut stream: TcpStream) -> (String, Duration) {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server kept the connection open: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&seen).into_owned(), start.elapsed())
+}
+
+#[test]
+fn slow_headers_and_unfinished_bodies_are_cut_off_and_connections_capped() {
+    let server = Server::start(
+        &[
+            "--header-timeout",
+            "1",
+            "--body-timeout",
+            "1",
+            "--max-connections",
+            "1",
+        ],
+        &[],
+    );
+    let mut slow = TcpStream::connect(&server.addr).expect("connect");
+    write!(slow, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n").expect("send");
+    let start = Instant::now();
+    // The one connection allowed is taken: this request waits for it.
+    assert_eq!(server.curl("/health", &[]).0, 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "served beside the slow connection after {:?}",
+        start.elapsed()
+    );
+    let (_, held) = read_until_closed(slow);
+    assert!(held < Duration::from_secs(5), "closed after {held:?}");
+
+    let mut unfinished = TcpStream::connect(&server.addr).expect("connect");
+    write!(
+        unfinished,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"prompt\": \"Hi\""
+    )
+    .expect("send");
+    let (reply, held) = read_until_closed(unfinished);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(held < Duration::from_secs(5), "closed after {held:?}");
+    assert_eq!(server.curl("/health", &[]).0, 200);
+}
+
+/// The first `bytes` bytes (at most) of a real document, cut at a line.
+fn document(bytes: usize) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/gpl-2.0.txt");
+    let text = std::fs::read_to_string(path).expect("tests/data/gpl-2.0.txt");
+    let cut = text[..bytes.min(text.len())].rfind('\n').unwrap_or(0);
+    text[..cut].to_string()
+}
+
+/// Starts a streamed completion and, on a thread, notes when each read of
+/// its events arrives and whether it held the end; returns the socket (to
+/// hang up) and the notes.
+fn stream_with_arrivals(addr: &str, body: &Value) -> (TcpStream, mpsc::Receiver<(Instant, bool)>) {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut reader = stream.try_clone().expect("clone");
+    reader
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.contains("data: ") {
+                let _ = tx.send((Instant::now(), text.contains("[DONE]")));
+            }
+        }
+    });
+    (stream, rx)
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_other_streams_go_on() {
+    let server = Server::start(&[], &[]);
+    let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+    let short = json!({"prompt": counting, "max_tokens": 400, "temperature": 0, "stream": true});
+    let (socket, arrivals) = stream_with_arrivals(&server.addr, &short);
+    for _ in 0..3 {
+        arrivals
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the short stream starts");
+    }
+    let long = json!({"prompt": document(5000), "max_tokens": 1, "temperature": 0});
+    let start = Instant::now();
+    let (status, body) = server.post("/v1/completions", &long, &[]);
+    let end = Instant::now();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("reply JSON");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert!(prompt > 4 * 256, "{prompt} tokens is not a long prompt");
+    socket.shutdown(std::net::Shutdown::Both).expect("hang up");
+
+    let during: Vec<(Instant, bool)> = arrivals
+        .try_iter()
+        .filter(|&(t, _)| t >= start && t <= end)
+        .collect();
+    assert!(
+        !during.iter().any(|&(_, done)| done),
+        "the short stream ended during the long prefill; it cannot show the gaps"
+    );
+    let mut times: Vec<Instant> = during.iter().map(|&(t, _)| t).collect();
+    times.insert(0, start);
+    let longest = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let prefill = end - start;
+    assert!(
+        times.len() > 3 && longest < prefill / 2,
+        "{} arrivals during the {prefill:?} prefill of {prompt} tokens, the longest gap {longest:?}",
+        times.len() - 1
+    );
 }

@@ -10,7 +10,7 @@ use tandem_gpu::{CpuDevice, DenseDevice};
 
 use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE, COMPLETION_TEMPLATE};
 use crate::error::{Error, Result};
-use crate::memory::{context_bytes, MemoryBudget};
+use crate::memory::{activation_bytes, context_bytes, MemoryBudget, RunFootprint};
 use crate::model::{load_gguf, Llama};
 use crate::policy::{PolicyConfig, PolicyTable};
 use crate::tokenizer::Tokenizer;
@@ -284,12 +284,18 @@ impl<D: DenseDevice> Engine<D> {
         self.budget
     }
 
-    /// Refuses a context of `tokens` tokens that would not fit in the budget.
+    /// Refuses a context of `tokens` tokens that would not fit in the budget
+    /// with the model's weights and a prefill chunk's activations.
     pub fn check_memory(&self, tokens: usize) -> Result<()> {
-        let shape = self.model.config().attention_shape();
+        let config = self.model.config();
+        let run = RunFootprint {
+            weights: self.model.weight_bytes() as u64,
+            activations: activation_bytes(config, PREFILL_CHUNK).unwrap_or(u64::MAX),
+        };
+        let context = context_bytes(&self.table, config.attention_shape(), tokens, 1);
         self.budget.check(
-            &format!("a context of {tokens} tokens"),
-            context_bytes(&self.table, shape, tokens, 1),
+            &format!("a context of {tokens} tokens with the model's weights and a prefill chunk"),
+            run.with_context(context),
         )
     }
 

@@ -1,12 +1,13 @@
 //! The memory budget: what a context will hold, estimated from the policy
-//! table and checked against the memory the machine has before anything is
-//! allocated.
+//! table, with the model's weights and a prefill chunk's activations, and
+//! checked against the memory the machine has before anything is allocated.
 
 use std::fmt;
 
 use tandem_gpu::AttentionShape;
 
 use crate::error::{Error, Result};
+use crate::model::Config;
 use crate::policy::{LayerAttention, PolicyTable};
 
 /// How much memory contexts may take, and where that figure came from.
@@ -153,6 +154,49 @@ pub fn context_bytes(
         .checked_mul(u64::try_from(sequences).ok()?)
 }
 
+/// Bytes one prefill chunk of `chunk` tokens holds in activations while it
+/// runs (f32 rows): per token the hidden state and its normed copy, the
+/// queries and the attention output, the keys and values, the MLP's gate,
+/// up and activated rows; and the last position's logits. `None` past 2^64.
+pub fn activation_bytes(config: &Config, chunk: usize) -> Option<u64> {
+    let kv_dim = config.n_kv_heads.checked_mul(config.head_dim)?;
+    let row = [
+        config.dim.checked_mul(2)?,
+        config.q_dim().checked_mul(2)?,
+        kv_dim.checked_mul(2)?,
+        config.ffn_dim.checked_mul(3)?,
+    ]
+    .into_iter()
+    .try_fold(0usize, usize::checked_add)?;
+    let rows = u64::try_from(row)
+        .ok()?
+        .checked_mul(u64::try_from(chunk).ok()?)?;
+    let logits = u64::try_from(config.vocab_size).ok()?;
+    rows.checked_add(logits)?.checked_mul(4)
+}
+
+/// What running any context costs beside the context itself: the weights it
+/// keeps resident (a mapped file's pages count as available memory until
+/// they are read, so they are counted here) and one prefill chunk's
+/// activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunFootprint {
+    /// Bytes of the model's weights.
+    pub weights: u64,
+    /// Bytes of one prefill chunk's activations.
+    pub activations: u64,
+}
+
+impl RunFootprint {
+    /// The bytes a run needs with a context of `context` bytes; `None` past
+    /// 2^64 (or when the context's own size is).
+    pub fn with_context(&self, context: Option<u64>) -> Option<u64> {
+        context?
+            .checked_add(self.weights)?
+            .checked_add(self.activations)
+    }
+}
+
 /// A byte count written for people: `1.5 GB`.
 #[derive(Debug, Clone, Copy)]
 pub struct Bytes(pub u64);
@@ -172,6 +216,31 @@ impl fmt::Display for Bytes {
 mod tests {
     use super::*;
     use crate::policy::PolicyConfig;
+
+    #[test]
+    fn weights_and_a_chunks_activations_count_beside_the_context() {
+        // Llama 3.1 8B: 4096 wide, 14336 in the MLP, 32 query and 8 kv heads.
+        let config = Config::llama(32, 4096, 14336, 32, 8, 128_256, 500_000.0, 131_072);
+        let row = 2 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336;
+        assert_eq!(
+            activation_bytes(&config, 256),
+            Some((256 * row + 128_256) * 4)
+        );
+        let run = RunFootprint {
+            weights: 4 << 30,
+            activations: activation_bytes(&config, 256).expect("fits"),
+        };
+        let table = PolicyConfig::default().resolve(&[None; 32]).expect("table");
+        let context = context_bytes(&table, SHAPE, 4096, 1);
+        let budget = MemoryBudget::given(4 << 30);
+        assert!(budget.check("a context", context).is_ok());
+        let err = budget
+            .check("a context", run.with_context(context))
+            .expect_err("the weights alone fill the budget");
+        assert!(err.to_string().contains("4.3 GB"), "{err}");
+        assert_eq!(run.with_context(None), None);
+        assert_eq!(activation_bytes(&config, usize::MAX), None);
+    }
 
     const SHAPE: AttentionShape = AttentionShape {
         n_heads: 32,

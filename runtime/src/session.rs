@@ -119,7 +119,32 @@ impl<'e, D: DenseDevice> Session<'e, D> {
         result
     }
 
+    /// Runs one part of a prompt into the context and leaves all of it on
+    /// the device: a prompt fed in parts (to interleave it with other work)
+    /// ends with a [`Session::prefill`] of its last part, which moves the
+    /// long context out as a prefill of the whole prompt would. Parts of a
+    /// multiple of [`PREFILL_CHUNK`] tokens give the logits that prefill
+    /// gives.
+    pub fn prefill_part(&mut self, tokens: &[u32]) -> Result<()> {
+        self.run_chunks(tokens, &mut |_, _| {}, None).map(drop)
+    }
+
     fn prefill_chunks(
+        &mut self,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<f32>> {
+        let logits = self.run_chunks(tokens, progress, cancel)?;
+        // A prompt runs dense on the device; then the long context moves out.
+        self.kv.offload_if_due(self.engine.build_threads())?;
+        self.last_logits = Some(logits.clone());
+        Ok(logits)
+    }
+
+    /// Runs `tokens` through the model a chunk at a time; returns the
+    /// logits after the last.
+    fn run_chunks(
         &mut self,
         tokens: &[u32],
         progress: &mut dyn FnMut(usize, usize),
@@ -147,9 +172,6 @@ impl<'e, D: DenseDevice> Session<'e, D> {
         if cancelled() {
             return Err(Error::Cancelled);
         }
-        // A prompt runs dense on the device; then the long context moves out.
-        self.kv.offload_if_due(self.engine.build_threads())?;
-        self.last_logits = Some(logits.clone());
         Ok(logits)
     }
 

@@ -73,7 +73,8 @@ pub(crate) enum Endpoint {
 #[derive(Debug)]
 pub(crate) struct Request {
     pub prompt: Prompt,
-    pub max_tokens: usize,
+    /// `None`: the server's default, or the room left in the context.
+    pub max_tokens: Option<usize>,
     pub sampling: SamplingConfig,
     pub stop: Vec<String>,
     pub stream: bool,
@@ -84,7 +85,6 @@ pub(crate) struct Request {
 /// The server's limits on what a request may ask.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RequestLimits {
-    pub default_max_tokens: usize,
     pub max_tokens_limit: usize,
 }
 
@@ -184,9 +184,9 @@ fn completion_prompt(prompt: Option<OneOrMany>) -> Result<String, ApiError> {
     }
 }
 
-fn max_tokens(asked: Option<u64>, limits: RequestLimits) -> Result<usize, ApiError> {
+fn max_tokens(asked: Option<u64>, limits: RequestLimits) -> Result<Option<usize>, ApiError> {
     let Some(asked) = asked else {
-        return Ok(limits.default_max_tokens);
+        return Ok(None);
     };
     if asked == 0 || asked > limits.max_tokens_limit as u64 {
         return Err(ApiError::bad_request(format!(
@@ -194,7 +194,7 @@ fn max_tokens(asked: Option<u64>, limits: RequestLimits) -> Result<usize, ApiErr
             limits.max_tokens_limit
         )));
     }
-    Ok(asked as usize)
+    Ok(Some(asked as usize))
 }
 
 fn sampling(
@@ -242,7 +242,6 @@ mod tests {
     use super::*;
 
     const LIMITS: RequestLimits = RequestLimits {
-        default_max_tokens: 16,
         max_tokens_limit: 64,
     };
 
@@ -266,7 +265,7 @@ mod tests {
         assert_eq!(m, vec![Message::system("Be brief."), Message::user("Hi")]);
         assert_eq!(
             (r.max_tokens, r.stop, r.stream, r.include_usage),
-            (8, vec!["x".into()], true, true)
+            (Some(8), vec!["x".into()], true, true)
         );
         assert_eq!((r.sampling.temperature, r.sampling.seed), (0.0, u64::MAX));
     }
@@ -308,9 +307,9 @@ mod tests {
     }
 
     #[test]
-    fn a_completion_without_max_tokens_gets_the_default() {
+    fn a_completion_without_max_tokens_leaves_it_to_the_engine_thread() {
         let r = check(Endpoint::Completion, r#"{"prompt":["Once"]}"#).expect("valid");
-        assert_eq!(r.max_tokens, 16);
+        assert_eq!(r.max_tokens, None);
         assert!(matches!(r.prompt, Prompt::Text(t) if t == "Once"));
     }
 }

@@ -72,7 +72,30 @@ impl ApiError {
         )
     }
 
-    /// 413: the body or the prompt is too long.
+    /// 400 `context_length_exceeded`: the prompt and the reply asked for do
+    /// not fit in the context (OpenAI's status and code).
+    pub fn context_exceeded(message: impl Into<String>) -> Self {
+        let m = message.into();
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "context_length_exceeded",
+            m,
+        )
+    }
+
+    /// 408: the request's body did not arrive in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        let m = message.into();
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            m,
+        )
+    }
+
+    /// 413: the body is too long.
     pub fn too_long(code: &'static str, message: impl Into<String>) -> Self {
         let m = message.into();
         Self::new(

@@ -23,8 +23,9 @@ pub(crate) struct Job {
     /// For the log.
     pub id: String,
     pub prompt: Prompt,
-    /// Already checked against the server's limit.
-    pub max_tokens: usize,
+    /// Already checked against the server's limit; `None` when the request
+    /// names none.
+    pub max_tokens: Option<usize>,
     pub sampling: SamplingConfig,
     /// Strings that end the reply (not included in it).
     pub stop: Vec<String>,

@@ -1,5 +1,7 @@
 //! What a server is configured with.
 
+use std::time::Duration;
+
 /// Limits and addresses of a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -21,6 +23,14 @@ pub struct ServerOptions {
     pub max_context: Option<usize>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Connections served at once; further ones wait until one closes.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (counted from the
+    /// connection's start or its previous reply); then the connection closes.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in;
+    /// then it gets 408 and the connection closes.
+    pub body_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -35,6 +45,9 @@ impl Default for ServerOptions {
             max_tokens_limit: 4096,
             max_context: None,
             max_body_bytes: 4 << 20,
+            max_connections: 128,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -4,9 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,14 +30,18 @@ pub(crate) struct AppState {
     pub limits: RequestLimits,
     /// Requests in the batch plus those waiting.
     pub max_in_flight: usize,
+    pub max_body_bytes: usize,
+    /// Time a request's body may take to arrive.
+    pub body_timeout: Duration,
     pub metrics: Arc<Metrics>,
     /// To the engine thread.
     pub jobs: mpsc::Sender<Job>,
     pub next_id: AtomicU64,
 }
 
-/// The server's routes over `state`, with bodies up to `max_body_bytes`.
-pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+/// The server's routes over `state`.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -84,10 +90,28 @@ async fn model(
     }
 }
 
+/// A request's body, read within the server's body timeout and size limit.
+struct TimedBody(Bytes);
+
+impl FromRequest<Arc<AppState>> for TimedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let read = Bytes::from_request(request, state);
+        match tokio::time::timeout(state.body_timeout, read).await {
+            Ok(body) => body.map(TimedBody).map_err(body_error),
+            Err(_) => Err(ApiError::timeout(format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs_f64()
+            ))),
+        }
+    }
+}
+
 async fn chat_completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<TimedBody, ApiError>,
 ) -> Response {
     s.complete(Endpoint::Chat, &headers, body)
         .await
@@ -97,7 +121,7 @@ async fn chat_completions(
 async fn completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<TimedBody, ApiError>,
 ) -> Response {
     s.complete(Endpoint::Completion, &headers, body)
         .await
@@ -143,10 +167,10 @@ impl AppState {
         &self,
         endpoint: Endpoint,
         headers: &HeaderMap,
-        body: Result<Bytes, BytesRejection>,
+        body: Result<TimedBody, ApiError>,
     ) -> Result<Response, ApiError> {
         self.authorize(headers)?;
-        let body = body.map_err(body_error)?;
+        let TimedBody(body) = body?;
         let parsed = RequestBody::parse(&body)?;
         self.check_model(parsed.model())?;
         let request = parsed.check(endpoint, self.limits)?;

@@ -1,5 +1,6 @@
-//! The engine thread: prefills new requests between decode steps and steps
-//! every sequence in flight as one batch.
+//! The engine thread: steps every sequence in flight as one batch, and
+//! between two steps runs one chunk of a new request's prompt, so a long
+//! prompt slows the replies in flight instead of pausing them.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -11,6 +12,7 @@ use tandem_runtime::{Engine, Session};
 use crate::error::ApiError;
 use crate::job::{Event, Job, Prompt};
 use crate::metrics::{Metrics, Outcome};
+use crate::prefill::{Prefilling, Waiting};
 use crate::sequence::{Next, Sequence};
 
 /// Limits the engine thread applies to each request.
@@ -20,12 +22,9 @@ pub(crate) struct Limits {
     pub max_sequences: usize,
     /// Prompt plus reply tokens.
     pub context: usize,
-}
-
-/// A request whose prompt is tokenized, waiting for a place in the batch.
-struct Waiting {
-    job: Job,
-    ids: Vec<u32>,
+    /// Reply tokens of a request that names no `max_tokens` (less where the
+    /// context has less room left).
+    pub default_max_tokens: usize,
 }
 
 struct Scheduler<'e, D: DenseDevice> {
@@ -33,6 +32,8 @@ struct Scheduler<'e, D: DenseDevice> {
     limits: Limits,
     metrics: Arc<Metrics>,
     waiting: VecDeque<Waiting>,
+    /// The request whose prompt is going in, one chunk per step.
+    prefilling: Option<Prefilling<'e, D>>,
     active: Vec<Sequence<'e, D>>,
 }
 
@@ -48,10 +49,12 @@ pub(crate) fn run<D: DenseDevice>(
         limits,
         metrics,
         waiting: VecDeque::new(),
+        prefilling: None,
         active: Vec::new(),
     };
     while s.receive(&jobs) {
         s.admit_one();
+        s.prefill_chunk();
         s.step();
         s.metrics.set_active(s.active.len());
     }
@@ -61,7 +64,7 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
     /// Takes the jobs sent so far, waiting for one when idle; false once the
     /// channel has closed and nothing is in flight.
     fn receive(&mut self, jobs: &Receiver<Job>) -> bool {
-        if self.active.is_empty() && self.waiting.is_empty() {
+        if self.idle() {
             match jobs.recv() {
                 Ok(job) => self.prepare(job),
                 Err(_) => return false,
@@ -71,23 +74,56 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
             match jobs.try_recv() {
                 Ok(job) => self.prepare(job),
                 Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => {
-                    return !(self.active.is_empty() && self.waiting.is_empty())
-                }
+                Err(TryRecvError::Disconnected) => return !self.idle(),
             }
         }
     }
 
+    fn idle(&self) -> bool {
+        self.active.is_empty() && self.waiting.is_empty() && self.prefilling.is_none()
+    }
+
     /// Tokenizes a job's prompt and queues it, or refuses it.
     fn prepare(&mut self, job: Job) {
-        match self.tokenize(&job) {
-            Ok(ids) => {
+        let checked = self
+            .tokenize(&job)
+            .and_then(|ids| Ok((self.reply_budget(&job, ids.len())?, ids)));
+        match checked {
+            Ok((max_tokens, ids)) => {
                 let _ = job.events.send(Event::Started {
                     prompt_tokens: ids.len(),
                 });
-                self.waiting.push_back(Waiting { job, ids });
+                self.waiting.push_back(Waiting {
+                    job,
+                    ids,
+                    max_tokens,
+                });
             }
             Err(e) => self.end(&job, Outcome::Failed, 0, 0, Some(e)),
+        }
+    }
+
+    /// The reply tokens a request gets: what it asked if that fits beside
+    /// its prompt (else 400, as OpenAI answers), or the default within the
+    /// room left.
+    fn reply_budget(&self, job: &Job, prompt: usize) -> Result<usize, ApiError> {
+        let context = self.limits.context;
+        if prompt >= context {
+            return Err(ApiError::context_exceeded(format!(
+                "this server's context holds {context} tokens (prompt and reply); \
+                 the prompt has {prompt}, which leaves no room for a reply"
+            )));
+        }
+        let room = context - prompt;
+        match job.max_tokens {
+            None => Ok(self.limits.default_max_tokens.min(room)),
+            Some(asked) if asked <= room => Ok(asked),
+            Some(asked) => Err(ApiError::context_exceeded(format!(
+                "this server's context holds {context} tokens (prompt and reply); \
+                 {} were asked: {prompt} in the prompt and {asked} in max_tokens. \
+                 Ask for at most {room} tokens or shorten the prompt",
+                prompt + asked
+            ))),
         }
     }
 
@@ -107,36 +143,22 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
         if ids.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty"));
         }
-        if ids.len() >= self.limits.context {
-            return Err(ApiError::too_long(
-                "context_length_exceeded",
-                format!(
-                    "the prompt has {} tokens; this server's context holds {} (prompt and reply)",
-                    ids.len(),
-                    self.limits.context
-                ),
-            ));
-        }
         Ok(ids)
     }
 
-    /// Prefills the first waiting request whose client is still there, if
-    /// the batch has room.
+    /// Starts the prefill of the first waiting request whose client is
+    /// still there, if none is prefilling and the batch has room.
     fn admit_one(&mut self) {
-        while self.active.len() < self.limits.max_sequences {
-            let Some(w) = self.waiting.pop_front() else {
-                return;
-            };
+        if self.prefilling.is_some() || self.active.len() >= self.limits.max_sequences {
+            return;
+        }
+        while let Some(w) = self.waiting.pop_front() {
             if w.job.events.is_closed() {
                 self.end(&w.job, Outcome::Cancelled, w.ids.len(), 0, None);
                 continue;
             }
-            match self.prefill(&w.ids) {
-                Ok((session, logits)) => {
-                    let context = self.limits.context;
-                    let seq = Sequence::new(self.engine, w.job, session, logits, context);
-                    self.active.push(seq);
-                }
+            match self.new_session(w.ids.len()) {
+                Ok(session) => self.prefilling = Some(Prefilling::new(w, session)),
                 Err(e) => {
                     let e = ApiError::internal(format!("prefill: {e}"));
                     self.end(&w.job, Outcome::Failed, w.ids.len(), 0, Some(e));
@@ -146,10 +168,38 @@ impl<'e, D: DenseDevice> Scheduler<'e, D> {
         }
     }
 
-    fn prefill(&self, ids: &[u32]) -> tandem_runtime::Result<(Session<'e, D>, Vec<f32>)> {
-        let mut session = self.engine.session()?;
-        let logits = session.prefill(ids, &mut |_, _| {})?;
-        Ok((session, logits))
+    /// A session for a prompt of `tokens` tokens, if its context fits in
+    /// the memory budget.
+    fn new_session(&self, tokens: usize) -> tandem_runtime::Result<Session<'e, D>> {
+        self.engine.check_memory(tokens)?;
+        self.engine.session()
+    }
+
+    /// Runs one chunk of the prompt being prefilled: a request whose client
+    /// has gone is dropped, and one whose prompt is all in joins the batch.
+    fn prefill_chunk(&mut self) {
+        let Some(mut p) = self.prefilling.take() else {
+            return;
+        };
+        let prompt = p.request.ids.len();
+        if p.request.job.events.is_closed() {
+            self.end(&p.request.job, Outcome::Cancelled, prompt, 0, None);
+            return;
+        }
+        match p.advance() {
+            Ok(None) => self.prefilling = Some(p),
+            Ok(Some(logits)) => {
+                let Waiting {
+                    job, max_tokens, ..
+                } = p.request;
+                let seq = Sequence::new(self.engine, job, p.session, logits, max_tokens);
+                self.active.push(seq);
+            }
+            Err(e) => {
+                let e = ApiError::internal(format!("prefill: {e}"));
+                self.end(&p.request.job, Outcome::Failed, prompt, 0, Some(e));
+            }
+        }
     }
 
     /// Samples every sequence's next token, then feeds the continuing ones

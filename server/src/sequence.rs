@@ -20,8 +20,8 @@ pub(crate) struct Sequence<'e, D: DenseDevice> {
     text: TextStream<'e>,
     stop: StopScanner,
     generated: usize,
-    /// Tokens its context may hold.
-    context: usize,
+    /// Reply tokens it may generate (they fit in the context).
+    max_tokens: usize,
 }
 
 /// What a sequence does after sampling a token.
@@ -41,7 +41,7 @@ impl<'e, D: DenseDevice> Sequence<'e, D> {
         mut job: Job,
         session: Session<'e, D>,
         logits: Vec<f32>,
-        context: usize,
+        max_tokens: usize,
     ) -> Sequence<'e, D> {
         let prompt_tokens = session.tokens().len();
         Sequence {
@@ -53,7 +53,7 @@ impl<'e, D: DenseDevice> Sequence<'e, D> {
             prompt_tokens,
             logits,
             generated: 0,
-            context,
+            max_tokens,
         }
     }
 
@@ -78,8 +78,7 @@ impl<'e, D: DenseDevice> Sequence<'e, D> {
         if stopped {
             return self.done(Finish::Stop);
         }
-        let full = self.session.tokens().len() + 1 >= self.context;
-        if self.generated >= self.job.max_tokens || full {
+        if self.generated >= self.max_tokens {
             return self.finish(Finish::Length);
         }
         Ok(Next::Feed(next))

@@ -8,6 +8,7 @@ use tandem_gpu::DenseDevice;
 use tandem_runtime::Engine;
 
 use crate::api::RequestLimits;
+use crate::connections::{self, ConnectionLimits};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::options::ServerOptions;
@@ -36,10 +37,11 @@ pub fn serve<D: DenseDevice + 'static>(
         model: model_name(&engine),
         api_key: options.api_key.clone(),
         limits: RequestLimits {
-            default_max_tokens: options.default_max_tokens,
             max_tokens_limit: options.max_tokens_limit,
         },
         max_in_flight: options.max_sequences + options.max_queue,
+        max_body_bytes: options.max_body_bytes,
+        body_timeout: options.body_timeout,
         metrics: Arc::clone(&metrics),
         jobs,
         next_id: AtomicU64::new(1),
@@ -49,20 +51,24 @@ pub fn serve<D: DenseDevice + 'static>(
         .spawn(move || scheduler::run(&engine, limits, metrics, received))
         .map_err(|e| ServeError::Engine(e.to_string()))?;
     eprintln!("tandem serve: listening on http://{addr}");
-    let app = router(state, options.max_body_bytes);
-    let served = runtime.block_on(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-    });
+    let app = router(state);
+    let connection_limits = ConnectionLimits {
+        max_connections: options.max_connections,
+        header_timeout: options.header_timeout,
+    };
+    runtime.block_on(connections::serve(
+        listener,
+        app,
+        connection_limits,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    ));
     // The router (and with it the jobs channel) is gone: the engine thread
     // ends once its last sequence does.
     engine_thread
         .join()
-        .map_err(|_| ServeError::Engine("it panicked".into()))?;
-    served.map_err(|source| io("serving", source))
+        .map_err(|_| ServeError::Engine("it panicked".into()))
 }
 
 /// The limits the engine thread applies, checked against the model.
@@ -70,16 +76,26 @@ fn check<D: DenseDevice>(
     engine: &Engine<D>,
     options: &ServerOptions,
 ) -> Result<Limits, ServeError> {
-    let model_context = engine.model().config().context_length;
-    let context = options.max_context.unwrap_or(model_context);
-    if context < 2 || context > model_context {
+    let engine_context = engine.context_limit();
+    let context = options.max_context.unwrap_or(engine_context);
+    if context < 2 || context > engine_context {
         return Err(ServeError::Options(format!(
-            "the context limit must be between 2 and the model's {model_context} tokens, got {context}"
+            "the context limit must be between 2 and the engine's {engine_context} tokens, got {context}"
         )));
     }
     if options.max_sequences == 0 || options.default_max_tokens == 0 {
         return Err(ServeError::Options(
             "the batch size and the default max tokens must be at least 1".into(),
+        ));
+    }
+    if options.max_connections == 0 {
+        return Err(ServeError::Options(
+            "the connection limit must be at least 1".into(),
+        ));
+    }
+    if options.header_timeout.is_zero() || options.body_timeout.is_zero() {
+        return Err(ServeError::Options(
+            "the header and body timeouts must be above zero".into(),
         ));
     }
     if options.default_max_tokens > options.max_tokens_limit {
@@ -91,6 +107,7 @@ fn check<D: DenseDevice>(
     Ok(Limits {
         max_sequences: options.max_sequences,
         context,
+        default_max_tokens: options.default_max_tokens,
     })
 }
 

@@ -136,3 +136,35 @@ fn a_cancelled_prefill_drops_its_tokens() {
     );
     assert_eq!(session.tokens(), first.as_slice());
 }
+
+#[test]
+fn a_prompt_prefilled_in_parts_decodes_as_one_prefill() {
+    let options = EngineOptions {
+        threads: 2,
+        cpu_workers: 2,
+        policy: PolicyConfig {
+            policy: "topk:k=32".into(),
+            dense_below: PREFILL_CHUNK,
+            ..PolicyConfig::default()
+        },
+        ..EngineOptions::default()
+    };
+    let engine = Engine::load(&model_path(), &options).expect("load");
+    let prompt: Vec<u32> = (0..PREFILL_CHUNK as u32 + 8)
+        .map(|i| 100 + i % 500)
+        .collect();
+    let mut whole = engine.session().expect("session");
+    let mut logits = vec![whole.prefill(&prompt, &mut |_, _| {}).expect("prefill")];
+    logits.push(whole.step(7).expect("step"));
+
+    let mut parts = engine.session().expect("session");
+    let (head, tail) = prompt.split_at(PREFILL_CHUNK);
+    parts.prefill_part(head).expect("first part");
+    let mut parted = vec![parts.prefill(tail, &mut |_, _| {}).expect("last part")];
+    parted.push(parts.step(7).expect("step"));
+    assert_eq!(parts.tokens(), whole.tokens());
+    assert!(
+        logits == parted,
+        "the logits after the prompt and after one step differ"
+    );
+}

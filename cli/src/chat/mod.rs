@@ -99,6 +99,10 @@ pub fn run<D: DenseDevice>(args: &ChatArgs, device: D) -> Result<()> {
             session: resumed.session,
         };
     }
+    // The line editor takes SIGINT for itself when it opens (and gives it
+    // back only when closed): open it first, so the handler installed next
+    // gets every Ctrl-C that is not a key in the editor.
+    let mut lines = Lines::open()?;
     let settings = Settings {
         engine: &engine,
         sampling,
@@ -107,7 +111,7 @@ pub fn run<D: DenseDevice>(args: &ChatArgs, device: D) -> Result<()> {
         saved,
     };
     eprintln!("{HELP}");
-    chat_loop(&settings, &mut state, &mut Lines::open()?)
+    chat_loop(&settings, &mut state, &mut lines)
 }
 
 /// Reads messages and replies until the user leaves.
@@ -184,7 +188,7 @@ fn generate<D: DenseDevice>(
     let common = continue_from(&mut state.session, &ids);
     let (bar, mut progress) = progress_reporter(ids.len() - common);
     let mut text = String::new();
-    settings.interrupts.set_in_reply(true);
+    settings.interrupts.begin_reply();
     let result = state.session.generate(
         &ids[common..],
         settings.max_tokens,
@@ -199,9 +203,13 @@ fn generate<D: DenseDevice>(
             Flow::Continue
         },
     );
-    settings.interrupts.set_in_reply(false);
     bar.finish_and_clear();
     let _ = writeln!(std::io::stdout());
+    let stopped = match &result {
+        Ok(stats) => stats.stop == StopReason::Cancelled,
+        Err(e) => matches!(e, Error::Cancelled),
+    };
+    settings.interrupts.end_reply(stopped);
     let stats = match result {
         Ok(stats) => stats,
         Err(Error::Cancelled) => {
