@@ -461,7 +461,13 @@ fn sum_packed(p: &PackedValues, d: usize, g: usize, kept: &Kept, out: &mut [f32]
             (*l, *s) = p.range(key as usize, j);
         }
         decoded.fill(0.0);
-        axpy_packed(p.bits, p.codes(key as usize), group, &steps[..groups], &mut decoded);
+        axpy_packed(
+            p.bits,
+            p.codes(key as usize),
+            group,
+            &steps[..groups],
+            &mut decoded,
+        );
         let mut ws = [0.0f32; 8];
         for &pair in &vlist[k..k + run] {
             let (w, h) = kept.weight(pair);
