@@ -1,5 +1,6 @@
 /*
- * tandem's C interface end to end: load a model, prefill a prompt with a
+ * tandem's C interface end to end: load a model on the device "auto"
+ * chooses (and say which, and why when it is not CUDA), prefill a prompt with a
  * progress callback, generate with a token callback, save the session,
  * restore it into a second session and continue both the same way, cancel a
  * generation from another thread, and report errors.
@@ -114,7 +115,10 @@ int main(int argc, char **argv) {
          tandem_last_error_message());
 
   TandemEngine *engine = NULL;
-  CHECK(tandem_engine_load(argv[1], "cpu", NULL, &engine));
+  CHECK(tandem_engine_load(argv[1], "auto", NULL, &engine));
+  printf("device: %s\n", tandem_engine_device(engine));
+  const char *fallback = tandem_engine_device_fallback(engine);
+  if (fallback[0] != '\0') printf("not cuda: %s\n", fallback);
   TandemSession *first = NULL;
   CHECK(tandem_session_new(engine, &first));
   static Reply reply, again;

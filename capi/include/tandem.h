@@ -34,6 +34,9 @@ typedef enum {
   TANDEM_ERR_BUSY = 8,
   // The runtime failed (device or CPU attention error, or an internal bug).
   TANDEM_ERR_INTERNAL = 9,
+  // The device asked for is not available (no NVIDIA driver, no usable
+  // GPU, or a CUDA library missing).
+  TANDEM_ERR_NO_DEVICE = 10,
 } TandemStatus;
 
 // A loaded model (opaque). Free it with `tandem_engine_free` after all its
@@ -58,9 +61,13 @@ extern "C" {
 // Loads a model.
 //
 // `model_path`: a GGUF file or a Hugging Face Llama directory. `device`:
-// `"cpu"` (NULL means `"cpu"`; no other device is offered through this
-// interface). `policy`: an attention policy as `tandem --policy` takes it
-// (NULL: the default). On success `*out_engine` holds the engine.
+// `"auto"` (CUDA when the library is built with it and a driver and a usable
+// GPU are present, else the CPU; `tandem_engine_device_fallback` says why),
+// `"cpu"` (NULL means `"cpu"`) or `"cuda"` (`TANDEM_ERR_INVALID_ARGUMENT`
+// when the library is built without CUDA, `TANDEM_ERR_NO_DEVICE` when no
+// usable GPU is present). `policy`: an attention policy as `tandem --policy`
+// takes it (NULL: the default). On success `*out_engine` holds the engine;
+// `tandem_engine_device` names the device it runs on.
 //
 // # Safety
 // The strings are NULL or NUL-terminated; `out_engine` is NULL or writable.
@@ -68,6 +75,23 @@ TandemStatus tandem_engine_load(const char *model_path,
                                 const char *device,
                                 const char *policy,
                                 TandemEngine **out_engine);
+
+// The name of the dense device `engine` runs on, e.g. `"cpu (avx512, 8
+// threads)"` or `"cuda (NVIDIA H100 80GB HBM3 (sm_90, 79 GiB))"`; NULL when
+// `engine` is NULL. The text lives as long as the engine.
+//
+// # Safety
+// `engine` is NULL or a live engine handle.
+const char *tandem_engine_device(const TandemEngine *engine);
+
+// Why `"auto"` loaded `engine` on the CPU rather than CUDA (e.g. no NVIDIA
+// driver, no GPU, or a library built without CUDA); `""` when the device
+// was not chosen by falling back. NULL when `engine` is NULL. The text
+// lives as long as the engine.
+//
+// # Safety
+// `engine` is NULL or a live engine handle.
+const char *tandem_engine_device_fallback(const TandemEngine *engine);
 
 // Frees an engine. Fails with `TANDEM_ERR_BUSY`, freeing nothing, while
 // sessions of it are alive. NULL is allowed and does nothing.

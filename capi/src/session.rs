@@ -8,8 +8,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use tandem_runtime::{Engine, Flow, SamplingConfig, SavedSession, Session};
+use tandem_runtime::{Flow, SamplingConfig, SavedSession};
 
+use crate::any_device::{AnyEngine, AnySession};
 use crate::args::{null, text};
 use crate::engine::TandemEngine;
 use crate::status::{guard, Failure, TandemStatus};
@@ -32,7 +33,7 @@ pub struct TandemSession {
 }
 
 struct State {
-    session: Session<'static>,
+    session: Box<dyn AnySession>,
     /// Prompt tokens not yet run (at most the last one of a prompt).
     pending: Vec<u32>,
 }
@@ -52,8 +53,8 @@ impl TandemSession {
         })
     }
 
-    fn engine(&self) -> &'static Engine {
-        &self.engine.engine
+    fn engine(&self) -> &'static dyn AnyEngine {
+        &*self.engine.engine
     }
 
     /// Runs `body` on the state, then clears the cancel flag (so a cancel
@@ -225,7 +226,6 @@ pub unsafe extern "C" fn tandem_session_generate(
                 max_tokens,
                 &sampling,
                 Some(&s.cancel),
-                &mut |_, _| {},
                 &mut |piece| emit(on_token, user_data, piece),
             );
             if state.session.tokens().len() > before {
@@ -309,8 +309,7 @@ pub unsafe extern "C" fn tandem_session_save(
                 tokens,
                 ..SavedSession::default()
             };
-            let engine = s.engine();
-            Ok(engine.save_session_state(Path::new(path), &saved, &state.session)?)
+            Ok(state.session.save_state(Path::new(path), &saved)?)
         })
     })
 }
@@ -349,10 +348,9 @@ pub unsafe extern "C" fn tandem_session_restore(
                 tokens: run,
                 ..saved
             };
-            let (session, _) =
-                engine.restore_session(&saved, Some(&s.cancel), &mut |done, _| {
-                    progress(done, total)
-                })?;
+            let session = engine.restore_session(&saved, Some(&s.cancel), &mut |done, _| {
+                progress(done, total)
+            })?;
             progress(total, total);
             *state = State { session, pending };
             Ok(())

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use tandem_device::DeviceError;
 use tandem_runtime::Error;
 
 /// What a `tandem_*` function reports; on anything but `TANDEM_OK`,
@@ -34,6 +35,9 @@ pub enum TandemStatus {
     TandemErrBusy = 8,
     /// The runtime failed (device or CPU attention error, or an internal bug).
     TandemErrInternal = 9,
+    /// The device asked for is not available (no NVIDIA driver, no usable
+    /// GPU, or a CUDA library missing).
+    TandemErrNoDevice = 10,
 }
 
 /// An error on its way to C: its status and message.
@@ -65,6 +69,25 @@ impl From<Error> for Failure {
             _ => TandemStatus::TandemErrInternal,
         };
         Failure::new(status, e.to_string())
+    }
+}
+
+impl From<DeviceError> for Failure {
+    fn from(e: DeviceError) -> Failure {
+        match e {
+            DeviceError::Unknown(_) => {
+                Failure::new(TandemStatus::TandemErrInvalidArgument, e.to_string())
+            }
+            DeviceError::NotBuilt => Failure::new(
+                TandemStatus::TandemErrInvalidArgument,
+                "device \"cuda\": this library was built without CUDA \
+                 (build tandem-capi with --features cuda)",
+            ),
+            DeviceError::Unavailable(why) => Failure::new(
+                TandemStatus::TandemErrNoDevice,
+                format!("device \"cuda\": no usable GPU: {why}"),
+            ),
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The C example compiles against the built library and runs: it prefills,
+//! The C example compiles against the built library and runs: it reports
+//! the device `auto` chose, prefills,
 //! generates, saves, restores, continues identically, and cancels from a
 //! second thread.
 
@@ -9,17 +10,15 @@ fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The directory holding `libtandem.so`: the profile directory above this
-/// test's `deps/`.
+/// The directory holding `libtandem.so` as this test's build made it: the
+/// test's own `deps/` (the copy in the profile directory is refreshed only by
+/// `cargo build`, so it may be older than the sources under test).
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/PROFILE/deps/TEST");
-    let lib = profile.join("libtandem.so");
+    let deps = exe.parent().expect("target/PROFILE/deps/TEST");
+    let lib = deps.join("libtandem.so");
     assert!(lib.exists(), "{} is missing", lib.display());
-    profile.to_path_buf()
+    deps.to_path_buf()
 }
 
 #[test]
@@ -50,7 +49,9 @@ fn the_c_example_runs() {
         .expect("run cc");
     assert!(compiled.success(), "the example compiles");
 
+    // cargo's LD_LIBRARY_PATH names the profile directory too, ahead of the rpath.
     let output = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", &lib)
         .arg(&model)
         .arg(scratch.join("chat.tandem"))
         .output()
@@ -71,6 +72,10 @@ fn the_c_example_runs() {
     ] {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }
+    assert!(
+        stdout.contains("device: cpu") || stdout.contains("device: cuda"),
+        "the chosen device is reported:\n{stdout}"
+    );
     assert!(
         stdout.contains("prefill "),
         "progress is reported:\n{stdout}"
