@@ -2,8 +2,7 @@
 # Runs every check CI runs: set-up (models, Python reference, the CUDA
 # toolchain for the kernel tests), formatting, lints, the whole test suite in
 # release mode, the CLI's and the C ABI's device tests with the CUDA device
-# built in, and a
-# short run of every fuzz target.
+# built in, and a short run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --cuda-toolchain
