@@ -363,7 +363,7 @@ for path in files:
                 llamacpp[(model, depth)] = (tps, fa, cmd, prov)
         used = True
     if qual and (want("quality") or want("policies") or want("fidelity")
-                 or want("gemma3-quality")):
+                 or want("gemma3-quality") or want("quant")):
         for r in qual:
             if r["policy"] == "dense":
                 continue
