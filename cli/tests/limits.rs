@@ -35,7 +35,7 @@ fn bench_shapes_beyond_the_memory_are_refused_at_once() {
         let args: Vec<&str> = decode.iter().chain(extra).copied().collect();
         let text = refused(&args);
         assert!(text.contains("more than the 17.2 GB allowed"), "{text}");
-        assert!(text.contains("kbits=8,vbits=8"), "{text}");
+        assert!(text.contains("kbits=4,vbits=4"), "{text}");
         assert!(text.contains("--memory-limit"), "{text}");
     }
     let text = refused(&[
