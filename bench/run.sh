@@ -462,6 +462,7 @@ for run_dir in runs:
             block = []
 # Before/after measurements of changes, each with its own README of figures.
 import glob
+import subprocess
 ab = sorted(glob.glob("bench/results/*-vs-*/README.md"), reverse=True)
 if ab:
     out += ["", "## Changes measured against the commit before them", ""]
@@ -471,8 +472,24 @@ if ab:
         out += [f"[{title}]({readme}), both binaries alternated on one machine:", ""]
         out += [l for l in lines if l.startswith("|")] + [""]
 # Reliability runs (the parsers' fuzzing with scripts/fuzz.sh, the server soak of
-# bench/soak.py), each recorded by hand in its own README, shown whole.
-rel = sorted(glob.glob("bench/results/*-reliability-*/README.md"), reverse=True)
+# bench/soak.py), each recorded by hand in its own README, shown whole: the newest
+# run of each kind (older ones stay under bench/results/).
+rel, kinds = [], set()
+def run_order(readme):
+    # The date, then the commit's time: runs of one day sort by their commit.
+    name = os.path.basename(os.path.dirname(readme))
+    commit = name[11:].split("-", 1)[0]
+    t = subprocess.run(["git", "log", "-1", "--format=%ct", commit],
+                       capture_output=True, text=True).stdout.strip()
+    return name[:10], int(t) if t.isdigit() else 0
+
+
+for readme in sorted(glob.glob("bench/results/*-reliability-*/README.md"), key=run_order,
+                     reverse=True):
+    kind = os.path.dirname(readme).split("-reliability-", 1)[1]
+    if kind not in kinds:
+        kinds.add(kind)
+        rel.append(readme)
 if rel:
     out += ["", "## Reliability", ""]
     for readme in rel:
