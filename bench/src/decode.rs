@@ -16,7 +16,7 @@ use tandem_kernels::rng::SplitMix64;
 use tandem_runtime::memory::{context_bytes, MemoryBudget};
 use tandem_runtime::model::{Config, Llama, Logits, Step};
 use tandem_runtime::policy::{PolicyConfig, PolicyTable};
-use tandem_runtime::split::{SequenceKv, StepCounters};
+use tandem_runtime::split::{LayerFidelity, SequenceKv, StepCounters, PROBE_STEPS};
 use tandem_runtime::{Engine, EngineOptions, PREFILL_CHUNK};
 use tandem_runtime::{Error, Result};
 
@@ -102,6 +102,9 @@ pub struct DecodeBenchResult {
     pub cpu_workers: usize,
     /// The dense device, as it names itself.
     pub device: String,
+    /// The layers the fidelity check sent to exact attention during the
+    /// untimed probe steps (they attend exactly in every timed step).
+    pub exact_layers: Vec<usize>,
 }
 
 /// The known generated shapes.
@@ -326,6 +329,17 @@ fn table_for(base: &PolicyConfig, name: &str, windows: &[Option<usize>]) -> Resu
     base.resolve(windows)
 }
 
+fn is_probing(f: &LayerFidelity) -> bool {
+    matches!(f, LayerFidelity::Probing { .. })
+}
+
+/// The layers the fidelity check sent to exact attention.
+fn exact_layers(fidelity: &[LayerFidelity]) -> Vec<usize> {
+    (0..fidelity.len())
+        .filter(|&l| fidelity[l].is_exact())
+        .collect()
+}
+
 fn summary(r: &DecodeBenchResult) -> String {
     format!(
         "{} at {}: {:.2} ms/step (median {:.2}, first {:.2}; {:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms (retrieval {:.2}), waiting {:.2} ms",
@@ -339,7 +353,10 @@ fn summary(r: &DecodeBenchResult) -> String {
         r.cpu_attention_ms_per_token,
         r.cpu_retrieval_ms_per_token,
         r.wait_ms_per_token
-    )
+    ) + &match r.exact_layers.is_empty() {
+        true => String::new(),
+        false => format!("; layers {:?} exact (fidelity check)", r.exact_layers),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -370,8 +387,16 @@ fn time_decode<D: DenseDevice>(
         }
         Ok(())
     };
-    // One untimed step warms caches and both pools.
+    // One untimed step warms caches and both pools; the fidelity check's
+    // probe steps, a one-off after each prompt, run untimed too.
     run_step(seqs, &mut next)?;
+    for _ in 0..PROBE_STEPS {
+        if !seqs.iter().any(|kv| kv.fidelity().iter().any(is_probing)) {
+            break;
+        }
+        run_step(seqs, &mut next)?;
+    }
+    let exact_layers = exact_layers(&seqs[0].fidelity());
     for kv in seqs.iter_mut() {
         kv.take_counters();
     }
@@ -429,6 +454,7 @@ fn time_decode<D: DenseDevice>(
         synthetic_weights: synthetic,
         threads: opts.threads,
         device: model.device().name(),
+        exact_layers,
         cpu_workers: opts.cpu_workers,
     })
 }

@@ -171,6 +171,10 @@ struct EvalArgs {
     /// The sliding window of the layout's sliding layers.
     #[arg(long, default_value_t = 1024)]
     layout_window: usize,
+    /// The fidelity check's bound for every policy compared (see `tandem
+    /// chat --help`); 0 measures the policies' sampling alone.
+    #[arg(long, default_value_t = tandem_runtime::policy::DEFAULT_FIDELITY_CHECK)]
+    fidelity_check: f32,
     /// Dense-device threads and CPU workers (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<NonZeroUsize>,
@@ -317,11 +321,19 @@ struct PolicyArgs {
     /// The sliding window of a layout's sliding layers.
     #[arg(long, default_value_t = 1024)]
     layout_window: usize,
+    /// The fidelity check: after each prompt, every sampled layer's first 4
+    /// tokens are attended both sampled and exactly (the exact output is
+    /// used), and a layer whose mean relative error exceeds this bound
+    /// attends its offloaded keys exactly until the next prompt. 0 turns it
+    /// off.
+    #[arg(long, default_value_t = tandem_runtime::policy::DEFAULT_FIDELITY_CHECK)]
+    fidelity_check: f32,
     /// A TOML policy file (policy, dense_layers, sinks, window, dense_below,
-    /// seed, layout, layout_window, [layers] overrides); it cannot be
-    /// combined with the flags above.
+    /// seed, layout, layout_window, fidelity_check, [layers] overrides); it
+    /// cannot be combined with the flags above.
     #[arg(long, conflicts_with_all = [
         "policy", "dense_layers", "window", "sinks", "dense_below", "layout", "layout_window",
+        "fidelity_check",
     ])]
     policy_file: Option<PathBuf>,
     /// CPU attention worker threads (default and at most: all cores).
@@ -348,6 +360,7 @@ impl PolicyArgs {
             dense_below: self.dense_below,
             layout: self.layout.clone(),
             layout_window: self.layout_window,
+            fidelity_check: self.fidelity_check,
             ..PolicyConfig::default()
         })
     }
@@ -676,6 +689,9 @@ fn generate<D: DenseDevice>(args: &GenerateArgs, device: D) -> Result<()> {
     }
     let _ = writeln!(stdout);
     print_stats(&stats);
+    if let Some(line) = session.kv().fidelity_summary() {
+        eprintln!("tandem: {line}");
+    }
     Ok(())
 }
 
@@ -808,6 +824,7 @@ fn eval<D: DenseDevice>(args: &EvalArgs, device: D) -> Result<()> {
             sinks: args.sinks,
             layout: args.layout.clone(),
             layout_window: args.layout_window,
+            fidelity_check: args.fidelity_check,
             ..PolicyConfig::default()
         },
         threads,

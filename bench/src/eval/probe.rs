@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use tandem_cpu::{merge_partials, LayerOutput, Policy};
-use tandem_runtime::split::{OffloadedStep, SplitObserver};
+use tandem_cpu::{LayerOutput, Policy};
+use tandem_runtime::split::{self, OffloadedStep, RowError, SplitObserver};
 use tandem_runtime::Result;
 
 /// A per-layer comparison of the policy's attention output with exact
@@ -131,15 +131,6 @@ impl SplitObserver for Probes {
     }
 }
 
-/// How far one query row's attention output is from a reference's.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowError {
-    /// |o - o_ref| / |o_ref|.
-    pub rel_l2: f64,
-    /// cos(o, o_ref).
-    pub cosine: f64,
-}
-
 /// Per query row of `step`, the output of `approx` and of `reference`
 /// (partials over the offloaded keys), each merged with the device's partial
 /// by log-sum-exp, compared: the layer's whole attention output, as the
@@ -149,28 +140,10 @@ pub fn merged_row_errors(
     approx: &LayerOutput,
     reference: &LayerOutput,
 ) -> Vec<RowError> {
-    let d = step.queries.len() / step.device_lse.len().max(1);
-    let (mut exact, mut merged) = (vec![0f32; d], vec![0f32; d]);
-    let mut errors = Vec::with_capacity(step.device_lse.len());
-    for (i, dev_lse) in step.device_lse.iter().enumerate() {
-        let rows = i * d..(i + 1) * d;
-        let dev = (&step.device_out[rows.clone()], *dev_lse);
-        let cpu = (&approx.out[rows.clone()], approx.lse[i]);
-        let ex = (&reference.out[rows], reference.lse[i]);
-        merge_partials(&[dev, cpu], &mut merged);
-        merge_partials(&[dev, ex], &mut exact);
-        let (mut diff, mut norm, mut dot, mut norm_a) = (0f64, 0f64, 0f64, 0f64);
-        for (a, e) in merged.iter().zip(&exact) {
-            let (a, e) = (f64::from(*a), f64::from(*e));
-            diff += (a - e) * (a - e);
-            norm += e * e;
-            dot += a * e;
-            norm_a += a * a;
-        }
-        errors.push(RowError {
-            rel_l2: (diff / norm.max(1e-30)).sqrt(),
-            cosine: dot / (norm * norm_a).sqrt().max(1e-30),
-        });
-    }
-    errors
+    split::merged_row_errors(
+        step.device_out,
+        step.device_lse,
+        (&approx.out, &approx.lse),
+        (&reference.out, &reference.lse),
+    )
 }

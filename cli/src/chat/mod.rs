@@ -238,6 +238,9 @@ fn generate<D: DenseDevice>(
         state.session.tokens().len(),
         engine.context_limit()
     );
+    if let Some(line) = state.session.kv().fidelity_summary() {
+        eprintln!("({line})");
+    }
     Ok(Some(text))
 }
 

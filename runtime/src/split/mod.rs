@@ -6,8 +6,10 @@
 //! layer keeps everything on the device. [`attend`] runs one layer's
 //! attention for a batch of sequences (the split protocol, in `step.rs`);
 //! `offload.rs` moves a long context off the device and builds its stores;
-//! `snapshot.rs` saves a sequence's state and loads it back.
+//! `snapshot.rs` saves a sequence's state and loads it back; `fidelity.rs`
+//! checks each sampled layer against exact attention after new content.
 
+mod fidelity;
 mod observer;
 mod offload;
 mod sequence;
@@ -16,6 +18,7 @@ mod step;
 #[cfg(test)]
 mod tests;
 
+pub use fidelity::{merged_row_errors, LayerFidelity, RowError, PROBE_STEPS};
 pub use observer::{OffloadedStep, SplitObserver};
 pub use sequence::{SequenceKv, StepCounters};
 pub(crate) use snapshot::SequenceCounts;

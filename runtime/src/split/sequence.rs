@@ -6,6 +6,7 @@ use half::bf16;
 use tandem_cpu::{LayerOutput, LayerStore, WorkerPool};
 use tandem_gpu::{AttentionShape, DenseDevice};
 
+use super::fidelity::{LayerFidelity, ProbeBuffers};
 use super::observer::SplitObserver;
 use crate::error::{Error, Result};
 use crate::policy::{LayerAttention, PolicyTable};
@@ -41,6 +42,7 @@ pub(super) struct OffloadedLayer {
     pub(super) evict_keys: Vec<bf16>,
     pub(super) evict_values: Vec<bf16>,
     pub(super) in_flight: bool,
+    pub(super) fidelity: LayerFidelity,
 }
 
 /// The keys and values of one sequence: the device's (all of a dense layer's
@@ -61,6 +63,8 @@ pub struct SequenceKv<D: DenseDevice> {
     pub(super) observer: Option<Box<dyn SplitObserver>>,
     /// Host copies of device data, used only where the device is not the host.
     pub(super) staging: Vec<f32>,
+    /// The fidelity check's exact partials and host copies.
+    pub(super) probe: ProbeBuffers,
 }
 
 impl<D: DenseDevice> SequenceKv<D> {
@@ -84,7 +88,7 @@ impl<D: DenseDevice> SequenceKv<D> {
             ));
         }
         let window = device.kv_new(n_layers, shape)?;
-        Ok(SequenceKv {
+        let mut kv = SequenceKv {
             device,
             window,
             shape,
@@ -97,7 +101,10 @@ impl<D: DenseDevice> SequenceKv<D> {
             counters: StepCounters::default(),
             observer: None,
             staging: Vec::new(),
-        })
+            probe: ProbeBuffers::default(),
+        };
+        kv.restart_fidelity_checks();
+        Ok(kv)
     }
 
     /// Every layer dense but the model's sliding-window layers (`windows`, one
@@ -210,6 +217,14 @@ impl<D: DenseDevice> SequenceKv<D> {
         self.positions = 0;
         self.offloaded = false;
         self.broken = false;
+        self.restart_fidelity_checks();
+    }
+
+    /// Each layer's standing in the fidelity check (see
+    /// [`LayerFidelity`]): whether it is probed, its measured error, and
+    /// whether it attends exactly.
+    pub fn fidelity(&self) -> Vec<LayerFidelity> {
+        self.layers.iter().map(|l| l.fidelity).collect()
     }
 
     /// Drops tokens from `len` on. Only tokens still on the device can be

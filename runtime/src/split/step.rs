@@ -66,6 +66,9 @@ impl<D: DenseDevice> SequenceKv<D> {
         rows: Range<usize>,
     ) -> Result<()> {
         self.check_usable()?;
+        if rows.len() > 1 {
+            self.restart_fidelity_check(layer);
+        }
         let r = self.evict_append_submit(layer, q, k, v, rows);
         if r.is_err() {
             self.broken = true;
@@ -144,16 +147,16 @@ impl<D: DenseDevice> SequenceKv<D> {
                 "layer {source} has an offloaded store but a policy that does not offload"
             )));
         };
+        let attend = Attend {
+            policy: self.checked_policy(layer, *policy),
+            softmax: self.table.softmax(source),
+        };
         let width = self.shape.n_heads * self.shape.head_dim;
         let queries =
             self.device
                 .to_host(q, rows.start * width..rows.end * width, &mut self.staging)?;
         let state = &mut self.layers[layer];
         let evicted = (source == layer).then_some((&state.evict_keys[..], &state.evict_values[..]));
-        let attend = Attend {
-            policy: *policy,
-            softmax: self.table.softmax(source),
-        };
         pool.submit(&store, queries, evicted, attend, &mut state.output)?;
         state.in_flight = true;
         Ok(())
@@ -176,17 +179,20 @@ impl<D: DenseDevice> SequenceKv<D> {
             return Ok(());
         }
         state.in_flight = false;
-        let (Some(pool), Some(store)) = (&self.pool, &store) else {
+        let (Some(pool), Some(store)) = (self.pool.clone(), &store) else {
             return Ok(());
         };
         let t0 = Instant::now();
         let waited = pool.wait(&mut state.output);
         self.counters.wait_ns += t0.elapsed().as_nanos() as u64;
-        if let Err(e) = waited {
+        let probed = waited
+            .map_err(Into::into)
+            .and_then(|()| self.probe_fidelity(layer, q, rows.clone(), out, lse, store));
+        if let Err(e) = probed {
             self.broken = true;
-            return Err(e.into());
+            return Err(e);
         }
-        let part = &state.output;
+        let part = &self.layers[layer].output;
         self.counters.worker_ns += part.total_cpu_ns;
         self.counters.retrieval_ns += part.retrieval_cpu_ns;
         self.counters.keys_touched += part.keys_touched.iter().map(|&k| u64::from(k)).sum::<u64>();
@@ -219,7 +225,7 @@ impl<D: DenseDevice> SequenceKv<D> {
                 device_rows: self.device.kv_len(&self.window, source),
                 offloaded: part,
                 store,
-                pool,
+                pool: &pool,
             };
             if let Err(e) = observer.observe(&step) {
                 self.broken = true;

@@ -1,6 +1,7 @@
 //! The split step's layer kinds on generated rows: shared layers read their
 //! producer's rows, sliding windows see exactly their last `W` tokens, and a
-//! saved state loads back into the same sequence.
+//! saved state loads back into the same sequence; the fidelity check sends
+//! a sampled layer astray to exact attention.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use tandem_cpu::WorkerPool;
 use tandem_gpu::{AttentionShape, CpuDevice, DenseDevice, KvLayer};
 use tandem_kernels::rng::SplitMix64;
 
-use super::{attend, SequenceKv};
+use super::{attend, LayerFidelity, SequenceKv, PROBE_STEPS};
 use crate::policy::PolicyConfig;
 
 const SHAPE: AttentionShape = AttentionShape {
@@ -26,7 +27,17 @@ fn random(n: usize, rng: &mut SplitMix64) -> Vec<f32> {
 }
 
 fn sequence(device: &Arc<CpuDevice>, layers: &[&str]) -> SequenceKv<CpuDevice> {
+    checked_sequence(device, layers, 0.0)
+}
+
+/// A sequence whose fidelity check has the bound `fidelity_check`.
+fn checked_sequence(
+    device: &Arc<CpuDevice>,
+    layers: &[&str],
+    fidelity_check: f32,
+) -> SequenceKv<CpuDevice> {
     let config = PolicyConfig {
+        fidelity_check,
         policy: "dense".into(),
         dense_layers: Some(Vec::new()),
         sinks: 2,
@@ -276,4 +287,96 @@ fn a_loaded_state_attends_as_the_saved_sequence_and_foreign_counts_are_refused()
     let mut fewer_layers = counts.clone();
     fewer_layers.stored.pop();
     refused(&fewer_layers, n);
+}
+
+#[test]
+fn the_fidelity_check_probes_exactly_and_sends_a_layer_astray_to_exact_attention() {
+    let device = Arc::new(CpuDevice::new(1));
+    let n = 48;
+    let fill = |seq: &mut SequenceKv<CpuDevice>| {
+        let mut rng = SplitMix64(21);
+        seq.fill(n, 1, |_, k, v| {
+            k.extend(random(n * KV, &mut rng));
+            v.extend(random(n * KV, &mut rng));
+        })
+        .expect("fill");
+    };
+    // A bound no sampled output meets, one every output meets, and no check.
+    let mut astray = checked_sequence(&device, &["topk:k=2", "exact"], 1e-9);
+    let mut kept = checked_sequence(&device, &["topk:k=2", "exact"], 1e9);
+    let mut unchecked = checked_sequence(&device, &["topk:k=2", "exact"], 0.0);
+    let mut exact = checked_sequence(&device, &["exact", "exact"], 0.15);
+    for seq in [&mut astray, &mut kept, &mut unchecked, &mut exact] {
+        fill(seq);
+    }
+    assert_eq!(astray.fidelity()[0], LayerFidelity::FRESH);
+    assert_eq!(
+        astray.fidelity()[1],
+        LayerFidelity::Unchecked,
+        "not sampled"
+    );
+    assert_eq!(
+        unchecked.fidelity()[0],
+        LayerFidelity::Unchecked,
+        "check off"
+    );
+    assert_eq!(astray.fidelity_summary(), None);
+    let mut rng = SplitMix64(8);
+    for t in 0..PROBE_STEPS as usize + 3 {
+        let rows = [
+            random(Q, &mut rng),
+            random(KV, &mut rng),
+            random(KV, &mut rng),
+        ];
+        let rows = [&rows[0][..], &rows[1], &rows[2]];
+        let want = step(&device, &mut exact, 0, rows);
+        let sampled = step(&device, &mut unchecked, 0, rows);
+        let (a, k) = (
+            step(&device, &mut astray, 0, rows),
+            step(&device, &mut kept, 0, rows),
+        );
+        assert_close(&a, &want, &format!("astray, step {t}"));
+        let probing = t < PROBE_STEPS as usize;
+        assert_close(
+            &k,
+            if probing { &want } else { &sampled },
+            &format!("kept, step {t}"),
+        );
+        if probing {
+            assert_ne!(sampled, want, "top-2 of 38 random keys is not exact");
+        }
+        for seq in [&mut astray, &mut kept, &mut unchecked, &mut exact] {
+            seq.advance(1);
+        }
+    }
+    assert!(astray.fidelity()[0].is_exact());
+    assert!(
+        matches!(kept.fidelity()[0], LayerFidelity::Checked { exact: false, error } if error > 0.0)
+    );
+    let summary = astray.fidelity_summary().expect("decided");
+    assert!(summary.contains("layers 0 attend exactly"), "{summary}");
+    assert!(kept
+        .fidelity_summary()
+        .expect("decided")
+        .contains("1 layers sample"));
+
+    // New content (a step of two rows) starts the check over.
+    let (q, k, v) = (
+        random(2 * Q, &mut rng),
+        random(2 * KV, &mut rng),
+        random(2 * KV, &mut rng),
+    );
+    let (mut out, mut lse) = (vec![0f32; 2 * Q], vec![0f32; 8]);
+    attend(
+        &*device,
+        0,
+        &mut [(&mut astray, 0..2)],
+        &q,
+        &k,
+        &v,
+        &mut out,
+        &mut lse,
+    )
+    .expect("attend");
+    assert_eq!(astray.fidelity()[0], LayerFidelity::FRESH);
 }
