@@ -14,6 +14,17 @@ pub struct Candidate {
     pub error: f64,
 }
 
+#[cfg(test)]
+impl Candidate {
+    /// A candidate of `key` and `value` bits measured at `error`.
+    pub(crate) fn of(key: u8, value: u8, error: f64) -> Candidate {
+        Candidate {
+            pair: BitPair { key, value },
+            error,
+        }
+    }
+}
+
 /// Whether `a` dominates `b`: no more bits, no more error, and less of one.
 fn dominates(a: &Candidate, b: &Candidate) -> bool {
     let (ab, bb) = (a.pair.bit_sum(), b.pair.bit_sum());
@@ -70,10 +81,7 @@ mod tests {
     use super::*;
 
     fn c(key: u8, value: u8, error: f64) -> Candidate {
-        Candidate {
-            pair: BitPair { key, value },
-            error,
-        }
+        Candidate::of(key, value, error)
     }
 
     #[test]

@@ -129,13 +129,9 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calibrate::pairs::BitPair;
 
     fn c(key: u8, value: u8, error: f64) -> Candidate {
-        Candidate {
-            pair: BitPair { key, value },
-            error,
-        }
+        Candidate::of(key, value, error)
     }
 
     #[test]

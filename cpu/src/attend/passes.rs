@@ -6,7 +6,7 @@
 // Index loops over heads and keys read several parallel arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-use crate::config::MAX_VALUE_GROUPS;
+use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
 use crate::estimator::LnUTable;
 use crate::packed::{PackedKeys, PackedValues};
 use crate::reads::{packed_key_dots, KeyQueries};
@@ -445,7 +445,9 @@ fn sum_packed(p: &PackedValues, d: usize, g: usize, kept: &Kept, out: &mut [f32]
     let mut lo_sums = [[0.0f32; MAX_VALUE_GROUPS]; 8];
     let mut steps = [0.0f32; MAX_VALUE_GROUPS];
     let mut los = [0.0f32; MAX_VALUE_GROUPS];
-    let mut decoded = vec![0.0f32; d];
+    // Packed values hold at most this many channels (`LayerConfig` checks).
+    let mut row = [0.0f32; VALUE_GROUP * MAX_VALUE_GROUPS];
+    let decoded = &mut row[..d];
     let (vlist, keys) = (kept.vlist, kept.keys);
     let mut k = 0;
     while k < vlist.len() {
@@ -466,7 +468,7 @@ fn sum_packed(p: &PackedValues, d: usize, g: usize, kept: &Kept, out: &mut [f32]
             p.codes(key as usize),
             group,
             &steps[..groups],
-            &mut decoded,
+            decoded,
         );
         let mut ws = [0.0f32; 8];
         for &pair in &vlist[k..k + run] {
@@ -479,9 +481,9 @@ fn sum_packed(p: &PackedValues, d: usize, g: usize, kept: &Kept, out: &mut [f32]
         match run {
             1 => {
                 let h = usize::from(kept.heads[vlist[k] as usize]) & 7;
-                axpy_f32(&mut out[h * d..(h + 1) * d], ws[h], &decoded);
+                axpy_f32(&mut out[h * d..(h + 1) * d], ws[h], decoded);
             }
-            _ => axpy_f32_multi(out, &ws[..g], &decoded),
+            _ => axpy_f32_multi(out, &ws[..g], decoded),
         }
         k += run;
     }

@@ -583,6 +583,26 @@ mod tests {
     use tandem_cpu::Precision;
 
     #[test]
+    fn the_fidelity_check_is_read_from_a_policy_file_and_checked() {
+        let config = PolicyConfig::from_toml_str("fidelity_check = 0.3", "t.toml").expect("toml");
+        let table = config.resolve(&[None; 4]).expect("table");
+        assert_eq!(table.fidelity_check, 0.3);
+        assert!(table.is_checked() && table.is_sampled(1) && !table.is_sampled(0));
+        assert!(table.to_string().contains("fidelity check"));
+        let off = PolicyConfig::from_toml_str("fidelity_check = 0.0", "t.toml").expect("toml");
+        assert!(!off.resolve(&[None; 4]).expect("table").is_checked());
+        for bad in ["-0.5", "nan", "inf"] {
+            let text = format!("fidelity_check = {bad}");
+            let config = PolicyConfig::from_toml_str(&text, "t.toml").expect("toml");
+            assert!(config.validate().is_err(), "{bad}");
+        }
+        assert_eq!(
+            PolicyConfig::default().fidelity_check,
+            DEFAULT_FIDELITY_CHECK
+        );
+    }
+
+    #[test]
     fn sinks_and_window_near_the_top_of_usize_are_refused() {
         let huge = PolicyConfig {
             sinks: 4,
