@@ -216,9 +216,12 @@ pub fn calibrate<D: DenseDevice>(
     let c = model.config();
     let windows = c.sliding_windows();
     let kept = opts.base.sinks + opts.base.window;
+    // The stores are compared under the base policy's own sampling: the
+    // fidelity check would attend the base exactly while it probes.
     let table = Arc::new(
         PolicyConfig {
             dense_below: kept,
+            fidelity_check: 0.0,
             ..opts.base.clone()
         }
         .resolve(&windows)?,

@@ -140,10 +140,11 @@ impl<D: DenseDevice> SequenceKv<D> {
             );
         }
         if let Some(worst) = sampled.iter().map(|&(_, e)| e).reduce(f64::max) {
-            line += &format!(
-                " {} layers sample (error at most {worst:.2})",
-                sampled.len()
-            );
+            let layers = match sampled.len() {
+                1 => "1 layer samples".to_string(),
+                n => format!("{n} layers sample"),
+            };
+            line += &format!(" {layers} (error at most {worst:.2})");
         }
         Some(line.trim_end_matches(';').to_string())
     }

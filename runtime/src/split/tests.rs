@@ -56,7 +56,8 @@ fn checked_sequence(
     SequenceKv::new(device, layers.len(), SHAPE, table, Some(Arc::new(pool))).expect("sequence")
 }
 
-/// One token's attention output at `layer` of `seq`, the rows and query given.
+/// The attention output at `layer` of `seq` of one or more tokens, their
+/// rows and queries given.
 fn step(
     device: &CpuDevice,
     seq: &mut SequenceKv<CpuDevice>,
@@ -64,11 +65,12 @@ fn step(
     [q, k, v]: [&[f32]; 3],
 ) -> Vec<f32> {
     let (q, k, v) = (q.to_vec(), k.to_vec(), v.to_vec());
-    let (mut out, mut lse) = (vec![0f32; Q], vec![0f32; 4]);
+    let tokens = q.len() / Q;
+    let (mut out, mut lse) = (vec![0f32; tokens * Q], vec![0f32; tokens * 4]);
     attend(
         device,
         layer,
-        &mut [(seq, 0..1)],
+        &mut [(seq, 0..tokens)],
         &q,
         &k,
         &v,
@@ -358,7 +360,7 @@ fn the_fidelity_check_probes_exactly_and_sends_a_layer_astray_to_exact_attention
     assert!(kept
         .fidelity_summary()
         .expect("decided")
-        .contains("1 layers sample"));
+        .contains("1 layer samples"));
 
     // New content (a step of two rows) starts the check over.
     let (q, k, v) = (
@@ -366,17 +368,6 @@ fn the_fidelity_check_probes_exactly_and_sends_a_layer_astray_to_exact_attention
         random(2 * KV, &mut rng),
         random(2 * KV, &mut rng),
     );
-    let (mut out, mut lse) = (vec![0f32; 2 * Q], vec![0f32; 8]);
-    attend(
-        &*device,
-        0,
-        &mut [(&mut astray, 0..2)],
-        &q,
-        &k,
-        &v,
-        &mut out,
-        &mut lse,
-    )
-    .expect("attend");
+    step(&device, &mut astray, 0, [&q, &k, &v]);
     assert_eq!(astray.fidelity()[0], LayerFidelity::FRESH);
 }
