@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn at_a_terminal_keys_edit_a_paste_is_one_message_and_two_ctrl_c_leave() {
-    let line = format!("{} chat -n 4 --threads 2", common::bin().display());
+    // `exec`: a shell that stayed between `script` and the chat (dash does)
+    // would share its process group and die of the Ctrl-C signal itself.
+    let line = format!("exec '{}' chat -n 4 --threads 2", common::bin().display());
     let mut child = Command::new("script")
         .args(["-qfec", &line, "/dev/null"])
         .env("TANDEM_MODEL", common::model())
