@@ -42,7 +42,9 @@ fn quantize_range(bits: CodeBits, xs: &mut [f32], codes: &mut [u8]) -> [f16; 2] 
 /// The f16 at byte `at` of `row`.
 #[inline(always)]
 fn f16_at(row: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
+    // The conversion in plain code inlines; `to_f32` calls out to check
+    // for F16C on every use.
+    f16::from_le_bytes([row[at], row[at + 1]]).to_f32_const()
 }
 
 /// Writes `range` at byte `at` of `row`.
@@ -84,7 +86,7 @@ impl PackedKeys {
     }
 
     /// Bytes of a row's codes.
-    fn code_len(&self) -> usize {
+    pub(crate) fn code_len(&self) -> usize {
         self.rows.d - RANGE_BYTES
     }
 

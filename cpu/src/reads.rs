@@ -8,10 +8,14 @@ use crate::rows::Rows;
 use std::borrow::Cow;
 use tandem_kernels::int8::{axpy_i8_multi, dot_i8_f32_multi};
 use tandem_kernels::packed::{axpy_packed, dot_packed_i8_multi, packed_len};
+use tandem_kernels::stream::{dots_bf16, dots_i8, dots_packed, packed_ranges, PackedRun};
 use tandem_kernels::vector::{
     axpy_bf16, axpy_bf16_multi, axpy_f32, axpy_f32_multi, dot_bf16_f32_multi, dot_f32,
     dot_f32_multi,
 };
+
+/// Rows [`Rows::run_dots`] reads per call, at most.
+pub(crate) const RUN: usize = 128;
 
 /// How much of an int8 step quantizing a query may move one of its values:
 /// half a step, with room for the rounding of `q / step` in f32.
@@ -114,6 +118,46 @@ impl Rows {
         }
     }
 
+    /// Dot products of consecutive key rows from `first` with the `g` query
+    /// heads of `kq`, head-major: `out[h * m + k]` for row `first + k`. Reads
+    /// `m` rows, at most [`RUN`] and as many as lie in one block of the
+    /// store, and returns `m`.
+    pub(crate) fn run_dots(
+        &self,
+        first: usize,
+        g: usize,
+        kq: &KeyQueries,
+        out: &mut [f32; 8 * RUN],
+    ) -> usize {
+        let queries = &kq.scaled[..];
+        match self {
+            Rows::Bf16(b) => {
+                let rows = b.run(first, RUN);
+                dots_bf16(rows, b.d, &queries[..g * b.d], out);
+                rows.len() / b.d.max(1)
+            }
+            Rows::I8(c) => {
+                let d = c.codes.d;
+                let rows = c.codes.run(first, RUN);
+                let m = rows.len() / d.max(1);
+                dots_i8(rows, d, &queries[..g * d], out);
+                for (h, run) in out.chunks_exact_mut(m.max(1)).take(g).enumerate() {
+                    run.iter_mut().for_each(|x| *x += kq.offsets[h]);
+                }
+                m
+            }
+            Rows::PackedKeys(p) => packed_run_dots(p, first, g, kq, out),
+            Rows::F32(_) | Rows::PackedValues(_) => {
+                let mut dots = [0.0f32; 8];
+                self.dots(first, kq, &mut dots[..g]);
+                for (h, &x) in dots[..g].iter().enumerate() {
+                    out[h] = x;
+                }
+                1
+            }
+        }
+    }
+
     /// `outs[h] += ws[h] * row i` for every head; int8 rows add their codes,
     /// which [`Rows::finish_sums`] turns into values.
     #[inline(always)]
@@ -174,6 +218,40 @@ pub(crate) fn packed_key_dots(p: &PackedKeys, i: usize, kq: &KeyQueries, out: &m
         let int_dot = step * kq.int_scales[h] * ints[h] as f32;
         out[h] = kq.offsets[h] + lo * kq.int_sums[h] + int_dot;
     }
+}
+
+/// [`Rows::run_dots`] of int4 or int2 keys, as [`packed_key_dots`] does
+/// each.
+fn packed_run_dots(
+    p: &PackedKeys,
+    first: usize,
+    g: usize,
+    kq: &KeyQueries,
+    out: &mut [f32; 8 * RUN],
+) -> usize {
+    let stride = p.rows.d;
+    let bytes = p.rows.run(first, RUN);
+    let m = bytes.len() / stride.max(1);
+    let run = PackedRun {
+        bits: p.bits,
+        bytes,
+        stride,
+        len: p.code_len(),
+    };
+    let mut ints = [0i32; 8 * RUN];
+    let w = p.bits.planes() * p.code_len();
+    dots_packed(run, &kq.ints[..g * w], &mut ints);
+    let (mut los, mut steps) = ([0.0f32; RUN], [0.0f32; RUN]);
+    packed_ranges(run, p.code_len(), &mut los, &mut steps);
+    for h in 0..g {
+        let (offset, sum, int_scale) = (kq.offsets[h], kq.int_sums[h], kq.int_scales[h]);
+        let out = out[h * m..(h + 1) * m].iter_mut();
+        let rows = ints[h * m..(h + 1) * m].iter().zip(&los).zip(&steps);
+        for (x, ((&int, &lo), &step)) in out.zip(rows) {
+            *x = offset + lo * sum + step * int_scale * int as f32;
+        }
+    }
+    m
 }
 
 /// `out += w · row i` of int4 or int2 values: `w · step_g` per group times

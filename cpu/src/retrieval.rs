@@ -36,19 +36,6 @@ impl Selection {
         }
     }
 
-    /// Every one of `n` keys, for the heads in `all`.
-    pub(crate) fn all(&mut self, n: usize, all: u8) -> usize {
-        for (i, (u, m)) in self.union[..n]
-            .iter_mut()
-            .zip(&mut self.umask[..n])
-            .enumerate()
-        {
-            *u = i as u32;
-            *m = all;
-        }
-        n
-    }
-
     /// Adds `keys` (sorted, distinct), each for the heads `heads[key]`, to
     /// the first `nu` keys selected; returns the number selected.
     pub(crate) fn merge_sorted(&mut self, nu: usize, keys: &[u32], heads: &[u8]) -> usize {

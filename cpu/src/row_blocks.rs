@@ -43,6 +43,17 @@ impl<T: Plain> Blocks<T> {
         &block[o..o + self.d]
     }
 
+    /// Rows `first..` as one slice of whole rows: at most `max` of them, as
+    /// many as lie in `first`'s block.
+    pub(crate) fn run(&self, first: usize, max: usize) -> &[T] {
+        let within = first & (self.rows_per_block() - 1);
+        let count = max
+            .min(self.rows_per_block() - within)
+            .min(self.rows.saturating_sub(first));
+        let block = &self.blocks[first >> self.shift];
+        &block[within * self.d..(within + count) * self.d]
+    }
+
     pub(crate) fn bytes(&self) -> usize {
         self.rows * self.d * std::mem::size_of::<T>()
     }

@@ -40,6 +40,7 @@ pub mod quant;
 pub mod rng;
 pub mod sas;
 pub mod sketch;
+pub mod stream;
 pub mod vector;
 
 pub use isa::Isa;

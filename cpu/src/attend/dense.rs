@@ -1,12 +1,164 @@
-//! Exact attention over every stored key.
+//! Exact attention over every stored key, streamed: each key row is read
+//! once for all the query heads of the group, the logits of one head lie
+//! contiguous for a vectorised softmax, and the value rows are read in
+//! order. No per-(key, head) lists as the selective policies keep.
 
-use super::passes::{attend_selected, Partials, Step};
+// Index loops over heads read several per-head arrays at once.
+#![allow(clippy::needless_range_loop)]
+
+use super::passes::{every_logit, Partials, Step, NEGLIGIBLE_WEIGHT};
 use super::scratch::Scratch;
+use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
+use crate::packed::PackedValues;
+use crate::rows::Rows;
 use crate::store::HeadStore;
+use tandem_kernels::packed::axpy_packed;
+use tandem_kernels::vector::{axpy_f32_multi, prefetch};
+
+/// Value rows prefetched ahead of their sum (rows are read in order, but a
+/// skipped row breaks the hardware prefetcher's stride).
+const V_AHEAD: usize = 4;
 
 /// Attends every key of `head` with every query head of `step`.
 pub(super) fn attend(head: &HeadStore, step: &Step, scratch: &mut Scratch, parts: Partials) {
-    let g = step.queries.len() / step.d;
-    let nu = scratch.sel.all(head.len(), ((1u32 << g) - 1) as u8);
-    attend_selected(head, step, &scratch.sel, nu, &mut scratch.pass1, parts);
+    let (n, g) = (head.len(), step.queries.len() / step.d);
+    scratch.ensure_logits(n, g);
+    every_logit(head, step.kq, step.scale, g, n, &mut scratch.logits);
+    // Per head: weights relative to its max, their sum and log-sum-exp.
+    let mut inv = [0.0f32; 8];
+    for h in 0..g {
+        let weights = &mut scratch.logits[h][..n];
+        // NaN never wins: `>` is false for it.
+        let max = lanes(weights, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+        parts.touched[h] = n as u32;
+        if max == f32::NEG_INFINITY || max.is_nan() {
+            weights.fill(0.0);
+            continue;
+        }
+        weights.iter_mut().for_each(|x| *x -= max);
+        step.softmax.weights_inplace(weights);
+        let sum = lanes(weights, 0.0, |a, b| a + b);
+        parts.lse[h] = max + sum.ln();
+        inv[h] = 1.0 / sum;
+    }
+    let weights = KeyWeights {
+        relative: &scratch.logits[..g],
+        inv,
+    };
+    let out = &mut parts.out[..g * step.d];
+    match &head.values {
+        Rows::PackedValues(p) => sum_packed(p, step.d, &weights, n, out),
+        values => sum_rows(values, &weights, n, out),
+    }
+}
+
+/// Keys whose weights pass 2 checks at a time.
+const CHUNK: usize = 32;
+
+/// Each head's softmax weights, relative to its largest, and the inverse
+/// of their sum.
+struct KeyWeights<'a> {
+    relative: &'a [Vec<f32>],
+    inv: [f32; 8],
+}
+
+impl KeyWeights<'_> {
+    /// Bit `k` set for each key `first + k` (of `first..first + CHUNK`,
+    /// fewer at the end of `n`) that some head needs: a key every head
+    /// weighs as negligible is not read.
+    fn needed(&self, first: usize, n: usize) -> u32 {
+        let len = CHUNK.min(n - first);
+        let mut mask = 0u32;
+        for relative in self.relative {
+            for (k, &rel) in relative[first..first + len].iter().enumerate() {
+                mask |= u32::from(rel >= NEGLIGIBLE_WEIGHT) << k;
+            }
+        }
+        mask
+    }
+
+    /// The normalised weights of key `i` for each head into `ws`.
+    #[inline(always)]
+    fn of(&self, i: usize, ws: &mut [f32]) {
+        for ((w, relative), inv) in ws.iter_mut().zip(self.relative).zip(self.inv) {
+            *w = relative[i] * inv;
+        }
+    }
+
+    /// The keys of `0..n` some head needs, in order.
+    fn keys(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..n).step_by(CHUNK).flat_map(move |first| {
+            let mut mask = self.needed(first, n);
+            std::iter::from_fn(move || {
+                (mask != 0).then(|| {
+                    let k = mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    first + k
+                })
+            })
+        })
+    }
+}
+
+/// `out[h] = Σ_i w[h][i] · v_i` over bf16, f32 or int8 value rows (int8
+/// rows sum their codes, then [`Rows::finish_sums`] applies the scales).
+fn sum_rows(values: &Rows, weights: &KeyWeights, n: usize, out: &mut [f32]) {
+    let g = weights.relative.len();
+    let mut weight_sums = [0.0f32; 8];
+    let mut ws = [0.0f32; 8];
+    for i in weights.keys(n) {
+        values.prefetch_row(i + V_AHEAD);
+        weights.of(i, &mut ws[..g]);
+        for (s, w) in weight_sums.iter_mut().zip(&ws[..g]) {
+            *s += w;
+        }
+        values.axpys(i, out, &ws[..g]);
+    }
+    values.finish_sums(out, &weight_sums[..g]);
+}
+
+/// [`sum_rows`] over int4 or int2 value rows: each row is decoded once, as
+/// `lo_j + step_j · code` per channel of group `j`, and added to every head.
+fn sum_packed(p: &PackedValues, d: usize, weights: &KeyWeights, n: usize, out: &mut [f32]) {
+    let g = weights.relative.len();
+    let (group, groups) = (p.group(), p.groups().min(MAX_VALUE_GROUPS));
+    let mut steps = [0.0f32; MAX_VALUE_GROUPS];
+    // Packed values hold at most this many channels (`LayerConfig` checks).
+    let mut row = [0.0f32; VALUE_GROUP * MAX_VALUE_GROUPS];
+    let decoded = &mut row[..d];
+    let mut ws = [0.0f32; 8];
+    for i in weights.keys(n) {
+        if i + V_AHEAD < n {
+            prefetch(p.rows.row(i + V_AHEAD));
+        }
+        for (j, (s, channels)) in steps[..groups]
+            .iter_mut()
+            .zip(decoded.chunks_mut(group))
+            .enumerate()
+        {
+            let lo;
+            (lo, *s) = p.range(i, j);
+            channels.fill(lo);
+        }
+        axpy_packed(p.bits, p.codes(i), group, &steps[..groups], decoded);
+        weights.of(i, &mut ws[..g]);
+        axpy_f32_multi(out, &ws[..g], decoded);
+    }
+}
+/// `xs` folded with `f` from `init` in 16 independent lanes (which the
+/// compiler keeps in vector registers), then across them.
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, x);
+        }
+    }
+    let acc = rest.iter().fold(acc, |mut acc, &x| {
+        acc[0] = f(acc[0], x);
+        acc
+    });
+    acc.into_iter().fold(init, f)
 }

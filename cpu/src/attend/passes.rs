@@ -9,7 +9,7 @@
 use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
 use crate::estimator::LnUTable;
 use crate::packed::{PackedKeys, PackedValues};
-use crate::reads::{packed_key_dots, KeyQueries};
+use crate::reads::{packed_key_dots, KeyQueries, RUN};
 use crate::retrieval::Selection;
 use crate::rows::{CodeRows, Rows};
 use crate::store::HeadStore;
@@ -35,7 +35,7 @@ const V_AHEAD: usize = 8;
 /// largest |value| (the sum of weights is at least 1), i.e. by less than f32
 /// rounding, and the log-sum-exp still includes it. On peaked attention this
 /// skips most V rows.
-const NEGLIGIBLE_WEIGHT: f32 = 1.0 / (1u64 << 30) as f32;
+pub(crate) const NEGLIGIBLE_WEIGHT: f32 = 1.0 / (1u64 << 30) as f32;
 
 /// The (key, head) pairs of one step's pass 1, key-major.
 #[derive(Default)]
@@ -92,7 +92,7 @@ impl PairLists {
 }
 
 /// The logit of every one of `n` keys for each of the `g` heads of `kq`,
-/// into `logits[h][..n]`.
+/// into `logits[h][..n]`, streamed over runs of consecutive rows.
 pub(crate) fn every_logit(
     head: &HeadStore,
     kq: &KeyQueries,
@@ -101,12 +101,17 @@ pub(crate) fn every_logit(
     n: usize,
     logits: &mut [Vec<f32>],
 ) {
-    let mut dots = [0.0f32; 8];
-    for i in 0..n {
-        head.keys.dots(i, kq, &mut dots[..g]);
-        for h in 0..g {
-            logits[h][i] = dots[h] * scale;
+    let mut run = [0.0f32; 8 * RUN];
+    let mut first = 0;
+    while first < n {
+        let m = head.keys.run_dots(first, g, kq, &mut run).min(n - first);
+        for (h, dots) in run.chunks_exact(m.max(1)).take(g).enumerate() {
+            let out = &mut logits[h][first..first + m];
+            out.iter_mut()
+                .zip(dots)
+                .for_each(|(x, &dot)| *x = dot * scale);
         }
+        first += m.max(1);
     }
 }
 
