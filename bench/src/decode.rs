@@ -338,15 +338,10 @@ fn table_for(base: &PolicyConfig, name: &str, windows: &[Option<usize>]) -> Resu
     base.resolve(windows)
 }
 
-fn is_probing(f: &LayerFidelity) -> bool {
-    matches!(f, LayerFidelity::Probing { .. })
-}
-
 /// The layers the fidelity check sent to exact attention.
 fn exact_layers(fidelity: &[LayerFidelity]) -> Vec<usize> {
-    (0..fidelity.len())
-        .filter(|&l| fidelity[l].is_exact())
-        .collect()
+    let exact = fidelity.iter().enumerate().filter(|(_, f)| f.is_exact());
+    exact.map(|(layer, _)| layer).collect()
 }
 
 fn summary(r: &DecodeBenchResult) -> String {
@@ -400,7 +395,10 @@ fn time_decode<D: DenseDevice>(
     // probe steps, a one-off after each prompt, run untimed too.
     run_step(seqs, &mut next)?;
     for _ in 0..PROBE_STEPS {
-        if !seqs.iter().any(|kv| kv.fidelity().iter().any(is_probing)) {
+        if !seqs
+            .iter()
+            .any(|kv| kv.fidelity().iter().any(LayerFidelity::is_probing))
+        {
             break;
         }
         run_step(seqs, &mut next)?;

@@ -58,6 +58,11 @@ impl LayerFidelity {
         rows: 0,
     };
 
+    /// Whether the layer's next single-token step is probed.
+    pub fn is_probing(&self) -> bool {
+        matches!(self, LayerFidelity::Probing { .. })
+    }
+
     /// Whether the layer attends its offloaded keys exactly now.
     pub fn is_exact(&self) -> bool {
         matches!(self, LayerFidelity::Checked { exact: true, .. })
@@ -172,7 +177,7 @@ impl<D: DenseDevice> SequenceKv<D> {
         lse: &D::Buffer,
         store: &Arc<LayerStore>,
     ) -> Result<()> {
-        let probing = matches!(self.layers[layer].fidelity, LayerFidelity::Probing { .. });
+        let probing = self.layers[layer].fidelity.is_probing();
         let Some(pool) = self.pool.as_ref().filter(|_| probing && rows.len() == 1) else {
             return Ok(());
         };
@@ -199,6 +204,11 @@ impl<D: DenseDevice> SequenceKv<D> {
         let errors = merged_row_errors(device_out, device_lse, sampled, (&exact.out, &exact.lse));
         state.fidelity.record(&errors, self.table.fidelity_check);
         std::mem::swap(&mut state.output, exact);
+        // The exact partial's work is counted with the layer's output; the
+        // sampled one's, swapped out, here. The device waited for the exact pass.
+        let sampled = &*exact;
+        self.counters.worker_ns += sampled.total_cpu_ns;
+        self.counters.retrieval_ns += sampled.retrieval_cpu_ns;
         self.counters.wait_ns += t0.elapsed().as_nanos() as u64;
         Ok(())
     }
@@ -267,7 +277,7 @@ mod tests {
             let mut f = LayerFidelity::FRESH;
             for _ in 0..PROBE_STEPS - 1 {
                 f.record(&rows(error, 3), 0.15);
-                assert!(matches!(f, LayerFidelity::Probing { .. }));
+                assert!(f.is_probing());
             }
             f.record(&rows(error, 3), 0.15);
             match f {
