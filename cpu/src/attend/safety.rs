@@ -74,7 +74,8 @@ fn through_sketch(
     let m = sketch.sample_scores(projected, every, sample, &mut scratch.sketch_scores);
     let mut cutoffs = [f32::MIN; 8];
     for (h, c) in cutoffs[..g].iter_mut().enumerate() {
-        *c = cutoff(&scratch.sketch_scores[h * m..(h + 1) * m], wanted, n);
+        let scores = &scratch.sketch_scores[h * m..(h + 1) * m];
+        *c = cutoff(scores, wanted, n, &mut scratch.cutoff_sample);
     }
     // Candidates of each head, marked in `sel.mask` (all zero between calls).
     let mask = &mut scratch.sel.mask;
@@ -100,13 +101,19 @@ fn through_sketch(
         blocks += usize::from(i / BOUND_BLOCK != last_block);
         last_block = i / BOUND_BLOCK;
     }
-    for h in 0..g {
-        let bit = 1u8 << h;
-        let ranked = &mut scratch.ranked;
-        ranked.clear();
-        let own = candidates.iter().zip(heads.iter()).enumerate();
-        let own = own.filter(|(_, (_, &m))| m & bit != 0);
-        ranked.extend(own.map(|(p, (&i, _))| (logits[p * g + h], i)));
+    // Each head's candidates, logit and position, in one pass.
+    let ranked = &mut scratch.ranked;
+    ranked.resize_with(g.max(ranked.len()), Vec::new);
+    ranked.iter_mut().for_each(Vec::clear);
+    for (p, (&i, &m)) in candidates.iter().zip(heads.iter()).enumerate() {
+        let mut bits = m;
+        while bits != 0 {
+            let h = bits.trailing_zeros() as usize;
+            ranked[h].push((logits[p * g + h], i));
+            bits &= bits - 1;
+        }
+    }
+    for (h, ranked) in ranked.iter_mut().take(g).enumerate() {
         let keep = top.min(ranked.len());
         if keep == 0 {
             continue;
@@ -117,7 +124,7 @@ fn through_sketch(
             ranked.select_nth_unstable_by(keep - 1, order);
         }
         for &(_, i) in &ranked[..keep] {
-            scratch.safety[i as usize] |= bit;
+            scratch.safety[i as usize] |= 1 << h;
         }
     }
     let safety = &scratch.safety;
@@ -131,12 +138,15 @@ fn through_sketch(
 /// (the scores of an even sample of them): exact when the sample
 /// is every key, else with [`CUTOFF_MARGIN`] times the share, so that fewer
 /// than `wanted` pass only by a sampling fluke.
-fn cutoff(sample: &[f32], wanted: usize, n: usize) -> f32 {
-    let m = sample.len();
-    let share = if m == n {
+/// `tmp` is room for a copy of the sample.
+fn cutoff(sample: &[f32], wanted: usize, n: usize, tmp: &mut Vec<f32>) -> f32 {
+    tmp.clear();
+    tmp.extend(sample.iter().filter(|x| !x.is_nan()));
+    let m = tmp.len();
+    let share = if sample.len() == n {
         wanted
     } else {
-        (wanted as f64 * CUTOFF_MARGIN * m as f64 / n as f64).ceil() as usize
+        (wanted as f64 * CUTOFF_MARGIN * sample.len() as f64 / n as f64).ceil() as usize
     };
     if share == 0 {
         return f32::INFINITY;
@@ -144,9 +154,7 @@ fn cutoff(sample: &[f32], wanted: usize, n: usize) -> f32 {
     if share >= m {
         return f32::NEG_INFINITY;
     }
-    let mut best = TopLogits::new(share);
-    sample.iter().for_each(|&x| best.offer(x));
-    best.kth()
+    *tmp.select_nth_unstable_by(m - share, f32::total_cmp).1
 }
 
 /// The safety sets found exactly through the key bounds (see the module

@@ -27,12 +27,14 @@ pub(crate) struct Scratch {
     pub(crate) sketch_scores: Vec<f32>,
     pub(crate) sketch_sample: SketchSample,
     pub(crate) sketch_queries: Vec<i8>,
+    /// One head's sampled sketch scores, reordered to place its cutoff.
+    pub(crate) cutoff_sample: Vec<f32>,
     pub(crate) candidates: Vec<u32>,
     /// The candidates' exact logits, `[nc][g]`, and the heads of each.
     pub(crate) candidate_logits: Vec<f32>,
     pub(crate) candidate_heads: Vec<u8>,
-    /// One head's candidates, logit and position.
-    pub(crate) ranked: Vec<(f32, u32)>,
+    /// Per head, its candidates' logits and positions.
+    pub(crate) ranked: Vec<Vec<(f32, u32)>>,
     /// The keys of the safety sets, sorted.
     pub(crate) safety_keys: Vec<u32>,
 }
