@@ -376,8 +376,10 @@ for path in files:
             elif r.get("needle_accuracy") is not None:
                 needles = (f"; needles {pct(r['needle_accuracy'])} "
                            f"(dense {pct(r['dense_needle_accuracy'])})")
+            bound = re.search(r"--fidelity-check (\S+)", cmd or "")
+            check = f", fidelity check {bound.group(1)}" if bound else ""
             row(f"Quality, {model_label(r.get('model'))} at {r['context']}, "
-                f"`{r['policy']}` vs dense",
+                f"`{r['policy']}`{check} vs dense",
                 f"top-1 agreement {pct(r['top1_agreement'])}; mean KL {r['mean_kl']:.4f} "
                 f"(max {r['max_kl']:.3f}){needles}; keys touched "
                 f"{pct(r['keys_touched_fraction'])}"
