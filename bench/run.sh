@@ -35,6 +35,8 @@
 #                              document questions (~40 minutes)
 #   --from PATH     run nothing: rebuild the table from saved outputs, a run
 #                   directory of this script or single saved files (repeatable)
+#   --current       --from each output `bench/current` lists (one path a line):
+#                   the outputs behind BENCHMARKS.md as it stands
 #   --machine TEXT  the machine to name for saved files without a meta.json
 # The table holds the figures of the outputs read: after a run with --only, or
 # to combine runs, rebuild it with --from over the run directories wanted.
@@ -50,6 +52,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY+=("$2"); shift 2 ;;
     --from) FROM+=("$2"); shift 2 ;;
+    --current)
+      while read -r path; do
+        case "$path" in ''|'#'*) ;; *) FROM+=("$path") ;; esac
+      done < bench/current
+      shift ;;
     --machine) MACHINE="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -432,7 +439,8 @@ out = ["# Benchmarks", "",
        "with the release binary, saves the raw outputs under "
        "`bench/results/<date>-<commit>/` and rewrites the table "
        "(`bench/run.sh --help` for running a subset, or for rebuilding the table from "
-       "saved outputs with `--from`). Past runs and their discussion are in "
+       "saved outputs with `--from`; `bench/run.sh --current` rebuilds it from the "
+       "outputs `bench/current` lists). Past runs and their discussion are in "
        "`bench/results/` (`*-history.md`); a change measured against the commit "
        "before it, the two binaries alternated with `bench/ab.sh`, is in "
        "`bench/results/<date>-<new>-vs-<old>/` with a README of its figures.", "",
