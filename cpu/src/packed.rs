@@ -4,13 +4,13 @@
 //! staging buffer and have no cap (see [`crate::KvDtype`]).
 
 use crate::channels::ChannelScales;
-use crate::config::{RANGE_BYTES, VALUE_GROUP};
+use crate::config::{MAX_VALUE_GROUPS, RANGE_BYTES, VALUE_GROUP};
 use crate::error::CpuError;
 use crate::row_blocks::{Blocks, Elem};
 use crate::snapshot::{ArrayReader, ArrayWriter};
 use half::f16;
 use tandem_kernels::mem::OutOfMemory;
-use tandem_kernels::packed::{code_at, pack, packed_len, CodeBits};
+use tandem_kernels::packed::{axpy_packed, code_at, pack, packed_len, CodeBits};
 
 /// The largest |lo| and step a range holds (f16's largest finite value).
 const RANGE_LIMIT: f32 = 65504.0;
@@ -203,6 +203,23 @@ impl PackedValues {
     pub(crate) fn range(&self, i: usize, g: usize) -> (f32, f32) {
         let (row, at) = (self.rows.row(i), self.code_len() + RANGE_BYTES * g);
         (f16_at(row, at), f16_at(row, at + 2))
+    }
+
+    /// Row `i` decoded into `out` (its `d` values): `lo_j + step_j · code`
+    /// per channel of group `j`, the codes decoded in registers.
+    pub(crate) fn decode(&self, i: usize, out: &mut [f32]) {
+        let (group, groups) = (self.group(), self.groups().min(MAX_VALUE_GROUPS));
+        let mut steps = [0.0f32; MAX_VALUE_GROUPS];
+        for (j, (step, channels)) in steps[..groups]
+            .iter_mut()
+            .zip(out.chunks_mut(group))
+            .enumerate()
+        {
+            let lo;
+            (lo, *step) = self.range(i, j);
+            channels.fill(lo);
+        }
+        axpy_packed(self.bits, self.codes(i), group, &steps[..groups], out);
     }
 
     pub(crate) fn push<T: Elem>(&mut self, src: &[T]) -> Result<(), OutOfMemory> {

@@ -210,15 +210,9 @@ mod x86 {
 
     /// Prefetches the codes of `block`, `bytes` of them (nothing past the end).
     #[inline(always)]
-    unsafe fn prefetch_block(keys: Sketched, block: usize, bytes: usize) {
-        let start = block * bytes;
-        if start + bytes <= keys.codes.len() {
-            let p = keys.codes.as_ptr().add(start);
-            let mut at = 0;
-            while at < bytes {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(at) as *const i8);
-                at += 64;
-            }
+    fn prefetch_block(keys: Sketched, block: usize, bytes: usize) {
+        if let Some(codes) = keys.codes.get(block * bytes..(block + 1) * bytes) {
+            crate::vector::prefetch(codes);
         }
     }
 

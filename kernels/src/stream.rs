@@ -272,16 +272,12 @@ mod x86 {
     /// hardware's stream prefetcher alone leaves the loads waiting.
     const PREFETCH_BYTES: usize = 2048;
 
-    /// Prefetches the lines of the row `PREFETCH_BYTES` ahead of row `k`.
+    /// Prefetches the lines of the row `PREFETCH_BYTES` ahead of row `k`
+    /// (past the run's end too: the store's next rows follow it).
     #[inline(always)]
-    unsafe fn prefetch_ahead<const G: usize, S: RowSums<G>>(src: &S, k: usize) {
+    fn prefetch_ahead<const G: usize, S: RowSums<G>>(src: &S, k: usize) {
         let (row, bytes) = src.row_bytes(k);
-        let ahead = row.wrapping_add(PREFETCH_BYTES);
-        let mut at = 0;
-        while at < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
-            at += 64;
-        }
+        crate::vector::prefetch_bytes(row.wrapping_add(PREFETCH_BYTES), bytes);
     }
 
     /// Runs `src` over `n` rows, four at a time, and writes the reduced sums

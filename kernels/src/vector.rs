@@ -562,20 +562,27 @@ pub fn touch_lines(bytes: &[u8]) -> u8 {
 /// Hints the CPU to fetch every cache line of `s` (a no-op where unsupported).
 #[inline]
 pub fn prefetch<T>(s: &[T]) {
+    prefetch_bytes(s.as_ptr() as *const u8, std::mem::size_of_val(s));
+}
+
+/// Hints the CPU to fetch the cache lines of `bytes` bytes from `p`, which
+/// need not point into live memory: a prefetch never faults and reads
+/// nothing the program sees.
+#[inline(always)]
+pub(crate) fn prefetch_bytes(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes = std::mem::size_of_val(s);
-        let p = s.as_ptr() as *const i8;
         let mut off = 0;
         while off < bytes {
-            // SAFETY: prefetch never faults and `p + off` stays inside `s`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+            // SAFETY: prefetch never faults; the address is only computed
+            // (wrapping), never dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
             off += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = s;
+    let _ = (p, bytes);
 }
 
 /// Hints the CPU to fetch the cache line holding `s[i]` (nothing if `i` is out

@@ -12,7 +12,6 @@ use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
 use crate::packed::PackedValues;
 use crate::rows::Rows;
 use crate::store::HeadStore;
-use tandem_kernels::packed::axpy_packed;
 use tandem_kernels::vector::{axpy_f32_multi, prefetch};
 
 /// Value rows prefetched ahead of their sum (rows are read in order, but a
@@ -117,12 +116,10 @@ fn sum_rows(values: &Rows, weights: &KeyWeights, n: usize, out: &mut [f32]) {
     values.finish_sums(out, &weight_sums[..g]);
 }
 
-/// [`sum_rows`] over int4 or int2 value rows: each row is decoded once, as
-/// `lo_j + step_j · code` per channel of group `j`, and added to every head.
+/// [`sum_rows`] over int4 or int2 value rows: each row is decoded once and
+/// added to every head.
 fn sum_packed(p: &PackedValues, d: usize, weights: &KeyWeights, n: usize, out: &mut [f32]) {
     let g = weights.relative.len();
-    let (group, groups) = (p.group(), p.groups().min(MAX_VALUE_GROUPS));
-    let mut steps = [0.0f32; MAX_VALUE_GROUPS];
     // Packed values hold at most this many channels (`LayerConfig` checks).
     let mut row = [0.0f32; VALUE_GROUP * MAX_VALUE_GROUPS];
     let decoded = &mut row[..d];
@@ -131,20 +128,12 @@ fn sum_packed(p: &PackedValues, d: usize, weights: &KeyWeights, n: usize, out: &
         if i + V_AHEAD < n {
             prefetch(p.rows.row(i + V_AHEAD));
         }
-        for (j, (s, channels)) in steps[..groups]
-            .iter_mut()
-            .zip(decoded.chunks_mut(group))
-            .enumerate()
-        {
-            let lo;
-            (lo, *s) = p.range(i, j);
-            channels.fill(lo);
-        }
-        axpy_packed(p.bits, p.codes(i), group, &steps[..groups], decoded);
+        p.decode(i, decoded);
         weights.of(i, &mut ws[..g]);
         axpy_f32_multi(out, &ws[..g], decoded);
     }
 }
+
 /// `xs` folded with `f` from `init` in 16 independent lanes (which the
 /// compiler keeps in vector registers), then across them.
 fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
