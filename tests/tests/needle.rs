@@ -50,7 +50,7 @@ fn solved(engine: &Engine, corpus: &str, context: usize, count: usize) -> usize 
         .count()
 }
 
-/// Dense SmolLM2-135M-Instruct finds the needle at 1k tokens in at least 9 of 10
+/// Dense SmolLM2-135M-Instruct finds the needle at 1k tokens in at least 18 of 20
 /// cases (measured: 20/20 with seed 6; also 20/20 at 2k and 18/20 at 4k).
 #[test]
 fn dense_finds_the_needle_at_1k() {
@@ -63,8 +63,8 @@ fn dense_finds_the_needle_at_1k() {
     )
     .expect("model loads");
     let corpus = corpus::load().expect("corpus");
-    let n = solved(&engine, &corpus, 1024, 10);
-    assert!(n >= 9, "dense answered {n} of 10 needle cases at 1k");
+    let n = solved(&engine, &corpus, 1024, 20);
+    assert!(n >= 18, "dense answered {n} of 20 needle cases at 1k");
 }
 
 /// Dense accuracy at every context from 1k to the model's 8k (slow: minutes).
