@@ -69,6 +69,9 @@ pub(crate) fn sketch_scores_with(isa: Isa, keys: Sketched, qs: &[i8], out: &mut 
         // SAFETY: the CPU supports AVX-512F/BW/VL/VNNI (the Avx512 level);
         // the lengths were checked above.
         Isa::Avx512 => unsafe { x86::sketch_scores_avx512(keys, qs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2; the lengths were checked above.
+        Isa::Avx2 => unsafe { x86::sketch_scores_avx2(keys, qs, out) },
         _ => {
             let mut scores = [0.0f32; 8];
             for i in 0..n {
@@ -108,6 +111,9 @@ pub(crate) fn sketch_select_with(
         // SAFETY: the CPU supports AVX-512F/BW/VL/VNNI (the Avx512 level);
         // the lengths were checked above.
         Isa::Avx512 => unsafe { x86::sketch_select_avx512(keys, qs, cutoffs, mask) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2; the lengths were checked above.
+        Isa::Avx2 => unsafe { x86::sketch_select_avx2(keys, qs, cutoffs, mask) },
         _ => {
             let mut scores = [0.0f32; 8];
             for (i, m) in mask[..keys.n].iter_mut().enumerate() {
@@ -290,6 +296,184 @@ mod x86 {
         dispatch_g!(
             qs.len() / keys.r,
             sketch_select_avx512_g,
+            keys,
+            qs,
+            cutoffs,
+            mask
+        )
+    }
+
+    /// Keys per AVX2 half-block: a 32-byte load of a group holds four
+    /// components of each of eight keys.
+    const HALF: usize = SKETCH_BLOCK / 2;
+
+    /// Groups whose products an i16 lane sums before widening: each adds
+    /// four products of at most 15 · 128 in magnitude, so four groups stay
+    /// within 16 · 1920 = 30720.
+    const I16_GROUPS: usize = 4;
+
+    /// The scores of keys `8·half .. 8·half + 8` of one block for each of
+    /// the `G` queries. Without VNNI, `maddubs` adds pairs of unsigned code ×
+    /// signed query products into i16 lanes, and `madd` with ones widens
+    /// them to i32 every [`I16_GROUPS`] groups.
+    #[inline(always)]
+    unsafe fn half_scores<const G: usize>(
+        keys: Sketched,
+        block: usize,
+        half: usize,
+        qv: &[__m256i],
+        offsets: &[i32; 8],
+    ) -> [__m256; G] {
+        let r = keys.r;
+        let groups = r / GROUP;
+        let pb = keys.codes.as_ptr().add(block * block_bytes(r) + half * 32);
+        let mut acc = [_mm256_setzero_si256(); G];
+        let nibble = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        for run in (0..groups).step_by(I16_GROUPS) {
+            let mut part = [_mm256_setzero_si256(); G];
+            for grp in run..(run + I16_GROUPS).min(groups) {
+                let v = _mm256_loadu_si256(pb.add(grp * 64) as *const __m256i);
+                let low = _mm256_and_si256(v, nibble);
+                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                for (h, p) in part.iter_mut().enumerate() {
+                    let q = qv.as_ptr().add(2 * (h * groups + grp));
+                    let lo = _mm256_maddubs_epi16(low, *q);
+                    let hi = _mm256_maddubs_epi16(high, *q.add(1));
+                    *p = _mm256_add_epi16(*p, _mm256_add_epi16(lo, hi));
+                }
+            }
+            for (a, p) in acc.iter_mut().zip(part) {
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
+            }
+        }
+        let first = block * SKETCH_BLOCK + half * HALF;
+        let scales = _mm256_maskload_ps(keys.scales.as_ptr().add(first), lane_mask(first, keys.n));
+        let mut out = [_mm256_setzero_ps(); G];
+        for (h, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            let dot = _mm256_sub_epi32(a, _mm256_set1_epi32(offsets[h]));
+            *o = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), scales);
+        }
+        out
+    }
+
+    /// Each query's components broadcast four at a time, in the order
+    /// [`half_scores`] reads them: `2 · (h · r/8 + group) + nibble`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn broadcast_queries(qs: &[i8]) -> Vec<__m256i> {
+        qs.chunks_exact(4)
+            .map(|c| {
+                _mm256_set1_epi32(i32::from_le_bytes(
+                    [c[0], c[1], c[2], c[3]].map(|x| x as u8),
+                ))
+            })
+            .collect()
+    }
+
+    /// The lanes of the half-block starting at key `first` of `n`, as the
+    /// sign bits of a mask for `maskload`/`maskstore`.
+    #[inline(always)]
+    unsafe fn lane_mask(first: usize, n: usize) -> __m256i {
+        let lanes = (n - first).min(HALF) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(lanes),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// The half-blocks of `n` keys: `(block, half, first key)`.
+    fn halves(n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..n.div_ceil(HALF)).map(|i| (i / 2, i % 2, i * HALF))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sketch_scores_avx2_g<const G: usize>(keys: Sketched, qs: &[i8], out: &mut [f32]) {
+        let (n, po) = (keys.n, out.as_mut_ptr());
+        let offsets = offsets(keys.r, qs);
+        let qv = broadcast_queries(qs);
+        for (block, half, first) in halves(n) {
+            let scores = half_scores::<G>(keys, block, half, &qv, &offsets);
+            let lanes = lane_mask(first, n);
+            for (h, s) in scores.iter().enumerate() {
+                _mm256_maskstore_ps(po.add(h * n + first), lanes, *s);
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `keys` holds every block and scale of
+    /// its `n` keys, `qs` 1 to 8 `r`-vectors (`r` a multiple of 8) and
+    /// `out` their `g * n` scores.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sketch_scores_avx2(keys: Sketched, qs: &[i8], out: &mut [f32]) {
+        dispatch_g!(qs.len() / keys.r, sketch_scores_avx2_g, keys, qs, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sketch_select_avx2_g<const G: usize>(
+        keys: Sketched,
+        qs: &[i8],
+        cutoffs: &[f32],
+        mask: &mut [u8],
+    ) {
+        let n = keys.n;
+        let offsets = offsets(keys.r, qs);
+        let bytes = block_bytes(keys.r);
+        let qv = broadcast_queries(qs);
+        for (block, half, first) in halves(n) {
+            if half == 0 {
+                prefetch_block(keys, block + PREFETCH_BLOCKS, bytes);
+            }
+            let scores = half_scores::<G>(keys, block, half, &qv, &offsets);
+            let mut bits = _mm256_setzero_si256();
+            for (h, s) in scores.iter().enumerate() {
+                let hit = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(
+                    *s,
+                    _mm256_set1_ps(cutoffs[h]),
+                ));
+                bits = _mm256_or_si256(bits, _mm256_and_si256(hit, _mm256_set1_epi32(1 << h)));
+            }
+            // Byte 0 of each lane's i32, gathered into the low 4 bytes of
+            // each 128-bit half.
+            let pick = _mm256_setr_epi8(
+                0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1,
+                -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+            );
+            let packed = _mm256_shuffle_epi8(bits, pick);
+            let low = _mm256_extract_epi32::<0>(packed) as u32;
+            let high = _mm256_extract_epi32::<4>(packed) as u32;
+            let bits = u64::from(high) << 32 | u64::from(low);
+            let lanes = n.min(first + HALF) - first;
+            if lanes == HALF {
+                let m: &mut [u8; HALF] = (&mut mask[first..first + HALF])
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!());
+                *m = (u64::from_le_bytes(*m) | bits).to_le_bytes();
+            } else {
+                for (m, b) in mask[first..first + lanes]
+                    .iter_mut()
+                    .zip(bits.to_le_bytes())
+                {
+                    *m |= b;
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `keys` holds every block and scale of
+    /// its `n` keys, `qs` 1 to 8 `r`-vectors (`r` a multiple of 8),
+    /// `cutoffs` one per query and `mask` at least `n` bytes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sketch_select_avx2(
+        keys: Sketched,
+        qs: &[i8],
+        cutoffs: &[f32],
+        mask: &mut [u8],
+    ) {
+        dispatch_g!(
+            qs.len() / keys.r,
+            sketch_select_avx2_g,
             keys,
             qs,
             cutoffs,

@@ -365,6 +365,29 @@ pub(crate) fn dot_rows_bf16_with<'a>(
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if d.is_multiple_of(8) => {
+            // SAFETY: the CPU supports AVX2 and FMA; every row (and the mean)
+            // has `d` values, d is a multiple of 8, every head has `d` query
+            // values, and `norms` has a slot per id.
+            unsafe {
+                match centred {
+                    Some((mean, norms)) => x86::dot_rows_bf16_avx2::<true>(
+                        ids, row, heads, queries, mean, ahead, out, norms,
+                    ),
+                    None => x86::dot_rows_bf16_avx2::<false>(
+                        ids,
+                        row,
+                        heads,
+                        queries,
+                        &[],
+                        ahead,
+                        out,
+                        &mut [],
+                    ),
+                }
+            }
+        }
         level => {
             for (p, ((&i, &h), o)) in ids.iter().zip(heads).zip(out.iter_mut()).enumerate() {
                 if let Some(&next) = ids.get(p + ahead) {
@@ -1269,6 +1292,78 @@ pub(crate) mod x86 {
             i += 1;
         }
         s
+    }
+
+    /// Lane `i` of the result is the sum of the 8 lanes of `v[i]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn reduce8(v: &[__m256; 8]) -> __m256 {
+        let t: [__m256; 4] = std::array::from_fn(|k| _mm256_hadd_ps(v[2 * k], v[2 * k + 1]));
+        // Lanes 0-3 and 4-7 of u[k] are partials of v[4k..4k + 4].
+        let u = [_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])];
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u[0], u[1]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[1]),
+        )
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; every `row(ids[p])` has `d` values with `d % 8 == 0`,
+    /// every head has `d` query values; with `NORMS`, `mean` has `d` values
+    /// and `norms` a slot per id.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows_bf16_avx2<'a, const NORMS: bool>(
+        ids: &[u32],
+        row: impl Fn(u32) -> &'a [bf16],
+        heads: &[u8],
+        queries: &[f32],
+        mean: &[f32],
+        ahead: usize,
+        out: &mut [f32],
+        norms: &mut [f32],
+    ) {
+        let n = ids.len();
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut sq = [_mm256_setzero_ps(); 8];
+        for p0 in (0..n).step_by(8) {
+            let m = (n - p0).min(8);
+            for (k, (a, s)) in acc.iter_mut().zip(sq.iter_mut()).enumerate() {
+                (*a, *s) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let p = p0 + k;
+                if k >= m {
+                    continue;
+                }
+                // Pairs of one row are adjacent (all heads of a key): fetch it once.
+                if let Some(&next) = ids.get(p + ahead) {
+                    if p + ahead == 0 || ids[p + ahead - 1] != next {
+                        prefetch(row(next));
+                    }
+                }
+                let r = row(ids[p]);
+                let d = r.len();
+                let (pr, q) = (
+                    r.as_ptr() as *const u16,
+                    queries.as_ptr().add(usize::from(heads[p]) * d),
+                );
+                for c in (0..d).step_by(8) {
+                    let x = widen8(pr.add(c));
+                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(q.add(c)), *a);
+                    if NORMS {
+                        let t = _mm256_sub_ps(x, _mm256_loadu_ps(mean.as_ptr().add(c)));
+                        *s = _mm256_fmadd_ps(t, t, *s);
+                    }
+                }
+            }
+            let dots = reduce8(&acc);
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
+            out[p0..p0 + m].copy_from_slice(&lanes[..m]);
+            if NORMS {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_sqrt_ps(reduce8(&sq)));
+                norms[p0..p0 + m].copy_from_slice(&lanes[..m]);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
