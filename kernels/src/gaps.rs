@@ -153,18 +153,56 @@ pub(crate) fn count_pairs_with(
         return;
     }
     let _ = isa;
-    for b in buckets {
+    for (i, b) in buckets.iter().enumerate() {
+        if let Some(ahead) = buckets.get(i + PREFETCH_BUCKETS) {
+            let (from, to) = (3 * ahead.start as usize / 2, 3 * ahead.end as usize / 2);
+            if let Some(bytes) = packed.get(from..to.min(packed.len())) {
+                crate::vector::prefetch(bytes);
+            }
+        }
         let once = crate::hash::spread_heads(b.heads);
-        count_scalar(
-            packed,
-            b.start as usize,
-            b.end as usize,
-            0,
-            base,
-            once,
-            pairs,
-        );
+        count_list(packed, b.start as usize, b.end as usize, base, once, pairs);
     }
+}
+
+/// How many buckets ahead of the one counted its bytes are prefetched.
+const PREFETCH_BUCKETS: usize = 4;
+
+/// Counts the ids of units `u..end`: two units from each three bytes while
+/// four bytes can be read, then [`count_scalar`] for the rest.
+fn count_list(packed: &[u8], mut u: usize, end: usize, base: usize, once: u8, pairs: &mut [u8]) {
+    let mut prev = 0u32;
+    let mut mark = |prev: u32| {
+        if let Some(p) = base
+            .checked_add(prev as usize)
+            .and_then(|i| pairs.get_mut(i))
+        {
+            *p |= ((*p & once) << 1) | once;
+        }
+    };
+    if u % 2 == 1 && u < end {
+        let Some(x) = unit(packed, u) else { return };
+        prev = x;
+        if x != ESCAPE {
+            mark(prev);
+        }
+        u += 1;
+    }
+    while u + 2 <= end {
+        let b = 3 * u / 2;
+        let Some(&[b0, b1, b2, _]) = packed.get(b..b + 4) else {
+            break;
+        };
+        let w = u32::from_le_bytes([b0, b1, b2, 0]);
+        for x in [w & 0xFFF, w >> 12] {
+            prev = prev.wrapping_add(x);
+            if x != ESCAPE {
+                mark(prev);
+            }
+        }
+        u += 2;
+    }
+    count_scalar(packed, u, end, prev, base, once, pairs);
 }
 
 /// The scalar counter, from unit `u` with running sum `prev`; `once` is the

@@ -3,8 +3,9 @@
 //! row `k` of `n` and head `h`. Each row is read once for all heads. On
 //! AVX-512, four rows' lane sums for four heads are reduced together, one
 //! tree of shuffles for sixteen (row, head) pairs where a horizontal sum
-//! each would cost four times as many instructions; other levels call the
-//! one-row kernels row by row.
+//! each would cost four times as many instructions. On AVX2, two rows' sums
+//! for every head are reduced eight at a time; the scalar level (and AVX2
+//! rows of other sizes) call the one-row kernels row by row.
 
 use crate::int8::dot_i8_f32_multi_with;
 use crate::isa::effective;
@@ -51,6 +52,12 @@ pub(crate) fn dots_bf16_with(isa: Isa, rows: &[bf16], d: usize, queries: &[f32],
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F/BW/VL; `check` bounded n, g and out.
         Isa::Avx512 => unsafe { x86::dots_bf16(rows, d, &queries[..g * d], n, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; `check` bounded n, g and
+        // out, and d is a multiple of 8.
+        Isa::Avx2 if d.is_multiple_of(8) => unsafe {
+            avx2::dots_bf16(rows, d, &queries[..g * d], n, out)
+        },
         isa => {
             let mut row_out = [0.0f32; 8];
             for (k, row) in rows.chunks_exact(d).enumerate() {
@@ -73,6 +80,11 @@ pub(crate) fn dots_i8_with(isa: Isa, rows: &[i8], d: usize, queries: &[f32], out
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU supports AVX-512F/BW/VL; `check` bounded n, g and out.
         Isa::Avx512 => unsafe { x86::dots_i8(rows, d, &queries[..g * d], n, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for `dots_bf16_with`.
+        Isa::Avx2 if d.is_multiple_of(8) => unsafe {
+            avx2::dots_i8(rows, d, &queries[..g * d], n, out)
+        },
         isa => {
             let mut row_out = [0.0f32; 8];
             for (k, row) in rows.chunks_exact(d).enumerate() {
@@ -117,6 +129,12 @@ pub(crate) fn dots_packed_with(isa: Isa, run: PackedRun, queries: &[i8], out: &m
         // SAFETY: the CPU supports AVX-512F/BW/VL/VNNI; rows, queries and out
         // were bounded above.
         Isa::Avx512 => unsafe { x86::dots_packed(run, queries, n, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; rows, queries and out were
+        // bounded above, and a row's codes are whole 32-byte chunks.
+        Isa::Avx2 if run.len.is_multiple_of(32) => unsafe {
+            avx2::dots_packed(run, queries, n, out)
+        },
         isa => {
             let mut row_out = [0i32; 8];
             for k in 0..n {
@@ -164,6 +182,10 @@ pub(crate) fn packed_ranges_with(
         Isa::Avx512 if n * run.stride <= i32::MAX as usize => unsafe {
             x86::packed_ranges(bytes, run.stride, at, n, lo, step)
         },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2, FMA and F16C; every row holds
+        // `at + 4` bytes (checked above), `lo` and `step` room for `n` values.
+        Isa::Avx2 => unsafe { avx2::packed_ranges(bytes, run.stride, at, n, lo, step) },
         _ => {
             for k in 0..n {
                 let b = &bytes[k * run.stride + at..k * run.stride + at + 4];
@@ -566,13 +588,365 @@ mod x86 {
     }
 }
 
+/// The AVX2 level: two rows for every head of the group per step, their
+/// lane sums reduced eight at a time by one tree of horizontal adds.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::PackedRun;
+    use crate::packed::CodeBits;
+    use std::arch::x86_64::*;
+
+    /// How lanes add: as f32 or as i32.
+    trait Lanes {
+        unsafe fn hadd(a: __m256, b: __m256) -> __m256;
+        unsafe fn add(a: __m256, b: __m256) -> __m256;
+    }
+
+    struct F32;
+    struct I32;
+
+    impl Lanes for F32 {
+        #[inline(always)]
+        unsafe fn hadd(a: __m256, b: __m256) -> __m256 {
+            _mm256_hadd_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+    }
+
+    impl Lanes for I32 {
+        #[inline(always)]
+        unsafe fn hadd(a: __m256, b: __m256) -> __m256 {
+            _mm256_castsi256_ps(_mm256_hadd_epi32(
+                _mm256_castps_si256(a),
+                _mm256_castps_si256(b),
+            ))
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_castsi256_ps(_mm256_add_epi32(
+                _mm256_castps_si256(a),
+                _mm256_castps_si256(b),
+            ))
+        }
+    }
+
+    /// Lane `i` of the result is the sum of the 8 lanes of `v[i]`.
+    #[inline(always)]
+    unsafe fn reduce8<L: Lanes>(v: &[__m256]) -> __m256 {
+        let t = [
+            L::hadd(v[0], v[1]),
+            L::hadd(v[2], v[3]),
+            L::hadd(v[4], v[5]),
+            L::hadd(v[6], v[7]),
+        ];
+        // Lanes 0-3 and 4-7 of u[k] are partials of v[4k..4k + 4].
+        let u = [L::hadd(t[0], t[1]), L::hadd(t[2], t[3])];
+        L::add(
+            _mm256_permute2f128_ps::<0x20>(u[0], u[1]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[1]),
+        )
+    }
+
+    /// The lane sums of two rows for each of `G` heads.
+    trait RowSums<const G: usize> {
+        unsafe fn sums(&self, rows: [usize; 2]) -> [[__m256; G]; 2];
+        /// Row `k`'s first byte and the bytes of a row.
+        fn row_bytes(&self, k: usize) -> (*const u8, usize);
+    }
+
+    /// How far ahead of the rows summed their lines are prefetched.
+    const PREFETCH_BYTES: usize = 2048;
+
+    /// Runs `src` over `n` rows, two at a time, and writes the reduced sums
+    /// (as bits) to `out[h * n + k]`.
+    #[inline(always)]
+    unsafe fn stream<const G: usize, L: Lanes, S: RowSums<G>>(src: &S, n: usize, out: *mut u32) {
+        let mut k = 0;
+        while k < n {
+            let pair = [k, (k + 1).min(n - 1)];
+            for row in pair {
+                let (p, bytes) = src.row_bytes(row);
+                crate::vector::prefetch_bytes(p.wrapping_add(PREFETCH_BYTES), bytes);
+            }
+            let sums = src.sums(pair);
+            // (head, row) pairs in order, padded to a multiple of 8, so that
+            // each head's two sums land side by side.
+            let mut flat = [_mm256_setzero_ps(); 16];
+            for h in 0..G {
+                flat[2 * h] = sums[0][h];
+                flat[2 * h + 1] = sums[1][h];
+            }
+            let both = n - k >= 2;
+            for chunk in 0..G.div_ceil(4) {
+                let mut lanes = [0u32; 8];
+                let r = reduce8::<L>(&flat[8 * chunk..8 * chunk + 8]);
+                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, _mm256_castps_si256(r));
+                for h in 4 * chunk..G.min(4 * chunk + 4) {
+                    let (i, at) = (2 * (h - 4 * chunk), out.add(h * n + k));
+                    if both {
+                        std::ptr::write_unaligned(at as *mut [u32; 2], [lanes[i], lanes[i + 1]]);
+                    } else {
+                        *at = lanes[i];
+                    }
+                }
+            }
+            k += 2;
+        }
+    }
+
+    /// Rows of `d` values (a multiple of 8) of type `T`, widened to f32.
+    struct WideRows<T> {
+        rows: *const T,
+        queries: *const f32,
+        d: usize,
+    }
+
+    /// Loads 8 values of a row as f32.
+    trait Widen {
+        unsafe fn widen(p: *const Self) -> __m256;
+    }
+
+    impl Widen for u16 {
+        #[inline(always)]
+        unsafe fn widen(p: *const u16) -> __m256 {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+
+    impl Widen for i8 {
+        #[inline(always)]
+        unsafe fn widen(p: *const i8) -> __m256 {
+            let bytes = _mm_loadl_epi64(p as *const __m128i);
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+        }
+    }
+
+    impl<const G: usize, T: Widen> RowSums<G> for WideRows<T> {
+        fn row_bytes(&self, k: usize) -> (*const u8, usize) {
+            let size = std::mem::size_of::<T>();
+            (
+                self.rows.wrapping_add(k * self.d) as *const u8,
+                size * self.d,
+            )
+        }
+
+        #[inline(always)]
+        unsafe fn sums(&self, rows: [usize; 2]) -> [[__m256; G]; 2] {
+            let d = self.d;
+            let (r0, r1) = (self.rows.add(rows[0] * d), self.rows.add(rows[1] * d));
+            let mut acc = [[_mm256_setzero_ps(); G]; 2];
+            for i in (0..d).step_by(8) {
+                let (x0, x1) = (T::widen(r0.add(i)), T::widen(r1.add(i)));
+                for h in 0..G {
+                    let q = _mm256_loadu_ps(self.queries.add(h * d + i));
+                    acc[0][h] = _mm256_fmadd_ps(x0, q, acc[0][h]);
+                    acc[1][h] = _mm256_fmadd_ps(x1, q, acc[1][h]);
+                }
+            }
+            acc
+        }
+    }
+
+    /// 32-byte chunks whose products an i16 lane sums before widening: each
+    /// chunk adds two products per plane, at most 2 · 2 · 15 · 128 = 7680 in
+    /// magnitude for int4 (3072 for int2), so four stay within 30720.
+    const I16_CHUNKS: usize = 4;
+
+    /// Packed rows of `P` planes, `run.len` a multiple of 32.
+    struct PackedRows<'a, const P: usize> {
+        run: PackedRun<'a>,
+        queries: *const i8,
+    }
+
+    impl<const G: usize, const P: usize> RowSums<G> for PackedRows<'_, P> {
+        fn row_bytes(&self, k: usize) -> (*const u8, usize) {
+            let row = self.run.bytes.as_ptr().wrapping_add(k * self.run.stride);
+            (row, self.run.stride)
+        }
+
+        #[inline(always)]
+        unsafe fn sums(&self, rows: [usize; 2]) -> [[__m256; G]; 2] {
+            let (bits, len, stride) = (self.run.bits, self.run.len, self.run.stride);
+            let base = self.run.bytes.as_ptr();
+            let (r0, r1) = (base.add(rows[0] * stride), base.add(rows[1] * stride));
+            let w = P * len;
+            let low = _mm256_set1_epi8(bits.max_code() as i8);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_si256(); G]; 2];
+            for run in (0..len).step_by(32 * I16_CHUNKS) {
+                let mut part = [[_mm256_setzero_si256(); G]; 2];
+                for j in (run..len.min(run + 32 * I16_CHUNKS)).step_by(32) {
+                    let c0 = _mm256_loadu_si256(r0.add(j) as *const __m256i);
+                    let c1 = _mm256_loadu_si256(r1.add(j) as *const __m256i);
+                    for p in 0..P {
+                        let shift = _mm_cvtsi32_si128((bits.bits() as usize * p) as i32);
+                        let codes0 = _mm256_and_si256(_mm256_srl_epi16(c0, shift), low);
+                        let codes1 = _mm256_and_si256(_mm256_srl_epi16(c1, shift), low);
+                        for h in 0..G {
+                            let at = self.queries.add(h * w + p * len + j);
+                            let q = _mm256_loadu_si256(at as *const __m256i);
+                            let x0 = _mm256_maddubs_epi16(codes0, q);
+                            let x1 = _mm256_maddubs_epi16(codes1, q);
+                            part[0][h] = _mm256_add_epi16(part[0][h], x0);
+                            part[1][h] = _mm256_add_epi16(part[1][h], x1);
+                        }
+                    }
+                }
+                for r in 0..2 {
+                    for h in 0..G {
+                        let wide = _mm256_madd_epi16(part[r][h], ones);
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], wide);
+                    }
+                }
+            }
+            let mut out = [[_mm256_setzero_ps(); G]; 2];
+            for r in 0..2 {
+                for h in 0..G {
+                    out[r][h] = _mm256_castsi256_ps(acc[r][h]);
+                }
+            }
+            out
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_bf16_g<const G: usize>(rows: &WideRows<u16>, n: usize, out: *mut u32) {
+        stream::<G, F32, WideRows<u16>>(rows, n, out)
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; each of the `n` rows of `bytes` (at `stride`)
+    /// holds `at + 4` bytes; `lo` and `step` room for `n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn packed_ranges(
+        bytes: &[u8],
+        stride: usize,
+        at: usize,
+        n: usize,
+        lo: &mut [f32],
+        step: &mut [f32],
+    ) {
+        let base = bytes.as_ptr().add(at);
+        let word = |k: usize| (base.add(k * stride) as *const i32).read_unaligned();
+        // Within each 128-bit half: the low f16 of each row, then the high.
+        let split = _mm256_setr_epi8(
+            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3,
+            6, 7, 10, 11, 14, 15,
+        );
+        let whole = n / 8 * 8;
+        for k in (0..whole).step_by(8) {
+            let v = _mm256_setr_epi32(
+                word(k),
+                word(k + 1),
+                word(k + 2),
+                word(k + 3),
+                word(k + 4),
+                word(k + 5),
+                word(k + 6),
+                word(k + 7),
+            );
+            let halves = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(v, split));
+            let (l, s) = (
+                _mm256_castsi256_si128(halves),
+                _mm256_extracti128_si256::<1>(halves),
+            );
+            _mm256_storeu_ps(lo.as_mut_ptr().add(k), _mm256_cvtph_ps(l));
+            _mm256_storeu_ps(step.as_mut_ptr().add(k), _mm256_cvtph_ps(s));
+        }
+        for k in whole..n {
+            let [a, b, c, d] = word(k).to_le_bytes();
+            lo[k] = half::f16::from_le_bytes([a, b]).to_f32_const();
+            step[k] = half::f16::from_le_bytes([c, d]).to_f32_const();
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_i8_g<const G: usize>(rows: &WideRows<i8>, n: usize, out: *mut u32) {
+        stream::<G, F32, WideRows<i8>>(rows, n, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_int4_g<const G: usize>(rows: &PackedRows<2>, n: usize, out: *mut u32) {
+        stream::<G, I32, PackedRows<2>>(rows, n, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_int2_g<const G: usize>(rows: &PackedRows<4>, n: usize, out: *mut u32) {
+        stream::<G, I32, PackedRows<4>>(rows, n, out)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `d` is a multiple of 8, `rows` holds `n` rows of `d`
+    /// values, `queries` 1 to 8 of `d` and `out` at least `g · n` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_bf16(
+        rows: &[half::bf16],
+        d: usize,
+        queries: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let src = WideRows {
+            rows: rows.as_ptr() as *const u16,
+            queries: queries.as_ptr(),
+            d,
+        };
+        let out = out.as_mut_ptr() as *mut u32;
+        dispatch_g!(queries.len() / d, dots_bf16_g, &src, n, out)
+    }
+
+    /// # Safety
+    /// As [`dots_bf16`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_i8(
+        rows: &[i8],
+        d: usize,
+        queries: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let src = WideRows {
+            rows: rows.as_ptr(),
+            queries: queries.as_ptr(),
+            d,
+        };
+        let out = out.as_mut_ptr() as *mut u32;
+        dispatch_g!(queries.len() / d, dots_i8_g, &src, n, out)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `run.len` is a multiple of 32, `run` holds `n` rows,
+    /// `queries` 1 to 8 of `planes · run.len`, `out` at least `g · n` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_packed(run: PackedRun, queries: &[i8], n: usize, out: &mut [i32]) {
+        let g = queries.len() / (run.bits.planes() * run.len);
+        let out = out.as_mut_ptr() as *mut u32;
+        let queries = queries.as_ptr();
+        match run.bits {
+            CodeBits::Four => {
+                let src = PackedRows::<2> { run, queries };
+                dispatch_g!(g, dots_int4_g, &src, n, out)
+            }
+            CodeBits::Two => {
+                let src = PackedRows::<4> { run, queries };
+                dispatch_g!(g, dots_int2_g, &src, n, out)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::packed::{pack, packed_len};
     use crate::rng::SplitMix64;
 
-    const SHAPES: [(usize, usize, usize); 9] = [
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 8, 1),
         (3, 16, 2),
         (4, 128, 4),
@@ -582,6 +956,7 @@ mod tests {
         (13, 33, 6),
         (17, 128, 7),
         (2, 256, 4),
+        (3, 512, 2),
     ];
 
     /// `row · q` in f64, and `Σ |row_c · q_c|`, the scale of its rounding.

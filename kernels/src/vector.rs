@@ -1298,7 +1298,12 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn reduce8(v: &[__m256; 8]) -> __m256 {
-        let t: [__m256; 4] = std::array::from_fn(|k| _mm256_hadd_ps(v[2 * k], v[2 * k + 1]));
+        let t = [
+            _mm256_hadd_ps(v[0], v[1]),
+            _mm256_hadd_ps(v[2], v[3]),
+            _mm256_hadd_ps(v[4], v[5]),
+            _mm256_hadd_ps(v[6], v[7]),
+        ];
         // Lanes 0-3 and 4-7 of u[k] are partials of v[4k..4k + 4].
         let u = [_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])];
         _mm256_add_ps(
