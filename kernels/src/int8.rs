@@ -69,6 +69,10 @@ pub(crate) fn axpy_i8_multi_with(isa: Isa, outs: &mut [f32], ws: &[f32], codes: 
         // SAFETY: the CPU supports AVX-512F/BW/VL (`Isa::Avx512` requires
         // them); `outs` holds `ws.len() * d` values.
         Isa::Avx512 => unsafe { x86::axpy_multi_avx512(outs, ws, codes) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX2 and FMA; `outs` holds `ws.len() * d`
+        // values.
+        Isa::Avx2 => unsafe { x86::axpy_multi_avx2(outs, ws, codes) },
         _ => {
             for (out, &w) in outs.chunks_exact_mut(d.max(1)).zip(ws) {
                 for (o, &c) in out.iter_mut().zip(codes) {
@@ -221,6 +225,23 @@ pub(crate) fn dot_rows_i8_with<'a>(
                     out,
                     &mut [],
                 ),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == Isa::Avx2 && d.is_multiple_of(8) {
+        // SAFETY: the CPU supports AVX2 and FMA; every row (and `scales`) has
+        // `d` values, a multiple of 8, every head has `d` query values, and
+        // `norms` has a slot per id.
+        unsafe {
+            match scaled_norms {
+                Some((scales, norms)) => {
+                    x86::dot_rows_avx2::<true>(ids, row, heads, queries, scales, ahead, out, norms)
+                }
+                None => {
+                    x86::dot_rows_avx2::<false>(ids, row, heads, queries, &[], ahead, out, &mut [])
+                }
             }
         }
         return;
@@ -434,6 +455,94 @@ mod x86 {
                 _mm512_mask_storeu_ps(norms.as_mut_ptr().add(p0), keep, norm);
             }
             p0 += 16;
+        }
+    }
+
+    /// Loads 8 codes as f32.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn widen8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+
+    /// Safety: AVX2 and FMA; `outs` holds `ws.len() * codes.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_multi_avx2(outs: &mut [f32], ws: &[f32], codes: &[i8]) {
+        let d = codes.len();
+        let whole = d / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            let k = widen8(codes.as_ptr().add(i));
+            for (h, &w) in ws.iter().enumerate() {
+                let po = outs.as_mut_ptr().add(h * d + i);
+                _mm256_storeu_ps(
+                    po,
+                    _mm256_fmadd_ps(_mm256_set1_ps(w), k, _mm256_loadu_ps(po)),
+                );
+            }
+        }
+        for (h, &w) in ws.iter().enumerate() {
+            for (o, &c) in outs[h * d + whole..(h + 1) * d]
+                .iter_mut()
+                .zip(&codes[whole..])
+            {
+                *o += w * f32::from(c);
+            }
+        }
+    }
+
+    /// [`super::dot_rows_i8`] eight pairs at a time. Safety: AVX2 and FMA;
+    /// every `row(ids[p])` has `d` values with `d % 8 == 0`, every head has
+    /// `d` query values; with `NORMS`, `scales` has `d` values and `norms` a
+    /// slot per id.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows_avx2<'a, const NORMS: bool>(
+        ids: &[u32],
+        row: impl Fn(u32) -> &'a [i8],
+        heads: &[u8],
+        queries: &[f32],
+        scales: &[f32],
+        ahead: usize,
+        out: &mut [f32],
+        norms: &mut [f32],
+    ) {
+        let n = ids.len();
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut sq = [_mm256_setzero_ps(); 8];
+        for p0 in (0..n).step_by(8) {
+            let m = (n - p0).min(8);
+            for (k, (a, s)) in acc.iter_mut().zip(sq.iter_mut()).enumerate() {
+                (*a, *s) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let p = p0 + k;
+                if k >= m {
+                    continue;
+                }
+                // Pairs of one row are adjacent (all heads of a key): fetch it once.
+                if let Some(&next) = ids.get(p + ahead) {
+                    if p + ahead == 0 || ids[p + ahead - 1] != next {
+                        crate::vector::prefetch(row(next));
+                    }
+                }
+                let r = row(ids[p]);
+                let d = r.len();
+                let q = queries.as_ptr().add(usize::from(heads[p]) * d);
+                for c in (0..d).step_by(8) {
+                    let x = widen8(r.as_ptr().add(c));
+                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(q.add(c)), *a);
+                    if NORMS {
+                        let t = _mm256_mul_ps(x, _mm256_loadu_ps(scales.as_ptr().add(c)));
+                        *s = _mm256_fmadd_ps(t, t, *s);
+                    }
+                }
+            }
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), crate::vector::x86::reduce8(&acc));
+            out[p0..p0 + m].copy_from_slice(&lanes[..m]);
+            if NORMS {
+                let norm = _mm256_sqrt_ps(crate::vector::x86::reduce8(&sq));
+                _mm256_storeu_ps(lanes.as_mut_ptr(), norm);
+                norms[p0..p0 + m].copy_from_slice(&lanes[..m]);
+            }
         }
     }
 }

@@ -1268,7 +1268,7 @@ pub(crate) mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn widen8(p: *const u16) -> __m256 {
+    pub(crate) unsafe fn widen8(p: *const u16) -> __m256 {
         let v = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
     }
@@ -1297,7 +1297,7 @@ pub(crate) mod x86 {
     /// Lane `i` of the result is the sum of the 8 lanes of `v[i]`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn reduce8(v: &[__m256; 8]) -> __m256 {
+    pub(crate) unsafe fn reduce8(v: &[__m256; 8]) -> __m256 {
         let t = [
             _mm256_hadd_ps(v[0], v[1]),
             _mm256_hadd_ps(v[2], v[3]),
