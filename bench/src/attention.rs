@@ -324,6 +324,7 @@ pub fn run_attention_bench(
         let attend = Attend {
             policy: spec.policy,
             softmax: spec.softmax,
+            exact_heads: 0,
         };
         let (wall, ret, touched, scanned) = time(&stores, attend, &mut out)?;
         drop(stores);

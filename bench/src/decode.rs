@@ -102,9 +102,12 @@ pub struct DecodeBenchResult {
     pub cpu_workers: usize,
     /// The dense device, as it names itself.
     pub device: String,
-    /// The layers the fidelity check sent to exact attention during the
-    /// untimed probe steps (they attend exactly in every timed step).
+    /// The layers with kv heads the fidelity check sent to exact attention
+    /// during the untimed probe steps (they attend exactly in every timed
+    /// step).
     pub exact_layers: Vec<usize>,
+    /// How many kv heads of those layers attend exactly.
+    pub exact_kv_heads: u32,
 }
 
 /// The known generated shapes.
@@ -338,10 +341,15 @@ fn table_for(base: &PolicyConfig, name: &str, windows: &[Option<usize>]) -> Resu
     base.resolve(windows)
 }
 
-/// The layers the fidelity check sent to exact attention.
-fn exact_layers(fidelity: &[LayerFidelity]) -> Vec<usize> {
-    let exact = fidelity.iter().enumerate().filter(|(_, f)| f.is_exact());
-    exact.map(|(layer, _)| layer).collect()
+/// The layers with kv heads the fidelity check sent to exact attention, and
+/// how many such heads there are.
+fn exact_layers(fidelity: &[LayerFidelity]) -> (Vec<usize>, u32) {
+    let exact = fidelity
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.exact_heads() != 0);
+    let heads = fidelity.iter().map(|f| f.exact_heads().count_ones()).sum();
+    (exact.map(|(layer, _)| layer).collect(), heads)
 }
 
 fn summary(r: &DecodeBenchResult) -> String {
@@ -359,7 +367,10 @@ fn summary(r: &DecodeBenchResult) -> String {
         r.wait_ms_per_token
     ) + &match r.exact_layers.is_empty() {
         true => String::new(),
-        false => format!("; layers {:?} exact (fidelity check)", r.exact_layers),
+        false => format!(
+            "; {} kv heads of layers {:?} exact (fidelity check)",
+            r.exact_kv_heads, r.exact_layers
+        ),
     }
 }
 
@@ -403,7 +414,7 @@ fn time_decode<D: DenseDevice>(
         }
         run_step(seqs, &mut next)?;
     }
-    let exact_layers = exact_layers(&seqs[0].fidelity());
+    let (exact_layers, exact_kv_heads) = exact_layers(&seqs[0].fidelity());
     for kv in seqs.iter_mut() {
         kv.take_counters();
     }
@@ -462,6 +473,7 @@ fn time_decode<D: DenseDevice>(
         threads: opts.threads,
         device: model.device().name(),
         exact_layers,
+        exact_kv_heads,
         cpu_workers: opts.cpu_workers,
     })
 }

@@ -323,9 +323,9 @@ struct PolicyArgs {
     layout_window: usize,
     /// The fidelity check: after each prompt, every sampled layer's first 4
     /// tokens are attended both sampled and exactly (the exact output is
-    /// used), and a layer whose mean relative error exceeds this bound
-    /// attends its offloaded keys exactly until the next prompt. 0 turns it
-    /// off.
+    /// used), and each kv head of the layer whose mean relative error
+    /// exceeds this bound attends its offloaded keys exactly until the next
+    /// prompt. 0 turns it off.
     #[arg(long, default_value_t = tandem_runtime::policy::DEFAULT_FIDELITY_CHECK)]
     fidelity_check: f32,
     /// A TOML policy file (policy, dense_layers, sinks, window, dense_below,

@@ -1,5 +1,5 @@
 //! The fidelity check as a user sees it: `generate` names its outcome, and
-//! its bound decides which layers attend exactly.
+//! its bound decides which layers' kv heads attend exactly.
 
 mod common;
 
@@ -37,7 +37,8 @@ fn the_bound_decides_which_layers_attend_exactly_and_generate_says_so() {
     // SmolLM2 has 30 layers; 0 and 15 stay dense, the other 28 sample.
     let astray = generate_with_bound("1e-9");
     assert!(
-        astray.contains("fidelity check: layers 1,2,3,") && astray.contains("attend exactly"),
+        astray.contains("fidelity check: exact attention for layer 1 (")
+            && astray.contains(", layer 2 ("),
         "{astray}"
     );
     assert!(

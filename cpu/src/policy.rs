@@ -109,6 +109,24 @@ pub struct Attend {
     pub policy: Policy,
     /// The softmax's weights: exact, or SAS (see [`tandem_kernels::sas`]).
     pub softmax: Softmax,
+    /// KV heads (bit `h` for head `h < 64`) that attend every key exactly
+    /// ([`Policy::Dense`]) whatever `policy` says: those a fidelity check
+    /// found the policy cannot serve.
+    pub exact_heads: u64,
+}
+
+impl Attend {
+    /// What kv head `h` runs: `self`, or dense where `exact_heads` says so.
+    pub fn for_kv_head(self, h: usize) -> Attend {
+        if h < 64 && self.exact_heads >> h & 1 == 1 {
+            Attend {
+                policy: Policy::Dense,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
 }
 
 impl From<Policy> for Attend {
@@ -116,6 +134,7 @@ impl From<Policy> for Attend {
         Attend {
             policy,
             softmax: Softmax::Exact,
+            exact_heads: 0,
         }
     }
 }

@@ -279,7 +279,7 @@ impl WorkerPool {
                 slot: h,
                 store: Arc::clone(store),
                 kv_head: h,
-                attend,
+                attend: attend.for_kv_head(h),
                 buf,
                 reply: output.reply_tx.clone(),
                 panic_for_test: panic_for_test && h == 0,

@@ -61,6 +61,7 @@ fn run(case: &Case, spec: &PolicySpec) -> LayerOutput {
     let attend = Attend {
         policy: spec.policy,
         softmax: spec.softmax,
+        exact_heads: 0,
     };
     pool.run_layer(&case.store, &case.q, attend, &mut out)
         .expect("run");

@@ -546,8 +546,8 @@ impl fmt::Display for PolicyTable {
             if self.is_checked() {
                 write!(
                     f,
-                    "\n  fidelity check: a sampled layer whose output strays more than {} \
-                     from exact attention attends exactly",
+                    "\n  fidelity check: a sampled layer's kv head whose output strays more \
+                     than {} from exact attention attends exactly",
                     self.fidelity_check
                 )?;
             }

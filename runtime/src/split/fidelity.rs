@@ -7,10 +7,11 @@
 //! the model and on the text, so it is measured on the text at hand: after
 //! new content (a step of several rows), each sampled layer's first
 //! [`PROBE_STEPS`] single-token steps are attended both sampled and exactly
-//! over the same offloaded keys; the exact output is the one used, and the
-//! layer's mean relative error decides. A layer above the table's bound
-//! (`PolicyTable::fidelity_check`) attends its offloaded keys exactly until
-//! the next content arrives; the others go on sampling.
+//! over the same offloaded keys; the exact output is the one used, and each
+//! kv head's mean relative error (over its query heads' rows) decides. A kv
+//! head above the table's bound (`PolicyTable::fidelity_check`) attends its
+//! offloaded keys exactly until the next content arrives; the others go on
+//! sampling, the layer's other heads among them.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -26,27 +27,28 @@ use crate::error::Result;
 pub const PROBE_STEPS: u32 = 4;
 
 /// Where one layer stands in the check.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum LayerFidelity {
     /// Not checked: the layer is not sampled, or the check is off.
     #[default]
     Unchecked,
-    /// Being probed: steps probed so far and their summed row errors.
+    /// Being probed: steps probed so far and, per kv head, the summed
+    /// relative errors of its query rows and how many rows they are.
     Probing {
         /// Steps probed.
         steps: u32,
-        /// Sum of the rows' relative errors.
-        error_sum: f64,
-        /// Rows (token, query head) summed.
-        rows: u64,
+        /// Per kv head: (sum of the rows' relative errors, rows summed).
+        heads: Vec<(f64, u64)>,
     },
-    /// Probed: the mean relative error of the sampled output, and whether
-    /// the layer now attends exactly.
+    /// Probed: each kv head's mean relative error of the sampled output, and
+    /// the heads that now attend exactly.
     Checked {
-        /// Mean relative L2 error of the layer's output, sampled vs exact.
-        error: f64,
-        /// Whether it exceeded the bound, so the layer attends exactly.
-        exact: bool,
+        /// Per kv head, the mean relative L2 error of its query rows' layer
+        /// output, sampled vs exact.
+        errors: Vec<f64>,
+        /// Bit `h`: kv head `h` exceeded the bound and attends exactly
+        /// (heads from 64 on always sample).
+        exact_heads: u64,
     },
 }
 
@@ -54,8 +56,7 @@ impl LayerFidelity {
     /// The state a checked layer starts from after new content.
     pub(super) const FRESH: LayerFidelity = LayerFidelity::Probing {
         steps: 0,
-        error_sum: 0.0,
-        rows: 0,
+        heads: Vec::new(),
     };
 
     /// Whether the layer's next single-token step is probed.
@@ -63,30 +64,51 @@ impl LayerFidelity {
         matches!(self, LayerFidelity::Probing { .. })
     }
 
-    /// Whether the layer attends its offloaded keys exactly now.
-    pub fn is_exact(&self) -> bool {
-        matches!(self, LayerFidelity::Checked { exact: true, .. })
+    /// The kv heads (bit `h` for head `h`) that attend their offloaded keys
+    /// exactly now.
+    pub fn exact_heads(&self) -> u64 {
+        match self {
+            LayerFidelity::Checked { exact_heads, .. } => *exact_heads,
+            _ => 0,
+        }
     }
 
-    /// Adds one probed step's row errors; after [`PROBE_STEPS`], decides
-    /// against `bound`.
-    pub(super) fn record(&mut self, errors: &[RowError], bound: f32) {
-        let LayerFidelity::Probing {
-            steps,
-            error_sum,
-            rows,
-        } = self
-        else {
+    /// Adds one probed step's row errors (`errors[t * nq + q]` for token `t`
+    /// and query head `q`, of `kv_heads` heads of `group` query heads each);
+    /// after [`PROBE_STEPS`], decides each kv head against `bound`.
+    pub(super) fn record(
+        &mut self,
+        errors: &[RowError],
+        kv_heads: usize,
+        group: usize,
+        bound: f32,
+    ) {
+        let LayerFidelity::Probing { steps, heads } = self else {
             return;
         };
+        heads.resize(kv_heads, (0.0, 0));
+        let (group, nq) = (group.max(1), (kv_heads * group).max(1));
+        for (r, e) in errors.iter().enumerate() {
+            if let Some((sum, rows)) = heads.get_mut(r % nq / group) {
+                *sum += e.rel_l2;
+                *rows += 1;
+            }
+        }
         *steps += 1;
-        *error_sum += errors.iter().map(|e| e.rel_l2).sum::<f64>();
-        *rows += errors.len() as u64;
         if *steps >= PROBE_STEPS {
-            let error = *error_sum / (*rows).max(1) as f64;
+            let errors: Vec<f64> = heads
+                .iter()
+                .map(|&(sum, rows)| sum / rows.max(1) as f64)
+                .collect();
+            let exact_heads = errors
+                .iter()
+                .take(64)
+                .enumerate()
+                .filter(|(_, &e)| e > f64::from(bound))
+                .fold(0u64, |mask, (h, _)| mask | 1 << h);
             *self = LayerFidelity::Checked {
-                error,
-                exact: error > f64::from(bound),
+                errors,
+                exact_heads,
             };
         }
     }
@@ -120,48 +142,67 @@ impl<D: DenseDevice> SequenceKv<D> {
         };
     }
 
-    /// One line on the check's decisions, e.g. `fidelity check: layers 5,11
-    /// attend exactly (sampled error 0.43, 0.38 > 0.15); 3 layers sample
-    /// (error at most 0.09)`; `None` before any layer was decided.
+    /// One line on the check's decisions, e.g. `fidelity check: exact
+    /// attention for layer 5 kv heads 0,2 (sampled error 0.43, 0.38), layer
+    /// 11 (0.21) > 0.15; 3 layers sample (error at most 0.09)`, where a layer
+    /// named without heads attends exactly on all of them; `None` before any
+    /// layer was decided.
     pub fn fidelity_summary(&self) -> Option<String> {
-        let (mut exact, mut sampled) = (Vec::new(), Vec::new());
+        let (mut exact, mut sampled, mut worst) = (Vec::new(), 0, None::<f64>);
         for (layer, state) in self.layers.iter().enumerate() {
-            if let LayerFidelity::Checked { error, exact: e } = state.fidelity {
-                if e { &mut exact } else { &mut sampled }.push((layer, error));
+            let LayerFidelity::Checked {
+                errors,
+                exact_heads,
+            } = &state.fidelity
+            else {
+                continue;
+            };
+            let is_exact = |h: usize| h < 64 && exact_heads >> h & 1 == 1;
+            let heads: Vec<usize> = (0..errors.len()).filter(|&h| is_exact(h)).collect();
+            for (_, &e) in errors.iter().enumerate().filter(|&(h, _)| !is_exact(h)) {
+                worst = Some(worst.map_or(e, |w| w.max(e)));
+            }
+            let errs: Vec<String> = heads.iter().map(|&h| format!("{:.2}", errors[h])).collect();
+            match heads.len() {
+                0 => sampled += 1,
+                n if n == errors.len() => {
+                    exact.push(format!("layer {layer} ({})", errs.join(", ")))
+                }
+                _ => {
+                    let list: Vec<String> = heads.iter().map(usize::to_string).collect();
+                    exact.push(format!(
+                        "layer {layer} kv heads {} ({})",
+                        list.join(","),
+                        errs.join(", ")
+                    ));
+                }
             }
         }
-        if exact.is_empty() && sampled.is_empty() {
+        if exact.is_empty() && sampled == 0 {
             return None;
         }
-        let mut line = String::from("fidelity check:");
+        let mut parts = Vec::new();
         if !exact.is_empty() {
-            let layers: Vec<String> = exact.iter().map(|(l, _)| l.to_string()).collect();
-            let errors: Vec<String> = exact.iter().map(|(_, e)| format!("{e:.2}")).collect();
-            line += &format!(
-                " layers {} attend exactly (sampled error {} > {});",
-                layers.join(","),
-                errors.join(", "),
+            parts.push(format!(
+                "exact attention for {} > {}",
+                exact.join(", "),
                 self.table.fidelity_check
-            );
+            ));
         }
-        if let Some(worst) = sampled.iter().map(|&(_, e)| e).reduce(f64::max) {
-            let layers = match sampled.len() {
+        if let Some(worst) = worst {
+            let layers = match sampled {
                 1 => "1 layer samples".to_string(),
                 n => format!("{n} layers sample"),
             };
-            line += &format!(" {layers} (error at most {worst:.2})");
+            parts.push(format!("{layers} (error at most {worst:.2})"));
         }
-        Some(line.trim_end_matches(';').to_string())
+        Some(format!("fidelity check: {}", parts.join("; ")))
     }
 
-    /// The policy `layer` attends its offloaded keys with now: `policy`, or
-    /// dense once the check found sampling astray.
-    pub(super) fn checked_policy(&self, layer: usize, policy: Policy) -> Policy {
-        if self.layers[layer].fidelity.is_exact() {
-            Policy::Dense
-        } else {
-            policy
-        }
+    /// The kv heads of `layer` that attend their offloaded keys exactly now,
+    /// whatever its policy: those the check found sampling astray.
+    pub(super) fn checked_exact_heads(&self, layer: usize) -> u64 {
+        self.layers[layer].fidelity.exact_heads()
     }
 
     /// While `layer` is probed and the step is one token (`rows`): attends
@@ -202,7 +243,10 @@ impl<D: DenseDevice> SequenceKv<D> {
         let state = &mut self.layers[layer];
         let sampled = (&state.output.out[..], &state.output.lse[..]);
         let errors = merged_row_errors(device_out, device_lse, sampled, (&exact.out, &exact.lse));
-        state.fidelity.record(&errors, self.table.fidelity_check);
+        let (kv_heads, group) = (self.shape.n_kv_heads, self.shape.group());
+        state
+            .fidelity
+            .record(&errors, kv_heads, group, self.table.fidelity_check);
         std::mem::swap(&mut state.output, exact);
         // The exact partial's work is counted with the layer's output; the
         // sampled one's, swapped out, here. The device waited for the exact pass.
@@ -261,36 +305,38 @@ pub fn merged_row_errors(
 mod tests {
     use super::*;
 
-    fn rows(error: f64, n: usize) -> Vec<RowError> {
-        vec![
-            RowError {
-                rel_l2: error,
+    #[test]
+    fn each_kv_head_is_decided_after_the_probe_steps_by_its_mean_error() {
+        // Two kv heads of two query heads: head 0's rows err by `low`, head
+        // 1's by `high`; one step holds two tokens.
+        let step = |low: f64, high: f64| {
+            let row = |e: f64| RowError {
+                rel_l2: e,
                 cosine: 1.0,
             };
-            n
-        ]
-    }
-
-    #[test]
-    fn a_layer_is_decided_after_its_probe_steps_by_its_mean_error() {
-        for (error, exact) in [(0.05, false), (0.3, true)] {
+            [low, low, high, high, low, low, high, high].map(row)
+        };
+        for (low, high, mask) in [(0.05, 0.3, 0b10), (0.3, 0.3, 0b11), (0.05, 0.1, 0b00)] {
             let mut f = LayerFidelity::FRESH;
             for _ in 0..PROBE_STEPS - 1 {
-                f.record(&rows(error, 3), 0.15);
+                f.record(&step(low, high), 2, 2, 0.15);
                 assert!(f.is_probing());
+                assert_eq!(f.exact_heads(), 0);
             }
-            f.record(&rows(error, 3), 0.15);
-            match f {
-                LayerFidelity::Checked { error: e, exact: x } => {
-                    assert!((e - error).abs() < 1e-12);
-                    assert_eq!(x, exact);
-                    assert_eq!(f.is_exact(), exact);
+            f.record(&step(low, high), 2, 2, 0.15);
+            match &f {
+                LayerFidelity::Checked {
+                    errors,
+                    exact_heads,
+                } => {
+                    assert!((errors[0] - low).abs() < 1e-12 && (errors[1] - high).abs() < 1e-12);
+                    assert_eq!(*exact_heads, mask);
                 }
                 other => panic!("not decided: {other:?}"),
             }
             // A decided layer ignores further steps.
-            f.record(&rows(9.0, 3), 0.15);
-            assert_eq!(f.is_exact(), exact);
+            f.record(&step(9.0, 9.0), 2, 2, 0.15);
+            assert_eq!(f.exact_heads(), mask);
         }
     }
 

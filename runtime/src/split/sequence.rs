@@ -221,10 +221,10 @@ impl<D: DenseDevice> SequenceKv<D> {
     }
 
     /// Each layer's standing in the fidelity check (see
-    /// [`LayerFidelity`]): whether it is probed, its measured error, and
-    /// whether it attends exactly.
+    /// [`LayerFidelity`]): whether it is probed, its kv heads' measured
+    /// errors, and which of them attend exactly.
     pub fn fidelity(&self) -> Vec<LayerFidelity> {
-        self.layers.iter().map(|l| l.fidelity).collect()
+        self.layers.iter().map(|l| l.fidelity.clone()).collect()
     }
 
     /// Drops tokens from `len` on. Only tokens still on the device can be

@@ -148,8 +148,9 @@ impl<D: DenseDevice> SequenceKv<D> {
             )));
         };
         let attend = Attend {
-            policy: self.checked_policy(layer, *policy),
+            policy: *policy,
             softmax: self.table.softmax(source),
+            exact_heads: self.checked_exact_heads(layer),
         };
         let width = self.shape.n_heads * self.shape.head_dim;
         let queries =

@@ -292,7 +292,7 @@ fn a_loaded_state_attends_as_the_saved_sequence_and_foreign_counts_are_refused()
 }
 
 #[test]
-fn the_fidelity_check_probes_exactly_and_sends_a_layer_astray_to_exact_attention() {
+fn the_fidelity_check_probes_exactly_and_sends_the_kv_heads_astray_to_exact_attention() {
     let device = Arc::new(CpuDevice::new(1));
     let n = 48;
     let fill = |seq: &mut SequenceKv<CpuDevice>| {
@@ -303,12 +303,40 @@ fn the_fidelity_check_probes_exactly_and_sends_a_layer_astray_to_exact_attention
         })
         .expect("fill");
     };
-    // A bound no sampled output meets, one every output meets, and no check.
+    // The kv heads' sampled errors, from a bound every output meets.
+    let errors = {
+        let mut kept = checked_sequence(&device, &["topk:k=2", "exact"], 1e9);
+        fill(&mut kept);
+        let mut rng = SplitMix64(8);
+        for _ in 0..PROBE_STEPS {
+            let rows = [Q, KV, KV].map(|n| random(n, &mut rng));
+            step(&device, &mut kept, 0, [&rows[0], &rows[1], &rows[2]]);
+            kept.advance(1);
+        }
+        match &kept.fidelity()[0] {
+            LayerFidelity::Checked {
+                errors,
+                exact_heads: 0,
+            } if errors.len() == 2 && errors[0] != errors[1] => errors.clone(),
+            other => panic!("not decided as kept: {other:?}"),
+        }
+    };
+    // A bound no sampled output meets, one every output meets, one between
+    // the two heads' errors, and no check.
+    let between = ((errors[0] + errors[1]) / 2.0) as f32;
+    let worse = usize::from(errors[1] > errors[0]);
     let mut astray = checked_sequence(&device, &["topk:k=2", "exact"], 1e-9);
     let mut kept = checked_sequence(&device, &["topk:k=2", "exact"], 1e9);
+    let mut split = checked_sequence(&device, &["topk:k=2", "exact"], between);
     let mut unchecked = checked_sequence(&device, &["topk:k=2", "exact"], 0.0);
     let mut exact = checked_sequence(&device, &["exact", "exact"], 0.15);
-    for seq in [&mut astray, &mut kept, &mut unchecked, &mut exact] {
+    for seq in [
+        &mut astray,
+        &mut kept,
+        &mut split,
+        &mut unchecked,
+        &mut exact,
+    ] {
         fill(seq);
     }
     assert_eq!(astray.fidelity()[0], LayerFidelity::FRESH);
@@ -324,39 +352,62 @@ fn the_fidelity_check_probes_exactly_and_sends_a_layer_astray_to_exact_attention
     );
     assert_eq!(astray.fidelity_summary(), None);
     let mut rng = SplitMix64(8);
+    // The query rows of kv head `h`: query heads 2h and 2h + 1.
+    let head = |out: &[f32], h: usize| out[2 * h * 16..(2 * h + 2) * 16].to_vec();
     for t in 0..PROBE_STEPS as usize + 3 {
-        let rows = [
-            random(Q, &mut rng),
-            random(KV, &mut rng),
-            random(KV, &mut rng),
-        ];
+        let rows = [Q, KV, KV].map(|n| random(n, &mut rng));
         let rows = [&rows[0][..], &rows[1], &rows[2]];
         let want = step(&device, &mut exact, 0, rows);
         let sampled = step(&device, &mut unchecked, 0, rows);
-        let (a, k) = (
+        let (a, k, s) = (
             step(&device, &mut astray, 0, rows),
             step(&device, &mut kept, 0, rows),
+            step(&device, &mut split, 0, rows),
         );
         assert_close(&a, &want, &format!("astray, step {t}"));
         let probing = t < PROBE_STEPS as usize;
+        let expect = if probing { &want } else { &sampled };
+        assert_close(&k, expect, &format!("kept, step {t}"));
+        // Past the probe, only the worse head attends exactly.
         assert_close(
-            &k,
-            if probing { &want } else { &sampled },
-            &format!("kept, step {t}"),
+            &head(&s, worse),
+            &head(&want, worse),
+            &format!("split, worse head, step {t}"),
+        );
+        assert_close(
+            &head(&s, 1 - worse),
+            &head(expect, 1 - worse),
+            &format!("split, better head, step {t}"),
         );
         if probing {
             assert_ne!(sampled, want, "top-2 of 38 random keys is not exact");
         }
-        for seq in [&mut astray, &mut kept, &mut unchecked, &mut exact] {
+        for seq in [
+            &mut astray,
+            &mut kept,
+            &mut split,
+            &mut unchecked,
+            &mut exact,
+        ] {
             seq.advance(1);
         }
     }
-    assert!(astray.fidelity()[0].is_exact());
-    assert!(
-        matches!(kept.fidelity()[0], LayerFidelity::Checked { exact: false, error } if error > 0.0)
-    );
+    assert_eq!(astray.fidelity()[0].exact_heads(), 0b11);
+    assert_eq!(split.fidelity()[0].exact_heads(), 1 << worse);
+    assert!(matches!(
+        &kept.fidelity()[0],
+        LayerFidelity::Checked { exact_heads: 0, errors } if errors.iter().all(|&e| e > 0.0)
+    ));
     let summary = astray.fidelity_summary().expect("decided");
-    assert!(summary.contains("layers 0 attend exactly"), "{summary}");
+    assert!(
+        summary.starts_with("fidelity check: exact attention for layer 0 ("),
+        "{summary}"
+    );
+    let summary = split.fidelity_summary().expect("decided");
+    assert!(
+        summary.contains(&format!("layer 0 kv heads {worse} (")),
+        "{summary}"
+    );
     assert!(kept
         .fidelity_summary()
         .expect("decided")
