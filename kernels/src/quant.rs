@@ -435,7 +435,16 @@ fn dot_tile_scalar(bits: u32, cols: usize, row: &RowView, xs: &[QuantizedVector]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{QuantizedVector, RowView, BLOCK};
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// `x` as f32 by F16C, inlined where `half`'s `to_f32` is a call that
+    /// checks for F16C on every use.
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    unsafe fn f32_of(x: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(x.to_bits()))))
+    }
 
     /// Scalar contribution of a lone trailing block (rows whose length is an odd
     /// multiple of 32); shared by both SIMD paths.
@@ -571,7 +580,7 @@ mod x86 {
     }
 
     /// AVX2 path: one block (32 weights) per step, integer sums by `vpmaddwd`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_tile_avx2(
         bits: u32,
         cols: usize,
@@ -586,10 +595,8 @@ mod x86 {
         let codes = row.codes.as_ptr();
         for g in 0..n_blocks_even / 2 {
             let (w0, w1) = load_group(bits, codes, g);
-            let d0 = row.scales[2 * g].to_f32();
-            let d1 = row.scales[2 * g + 1].to_f32();
-            let m0 = row.offsets[2 * g].to_f32();
-            let m1 = row.offsets[2 * g + 1].to_f32();
+            let (d0, d1) = (f32_of(row.scales[2 * g]), f32_of(row.scales[2 * g + 1]));
+            let (m0, m1) = (f32_of(row.offsets[2 * g]), f32_of(row.offsets[2 * g + 1]));
             for t in 0..nt {
                 let x = &xs[t];
                 let a = x.codes.as_ptr().add(g * 64);
