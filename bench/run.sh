@@ -446,6 +446,12 @@ out = ["# Benchmarks", "",
        "`bench/results/<date>-<new>-vs-<old>/` with a README of its figures.", "",
        "Ratios compare with the baseline measured in the same command: dense, or "
        "llama.cpp for the SmolLM2 decode rows.", ""]
+machines = sorted({r[3] for r in table})
+if len(machines) > 1:
+    out += ["The rows come from " + str(len(machines)) + " machines (" +
+            "; ".join(machines) + "), named in the Machine column: compare figures "
+            "only between rows of one machine. A row of an older machine stands until "
+            "its command runs again on the newer one.", ""]
 legacy = [p for p, has_meta in sources if not has_meta]
 if legacy:
     out += ["Built from saved outputs of commit(s) " + ", ".join(commits) + ", "
