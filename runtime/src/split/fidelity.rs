@@ -158,24 +158,14 @@ impl<D: DenseDevice> SequenceKv<D> {
                 continue;
             };
             let is_exact = |h: usize| h < 64 && exact_heads >> h & 1 == 1;
-            let heads: Vec<usize> = (0..errors.len()).filter(|&h| is_exact(h)).collect();
-            for (_, &e) in errors.iter().enumerate().filter(|&(h, _)| !is_exact(h)) {
-                worst = Some(worst.map_or(e, |w| w.max(e)));
+            let (heads, kept): (Vec<usize>, Vec<usize>) =
+                (0..errors.len()).partition(|&h| is_exact(h));
+            for e in kept.iter().map(|&h| errors[h]) {
+                worst = Some(worst.map_or(e, |w: f64| w.max(e)));
             }
-            let errs: Vec<String> = heads.iter().map(|&h| format!("{:.2}", errors[h])).collect();
-            match heads.len() {
-                0 => sampled += 1,
-                n if n == errors.len() => {
-                    exact.push(format!("layer {layer} ({})", errs.join(", ")))
-                }
-                _ => {
-                    let list: Vec<String> = heads.iter().map(usize::to_string).collect();
-                    exact.push(format!(
-                        "layer {layer} kv heads {} ({})",
-                        list.join(","),
-                        errs.join(", ")
-                    ));
-                }
+            match exact_part(layer, errors, &heads) {
+                Some(part) => exact.push(part),
+                None => sampled += 1,
             }
         }
         if exact.is_empty() && sampled == 0 {
@@ -190,11 +180,12 @@ impl<D: DenseDevice> SequenceKv<D> {
             ));
         }
         if let Some(worst) = worst {
-            let layers = match sampled {
+            let who = match sampled {
+                0 => "the other kv heads sample".to_string(),
                 1 => "1 layer samples".to_string(),
                 n => format!("{n} layers sample"),
             };
-            parts.push(format!("{layers} (error at most {worst:.2})"));
+            parts.push(format!("{who} (error at most {worst:.2})"));
         }
         Some(format!("fidelity check: {}", parts.join("; ")))
     }
@@ -256,6 +247,25 @@ impl<D: DenseDevice> SequenceKv<D> {
         self.counters.wait_ns += t0.elapsed().as_nanos() as u64;
         Ok(())
     }
+}
+
+/// `layer 5 kv heads 0,2 (0.43, 0.38)`, or `layer 5 (0.43, 0.38, 0.41)`
+/// when every head of the layer is among `heads` (those attending exactly,
+/// of the layer's per-head `errors`); `None` when none is.
+fn exact_part(layer: usize, errors: &[f64], heads: &[usize]) -> Option<String> {
+    if heads.is_empty() {
+        return None;
+    }
+    let errs: Vec<String> = heads.iter().map(|&h| format!("{:.2}", errors[h])).collect();
+    if heads.len() == errors.len() {
+        return Some(format!("layer {layer} ({})", errs.join(", ")));
+    }
+    let list: Vec<String> = heads.iter().map(usize::to_string).collect();
+    Some(format!(
+        "layer {layer} kv heads {} ({})",
+        list.join(","),
+        errs.join(", ")
+    ))
 }
 
 /// How far one query row's attention output is from a reference's.
