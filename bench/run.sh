@@ -341,7 +341,10 @@ for path in files:
         if long and want("decode96k"):
             for r, d in long:
                 v = (f"{r['ms_per_token']:.1f} ms/step (device {r['device_ms_per_token']:.1f}, "
-                     f"CPU side {r['cpu_attention_ms_per_token']:.1f}); KV bytes per token "
+                     f"CPU side {r['cpu_attention_ms_per_token']:.1f}"
+                     + (f", its CPU time {r['cpu_attention_on_cpu_ms_per_token']:.1f}"
+                        if "cpu_attention_on_cpu_ms_per_token" in r else "")
+                     + "); KV bytes per token "
                      f"{r['device_bytes_per_token']:.0f} device + {r['cpu_bytes_per_token']:.0f} CPU")
                 if d:
                     v += (f"; dense {d['ms_per_token']:.1f} ms/step, "

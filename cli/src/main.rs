@@ -296,7 +296,9 @@ struct PolicyArgs {
     /// offloading policy takes kbits=2|4|8|16|32 and vbits=2|4|8|16: the bits
     /// of the offloaded keys and values (int8 with one scale per channel,
     /// int4 and int2 with a range per row, bf16 by default; kbits=32 makes
-    /// both f32).
+    /// both f32), and int2_heads=N: the N kv heads of each layer whose prefill
+    /// keys have the least range × std hold keys and values at int2 instead
+    /// (TurboAttention's head-wise choice).
     /// Dense and offloading policies take softmax=sas[,sas_n=N]: TurboAttention's
     /// SAS weights (a table and a cubic for exp; scores N or more below the max,
     /// 1 to 16, default 8, dropped) on the CPU device and workers.
@@ -546,7 +548,8 @@ struct BenchAttentionArgs {
     shape: String,
     /// Policies, e.g. lsh:k=10,l=150 dense topk:k=2048 oracle:budget=2048 (repeatable);
     /// lsh also takes t=, max_keys=, vskip=, top= and per=, and any policy kbits=2|4|8|16|32
-    /// and vbits=2|4|8|16 (the bits of the stored keys and values; bf16 by default), and
+    /// and vbits=2|4|8|16 (the bits of the stored keys and values; bf16 by default) and
+    /// int2_heads=N (that many kv heads, those of least key range × std, at int2), and
     /// softmax=sas[,sas_n=N] (TurboAttention's SAS weights, cut-off N in 1..=16, default 8).
     #[arg(long, num_args = 1.., default_values_t = [tandem_runtime::policy::DEFAULT_POLICY.to_string()])]
     policy: Vec<String>,
@@ -754,7 +757,7 @@ fn bench_decode<D: DenseDevice>(args: &BenchDecodeArgs, device: D) -> Result<()>
             println!("{}", serde_json::to_string(r)?);
         } else {
             println!(
-                "{:<24} context {:>6} batch {}: {:8.2} ms/token {:8.1} tokens/s | device {:7.2} ms, CPU workers {:7.2} ms (retrieval {:6.2}), wait {:7.2} ms | touched {:.2}%{}",
+                "{:<24} context {:>6} batch {}: {:8.2} ms/token {:8.1} tokens/s | device {:7.2} ms, CPU workers {:7.2} ms ({:.2} on the CPU; retrieval {:6.2}), wait {:7.2} ms | touched {:.2}%{}",
                 r.policy,
                 r.context,
                 r.batch,
@@ -762,6 +765,7 @@ fn bench_decode<D: DenseDevice>(args: &BenchDecodeArgs, device: D) -> Result<()>
                 r.tokens_per_s,
                 r.device_ms_per_token,
                 r.cpu_attention_ms_per_token,
+                r.cpu_attention_on_cpu_ms_per_token,
                 r.cpu_retrieval_ms_per_token,
                 r.wait_ms_per_token,
                 100.0 * r.keys_touched_fraction,

@@ -103,12 +103,21 @@ pub(crate) const RANGE_BYTES: usize = 4;
 /// A key of head dimension 128 is then 68 bytes at int4 and 36 at int2 where
 /// a bf16 key is 256: sampled attention reads one row per retrieved key from
 /// memory at random.
+///
+/// TurboAttention's head-wise mixed precision (`int2_heads`): that many kv
+/// heads of the layer, those whose prefill keys have the least range ×
+/// standard deviation (the heads whose keys a 2-bit grid spans best), hold
+/// their keys and values at int2 instead; the choice is made at the prefill
+/// load ([`crate::LayerStore::load_prefill`]), so a store filled by appends
+/// alone keeps every head at `keys`/`values`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KvDtype {
     /// How the keys are held.
     pub keys: Precision,
     /// How the values are held.
     pub values: Precision,
+    /// kv heads per layer held at int2 keys and values instead (see above).
+    pub int2_heads: u8,
 }
 
 impl Default for KvDtype {
@@ -129,7 +138,22 @@ impl KvDtype {
 
     /// Keys and values of the given precisions.
     pub const fn new(keys: Precision, values: Precision) -> Self {
-        KvDtype { keys, values }
+        KvDtype {
+            keys,
+            values,
+            int2_heads: 0,
+        }
+    }
+
+    /// Keys and values of int2, the precision of the `int2_heads`.
+    pub const INT2: KvDtype = KvDtype::new(Precision::Int2, Precision::Int2);
+
+    /// These precisions with `heads` kv heads at int2 (see above).
+    pub const fn with_int2_heads(self, heads: u8) -> Self {
+        KvDtype {
+            int2_heads: heads,
+            ..self
+        }
     }
 
     /// The values' precision when a policy string gives only `kbits`: f32
@@ -267,6 +291,13 @@ impl LayerConfig {
                 "int4 and int2 values need head_dim <= {}, not {}",
                 VALUE_GROUP * MAX_VALUE_GROUPS,
                 self.head_dim
+            )));
+        }
+        let int2 = usize::from(self.kv_dtype.int2_heads);
+        if int2 > self.n_kv_heads || (int2 > 0 && self.n_kv_heads > 64) {
+            return Err(CpuError::Config(format!(
+                "int2_heads={int2} on a layer of {} kv heads (int2_heads chooses among at most 64)",
+                self.n_kv_heads
             )));
         }
         let r = self.sketch;

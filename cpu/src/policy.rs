@@ -175,7 +175,8 @@ impl Policy {
 /// (0, 1)) or `threshold:b=B` (B a finite logit; exactly one of eps and b),
 /// each with an optional
 /// `kbits=2|4|8|16|32` and `vbits=2|4|8|16`: the offloaded keys' and values'
-/// bits ([`KvDtype`]; 16, bf16, by default; `kbits=32` makes both f32); and an
+/// bits ([`KvDtype`]; 16, bf16, by default; `kbits=32` makes both f32), and
+/// `int2_heads=N`, the kv heads per layer held at int2 instead; and an
 /// optional `softmax=exact|sas` with, for `sas`, `sas_n=N` (the cut-off, 1 to
 /// 16, default 8: see [`tandem_kernels::sas`]). [`fmt::Display`] writes the
 /// canonical form (every lsh parameter, in that order, then the storage, then
@@ -269,7 +270,16 @@ impl<'s> Params<'s> {
         if keys == Precision::F32 && values != Precision::F32 {
             return Err(self.err("kbits=32 holds the values as f32 too"));
         }
-        Ok(KvDtype::new(keys, values))
+        let dtype = KvDtype::new(keys, values);
+        match self.take("int2_heads")? {
+            None | Some(0) => Ok(dtype),
+            Some(_) if dtype == KvDtype::INT2 => {
+                Err(self.err("int2_heads needs kbits or vbits above 2"))
+            }
+            Some(n) => u8::try_from(n)
+                .map(|n| dtype.with_int2_heads(n))
+                .map_err(|_| self.err("int2_heads must be at most 255")),
+        }
     }
 
     fn softmax(&mut self) -> Result<Softmax, CpuError> {
@@ -430,12 +440,19 @@ impl fmt::Display for PolicySpec {
                 "threshold"
             }
         };
-        let KvDtype { keys, values } = self.kv_dtype;
+        let KvDtype {
+            keys,
+            values,
+            int2_heads,
+        } = self.kv_dtype;
         if keys != Precision::Bf16 {
             params.push(format!("kbits={}", keys.bits()));
         }
         if values != KvDtype::default_values(keys) {
             params.push(format!("vbits={}", values.bits()));
+        }
+        if int2_heads > 0 {
+            params.push(format!("int2_heads={int2_heads}"));
         }
         if let Softmax::Sas { cutoff } = self.softmax {
             params.push(format!("softmax=sas,sas_n={cutoff}"));
@@ -601,6 +618,17 @@ mod tests {
             spec.to_string(),
             "lsh:k=10,l=75,t=2,vskip=9,kbits=4,vbits=2"
         );
+        let spec = parse_policy("lsh:int2_heads=2,k=10,l=75,kbits=4,vbits=4").expect("parses");
+        assert_eq!(spec.kv_dtype.int2_heads, 2);
+        assert_eq!(
+            spec.to_string(),
+            "lsh:k=10,l=75,t=2,vskip=9,kbits=4,vbits=4,int2_heads=2"
+        );
+        assert_eq!(spec.to_string().parse::<PolicySpec>().ok(), Some(spec));
+        let none = parse_policy("dense:kbits=8,int2_heads=0").expect("parses");
+        assert_eq!(none.to_string(), "dense:kbits=8");
+        assert!(parse_policy("dense:kbits=2,vbits=2,int2_heads=1").is_err());
+        assert!(parse_policy("dense:kbits=4,int2_heads=256").is_err());
         let spec = parse_policy("dense:vbits=4").expect("parses");
         assert_eq!(spec.to_string(), "dense:vbits=4");
     }

@@ -9,6 +9,7 @@ use crate::config::LayerConfig;
 use crate::error::CpuError;
 use crate::policy::{Attend, Policy};
 use crate::store::LayerStore;
+use cpu_time::ThreadTime;
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use half::bf16;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +32,9 @@ struct GroupBuf {
     query_bits: Vec<u64>,
     retrieval_ns: u64,
     total_ns: u64,
+    /// The worker thread's own CPU time in the task (below `total_ns` when
+    /// other threads held its core).
+    on_cpu_ns: u64,
 }
 
 impl GroupBuf {
@@ -125,6 +129,9 @@ pub struct LayerOutput {
     /// Worker time spent in whole tasks (eviction included), summed over kv
     /// heads, nanoseconds.
     pub total_cpu_ns: u64,
+    /// The workers' own CPU time in those tasks, nanoseconds: `total_cpu_ns`
+    /// less the time other threads (a CPU device's, say) held their cores.
+    pub on_cpu_ns: u64,
     bufs: Vec<GroupBuf>,
     reply_tx: Sender<Reply>,
     reply_rx: Receiver<Reply>,
@@ -144,6 +151,7 @@ impl Default for LayerOutput {
             blocks_scanned: Vec::new(),
             retrieval_cpu_ns: 0,
             total_cpu_ns: 0,
+            on_cpu_ns: 0,
             bufs: Vec::new(),
             reply_tx,
             reply_rx,
@@ -308,6 +316,7 @@ impl WorkerPool {
         output.blocks_scanned.resize(tokens * nq, 0);
         output.retrieval_cpu_ns = 0;
         output.total_cpu_ns = 0;
+        output.on_cpu_ns = 0;
         let mut first_err = None;
         while output.pending > 0 {
             // The output holds a sender itself, so this never disconnects; a
@@ -329,6 +338,7 @@ impl WorkerPool {
             }
             output.retrieval_cpu_ns += buf.retrieval_ns;
             output.total_cpu_ns += buf.total_ns;
+            output.on_cpu_ns += buf.on_cpu_ns;
             output.bufs[slot] = buf;
         }
         first_err.map_or(Ok(()), Err)
@@ -386,7 +396,7 @@ fn run_task(task: &mut Task, scratch: &mut Scratch) -> Result<(), CpuError> {
 fn worker(rx: Receiver<Task>) {
     let mut scratch = Scratch::default();
     while let Ok(mut task) = rx.recv() {
-        let t0 = std::time::Instant::now();
+        let (t0, cpu0) = (std::time::Instant::now(), ThreadTime::now());
         let res = match catch_unwind(AssertUnwindSafe(|| run_task(&mut task, &mut scratch))) {
             Ok(r) => r,
             Err(p) => {
@@ -399,6 +409,7 @@ fn worker(rx: Receiver<Task>) {
             }
         };
         task.buf.total_ns = t0.elapsed().as_nanos() as u64;
+        task.buf.on_cpu_ns = cpu0.elapsed().as_nanos() as u64;
         // The caller may have dropped its output; nothing to do then.
         let _ = task.reply.send((task.slot, task.buf, res));
     }

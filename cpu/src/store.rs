@@ -16,7 +16,7 @@
 //! constant).
 
 use crate::bounds::KeyBounds;
-use crate::config::LayerConfig;
+use crate::config::{KvDtype, LayerConfig};
 use crate::error::CpuError;
 use crate::index::{LshIndex, MAX_INDEXED_KEYS};
 use crate::row_blocks::Elem;
@@ -76,6 +76,13 @@ impl HeadStore {
             bits: Vec::new(),
             codes: Vec::new(),
         })
+    }
+
+    /// Holds this empty head's rows at `dtype` instead of its layer's.
+    fn hold_at(&mut self, dtype: KvDtype) {
+        debug_assert_eq!(self.len(), 0, "rows already held");
+        self.keys = Rows::keys(dtype, self.d);
+        self.values = Rows::values(dtype, self.d);
     }
 
     /// Appends key/value rows (`[n][head_dim]` each), centred with the fixed
@@ -360,6 +367,37 @@ struct BuildScratch {
 }
 
 /// The mean of `d`-value rows (zeros for none), summed in f64.
+/// The `count` kv heads (bits) of the prefill keys `[n][nh][d]` whose keys
+/// have the least range × standard deviation over all their entries
+/// (TurboAttention's order of the heads that int2 serves best), ties to
+/// the lower head.
+fn least_spread_heads<T: Elem>(keys: &[T], nh: usize, d: usize, count: usize) -> u64 {
+    let mut spread: Vec<(f64, usize)> = (0..nh)
+        .map(|h| {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            let (mut sum, mut squares, mut m) = (0.0f64, 0.0f64, 0usize);
+            for row in keys.chunks_exact(d).skip(h).step_by(nh) {
+                for &x in row {
+                    let x = f64::from(x.to_f32());
+                    if x.is_finite() {
+                        (lo, hi) = (lo.min(x), hi.max(x));
+                        (sum, squares, m) = (sum + x, squares + x * x, m + 1);
+                    }
+                }
+            }
+            let mean = sum / m.max(1) as f64;
+            let std = (squares / m.max(1) as f64 - mean * mean).max(0.0).sqrt();
+            let range = if m > 0 { hi - lo } else { 0.0 };
+            (range * std, h)
+        })
+        .collect();
+    spread.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    spread
+        .iter()
+        .take(count)
+        .fold(0, |bits, &(_, h)| bits | 1 << h)
+}
+
 fn column_mean<'r, T: Elem + 'r>(rows: impl Iterator<Item = &'r [T]>, d: usize) -> Vec<f32> {
     let mut sum = vec![0.0f64; d];
     let mut n = 0usize;
@@ -381,6 +419,8 @@ fn column_mean<'r, T: Elem + 'r>(rows: impl Iterator<Item = &'r [T]>, d: usize) 
 pub struct LayerStore {
     cfg: LayerConfig,
     heads: Vec<Mutex<HeadStore>>,
+    /// The kv heads (bits) held at int2 ([`crate::KvDtype::int2_heads`]).
+    int2: u64,
 }
 
 /// Wall-clock times of [`LayerStore::load_prefill`].
@@ -402,7 +442,11 @@ impl LayerStore {
         let heads = (0..cfg.n_kv_heads)
             .map(|h| HeadStore::new(&cfg, h).map(Mutex::new))
             .collect::<Result<_, _>>()?;
-        Ok(LayerStore { cfg, heads })
+        Ok(LayerStore {
+            cfg,
+            heads,
+            int2: 0,
+        })
     }
 
     /// Locks kv head `h`. A poisoned lock (a panic while appending) is an error:
@@ -413,6 +457,22 @@ impl LayerStore {
             .ok_or_else(|| CpuError::Shape(format!("kv head {h} out of range")))?
             .lock()
             .map_err(|_| CpuError::Worker(format!("kv head {h} was poisoned by a failed step")))
+    }
+
+    /// Holds the kv heads of `int2` (bits; all empty) at int2.
+    fn hold_int2(&mut self, int2: u64) {
+        for (h, head) in self.heads_mut().enumerate() {
+            if (int2 >> h) & 1 == 1 {
+                head.hold_at(KvDtype::INT2);
+            }
+        }
+        self.int2 = int2;
+    }
+
+    /// The kv heads (bits) whose rows are held at int2 by
+    /// [`crate::KvDtype::int2_heads`] (none before the prefill load).
+    pub fn int2_heads(&self) -> u64 {
+        self.int2
     }
 
     fn heads_mut(&mut self) -> impl Iterator<Item = &mut HeadStore> {
@@ -479,6 +539,9 @@ impl LayerStore {
     /// Writes the store's state (every kv head's rows as stored, centring
     /// mean, key norms, index, bounds and sketch) for [`LayerStore::load`].
     pub fn save(&self, out: &mut ArrayWriter) -> Result<(), CpuError> {
+        if self.cfg.kv_dtype.int2_heads > 0 {
+            out.put(&[self.int2]);
+        }
         for h in 0..self.heads.len() {
             self.head(h)?.save(out);
         }
@@ -494,6 +557,18 @@ impl LayerStore {
         input: &mut ArrayReader,
     ) -> Result<LayerStore, CpuError> {
         let mut store = LayerStore::new(cfg)?;
+        if store.cfg.kv_dtype.int2_heads > 0 {
+            let int2 = input.get::<u64>("int2 heads", 1)?[0];
+            let held = int2.count_ones();
+            let nh = store.heads.len() as u32;
+            let want = u32::from(store.cfg.kv_dtype.int2_heads);
+            if (held != 0 && held != want) || int2.checked_shr(nh).unwrap_or(0) != 0 {
+                return Err(CpuError::Snapshot(format!(
+                    "int2 heads {int2:#x}: {want} of {nh} kv heads configured"
+                )));
+            }
+            store.hold_int2(int2);
+        }
         for head in store.heads_mut() {
             head.load(max_keys, input)?;
         }
@@ -541,6 +616,10 @@ impl LayerStore {
     ) -> Result<PrefillTimes, CpuError> {
         let n = self.check_prefill(keys.len(), values.len())?;
         let nh = self.cfg.n_kv_heads;
+        let int2 = usize::from(self.cfg.kv_dtype.int2_heads);
+        if int2 > 0 {
+            self.hold_int2(least_spread_heads(keys, nh, self.cfg.head_dim, int2));
+        }
         // Each thread copies its heads' rows (faulting in their pages), then,
         // once every row is in, builds their tables: two phases, timed apart.
         let per = nh.div_ceil(threads.max(1));
@@ -727,6 +806,7 @@ mod tests {
             (KvDtype::new(Int4, Int4), 600),
             (KvDtype::new(Int2, Int8), 30),
             (KvDtype::new(Bf16, Int2), 30),
+            (KvDtype::new(Int4, Int4).with_int2_heads(1), 40),
         ] {
             let store = store_with(dtype, appended);
             let arrays = saved(&store);
@@ -759,6 +839,55 @@ mod tests {
             let mut few = ArrayReader::new(&slices);
             assert!(LayerStore::load(store.config().clone(), 100, &mut few).is_err());
         }
+    }
+
+    #[test]
+    fn the_int2_heads_are_those_of_least_key_spread_and_hold_their_rows_at_int2() {
+        use crate::{KvDtype, Precision::Int4};
+        let (d, nh) = (32, 3);
+        // Head 1's keys spread least, then head 2's.
+        let widths = [1.0f32, 0.1, 0.5];
+        let mut rng = SplitMix64(4);
+        let mut rows = |n: usize| -> Vec<f32> {
+            (0..n * nh * d)
+                .map(|i| widths[i / d % nh] * rng.normal() as f32)
+                .collect()
+        };
+        let (prefill, appended) = (rows(200), rows(70));
+        let filled = |kv_dtype: KvDtype| {
+            let cfg = LayerConfig {
+                n_kv_heads: nh,
+                head_dim: d,
+                kv_dtype,
+                ..LayerConfig::default()
+            };
+            let mut store = LayerStore::new(cfg).expect("config");
+            store
+                .load_prefill_f32(&prefill, &prefill, 2)
+                .expect("prefill");
+            store.append_f32(&appended, &appended).expect("append");
+            store
+        };
+        let int4 = KvDtype::new(Int4, Int4);
+        let mixed = filled(int4.with_int2_heads(2));
+        assert_eq!(mixed.int2_heads(), 0b110);
+        let (all4, all2) = (filled(int4), filled(KvDtype::INT2));
+        assert_eq!((all4.int2_heads(), all2.int2_heads()), (0, 0));
+        for h in 0..nh {
+            let want = if h == 0 { &all4 } else { &all2 };
+            let got = mixed.stored_rows(h).expect("rows");
+            assert_eq!(got, want.stored_rows(h).expect("rows"), "head {h}");
+        }
+        let bytes = |s: &LayerStore| s.kv_bytes();
+        assert!(bytes(&all2) < bytes(&mixed) && bytes(&mixed) < bytes(&all4));
+        // More int2 heads than kv heads is refused.
+        let cfg = LayerConfig {
+            n_kv_heads: nh,
+            head_dim: d,
+            kv_dtype: int4.with_int2_heads(4),
+            ..LayerConfig::default()
+        };
+        assert!(LayerStore::new(cfg).is_err());
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl<D: DenseDevice> Engine<D> {
         options: &EngineOptions,
     ) -> Result<Engine<D>> {
         let table = options.policy.resolve(&model.config().sliding_windows())?;
+        table.check_kv_heads(model.config().n_kv_heads)?;
         let workers = if table.needs_workers() {
             let pool = WorkerPool::new(options.cpu_workers.max(1))?;
             Some(Arc::new(pool))

@@ -138,11 +138,9 @@ fn through_sketch(
 /// (the scores of an even sample of them): exact when the sample
 /// is every key, else with [`CUTOFF_MARGIN`] times the share, so that fewer
 /// than `wanted` pass only by a sampling fluke.
-/// `tmp` is room for a copy of the sample.
+/// `tmp` is room for the scores that may be that one.
 fn cutoff(sample: &[f32], wanted: usize, n: usize, tmp: &mut Vec<f32>) -> f32 {
-    tmp.clear();
-    tmp.extend(sample.iter().filter(|x| !x.is_nan()));
-    let m = tmp.len();
+    let m = sample.iter().filter(|x| !x.is_nan()).count();
     let share = if sample.len() == n {
         wanted
     } else {
@@ -154,7 +152,36 @@ fn cutoff(sample: &[f32], wanted: usize, n: usize, tmp: &mut Vec<f32>) -> f32 {
     if share >= m {
         return f32::NEG_INFINITY;
     }
-    *tmp.select_nth_unstable_by(m - share, f32::total_cmp).1
+    kth_largest(sample, share, tmp)
+}
+
+/// The `k`-th largest of the scores that are not NaN (by `total_cmp`; `k`
+/// from 1 to their number). Each of `k` slices of `scores` has its largest
+/// at least as large as the smallest of those maxima, which thus bounds
+/// the `k`-th largest from below: only the scores above it are ordered,
+/// copied to `tmp`.
+fn kth_largest(scores: &[f32], k: usize, tmp: &mut Vec<f32>) -> f32 {
+    let width = scores.len() / k;
+    // A slice of NaN alone leaves its maximum at −∞, which lets every
+    // score through: still exact.
+    let floor = scores
+        .chunks(width)
+        .take(k)
+        .enumerate()
+        .map(|(j, part)| {
+            let part = if j + 1 == k {
+                &scores[j * width..]
+            } else {
+                part
+            };
+            part.iter()
+                .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a })
+        })
+        .fold(f32::INFINITY, f32::min);
+    tmp.clear();
+    tmp.extend(scores.iter().filter(|&&x| x >= floor));
+    let at = tmp.len() - k;
+    *tmp.select_nth_unstable_by(at, f32::total_cmp).1
 }
 
 /// The safety sets found exactly through the key bounds (see the module
@@ -308,5 +335,59 @@ impl PartialOrd for Logit {
 impl Ord for Logit {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_kernels::rng::SplitMix64;
+
+    /// The `k`-th largest by ordering a copy of every score.
+    fn by_sorting(scores: &[f32], k: usize) -> f32 {
+        let mut all: Vec<f32> = scores.iter().copied().filter(|x| !x.is_nan()).collect();
+        all.sort_by(f32::total_cmp);
+        all[all.len() - k]
+    }
+
+    #[test]
+    fn the_kth_largest_equals_ordering_every_score() {
+        let mut rng = SplitMix64(11);
+        let mut tmp = Vec::new();
+        for &(n, k) in &[
+            (1usize, 1usize),
+            (7, 3),
+            (100, 1),
+            (100, 100),
+            (4097, 33),
+            (999, 250),
+        ] {
+            for trial in 0..20 {
+                let mut scores: Vec<f32> = (0..n)
+                    .map(|_| match rng.next_u64() % 10 {
+                        // Ties, both zeros and NaN among ordinary scores.
+                        0 => 1.5,
+                        1 => -0.0,
+                        2 => 0.0,
+                        3 if trial % 2 == 0 => f32::NAN,
+                        _ => rng.normal() as f32,
+                    })
+                    .collect();
+                if trial == 1 {
+                    // One slice of NaN alone, when there are several.
+                    let width = n / k;
+                    if k > 1 && width > 0 {
+                        scores[..width].fill(f32::NAN);
+                    }
+                }
+                let valid = scores.iter().filter(|x| !x.is_nan()).count();
+                if k > valid {
+                    continue;
+                }
+                let got = kth_largest(&scores, k, &mut tmp);
+                let want = by_sorting(&scores, k);
+                assert_eq!(got.to_bits(), want.to_bits(), "n={n} k={k} trial {trial}");
+            }
+        }
     }
 }

@@ -490,6 +490,22 @@ impl PolicyTable {
         matches!(source, LayerAttention::Offloaded { policy, .. } if *policy != Policy::Dense)
     }
 
+    /// Checks the table against a model of `n_kv_heads` kv heads per layer:
+    /// `int2_heads` may name at most that many (and chooses among at most 64).
+    pub fn check_kv_heads(&self, n_kv_heads: usize) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            if let LayerAttention::Offloaded { kv_dtype, .. } = &l.attention {
+                let int2 = usize::from(kv_dtype.int2_heads);
+                if int2 > n_kv_heads || (int2 > 0 && n_kv_heads > 64) {
+                    return Err(Error::InvalidRequest(format!(
+                        "layer {i}: int2_heads={int2}, but the model has {n_kv_heads} kv heads per layer"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether any layer needs the CPU attention workers.
     pub fn needs_workers(&self) -> bool {
         self.layers
@@ -533,7 +549,11 @@ impl fmt::Display for PolicyTable {
         for (name, ids) in &groups {
             write!(f, "  layers {}: {name}", ranges(ids))?;
             if let LayerAttention::Offloaded { kv_dtype, .. } = &self.layers[ids[0]].attention {
-                write!(f, " (keys {}, values {})", kv_dtype.keys, kv_dtype.values)?;
+                write!(f, " (keys {}, values {}", kv_dtype.keys, kv_dtype.values)?;
+                match kv_dtype.int2_heads {
+                    0 => write!(f, ")")?,
+                    n => write!(f, "; int2 in the {n} kv heads of least key range × std)")?,
+                }
             }
             writeln!(f)?;
         }

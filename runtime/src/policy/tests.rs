@@ -306,7 +306,8 @@ fn key_storage_is_part_of_the_policy() {
         LayerAttention::Offloaded {
             kv_dtype: KvDtype {
                 keys: Precision::Int4,
-                values: Precision::Int2
+                values: Precision::Int2,
+                int2_heads: 0,
             },
             ..
         }

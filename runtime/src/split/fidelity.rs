@@ -243,6 +243,7 @@ impl<D: DenseDevice> SequenceKv<D> {
         // sampled one's, swapped out, here. The device waited for the exact pass.
         let sampled = &*exact;
         self.counters.worker_ns += sampled.total_cpu_ns;
+        self.counters.worker_on_cpu_ns += sampled.on_cpu_ns;
         self.counters.retrieval_ns += sampled.retrieval_cpu_ns;
         self.counters.wait_ns += t0.elapsed().as_nanos() as u64;
         Ok(())

@@ -19,6 +19,9 @@ pub struct StepCounters {
     /// Worker time on this sequence's offloaded attention (eviction, hashing,
     /// retrieval, attention), summed over workers, nanoseconds.
     pub worker_ns: u64,
+    /// The workers' own CPU time in `worker_ns`: less where other threads
+    /// (a CPU device's) held their cores, nanoseconds.
+    pub worker_on_cpu_ns: u64,
     /// The part of `worker_ns` spent in LSH retrieval (collision counting,
     /// and query hashing when no key was evicted that step: with one, the
     /// queries are hashed with it), nanoseconds.

@@ -195,6 +195,7 @@ impl<D: DenseDevice> SequenceKv<D> {
         }
         let part = &self.layers[layer].output;
         self.counters.worker_ns += part.total_cpu_ns;
+        self.counters.worker_on_cpu_ns += part.on_cpu_ns;
         self.counters.retrieval_ns += part.retrieval_cpu_ns;
         self.counters.keys_touched += part.keys_touched.iter().map(|&k| u64::from(k)).sum::<u64>();
         self.counters.keys_offloaded += (store.len() * part.keys_touched.len()) as u64;
