@@ -75,6 +75,11 @@ fn a_policy_is_checked_before_the_model_loads() {
     assert!(!text.contains("tandem: loaded"), "{text}");
     let text = refused(&["generate", "-p", "hi", "--policy", "lsh:k=99"]);
     assert!(!text.contains("tandem: loaded"), "{text}");
+    // The model's shape is known once it loads, before any prompt goes in.
+    let policy = "lsh:k=10,l=75,kbits=4,vbits=4,int2_heads=9";
+    let text = refused(&["generate", "-p", "hi", "--policy", policy]);
+    assert!(text.contains("int2_heads=9"), "{text}");
+    assert!(!text.contains("tokens/s"), "{text}");
 }
 
 #[test]

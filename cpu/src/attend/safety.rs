@@ -174,14 +174,37 @@ fn kth_largest(scores: &[f32], k: usize, tmp: &mut Vec<f32>) -> f32 {
             } else {
                 part
             };
-            part.iter()
-                .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a })
+            largest(part)
         })
         .fold(f32::INFINITY, f32::min);
-    tmp.clear();
-    tmp.extend(scores.iter().filter(|&&x| x >= floor));
-    let at = tmp.len() - k;
-    *tmp.select_nth_unstable_by(at, f32::total_cmp).1
+    // Every score is written, and the count moves past those kept: no
+    // branch to mispredict on scores that mostly fall below.
+    tmp.resize(scores.len(), 0.0);
+    let mut kept = 0;
+    for &x in scores {
+        tmp[kept] = x;
+        kept += usize::from(x >= floor);
+    }
+    let kept = &mut tmp[..kept];
+    *kept.select_nth_unstable_by(kept.len() - k, f32::total_cmp).1
+}
+
+/// The largest of `xs` that is not NaN (−∞ if none), over 8 lanes that
+/// the compiler keeps in a vector register.
+fn largest(xs: &[f32]) -> f32 {
+    let max = |a: f32, x: f32| if x > a { x } else { a };
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &x| max(a, x));
+    for chunk in chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l = max(*l, x);
+        }
+    }
+    lanes.into_iter().fold(rest, max)
 }
 
 /// The safety sets found exactly through the key bounds (see the module

@@ -324,3 +324,20 @@ fn key_storage_is_part_of_the_policy() {
     assert!(LayerPolicy::parse("lsh:k=10,l=150,vbits=32").is_err());
     assert!(LayerPolicy::parse("lsh:k=10,l=150,kbits=8,vbits=1").is_err());
 }
+
+#[test]
+fn int2_heads_are_printed_and_checked_against_the_model() {
+    let config = PolicyConfig {
+        policy: "lsh:k=10,l=75,kbits=4,vbits=4,int2_heads=2".into(),
+        ..PolicyConfig::default()
+    };
+    let table = config.resolve(&[None; 4]).expect("table");
+    assert!(
+        table.to_string().contains("int2 in the 2 kv heads"),
+        "{table}"
+    );
+    assert!(table.check_kv_heads(2).is_ok());
+    let err = table.check_kv_heads(1).unwrap_err().to_string();
+    assert!(err.contains("int2_heads=2"), "{err}");
+    assert!(PolicyTable::dense(&[None; 4]).check_kv_heads(1).is_ok());
+}
