@@ -200,7 +200,8 @@ directories and older single files are read alike:
   bench decode --json     (bench/src/decode.rs DecodeBenchResult): ms_per_token
   eval --json             (bench/src/eval/report.rs Row): top1_agreement
   llama-bench markdown    (bench/llamacpp.sh): a table with a t/s column
-A run directory's meta.json gives machine, date, commit and commands; other
+A run directory's meta.json gives machine, date, commit and commands (and,
+as "untabled", outputs to leave out of the table); other
 files take date and commit from a name ending in -YYYY-MM-DD-<commit>.
 """
 import json, os, re, sys
@@ -222,7 +223,13 @@ CANON = {
 files = []
 for p in paths:
     if os.path.isdir(p):
-        files += [os.path.join(p, f) for f in sorted(os.listdir(p)) if f != "meta.json"]
+        # A run's meta.json may keep some outputs out of the table ("untabled":
+        # a side experiment, or a run too short to stand as a figure).
+        meta_path = os.path.join(p, "meta.json")
+        untabled = set(json.load(open(meta_path)).get("untabled", [])) \
+            if os.path.exists(meta_path) else set()
+        files += [os.path.join(p, f) for f in sorted(os.listdir(p))
+                  if f != "meta.json" and f not in untabled]
     else:
         files.append(p)
 
