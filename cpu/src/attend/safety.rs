@@ -186,7 +186,9 @@ fn kth_largest(scores: &[f32], k: usize, tmp: &mut Vec<f32>) -> f32 {
         kept += usize::from(x >= floor);
     }
     let kept = &mut tmp[..kept];
-    *kept.select_nth_unstable_by(kept.len() - k, f32::total_cmp).1
+    *kept
+        .select_nth_unstable_by(kept.len() - k, f32::total_cmp)
+        .1
 }
 
 /// The largest of `xs` that is not NaN (−∞ if none), over 8 lanes that
