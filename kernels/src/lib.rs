@@ -32,6 +32,7 @@ pub mod hash;
 pub mod heads;
 pub mod int8;
 pub mod isa;
+pub mod masks;
 pub mod mem;
 pub mod ops;
 pub mod packed;

@@ -27,7 +27,7 @@
 //! with it (weight `P3(0)`).
 
 use crate::isa::effective;
-use crate::vector::exp_inplace;
+use crate::vector::{exp_inplace, exp_shifted_sum};
 use crate::Isa;
 
 /// Relative error of every weight SAS keeps against `exp` (checked by tests
@@ -91,6 +91,20 @@ impl Softmax {
         }
     }
 
+    /// Replaces every score `x` of `xs` with its weight relative to `max`
+    /// (their largest) and returns the weights' sum: for exact weights one
+    /// pass over the scores ([`exp_shifted_sum`]).
+    pub fn weights_relative(self, xs: &mut [f32], max: f32) -> f32 {
+        match self {
+            Softmax::Exact => exp_shifted_sum(xs, max),
+            Softmax::Sas { cutoff } => {
+                xs.iter_mut().for_each(|x| *x -= max);
+                sas_exp_inplace(xs, cutoff);
+                lane_sum(xs)
+            }
+        }
+    }
+
     /// The scalar weight of one score minus its max.
     pub fn weight(self, x: f32) -> f32 {
         match self {
@@ -98,6 +112,19 @@ impl Softmax {
             Softmax::Sas { cutoff } => sas_exp(x, cutoff),
         }
     }
+}
+
+/// The sum of `xs` over 8 lanes, which the compiler keeps in a vector register.
+fn lane_sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
 }
 
 /// The bound on an attention output's error under SAS (see the module's
@@ -228,6 +255,28 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn relative_weights_and_their_sum_match_subtracting_then_weighing() {
+        let mut rng = SplitMix64(21);
+        for softmax in [Softmax::Exact, Softmax::SAS, Softmax::Sas { cutoff: 3 }] {
+            for n in [0usize, 1, 9, 31, 1000] {
+                let scores: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 6.0).collect();
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut want = scores.clone();
+                want.iter_mut().for_each(|x| *x -= max);
+                softmax.weights_inplace(&mut want);
+                let want_sum: f64 = want.iter().map(|&w| f64::from(w)).sum();
+                let mut got = scores;
+                let sum = softmax.weights_relative(&mut got, max);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= w.abs() * 1e-6, "{softmax:?} n={n} i={i}");
+                }
+                let err = (f64::from(sum) - want_sum).abs();
+                assert!(err <= 1e-5 * want_sum.max(1e-30), "{softmax:?} n={n}");
+            }
+        }
+    }
 
     #[test]
     fn the_table_holds_exp_of_minus_its_index() {

@@ -86,6 +86,29 @@ pub(crate) fn exp_inplace_with(isa: Isa, xs: &mut [f32]) {
     }
 }
 
+/// Replaces every `x` of `xs` with `exp_f32(x - shift)` and returns the sum
+/// of the results: a softmax's weights relative to its largest score
+/// (`shift`) and their sum, in one pass over the scores (auto-dispatch).
+pub fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+    exp_shifted_sum_with(auto(), xs, shift)
+}
+
+/// [`exp_shifted_sum`] with an explicit ISA (capped at what the CPU supports).
+pub(crate) fn exp_shifted_sum_with(isa: Isa, xs: &mut [f32], shift: f32) -> f32 {
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` guarantees the CPU supports AVX-512F.
+        Isa::Avx512 => unsafe { x86::exp_shifted_sum_avx512(xs, shift) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` guarantees the CPU supports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::exp_shifted_sum_avx2(xs, shift) },
+        _ => xs.iter_mut().fold(0.0, |sum, x| {
+            *x = exp_f32(*x - shift);
+            sum + *x
+        }),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Dot products
 // ---------------------------------------------------------------------------
@@ -676,6 +699,28 @@ pub(crate) mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_shifted_sum_avx512(xs: &mut [f32], shift: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let by = _mm512_set1_ps(shift);
+        let mut sum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let w = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), by));
+            _mm512_storeu_ps(p.add(i), w);
+            sum = _mm512_add_ps(sum, w);
+            i += 16;
+        }
+        if i < n {
+            let m = tail_mask16(n - i);
+            let w = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), by));
+            _mm512_mask_storeu_ps(p.add(i), m, w);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, w));
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
     #[inline]
     fn tail_mask16(rem: usize) -> __mmask16 {
         ((1u32 << rem) - 1) as u16
@@ -1232,6 +1277,27 @@ pub(crate) mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted_sum_avx2(xs: &mut [f32], shift: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let by = _mm256_set1_ps(shift);
+        let mut sum = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let w = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), by));
+            _mm256_storeu_ps(p.add(i), w);
+            sum = _mm256_add_ps(sum, w);
+            i += 8;
+        }
+        let mut total = hsum8(sum);
+        for x in &mut xs[i..] {
+            *x = exp_f32(*x - shift);
+            total += *x;
+        }
+        total
+    }
+
     /// The sum of the 8 lanes of `v` (shared by the AVX2 kernels of the crate).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -1669,6 +1735,32 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn shifted_exp_sums_match_the_scalar_reference_on_odd_sizes() {
+        let mut rng = Rng(5);
+        for isa in Isa::all_supported() {
+            for &n in &[0usize, 1, 7, 8, 15, 17, 33, 1001] {
+                let mut xs: Vec<f32> = (0..n).map(|_| rng.signed_f32() * 40.0).collect();
+                if n > 3 {
+                    xs[1] = f32::NEG_INFINITY;
+                    xs[2] = f32::NAN;
+                }
+                let shift = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let want: Vec<f32> = xs.iter().map(|&x| exp_f32(x - shift)).collect();
+                let want_sum: f64 = want.iter().map(|&w| f64::from(w)).sum();
+                let sum = exp_shifted_sum_with(isa, &mut xs, shift);
+                for (i, (y, w)) in xs.iter().zip(&want).enumerate() {
+                    assert!((y - w).abs() <= w.abs() * 1e-6, "{isa:?} n={n} i={i}");
+                }
+                let err = (f64::from(sum) - want_sum).abs();
+                assert!(
+                    err <= 1e-5 * want_sum.max(1e-30),
+                    "{isa:?} n={n}: {sum} vs {want_sum}"
+                );
             }
         }
     }

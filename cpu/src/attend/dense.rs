@@ -12,6 +12,7 @@ use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
 use crate::packed::PackedValues;
 use crate::rows::Rows;
 use crate::store::HeadStore;
+use tandem_kernels::masks::{or_at_least, MASK_WORD};
 use tandem_kernels::vector::{axpy_f32_multi, prefetch};
 
 /// Value rows prefetched ahead of their sum (rows are read in order, but a
@@ -34,48 +35,38 @@ pub(super) fn attend(head: &HeadStore, step: &Step, scratch: &mut Scratch, parts
             weights.fill(0.0);
             continue;
         }
-        weights.iter_mut().for_each(|x| *x -= max);
-        step.softmax.weights_inplace(weights);
-        let sum = lanes(weights, 0.0, |a, b| a + b);
+        let sum = step.softmax.weights_relative(weights, max);
         parts.lse[h] = max + sum.ln();
         inv[h] = 1.0 / sum;
+    }
+    let needed = &mut scratch.needed;
+    needed.clear();
+    needed.resize(n.div_ceil(MASK_WORD), 0);
+    for relative in &scratch.logits[..g] {
+        or_at_least(&relative[..n], NEGLIGIBLE_WEIGHT, needed);
     }
     let weights = KeyWeights {
         relative: &scratch.logits[..g],
         inv,
+        needed,
     };
     let out = &mut parts.out[..g * step.d];
     match &head.values {
         Rows::PackedValues(p) => sum_packed(p, step.d, &weights, n, out),
-        values => sum_rows(values, &weights, n, out),
+        values => sum_rows(values, &weights, out),
     }
 }
 
-/// Keys whose weights pass 2 checks at a time.
-const CHUNK: usize = 32;
-
-/// Each head's softmax weights, relative to its largest, and the inverse
-/// of their sum.
+/// Each head's softmax weights, relative to its largest, the inverse of
+/// their sum, and the keys some head needs: bit `k` of `needed[c]` for key
+/// `32 c + k` (a key every head weighs as negligible is not read).
 struct KeyWeights<'a> {
     relative: &'a [Vec<f32>],
     inv: [f32; 8],
+    needed: &'a [u32],
 }
 
 impl KeyWeights<'_> {
-    /// Bit `k` set for each key `first + k` (of `first..first + CHUNK`,
-    /// fewer at the end of `n`) that some head needs: a key every head
-    /// weighs as negligible is not read.
-    fn needed(&self, first: usize, n: usize) -> u32 {
-        let len = CHUNK.min(n - first);
-        let mut mask = 0u32;
-        for relative in self.relative {
-            for (k, &rel) in relative[first..first + len].iter().enumerate() {
-                mask |= u32::from(rel >= NEGLIGIBLE_WEIGHT) << k;
-            }
-        }
-        mask
-    }
-
     /// The normalised weights of key `i` for each head into `ws`.
     #[inline(always)]
     fn of(&self, i: usize, ws: &mut [f32]) {
@@ -84,10 +75,10 @@ impl KeyWeights<'_> {
         }
     }
 
-    /// The keys of `0..n` some head needs, in order.
-    fn keys(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
-        (0..n).step_by(CHUNK).flat_map(move |first| {
-            let mut mask = self.needed(first, n);
+    /// The keys some head needs, in order.
+    fn keys(&self) -> impl Iterator<Item = usize> + '_ {
+        self.needed.iter().enumerate().flat_map(move |(c, &mask)| {
+            let (first, mut mask) = (c * MASK_WORD, mask);
             std::iter::from_fn(move || {
                 (mask != 0).then(|| {
                     let k = mask.trailing_zeros() as usize;
@@ -101,11 +92,11 @@ impl KeyWeights<'_> {
 
 /// `out[h] = Σ_i w[h][i] · v_i` over bf16, f32 or int8 value rows (int8
 /// rows sum their codes, then [`Rows::finish_sums`] applies the scales).
-fn sum_rows(values: &Rows, weights: &KeyWeights, n: usize, out: &mut [f32]) {
+fn sum_rows(values: &Rows, weights: &KeyWeights, out: &mut [f32]) {
     let g = weights.relative.len();
     let mut weight_sums = [0.0f32; 8];
     let mut ws = [0.0f32; 8];
-    for i in weights.keys(n) {
+    for i in weights.keys() {
         values.prefetch_row(i + V_AHEAD);
         weights.of(i, &mut ws[..g]);
         for (s, w) in weight_sums.iter_mut().zip(&ws[..g]) {
@@ -124,7 +115,7 @@ fn sum_packed(p: &PackedValues, d: usize, weights: &KeyWeights, n: usize, out: &
     let mut row = [0.0f32; VALUE_GROUP * MAX_VALUE_GROUPS];
     let decoded = &mut row[..d];
     let mut ws = [0.0f32; 8];
-    for i in weights.keys(n) {
+    for i in weights.keys() {
         if i + V_AHEAD < n {
             prefetch(p.rows.row(i + V_AHEAD));
         }

@@ -12,6 +12,8 @@ pub(crate) struct Scratch {
     pub(crate) retrieval: RetrievalScratch,
     /// Per head, the logit of every key (top-k and oracle).
     pub(crate) logits: Vec<Vec<f32>>,
+    /// Dense attention's keys that some head needs, 32 to a word.
+    pub(crate) needed: Vec<u32>,
     /// One head's logits, reordered by the top-k selection.
     pub(crate) tmp: Vec<f32>,
     /// The oracle's cumulative weights.
