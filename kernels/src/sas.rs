@@ -27,7 +27,7 @@
 //! with it (weight `P3(0)`).
 
 use crate::isa::effective;
-use crate::vector::{exp_inplace, exp_shifted_sum};
+use crate::vector::{exp_inplace, exp_shifted_sum, fold_lanes};
 use crate::Isa;
 
 /// Relative error of every weight SAS keeps against `exp` (checked by tests
@@ -100,7 +100,7 @@ impl Softmax {
             Softmax::Sas { cutoff } => {
                 xs.iter_mut().for_each(|x| *x -= max);
                 sas_exp_inplace(xs, cutoff);
-                lane_sum(xs)
+                fold_lanes(xs, 0.0, |a, b| a + b)
             }
         }
     }
@@ -112,19 +112,6 @@ impl Softmax {
             Softmax::Sas { cutoff } => sas_exp(x, cutoff),
         }
     }
-}
-
-/// The sum of `xs` over 8 lanes, which the compiler keeps in a vector register.
-fn lane_sum(xs: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l += x;
-        }
-    }
-    lanes.iter().sum::<f32>() + rest
 }
 
 /// The bound on an attention output's error under SAS (see the module's

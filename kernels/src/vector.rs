@@ -86,6 +86,25 @@ pub(crate) fn exp_inplace_with(isa: Isa, xs: &mut [f32]) {
     }
 }
 
+/// `xs` folded with `f` from `init` in 16 independent lanes (which the
+/// compiler keeps in vector registers), then across them: a sum or a maximum
+/// at vector speed for an `f` that is associative and commutative.
+pub fn fold_lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, x);
+        }
+    }
+    let acc = rest.iter().fold(acc, |mut acc, &x| {
+        acc[0] = f(acc[0], x);
+        acc
+    });
+    acc.into_iter().fold(init, f)
+}
+
 /// Replaces every `x` of `xs` with `exp_f32(x - shift)` and returns the sum
 /// of the results: a softmax's weights relative to its largest score
 /// (`shift`) and their sum, in one pass over the scores (auto-dispatch).
@@ -1736,6 +1755,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn lane_folds_give_the_sum_and_the_maximum_on_odd_sizes() {
+        let mut rng = Rng(9);
+        for n in [0usize, 1, 15, 16, 17, 1001] {
+            let mut xs: Vec<f32> = (0..n).map(|_| rng.signed_f32() * 10.0).collect();
+            if n > 2 {
+                xs[1] = f32::NAN;
+            }
+            let max = |a: f32, x: f32| if x > a { x } else { a };
+            let want_max = xs.iter().fold(f32::NEG_INFINITY, |a, &x| max(a, x));
+            assert_eq!(fold_lanes(&xs, f32::NEG_INFINITY, max), want_max, "n={n}");
+            xs.retain(|x| !x.is_nan());
+            let want_sum: f64 = xs.iter().map(|&x| f64::from(x)).sum();
+            let sum = fold_lanes(&xs, 0.0, |a, b| a + b);
+            assert!(
+                (f64::from(sum) - want_sum).abs() <= 1e-3,
+                "n={n}: {sum} vs {want_sum}"
+            );
         }
     }
 

@@ -13,7 +13,7 @@ use crate::packed::PackedValues;
 use crate::rows::Rows;
 use crate::store::HeadStore;
 use tandem_kernels::masks::{or_at_least, MASK_WORD};
-use tandem_kernels::vector::{axpy_f32_multi, prefetch};
+use tandem_kernels::vector::{axpy_f32_multi, fold_lanes, prefetch};
 
 /// Value rows prefetched ahead of their sum (rows are read in order, but a
 /// skipped row breaks the hardware prefetcher's stride).
@@ -29,7 +29,7 @@ pub(super) fn attend(head: &HeadStore, step: &Step, scratch: &mut Scratch, parts
     for h in 0..g {
         let weights = &mut scratch.logits[h][..n];
         // NaN never wins: `>` is false for it.
-        let max = lanes(weights, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+        let max = fold_lanes(weights, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
         parts.touched[h] = n as u32;
         if max == f32::NEG_INFINITY || max.is_nan() {
             weights.fill(0.0);
@@ -123,22 +123,4 @@ fn sum_packed(p: &PackedValues, d: usize, weights: &KeyWeights, n: usize, out: &
         weights.of(i, &mut ws[..g]);
         axpy_f32_multi(out, &ws[..g], decoded);
     }
-}
-
-/// `xs` folded with `f` from `init` in 16 independent lanes (which the
-/// compiler keeps in vector registers), then across them.
-fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 16];
-    let chunks = xs.chunks_exact(16);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a = f(*a, x);
-        }
-    }
-    let acc = rest.iter().fold(acc, |mut acc, &x| {
-        acc[0] = f(acc[0], x);
-        acc
-    });
-    acc.into_iter().fold(init, f)
 }

@@ -28,6 +28,7 @@ use crate::error::CpuError;
 use crate::sketch::KeySketch;
 use crate::store::HeadStore;
 use tandem_kernels::hash::collect_at_least;
+use tandem_kernels::vector::fold_lanes;
 
 /// Candidates rescored per key of a safety set.
 pub(crate) const CANDIDATES_PER_TOP: usize = 4;
@@ -174,7 +175,7 @@ fn kth_largest(scores: &[f32], k: usize, tmp: &mut Vec<f32>) -> f32 {
             } else {
                 part
             };
-            largest(part)
+            fold_lanes(part, f32::NEG_INFINITY, |a, x| if x > a { x } else { a })
         })
         .fold(f32::INFINITY, f32::min);
     // Every score is written, and the count moves past those kept: no
@@ -189,24 +190,6 @@ fn kth_largest(scores: &[f32], k: usize, tmp: &mut Vec<f32>) -> f32 {
     *kept
         .select_nth_unstable_by(kept.len() - k, f32::total_cmp)
         .1
-}
-
-/// The largest of `xs` that is not NaN (−∞ if none), over 8 lanes that
-/// the compiler keeps in a vector register.
-fn largest(xs: &[f32]) -> f32 {
-    let max = |a: f32, x: f32| if x > a { x } else { a };
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = xs.chunks_exact(8);
-    let rest = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &x| max(a, x));
-    for chunk in chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l = max(*l, x);
-        }
-    }
-    lanes.into_iter().fold(rest, max)
 }
 
 /// The safety sets found exactly through the key bounds (see the module
