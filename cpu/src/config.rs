@@ -156,6 +156,13 @@ impl KvDtype {
         }
     }
 
+    /// Whether `int2_heads` can be chosen among `n_kv_heads` kv heads: at
+    /// most that many, and among at most 64 (the heads are kept as bits).
+    pub fn int2_heads_fit(self, n_kv_heads: usize) -> bool {
+        let int2 = usize::from(self.int2_heads);
+        int2 <= n_kv_heads && (int2 == 0 || n_kv_heads <= 64)
+    }
+
     /// The values' precision when a policy string gives only `kbits`: f32
     /// beside f32 keys, else bf16.
     pub fn default_values(keys: Precision) -> Precision {
@@ -293,11 +300,10 @@ impl LayerConfig {
                 self.head_dim
             )));
         }
-        let int2 = usize::from(self.kv_dtype.int2_heads);
-        if int2 > self.n_kv_heads || (int2 > 0 && self.n_kv_heads > 64) {
+        if !self.kv_dtype.int2_heads_fit(self.n_kv_heads) {
             return Err(CpuError::Config(format!(
-                "int2_heads={int2} on a layer of {} kv heads (int2_heads chooses among at most 64)",
-                self.n_kv_heads
+                "int2_heads={} on a layer of {} kv heads (int2_heads chooses among at most 64)",
+                self.kv_dtype.int2_heads, self.n_kv_heads
             )));
         }
         let r = self.sketch;

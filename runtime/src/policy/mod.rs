@@ -495,10 +495,10 @@ impl PolicyTable {
     pub fn check_kv_heads(&self, n_kv_heads: usize) -> Result<()> {
         for (i, l) in self.layers.iter().enumerate() {
             if let LayerAttention::Offloaded { kv_dtype, .. } = &l.attention {
-                let int2 = usize::from(kv_dtype.int2_heads);
-                if int2 > n_kv_heads || (int2 > 0 && n_kv_heads > 64) {
+                if !kv_dtype.int2_heads_fit(n_kv_heads) {
                     return Err(Error::InvalidRequest(format!(
-                        "layer {i}: int2_heads={int2}, but the model has {n_kv_heads} kv heads per layer"
+                        "layer {i}: int2_heads={}, but the model has {n_kv_heads} kv heads per layer",
+                        kv_dtype.int2_heads
                     )));
                 }
             }
