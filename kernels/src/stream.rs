@@ -757,13 +757,15 @@ mod avx2 {
     /// magnitude for int4 (3072 for int2), so four stay within 30720.
     const I16_CHUNKS: usize = 4;
 
-    /// Packed rows of `P` planes, `run.len` a multiple of 32.
-    struct PackedRows<'a, const P: usize> {
+    /// Packed rows of `P` planes, `run.len` a multiple of 32: `C` chunks of
+    /// 32 bytes when `C > 0`, so that the common widths unroll with their
+    /// shifts and masks as constants, else `run.len / 32` read at run time.
+    struct PackedRows<'a, const P: usize, const C: usize> {
         run: PackedRun<'a>,
         queries: *const i8,
     }
 
-    impl<const G: usize, const P: usize> RowSums<G> for PackedRows<'_, P> {
+    impl<const G: usize, const P: usize, const C: usize> RowSums<G> for PackedRows<'_, P, C> {
         fn row_bytes(&self, k: usize) -> (*const u8, usize) {
             let row = self.run.bytes.as_ptr().wrapping_add(k * self.run.stride);
             (row, self.run.stride)
@@ -771,11 +773,13 @@ mod avx2 {
 
         #[inline(always)]
         unsafe fn sums(&self, rows: [usize; 2]) -> [[__m256; G]; 2] {
-            let (bits, len, stride) = (self.run.bits, self.run.len, self.run.stride);
+            let stride = self.run.stride;
+            let len = if C > 0 { 32 * C } else { self.run.len };
+            let bits = 8 / P;
             let base = self.run.bytes.as_ptr();
             let (r0, r1) = (base.add(rows[0] * stride), base.add(rows[1] * stride));
             let w = P * len;
-            let low = _mm256_set1_epi8(bits.max_code() as i8);
+            let low = _mm256_set1_epi8(((1 << bits) - 1) as i8);
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_si256(); G]; 2];
             for run in (0..len).step_by(32 * I16_CHUNKS) {
@@ -784,7 +788,7 @@ mod avx2 {
                     let c0 = _mm256_loadu_si256(r0.add(j) as *const __m256i);
                     let c1 = _mm256_loadu_si256(r1.add(j) as *const __m256i);
                     for p in 0..P {
-                        let shift = _mm_cvtsi32_si128((bits.bits() as usize * p) as i32);
+                        let shift = _mm_cvtsi32_si128((bits * p) as i32);
                         let codes0 = _mm256_and_si256(_mm256_srl_epi16(c0, shift), low);
                         let codes1 = _mm256_and_si256(_mm256_srl_epi16(c1, shift), low);
                         for h in 0..G {
@@ -871,13 +875,53 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dots_int4_g<const G: usize>(rows: &PackedRows<2>, n: usize, out: *mut u32) {
-        stream::<G, I32, PackedRows<2>>(rows, n, out)
+    unsafe fn dots_packed_g<const G: usize, const P: usize, const C: usize>(
+        rows: &PackedRows<P, C>,
+        n: usize,
+        out: *mut u32,
+    ) {
+        stream::<G, I32, PackedRows<P, C>>(rows, n, out)
     }
 
+    /// [`dots_packed`] over rows of `P` planes and `C` chunks (0: any).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dots_int2_g<const G: usize>(rows: &PackedRows<4>, n: usize, out: *mut u32) {
-        stream::<G, I32, PackedRows<4>>(rows, n, out)
+    unsafe fn dots_planes<const P: usize, const C: usize>(
+        run: PackedRun,
+        queries: *const i8,
+        g: usize,
+        n: usize,
+        out: *mut u32,
+    ) {
+        let src = PackedRows::<P, C> { run, queries };
+        match g {
+            1 => dots_packed_g::<1, P, C>(&src, n, out),
+            2 => dots_packed_g::<2, P, C>(&src, n, out),
+            3 => dots_packed_g::<3, P, C>(&src, n, out),
+            4 => dots_packed_g::<4, P, C>(&src, n, out),
+            5 => dots_packed_g::<5, P, C>(&src, n, out),
+            6 => dots_packed_g::<6, P, C>(&src, n, out),
+            7 => dots_packed_g::<7, P, C>(&src, n, out),
+            8 => dots_packed_g::<8, P, C>(&src, n, out),
+            _ => {}
+        }
+    }
+
+    /// [`dots_planes`] with the row's chunks as a constant where they are
+    /// one, two or four (heads of 64, 128 or 256 at int4).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_chunks<const P: usize>(
+        run: PackedRun,
+        queries: *const i8,
+        g: usize,
+        n: usize,
+        out: *mut u32,
+    ) {
+        match run.len / 32 {
+            1 => dots_planes::<P, 1>(run, queries, g, n, out),
+            2 => dots_planes::<P, 2>(run, queries, g, n, out),
+            4 => dots_planes::<P, 4>(run, queries, g, n, out),
+            _ => dots_planes::<P, 0>(run, queries, g, n, out),
+        }
     }
 
     /// # Safety
@@ -928,14 +972,8 @@ mod avx2 {
         let out = out.as_mut_ptr() as *mut u32;
         let queries = queries.as_ptr();
         match run.bits {
-            CodeBits::Four => {
-                let src = PackedRows::<2> { run, queries };
-                dispatch_g!(g, dots_int4_g, &src, n, out)
-            }
-            CodeBits::Two => {
-                let src = PackedRows::<4> { run, queries };
-                dispatch_g!(g, dots_int2_g, &src, n, out)
-            }
+            CodeBits::Four => dots_chunks::<2>(run, queries, g, n, out),
+            CodeBits::Two => dots_chunks::<4>(run, queries, g, n, out),
         }
     }
 }
