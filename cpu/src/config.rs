@@ -91,14 +91,21 @@ pub(crate) const RANGE_BYTES: usize = 4;
 /// arrival: no staging buffer, any number of appended tokens, nothing
 /// clamped within f16's range (sampled attention reads scattered rows, where per-block scales
 /// would cost more bytes per touched block than the codes they serve).
-/// - Keys: `k ≈ m + s ⊙ (lo + step · code)`, with the channel centring `m`
-///   and scales `s` fixed per head as int8 keys fix theirs (they equalise
-///   the outlier channels) and `lo`, `step` per row over the normalised
-///   values `(k - m) / s`, stored as f16 beside the codes; `q · k` is then
-///   `q · m + lo Σ q' + step (q' · code)` with `q' = q ⊙ s`, the last term on
-///   integers.
+/// - Keys: `k ≈ m + s ⊙ Rᵀ(lo + step · code)`, with the channel centring
+///   `m` and scales `s` fixed per head as int8 keys fix theirs (they equalise
+///   the outlier channels), `R` a fixed rotation (a Walsh–Hadamard transform
+///   after sign flips, for head dimensions that are powers of two; QuaRot's)
+///   that spreads what outliers remain over every channel, and `lo`, `step`
+///   per row over the rotated values `R (k - m) / s`, stored as f16 beside
+///   the codes; `q · k` is then `q · m + lo Σ q' + step (q' · code)` with
+///   `q' = R (q ⊙ s)`, the last term on integers.
+///   A rotated row is near Gaussian, so int2 key codes sit at the step of
+///   least squared error for Gaussian values (about one standard deviation,
+///   clipping the tails) rather than stretched over the row's range; int4
+///   codes span the range.
 /// - Values: per row and group of [`VALUE_GROUP`] channels, `v ≈ lo + step ·
-///   code` (KIVI's per-token groups), f16 ranges beside the codes.
+///   code` (KIVI's per-token groups), f16 ranges beside the codes (rotating
+///   them, with or without clipping, measured no better).
 ///
 /// A key of head dimension 128 is then 68 bytes at int4 and 36 at int2 where
 /// a bf16 key is 256: sampled attention reads one row per retrieved key from

@@ -32,6 +32,7 @@ mod policy;
 mod pool;
 mod reads;
 mod retrieval;
+mod rotation;
 mod row_blocks;
 mod rows;
 mod shared;

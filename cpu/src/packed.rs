@@ -6,6 +6,7 @@
 use crate::channels::ChannelScales;
 use crate::config::{MAX_VALUE_GROUPS, RANGE_BYTES, VALUE_GROUP};
 use crate::error::CpuError;
+use crate::rotation::Rotation;
 use crate::row_blocks::{Blocks, Elem};
 use crate::snapshot::{ArrayReader, ArrayWriter};
 use half::f16;
@@ -19,14 +20,75 @@ const RANGE_LIMIT: f32 = 65504.0;
 /// range `(lo, step)` as stored: `x ≈ lo + step · code`. Non-finite values
 /// count as 0.
 fn quantize_range(bits: CodeBits, xs: &mut [f32], codes: &mut [u8]) -> [f16; 2] {
+    zero_non_finite(xs);
+    let (lo, hi) = extremes(xs);
+    encode(bits, xs, lo, range_step(bits, lo, hi), codes)
+}
+
+/// The step of codes of `bits` from `lo` (as f16 rounds it) up to `hi`.
+fn range_step(bits: CodeBits, lo: f32, hi: f32) -> f32 {
+    let lo = f16::from_f32(lo.clamp(-RANGE_LIMIT, RANGE_LIMIT)).to_f32();
+    (hi - lo).max(0.0) / f32::from(bits.max_code())
+}
+
+/// Per code width, the step of the uniform quantizer of least mean squared
+/// error for Gaussian values, in standard deviations (Max, 1960).
+fn gaussian_step(bits: CodeBits) -> f32 {
+    match bits {
+        CodeBits::Two => 0.9957,
+        CodeBits::Four => 0.3352,
+    }
+}
+
+/// [`quantize_range`] for rows a [`Rotation`] made near Gaussian: the codes
+/// are centred on the row's mean at [`gaussian_step`] times its standard
+/// deviation, which clips the tails where that step is finer than the
+/// range's. Four int2 codes stretched over a row's whole range leave most
+/// values between two of them; clipped, the squared error halves.
+fn quantize_rotated(bits: CodeBits, xs: &mut [f32], codes: &mut [u8]) -> [f16; 2] {
+    zero_non_finite(xs);
+    let n = xs.len().max(1) as f32;
+    let mean = xs.iter().sum::<f32>() / n;
+    let sd = (xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+    let levels = f32::from(bits.max_code());
+    let (lo, hi) = extremes(xs);
+    let (ranged, clipped) = (range_step(bits, lo, hi), gaussian_step(bits) * sd);
+    if clipped >= ranged {
+        return encode(bits, xs, lo, ranged, codes);
+    }
+    encode(bits, xs, mean - clipped * levels / 2.0, clipped, codes)
+}
+
+/// Quantizes a key row that `rotation` turned: int2 codes clipped as
+/// [`quantize_rotated`] does, where the rotation made the values near
+/// Gaussian; int4 codes, and rows it left alone, over their range (16 codes
+/// over a rotated row's range err no more than clipped ones).
+fn quantize_key(bits: CodeBits, rotation: &Rotation, xs: &mut [f32], codes: &mut [u8]) -> [f16; 2] {
+    if bits == CodeBits::Two && !rotation.is_identity() {
+        quantize_rotated(bits, xs, codes)
+    } else {
+        quantize_range(bits, xs, codes)
+    }
+}
+
+fn zero_non_finite(xs: &mut [f32]) {
     xs.iter_mut()
         .filter(|x| !x.is_finite())
         .for_each(|x| *x = 0.0);
+}
+
+/// The smallest and largest of `xs`.
+fn extremes(xs: &[f32]) -> (f32, f32) {
     let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
     let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (lo, hi)
+}
+
+/// The codes of `xs` on the grid `lo + step · code` (both rounded to f16 as
+/// stored), clamped to the grid; returns the stored `(lo, step)`.
+fn encode(bits: CodeBits, xs: &[f32], lo: f32, step: f32, codes: &mut [u8]) -> [f16; 2] {
     let lo = f16::from_f32(lo.clamp(-RANGE_LIMIT, RANGE_LIMIT));
-    let span = (hi - lo.to_f32()).max(0.0) / f32::from(bits.max_code());
-    let step = f16::from_f32(span.min(RANGE_LIMIT));
+    let step = f16::from_f32(step.min(RANGE_LIMIT));
     let inv = if step.to_f32() > 0.0 {
         1.0 / step.to_f32()
     } else {
@@ -65,6 +127,8 @@ pub(crate) struct PackedKeys {
     /// The largest `Σ_c |lo + step · code_c|` of a stored row, which bounds
     /// what quantizing a query to int8 changes of its dot products.
     pub(crate) max_l1: f32,
+    /// The rotation of the normalised rows before they are quantized.
+    pub(crate) rotation: Rotation,
     /// One row being quantized (appends allocate nothing per row).
     normalised: Vec<f32>,
     codes: Vec<u8>,
@@ -79,6 +143,7 @@ impl PackedKeys {
             d,
             channels: ChannelScales::default(),
             max_l1: 0.0,
+            rotation: Rotation::new(d),
             normalised: vec![0.0; d],
             codes: vec![0; d],
             row: vec![0; packed_len(d, bits) + RANGE_BYTES],
@@ -107,7 +172,13 @@ impl PackedKeys {
         let len = self.code_len();
         for r in src.chunks_exact(self.d) {
             self.channels.normalise(r, &mut self.normalised);
-            let range = quantize_range(self.bits, &mut self.normalised, &mut self.codes);
+            self.rotation.apply(&mut self.normalised);
+            let range = quantize_key(
+                self.bits,
+                &self.rotation,
+                &mut self.normalised,
+                &mut self.codes,
+            );
             pack(self.bits, &self.codes, &mut self.row[..len]);
             put_range(&mut self.row, len, range);
             let (lo, step) = (range[0].to_f32(), range[1].to_f32());
@@ -125,9 +196,13 @@ impl PackedKeys {
     /// Row `i` dequantized into `dst`.
     pub(crate) fn row_f32(&self, i: usize, dst: &mut [f32]) {
         let (codes, (lo, step)) = (self.codes(i), self.range(i));
+        for (c, o) in dst.iter_mut().enumerate() {
+            *o = lo + step * f32::from(code_at(self.bits, codes, c));
+        }
+        self.rotation.invert(dst);
         let ChannelScales { scales, offset, .. } = &self.channels;
-        for (c, ((o, s), m)) in dst.iter_mut().zip(scales).zip(offset).enumerate() {
-            *o = m + s * (lo + step * f32::from(code_at(self.bits, codes, c)));
+        for ((o, s), m) in dst.iter_mut().zip(scales).zip(offset) {
+            *o = m + s * *o;
         }
     }
 

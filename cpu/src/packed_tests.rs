@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::reads::{packed_axpy, packed_key_dots, KeyQueries};
+use crate::rotation::Rotation;
 use crate::rows::Rows;
 use tandem_kernels::rng::SplitMix64;
 
@@ -36,14 +37,11 @@ fn keys_of(bits: CodeBits, rows: &[f32], d: usize) -> PackedKeys {
     keys
 }
 
-/// The scalar reference of a row's quantization: codes of its own range,
-/// with the range rounded to f16 first; returns the dequantized values.
-fn reference_round_trip(bits: CodeBits, xs: &[f32]) -> Vec<f32> {
-    let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
-    let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lo = f16::from_f32(lo).to_f32();
+/// Codes of `xs` on the grid `lo + step · code`, both rounded to f16 first;
+/// returns the dequantized values.
+fn on_grid(bits: CodeBits, xs: &[f32], lo: f32, step: f32) -> Vec<f32> {
+    let (lo, step) = (f16::from_f32(lo).to_f32(), f16::from_f32(step).to_f32());
     let max = f32::from(bits.max_code());
-    let step = f16::from_f32((hi - lo).max(0.0) / max).to_f32();
     xs.iter()
         .map(|x| {
             let code = if step > 0.0 {
@@ -56,35 +54,81 @@ fn reference_round_trip(bits: CodeBits, xs: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// The scalar reference of a row's quantization over its own range.
+fn reference_round_trip(bits: CodeBits, xs: &[f32]) -> Vec<f32> {
+    let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lo16 = f16::from_f32(lo).to_f32();
+    on_grid(
+        bits,
+        xs,
+        lo,
+        (hi - lo16).max(0.0) / f32::from(bits.max_code()),
+    )
+}
+
+/// The scalar reference of a rotated row's (or group's) quantization: int2
+/// codes centred on the mean at 0.9957 standard deviations apart where that
+/// is finer than the range's step, else over the range.
+fn reference_rotated(bits: CodeBits, rotated: bool, xs: &[f32]) -> Vec<f32> {
+    if bits == CodeBits::Four || !rotated {
+        return reference_round_trip(bits, xs);
+    }
+    let n = xs.len() as f32;
+    let mean = xs.iter().sum::<f32>() / n;
+    let sd = (xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+    let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let levels = f32::from(bits.max_code());
+    let clipped = 0.9957 * sd;
+    if clipped >= (hi - f16::from_f32(lo).to_f32()).max(0.0) / levels {
+        return reference_round_trip(bits, xs);
+    }
+    on_grid(bits, xs, mean - clipped * levels / 2.0, clipped)
+}
+
+fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum()
+}
+
 #[test]
-fn keys_round_trip_as_the_reference_within_half_a_step_of_their_row() {
+fn keys_round_trip_as_the_reference_of_their_rotated_row() {
     let mut rng = SplitMix64(5);
     for bits in BITS {
         for d in [64, 80, 128, 7] {
             let rows = rows_with_outliers(&mut rng, 50, d);
             let keys = keys_of(bits, &rows, d);
-            let ch = &keys.channels;
+            let (ch, rotation) = (&keys.channels, Rotation::new(d));
             let mut held = vec![0.0; d];
+            let (mut err, mut ranged_err) = (0.0, 0.0);
             for (i, row) in rows.chunks_exact(d).enumerate() {
                 keys.row_f32(i, &mut held);
-                let u: Vec<f32> = (0..d)
+                let mut u: Vec<f32> = (0..d)
                     .map(|c| (row[c] - ch.offset[c]) * ch.inverse[c])
                     .collect();
-                let want = reference_round_trip(bits, &u);
+                rotation.apply(&mut u);
+                let mut want = reference_rotated(bits, !rotation.is_identity(), &u);
+                let ranged = reference_round_trip(bits, &u);
+                err += squared_distance(&want, &u);
+                ranged_err += squared_distance(&ranged, &u);
                 let step = keys.range(i).1;
+                // Within half a step of each rotated value, unless clipped.
+                let clipped = (0..d).any(|c| (want[c] - u[c]).abs() > 0.5 * step * 1.01);
+                assert!(!clipped || bits == CodeBits::Two, "{bits:?} d={d}");
+                rotation.invert(&mut want);
                 for c in 0..d {
                     let expect = ch.offset[c] + ch.scales[c] * want[c];
                     assert!(
-                        (held[c] - expect).abs() <= 1e-5 * (1.0 + expect.abs()),
-                        "{bits:?} d={d}"
-                    );
-                    // Half a step, and f16's rounding of the range.
-                    let bound = ch.scales[c] * (0.5 * step + 2e-3 * (1.0 + u[c].abs()));
-                    assert!(
-                        (held[c] - row[c]).abs() <= bound,
-                        "{bits:?} d={d} row {i} c {c}"
+                        (held[c] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+                        "{bits:?} d={d} row {i} c {c}: {} vs {expect}",
+                        held[c]
                     );
                 }
+            }
+            if bits == CodeBits::Two && !rotation.is_identity() {
+                assert!(err < 0.75 * ranged_err, "d={d}: {err} vs {ranged_err}");
+            } else {
+                assert_eq!(err, ranged_err, "{bits:?} d={d}");
             }
         }
     }

@@ -67,6 +67,9 @@ impl<'q> KeyQueries<'q> {
                 .for_each(|(x, s)| *x *= s);
         }
         if let Rows::PackedKeys(p) = keys {
+            for q in kq.scaled.to_mut().chunks_exact_mut(d.max(1)).take(8) {
+                p.rotation.apply(q);
+            }
             kq.quantize(p, d);
         }
         kq

@@ -8,7 +8,8 @@
 //! "state": {...}}`, then the state's arrays: the logits after the last
 //! token, the device window's rows per layer and each offloaded store's
 //! rows, index, bounds and sketch. A file without a state (or of format
-//! version 1) is resumed by running its tokens through a prefill.
+//! version 1, or whose int4 or int2 rows were stored before they were
+//! rotated) is resumed by running its tokens through a prefill.
 
 use std::fmt;
 use std::path::Path;
@@ -89,6 +90,11 @@ struct StateHeader {
     /// Whether the first array is the logits after the last saved token.
     logits: bool,
     sequence: SequenceCounts,
+    /// Whether int4 and int2 rows are stored rotated (see
+    /// `tandem_cpu::KvDtype`): files written before they were hold them
+    /// unrotated, and such a state is not loaded.
+    #[serde(default)]
+    packed_rows_rotated: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -132,6 +138,7 @@ impl<D: DenseDevice> Engine<D> {
         let header = StateHeader {
             logits: session.last_logits.is_some(),
             sequence,
+            packed_rows_rotated: true,
         };
         self.write_session(path, saved, Some(header), out.into_arrays())
     }
@@ -188,11 +195,15 @@ impl<D: DenseDevice> Engine<D> {
                 return Err(file.error("the saved state covers more tokens than saved".into()));
             }
         }
+        // Rows stored unrotated would be read as rotated: the tokens are
+        // run through a prefill instead.
+        let packed = self.policy_table().holds_packed_rows();
+        let state = body.state.filter(|h| h.packed_rows_rotated || !packed);
         let file = Arc::new(file);
         Ok(SavedSession {
             tokens: body.tokens,
             messages: body.messages,
-            state: body.state.map(|header| SavedState { file, header }),
+            state: state.map(|header| SavedState { file, header }),
         })
     }
 

@@ -171,3 +171,62 @@ fn damaged_and_foreign_state_files_are_refused() {
     let err = refusal(&engine_with("exact"), &path);
     assert!(err.contains("another attention policy"), "{err}");
 }
+
+/// The file at `path` with its JSON body's `"packed_rows_rotated":true`
+/// blanked out (as files written before int4 and int2 rows were rotated
+/// read), its checksum made good.
+fn as_written_before_rotation(path: &Path) {
+    let mut bytes = std::fs::read(path).expect("read");
+    let json_len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
+    let field = b",\"packed_rows_rotated\":true";
+    let json = &mut bytes[24..24 + json_len];
+    let at = json
+        .windows(field.len())
+        .position(|w| w == field)
+        .expect("the flag is written");
+    json[at..at + field.len()].fill(b' ');
+    let crc = crc32(json);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path, &bytes).expect("write");
+}
+
+/// CRC-32 (IEEE), as session files check their parts.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+#[test]
+fn int4_rows_saved_unrotated_are_prefilled_again() {
+    let policy = format!("{DEFAULT_POLICY},kbits=4,vbits=2");
+    let (logits, _, path, _) = saved_after_prefill(&policy, "unrotated.tandem");
+    as_written_before_rotation(&path);
+    let engine = engine_with(&policy);
+    let loaded = engine.load_session(&path).expect("load");
+    assert!(loaded.state.is_none(), "the unrotated rows are not loaded");
+    let mut reports = Vec::new();
+    let (restored, restored_logits) = engine
+        .restore_session(&loaded, None, &mut |done, total| {
+            reports.push((done, total))
+        })
+        .expect("restore");
+    assert_eq!(reports.last(), Some(&(CONTEXT, CONTEXT)));
+    assert!(reports.len() > 1, "a prefill ran: {reports:?}");
+    assert_eq!(restored.tokens(), context().as_slice());
+    let restored_logits = restored_logits.expect("logits");
+    assert!(same_bits(&logits, &restored_logits), "next-token logits");
+
+    // A bf16 store's state still loads from such a file.
+    let (_, _, path, _) = saved_after_prefill(DEFAULT_POLICY, "unrotated-bf16.tandem");
+    as_written_before_rotation(&path);
+    let loaded = engine_with(DEFAULT_POLICY)
+        .load_session(&path)
+        .expect("load");
+    assert_eq!(loaded.state.as_ref().map(|s| s.tokens()), Some(CONTEXT));
+}

@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec, Softmax};
+use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec, Precision, Softmax};
 
 use crate::error::{Error, Result};
 pub use layout::{Layout, Role};
@@ -504,6 +504,17 @@ impl PolicyTable {
             }
         }
         Ok(())
+    }
+
+    /// Whether any layer's store holds int4 or int2 rows.
+    pub fn holds_packed_rows(&self) -> bool {
+        self.layers.iter().any(|l| match &l.attention {
+            LayerAttention::Offloaded { kv_dtype, .. } => {
+                let packed = |p: Precision| matches!(p, Precision::Int4 | Precision::Int2);
+                kv_dtype.int2_heads > 0 || packed(kv_dtype.keys) || packed(kv_dtype.values)
+            }
+            _ => false,
+        })
     }
 
     /// Whether any layer needs the CPU attention workers.
