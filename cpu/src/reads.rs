@@ -17,6 +17,28 @@ use tandem_kernels::vector::{
 /// Rows [`Rows::run_dots`] reads per call, at most.
 pub(crate) const RUN: usize = 128;
 
+/// Room for the dot products of one run of rows with up to 8 heads, made
+/// once for a pass over many runs (int4 and int2 rows work in `ints` and
+/// `ranges` first).
+pub(crate) struct RunDots {
+    /// `out[h * m + k]`: row `first + k`'s dot product with head `h`.
+    pub(crate) out: [f32; 8 * RUN],
+    ints: [i32; 8 * RUN],
+    los: [f32; RUN],
+    steps: [f32; RUN],
+}
+
+impl RunDots {
+    pub(crate) fn new() -> Self {
+        RunDots {
+            out: [0.0; 8 * RUN],
+            ints: [0; 8 * RUN],
+            los: [0.0; RUN],
+            steps: [0.0; RUN],
+        }
+    }
+}
+
 /// How much of an int8 step quantizing a query may move one of its values:
 /// half a step, with room for the rounding of `q / step` in f32.
 const HALF_STEP_WITH_ROUNDING: f32 = 0.51;
@@ -122,17 +144,18 @@ impl Rows {
     }
 
     /// Dot products of consecutive key rows from `first` with the `g` query
-    /// heads of `kq`, head-major: `out[h * m + k]` for row `first + k`. Reads
-    /// `m` rows, at most [`RUN`] and as many as lie in one block of the
+    /// heads of `kq`, head-major: `run.out[h * m + k]` for row `first + k`.
+    /// Reads `m` rows, at most [`RUN`] and as many as lie in one block of the
     /// store, and returns `m`.
     pub(crate) fn run_dots(
         &self,
         first: usize,
         g: usize,
         kq: &KeyQueries,
-        out: &mut [f32; 8 * RUN],
+        run: &mut RunDots,
     ) -> usize {
         let queries = &kq.scaled[..];
+        let out = &mut run.out;
         match self {
             Rows::Bf16(b) => {
                 let rows = b.run(first, RUN);
@@ -149,7 +172,7 @@ impl Rows {
                 }
                 m
             }
-            Rows::PackedKeys(p) => packed_run_dots(p, first, g, kq, out),
+            Rows::PackedKeys(p) => packed_run_dots(p, first, g, kq, run),
             Rows::F32(_) | Rows::PackedValues(_) => {
                 let mut dots = [0.0f32; 8];
                 self.dots(first, kq, &mut dots[..g]);
@@ -230,26 +253,33 @@ fn packed_run_dots(
     first: usize,
     g: usize,
     kq: &KeyQueries,
-    out: &mut [f32; 8 * RUN],
+    run: &mut RunDots,
 ) -> usize {
+    let RunDots {
+        out,
+        ints,
+        los,
+        steps,
+    } = run;
     let stride = p.rows.d;
     let bytes = p.rows.run(first, RUN);
     let m = bytes.len() / stride.max(1);
-    let run = PackedRun {
+    let rows = PackedRun {
         bits: p.bits,
         bytes,
         stride,
         len: p.code_len(),
     };
-    let mut ints = [0i32; 8 * RUN];
     let w = p.bits.planes() * p.code_len();
-    dots_packed(run, &kq.ints[..g * w], &mut ints);
-    let (mut los, mut steps) = ([0.0f32; RUN], [0.0f32; RUN]);
-    packed_ranges(run, p.code_len(), &mut los, &mut steps);
+    dots_packed(rows, &kq.ints[..g * w], ints);
+    packed_ranges(rows, p.code_len(), los, steps);
     for h in 0..g {
         let (offset, sum, int_scale) = (kq.offsets[h], kq.int_sums[h], kq.int_scales[h]);
         let out = out[h * m..(h + 1) * m].iter_mut();
-        let rows = ints[h * m..(h + 1) * m].iter().zip(&los).zip(&steps);
+        let rows = ints[h * m..(h + 1) * m]
+            .iter()
+            .zip(los.iter())
+            .zip(steps.iter());
         for (x, ((&int, &lo), &step)) in out.zip(rows) {
             *x = offset + lo * sum + step * int_scale * int as f32;
         }

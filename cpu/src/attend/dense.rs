@@ -13,7 +13,7 @@ use crate::packed::PackedValues;
 use crate::rows::Rows;
 use crate::store::HeadStore;
 use tandem_kernels::masks::{or_at_least, MASK_WORD};
-use tandem_kernels::vector::{axpy_f32_multi, fold_lanes, prefetch};
+use tandem_kernels::vector::{axpy_f32_multi, prefetch};
 
 /// Value rows prefetched ahead of their sum (rows are read in order, but a
 /// skipped row breaks the hardware prefetcher's stride).
@@ -23,13 +23,11 @@ const V_AHEAD: usize = 4;
 pub(super) fn attend(head: &HeadStore, step: &Step, scratch: &mut Scratch, parts: Partials) {
     let (n, g) = (head.len(), step.queries.len() / step.d);
     scratch.ensure_logits(n, g);
-    every_logit(head, step.kq, step.scale, g, n, &mut scratch.logits);
+    let maxima = every_logit(head, step.kq, step.scale, g, n, &mut scratch.logits);
     // Per head: weights relative to its max, their sum and log-sum-exp.
     let mut inv = [0.0f32; 8];
-    for h in 0..g {
+    for (h, &max) in maxima.iter().enumerate().take(g) {
         let weights = &mut scratch.logits[h][..n];
-        // NaN never wins: `>` is false for it.
-        let max = fold_lanes(weights, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
         parts.touched[h] = n as u32;
         if max == f32::NEG_INFINITY || max.is_nan() {
             weights.fill(0.0);

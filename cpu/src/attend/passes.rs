@@ -9,7 +9,7 @@
 use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
 use crate::estimator::LnUTable;
 use crate::packed::{PackedKeys, PackedValues};
-use crate::reads::{packed_key_dots, KeyQueries, RUN};
+use crate::reads::{packed_key_dots, KeyQueries, RunDots};
 use crate::retrieval::Selection;
 use crate::rows::{CodeRows, Rows};
 use crate::store::HeadStore;
@@ -19,7 +19,8 @@ use tandem_kernels::int8::{axpy_rows_i8, dot_rows_i8};
 use tandem_kernels::packed::axpy_packed;
 use tandem_kernels::sas::Softmax;
 use tandem_kernels::vector::{
-    axpy_f32, axpy_f32_multi, corrected_logits, dot_f32, dot_rows_bf16, prefetch, prefetch_at,
+    axpy_f32, axpy_f32_multi, corrected_logits, dot_f32, dot_rows_bf16, fold_lanes, prefetch,
+    prefetch_at,
 };
 
 /// How many cache lines of K rows are prefetched ahead of the dot products:
@@ -92,7 +93,8 @@ impl PairLists {
 }
 
 /// The logit of every one of `n` keys for each of the `g` heads of `kq`,
-/// into `logits[h][..n]`, streamed over runs of consecutive rows.
+/// into `logits[h][..n]`, streamed over runs of consecutive rows; returns
+/// each head's largest logit (NaN never is; -∞ for none).
 pub(crate) fn every_logit(
     head: &HeadStore,
     kq: &KeyQueries,
@@ -100,19 +102,23 @@ pub(crate) fn every_logit(
     g: usize,
     n: usize,
     logits: &mut [Vec<f32>],
-) {
-    let mut run = [0.0f32; 8 * RUN];
+) -> [f32; 8] {
+    let mut run = RunDots::new();
+    let mut max = [f32::NEG_INFINITY; 8];
     let mut first = 0;
     while first < n {
         let m = head.keys.run_dots(first, g, kq, &mut run).min(n - first);
-        for (h, dots) in run.chunks_exact(m.max(1)).take(g).enumerate() {
+        for (h, dots) in run.out.chunks_exact(m.max(1)).take(g).enumerate() {
             let out = &mut logits[h][first..first + m];
             out.iter_mut()
                 .zip(dots)
                 .for_each(|(x, &dot)| *x = dot * scale);
+            // NaN never wins: `>` is false for it.
+            max[h] = fold_lanes(out, max[h], |a, b| if b > a { b } else { a });
         }
         first += m.max(1);
     }
+    max
 }
 
 /// What the two passes need besides the store and the selection.
