@@ -89,6 +89,15 @@ impl ChannelScales {
             .for_each(|s| *s /= UNPREFILLED_HEADROOM);
     }
 
+    /// Gives every channel the root mean square of the channels' scales.
+    pub(crate) fn share_one_scale(&mut self) {
+        let n = self.scales.len().max(1) as f32;
+        let rms = (self.scales.iter().map(|s| s * s).sum::<f32>() / n).sqrt();
+        let inverse = if rms > 0.0 { 1.0 / rms } else { 0.0 };
+        self.scales.iter_mut().for_each(|s| *s = rms);
+        self.inverse.iter_mut().for_each(|s| *s = inverse);
+    }
+
     /// `(x_c - m_c) / s_c` of each channel of `row` into `out`.
     pub(crate) fn normalise<T: Elem>(&self, row: &[T], out: &mut [f32]) {
         for (((u, x), o), inv) in out.iter_mut().zip(row).zip(&self.offset).zip(&self.inverse) {

@@ -155,6 +155,36 @@ impl PackedKeys {
         self.rows.d - RANGE_BYTES
     }
 
+    /// Fixes the channels' centring and scales from the prefill `rows`,
+    /// around `offset` ([`ChannelScales::fix`]).
+    pub(crate) fn fix_channels<'r, T: Elem + 'r>(
+        &mut self,
+        offset: &[f32],
+        rows: impl Iterator<Item = &'r [T]>,
+    ) {
+        self.channels.fix(self.d, offset, true, rows);
+        self.share_scale_when_rotated();
+    }
+
+    /// Fixes them from the first appended rows `src` of a store no prefill
+    /// filled ([`ChannelScales::fix_unprefilled`]).
+    pub(crate) fn fix_channels_unprefilled<T: Elem>(&mut self, src: &[T]) {
+        self.channels.fix_unprefilled(self.d, src);
+        self.share_scale_when_rotated();
+    }
+
+    /// int4 rows that the rotation turns share one scale over their
+    /// channels: the rotation already spreads a large channel over all of
+    /// them, and scaling each channel to its own range first would hand the
+    /// small channels' rounding back to the large ones, where the queries
+    /// are large too. int2 rows, clipped at the Gaussian step, keep a scale
+    /// per channel, which rounds them better.
+    fn share_scale_when_rotated(&mut self) {
+        if self.bits == CodeBits::Four && !self.rotation.is_identity() {
+            self.channels.share_one_scale();
+        }
+    }
+
     /// The packed codes of row `i`.
     #[inline(always)]
     pub(crate) fn codes(&self, i: usize) -> &[u8] {

@@ -31,8 +31,7 @@ fn mean(rows: &[f32], d: usize) -> Vec<f32> {
 /// Keys fixed around their mean and loaded, as a prefill does.
 fn keys_of(bits: CodeBits, rows: &[f32], d: usize) -> PackedKeys {
     let mut keys = PackedKeys::new(bits, d);
-    keys.channels
-        .fix(d, &mean(rows, d), true, rows.chunks_exact(d));
+    keys.fix_channels(&mean(rows, d), rows.chunks_exact(d));
     keys.push(rows).expect("push");
     keys
 }
@@ -132,6 +131,49 @@ fn keys_round_trip_as_the_reference_of_their_rotated_row() {
             }
         }
     }
+}
+
+#[test]
+fn rotated_int4_keys_share_one_scale_and_round_aligned_logits_finer() {
+    let mut rng = SplitMix64(9);
+    let d = 64;
+    let rows = rows_with_outliers(&mut rng, 200, d);
+    let shared = keys_of(CodeBits::Four, &rows, d);
+    assert!(shared
+        .channels
+        .scales
+        .iter()
+        .all(|&s| s == shared.channels.scales[0]));
+    for (bits, d) in [(CodeBits::Two, 64), (CodeBits::Four, 80)] {
+        let rows = rows_with_outliers(&mut rng, 20, d);
+        let keys = keys_of(bits, &rows, d);
+        assert!(keys.channels.scales[3] > 10.0 * keys.channels.scales[0]);
+    }
+    // A scale per channel, as int8 and int2 keys keep.
+    let mut per_channel = PackedKeys::new(CodeBits::Four, d);
+    per_channel
+        .channels
+        .fix(d, &mean(&rows, d), true, rows.chunks_exact(d));
+    per_channel.push(&rows).expect("push");
+    // Queries large where the keys are, as RoPE models' are.
+    let (mut err_shared, mut err_per_channel) = (0.0, 0.0);
+    let (mut a, mut b) = (vec![0.0; d], vec![0.0; d]);
+    for _ in 0..20 {
+        let mut q: Vec<f32> = (0..d).map(|_| rng.signed_f32()).collect();
+        q[3] *= 10.0;
+        q[d - 2] *= 10.0;
+        for (i, row) in rows.chunks_exact(d).enumerate() {
+            shared.row_f32(i, &mut a);
+            per_channel.row_f32(i, &mut b);
+            let dot = |k: &[f32]| k.iter().zip(&q).map(|(x, y)| f64::from(x * y)).sum::<f64>();
+            err_shared += (dot(&a) - dot(row)).powi(2);
+            err_per_channel += (dot(&b) - dot(row)).powi(2);
+        }
+    }
+    assert!(
+        err_shared < 0.5 * err_per_channel,
+        "{err_shared} vs {err_per_channel}"
+    );
 }
 
 #[test]

@@ -75,13 +75,18 @@ impl Rows {
         })
     }
 
-    /// The channel scales of quantized keys (int8, int4, int2), which are
-    /// fixed around the head's mean before the first row is stored.
-    pub(crate) fn channels_mut(&mut self) -> Option<&mut ChannelScales> {
+    /// Fixes the centring and scales of quantized keys from the prefill
+    /// `rows`, around `mean`; other rows have none.
+    pub(crate) fn fix_key_channels<'r, T: Elem + 'r>(
+        &mut self,
+        d: usize,
+        mean: &[f32],
+        rows: impl Iterator<Item = &'r [T]>,
+    ) {
         match self {
-            Rows::I8(c) => Some(&mut c.channels),
-            Rows::PackedKeys(p) => Some(&mut p.channels),
-            _ => None,
+            Rows::I8(c) => c.channels.fix(d, mean, true, rows),
+            Rows::PackedKeys(p) => p.fix_channels(mean, rows),
+            _ => {}
         }
     }
 
@@ -143,7 +148,7 @@ impl Rows {
             }
             Rows::PackedKeys(p) => {
                 if !p.channels.is_fixed() {
-                    p.channels.fix_unprefilled(p.d, src);
+                    p.fix_channels_unprefilled(src);
                 }
                 p.push(src)
             }

@@ -241,11 +241,11 @@ impl HeadStore {
         let n = keys.len() / (nh * d);
         let key = |t: usize| &keys[(t * nh + h) * d..(t * nh + h + 1) * d];
         let value = |t: usize| &values[(t * nh + h) * d..(t * nh + h + 1) * d];
-        if let Some(channels) = self.keys.channels_mut() {
+        if self.keys.key_offset().is_some() {
             // Quantized keys are quantized around the centring mean, so it
             // is fixed first, from the rows as given.
             self.mean = column_mean((0..n).map(key), d);
-            channels.fix(d, &self.mean, true, (0..n).map(key));
+            self.keys.fix_key_channels(d, &self.mean, (0..n).map(key));
         }
         if let Rows::I8(codes) = &mut self.values {
             let mean = column_mean((0..n).map(value), d);
