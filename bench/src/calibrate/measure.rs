@@ -1,14 +1,17 @@
 //! Each offloaded layer's sensitivity to each pair: the relative error of
-//! its attention output when the base policy attends a store of that pair
-//! instead of the bf16 store, on the same queries.
+//! its attention output when the offloaded keys are attended exactly over a
+//! store of that pair instead of the bf16 store, on the same queries.
 //!
 //! The context's first tokens are prefilled once, densely; per pair, a fork
 //! offloads with the base policy over bf16 stores and decodes the last
 //! tokens teacher-forced. Beside each layer's bf16 store the observer keeps
 //! a copy in the pair's format, built from the same rows and fed the same
-//! evicted rows, and attends it with the same queries: the model runs on the
-//! bf16 stores, so every layer is measured on the inputs it would see with
-//! the others unquantized.
+//! evicted rows, and attends both exactly with the same queries: the model
+//! runs on the bf16 stores, so every layer is measured on the inputs it
+//! would see with the others unquantized. Exact attention measures the
+//! rounding alone; under the base policy's own sampling, the two stores'
+//! samples part wherever rounding reorders a key, and that sampling noise
+//! would swamp the rounding of int8 and int4 pairs.
 
 use std::sync::{Arc, Mutex};
 
@@ -32,24 +35,27 @@ struct ErrorSum {
     samples: u64,
 }
 
-/// Attends each layer's copy in the pair's format and compares it with the
-/// bf16 store's output of the same step.
+/// Attends each layer's copy in the pair's format and its bf16 store, both
+/// exactly, and compares the two outputs of the same step.
 struct PairObserver {
-    /// Per layer: the copy and the policy attending it.
-    copies: Vec<Option<(Arc<LayerStore>, Policy)>>,
+    /// Per layer: the copy, or `None` where the layer does not offload.
+    copies: Vec<Option<Arc<LayerStore>>>,
     output: LayerOutput,
+    reference: LayerOutput,
     sums: Arc<Mutex<Vec<ErrorSum>>>,
 }
 
 impl SplitObserver for PairObserver {
     fn observe(&mut self, step: &OffloadedStep<'_>) -> Result<()> {
-        let Some(Some((copy, policy))) = self.copies.get(step.layer) else {
+        let Some(Some(copy)) = self.copies.get(step.layer) else {
             return Ok(());
         };
         append_new_rows(copy, step.store)?;
         step.pool
-            .run_layer(copy, step.queries, *policy, &mut self.output)?;
-        let errors = merged_row_errors(step, &self.output, step.offloaded);
+            .run_layer(copy, step.queries, Policy::Dense, &mut self.output)?;
+        step.pool
+            .run_layer(step.store, step.queries, Policy::Dense, &mut self.reference)?;
+        let errors = merged_row_errors(step, &self.output, &self.reference);
         let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sum) = sums.get_mut(step.layer) {
             sum.rel_l2 += errors.iter().map(|e| e.rel_l2).sum::<f64>();
@@ -114,7 +120,8 @@ pub struct MeasureInput<'a, D: DenseDevice> {
 }
 
 /// Per offloaded layer of the table (ascending), each pair's mean relative
-/// attention-output error over the decoded tokens and query heads.
+/// error of the exact attention output over the decoded tokens and query
+/// heads.
 pub fn measure<D: DenseDevice>(
     input: &MeasureInput<'_, D>,
     note: &mut dyn FnMut(&str),
@@ -160,7 +167,7 @@ pub fn measure<D: DenseDevice>(
     Ok(measured)
 }
 
-/// Per layer, the summed errors of the base policy over stores of `kv_dtype`
+/// Per layer, the summed errors of exact attention over stores of `kv_dtype`
 /// against the bf16 stores, while `decoded` runs through a fork of `base`.
 fn measure_pair<D: DenseDevice>(
     input: &MeasureInput<'_, D>,
@@ -173,15 +180,16 @@ fn measure_pair<D: DenseDevice>(
     let mut kv = base.fork(Arc::clone(table), Some(Arc::clone(pool)))?;
     kv.offload_if_due(threads)?;
     let mut copies = vec![None; table.layers.len()];
-    for (layer, policy) in offloaded_layers(table) {
+    for (layer, _) in offloaded_layers(table) {
         if let Some(store) = kv.store(layer) {
-            copies[layer] = Some((Arc::new(copy_store(store, kv_dtype, threads)?), policy));
+            copies[layer] = Some(Arc::new(copy_store(store, kv_dtype, threads)?));
         }
     }
     let sums = Arc::new(Mutex::new(vec![ErrorSum::default(); table.layers.len()]));
     kv.set_observer(Some(Box::new(PairObserver {
         copies,
         output: LayerOutput::default(),
+        reference: LayerOutput::default(),
         sums: Arc::clone(&sums),
     })));
     for &t in decoded {

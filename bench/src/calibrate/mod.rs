@@ -216,8 +216,8 @@ pub fn calibrate<D: DenseDevice>(
     let c = model.config();
     let windows = c.sliding_windows();
     let kept = opts.base.sinks + opts.base.window;
-    // The stores are compared under the base policy's own sampling: the
-    // fidelity check would attend the base exactly while it probes.
+    // The fork decodes as the base policy would, without the fidelity
+    // check's probe steps; the stores themselves are compared exactly.
     let table = Arc::new(
         PolicyConfig {
             dense_below: kept,
