@@ -4,7 +4,6 @@
 //! are refused.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use tandem_runtime::policy::{PolicyConfig, DEFAULT_POLICY};
 use tandem_runtime::{Engine, EngineOptions, Error, SavedSession, Session};
@@ -64,15 +63,13 @@ fn decode(session: &mut Session<'_>, mut logits: Vec<f32>, n: usize) -> Vec<Vec<
 }
 
 /// Prefills the context, saves it with its state, and returns the logits,
-/// the prefill's seconds and the file.
-fn saved_after_prefill(policy: &str, name: &str) -> (Vec<f32>, f64, PathBuf, Vec<Vec<f32>>) {
+/// the file and the logits of 8 greedy steps after it.
+fn saved_after_prefill(policy: &str, name: &str) -> (Vec<f32>, PathBuf, Vec<Vec<f32>>) {
     let engine = engine_with(policy);
     let mut original = engine.session().expect("session");
-    let start = Instant::now();
     let logits = original
         .prefill(&context(), &mut |_, _| {})
         .expect("prefill");
-    let prefill_s = start.elapsed().as_secs_f64();
     assert_eq!(
         original.kv().is_offloaded(),
         policy != "dense",
@@ -87,14 +84,13 @@ fn saved_after_prefill(policy: &str, name: &str) -> (Vec<f32>, f64, PathBuf, Vec
         .save_session_state(&path, &saved, &original)
         .expect("save");
     let decoded = decode(&mut original, logits.clone(), 8);
-    (logits, prefill_s, path, decoded)
+    (logits, path, decoded)
 }
 
 fn check_resumes_exactly(policy: &str, name: &str) {
-    let (logits, prefill_s, path, decoded) = saved_after_prefill(policy, name);
+    let (logits, path, decoded) = saved_after_prefill(policy, name);
 
     let engine = engine_with(policy);
-    let start = Instant::now();
     let loaded = engine.load_session(&path).expect("load");
     assert_eq!(loaded.state.as_ref().map(|s| s.tokens()), Some(CONTEXT));
     let mut reports = Vec::new();
@@ -103,11 +99,11 @@ fn check_resumes_exactly(policy: &str, name: &str) {
             reports.push((done, total))
         })
         .expect("restore");
-    let restore_s = start.elapsed().as_secs_f64();
-    assert_eq!(reports, [(CONTEXT, CONTEXT)], "no prefill chunk ran");
-    assert!(
-        restore_s < prefill_s / 4.0,
-        "{policy}: restoring took {restore_s:.3} s, the prefill {prefill_s:.3} s"
+    // One report of the whole context at once: no prefill chunk ran.
+    assert_eq!(
+        reports,
+        [(CONTEXT, CONTEXT)],
+        "{policy}: no prefill chunk ran"
     );
     assert_eq!(restored.tokens(), context().as_slice());
     let restored_logits = restored_logits.expect("logits");
@@ -150,7 +146,7 @@ fn refusal(engine: &Engine, path: &Path) -> String {
 
 #[test]
 fn damaged_and_foreign_state_files_are_refused() {
-    let (_, _, path, _) = saved_after_prefill(DEFAULT_POLICY, "damaged.tandem");
+    let (_, path, _) = saved_after_prefill(DEFAULT_POLICY, "damaged.tandem");
     let bytes = std::fs::read(&path).expect("read");
     let engine = engine_with(DEFAULT_POLICY);
 
@@ -205,7 +201,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 #[test]
 fn int4_rows_saved_unrotated_are_prefilled_again() {
     let policy = format!("{DEFAULT_POLICY},kbits=4,vbits=2");
-    let (logits, _, path, _) = saved_after_prefill(&policy, "unrotated.tandem");
+    let (logits, path, _) = saved_after_prefill(&policy, "unrotated.tandem");
     as_written_before_rotation(&path);
     let engine = engine_with(&policy);
     let loaded = engine.load_session(&path).expect("load");
@@ -223,7 +219,7 @@ fn int4_rows_saved_unrotated_are_prefilled_again() {
     assert!(same_bits(&logits, &restored_logits), "next-token logits");
 
     // A bf16 store's state still loads from such a file.
-    let (_, _, path, _) = saved_after_prefill(DEFAULT_POLICY, "unrotated-bf16.tandem");
+    let (_, path, _) = saved_after_prefill(DEFAULT_POLICY, "unrotated-bf16.tandem");
     as_written_before_rotation(&path);
     let loaded = engine_with(DEFAULT_POLICY)
         .load_session(&path)
