@@ -92,10 +92,12 @@ pub(crate) const RANGE_BYTES: usize = 4;
 /// clamped within f16's range (sampled attention reads scattered rows, where per-block scales
 /// would cost more bytes per touched block than the codes they serve).
 /// - Keys: `k ≈ m + s ⊙ Rᵀ(lo + step · code)`, with the channel centring
-///   `m` and scales `s` fixed per head as int8 keys fix theirs (they equalise
-///   the outlier channels), `R` a fixed rotation (a Walsh–Hadamard transform
-///   after sign flips, for head dimensions that are powers of two; QuaRot's)
-///   that spreads what outliers remain over every channel, and `lo`, `step`
+///   `m` fixed per head as int8 keys fix theirs, `R` a fixed rotation (a
+///   Walsh–Hadamard transform after sign flips, for head dimensions that are
+///   powers of two; QuaRot's) that spreads the outlier channels over every
+///   channel, the scales `s` per channel for int2 (as int8's) and one shared
+///   scale for rotated int4 rows (per-channel scales would round the outlier
+///   channels coarser, and the queries weigh those most), and `lo`, `step`
 ///   per row over the rotated values `R (k - m) / s`, stored as f16 beside
 ///   the codes; `q · k` is then `q · m + lo Σ q' + step (q' · code)` with
 ///   `q' = R (q ⊙ s)`, the last term on integers.

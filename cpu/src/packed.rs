@@ -1,5 +1,6 @@
-//! int4 and int2 rows of one kv head: keys normalised per channel, then
-//! quantized over each row's own range; values quantized per row and group
+//! int4 and int2 rows of one kv head: keys centred and scaled per channel
+//! (one shared scale for rotated int4 rows), rotated, then quantized per
+//! row; values quantized per row and group
 //! of channels. Every row is quantized when it arrives, so appends need no
 //! staging buffer and have no cap (see [`crate::KvDtype`]).
 
@@ -115,9 +116,10 @@ fn put_range(row: &mut [u8], at: usize, range: [f16; 2]) {
     row[at + 2..at + 4].copy_from_slice(&range[1].to_le_bytes());
 }
 
-/// int4 or int2 key rows: `k ≈ m + s ⊙ (lo + step · code)`, the channel
-/// offsets `m` and scales `s` fixed per head as int8 keys fix theirs, `lo`
-/// and `step` per row. A row is its packed codes, then `lo` and `step` (f16).
+/// int4 or int2 key rows: `k ≈ m + s ⊙ Rᵀ(lo + step · code)`, the channel
+/// offsets `m` and scales `s` fixed per head ([`PackedKeys::fix_channels`]),
+/// `R` the [`Rotation`], `lo` and `step` per row. A row is its packed codes,
+/// then `lo` and `step` (f16).
 pub(crate) struct PackedKeys {
     pub(crate) rows: Blocks<u8>,
     pub(crate) bits: CodeBits,
