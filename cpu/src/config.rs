@@ -165,6 +165,12 @@ impl KvDtype {
         }
     }
 
+    /// Whether any row of the store is int4 or int2 (packed codes), its
+    /// `int2_heads` included.
+    pub fn holds_packed_rows(self) -> bool {
+        self.int2_heads > 0 || self.keys.code_bits().is_some() || self.values.code_bits().is_some()
+    }
+
     /// Whether `int2_heads` can be chosen among `n_kv_heads` kv heads: at
     /// most that many, and among at most 64 (the heads are kept as bits).
     pub fn int2_heads_fit(self, n_kv_heads: usize) -> bool {

@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec, Precision, Softmax};
+use tandem_cpu::{KvDtype, LshIndexParams, Policy, PolicySpec, Softmax};
 
 use crate::error::{Error, Result};
 pub use layout::{Layout, Role};
@@ -508,11 +508,8 @@ impl PolicyTable {
 
     /// Whether any layer's store holds int4 or int2 rows.
     pub fn holds_packed_rows(&self) -> bool {
-        self.layers.iter().any(|l| match &l.attention {
-            LayerAttention::Offloaded { kv_dtype, .. } => {
-                let packed = |p: Precision| matches!(p, Precision::Int4 | Precision::Int2);
-                kv_dtype.int2_heads > 0 || packed(kv_dtype.keys) || packed(kv_dtype.values)
-            }
+        self.layers.iter().any(|l| match l.attention {
+            LayerAttention::Offloaded { kv_dtype, .. } => kv_dtype.holds_packed_rows(),
             _ => false,
         })
     }
