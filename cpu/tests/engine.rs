@@ -359,6 +359,10 @@ fn a_sketch_finds_the_exact_safety_sets_on_low_rank_keys() {
                 .index_bytes()
     );
     check_lsh_setup(&s, (nkv, g, d, n), (6, 20, 2), 17, 9);
+    // A store past the cutoff's sample: the cutoff is placed on a sample.
+    let n = 9000;
+    let s = setup_low_rank(n, nkv, g, d, (6, 20), 45, 17, rank);
+    check_lsh_setup(&s, (nkv, g, d, n), (6, 20, 2), 17, 9);
 }
 
 /// The safety set joins the sample with exact weights; a safety set of every

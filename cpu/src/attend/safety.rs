@@ -2,7 +2,7 @@
 //! query head, its `top` keys of largest logit.
 //!
 //! A store with a key sketch ([`crate::sketch`]) scores every key through
-//! it, takes each head's [`CANDIDATES_PER_TOP`]` · top` best as candidates
+//! it, takes each head's best few times `top` as candidates
 //! and keeps the `top` of largest exact logit among them: the set found is
 //! the exact top wherever the sketch ranks those keys within the candidates.
 //!
@@ -30,8 +30,13 @@ use crate::store::HeadStore;
 use tandem_kernels::hash::collect_at_least;
 use tandem_kernels::vector::fold_lanes;
 
-/// Candidates rescored per key of a safety set.
-pub(crate) const CANDIDATES_PER_TOP: usize = 4;
+/// Candidates rescored per key of a safety set where every key's sketch
+/// score is known (the cutoff is exact and the store small).
+const CANDIDATES_PER_TOP_ALL_SCORED: usize = 4;
+/// Candidates rescored per key of a safety set where the cutoff is placed on
+/// a sample, before its margin: each is a scattered row read of a long
+/// context, and the margin already adds half again.
+const CANDIDATES_PER_TOP_SAMPLED: usize = 2;
 
 /// Scores sampled to place the candidates' cutoff, about.
 const CUTOFF_SAMPLE: usize = 4096;
@@ -67,10 +72,15 @@ fn through_sketch(
 ) -> usize {
     let (n, g) = (head.len(), step.queries.len() / step.d);
     let top = top.min(n);
-    let wanted = (CANDIDATES_PER_TOP * top).min(n);
+    let every = n.div_ceil(CUTOFF_SAMPLE);
+    let per_top = if every == 1 {
+        CANDIDATES_PER_TOP_ALL_SCORED
+    } else {
+        CANDIDATES_PER_TOP_SAMPLED
+    };
+    let wanted = (per_top * top).min(n);
     let projected = &mut scratch.sketch_queries;
     sketch.project(step.queries, projected);
-    let every = n.div_ceil(CUTOFF_SAMPLE);
     let sample = &mut scratch.sketch_sample;
     let m = sketch.sample_scores(projected, every, sample, &mut scratch.sketch_scores);
     let mut cutoffs = [f32::MIN; 8];
