@@ -27,7 +27,7 @@
 //! with it (weight `P3(0)`).
 
 use crate::isa::effective;
-use crate::vector::{exp_inplace, exp_shifted_sum, fold_lanes};
+use crate::vector::{exp_inplace, exp_shifted_sum};
 use crate::Isa;
 
 /// Relative error of every weight SAS keeps against `exp` (checked by tests
@@ -92,16 +92,12 @@ impl Softmax {
     }
 
     /// Replaces every score `x` of `xs` with its weight relative to `max`
-    /// (their largest) and returns the weights' sum: for exact weights one
-    /// pass over the scores ([`exp_shifted_sum`]).
+    /// (their largest) and returns the weights' sum, in one pass over the
+    /// scores ([`exp_shifted_sum`], [`sas_shifted_sum`]).
     pub fn weights_relative(self, xs: &mut [f32], max: f32) -> f32 {
         match self {
             Softmax::Exact => exp_shifted_sum(xs, max),
-            Softmax::Sas { cutoff } => {
-                xs.iter_mut().for_each(|x| *x -= max);
-                sas_exp_inplace(xs, cutoff);
-                fold_lanes(xs, 0.0, |a, b| a + b)
-            }
+            Softmax::Sas { cutoff } => sas_shifted_sum(xs, max, cutoff),
         }
     }
 
@@ -160,6 +156,29 @@ pub(crate) fn sas_exp_inplace_with(isa: Isa, xs: &mut [f32], cutoff: u8) {
     }
 }
 
+/// Replaces every score `x` of `xs` with [`sas_exp`]`(x - max, cutoff)` and
+/// returns the weights' sum, in one pass (auto-dispatch).
+pub fn sas_shifted_sum(xs: &mut [f32], max: f32, cutoff: u8) -> f32 {
+    sas_shifted_sum_with(Isa::detect(), xs, max, cutoff)
+}
+
+/// [`sas_shifted_sum`] with an explicit ISA (capped at what the CPU supports).
+pub(crate) fn sas_shifted_sum_with(isa: Isa, xs: &mut [f32], max: f32, cutoff: u8) -> f32 {
+    let cutoff = cutoff.min(SAS_MAX_CUTOFF);
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` guarantees the CPU supports AVX-512F.
+        Isa::Avx512 => unsafe { x86::sas_shifted_sum_avx512(xs, max, cutoff) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `effective` guarantees the CPU supports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::sas_shifted_sum_avx2(xs, max, cutoff) },
+        _ => xs.iter_mut().fold(0.0, |sum, x| {
+            *x = sas_exp(*x - max, cutoff);
+            sum + *x
+        }),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
@@ -200,6 +219,31 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sas_shifted_sum_avx512(xs: &mut [f32], max: f32, cutoff: u8) -> f32 {
+        let lut = _mm512_loadu_ps(LUT.as_ptr());
+        let cut = _mm512_set1_ps(f32::from(cutoff));
+        let by = _mm512_set1_ps(max);
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let mut sum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            let w = sas16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), by), cut, lut);
+            _mm512_storeu_ps(p.add(i), w);
+            sum = _mm512_add_ps(sum, w);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+            let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), by);
+            let w = _mm512_maskz_mov_ps(m, sas16(x, cut, lut));
+            _mm512_mask_storeu_ps(p.add(i), m, w);
+            sum = _mm512_add_ps(sum, w);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn sas8(x: __m256, cutoff: __m256, lo: __m256, hi: __m256) -> __m256 {
         let t = _mm256_sub_ps(_mm256_setzero_ps(), x);
@@ -235,6 +279,32 @@ mod x86 {
         for x in &mut xs[i..] {
             *x = sas_exp(*x, cutoff);
         }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sas_shifted_sum_avx2(xs: &mut [f32], max: f32, cutoff: u8) -> f32 {
+        let lo = _mm256_loadu_ps(LUT.as_ptr());
+        let hi = _mm256_loadu_ps(LUT.as_ptr().add(8));
+        let cut = _mm256_set1_ps(f32::from(cutoff));
+        let by = _mm256_set1_ps(max);
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let mut sum = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let w = sas8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), by), cut, lo, hi);
+            _mm256_storeu_ps(p.add(i), w);
+            sum = _mm256_add_ps(sum, w);
+            i += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let mut total: f32 = lanes.iter().sum();
+        for x in &mut xs[i..] {
+            *x = sas_exp(*x - max, cutoff);
+            total += *x;
+        }
+        total
     }
 }
 
@@ -348,6 +418,35 @@ mod tests {
                             "{isa:?} n={n} cutoff={cutoff} k={k}: {w} vs {e}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_pass_matches_the_scalar_reference_on_every_isa() {
+        let mut rng = SplitMix64(23);
+        for &n in &[0usize, 1, 5, 8, 15, 16, 17, 33, 257, 1001] {
+            let mut xs: Vec<f32> = (0..n).map(|_| rng.signed_f32() * 12.0).collect();
+            if n > 3 {
+                xs[1] = f32::NAN;
+                xs[2] = f32::NEG_INFINITY;
+            }
+            let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for cutoff in [1u8, 8, 16] {
+                let want: Vec<f32> = xs.iter().map(|&x| sas_exp(x - max, cutoff)).collect();
+                let want_sum: f64 = want.iter().map(|&w| f64::from(w)).sum();
+                for isa in Isa::all_supported() {
+                    let mut ws = xs.clone();
+                    let sum = sas_shifted_sum_with(isa, &mut ws, max, cutoff);
+                    for (k, (w, e)) in ws.iter().zip(&want).enumerate() {
+                        assert!(
+                            (w - e).abs() <= 1e-6 * e,
+                            "{isa:?} n={n} cutoff={cutoff} k={k}: {w} vs {e}"
+                        );
+                    }
+                    let err = (f64::from(sum) - want_sum).abs();
+                    assert!(err <= 1e-5 * want_sum.max(1e-30), "{isa:?} n={n}");
                 }
             }
         }

@@ -289,10 +289,9 @@ fn attend_group(
     }
     let mut sum = [0.0f32; MAX_SHARED_GROUP];
     for j in 0..g {
-        let scores = &mut p.scores[j * n..(j + 1) * n];
-        scores.iter_mut().for_each(|s| *s -= max[j]);
-        p.softmax.weights_inplace(scores);
-        sum[j] = scores.iter().sum();
+        sum[j] = p
+            .softmax
+            .weights_relative(&mut p.scores[j * n..(j + 1) * n], max[j]);
     }
     let mut ws = [0.0f32; MAX_SHARED_GROUP];
     let out = &mut p.out[heads.start * d..heads.end * d];
