@@ -144,16 +144,8 @@ pub fn sas_exp_inplace(xs: &mut [f32], cutoff: u8) {
 
 /// [`sas_exp_inplace`] with an explicit ISA (capped at what the CPU supports).
 pub(crate) fn sas_exp_inplace_with(isa: Isa, xs: &mut [f32], cutoff: u8) {
-    let cutoff = cutoff.min(SAS_MAX_CUTOFF);
-    match effective(isa) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `effective` guarantees the CPU supports AVX-512F.
-        Isa::Avx512 => unsafe { x86::sas_avx512(xs, cutoff) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `effective` guarantees the CPU supports AVX2 and FMA.
-        Isa::Avx2 => unsafe { x86::sas_avx2(xs, cutoff) },
-        _ => xs.iter_mut().for_each(|x| *x = sas_exp(*x, cutoff)),
-    }
+    // Subtracting +0 leaves every score as it is (−0 and NaN included).
+    sas_shifted_sum_with(isa, xs, 0.0, cutoff);
 }
 
 /// Replaces every score `x` of `xs` with [`sas_exp`]`(x - max, cutoff)` and
@@ -202,24 +194,6 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn sas_avx512(xs: &mut [f32], cutoff: u8) {
-        let lut = _mm512_loadu_ps(LUT.as_ptr());
-        let cut = _mm512_set1_ps(f32::from(cutoff));
-        let n = xs.len();
-        let p = xs.as_mut_ptr();
-        let mut i = 0;
-        while i + 16 <= n {
-            _mm512_storeu_ps(p.add(i), sas16(_mm512_loadu_ps(p.add(i)), cut, lut));
-            i += 16;
-        }
-        if i < n {
-            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
-            let v = _mm512_maskz_loadu_ps(m, p.add(i));
-            _mm512_mask_storeu_ps(p.add(i), m, sas16(v, cut, lut));
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn sas_shifted_sum_avx512(xs: &mut [f32], max: f32, cutoff: u8) -> f32 {
         let lut = _mm512_loadu_ps(LUT.as_ptr());
         let cut = _mm512_set1_ps(f32::from(cutoff));
@@ -262,23 +236,6 @@ mod x86 {
         let upper = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
         let scale = _mm256_blendv_ps(from_lo, from_hi, upper);
         _mm256_and_ps(kept, _mm256_mul_ps(scale, p))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn sas_avx2(xs: &mut [f32], cutoff: u8) {
-        let lo = _mm256_loadu_ps(LUT.as_ptr());
-        let hi = _mm256_loadu_ps(LUT.as_ptr().add(8));
-        let cut = _mm256_set1_ps(f32::from(cutoff));
-        let n = xs.len();
-        let p = xs.as_mut_ptr();
-        let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(p.add(i), sas8(_mm256_loadu_ps(p.add(i)), cut, lo, hi));
-            i += 8;
-        }
-        for x in &mut xs[i..] {
-            *x = sas_exp(*x, cutoff);
-        }
     }
 
     #[target_feature(enable = "avx2,fma")]
