@@ -4,7 +4,7 @@
 use anyhow::Result;
 use tandem_bench::calibrate::pairs::parse_pairs;
 use tandem_bench::calibrate::policy_file::{check_writable, write_atomically};
-use tandem_bench::calibrate::{calibrate, check_options, CalibrateOptions};
+use tandem_bench::calibrate::{calibrate, check_options, CalibrateOptions, Objective};
 use tandem_gpu::DenseDevice;
 use tandem_runtime::policy::PolicyConfig;
 use tandem_runtime::{resolve_model_path, Engine, EngineOptions};
@@ -21,6 +21,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         queries: args.queries,
         budget_bits: args.budget_bits,
         pairs: parse_pairs(&args.pairs)?,
+        int2_heads: args.int2_heads.clone(),
         base: PolicyConfig {
             policy: args.policy.clone(),
             dense_layers: args.dense_layers.clone(),
@@ -31,6 +32,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         },
         seed: args.seed,
         threads,
+        objective: Objective::parse(&args.objective)
+            .ok_or_else(|| anyhow::anyhow!("unknown objective {:?}", args.objective))?,
     };
     check_options(&opts)?;
     check_writable(&args.out)?;

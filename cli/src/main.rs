@@ -227,6 +227,12 @@ struct CalibrateArgs {
     /// with a line saying so.
     #[arg(long, default_value = tandem_bench::calibrate::pairs::DEFAULT_PAIRS)]
     pairs: String,
+    /// Counts of kv heads held at int2 (TurboAttention's head-wise precision,
+    /// the heads of least key range × std), comma-separated, e.g. 1,2: each is
+    /// also measured with every pair wider than K2V2, so a layer's bits can
+    /// step by heads. Counts not below the model's kv heads are skipped.
+    #[arg(long, value_delimiter = ',')]
+    int2_heads: Vec<u8>,
     /// The base policy of the offloaded layers, without kbits or vbits.
     #[arg(long, default_value = tandem_runtime::policy::DEFAULT_POLICY)]
     policy: String,
@@ -243,9 +249,18 @@ struct CalibrateArgs {
     /// Written to the policy file: contexts shorter than this stay dense.
     #[arg(long, default_value_t = 2048)]
     dense_below: usize,
-    /// The memory the calibration's context may take (its prefill, one
-    /// policy's stores and their copies), e.g. 8G (default: MemAvailable once
-    /// the model has loaded).
+    /// What a layer's cost with a pair is measured as, the sum the search
+    /// minimises: kl, the KL divergence of the model's next-token
+    /// distributions with that layer alone in the pair (one batched decode
+    /// per layer; the layers weigh as they do in the output), or attention,
+    /// the relative error of the layer's attention output (KVTuner's measure;
+    /// one decode per pair, cheaper on long contexts).
+    #[arg(long, default_value = "kl", value_parser = tandem_bench::calibrate::Objective::NAMES)]
+    objective: String,
+    /// The memory the calibration's context may take (its prefill and, per
+    /// store format, a fork of it (kl) or one policy's stores and their
+    /// copies (attention)), e.g. 8G (default: MemAvailable once the model
+    /// has loaded).
     #[arg(long, value_parser = parse_size)]
     memory_limit: Option<u64>,
     /// Dense-device threads and CPU workers (default: all cores).

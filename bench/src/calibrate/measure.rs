@@ -140,6 +140,7 @@ pub fn measure<D: DenseDevice>(
     let (base, _) = prefill_dense(model, prefix)?;
     let pool = Arc::new(WorkerPool::new(threads)?);
     let layers = offloaded_layers(table);
+    let heads = model.config().attention_shape().n_kv_heads;
     let mut measured: Vec<(usize, Vec<Candidate>)> =
         layers.iter().map(|&(l, _)| (l, Vec::new())).collect();
     for &(pair, kv_dtype) in pairs {
@@ -152,7 +153,7 @@ pub fn measure<D: DenseDevice>(
                 )));
             }
             let error = sum.rel_l2 / sum.samples as f64;
-            candidates.push(Candidate { pair, error });
+            candidates.push(Candidate::new(pair, error, heads));
         }
         let mean = measured
             .iter()

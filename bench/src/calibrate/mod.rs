@@ -2,6 +2,8 @@
 //!
 //! - [`pairs`]: the (key bits, value bits) candidates and which the store holds;
 //! - [`measure`]: each offloaded layer's attention-output error per pair;
+//! - [`sensitivity`]: each offloaded layer's end-to-end cost per pair, the
+//!   KL divergence of the model's output with that layer alone in the pair;
 //! - [`pareto`]: each layer's Pareto-optimal pairs, and layers grouped by them;
 //! - [`search`]: the exact per-layer assignment under a mean-bits budget;
 //! - [`plan`]: the three above, from measured errors to the chosen table;
@@ -17,6 +19,7 @@ pub mod pareto;
 pub mod plan;
 pub mod policy_file;
 pub mod search;
+pub mod sensitivity;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,10 +34,16 @@ use crate::eval::corpus;
 use measure::{measure, offloaded_layers, MeasureInput};
 use pairs::{supported_pairs, BitPair, SkippedPair};
 use plan::{check_budget, choose, Plan};
+use sensitivity::measure_kl;
 
 /// What can go wrong in a calibration.
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {
+    /// A count of int2 heads that is not at least one.
+    #[error(
+        "int2 heads {0:?}: expected counts of kv heads of at least 1, comma-separated, e.g. 1,2"
+    )]
+    Int2Heads(String),
     /// A pair that is not `K/V` with both in [`pairs::BIT_WIDTHS`].
     #[error("unknown pair {0:?}: expected K/V (key bits / value bits), each 2, 4, 8, 16 or 32, e.g. 8/4")]
     Pair(String),
@@ -84,6 +93,41 @@ pub enum CalibrateError {
     Cpu(#[from] tandem_cpu::CpuError),
 }
 
+/// What a layer's cost with a pair is measured as: the quantity the search
+/// sums over the layers and minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Objective {
+    /// The model's output: the mean KL divergence of the next-token
+    /// distributions with the layer alone in the pair ([`sensitivity`]).
+    #[default]
+    Kl,
+    /// The layer's own output: the mean relative error of its attention
+    /// output (KVTuner's measure, [`measure`]).
+    AttentionError,
+}
+
+impl Objective {
+    /// The names `--objective` takes.
+    pub const NAMES: [&'static str; 2] = ["kl", "attention"];
+
+    /// The objective of a name in [`Objective::NAMES`].
+    pub fn parse(name: &str) -> Option<Objective> {
+        match name {
+            "kl" => Some(Objective::Kl),
+            "attention" => Some(Objective::AttentionError),
+            _ => None,
+        }
+    }
+
+    /// What a layer's error is, for the printed table and the file.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Objective::Kl => "mean KL divergence (nats) of the next-token distribution per layer",
+            Objective::AttentionError => "mean relative attention-output error per layer",
+        }
+    }
+}
+
 /// Options of [`calibrate`].
 #[derive(Debug, Clone)]
 pub struct CalibrateOptions {
@@ -97,6 +141,9 @@ pub struct CalibrateOptions {
     pub budget_bits: f64,
     /// Candidate pairs; those the store does not hold are skipped.
     pub pairs: Vec<BitPair>,
+    /// Counts of kv heads at int2: each is also tried with every pair wider
+    /// than K2V2, where the model has more kv heads than it.
+    pub int2_heads: Vec<u8>,
     /// The base policy (its `policy` without kbits/vbits, dense layers,
     /// sinks, window, LSH seed), written back with the chosen pairs. Its
     /// `dense_below` is kept for the file; the calibration offloads at `context`.
@@ -105,6 +152,8 @@ pub struct CalibrateOptions {
     pub seed: u64,
     /// Threads of the store builds and CPU workers.
     pub threads: usize,
+    /// What the search minimises.
+    pub objective: Objective,
 }
 
 /// The candidate pairs, split by whether the store holds them.
@@ -119,6 +168,10 @@ pub struct CheckedPairs {
 /// Checks what needs no model: the budget, the base policy and the pairs.
 pub fn check_options(opts: &CalibrateOptions) -> Result<CheckedPairs, CalibrateError> {
     check_budget(opts.budget_bits)?;
+    if opts.int2_heads.contains(&0) {
+        let counts: Vec<String> = opts.int2_heads.iter().map(u8::to_string).collect();
+        return Err(CalibrateError::Int2Heads(counts.join(",")));
+    }
     let policy = opts.base.policy.as_str();
     let base_error = |problem: &str| CalibrateError::Base {
         policy: policy.to_string(),
@@ -148,7 +201,7 @@ pub fn check_options(opts: &CalibrateOptions) -> Result<CheckedPairs, CalibrateE
     }
     let fewest = supported
         .iter()
-        .map(|p| p.mean_bits())
+        .map(|p| p.mean_bits(1))
         .fold(f64::INFINITY, f64::min);
     if fewest > opts.budget_bits {
         let names: Vec<String> = skipped.iter().map(|s| s.pair.to_string()).collect();
@@ -193,6 +246,8 @@ pub struct Calibration {
     pub queries: usize,
     /// The seed that placed the context.
     pub seed: u64,
+    /// What the errors are.
+    pub objective: Objective,
 }
 
 /// Measures every offloaded layer of `engine`'s model with every supported
@@ -214,6 +269,8 @@ pub fn calibrate<D: DenseDevice>(
     }
     let model = engine.model();
     let c = model.config();
+    let heads = c.attention_shape().n_kv_heads;
+    let pairs = with_int2_heads(pairs, &opts.int2_heads, heads, &opts.base.policy, note);
     let windows = c.sliding_windows();
     let kept = opts.base.sinks + opts.base.window;
     // The fork decodes as the base policy would, without the fidelity
@@ -243,7 +300,7 @@ pub fn calibrate<D: DenseDevice>(
             opts.context, opts.queries
         )));
     }
-    check_memory(engine, &table, &pairs, opts.context)?;
+    check_memory(engine, &table, &pairs, opts)?;
     let (text, label) = read_text(opts)?;
     let tokens = engine.tokenizer().encode(&text, false)?;
     let span = context_span(tokens.len(), opts.context, opts.seed).ok_or_else(|| {
@@ -257,19 +314,20 @@ pub fn calibrate<D: DenseDevice>(
         "context: tokens {}..{} of {label}",
         span.0, span.1
     ));
-    let measured = measure(
-        &MeasureInput {
-            model,
-            table: &table,
-            tokens: &tokens[span.0..span.1],
-            queries: opts.queries,
-            pairs: &pairs,
-            threads: opts.threads,
-        },
-        note,
-    )?;
+    let input = MeasureInput {
+        model,
+        table: &table,
+        tokens: &tokens[span.0..span.1],
+        queries: opts.queries,
+        pairs: &pairs,
+        threads: opts.threads,
+    };
+    let measured = match opts.objective {
+        Objective::Kl => measure_kl(&input, note)?,
+        Objective::AttentionError => measure(&input, note)?,
+    };
     Ok(Calibration {
-        plan: choose(&measured, opts.budget_bits)?,
+        plan: choose(&measured, opts.budget_bits, heads)?,
         skipped,
         dense_layers: dense_layers(&table),
         base: opts.base.clone(),
@@ -278,37 +336,79 @@ pub fn calibrate<D: DenseDevice>(
         span,
         queries: opts.queries,
         seed: opts.seed,
+        objective: opts.objective,
     })
 }
 
-/// Refuses a context whose dense prefill, fork under `table` and copies in
-/// the largest pair's format would not fit the engine's memory budget.
+/// `pairs`, and each pair wider than K2V2 with each count of `int2_heads`
+/// below `heads` (the model's kv heads per layer) at int2; counts the model
+/// cannot hold are noted and left out.
+pub fn with_int2_heads(
+    pairs: Vec<(BitPair, KvDtype)>,
+    int2_heads: &[u8],
+    heads: usize,
+    base: &str,
+    note: &mut dyn FnMut(&str),
+) -> Vec<(BitPair, KvDtype)> {
+    let mut counts = Vec::new();
+    for &n in int2_heads {
+        match usize::from(n) < heads {
+            true => counts.push(n),
+            false => note(&format!(
+                "int2 heads {n}: skipped, the model has {heads} kv heads per layer"
+            )),
+        }
+    }
+    let mut all = pairs.clone();
+    for (pair, _) in pairs.into_iter().filter(|(p, _)| p.key > 2 || p.value > 2) {
+        for &n in &counts {
+            let variant = pair.with_int2_heads(n);
+            if let Ok(dtype) = variant.kv_dtype(base) {
+                all.push((variant, dtype));
+            }
+        }
+    }
+    all
+}
+
+/// Refuses a context whose measurement would not fit the engine's memory
+/// budget: the dense prefill, and either a fork under `table` with copies in
+/// the widest pair's format ([`Objective::AttentionError`]) or one dense fork
+/// per store format with one layer's store in it ([`Objective::Kl`]).
 fn check_memory<D: DenseDevice>(
     engine: &Engine<D>,
     table: &PolicyTable,
     pairs: &[(BitPair, KvDtype)],
-    context: usize,
+    opts: &CalibrateOptions,
 ) -> Result<(), CalibrateError> {
     let c = engine.model().config();
     let shape = c.attention_shape();
     let (heads, d) = (shape.n_kv_heads, shape.head_dim);
-    let copy_per_token: usize = offloaded_lsh(table)
-        .iter()
-        .map(|&lsh| {
-            let widest = pairs
-                .iter()
-                .map(|&(_, dtype)| tandem_cpu::store_bytes_per_key(dtype, lsh, d))
-                .max()
-                .unwrap_or(0);
-            widest * heads
-        })
-        .sum();
+    let widest = |lsh| {
+        pairs
+            .iter()
+            .map(|&(_, dtype)| tandem_cpu::store_bytes_per_key(dtype, lsh, d) * heads)
+            .max()
+            .unwrap_or(0) as u64
+    };
+    let context = opts.context;
     let dense = PolicyTable::dense(&c.sliding_windows());
     let need = (|| {
-        let copies = (copy_per_token as u64).checked_mul(context as u64)?;
-        context_bytes(&dense, shape, context, 1)?
-            .checked_add(context_bytes(table, shape, context, 1)?)?
-            .checked_add(copies)
+        let prefill = context_bytes(&dense, shape, context, 1)?;
+        let measuring = match opts.objective {
+            Objective::AttentionError => {
+                let copies: u64 = offloaded_lsh(table).into_iter().map(widest).sum();
+                copies
+                    .checked_mul(context as u64)?
+                    .checked_add(context_bytes(table, shape, context, 1)?)?
+            }
+            Objective::Kl => {
+                let forks = pairs.len() as u64 + 1;
+                let fork = prefill.checked_add(widest(None).checked_mul(context as u64)?)?;
+                fork.checked_mul(forks)?
+            }
+        };
+        prefill.checked_add(measuring)
     })();
     engine
         .memory_budget()
@@ -373,12 +473,14 @@ mod tests {
             queries: 8,
             budget_bits: budget,
             pairs: pairs::parse_pairs(pairs).expect("pairs"),
+            int2_heads: Vec::new(),
             base: PolicyConfig {
                 policy: policy.into(),
                 ..PolicyConfig::default()
             },
             seed: 0,
             threads: 1,
+            objective: Objective::default(),
         }
     }
 
@@ -400,11 +502,37 @@ mod tests {
                 "{policy} {budget}"
             );
         }
+        let zero = CalibrateOptions {
+            int2_heads: vec![1, 0],
+            ..opts("topk:k=8", 8.0, "8/8")
+        };
+        assert!(matches!(
+            check_options(&zero),
+            Err(CalibrateError::Int2Heads(_))
+        ));
         let none = check_options(&opts("exact", 8.0, "8/8")).unwrap_err();
         assert!(
             matches!(none, CalibrateError::NoPair(ref m) if m.contains("K8V8")),
             "{none}"
         );
+    }
+
+    #[test]
+    fn int2_heads_extend_the_wider_pairs_where_the_model_has_the_heads() {
+        let base = "topk:k=8";
+        let checked = check_options(&opts(base, 8.0, "8/8,4/2,2/2")).expect("ok");
+        let mut notes = Vec::new();
+        let all = with_int2_heads(checked.supported, &[1, 3], 3, base, &mut |n| {
+            notes.push(n.to_string())
+        });
+        let names: Vec<String> = all.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(
+            names,
+            ["K8V8", "K4V2", "K2V2", "K8V8+1×K2V2", "K4V2+1×K2V2"]
+        );
+        assert_eq!(all[3].1.int2_heads, 1);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("int2 heads 3"), "{notes:?}");
     }
 
     #[test]

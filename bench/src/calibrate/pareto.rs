@@ -10,24 +10,34 @@ use crate::calibrate::pairs::BitPair;
 pub struct Candidate {
     /// The pair.
     pub pair: BitPair,
-    /// The layer's mean relative attention-output error with it.
+    /// The layer's error with it, as the calibration's objective measures it.
     pub error: f64,
+    /// The pair's bits in the search's unit ([`BitPair::units`] over the
+    /// layer's kv heads).
+    pub units: usize,
 }
 
-#[cfg(test)]
 impl Candidate {
-    /// A candidate of `key` and `value` bits measured at `error`.
-    pub(crate) fn of(key: u8, value: u8, error: f64) -> Candidate {
+    /// `pair` measured at `error` in a layer of `heads` kv heads.
+    pub fn new(pair: BitPair, error: f64, heads: usize) -> Candidate {
         Candidate {
-            pair: BitPair { key, value },
+            pair,
             error,
+            units: pair.units(heads),
         }
+    }
+
+    /// A candidate of `key` and `value` bits measured at `error`, in a layer
+    /// of one kv head.
+    #[cfg(test)]
+    pub(crate) fn of(key: u8, value: u8, error: f64) -> Candidate {
+        Candidate::new(BitPair::new(key, value), error, 1)
     }
 }
 
 /// Whether `a` dominates `b`: no more bits, no more error, and less of one.
 fn dominates(a: &Candidate, b: &Candidate) -> bool {
-    let (ab, bb) = (a.pair.bit_sum(), b.pair.bit_sum());
+    let (ab, bb) = (a.units, b.units);
     ab <= bb && a.error <= b.error && (ab < bb || a.error < b.error)
 }
 
@@ -39,12 +49,12 @@ pub fn pareto_front(candidates: &[Candidate]) -> Vec<Candidate> {
         let beaten = candidates.iter().any(|o| dominates(o, c));
         let repeated = candidates[..i]
             .iter()
-            .any(|o| o.pair.bit_sum() == c.pair.bit_sum() && o.error == c.error);
+            .any(|o| o.units == c.units && o.error == c.error);
         if !beaten && !repeated {
             front.push(*c);
         }
     }
-    front.sort_by_key(|c| c.pair.bit_sum());
+    front.sort_by_key(|c| c.units);
     front
 }
 

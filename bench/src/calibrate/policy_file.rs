@@ -87,8 +87,9 @@ impl Calibration {
         ));
         let (worst_layer, worst) = p.max_error().unwrap_or((0, 0.0));
         lines.push(format!(
-            "predicted error: {:.6} mean relative attention-output error per layer (largest {worst:.6}, layer {worst_layer})",
-            p.mean_error()
+            "predicted error: {:.6} {} (largest {worst:.6}, layer {worst_layer})",
+            p.mean_error(),
+            self.objective.unit()
         ));
         lines.push(format!(
             "dense layers {}: on the device in bf16, not calibrated",
@@ -113,7 +114,7 @@ impl Calibration {
                 "| {} | {} | {} | {:.5} | {} |",
                 l.layer,
                 l.chosen.pair,
-                l.chosen.pair.mean_bits(),
+                format_bits(l.chosen.pair.mean_bits(self.plan.heads)),
                 l.chosen.error,
                 front.join(", ")
             );
@@ -133,6 +134,12 @@ impl Calibration {
         }
         out
     }
+}
+
+/// Mean bits as `4` or `3.33`.
+fn format_bits(bits: f64) -> String {
+    let s = format!("{bits:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A TOML basic string.
@@ -205,23 +212,23 @@ mod tests {
     fn calibration(base: &str) -> Calibration {
         let pairs: Vec<BitPair> = every_supported_pair(base)
             .into_iter()
-            .filter(|p| p.mean_bits() <= 16.0)
+            .filter(|p| p.mean_bits(2) <= 16.0)
             .collect();
         let measured: Vec<(usize, Vec<Candidate>)> = [1, 2, 4, 5]
             .iter()
             .map(|&l| {
                 let errors = pairs
                     .iter()
-                    .map(|&pair| Candidate {
-                        pair,
-                        error: l as f64 / (f64::from(pair.key) * 4.0 + f64::from(pair.value)),
+                    .map(|&pair| {
+                        let error = l as f64 / (f64::from(pair.key) * 4.0 + f64::from(pair.value));
+                        Candidate::new(pair, error, 2)
                     })
                     .collect();
                 (l, errors)
             })
             .collect();
         Calibration {
-            plan: choose(&measured, 10.0).expect("plan"),
+            plan: choose(&measured, 10.0, 2).expect("plan"),
             skipped: Vec::new(),
             dense_layers: vec![0, 3],
             base: PolicyConfig {
@@ -233,6 +240,7 @@ mod tests {
             span: (10, 1034),
             queries: 8,
             seed: 3,
+            objective: crate::calibrate::Objective::Kl,
         }
     }
 
@@ -267,6 +275,7 @@ mod tests {
         assert!(text.starts_with("# Per-layer key/value bits"), "{text}");
         assert!(text.contains("# model: test model\n"), "{text}");
         assert!(text.contains("predicted error"), "{text}");
+        assert!(text.contains("KL divergence"), "{text}");
         std::fs::remove_dir_all(&dir).expect("cleaned");
     }
 

@@ -1,7 +1,8 @@
 //! The per-layer assignment: one pair per layer, minimising the sum of the
 //! layers' predicted errors with the mean bits under a budget. A
 //! multiple-choice knapsack solved exactly by dynamic programming over the
-//! layers, bits counted as `K + V` per layer (half-bit steps of the mean).
+//! layers, bits counted as `K + V` summed over a layer's kv heads
+//! ([`crate::calibrate::pairs::BitPair::units`]).
 
 use crate::calibrate::pareto::Candidate;
 
@@ -12,18 +13,18 @@ pub struct Assignment {
     pub choices: Vec<usize>,
     /// Sum of the chosen candidates' errors.
     pub total_error: f64,
-    /// Sum of the chosen pairs' `K + V`.
-    pub bit_sum: usize,
+    /// Sum of the chosen candidates' units.
+    pub units: usize,
 }
 
-/// The largest `Σ (K + V)` over `layers` layers whose mean bits stay within
-/// `budget_bits`.
-pub fn bit_capacity(budget_bits: f64, layers: usize) -> usize {
+/// The most units over `layers` layers of `heads` kv heads each whose mean
+/// bits stay within `budget_bits`.
+pub fn unit_capacity(budget_bits: f64, layers: usize, heads: usize) -> usize {
     // The tolerance keeps a budget such as 3.25 from losing a unit to rounding.
-    (2.0 * budget_bits * layers as f64 + 1e-9).floor() as usize
+    (2.0 * budget_bits * (layers * heads) as f64 + 1e-9).floor() as usize
 }
 
-/// The assignment of least total error with `Σ (K + V) ≤ capacity`, one
+/// The assignment of least total error with `Σ units ≤ capacity`, one
 /// candidate per layer of `layers`; `None` when even the fewest bits exceed
 /// the capacity (or a layer has no candidate). Ties go to fewer bits, then
 /// to earlier candidates.
@@ -38,7 +39,7 @@ pub fn search(layers: &[Vec<Candidate>], capacity: usize) -> Option<Assignment> 
         let mut pick = vec![usize::MAX; capacity + 1];
         for (b, &err) in best.iter().enumerate().filter(|(_, e)| e.is_finite()) {
             for (i, c) in options.iter().enumerate() {
-                let nb = b + c.pair.bit_sum();
+                let nb = b + c.units;
                 if nb <= capacity && err + c.error < next[nb] {
                     next[nb] = err + c.error;
                     pick[nb] = i;
@@ -54,16 +55,16 @@ pub fn search(layers: &[Vec<Candidate>], capacity: usize) -> Option<Assignment> 
         .enumerate()
         .filter(|(_, e)| e.is_finite())
         .min_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)))?;
-    let bit_sum = b;
+    let units = b;
     let mut choices = vec![0; layers.len()];
     for (l, pick) in picks.iter().enumerate().rev() {
         choices[l] = pick[b];
-        b -= layers[l][pick[b]].pair.bit_sum();
+        b -= layers[l][pick[b]].units;
     }
     Some(Assignment {
         choices,
         total_error,
-        bit_sum,
+        units,
     })
 }
 
@@ -74,6 +75,7 @@ mod tests {
     use crate::calibrate::pareto::pareto_front;
 
     const WIDTHS: [u8; 3] = [2, 4, 8];
+    const HEADS: usize = 3;
 
     /// A small random table: each layer gets some of the {2,4,8}² pairs
     /// with errors that fall, noisily, with the bits.
@@ -97,10 +99,9 @@ mod tests {
                         let noise = (next() % 1000) as f64 / 1000.0;
                         let error =
                             (noise + 0.5) / f64::from(u32::from(key) * 2 + u32::from(value));
-                        options.push(Candidate {
-                            pair: BitPair { key, value },
-                            error,
-                        });
+                        let int2 = (next() % 3) as u8;
+                        let pair = BitPair::new(key, value).with_int2_heads(int2);
+                        options.push(Candidate::new(pair, error, HEADS));
                     }
                 }
                 options
@@ -113,11 +114,7 @@ mod tests {
         let mut best: Option<f64> = None;
         let mut idx = vec![0usize; layers.len()];
         loop {
-            let bits: usize = idx
-                .iter()
-                .zip(layers)
-                .map(|(&i, o)| o[i].pair.bit_sum())
-                .sum();
+            let bits: usize = idx.iter().zip(layers).map(|(&i, o)| o[i].units).sum();
             if bits <= capacity {
                 let err: f64 = idx.iter().zip(layers).map(|(&i, o)| o[i].error).sum();
                 best = Some(best.map_or(err, |b: f64| b.min(err)));
@@ -146,7 +143,7 @@ mod tests {
                 continue;
             }
             for budget in [2.0, 3.0, 3.25, 4.0, 5.5, 8.0] {
-                let cap = bit_capacity(budget, layers.len());
+                let cap = unit_capacity(budget, layers.len(), HEADS);
                 let found = search(&layers, cap);
                 let expected = brute_force(&layers, cap);
                 assert_eq!(
@@ -159,15 +156,16 @@ mod tests {
                 };
                 feasible += 1;
                 assert!((found.total_error - expected).abs() < 1e-12, "seed {seed}");
-                assert!(found.bit_sum <= cap);
+                assert!(found.units <= cap);
                 let bits: usize = found
                     .choices
                     .iter()
                     .zip(&layers)
-                    .map(|(&i, o)| o[i].pair.bit_sum())
+                    .map(|(&i, o)| o[i].units)
                     .sum();
-                assert_eq!(bits, found.bit_sum);
-                assert!(bits as f64 / 2.0 / layers.len() as f64 <= budget);
+                assert_eq!(bits, found.units);
+                let mean_bits = bits as f64 / (2 * HEADS * layers.len()) as f64;
+                assert!(mean_bits <= budget + 1e-12);
                 // Pruning to the Pareto fronts loses nothing.
                 let fronts: Vec<_> = layers.iter().map(|o| pareto_front(o)).collect();
                 let pruned = search(&fronts, cap).expect("the front holds the optimum");
@@ -178,20 +176,19 @@ mod tests {
     }
 
     #[test]
-    fn capacity_counts_half_bits_of_the_mean() {
-        assert_eq!(bit_capacity(3.25, 28), 182);
-        assert_eq!(bit_capacity(4.0, 3), 24);
-        assert_eq!(bit_capacity(2.9, 1), 5);
+    fn capacity_counts_half_bits_of_the_mean_per_head() {
+        assert_eq!(unit_capacity(3.25, 28, 1), 182);
+        assert_eq!(unit_capacity(3.25, 28, 3), 546);
+        assert_eq!(unit_capacity(4.0, 3, 1), 24);
+        assert_eq!(unit_capacity(2.9, 1, 1), 5);
+        assert_eq!(unit_capacity(2.9, 1, 8), 46);
     }
 
     #[test]
     fn an_unreachable_budget_has_no_assignment() {
-        let eight = vec![Candidate {
-            pair: BitPair { key: 8, value: 8 },
-            error: 0.01,
-        }];
-        assert!(search(&[eight.clone(), eight.clone()], bit_capacity(4.0, 2)).is_none());
-        let found = search(&[eight.clone(), eight], bit_capacity(8.0, 2)).expect("fits");
+        let eight = vec![Candidate::new(BitPair::new(8, 8), 0.01, 2)];
+        assert!(search(&[eight.clone(), eight.clone()], unit_capacity(4.0, 2, 2)).is_none());
+        let found = search(&[eight.clone(), eight], unit_capacity(8.0, 2, 2)).expect("fits");
         assert_eq!(found.choices, [0, 0]);
         assert!(search(&[vec![]], 100).is_none());
     }

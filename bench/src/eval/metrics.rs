@@ -131,6 +131,31 @@ pub fn score_position(dense: &[f32], policy: &[f32], target: u32) -> Result<Posi
     }
     let (d_arg, d_lse) = argmax_logsumexp(dense, "dense")?;
     let (p_arg, p_lse) = argmax_logsumexp(policy, "policy")?;
+    Ok(PositionScore {
+        top1_agrees: d_arg == p_arg,
+        kl: kl_of_shifted(dense, d_lse, policy, p_lse),
+        nll: p_lse - f64::from(policy[t]),
+        dense_nll: d_lse - f64::from(dense[t]),
+    })
+}
+
+/// KL(dense || policy) in nats of two rows of logits, as [`score_position`]
+/// computes it, with the same errors but no target.
+pub fn kl_divergence(dense: &[f32], policy: &[f32]) -> Result<f64> {
+    if dense.len() != policy.len() {
+        return Err(Error::InvalidRequest(format!(
+            "dense logits have {} entries but policy logits {}",
+            dense.len(),
+            policy.len()
+        )));
+    }
+    let (_, d_lse) = argmax_logsumexp(dense, "dense")?;
+    let (_, p_lse) = argmax_logsumexp(policy, "policy")?;
+    Ok(kl_of_shifted(dense, d_lse, policy, p_lse))
+}
+
+/// KL(p || q) from logits and their log-sum-exps.
+fn kl_of_shifted(dense: &[f32], d_lse: f64, policy: &[f32], p_lse: f64) -> f64 {
     // KL = sum_i p_i (log p_i - log q_i), p_i = exp(d_i - d_lse). Terms with p_i = 0
     // contribute nothing, even where q_i = 0 too.
     let mut kl = 0.0f64;
@@ -141,13 +166,8 @@ pub fn score_position(dense: &[f32], policy: &[f32], target: u32) -> Result<Posi
             kl += p * (log_p - (f64::from(q) - p_lse));
         }
     }
-    Ok(PositionScore {
-        top1_agrees: d_arg == p_arg,
-        // Rounding can leave a tiny negative value where the distributions agree.
-        kl: kl.max(0.0),
-        nll: p_lse - f64::from(policy[t]),
-        dense_nll: d_lse - f64::from(dense[t]),
-    })
+    // Rounding can leave a tiny negative value where the distributions agree.
+    kl.max(0.0)
 }
 
 /// The first index of the largest logit and `log(sum(exp(logits)))`, in `f64`.
@@ -206,6 +226,9 @@ mod tests {
         assert!((s.kl - 0.25 * 2f64.ln()).abs() < 1e-7, "{}", s.kl);
         assert!((s.nll - 4f64.ln()).abs() < 1e-7);
         assert!((s.dense_nll - 4f64.ln()).abs() < 1e-7);
+        assert_eq!(kl_divergence(&dense, &policy).unwrap(), s.kl);
+        assert!(kl_divergence(&dense, &policy[..2]).is_err());
+        assert!(kl_divergence(&dense, &[f32::NAN, 0.0, 0.0]).is_err());
 
         let mut acc = AgreementAccumulator::new();
         acc.push(&dense, &policy, 1).unwrap(); // q(1) = 1/4, p(1) = 1/2
