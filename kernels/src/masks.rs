@@ -1,7 +1,9 @@
-//! Bit masks of the scores at or above a threshold, 32 scores to a word:
-//! dense attention marks the keys whose softmax weight matters for some head
-//! of the group before it reads their value rows. AVX2 compares 8 scores
-//! and moves their sign bits out in one instruction each; AVX-512, 16.
+//! The scores at or above a threshold: as bit masks, 32 scores to a word
+//! (dense attention marks the keys whose softmax weight matters for some head
+//! of the group before it reads their value rows), or copied out in order
+//! (a k-th largest orders only the scores above a bound). AVX2 compares 8
+//! scores and moves their sign bits out in one instruction each; AVX-512, 16,
+//! and compresses the 16 to their kept ones in one store.
 
 use crate::isa::{effective, Isa};
 
@@ -42,6 +44,43 @@ pub(crate) fn or_at_least_with(isa: Isa, xs: &[f32], threshold: f32, masks: &mut
     );
 }
 
+/// Copies the scores `>= threshold` (NaN never) to the front of `out`, in
+/// their order, and returns how many; the rest of `out` is left unspecified.
+///
+/// # Panics
+/// If `out` is shorter than `xs`.
+pub fn keep_at_least(xs: &[f32], threshold: f32, out: &mut [f32]) -> usize {
+    keep_at_least_with(Isa::detect(), xs, threshold, out)
+}
+
+/// [`keep_at_least`] with an explicit ISA (capped at what the CPU supports).
+pub(crate) fn keep_at_least_with(isa: Isa, xs: &[f32], threshold: f32, out: &mut [f32]) -> usize {
+    assert!(
+        out.len() >= xs.len(),
+        "{} places for {} scores",
+        out.len(),
+        xs.len()
+    );
+    match effective(isa) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports AVX-512F; `out` has room for every score
+        // (checked above).
+        Isa::Avx512 => unsafe { x86::keep_at_least_avx512(xs, threshold, out) },
+        _ => keep_scalar(xs, threshold, out),
+    }
+}
+
+/// Writes every score and moves past the kept ones: no branch to mispredict
+/// where most scores fall below.
+fn keep_scalar(xs: &[f32], threshold: f32, out: &mut [f32]) -> usize {
+    let mut kept = 0;
+    for &x in xs {
+        out[kept] = x;
+        kept += usize::from(x >= threshold);
+    }
+    kept
+}
+
 fn scalar(xs: &[f32], threshold: f32, masks: &mut [u32]) {
     for (chunk, m) in xs.chunks(MASK_WORD).zip(masks) {
         for (k, &x) in chunk.iter().enumerate() {
@@ -72,6 +111,27 @@ mod x86 {
     }
 
     /// # Safety
+    /// AVX-512F; `out` is at least as long as `xs`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn keep_at_least_avx512(
+        xs: &[f32],
+        threshold: f32,
+        out: &mut [f32],
+    ) -> usize {
+        let t = _mm512_set1_ps(threshold);
+        let whole = xs.len() / 16;
+        let mut kept = 0;
+        for c in 0..whole {
+            let v = _mm512_loadu_ps(xs.as_ptr().add(16 * c));
+            let hit = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, t);
+            // At most 16 go to `out[kept..]`, and `kept <= 16 c`.
+            _mm512_mask_compressstoreu_ps(out.as_mut_ptr().add(kept).cast(), hit, v);
+            kept += hit.count_ones() as usize;
+        }
+        kept + super::keep_scalar(&xs[16 * whole..], threshold, &mut out[kept..])
+    }
+
+    /// # Safety
     /// AVX-512F; `xs` holds `32 · masks.len()` scores.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn or_at_least_avx512(xs: &[f32], threshold: f32, masks: &mut [u32]) {
@@ -89,6 +149,32 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn every_isa_keeps_as_the_scalar_reference_on_odd_sizes() {
+        let mut rng = SplitMix64(29);
+        for n in [0usize, 1, 15, 16, 17, 33, 255, 1001] {
+            let mut xs: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            if n > 5 {
+                xs[1] = f32::NAN;
+                xs[2] = 0.5;
+                xs[3] = f32::INFINITY;
+                xs[4] = f32::NEG_INFINITY;
+            }
+            for threshold in [0.5, f32::NEG_INFINITY, f32::INFINITY, -0.3] {
+                let want: Vec<f32> = xs.iter().copied().filter(|&x| x >= threshold).collect();
+                let mut out = vec![0.0; n];
+                assert_eq!(keep_scalar(&xs, threshold, &mut out), want.len());
+                assert_eq!(out[..want.len()], want[..], "scalar n={n}");
+                for isa in Isa::all_supported() {
+                    let mut out = vec![f32::NAN; n + 3];
+                    let kept = keep_at_least_with(isa, &xs, threshold, &mut out);
+                    assert_eq!(kept, want.len(), "{isa:?} n={n} t={threshold}");
+                    assert_eq!(out[..kept], want[..], "{isa:?} n={n} t={threshold}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_isa_marks_as_the_scalar_reference_on_odd_sizes() {

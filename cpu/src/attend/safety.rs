@@ -28,6 +28,7 @@ use crate::error::CpuError;
 use crate::sketch::KeySketch;
 use crate::store::HeadStore;
 use tandem_kernels::hash::collect_at_least;
+use tandem_kernels::masks::keep_at_least;
 use tandem_kernels::vector::fold_lanes;
 
 /// Candidates rescored per key of a safety set where every key's sketch
@@ -188,14 +189,8 @@ fn kth_largest(scores: &[f32], k: usize, tmp: &mut Vec<f32>) -> f32 {
             fold_lanes(part, f32::NEG_INFINITY, |a, x| if x > a { x } else { a })
         })
         .fold(f32::INFINITY, f32::min);
-    // Every score is written, and the count moves past those kept: no
-    // branch to mispredict on scores that mostly fall below.
     tmp.resize(scores.len(), 0.0);
-    let mut kept = 0;
-    for &x in scores {
-        tmp[kept] = x;
-        kept += usize::from(x >= floor);
-    }
+    let kept = keep_at_least(scores, floor, tmp);
     let kept = &mut tmp[..kept];
     *kept
         .select_nth_unstable_by(kept.len() - k, f32::total_cmp)
