@@ -19,6 +19,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         text: args.text.clone(),
         context: args.context,
         queries: args.queries,
+        recall: args.recall.unwrap_or(args.queries / 2),
         budget_bits: args.budget_bits,
         pairs: parse_pairs(&args.pairs)?,
         int2_heads: args.int2_heads.clone(),

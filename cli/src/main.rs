@@ -212,6 +212,12 @@ struct CalibrateArgs {
     /// Tokens decoded at the end of the context whose queries are compared.
     #[arg(long, default_value_t = 32)]
     queries: usize,
+    /// The last of the decoded tokens repeat a passage of this many tokens
+    /// from the first half of the context, so that their queries recall
+    /// far-back keys as a question about a document does (0: prose only; at
+    /// most --queries; default: half of --queries).
+    #[arg(long)]
+    recall: Option<usize>,
     /// The budget: mean bits per offloaded key and value element, (K + V) / 2
     /// averaged over the offloaded layers, in [2, 16].
     #[arg(long)]

@@ -112,7 +112,7 @@ fn bad_input_is_refused_and_writes_nothing() {
     let out = scratch_file("refused.toml", b"");
     std::fs::remove_file(&out).expect("no file yet");
     let path = out.to_str().expect("utf-8 path");
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &["--budget-bits", "8", "--memory-limit", "1M"],
             "a calibration at 300 tokens",
@@ -128,6 +128,14 @@ fn bad_input_is_refused_and_writes_nothing() {
             "above the model's",
         ),
         (&["--budget-bits", "4", "--pairs", "8/8"], "no assignment"),
+        (
+            &["--budget-bits", "8", "--recall", "3"],
+            "3 recalled tokens are more than the 2 decoded",
+        ),
+        (
+            &["--budget-bits", "8", "--int2-heads", "1,0"],
+            "int2 heads \"1,0\"",
+        ),
         (
             &["--budget-bits", "8", "--policy", "lsh:k=10,l=75,kbits=8"],
             "leave out kbits",

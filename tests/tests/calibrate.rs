@@ -48,6 +48,7 @@ fn calibrates_under(objective: Objective) {
         text: None,
         context: 300,
         queries: 3,
+        recall: 1,
         budget_bits: 10.0,
         pairs: pairs.clone(),
         int2_heads: vec![1],

@@ -137,6 +137,10 @@ pub struct CalibrateOptions {
     pub context: usize,
     /// Tokens decoded at the end of the context, whose queries are compared.
     pub queries: usize,
+    /// The last of the decoded tokens that repeat a passage from early in the
+    /// context, so that some of the queries recall far-back keys (as a
+    /// question about a document does); at most `queries`.
+    pub recall: usize,
     /// The budget in mean bits per offloaded key and value element, in [2, 16].
     pub budget_bits: f64,
     /// Candidate pairs; those the store does not hold are skipped.
@@ -168,6 +172,12 @@ pub struct CheckedPairs {
 /// Checks what needs no model: the budget, the base policy and the pairs.
 pub fn check_options(opts: &CalibrateOptions) -> Result<CheckedPairs, CalibrateError> {
     check_budget(opts.budget_bits)?;
+    if opts.recall > opts.queries {
+        return Err(CalibrateError::Context(format!(
+            "{} recalled tokens are more than the {} decoded",
+            opts.recall, opts.queries
+        )));
+    }
     if opts.int2_heads.contains(&0) {
         let counts: Vec<String> = opts.int2_heads.iter().map(u8::to_string).collect();
         return Err(CalibrateError::Int2Heads(counts.join(",")));
@@ -240,8 +250,10 @@ pub struct Calibration {
     pub model: String,
     /// The text, as named to the user.
     pub text: String,
-    /// The context's token range within the text.
+    /// The context's token range within the text (less the repeated passage).
     pub span: (usize, usize),
+    /// The repeated passage's range within the text (empty without one).
+    pub recalled: (usize, usize),
     /// Tokens decoded at the end and compared.
     pub queries: usize,
     /// The seed that placed the context.
@@ -303,21 +315,26 @@ pub fn calibrate<D: DenseDevice>(
     check_memory(engine, &table, &pairs, opts)?;
     let (text, label) = read_text(opts)?;
     let tokens = engine.tokenizer().encode(&text, false)?;
-    let span = context_span(tokens.len(), opts.context, opts.seed).ok_or_else(|| {
+    let whole = context_span(tokens.len(), opts.context, opts.seed).ok_or_else(|| {
         CalibrateError::Context(format!(
             "the text has {} tokens, fewer than the context {}",
             tokens.len(),
             opts.context
         ))
     })?;
+    // The passage repeated in place of the context's last tokens.
+    let span = (whole.0, whole.1 - opts.recall);
+    let recalled = recalled_span(span, opts.recall, opts.seed);
+    let mut sequence = tokens[span.0..span.1].to_vec();
+    sequence.extend_from_slice(&tokens[recalled.0..recalled.1]);
     note(&format!(
-        "context: tokens {}..{} of {label}",
-        span.0, span.1
+        "context: tokens {}..{} of {label}, then {}..{} again",
+        span.0, span.1, recalled.0, recalled.1
     ));
     let input = MeasureInput {
         model,
         table: &table,
-        tokens: &tokens[span.0..span.1],
+        tokens: &sequence,
         queries: opts.queries,
         pairs: &pairs,
         threads: opts.threads,
@@ -334,6 +351,7 @@ pub fn calibrate<D: DenseDevice>(
         model: c.name.clone(),
         text: label,
         span,
+        recalled,
         queries: opts.queries,
         seed: opts.seed,
         objective: opts.objective,
@@ -441,6 +459,15 @@ fn read_text(opts: &CalibrateOptions) -> Result<(String, String), CalibrateError
     }
 }
 
+/// The `recall` tokens of `span` repeated at its end: a passage starting
+/// in the first half of it, placed by `seed`.
+pub fn recalled_span(span: (usize, usize), recall: usize, seed: u64) -> (usize, usize) {
+    let half = (span.1 - span.0) / 2;
+    let room = half.saturating_sub(recall) as u64 + 1;
+    let start = span.0 + (splitmix64(seed ^ 0x7265_6361_6c6c) % room) as usize;
+    (start, (start + recall).min(span.1))
+}
+
 /// Where `context` tokens start in a text of `len` tokens, placed by `seed`.
 pub fn context_span(len: usize, context: usize, seed: u64) -> Option<(usize, usize)> {
     let starts = len.checked_sub(context)? as u64 + 1;
@@ -471,6 +498,7 @@ mod tests {
             text: None,
             context: 1024,
             queries: 8,
+            recall: 4,
             budget_bits: budget,
             pairs: pairs::parse_pairs(pairs).expect("pairs"),
             int2_heads: Vec::new(),
@@ -510,6 +538,14 @@ mod tests {
             check_options(&zero),
             Err(CalibrateError::Int2Heads(_))
         ));
+        let recall = CalibrateOptions {
+            recall: 9,
+            ..opts("topk:k=8", 8.0, "8/8")
+        };
+        assert!(matches!(
+            check_options(&recall),
+            Err(CalibrateError::Context(ref m)) if m.contains("recalled")
+        ));
         let none = check_options(&opts("exact", 8.0, "8/8")).unwrap_err();
         assert!(
             matches!(none, CalibrateError::NoPair(ref m) if m.contains("K8V8")),
@@ -546,5 +582,14 @@ mod tests {
             assert_eq!(context_span(5000, 4096, seed), Some((a, b)));
         }
         assert_ne!(context_span(10_000, 100, 1), context_span(10_000, 100, 2));
+        for seed in 0..50 {
+            let (a, b) = recalled_span((1000, 5000), 16, seed);
+            assert_eq!(b - a, 16);
+            assert!(a >= 1000 && b <= 3000, "{a}..{b}");
+        }
+        assert_eq!(
+            recalled_span((10, 20), 0, 3).1 - recalled_span((10, 20), 0, 3).0,
+            0
+        );
     }
 }

@@ -66,9 +66,12 @@ impl Calibration {
                 self.text, self.span.0, self.span.1, self.seed
             ),
             format!(
-                "context: {} tokens; the last {} decoded, their queries compared",
-                self.span.1 - self.span.0,
-                self.queries
+                "context: {} tokens; the last {} decoded, their queries compared, the last {} of them repeating tokens {}..{}",
+                self.span.1 - self.span.0 + self.recalled.1 - self.recalled.0,
+                self.queries,
+                self.recalled.1 - self.recalled.0,
+                self.recalled.0,
+                self.recalled.1
             ),
             format!("pairs measured: {}", measured.join(", ")),
         ];
@@ -237,7 +240,8 @@ mod tests {
             },
             model: "test\nmodel".into(),
             text: "a text".into(),
-            span: (10, 1034),
+            span: (10, 1030),
+            recalled: (100, 104),
             queries: 8,
             seed: 3,
             objective: crate::calibrate::Objective::Kl,
