@@ -22,7 +22,10 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         recall: args.recall.unwrap_or(args.queries / 2),
         budget_bits: args.budget_bits,
         pairs: parse_pairs(&args.pairs)?,
-        int2_heads: args.int2_heads.clone(),
+        int2_heads: match args.int2_heads.as_slice() {
+            [0] => Vec::new(),
+            counts => counts.to_vec(),
+        },
         base: PolicyConfig {
             policy: args.policy.clone(),
             dense_layers: args.dense_layers.clone(),

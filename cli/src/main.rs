@@ -234,10 +234,12 @@ struct CalibrateArgs {
     #[arg(long, default_value = tandem_bench::calibrate::pairs::DEFAULT_PAIRS)]
     pairs: String,
     /// Counts of kv heads held at int2 (TurboAttention's head-wise precision,
-    /// the heads of least key range × std), comma-separated, e.g. 1,2: each is
-    /// also measured with every pair wider than K2V2, so a layer's bits can
-    /// step by heads. Counts not below the model's kv heads are skipped.
-    #[arg(long, value_delimiter = ',')]
+    /// the heads of least key range × std), comma-separated: each is also
+    /// measured with every pair wider than K2V2, so a layer's bits can step by
+    /// heads (more formats to measure: about twice the time with 1,2). Counts
+    /// not below the model's kv heads are skipped; 0 alone measures whole
+    /// pairs only.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     int2_heads: Vec<u8>,
     /// The base policy of the offloaded layers, without kbits or vbits.
     #[arg(long, default_value = tandem_runtime::policy::DEFAULT_POLICY)]

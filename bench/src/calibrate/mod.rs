@@ -546,9 +546,9 @@ mod tests {
             check_options(&recall),
             Err(CalibrateError::Context(ref m)) if m.contains("recalled")
         ));
-        let none = check_options(&opts("exact", 8.0, "8/8")).unwrap_err();
+        let none = check_options(&opts("exact", 16.0, "32/8")).unwrap_err();
         assert!(
-            matches!(none, CalibrateError::NoPair(ref m) if m.contains("K8V8")),
+            matches!(none, CalibrateError::NoPair(ref m) if m.contains("K32V8")),
             "{none}"
         );
     }

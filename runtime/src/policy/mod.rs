@@ -65,12 +65,14 @@ impl LayerPolicy {
     /// `softmax=sas[,sas_n=N]` (TurboAttention's SAS weights,
     /// [`tandem_kernels::sas`]). `exact` offloads like the sparse policies but
     /// attends every offloaded key exactly (the split step's reference: it
-    /// must give dense's results).
+    /// must give dense's results), and takes the same storage and softmax;
+    /// `dense` keeps the device's own precision and refuses a storage.
     pub fn parse(spec: &str) -> Result<LayerPolicy> {
         let spec = spec.trim();
         let kind = spec.split_once(':').map_or(spec, |(kind, _)| kind);
         let (attention, softmax) = match LAYER_KINDS.iter().find(|(name, _)| *name == kind) {
             Some((_, parse_kind)) => (parse_kind(spec)?, Softmax::Exact),
+            None if kind == EXACT => exact(spec)?,
             None if tandem_cpu::policy_kinds().any(|k| k == kind) => offloaded(spec)?,
             None => {
                 return Err(Error::InvalidRequest(format!(
@@ -109,7 +111,7 @@ impl LayerPolicy {
 type KindParser = fn(&str) -> Result<LayerAttention>;
 
 /// The kinds the table adds to the CPU engine's, with their parsers.
-const LAYER_KINDS: [(&str, KindParser); 3] = [
+const LAYER_KINDS: [(&str, KindParser); 2] = [
     ("window", |spec| {
         Ok(LayerAttention::Window {
             size: match spec {
@@ -123,33 +125,34 @@ const LAYER_KINDS: [(&str, KindParser); 3] = [
             from: one_number(spec, "shared:from=")?,
         })
     }),
-    ("exact", |spec| match spec {
-        "exact" => Ok(LayerAttention::Offloaded {
-            policy: Policy::Dense,
-            lsh: None,
-            kv_dtype: KvDtype::BF16,
-        }),
-        _ => Err(Error::InvalidRequest(format!(
-            "policy {spec:?}: `exact` takes no parameters"
-        ))),
-    }),
 ];
+
+/// The kind that offloads like the sparse policies but attends every
+/// offloaded key exactly: the CPU engine's `dense`, over the store.
+const EXACT: &str = "exact";
 
 /// Every policy kind [`LayerPolicy::parse`] accepts, by name.
 pub fn policy_kinds() -> Vec<&'static str> {
     let engine = tandem_cpu::policy_kinds();
     engine
         .chain(LAYER_KINDS.iter().map(|(name, _)| *name))
+        .chain([EXACT])
         .collect()
 }
 
 /// A policy of the CPU engine's: dense on the device, else offloaded; and
-/// its softmax.
+/// its softmax. `dense` keeps every key on the device in the device's own
+/// precision, so a quantized storage there is refused rather than ignored.
 fn offloaded(spec: &str) -> Result<(LayerAttention, Softmax)> {
-    let parsed: PolicySpec = spec
-        .parse()
-        .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))?;
+    let parsed = parse_spec(spec)?;
     let attention = if parsed.policy == Policy::Dense {
+        if parsed.kv_dtype != KvDtype::BF16 {
+            return Err(Error::InvalidRequest(format!(
+                "policy {spec:?}: `dense` keeps its keys and values on the device, which holds \
+                 them in bf16; `{EXACT}` with the same kbits/vbits offloads them to a store of \
+                 that format and attends every one exactly"
+            )));
+        }
         LayerAttention::Dense
     } else {
         LayerAttention::Offloaded {
@@ -159,6 +162,25 @@ fn offloaded(spec: &str) -> Result<(LayerAttention, Softmax)> {
         }
     };
     Ok((attention, parsed.softmax))
+}
+
+/// `exact[:kbits=K,vbits=V,int2_heads=N,softmax=...]`: offloaded, every
+/// offloaded key attended exactly over a store of that format.
+fn exact(spec: &str) -> Result<(LayerAttention, Softmax)> {
+    let params = spec.strip_prefix(EXACT).unwrap_or(spec);
+    let parsed = parse_spec(&format!("dense{params}"))
+        .map_err(|e| Error::InvalidRequest(e.to_string().replace("\"dense", "\"exact")))?;
+    let attention = LayerAttention::Offloaded {
+        policy: Policy::Dense,
+        lsh: None,
+        kv_dtype: parsed.kv_dtype,
+    };
+    Ok((attention, parsed.softmax))
+}
+
+fn parse_spec(spec: &str) -> Result<PolicySpec> {
+    spec.parse()
+        .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))
 }
 
 /// The 1-based line and column (in characters) of byte `offset` of `text`.

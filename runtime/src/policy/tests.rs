@@ -236,7 +236,39 @@ fn an_unknown_kind_lists_every_kind_and_every_listed_kind_parses() {
         assert!(LayerPolicy::parse(spec).is_ok(), "{spec}");
     }
     assert_eq!(kinds.len(), 8);
-    assert!(LayerPolicy::parse("exact:kbits=8").is_err());
+}
+
+#[test]
+fn exact_takes_a_storage_and_dense_refuses_one() {
+    let l = LayerPolicy::parse("exact:kbits=4,vbits=2,int2_heads=1,softmax=sas").expect("parses");
+    let want = KvDtype::new(Precision::Int4, Precision::Int2).with_int2_heads(1);
+    assert!(
+        matches!(
+            l.attention,
+            LayerAttention::Offloaded { policy: Policy::Dense, lsh: None, kv_dtype } if kv_dtype == want
+        ),
+        "{l:?}"
+    );
+    assert_eq!(l.softmax, Softmax::Sas { cutoff: 8 });
+    assert!(matches!(
+        LayerPolicy::parse("exact").expect("parses").attention,
+        LayerAttention::Offloaded {
+            kv_dtype: KvDtype::BF16,
+            ..
+        }
+    ));
+    let err = LayerPolicy::parse("exact:k=3").unwrap_err().to_string();
+    assert!(err.contains("\"exact:k=3\""), "{err}");
+    let err = LayerPolicy::parse("dense:kbits=4,vbits=4")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`exact`"), "{err}");
+    assert_eq!(
+        LayerPolicy::parse("dense:kbits=16")
+            .expect("bf16 is the device's")
+            .attention,
+        LayerAttention::Dense
+    );
 }
 
 #[test]
