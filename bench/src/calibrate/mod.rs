@@ -315,18 +315,11 @@ pub fn calibrate<D: DenseDevice>(
     check_memory(engine, &table, &pairs, opts)?;
     let (text, label) = read_text(opts)?;
     let tokens = engine.tokenizer().encode(&text, false)?;
-    let whole = context_span(tokens.len(), opts.context, opts.seed).ok_or_else(|| {
-        CalibrateError::Context(format!(
-            "the text has {} tokens, fewer than the context {}",
-            tokens.len(),
-            opts.context
-        ))
-    })?;
-    // The passage repeated in place of the context's last tokens.
-    let span = (whole.0, whole.1 - opts.recall);
-    let recalled = recalled_span(span, opts.recall, opts.seed);
-    let mut sequence = tokens[span.0..span.1].to_vec();
-    sequence.extend_from_slice(&tokens[recalled.0..recalled.1]);
+    let Sequence {
+        tokens: sequence,
+        span,
+        recalled,
+    } = calibration_sequence(&tokens, opts)?;
     note(&format!(
         "context: tokens {}..{} of {label}, then {}..{} again",
         span.0, span.1, recalled.0, recalled.1
@@ -459,6 +452,39 @@ fn read_text(opts: &CalibrateOptions) -> Result<(String, String), CalibrateError
     }
 }
 
+/// The tokens a calibration measures, and where they come from in the text.
+struct Sequence {
+    tokens: Vec<u32>,
+    /// The context's prose, within the text.
+    span: (usize, usize),
+    /// The passage repeated at its end, within the text.
+    recalled: (usize, usize),
+}
+
+/// `opts.context` of `tokens` placed by the seed, their last `opts.recall`
+/// replaced by a passage repeated from the first half.
+fn calibration_sequence(
+    tokens: &[u32],
+    opts: &CalibrateOptions,
+) -> Result<Sequence, CalibrateError> {
+    let whole = context_span(tokens.len(), opts.context, opts.seed).ok_or_else(|| {
+        CalibrateError::Context(format!(
+            "the text has {} tokens, fewer than the context {}",
+            tokens.len(),
+            opts.context
+        ))
+    })?;
+    let span = (whole.0, whole.1 - opts.recall);
+    let recalled = recalled_span(span, opts.recall, opts.seed);
+    let mut sequence = tokens[span.0..span.1].to_vec();
+    sequence.extend_from_slice(&tokens[recalled.0..recalled.1]);
+    Ok(Sequence {
+        tokens: sequence,
+        span,
+        recalled,
+    })
+}
+
 /// The `recall` tokens of `span` repeated at its end: a passage starting
 /// in the first half of it, placed by `seed`.
 pub fn recalled_span(span: (usize, usize), recall: usize, seed: u64) -> (usize, usize) {
@@ -569,6 +595,26 @@ mod tests {
         assert_eq!(all[3].1.int2_heads, 1);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("int2 heads 3"), "{notes:?}");
+    }
+
+    #[test]
+    fn the_recalled_passage_replaces_the_last_tokens() {
+        let tokens: Vec<u32> = (0..5000).collect();
+        let o = CalibrateOptions {
+            context: 1024,
+            ..opts("topk:k=8", 8.0, "8/8")
+        };
+        let Sequence {
+            tokens: seq,
+            span,
+            recalled,
+        } = calibration_sequence(&tokens, &o).expect("fits");
+        assert_eq!(seq.len(), 1024);
+        assert_eq!(span.1 - span.0, 1020);
+        assert_eq!(seq[..1020], tokens[span.0..span.1]);
+        assert_eq!(seq[1020..], tokens[recalled.0..recalled.1]);
+        assert!(recalled.1 <= span.0 + 510, "{recalled:?} in the first half");
+        assert!(calibration_sequence(&tokens[..1000], &o).is_err());
     }
 
     #[test]
