@@ -24,6 +24,7 @@ use tandem_runtime::{
     resolve_model_path, Engine, EngineOptions, Flow, GenerationStats, SamplingConfig,
 };
 
+use calibrate::CalibrateArgs;
 use device::{run_on, DeviceChoice, DeviceTask};
 
 /// The version, and whether the CUDA device is built in.
@@ -195,89 +196,6 @@ struct EvalArgs {
     /// key of every head at every position.
     #[arg(long, value_name = "TOP", num_args = 0..=1, default_missing_value = "64")]
     diagnose: Option<usize>,
-}
-
-#[derive(Args)]
-struct CalibrateArgs {
-    /// Model: a GGUF file (llama, gemma3, qwen2), a Hugging Face Llama directory, or a
-    /// name set-up fetches: smollm2, gemma3 (default: the set-up SmolLM2).
-    #[arg(long, short = 'm')]
-    model: Option<PathBuf>,
-    /// A text file to calibrate on (default: the evaluation corpus in tests/data).
-    #[arg(long)]
-    text: Option<PathBuf>,
-    /// Tokens of context.
-    #[arg(long, default_value_t = 4096)]
-    context: usize,
-    /// Tokens decoded at the end of the context whose queries are compared.
-    #[arg(long, default_value_t = 32)]
-    queries: usize,
-    /// The last of the decoded tokens repeat a passage of this many tokens
-    /// from the first half of the context, so that their queries recall
-    /// far-back keys as a question about a document does (0: prose only; at
-    /// most --queries; default: half of --queries).
-    #[arg(long)]
-    recall: Option<usize>,
-    /// The budget: mean bits per offloaded key and value element, (K + V) / 2
-    /// averaged over the offloaded layers, in [2, 16].
-    #[arg(long)]
-    budget_bits: f64,
-    /// The policy file to write (through a temporary file, then renamed).
-    #[arg(long)]
-    out: PathBuf,
-    /// Places the context in the text.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Candidate pairs, key bits/value bits, comma-separated (KVTuner's {2,4,8}²
-    /// by default). Pairs the offloaded store does not hold are skipped, each
-    /// with a line saying so.
-    #[arg(long, default_value = tandem_bench::calibrate::pairs::DEFAULT_PAIRS)]
-    pairs: String,
-    /// Counts of kv heads held at int2 (TurboAttention's head-wise precision,
-    /// the heads of least key range × std), comma-separated: each is also
-    /// measured with every pair wider than K2V2, so a layer's bits can step by
-    /// heads (more formats to measure: about twice the time with 1,2). Counts
-    /// not below the model's kv heads are skipped; 0 alone measures whole
-    /// pairs only.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    int2_heads: Vec<u8>,
-    /// The base policy of the offloaded layers, without kbits or vbits.
-    #[arg(long, default_value = tandem_runtime::policy::DEFAULT_POLICY)]
-    policy: String,
-    /// Layers kept dense on the device, in bf16, comma-separated (default: 0
-    /// and n_layers/2).
-    #[arg(long, value_delimiter = ',')]
-    dense_layers: Option<Vec<usize>>,
-    /// Most recent tokens kept on the device by offloaded layers.
-    #[arg(long, default_value_t = 64)]
-    window: usize,
-    /// First tokens kept on the device by offloaded layers.
-    #[arg(long, default_value_t = 4)]
-    sinks: usize,
-    /// Written to the policy file: contexts shorter than this stay dense.
-    #[arg(long, default_value_t = 2048)]
-    dense_below: usize,
-    /// What a layer's cost with a pair is measured as, the sum the search
-    /// minimises: kl, the KL divergence of the model's next-token
-    /// distributions with that layer alone in the pair (one batched decode
-    /// per layer; the layers weigh as they do in the output), or attention,
-    /// the relative error of the layer's attention output (KVTuner's measure;
-    /// one decode per pair, cheaper on long contexts).
-    #[arg(long, default_value = "kl", value_parser = tandem_bench::calibrate::Objective::NAMES)]
-    objective: String,
-    /// The memory the calibration's context may take (its prefill and, per
-    /// store format, a fork of it (kl) or one policy's stores and their
-    /// copies (attention)), e.g. 8G (default: MemAvailable once the model
-    /// has loaded).
-    #[arg(long, value_parser = parse_size)]
-    memory_limit: Option<u64>,
-    /// Dense-device threads and CPU workers (default: all cores).
-    #[arg(long, short = 't')]
-    threads: Option<NonZeroUsize>,
-    /// The dense device: auto (CUDA when a driver and a GPU are present, else
-    /// the CPU), cpu or cuda (an error without a GPU).
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
 }
 
 #[derive(Args)]

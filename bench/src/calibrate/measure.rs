@@ -119,6 +119,30 @@ pub struct MeasureInput<'a, D: DenseDevice> {
     pub threads: usize,
 }
 
+/// The context's prefix prefilled densely, the tokens left to decode, and
+/// the CPU workers the forks share.
+pub(crate) struct Prefilled<'a, D: DenseDevice> {
+    pub(crate) base: SequenceKv<D>,
+    pub(crate) decoded: &'a [u32],
+    pub(crate) pool: Arc<WorkerPool>,
+}
+
+impl<'a, D: DenseDevice> MeasureInput<'a, D> {
+    /// All but the last `queries` tokens prefilled densely, once for every
+    /// pair or layer measured on them.
+    pub(crate) fn prefill(&self, note: &mut dyn FnMut(&str)) -> Result<Prefilled<'a, D>> {
+        let tokens = self.tokens;
+        let (prefix, decoded) = tokens.split_at(tokens.len().saturating_sub(self.queries));
+        note(&format!("dense prefill of {} tokens", prefix.len()));
+        let (base, _) = prefill_dense(self.model, prefix)?;
+        Ok(Prefilled {
+            base,
+            decoded,
+            pool: Arc::new(WorkerPool::new(self.threads)?),
+        })
+    }
+}
+
 /// Per offloaded layer of the table (ascending), each pair's mean relative
 /// error of the exact attention output over the decoded tokens and query
 /// heads.
@@ -129,16 +153,14 @@ pub fn measure<D: DenseDevice>(
     let MeasureInput {
         model,
         table,
-        tokens,
-        queries,
         pairs,
-        threads,
         ..
     } = *input;
-    let (prefix, decoded) = tokens.split_at(tokens.len().saturating_sub(queries));
-    note(&format!("dense prefill of {} tokens", prefix.len()));
-    let (base, _) = prefill_dense(model, prefix)?;
-    let pool = Arc::new(WorkerPool::new(threads)?);
+    let Prefilled {
+        base,
+        decoded,
+        pool,
+    } = input.prefill(note)?;
     let layers = offloaded_layers(table);
     let heads = model.config().attention_shape().n_kv_heads;
     let mut measured: Vec<(usize, Vec<Candidate>)> =

@@ -26,12 +26,11 @@ use tandem_runtime::model::{Logits, Step};
 use tandem_runtime::policy::{LayerAttention, LayerPolicy, PolicyTable};
 use tandem_runtime::split::SequenceKv;
 
-use crate::calibrate::measure::{offloaded_layers, MeasureInput};
+use crate::calibrate::measure::{offloaded_layers, MeasureInput, Prefilled};
 use crate::calibrate::pairs::BitPair;
 use crate::calibrate::pareto::Candidate;
 use crate::calibrate::CalibrateError;
 use crate::eval::metrics::kl_divergence;
-use crate::eval::run::prefill_dense;
 
 /// Per offloaded layer of the table (ascending), each pair's mean
 /// KL(bf16 store ‖ pair's store) in nats over the decoded tokens, with that
@@ -40,13 +39,12 @@ pub fn measure_kl<D: DenseDevice>(
     input: &MeasureInput<'_, D>,
     note: &mut dyn FnMut(&str),
 ) -> Result<Vec<(usize, Vec<Candidate>)>, CalibrateError> {
-    let (prefix, decoded) = input
-        .tokens
-        .split_at(input.tokens.len().saturating_sub(input.queries));
-    note(&format!("dense prefill of {} tokens", prefix.len()));
-    let (base, _) = prefill_dense(input.model, prefix)?;
-    let pool = Arc::new(WorkerPool::new(input.threads)?);
-    let formats = distinct_formats(input.pairs);
+    let Prefilled {
+        base,
+        decoded,
+        pool,
+    } = input.prefill(note)?;
+    let (formats, fork_of_pair) = distinct_formats(input.pairs);
     let layers = offloaded_layers(input.table);
     let heads = input.model.config().attention_shape().n_kv_heads;
     let mut measured = Vec::with_capacity(layers.len());
@@ -55,8 +53,8 @@ pub fn measure_kl<D: DenseDevice>(
         let candidates = input
             .pairs
             .iter()
-            .map(|&(pair, dtype)| {
-                let fork = formats.iter().position(|&f| f == dtype).unwrap_or(0);
+            .zip(&fork_of_pair)
+            .map(|(&(pair, _), &fork)| {
                 mean_kl(&logits[0], &logits[fork]).map(|error| Candidate::new(pair, error, heads))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -75,15 +73,22 @@ pub fn measure_kl<D: DenseDevice>(
     Ok(measured)
 }
 
-/// The pairs' store formats without repeats, bf16 (the reference) first.
-fn distinct_formats(pairs: &[(BitPair, KvDtype)]) -> Vec<KvDtype> {
+/// The pairs' store formats without repeats, bf16 (the reference) first,
+/// and the index of each pair's format among them: one fork per format.
+pub(crate) fn distinct_formats(pairs: &[(BitPair, KvDtype)]) -> (Vec<KvDtype>, Vec<usize>) {
     let mut formats = vec![KvDtype::BF16];
+    let mut fork_of_pair = Vec::with_capacity(pairs.len());
     for &(_, dtype) in pairs {
-        if !formats.contains(&dtype) {
-            formats.push(dtype);
-        }
+        let fork = match formats.iter().position(|&f| f == dtype) {
+            Some(fork) => fork,
+            None => {
+                formats.push(dtype);
+                formats.len() - 1
+            }
+        };
+        fork_of_pair.push(fork);
     }
-    formats
+    (formats, fork_of_pair)
 }
 
 /// The table under which `layer` alone offloads, over a store of `kv_dtype`

@@ -115,13 +115,7 @@ pub fn compare(dense: &[f32], policy: &[f32], vocab: usize, targets: &[u32]) -> 
 /// Errors when the rows differ in length, `target` is outside them, or a row has a
 /// NaN or no finite maximum (`-inf` logits are allowed: they are masked tokens).
 pub fn score_position(dense: &[f32], policy: &[f32], target: u32) -> Result<PositionScore> {
-    if dense.len() != policy.len() {
-        return Err(Error::InvalidRequest(format!(
-            "dense logits have {} entries but policy logits {}",
-            dense.len(),
-            policy.len()
-        )));
-    }
+    same_width(dense, policy)?;
     let t = target as usize;
     if t >= dense.len() {
         return Err(Error::InvalidRequest(format!(
@@ -142,6 +136,14 @@ pub fn score_position(dense: &[f32], policy: &[f32], target: u32) -> Result<Posi
 /// KL(dense || policy) in nats of two rows of logits, as [`score_position`]
 /// computes it, with the same errors but no target.
 pub fn kl_divergence(dense: &[f32], policy: &[f32]) -> Result<f64> {
+    same_width(dense, policy)?;
+    let (_, d_lse) = argmax_logsumexp(dense, "dense")?;
+    let (_, p_lse) = argmax_logsumexp(policy, "policy")?;
+    Ok(kl_of_shifted(dense, d_lse, policy, p_lse))
+}
+
+/// An error unless both rows of logits are as wide.
+fn same_width(dense: &[f32], policy: &[f32]) -> Result<()> {
     if dense.len() != policy.len() {
         return Err(Error::InvalidRequest(format!(
             "dense logits have {} entries but policy logits {}",
@@ -149,9 +151,7 @@ pub fn kl_divergence(dense: &[f32], policy: &[f32]) -> Result<f64> {
             policy.len()
         )));
     }
-    let (_, d_lse) = argmax_logsumexp(dense, "dense")?;
-    let (_, p_lse) = argmax_logsumexp(policy, "policy")?;
-    Ok(kl_of_shifted(dense, d_lse, policy, p_lse))
+    Ok(())
 }
 
 /// KL(p || q) from logits and their log-sum-exps.
