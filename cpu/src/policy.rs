@@ -352,9 +352,12 @@ fn policy_error(spec: &str, problem: &str) -> CpuError {
 /// Parses one kind's parameters into its policy and the index it needs.
 type KindParser = fn(&mut Params<'_>) -> Result<(Policy, Option<LshIndexParams>), CpuError>;
 
+/// `dense`: every offloaded key, attended exactly; no parameters of its own.
+const DENSE: KindParser = |_| Ok((Policy::Dense, None));
+
 /// Every policy kind [`PolicySpec`] parses, by name.
 const KINDS: [(&str, KindParser); 5] = [
-    ("dense", |_| Ok((Policy::Dense, None))),
+    ("dense", DENSE),
     ("topk", |p| {
         Ok((Policy::TopK(p.require("k", "topk needs k=N")?), None))
     }),
@@ -381,14 +384,32 @@ impl FromStr for PolicySpec {
     type Err = CpuError;
 
     fn from_str(s: &str) -> Result<Self, CpuError> {
-        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        let kind = s.split_once(':').map_or(s, |(kind, _)| kind);
+        let Some((_, parse_kind)) = KINDS.iter().find(|(name, _)| *name == kind) else {
+            let known = policy_kinds().collect::<Vec<_>>().join(", ");
+            return Err(policy_error(
+                s,
+                &format!("unknown policy kind (kinds: {known})"),
+            ));
+        };
+        PolicySpec::parse_with(s, *parse_kind)
+    }
+}
+
+impl PolicySpec {
+    /// Parses `spec` as a `dense` policy whatever its kind is named (an
+    /// embedder's alias for attending every offloaded key exactly), with
+    /// `dense`'s parameters; errors quote `spec` as written.
+    pub fn parse_as_dense(spec: &str) -> Result<PolicySpec, CpuError> {
+        PolicySpec::parse_with(spec, DENSE)
+    }
+
+    /// Parses the parameters after the `:` of `s` with one kind's parser.
+    fn parse_with(s: &str, parse_kind: KindParser) -> Result<PolicySpec, CpuError> {
+        let rest = s.split_once(':').map_or("", |(_, rest)| rest);
         let mut params = Params::parse(s, rest)?;
         let kv_dtype = params.kv_dtype()?;
         let softmax = params.softmax()?;
-        let Some((_, parse_kind)) = KINDS.iter().find(|(name, _)| *name == kind) else {
-            let known = policy_kinds().collect::<Vec<_>>().join(", ");
-            return Err(params.err(&format!("unknown policy kind (kinds: {known})")));
-        };
         let (policy, lsh) = parse_kind(&mut params)?;
         if let Some(k) = params.values.keys().next() {
             return Err(params.err(&format!("unknown parameter {k:?}")));

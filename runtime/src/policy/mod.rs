@@ -167,9 +167,7 @@ fn offloaded(spec: &str) -> Result<(LayerAttention, Softmax)> {
 /// `exact[:kbits=K,vbits=V,int2_heads=N,softmax=...]`: offloaded, every
 /// offloaded key attended exactly over a store of that format.
 fn exact(spec: &str) -> Result<(LayerAttention, Softmax)> {
-    let params = spec.strip_prefix(EXACT).unwrap_or(spec);
-    let parsed = parse_spec(&format!("dense{params}"))
-        .map_err(|e| Error::InvalidRequest(e.to_string().replace("\"dense", "\"exact")))?;
+    let parsed = PolicySpec::parse_as_dense(spec).map_err(invalid)?;
     let attention = LayerAttention::Offloaded {
         policy: Policy::Dense,
         lsh: None,
@@ -179,8 +177,12 @@ fn exact(spec: &str) -> Result<(LayerAttention, Softmax)> {
 }
 
 fn parse_spec(spec: &str) -> Result<PolicySpec> {
-    spec.parse()
-        .map_err(|e: tandem_cpu::CpuError| Error::InvalidRequest(e.to_string()))
+    spec.parse().map_err(invalid)
+}
+
+/// A policy string the CPU engine refused.
+fn invalid(e: tandem_cpu::CpuError) -> Error {
+    Error::InvalidRequest(e.to_string())
 }
 
 /// The 1-based line and column (in characters) of byte `offset` of `text`.
