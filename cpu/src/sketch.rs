@@ -17,7 +17,7 @@ use tandem_kernels::rng::SplitMix64;
 use tandem_kernels::sketch::{
     block_bytes, code_place, sketch_scores, sketch_select, Sketched, GROUP, SKETCH_BLOCK, ZERO_CODE,
 };
-use tandem_kernels::vector::dot_f32;
+use tandem_kernels::vector::{dot_f32, prefetch};
 
 /// Keys the covariance is estimated from, at most (evenly spaced).
 const FIT_SAMPLE: usize = 2048;
@@ -27,6 +27,11 @@ const FIT_ITERATIONS: usize = 12;
 pub(crate) const MAX_RANK: usize = 64;
 /// The largest code of a component, less [`ZERO_CODE`].
 const CODE_MAX: f32 = 7.0;
+/// A fitted or loaded sketch has room for one more key per this many it
+/// holds before it grows.
+const HEADROOM: usize = 4;
+/// Sampled blocks fetched ahead of the one [`KeySketch::sample_scores`] copies.
+const SAMPLE_PREFETCH: usize = 8;
 
 /// Room for the blocks [`KeySketch::sample_scores`] scores.
 #[derive(Default)]
@@ -80,8 +85,24 @@ impl KeySketch {
             scales: Vec::new(),
             len: 0,
         };
+        sketch.reserve(n + n / HEADROOM)?;
         sketch.push(centred)?;
         Ok(Some(sketch))
+    }
+
+    /// Makes room for `keys` more keys. A prompt's sketch is made with room
+    /// for a share more ([`HEADROOM`]), so that the first appends after it
+    /// (the reply, the next turn) do not copy the whole sketch.
+    fn reserve(&mut self, keys: usize) -> Result<(), OutOfMemory> {
+        let blocks = (self.len + keys).div_ceil(SKETCH_BLOCK);
+        let bytes = (blocks * block_bytes(self.r)).saturating_sub(self.codes.len());
+        let oom = |bytes| OutOfMemory { bytes };
+        self.codes
+            .try_reserve_exact(bytes)
+            .map_err(|_| oom(bytes))?;
+        self.scales
+            .try_reserve_exact(keys)
+            .map_err(|_| oom(keys * 4))
     }
 
     /// Sketches the centred keys `centred` (rows of `d`), appended in order.
@@ -150,7 +171,7 @@ impl KeySketch {
         }
         let len = count("sketched keys", header[1], max_keys)?;
         let blocks = len.div_ceil(SKETCH_BLOCK);
-        Ok(KeySketch {
+        let mut sketch = KeySketch {
             d,
             r,
             basis: input.get("sketch basis", r * d)?,
@@ -158,7 +179,9 @@ impl KeySketch {
             codes: input.get("sketch codes", blocks * block_bytes(r))?,
             scales: input.get("sketch scales", len)?,
             len,
-        })
+        };
+        sketch.reserve(len / HEADROOM)?;
+        Ok(sketch)
     }
 
     /// Keys sketched.
@@ -212,10 +235,18 @@ impl KeySketch {
         let (codes, scales) = (&mut sample.codes, &mut sample.scales);
         codes.clear();
         scales.clear();
-        for b in (0..self.len.div_ceil(SKETCH_BLOCK)).step_by(every.max(1)) {
-            let keys = b * SKETCH_BLOCK..((b + 1) * SKETCH_BLOCK).min(self.len);
+        let (blocks, every) = (self.len.div_ceil(SKETCH_BLOCK), every.max(1));
+        let keys = |b: usize| b * SKETCH_BLOCK..((b + 1) * SKETCH_BLOCK).min(self.len);
+        for b in (0..blocks).step_by(every) {
+            // The sampled blocks lie far apart: each is a cold read that
+            // the copy would otherwise wait on in turn.
+            let ahead = b + SAMPLE_PREFETCH * every;
+            if ahead < blocks {
+                prefetch(&self.codes[ahead * stride..(ahead + 1) * stride]);
+                prefetch(&self.scales[keys(ahead)]);
+            }
             codes.extend_from_slice(&self.codes[b * stride..(b + 1) * stride]);
-            scales.extend_from_slice(&self.scales[keys]);
+            scales.extend_from_slice(&self.scales[keys(b)]);
         }
         let m = scales.len();
         out.clear();
@@ -385,6 +416,36 @@ mod tests {
             .map(|(a_, b)| (a * (a_ - mx) + my - b).abs())
             .fold(0.0, f64::max);
         (a, worst)
+    }
+
+    #[test]
+    fn fitted_and_loaded_sketches_take_a_share_more_keys_without_moving() {
+        let (n, d, r) = (400, 24, 8);
+        let more = n / HEADROOM;
+        let keys = low_rank_keys(n + more, d, 3);
+        let room = |s: &KeySketch, keys: usize| {
+            s.codes.capacity() >= keys.div_ceil(SKETCH_BLOCK) * block_bytes(r)
+                && s.scales.capacity() >= keys
+        };
+        let mut sketch = KeySketch::fit(&keys[..n * d], d, r)
+            .expect("memory")
+            .expect("fits");
+        assert!(room(&sketch, n + more));
+        let before = (sketch.codes.as_ptr(), sketch.scales.as_ptr());
+        for key in keys[n * d..].chunks_exact(d) {
+            sketch.push(key).expect("memory");
+        }
+        assert_eq!(sketch.len(), n + more);
+        assert_eq!((sketch.codes.as_ptr(), sketch.scales.as_ptr()), before);
+
+        let mut out = ArrayWriter::new();
+        sketch.save(&mut out);
+        let arrays = out.into_arrays();
+        let slices: Vec<&[u8]> = arrays.iter().map(Vec::as_slice).collect();
+        let mut input = ArrayReader::new(&slices);
+        let loaded = KeySketch::load(d, r, n + more, &mut input).expect("load");
+        assert_eq!(loaded.len(), n + more);
+        assert!(room(&loaded, n + more + (n + more) / HEADROOM));
     }
 
     #[test]

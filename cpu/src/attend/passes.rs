@@ -6,7 +6,7 @@
 // Index loops over heads and keys read several parallel arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-use crate::config::{MAX_VALUE_GROUPS, VALUE_GROUP};
+use crate::config::MAX_VALUE_GROUPS;
 use crate::estimator::LnUTable;
 use crate::packed::{PackedKeys, PackedValues};
 use crate::reads::{packed_key_dots, KeyQueries, RunDots};
@@ -19,8 +19,7 @@ use tandem_kernels::int8::{axpy_rows_i8, dot_rows_i8};
 use tandem_kernels::packed::axpy_packed;
 use tandem_kernels::sas::Softmax;
 use tandem_kernels::vector::{
-    axpy_f32, axpy_f32_multi, corrected_logits, dot_f32, dot_rows_bf16, fold_lanes, prefetch,
-    prefetch_at,
+    corrected_logits, dot_f32, dot_rows_bf16, fold_lanes, prefetch, prefetch_at,
 };
 
 /// How many cache lines of K rows are prefetched ahead of the dot products:
@@ -447,58 +446,44 @@ fn sum_codes(
     weight_sums
 }
 
-/// Pass 2 over int4 or int2 value rows. Each run of pairs of one key decodes
-/// its row once, as `step_g · code` per channel, and adds it to each of its
-/// heads with that head's weight; each head's `Σ w · lo` per group is added
-/// once at the end.
+/// Pass 2 over int4 or int2 value rows: each kept pair adds its row's codes
+/// to its head's sum with one weight per group (`w · step_g`), decoded in
+/// registers straight into the head's output; each head's `Σ w · lo` per
+/// group is added once at the end. A key's ranges are read once for the run
+/// of its pairs.
 fn sum_packed(p: &PackedValues, d: usize, g: usize, kept: &Kept, out: &mut [f32]) {
     let (group, groups) = (p.group(), p.groups().min(MAX_VALUE_GROUPS));
     let mut lo_sums = [[0.0f32; MAX_VALUE_GROUPS]; 8];
     let mut steps = [0.0f32; MAX_VALUE_GROUPS];
     let mut los = [0.0f32; MAX_VALUE_GROUPS];
-    // Packed values hold at most this many channels (`LayerConfig` checks).
-    let mut row = [0.0f32; VALUE_GROUP * MAX_VALUE_GROUPS];
-    let decoded = &mut row[..d];
+    let mut muls = [0.0f32; MAX_VALUE_GROUPS];
     let (vlist, keys) = (kept.vlist, kept.keys);
-    let mut k = 0;
-    while k < vlist.len() {
+    let mut ranges_of = usize::MAX;
+    for (k, &pair) in vlist.iter().enumerate() {
         if let Some(&next) = vlist.get(k + kept.v_ahead) {
             prefetch(p.rows.row(keys[next as usize] as usize));
         }
-        let key = keys[vlist[k] as usize];
-        let run = vlist[k..]
-            .iter()
-            .take_while(|&&pair| keys[pair as usize] == key)
-            .count();
-        for (j, (s, l)) in steps[..groups].iter_mut().zip(&mut los).enumerate() {
-            (*l, *s) = p.range(key as usize, j);
+        let key = keys[pair as usize] as usize;
+        if key != ranges_of {
+            for (j, (s, l)) in steps[..groups].iter_mut().zip(&mut los).enumerate() {
+                (*l, *s) = p.range(key, j);
+            }
+            ranges_of = key;
         }
-        decoded.fill(0.0);
+        let (w, h) = kept.weight(pair);
+        for (j, m) in muls[..groups].iter_mut().enumerate() {
+            *m = w * steps[j];
+            lo_sums[h][j] += w * los[j];
+        }
         axpy_packed(
             p.bits,
-            p.codes(key as usize),
+            p.codes(key),
             group,
-            &steps[..groups],
-            decoded,
+            &muls[..groups],
+            &mut out[h * d..(h + 1) * d],
         );
-        let mut ws = [0.0f32; 8];
-        for &pair in &vlist[k..k + run] {
-            let (w, h) = kept.weight(pair);
-            ws[h] = w;
-            for (sum, lo) in lo_sums[h][..groups].iter_mut().zip(&los) {
-                *sum += w * lo;
-            }
-        }
-        match run {
-            1 => {
-                let h = usize::from(kept.heads[vlist[k] as usize]) & 7;
-                axpy_f32(&mut out[h * d..(h + 1) * d], ws[h], decoded);
-            }
-            _ => axpy_f32_multi(out, &ws[..g], decoded),
-        }
-        k += run;
     }
-    for (o, sums) in out.chunks_exact_mut(d.max(1)).zip(&lo_sums) {
+    for (o, sums) in out.chunks_exact_mut(d.max(1)).take(g).zip(&lo_sums) {
         for (c, x) in o.iter_mut().enumerate() {
             *x += sums[c / group];
         }
