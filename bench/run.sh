@@ -349,6 +349,8 @@ for path in files:
             for r, d in long:
                 v = (f"{r['ms_per_token']:.1f} ms/step (device {r['device_ms_per_token']:.1f}, "
                      f"CPU side {r['cpu_attention_ms_per_token']:.1f}"
+                     + (f", median {sorted(r['step_cpu_attention_ms'])[len(r['step_cpu_attention_ms']) // 2]:.1f}"
+                        if r.get("step_cpu_attention_ms") else "")
                      + (f", its CPU time {r['cpu_attention_on_cpu_ms_per_token']:.1f}"
                         if "cpu_attention_on_cpu_ms_per_token" in r else "")
                      + "); KV bytes per token "

@@ -77,6 +77,9 @@ pub struct DecodeBenchResult {
     pub step_ms: Vec<f64>,
     /// CPU workers' busy time of every timed step, divided by the number of workers.
     pub step_cpu_attention_ms: Vec<f64>,
+    /// The median of `step_cpu_attention_ms`: a single slow step (this
+    /// machine's neighbours) moves the mean, not the median.
+    pub median_cpu_attention_ms_per_token: f64,
     /// Tokens per second over the batch.
     pub tokens_per_s: f64,
     /// Step time not spent waiting for the CPU workers.
@@ -357,7 +360,7 @@ fn exact_layers(fidelity: &[LayerFidelity]) -> (Vec<usize>, u32) {
 
 fn summary(r: &DecodeBenchResult) -> String {
     format!(
-        "{} at {}: {:.2} ms/step (median {:.2}, first {:.2}; {:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms ({:.2} on the CPU; retrieval {:.2}), waiting {:.2} ms",
+        "{} at {}: {:.2} ms/step (median {:.2}, first {:.2}; {:.1} tokens/s); device {:.2} ms, CPU workers {:.2} ms (median {:.2}; {:.2} on the CPU; retrieval {:.2}), waiting {:.2} ms",
         r.policy,
         r.context,
         r.ms_per_token,
@@ -366,6 +369,7 @@ fn summary(r: &DecodeBenchResult) -> String {
         r.tokens_per_s,
         r.device_ms_per_token,
         r.cpu_attention_ms_per_token,
+        r.median_cpu_attention_ms_per_token,
         r.cpu_attention_on_cpu_ms_per_token,
         r.cpu_retrieval_ms_per_token,
         r.wait_ms_per_token
@@ -376,6 +380,13 @@ fn summary(r: &DecodeBenchResult) -> String {
             r.exact_kv_heads, r.exact_layers
         ),
     }
+}
+
+/// The middle value of `values` (the upper one of an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -446,9 +457,8 @@ fn time_decode<D: DenseDevice>(
         step_cpu_ms.push(worker_ns as f64 / 1e6 / opts.cpu_workers as f64);
     }
     let wall = start.elapsed().as_secs_f64();
-    let mut sorted = step_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_ms_per_token = sorted[sorted.len() / 2];
+    let median_ms_per_token = median(&step_ms);
+    let median_cpu_attention_ms_per_token = median(&step_cpu_ms);
     let steps = opts.tokens as f64;
     let ms = wall * 1e3 / steps;
     let wait_ms = c.wait_ns as f64 / 1e6 / steps;
@@ -463,6 +473,7 @@ fn time_decode<D: DenseDevice>(
         median_ms_per_token,
         step_ms,
         step_cpu_attention_ms: step_cpu_ms,
+        median_cpu_attention_ms_per_token,
         tokens_per_s: seqs.len() as f64 * steps / wall,
         device_ms_per_token: ms - wait_ms,
         cpu_attention_ms_per_token: c.worker_ns as f64 / 1e6 / steps / opts.cpu_workers as f64,
@@ -527,5 +538,17 @@ fn synthetic_kv(c: &Config, n: usize, seed: u64, k: &mut Vec<f32>, v: &mut Vec<f
                 k[o + j] = dir[j] / norm * 3.0 * (d as f32).sqrt();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_is_the_middle_step_and_ignores_one_slow_step() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[90.0, 95.0, 240.0, 92.0]), 95.0);
+        assert_eq!(median(&[]), 0.0);
     }
 }
